@@ -1,0 +1,77 @@
+"""The seam between the pipeline and a captioning backend.
+
+The scheduler hands a ``Captioner`` batches of decoded images; the native Phi-3.5-vision model
+(``phicapd.model``) implements it, tests use a deterministic fake, and a remote serving engine
+could implement it later. Everything here is plain data: no torch import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from PIL import Image
+
+
+@dataclass(frozen=True, slots=True)
+class CaptionRequest:
+    """One image to caption. ``image`` is an 8-bit RGB image from ``phicapd.imaging``."""
+
+    image: Image.Image
+    prompt: str
+    max_new_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Caption:
+    """A finished caption: cleaned text and how many tokens the model generated for it."""
+
+    text: str
+    new_tokens: int
+
+
+@runtime_checkable
+class Captioner(Protocol):
+    """A backend that turns batches of images into captions.
+
+    ``caption`` returns one ``Caption`` per request, in order. It raises (a ``PhicapError``
+    where it can say why) when the whole batch failed; the scheduler then retries the images
+    one at a time so that one bad image cannot fail its neighbours.
+    """
+
+    @property
+    def identity(self) -> str:
+        """Model and revision recorded with every caption, e.g. ``microsoft/Phi-3.5-vision-instruct@main``."""
+        ...
+
+    @property
+    def max_batch(self) -> int:
+        """The largest batch this backend wants at once."""
+        ...
+
+    def caption(self, batch: Sequence[CaptionRequest]) -> list[Caption]: ...
+
+    def close(self) -> None: ...
+
+
+def clean_caption(text: str, strip_openers: Sequence[str] = ()) -> str:
+    """Trim whitespace and drop a boilerplate opener such as "The image features".
+
+    The opener is removed only at the very start (case-insensitive) and the next word is
+    capitalised, so "The image features a cat on a mat." becomes "A cat on a mat.".
+    """
+    text = text.strip()
+    lowered = text.lower()
+    for opener in strip_openers:
+        if opener and lowered.startswith(opener.lower()):
+            rest = text[len(opener) :].lstrip(" ,:;-")
+            if rest:
+                text = rest[0].upper() + rest[1:]
+            break
+    return text
+
+
+def decorate(text: str, prefix: str = "", suffix: str = "") -> str:
+    """Apply a watch root's prefix and suffix to a caption."""
+    return f"{prefix}{text}{suffix}"

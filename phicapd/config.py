@@ -1,0 +1,265 @@
+"""Configuration: a TOML file plus ``PHICAPD_SECTION__KEY`` environment overrides.
+
+``load_settings`` is the only entry point. Every problem (a missing explicit file, a TOML
+syntax error, an unknown key, a wrong type) becomes one ``ConfigError`` whose message names
+the file and the key, and the daemon turns it into exit code 78 (EX_CONFIG), which systemd's
+``RestartPreventExitStatus=78`` refuses to restart.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from phicapd.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/phicapd/phicapd.toml")
+SYSTEM_SOCKET_PATH = Path("/run/phicapd/phicapd.sock")
+DEFAULT_PROMPT = "Describe this image in detail, including the main subject, actions, and setting."
+DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+def _is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def default_state_dir() -> Path:
+    """systemd's ``$STATE_DIRECTORY``, else /var/lib/phicapd for root, else the XDG state dir."""
+    if env := os.environ.get("STATE_DIRECTORY"):
+        return Path(env.split(":")[0])
+    if _is_root():
+        return Path("/var/lib/phicapd")
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "phicapd"
+
+
+def user_socket_path() -> Path:
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "phicapd.sock"
+    return Path(f"/tmp/phicapd-{os.getuid()}") / "phicapd.sock"
+
+
+def default_socket_path() -> Path:
+    """The system socket for root (the systemd service); a per-user socket otherwise."""
+    return SYSTEM_SOCKET_PATH if _is_root() else user_socket_path()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(_Section):
+    id: str = "microsoft/Phi-3.5-vision-instruct"
+    path: Path | None = None
+    revision: str = "main"
+    device: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    num_crops: int = Field(16, ge=1, le=64)
+    max_new_tokens: int = Field(512, ge=1, le=4096)
+    prompt: str = Field(DEFAULT_PROMPT, min_length=1)
+    max_batch: int = Field(16, ge=1, le=512)
+    do_sample: bool = False
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    strip_openers: list[str] = ["The image features"]
+    compile: bool = True
+
+    @property
+    def source(self) -> str:
+        """What to load: the local directory if one is set, else the hub id."""
+        return str(self.path) if self.path else self.id
+
+
+class WatchRoot(_Section):
+    path: Path
+    recursive: bool = True
+    prompt: str | None = None
+    prefix: str = ""
+    suffix: str = ""
+    existing: Literal["skip", "overwrite"] | None = None
+    include: list[str] = Field(default_factory=lambda: [f"*{e}" for e in DEFAULT_IMAGE_EXTENSIONS])
+    ignore: list[str] = []
+    poll: bool | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        value = value.expanduser()
+        if not value.is_absolute():
+            raise ValueError(f"watch path must be absolute, got {str(value)!r}")
+        return value
+
+
+class WatcherSettings(_Section):
+    settle_seconds: float = Field(2.0, ge=0)
+    rescan_interval_seconds: float = Field(3600.0, ge=0)
+    poll_interval_seconds: float = Field(10.0, gt=0)
+
+
+class SidecarSettings(_Section):
+    extension: str = ".txt"
+    existing: Literal["skip", "overwrite"] = "skip"
+
+    @field_validator("extension")
+    @classmethod
+    def _dotted(cls, value: str) -> str:
+        if not value.startswith(".") or "/" in value or len(value) < 2:
+            raise ValueError(f"extension must look like '.txt', got {value!r}")
+        return value
+
+
+class SchedulerSettings(_Section):
+    batch_window_ms: float = Field(20.0, ge=0)
+    decode_workers: int = Field(2, ge=1, le=64)
+    prefetch: int = Field(64, ge=1)
+    max_attempts: int = Field(3, ge=1)
+    retry_backoff_seconds: float = Field(30.0, ge=0)
+
+
+class ImagingSettings(_Section):
+    max_file_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    max_pixels: int = Field(64_000_000, gt=0)
+
+
+class FetchSettings(_Section):
+    max_bytes: int = Field(32 * 1024 * 1024, gt=0)
+    connect_timeout_seconds: float = Field(5.0, gt=0)
+    read_timeout_seconds: float = Field(10.0, gt=0)
+    total_timeout_seconds: float = Field(30.0, gt=0)
+    max_redirects: int = Field(5, ge=0, le=20)
+    allow_networks: list[str] = []
+    proxy: str | None = None
+    user_agent: str = "phicapd"
+
+
+class ControlSettings(_Section):
+    socket: Path = Field(default_factory=default_socket_path)
+    socket_group: str | None = None
+    max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    max_header_bytes: int = Field(16 * 1024, gt=0)
+    request_timeout_seconds: float = Field(30.0, gt=0)
+    caption_timeout_seconds: float = Field(600.0, gt=0)
+    max_connections: int = Field(128, ge=1)
+
+
+class StateSettings(_Section):
+    dir: Path = Field(default_factory=default_state_dir)
+
+
+class LogSettings(_Section):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PHICAPD_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        case_sensitive=False,
+        validate_default=True,
+    )
+
+    model: ModelSettings = ModelSettings()
+    watch: list[WatchRoot] = []
+    watcher: WatcherSettings = WatcherSettings()
+    sidecar: SidecarSettings = SidecarSettings()
+    scheduler: SchedulerSettings = SchedulerSettings()
+    imaging: ImagingSettings = ImagingSettings()
+    fetch: FetchSettings = FetchSettings()
+    control: ControlSettings = ControlSettings()
+    state: StateSettings = StateSettings()
+    log: LogSettings = LogSettings()
+
+    @model_validator(mode="after")
+    def _distinct_roots(self) -> Settings:
+        seen: set[Path] = set()
+        for root in self.watch:
+            if root.path in seen:
+                raise ValueError(f"watch path {str(root.path)!r} is listed twice")
+            seen.add(root.path)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment wins over it.
+        return (env_settings, init_settings)
+
+    def existing_policy(self, root: WatchRoot) -> str:
+        return root.existing or self.sidecar.existing
+
+    def prompt_for(self, root: WatchRoot) -> str:
+        return root.prompt or self.model.prompt
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        where = _format_location(tuple(e["loc"]))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif "input" in e and not isinstance(e["input"], dict | list):
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"  {where}: {msg}")
+    return "\n".join(lines)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"config file {path} is not readable by this user") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8: {e}") from None
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Load the TOML file at ``path`` (or the default if it exists) and apply the environment.
+
+    An explicit ``path`` must exist; the default path is optional so that a bare ``phicapd run``
+    works with built-in defaults and environment variables alone.
+    """
+    explicit = path is not None
+    path = path or DEFAULT_CONFIG_PATH
+    data: dict[str, Any] = {}
+    if explicit or path.exists():
+        data = read_toml(path)
+        source = str(path)
+    else:
+        source = "defaults and environment"
+    try:
+        return Settings(**data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None

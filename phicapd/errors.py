@@ -1,0 +1,54 @@
+"""Errors with stable codes.
+
+Every failure that reaches a user (a sidecar job, a socket reply, a log line) carries a short,
+stable, machine-readable ``code`` and says whether trying again later can help. Codes are part
+of the public API: the journal stores them, the socket returns them, tests assert on them.
+"""
+
+from __future__ import annotations
+
+
+class PhicapError(Exception):
+    """Base class: ``code`` is stable, ``retryable`` says whether a later attempt may succeed."""
+
+    code: str = "internal"
+    retryable: bool = False
+
+    def __init__(self, message: str, *, code: str | None = None, retryable: bool | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        if retryable is not None:
+            self.retryable = retryable
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ConfigError(PhicapError):
+    """The configuration is invalid; the daemon exits with EX_CONFIG (78)."""
+
+    code = "config_invalid"
+
+
+class ImageError(PhicapError):
+    """An image could not be decoded safely (codes: ``image_*``)."""
+
+    code = "image_invalid"
+
+
+class FetchError(PhicapError):
+    """A URL could not be fetched safely (codes: ``url_*``)."""
+
+    code = "url_failed"
+
+
+class CaptionError(PhicapError):
+    """The model failed on an image (codes: ``caption_*``, ``model_*``)."""
+
+    code = "caption_failed"
+    retryable = True
+
+
+EX_CONFIG = 78

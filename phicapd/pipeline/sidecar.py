@@ -1,0 +1,130 @@
+"""Sidecar files: where a caption goes, whether it is up to date, and writing it atomically.
+
+Naming rule (shared by the daemon and ``phicapctl``; it needs nothing but the directory):
+
+* ``photo.jpg`` -> ``photo.txt``;
+* when several images in one directory share a stem (``photo.jpg``, ``photo.png``), the one
+  whose file name sorts first (plain code-point order) keeps ``photo.txt`` and every other one
+  uses its full name: ``photo.png.txt``. No two images ever map to the same sidecar.
+
+The sidecar on disk is the truth for "done": it is written to a hidden temp file in the same
+directory, fsynced, renamed over the target and the directory is fsynced, so a crash leaves
+either the old caption or the new one, never half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+TEMP_MARKER = ".phicapd-"
+TEMP_SUFFIX = ".tmp"
+
+
+def sidecar_for(image: Path, siblings: Iterable[str], extension: str = ".txt") -> Path:
+    """The sidecar path of ``image``, given the names of the images in its directory.
+
+    ``siblings`` may or may not include ``image`` itself; only names with the same stem matter.
+    """
+    stem = image.stem
+    first = min((n for n in siblings if Path(n).stem == stem and n != image.name), default=None)
+    if first is not None and first < image.name:
+        return image.with_name(image.name + extension)
+    return image.with_name(stem + extension)
+
+
+def is_up_to_date(image_stat: os.stat_result, sidecar: Path) -> bool:
+    """``skip`` policy: a non-empty sidecar at least as new as its image is kept as it is.
+
+    The sidecar may have been edited by hand, so its content is never judged; an image whose
+    bytes changed gets a newer mtime than its sidecar and is captioned again.
+    """
+    try:
+        st = sidecar.stat()
+    except OSError:
+        return False
+    return st.st_size > 0 and st.st_mtime_ns >= image_stat.st_mtime_ns
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(".") and TEMP_MARKER in name and name.endswith(TEMP_SUFFIX)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems (e.g. certain FUSE mounts) refuse directory fsync
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_atomic(target: Path, text: str, mode: int = 0o644) -> None:
+    """Write ``text`` to ``target`` so that readers see the old file or the new one, never a mix."""
+    directory = target.parent
+    tmp = directory / f".{target.name}{TEMP_MARKER}{os.getpid()}-{os.urandom(4).hex()}{TEMP_SUFFIX}"
+    data = text.encode("utf-8")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    os.close(fd)
+    try:
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(directory)
+
+
+def write_sidecar(sidecar: Path, caption: str) -> None:
+    """Write a caption, ending it with one newline as text tools expect."""
+    write_atomic(sidecar, caption.rstrip("\n") + "\n")
+
+
+def _writer_alive(name: str) -> bool:
+    """Temp names carry the writer's pid; a live writer (say phicapctl) keeps its file."""
+    try:
+        pid = int(name.rsplit(TEMP_MARKER, 1)[1].split("-", 1)[0])
+    except (IndexError, ValueError):
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Delete temp files that a killed writer left behind in ``directory``; returns how many.
+
+    A temp file of this process or of another live process is in use and is kept.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        if is_temp_name(entry.name) and not _writer_alive(entry.name):
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed += 1
+    return removed
