@@ -1,0 +1,80 @@
+"""Logging: structlog for our code, the same renderer for the standard library's loggers.
+
+One JSON object per line when stderr is not a terminal or when journald captures it
+(``JOURNAL_STREAM``), a readable console format on a terminal. watchdog, transformers,
+urllib3 and huggingface_hub log through the standard library; ``ProcessorFormatter`` renders
+their records with the same processors so every line has the same shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Literal, TextIO
+
+import structlog
+
+Format = Literal["auto", "json", "console"]
+
+_NOISY = {"urllib3": logging.WARNING, "filelock": logging.WARNING, "PIL": logging.INFO}
+
+
+def resolve_format(fmt: Format, stream: TextIO) -> Literal["json", "console"]:
+    if fmt != "auto":
+        return fmt
+    if os.environ.get("JOURNAL_STREAM"):
+        return "json"
+    isatty = getattr(stream, "isatty", None)
+    return "console" if isatty is not None and isatty() else "json"
+
+
+def configure_logging(fmt: Format = "auto", level: str = "info", stream: TextIO | None = None) -> str:
+    """Set up structlog and the root logger; returns the renderer chosen ("json" or "console")."""
+    stream = stream or sys.stderr
+    chosen = resolve_format(fmt, stream)
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+
+    shared: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.stdlib.ExtraAdder(),
+    ]
+    renderer: structlog.types.Processor
+    if chosen == "json":
+        shared.append(structlog.processors.dict_tracebacks)
+        renderer = structlog.processors.JSONRenderer()
+    else:
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+
+    structlog.configure(
+        processors=[
+            *shared,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_phicapd", False):
+            root.removeHandler(old)
+    handler._phicapd = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(numeric)
+    for name, floor in _NOISY.items():
+        logging.getLogger(name).setLevel(max(numeric, floor))
+    return chosen
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    return structlog.get_logger(name)

@@ -1,0 +1,386 @@
+"""The journal: accepted background work in SQLite, so that ``kill -9`` loses nothing.
+
+A job is one image under a watched root: ``pending -> running -> done | failed``. The sidecar
+on disk is the truth for "done"; the journal holds what is accepted but not yet done, how
+often it failed and why, and what produced each caption (image fingerprint, model, prompt).
+
+SQLite in WAL mode with ``synchronous=FULL``: a committed enqueue survives power loss. All
+writes are grouped into few transactions (``enqueue_many``, ``finish_many``) because one
+fsync per image would cap the pipeline at a few hundred files per second.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id              INTEGER PRIMARY KEY,
+    path            TEXT NOT NULL UNIQUE,
+    root            TEXT NOT NULL,
+    state           TEXT NOT NULL CHECK (state IN ('pending', 'running', 'done', 'failed')),
+    force           INTEGER NOT NULL DEFAULT 0,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL DEFAULT 0,
+    size            INTEGER,
+    mtime_ns        INTEGER,
+    inode           INTEGER,
+    sha256          TEXT,
+    model           TEXT,
+    prompt          TEXT,
+    sidecar         TEXT,
+    error_code      TEXT,
+    error_message   TEXT,
+    created_at      REAL NOT NULL,
+    updated_at      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_runnable ON jobs (state, next_attempt_at, id);
+"""
+
+
+class State(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """What identifies one version of an image's bytes without reading them."""
+
+    size: int
+    mtime_ns: int
+    inode: int
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: int
+    path: Path
+    root: Path
+    state: State
+    attempts: int
+    force: bool
+    fingerprint: Fingerprint | None
+    error_code: str | None = None
+    error_message: str | None = None
+    sidecar: str | None = None
+    updated_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class NewWork:
+    """An image that needs a caption, as found by the watcher or a scan."""
+
+    path: Path
+    root: Path
+    fingerprint: Fingerprint
+    force: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Success:
+    job_id: int
+    sha256: str
+    model: str
+    prompt: str
+    sidecar: str
+    fingerprint: Fingerprint
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    job_id: int
+    code: str
+    message: str
+    retryable: bool
+
+
+def _row_to_job(row: sqlite3.Row) -> Job:
+    fp = None
+    if row["size"] is not None:
+        fp = Fingerprint(row["size"], row["mtime_ns"], row["inode"])
+    return Job(
+        id=row["id"],
+        path=Path(row["path"]),
+        root=Path(row["root"]),
+        state=State(row["state"]),
+        attempts=row["attempts"],
+        force=bool(row["force"]),
+        fingerprint=fp,
+        error_code=row["error_code"],
+        error_message=row["error_message"],
+        sidecar=row["sidecar"],
+        updated_at=row["updated_at"],
+    )
+
+
+class JobStore:
+    """Thread-safe access to the journal through one connection and one lock."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_attempts: int = 3,
+        backoff_seconds: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.max_attempts = max_attempts
+        self.backoff_seconds = backoff_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        with self._tx():
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            elif version != SCHEMA_VERSION:
+                raise RuntimeError(f"journal {path} has schema {version}, this phicapd knows {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- start-up ------------------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Return interrupted jobs to pending. Each interruption counts as an attempt, so an
+        image that crashes the process every time is parked as failed instead of looping."""
+        now = self._clock()
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET state = CASE WHEN attempts + 1 >= ? THEN 'failed' ELSE 'pending' END,"
+                " attempts = attempts + 1, updated_at = ?,"
+                " error_code = CASE WHEN attempts + 1 >= ? THEN 'interrupted' ELSE error_code END,"
+                " error_message = CASE WHEN attempts + 1 >= ?"
+                "   THEN 'the daemon stopped while captioning this image, too many times' ELSE error_message END"
+                " WHERE state = 'running'",
+                (self.max_attempts, now, self.max_attempts, self.max_attempts),
+            )
+            return cur.rowcount
+
+    # -- intake --------------------------------------------------------------------------------
+
+    def enqueue_many(self, items: Iterable[NewWork]) -> int:
+        """Accept work in one transaction; returns how many jobs became pending.
+
+        A job already pending or running is left alone (deduplication). A done job becomes
+        pending again (the caller saw that its sidecar is missing or stale). A failed job is
+        parked: it stays failed unless the image changed or ``force`` is set.
+        """
+        now = self._clock()
+        added = 0
+        with self._tx() as db:
+            for w in items:
+                fp = w.fingerprint
+                row = db.execute(
+                    "SELECT id, state, size, mtime_ns, inode FROM jobs WHERE path = ?", (str(w.path),)
+                ).fetchone()
+                if row is None:
+                    db.execute(
+                        "INSERT INTO jobs (path, root, state, force, size, mtime_ns, inode, created_at, updated_at)"
+                        " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+                        (str(w.path), str(w.root), int(w.force), fp.size, fp.mtime_ns, fp.inode, now, now),
+                    )
+                    added += 1
+                    continue
+                state = row["state"]
+                changed = (row["size"], row["mtime_ns"], row["inode"]) != (fp.size, fp.mtime_ns, fp.inode)
+                if state in ("pending", "running"):
+                    if changed or w.force:
+                        db.execute(
+                            "UPDATE jobs SET size = ?, mtime_ns = ?, inode = ?, force = force | ?,"
+                            " updated_at = ? WHERE id = ?",
+                            (fp.size, fp.mtime_ns, fp.inode, int(w.force), now, row["id"]),
+                        )
+                    continue
+                if state == "failed" and not changed and not w.force:
+                    continue
+                db.execute(
+                    "UPDATE jobs SET state = 'pending', root = ?, force = ?, attempts = 0, next_attempt_at = 0,"
+                    " size = ?, mtime_ns = ?, inode = ?, error_code = NULL, error_message = NULL,"
+                    " updated_at = ? WHERE id = ?",
+                    (str(w.root), int(w.force), fp.size, fp.mtime_ns, fp.inode, now, row["id"]),
+                )
+                added += 1
+        return added
+
+    # -- the scheduler's side ------------------------------------------------------------------
+
+    def claim(self, limit: int) -> list[Job]:
+        """Move up to ``limit`` runnable pending jobs (oldest first) to running."""
+        now = self._clock()
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT * FROM jobs WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            if rows:
+                db.executemany(
+                    "UPDATE jobs SET state = 'running', updated_at = ? WHERE id = ?",
+                    [(now, r["id"]) for r in rows],
+                )
+        return [_row_to_job(r) for r in rows]
+
+    def finish_many(self, successes: Sequence[Success] = (), failures: Sequence[Failure] = ()) -> list[Job]:
+        """Record finished jobs in one transaction; returns the jobs that are now parked as failed."""
+        now = self._clock()
+        parked: list[Job] = []
+        with self._tx() as db:
+            for s in successes:
+                db.execute(
+                    "UPDATE jobs SET state = 'done', force = 0, sha256 = ?, model = ?, prompt = ?, sidecar = ?,"
+                    " size = ?, mtime_ns = ?, inode = ?, error_code = NULL, error_message = NULL,"
+                    " updated_at = ? WHERE id = ?",
+                    (
+                        s.sha256,
+                        s.model,
+                        s.prompt,
+                        s.sidecar,
+                        s.fingerprint.size,
+                        s.fingerprint.mtime_ns,
+                        s.fingerprint.inode,
+                        now,
+                        s.job_id,
+                    ),
+                )
+            for f in failures:
+                row = db.execute("SELECT attempts FROM jobs WHERE id = ?", (f.job_id,)).fetchone()
+                if row is None:
+                    continue
+                attempts = row["attempts"] + 1
+                if f.retryable and attempts < self.max_attempts:
+                    delay = self.backoff_seconds * 2 ** (attempts - 1)
+                    db.execute(
+                        "UPDATE jobs SET state = 'pending', attempts = ?, next_attempt_at = ?, error_code = ?,"
+                        " error_message = ?, updated_at = ? WHERE id = ?",
+                        (attempts, now + delay, f.code, f.message, now, f.job_id),
+                    )
+                else:
+                    db.execute(
+                        "UPDATE jobs SET state = 'failed', attempts = ?, error_code = ?, error_message = ?,"
+                        " updated_at = ? WHERE id = ?",
+                        (attempts, f.code, f.message, now, f.job_id),
+                    )
+                    parked.append(self._get_by_id(db, f.job_id))
+        return parked
+
+    def release(self, job_ids: Iterable[int]) -> int:
+        """Hand claimed jobs back unchanged (shutdown): running -> pending, no attempt counted."""
+        now = self._clock()
+        ids = list(job_ids)
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE jobs SET state = 'pending', updated_at = ? WHERE id = ? AND state = 'running'",
+                [(now, i) for i in ids],
+            )
+        return len(ids)
+
+    def forget(self, path: Path) -> None:
+        """The image is gone: drop its job unless it is being captioned right now."""
+        with self._tx() as db:
+            db.execute("DELETE FROM jobs WHERE path = ? AND state != 'running'", (str(path),))
+
+    # -- operator actions ----------------------------------------------------------------------
+
+    def retry(self, paths: Sequence[str] | None = None) -> int:
+        """Re-queue failed jobs (all of them, or those at ``paths``) with a fresh attempt count."""
+        now = self._clock()
+        with self._tx() as db:
+            base = (
+                "UPDATE jobs SET state = 'pending', attempts = 0, next_attempt_at = 0, force = 1,"
+                " updated_at = ? WHERE state = 'failed'"
+            )
+            if paths is None:
+                return db.execute(base, (now,)).rowcount
+            return sum(db.execute(base + " AND path = ?", (now, p)).rowcount for p in paths)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def _get_by_id(self, db: sqlite3.Connection, job_id: int) -> Job:
+        return _row_to_job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+    def get(self, path: Path) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE path = ?", (str(path),)).fetchone()
+        return _row_to_job(row) if row else None
+
+    def done_fingerprints(self, paths: Sequence[Path]) -> dict[Path, tuple[Fingerprint | None, str | None]]:
+        """For the ``overwrite`` policy: which of ``paths`` we captioned, at which version, into which file."""
+        out: dict[Path, tuple[Fingerprint | None, str | None]] = {}
+        with self._lock:
+            for chunk_start in range(0, len(paths), 500):
+                chunk = paths[chunk_start : chunk_start + 500]
+                marks = ",".join("?" * len(chunk))
+                for row in self._db.execute(
+                    f"SELECT path, size, mtime_ns, inode, sidecar FROM jobs WHERE state = 'done' AND path IN ({marks})",
+                    [str(p) for p in chunk],
+                ):
+                    out[Path(row["path"])] = (
+                        Fingerprint(row["size"], row["mtime_ns"], row["inode"]),
+                        row["sidecar"],
+                    )
+        return out
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
+        out = {s.value: 0 for s in State}
+        out.update({r["state"]: r["n"] for r in rows})
+        return out
+
+    def runnable_count(self) -> int:
+        with self._lock:
+            return self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state = 'pending' AND next_attempt_at <= ?", (self._clock(),)
+            ).fetchone()[0]
+
+    def next_wakeup(self) -> float | None:
+        """When the earliest backed-off job becomes runnable (wall clock), if any."""
+        with self._lock:
+            row = self._db.execute("SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'pending'").fetchone()
+        return row[0]
+
+    def failures(self, limit: int = 100) -> list[Job]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE state = 'failed' OR (state = 'pending' AND attempts > 0)"
+                " ORDER BY updated_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [_row_to_job(r) for r in rows]
+
+    def integrity_check(self) -> str:
+        with self._lock:
+            return self._db.execute("PRAGMA integrity_check").fetchone()[0]
