@@ -1,0 +1,59 @@
+"""The seam between the control server and the daemon core.
+
+The server knows nothing about models, queues or journals: it turns HTTP requests into calls
+on a ``ControlBackend`` and the answers back into JSON. The daemon core implements it; the
+tests use a fake.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class CaptionReply:
+    text: str
+    new_tokens: int
+    model: str  # captioner identity
+    seconds: float  # time from accept to answer
+    url: str | None = None  # final URL for caption-url
+
+
+class ControlBackend(Protocol):
+    def is_ready(self) -> bool:
+        """Is the model warm?"""
+        ...
+
+    def wait_ready(self, timeout: float) -> bool: ...
+
+    def caption_bytes(
+        self, data: bytes, *, name: str, prompt: str | None, max_new_tokens: int | None, timeout: float
+    ) -> CaptionReply:
+        """Block until the caption is done; raise ``PhicapError`` (decode errors, timeouts, model errors)."""
+        ...
+
+    def caption_url(
+        self, url: str, *, prompt: str | None, max_new_tokens: int | None, timeout: float
+    ) -> CaptionReply: ...
+
+    def status(self) -> dict[str, Any]:
+        """JSON-able; keys include "state" ("loading"|"ready"|"paused"|"stopping"), "model",
+        "lanes", "journal", "throughput", "recent_failures", "gpu", "sidecar" ({"extension", "existing"})."""
+        ...
+
+    def failures(self, limit: int) -> list[dict[str, Any]]: ...
+
+    def retry(self, paths: list[str] | None) -> int:
+        """Re-queue failed jobs (``None`` = all of them); return how many were re-queued."""
+        ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def rescan(self) -> None: ...
+
+    def metrics(self) -> str:
+        """Prometheus text exposition."""
+        ...
