@@ -253,11 +253,21 @@ class JobStore:
                 )
         return [_row_to_job(r) for r in rows]
 
-    def finish_many(self, successes: Sequence[Success] = (), failures: Sequence[Failure] = ()) -> list[Job]:
-        """Record finished jobs in one transaction; returns the jobs that are now parked as failed."""
+    def finish_many(
+        self, successes: Sequence[Success] = (), failures: Sequence[Failure] = (), skipped: Sequence[int] = ()
+    ) -> list[Job]:
+        """Record finished jobs in one transaction; returns the jobs that are now parked as failed.
+
+        ``skipped`` jobs are done without a new caption (their sidecar was already up to date).
+        """
         now = self._clock()
         parked: list[Job] = []
         with self._tx() as db:
+            db.executemany(
+                "UPDATE jobs SET state = 'done', force = 0, error_code = NULL, error_message = NULL, updated_at = ?"
+                " WHERE id = ?",
+                [(now, i) for i in skipped],
+            )
             for s in successes:
                 db.execute(
                     "UPDATE jobs SET state = 'done', force = 0, sha256 = ?, model = ?, prompt = ?, sidecar = ?,"

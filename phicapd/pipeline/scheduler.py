@@ -1,0 +1,526 @@
+r"""The scheduler: two lanes into one GPU worker, with decoding ahead of it and writing behind it.
+
+    journal --claim--> decode pool --> background lane --+
+                                                          +--> GPU worker --> writer --> sidecar + journal
+    socket  --------> decode pool --> interactive lane --+                \--> reply to the client
+
+* One thread, the GPU worker, owns the ``Captioner``. It forms batches of up to ``max_batch``
+  within a short window, always taking interactive requests first, so a caption asked for over
+  the socket waits for at most the batch already on the GPU, however long the backlog.
+* Images are decoded (and fingerprinted) in a CPU pool ahead of the worker. At most
+  ``prefetch`` background images are claimed from the journal at once; the rest of the backlog
+  waits on disk, so memory is bounded whatever its size.
+* A writer thread writes sidecars and records results in the journal in groups, so fsyncs
+  never hold up the GPU.
+* A batch that fails is retried image by image, so one bad image cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from phicapd.captioner import Caption, Captioner, CaptionRequest, decorate
+from phicapd.config import Settings, WatchRoot
+from phicapd.errors import CaptionError, PhicapError
+from phicapd.log import get_logger
+from phicapd.pipeline.jobs import Failure, Fingerprint, Job, JobStore, Success
+from phicapd.pipeline.sidecar import is_up_to_date, sidecar_for, write_sidecar
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """An image read from disk, ready for the model."""
+
+    image: Image.Image
+    sha256: str
+    fingerprint: Fingerprint
+
+
+DecodeFile = Callable[[Path], Decoded]
+DecodeBytes = Callable[[bytes, str], Image.Image]
+ListImages = Callable[[Path, WatchRoot], list[str]]
+
+
+@dataclass(slots=True)
+class _Item:
+    """One image on its way through the worker: a background job or an interactive request."""
+
+    request: CaptionRequest
+    job: Job | None = None
+    root: WatchRoot | None = None
+    decoded: Decoded | None = None
+    future: Future[Caption] | None = None
+    accepted: float = field(default_factory=time.monotonic)
+    batch_size: int = 0
+
+
+@dataclass(slots=True)
+class _Outcome:
+    item: _Item
+    caption: Caption | None = None
+    error: PhicapError | None = None
+
+
+class Throughput:
+    """Captions per second over a sliding window, for status and the watchdog's STATUS= line."""
+
+    def __init__(self, window: float = 60.0) -> None:
+        self.window = window
+        self._events: collections.deque[float] = collections.deque()
+        self.total = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int = 1) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.total += n
+            self._events.extend([now] * n)
+            self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._events and self._events[0] < now - self.window:
+            self._events.popleft()
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            self._trim(now)
+            if not self._events:
+                return 0.0
+            return len(self._events) / self.window
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        captioner: Captioner,
+        store: JobStore,
+        *,
+        decode_file: DecodeFile,
+        decode_bytes: DecodeBytes,
+        list_images: ListImages,
+    ) -> None:
+        self.settings = settings
+        self.captioner = captioner
+        self.store = store
+        self._decode_file = decode_file
+        self._decode_bytes = decode_bytes
+        self._list_images = list_images
+        self._roots = {r.path: r for r in settings.watch}
+        self.max_batch = max(1, min(settings.model.max_batch, captioner.max_batch))
+        self.prefetch = max(settings.scheduler.prefetch, self.max_batch)
+        self.window = settings.scheduler.batch_window_ms / 1000.0
+
+        self._cond = threading.Condition()
+        self._interactive: collections.deque[_Item] = collections.deque()
+        self._background: collections.deque[_Item] = collections.deque()
+        self._decoding = 0  # background images claimed and not yet in the lane
+        self._in_flight: dict[int, _Item] = {}  # job id -> item, from claim to journal record
+        self._wake_feeder = threading.Event()
+        self._stopping = threading.Event()
+        self._paused = False
+        self._pool = ThreadPoolExecutor(settings.scheduler.decode_workers, thread_name_prefix="phicapd-decode")
+        self._writes: collections.deque[list[_Outcome]] = collections.deque()
+        self._write_cond = threading.Condition()
+        self._threads: list[threading.Thread] = []
+
+        self.throughput = Throughput()
+        self.recent_failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
+        self.batches = 0
+        self.busy_since: float | None = None
+        self.last_progress = time.monotonic()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for name, target in (
+            ("phicapd-gpu", self._worker_loop),
+            ("phicapd-feeder", self._feeder_loop),
+            ("phicapd-writer", self._writer_loop),
+        ):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, grace: float = 30.0) -> None:
+        """Stop taking work, let the batch on the GPU finish (up to ``grace`` s), hand the rest back."""
+        self._stopping.set()
+        self._wake_feeder.set()
+        with self._cond:
+            self._cond.notify_all()
+        deadline = time.monotonic() + grace
+        for t in self._threads:
+            if t.name != "phicapd-writer":
+                t.join(max(0.0, deadline - time.monotonic()))
+        with self._write_cond:
+            self._write_cond.notify_all()
+        for t in self._threads:
+            if t.name == "phicapd-writer":
+                t.join(max(1.0, deadline - time.monotonic()))
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._cond:
+            leftovers = list(self._interactive)
+            self._interactive.clear()
+            self._background.clear()
+            unfinished = list(self._in_flight)
+            self._in_flight.clear()
+        for item in leftovers:
+            if item.future and not item.future.done():
+                item.future.set_exception(
+                    PhicapError("the daemon is shutting down", code="shutting_down", retryable=True)
+                )
+        if unfinished:
+            self.store.release(unfinished)
+            log.info("handed back unfinished jobs", jobs=len(unfinished))
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def notify_work(self) -> None:
+        """New pending jobs are in the journal."""
+        self._wake_feeder.set()
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._wake_feeder.set()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def submit(
+        self, data: bytes, *, name: str, prompt: str | None = None, max_new_tokens: int | None = None
+    ) -> Future[Caption]:
+        """Caption image bytes in the interactive lane. The future fails with a ``PhicapError``."""
+        future: Future[Caption] = Future()
+        if self._stopping.is_set():
+            future.set_exception(PhicapError("the daemon is shutting down", code="shutting_down", retryable=True))
+            return future
+        model = self.settings.model
+        request_prompt = prompt or model.prompt
+        tokens = max_new_tokens or model.max_new_tokens
+
+        def decode() -> None:
+            if future.cancelled():
+                return
+            try:
+                image = self._decode_bytes(data, name)
+            except PhicapError as e:
+                future.set_exception(e)
+                return
+            except Exception as e:  # a decoder bug must not take the request down silently
+                log.exception("decoder crashed", input=name)
+                future.set_exception(PhicapError(f"{name}: cannot decode image: {e}", code="image_corrupt"))
+                return
+            item = _Item(CaptionRequest(image, request_prompt, tokens), future=future)
+            with self._cond:
+                self._interactive.append(item)
+                self._cond.notify_all()
+
+        self._pool.submit(decode)
+        return future
+
+    # -- feeder: journal -> decode pool -> background lane -------------------------------------
+
+    def _feeder_loop(self) -> None:
+        while not self._stopping.is_set():
+            with self._cond:
+                room = self.prefetch - self._decoding - len(self._background)
+            if self._paused or room <= 0:
+                self._wake_feeder.wait(0.5)
+                self._wake_feeder.clear()
+                continue
+            try:
+                jobs = self.store.claim(room)
+            except Exception:
+                log.exception("cannot claim jobs from the journal")
+                self._wake_feeder.wait(1.0)
+                continue
+            if not jobs:
+                self._wake_feeder.wait(self._idle_wait())
+                self._wake_feeder.clear()
+                continue
+            with self._cond:
+                self._decoding += len(jobs)
+            for job in jobs:
+                self._pool.submit(self._decode_job, job)
+
+    def _idle_wait(self) -> float:
+        nxt = self.store.next_wakeup()
+        if nxt is None:
+            return 5.0
+        return min(5.0, max(0.05, nxt - time.time()))
+
+    def _decode_job(self, job: Job) -> None:
+        root = self._roots.get(job.root)
+        item: _Item | None = None
+        error: PhicapError | None = None
+        try:
+            if root is None:
+                raise PhicapError(f"{job.path}: its watch root {job.root} is no longer configured", code="root_removed")
+            if job.attempts and self._already_captioned(job, root):
+                # A recovered job whose sidecar was written before the crash: done, not captioned twice.
+                self.store.finish_many(skipped=[job.id])
+                with self._cond:
+                    self._decoding -= 1
+                log.info("job", path=str(job.path), outcome="skipped", reason="sidecar already up to date")
+                self._wake_feeder.set()
+                return
+            decoded = self._decode_file(job.path)
+            prompt = root.prompt or self.settings.model.prompt
+            request = CaptionRequest(decoded.image, prompt, self.settings.model.max_new_tokens)
+            item = _Item(request, job=job, root=root, decoded=decoded)
+        except PhicapError as e:
+            error = e
+        except Exception as e:
+            log.exception("decoder crashed", path=str(job.path))
+            error = PhicapError(f"{job.path}: cannot decode image: {e}", code="image_corrupt")
+        with self._cond:
+            self._decoding -= 1
+            if item is not None:
+                self._in_flight[job.id] = item
+                self._background.append(item)
+                self._cond.notify_all()
+        if error is not None:
+            placeholder = _Item(CaptionRequest(Image.new("RGB", (1, 1)), "", 1), job=job, root=root)
+            with self._cond:
+                self._in_flight[job.id] = placeholder
+            self._queue_writes([_Outcome(placeholder, error=error)])
+        self._wake_feeder.set()
+
+    # -- the GPU worker ------------------------------------------------------------------------
+
+    def _take_batch(self) -> list[_Item]:
+        with self._cond:
+            while not self._interactive and (self._paused or not self._background):
+                if self._stopping.is_set():
+                    return []
+                self.last_progress = time.monotonic()
+                self._cond.wait(0.5)
+            if self._stopping.is_set() and not self._interactive:
+                return []
+            deadline = time.monotonic() + self.window
+            while (
+                len(self._interactive) + (0 if self._paused else len(self._background)) < self.max_batch
+                and (self._decoding > 0 or self._interactive)
+                and not self._stopping.is_set()
+            ):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            batch: list[_Item] = []
+            while self._interactive and len(batch) < self.max_batch:
+                item = self._interactive.popleft()
+                if item.future is not None and item.future.cancelled():
+                    continue
+                batch.append(item)
+            while not self._paused and self._background and len(batch) < self.max_batch:
+                batch.append(self._background.popleft())
+        return batch
+
+    def _worker_loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            if not batch:
+                if self._stopping.is_set():
+                    return
+                continue
+            for item in batch:
+                item.batch_size = len(batch)
+            outcomes = self._run_batch(batch)
+            self.batches += 1
+            self.last_progress = time.monotonic()
+            interactive = [o for o in outcomes if o.item.future is not None]
+            background = [o for o in outcomes if o.item.job is not None]
+            for o in interactive:
+                if o.error is not None:
+                    o.item.future.set_exception(o.error)  # type: ignore[union-attr]
+                else:
+                    o.item.future.set_result(o.caption)  # type: ignore[union-attr]
+            if interactive:
+                self.throughput.add(sum(1 for o in interactive if o.caption))
+            if background:
+                self._queue_writes(background)
+
+    def _caption(self, batch: list[_Item]) -> list[Caption]:
+        self.busy_since = time.monotonic()
+        try:
+            captions = self.captioner.caption([i.request for i in batch])
+        finally:
+            self.busy_since = None
+        if len(captions) != len(batch):
+            raise CaptionError(f"captioner returned {len(captions)} captions for {len(batch)} images")
+        return captions
+
+    def _run_batch(self, batch: list[_Item]) -> list[_Outcome]:
+        try:
+            return [_Outcome(i, caption=c) for i, c in zip(batch, self._caption(batch), strict=True)]
+        except Exception as e:
+            if len(batch) == 1:
+                return [_Outcome(batch[0], error=_as_phicap_error(e, batch[0]))]
+            log.warning("batch failed, retrying images one by one", batch=len(batch), error=str(e))
+        return [self._run_batch([item])[0] for item in batch]
+
+    # -- the writer: sidecars + journal --------------------------------------------------------
+
+    def _queue_writes(self, outcomes: list[_Outcome]) -> None:
+        with self._write_cond:
+            self._writes.append(outcomes)
+            self._write_cond.notify()
+
+    def _writer_loop(self) -> None:
+        while True:
+            with self._write_cond:
+                while not self._writes:
+                    if self._stopping.is_set() and not any(
+                        t.is_alive() for t in self._threads if t.name == "phicapd-gpu"
+                    ):
+                        return
+                    self._write_cond.wait(0.5)
+                groups = list(self._writes)
+                self._writes.clear()
+            outcomes = [o for g in groups for o in g]
+            try:
+                self._write(outcomes)
+            except Exception:
+                log.exception("writer failed; the jobs stay in the journal and are retried")
+
+    def _write(self, outcomes: list[_Outcome]) -> None:
+        successes: list[Success] = []
+        failures: list[Failure] = []
+        finished: list[tuple[_Outcome, str, str | None]] = []
+        listings: dict[tuple[Path, Path], list[str]] = {}
+        for o in outcomes:
+            job, root, decoded = o.item.job, o.item.root, o.item.decoded
+            assert job is not None
+            if o.error is None and o.caption is not None and root is not None and decoded is not None:
+                try:
+                    if _fingerprint_of(job.path) != decoded.fingerprint:
+                        raise PhicapError(
+                            f"{job.path}: the image changed while it was captioned",
+                            code="image_changed",
+                            retryable=True,
+                        )
+                    key = (job.path.parent, root.path)
+                    if key not in listings:
+                        listings[key] = self._list_images(job.path.parent, root)
+                    sidecar = sidecar_for(job.path, listings[key], self.settings.sidecar.extension)
+                    write_sidecar(sidecar, decorate(o.caption.text, root.prefix, root.suffix))
+                    # The sidecar's fingerprint target is the image as it was read.
+                    successes.append(
+                        Success(
+                            job.id,
+                            decoded.sha256,
+                            self.captioner.identity,
+                            o.item.request.prompt,
+                            str(sidecar),
+                            decoded.fingerprint,
+                        )
+                    )
+                    finished.append((o, "done", None))
+                    continue
+                except PhicapError as e:
+                    o.error = e
+                except OSError as e:
+                    o.error = PhicapError(
+                        f"{job.path}: cannot write its sidecar: {e.strerror or e}",
+                        code="sidecar_write_failed",
+                        retryable=True,
+                    )
+            err = o.error or PhicapError(f"{job.path}: no caption", code="caption_failed")
+            failures.append(Failure(job.id, err.code, str(err), err.retryable))
+            finished.append((o, "failed", err.code))
+        parked = self.store.finish_many(successes, failures)
+        with self._cond:
+            for o, _, _ in finished:
+                self._in_flight.pop(o.item.job.id, None)  # type: ignore[union-attr]
+        self.throughput.add(len(successes))
+        parked_ids = {j.id for j in parked}
+        now = time.monotonic()
+        for o, outcome, code in finished:
+            job = o.item.job
+            assert job is not None
+            fields: dict[str, Any] = {
+                "path": str(job.path),
+                "outcome": outcome,
+                "duration_ms": round((now - o.item.accepted) * 1000, 1),
+                "batch": o.item.batch_size,
+            }
+            if o.caption is not None:
+                fields["tokens"] = o.caption.new_tokens
+            if code is not None:
+                fields["error"] = code
+                fields["message"] = str(o.error)
+                fields["parked"] = job.id in parked_ids
+                self.recent_failures.append(
+                    {
+                        "path": str(job.path),
+                        "code": code,
+                        "message": str(o.error),
+                        "at": time.time(),
+                        "parked": job.id in parked_ids,
+                    }
+                )
+                log.warning("job", **fields)
+            else:
+                log.info("job", **fields)
+        self._wake_feeder.set()
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def lanes(self) -> dict[str, int]:
+        with self._cond:
+            return {
+                "interactive": len(self._interactive),
+                "background_ready": len(self._background),
+                "decoding": self._decoding,
+                "in_flight": len(self._in_flight),
+            }
+
+    def healthy(self, stall_seconds: float) -> bool:
+        """False when the model call has hung (a stuck CUDA kernel) or the worker thread died."""
+        busy = self.busy_since
+        if busy is not None and time.monotonic() - busy > stall_seconds:
+            return False
+        worker = next((t for t in self._threads if t.name == "phicapd-gpu"), None)
+        return worker is None or worker.is_alive() or self._stopping.is_set()
+
+    def _already_captioned(self, job: Job, root: WatchRoot) -> bool:
+        if job.force or self.settings.existing_policy(root) != "skip":
+            return False
+        try:
+            st = job.path.stat()
+        except OSError:
+            return False
+        sidecar = sidecar_for(job.path, self._list_images(job.path.parent, root), self.settings.sidecar.extension)
+        return is_up_to_date(st, sidecar)
+
+
+def _fingerprint_of(path: Path) -> Fingerprint | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return Fingerprint(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _as_phicap_error(e: Exception, item: _Item) -> PhicapError:
+    name = str(item.job.path) if item.job else "request"
+    if isinstance(e, PhicapError):
+        return e
+    return CaptionError(f"{name}: captioning failed: {type(e).__name__}: {e}")
