@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 import re
 from pathlib import Path
 
@@ -61,3 +62,12 @@ def is_watched_dir(path: Path, root: WatchRoot) -> bool:
     if not rel.parts:
         return True
     return root.recursive and not any(p.startswith(".") for p in rel.parts)
+
+
+def list_images(directory: Path, root: WatchRoot) -> list[str]:
+    """Names of the images in ``directory`` that ``root`` captions (input to the sidecar naming rule)."""
+    try:
+        with os.scandir(directory) as it:
+            return [e.name for e in it if is_candidate(Path(e.path), root)]
+    except OSError:
+        return []

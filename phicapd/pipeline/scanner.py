@@ -20,7 +20,7 @@ from pathlib import Path
 from phicapd.config import Settings, WatchRoot
 from phicapd.log import get_logger
 from phicapd.pipeline.jobs import Fingerprint, JobStore, NewWork
-from phicapd.pipeline.paths import is_candidate, is_watched_dir
+from phicapd.pipeline.paths import is_candidate, is_watched_dir, list_images
 from phicapd.pipeline.sidecar import is_up_to_date, remove_stale_temps, sidecar_for
 
 log = get_logger(__name__)
@@ -91,7 +91,7 @@ class Reconciler:
             by_dir.setdefault(key, (root, []))[1].append(path.name)
         work: list[NewWork] = []
         for (directory, _), (root, names) in by_dir.items():
-            siblings = _image_names(directory, root)
+            siblings = list_images(directory, root)
             work.extend(self._needing(root, directory, sorted(set(names)), siblings))
         return self.store.enqueue_many(work) if work else 0
 
@@ -127,14 +127,6 @@ class Reconciler:
 
 def _is_regular(st: os.stat_result) -> bool:
     return stat.S_ISREG(st.st_mode)
-
-
-def _image_names(directory: Path, root: WatchRoot) -> list[str]:
-    try:
-        with os.scandir(directory) as it:
-            return [e.name for e in it if is_candidate(Path(e.path), root)]
-    except OSError:
-        return []
 
 
 def _walk(top: Path, root: WatchRoot) -> Iterator[tuple[Path, list[str]]]:

@@ -1,0 +1,4 @@
+from phicapd.cli.daemon import main
+import sys
+
+sys.exit(main())

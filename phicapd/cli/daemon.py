@@ -1,0 +1,121 @@
+"""``phicapd``: run the daemon and its maintenance commands.
+
+    phicapd run [--config PATH]            run in the foreground (what systemd starts)
+    phicapd check-config [--config PATH]   validate and print the effective configuration
+    phicapd download-model [--config PATH] fetch weights, configs and tokenizer into the HF cache
+    phicapd make-test-model DIR            write a tiny random checkpoint for smoke tests
+    phicapd install-unit [--config PATH]   install the systemd units and the watched-paths drop-in
+
+Exit codes: 0 ok, 78 (EX_CONFIG) for any configuration problem, 1 for other failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from phicapd import __version__
+from phicapd.config import DEFAULT_CONFIG_PATH, Settings, load_settings
+from phicapd.errors import EX_CONFIG, ConfigError, PhicapError
+from phicapd.log import configure_logging, get_logger
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="phicapd", description="Image-captioning daemon (Phi-3.5-vision).")
+    parser.add_argument("--version", action="version", version=f"phicapd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--config",
+            type=Path,
+            default=None,
+            help=f"TOML configuration file (default: {DEFAULT_CONFIG_PATH} if it exists)",
+        )
+        return p
+
+    with_config(sub.add_parser("run", help="run the daemon in the foreground"))
+    with_config(sub.add_parser("check-config", help="validate and print the effective configuration"))
+    with_config(sub.add_parser("download-model", help="pre-fetch the model into the Hugging Face cache"))
+    p = sub.add_parser("make-test-model", help="write a tiny random-weight checkpoint in Microsoft's layout")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p = with_config(sub.add_parser("install-unit", help="install systemd units and the watched-paths drop-in"))
+    p.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"))
+    p.add_argument("--dropin-only", action="store_true", help="write only the ReadWritePaths= drop-in")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(args.config)
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure_logging(settings.log.format, settings.log.level)
+    from phicapd.service import run
+
+    return run(settings)
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    return 0
+
+
+def _download_model(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    configure_logging(settings.log.format, settings.log.level)
+    from phicapd.model.loading import download_model
+
+    path = download_model(settings.model)
+    print(path)
+    return 0
+
+
+def _make_test_model(args: argparse.Namespace) -> int:
+    from phicapd.model.testmodel import make_test_model
+
+    print(make_test_model(args.directory, seed=args.seed))
+    return 0
+
+
+def _install_unit(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from phicapd.systemd import install_unit
+
+    for path in install_unit(settings, unit_dir=args.unit_dir, copy_units=not args.dropin_only):
+        print(path)
+    print("now run: systemctl daemon-reload && systemctl enable --now phicapd.socket phicapd.service")
+    return 0
+
+
+_COMMANDS = {
+    "run": _run,
+    "check-config": _check_config,
+    "download-model": _download_model,
+    "make-test-model": _make_test_model,
+    "install-unit": _install_unit,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except ConfigError as e:
+        print(f"phicapd: {e}", file=sys.stderr)
+        return EX_CONFIG
+    except PhicapError as e:
+        get_logger("phicapd").error("fatal", code=e.code, error=str(e))
+        print(f"phicapd: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

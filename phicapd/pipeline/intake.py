@@ -1,0 +1,122 @@
+"""Intake: the watcher's callbacks and scan requests, turned into journal entries off their threads.
+
+The watcher calls ``file_ready`` and ``rescan`` from its own threads and must never wait on
+SQLite or a directory walk. Intake queues both and works them off in two threads: one groups
+settled files into a single journal transaction, the other runs reconcile scans one at a
+time (a root-wide scan makes pending subtree scans of that root redundant).
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from phicapd.config import WatchRoot
+from phicapd.log import get_logger
+from phicapd.pipeline.scanner import Reconciler, ScanReport
+
+log = get_logger(__name__)
+
+_GROUP = 2000
+
+
+class Intake:
+    def __init__(self, reconciler: Reconciler, on_queued: Callable[[], None]) -> None:
+        self.reconciler = reconciler
+        self._on_queued = on_queued
+        self._files: collections.deque[tuple[Path, WatchRoot]] = collections.deque()
+        self._files_cond = threading.Condition()
+        self._scans: dict[tuple[Path, Path], str] = {}
+        self._scan_cond = threading.Condition()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.last_progress = time.monotonic()
+        self.scans_done = 0
+        self.last_scan: ScanReport | None = None
+        self._scanning = False
+
+    def start(self) -> None:
+        for name, target in (("phicapd-intake", self._files_loop), ("phicapd-scan", self._scan_loop)):
+            t = threading.Thread(target=target, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        with self._files_cond:
+            self._files_cond.notify_all()
+        with self._scan_cond:
+            self._scan_cond.notify_all()
+        for t in self._threads:
+            t.join(10)
+
+    # -- the watcher's callbacks ---------------------------------------------------------------
+
+    def file_ready(self, path: Path, root: WatchRoot) -> None:
+        with self._files_cond:
+            self._files.append((path, root))
+            self._files_cond.notify()
+
+    def rescan(self, root: WatchRoot, directory: Path | None = None, reason: str = "request") -> None:
+        directory = directory or root.path
+        with self._scan_cond:
+            if (root.path, root.path) in self._scans:
+                return  # a whole-root scan is already queued
+            if directory == root.path:
+                for key in [k for k in self._scans if k[0] == root.path]:
+                    del self._scans[key]
+            self._scans[(root.path, directory)] = reason
+            self._scan_cond.notify()
+
+    def idle(self) -> bool:
+        """Nothing queued and no scan running (tests and benchmarks wait for this)."""
+        with self._files_cond, self._scan_cond:
+            return not self._files and not self._scans and not self._scanning
+
+    def backlog(self) -> dict[str, int]:
+        with self._files_cond, self._scan_cond:
+            return {"settled_files": len(self._files), "scans": len(self._scans) + int(self._scanning)}
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def _files_loop(self) -> None:
+        while not self._stopping.is_set():
+            with self._files_cond:
+                while not self._files and not self._stopping.is_set():
+                    self.last_progress = time.monotonic()
+                    self._files_cond.wait(1.0)
+                group = [self._files.popleft() for _ in range(min(len(self._files), _GROUP))]
+            if not group:
+                continue
+            try:
+                if self.reconciler.accept(group):
+                    self._on_queued()
+            except Exception:
+                # The files are not lost: the next reconcile scan finds them again.
+                log.exception("cannot record settled files", files=len(group))
+            self.last_progress = time.monotonic()
+
+    def _scan_loop(self) -> None:
+        roots = {r.path: r for r in self.reconciler.settings.watch}
+        while not self._stopping.is_set():
+            with self._scan_cond:
+                while not self._scans and not self._stopping.is_set():
+                    self._scan_cond.wait(1.0)
+                if self._stopping.is_set():
+                    return
+                (root_path, directory), reason = next(iter(self._scans.items()))
+                del self._scans[(root_path, directory)]
+                self._scanning = True
+            try:
+                self.last_scan = self.reconciler.scan(roots[root_path], directory, reason)
+                self.scans_done += 1
+                if self.last_scan.queued:
+                    self._on_queued()
+            except Exception:
+                log.exception("scan failed", root=str(root_path), directory=str(directory))
+            finally:
+                with self._scan_cond:
+                    self._scanning = False

@@ -1,0 +1,335 @@
+"""The daemon's lifecycle: config -> journal -> socket -> model -> watchers -> READY -> serve -> drain.
+
+``Daemon`` wires the parts together and is also the ``ControlBackend`` the control socket
+serves: it owns nothing but references and the daemon's state ("loading", "ready",
+"stopping"). The socket comes up first so ``phicapctl status`` answers while the model loads.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from phicapd import __version__
+from phicapd.captioner import Captioner
+from phicapd.config import Settings
+from phicapd.control.backend import CaptionReply
+from phicapd.errors import PhicapError
+from phicapd.log import get_logger
+from phicapd.pipeline.decode import make_decoders
+from phicapd.pipeline.intake import Intake
+from phicapd.pipeline.jobs import JobStore
+from phicapd.pipeline.paths import list_images
+from phicapd.pipeline.scanner import Reconciler
+from phicapd.pipeline.scheduler import Scheduler
+from phicapd.pipeline.watcher import Watcher
+
+log = get_logger(__name__)
+
+CaptionerFactory = Callable[[Settings], Captioner]
+
+DRAIN_GRACE_SECONDS = 30.0
+STALL_SECONDS = 300.0
+
+
+def load_model_captioner(settings: Settings) -> Captioner:
+    from phicapd.model.captioner import load_captioner
+
+    return load_captioner(settings.model)
+
+
+class Daemon:
+    def __init__(self, settings: Settings, captioner_factory: CaptionerFactory = load_model_captioner) -> None:
+        self.settings = settings
+        self._captioner_factory = captioner_factory
+        self.state = "starting"
+        self.started_at = time.time()
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self.captioner: Captioner | None = None
+        self.scheduler: Scheduler | None = None
+        self.store = JobStore(
+            settings.state.dir / "journal.sqlite3",
+            max_attempts=settings.scheduler.max_attempts,
+            backoff_seconds=settings.scheduler.retry_backoff_seconds,
+        )
+        self.reconciler = Reconciler(settings, self.store)
+        self.intake = Intake(self.reconciler, self._work_queued)
+        self.watcher: Watcher | None = None
+        self.server: Any = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def request_stop(self, *_: object) -> None:
+        self._stop.set()
+
+    def run(self, *, notifier: Any = None, listen_socket: Any = None, install_signals: bool = True) -> int:
+        from phicapd.control.server import ControlServer
+        from phicapd.systemd import Notifier, WatchdogFeeder
+
+        notifier = notifier or Notifier()
+        if install_signals:
+            signal.signal(signal.SIGTERM, self.request_stop)
+            signal.signal(signal.SIGINT, self.request_stop)
+
+        recovered = self.store.recover()
+        if recovered:
+            log.info("returned interrupted jobs to the queue", jobs=recovered)
+
+        self.state = "loading"
+        self.server = ControlServer(self.settings.control, self, listen_socket=listen_socket)
+        self.server.start()
+        log.info("control socket listening", socket=str(self.settings.control.socket))
+
+        notifier.status(f"loading model {self.settings.model.source}")
+        keepalive = _ExtendTimeout(notifier)
+        keepalive.start()
+        try:
+            self.captioner = self._captioner_factory(self.settings)
+            warm_up = getattr(self.captioner, "warm_up", None)
+            if warm_up is not None:
+                notifier.status("warming up the model")
+                warm_up()
+        except PhicapError:
+            keepalive.stop()
+            self._shutdown(notifier)
+            raise
+        finally:
+            keepalive.stop()
+        if self._stop.is_set():
+            self._shutdown(notifier)
+            return 0
+
+        decode_file, decode_bytes = make_decoders(self.settings.imaging)
+        self.scheduler = Scheduler(
+            self.settings,
+            self.captioner,
+            self.store,
+            decode_file=decode_file,
+            decode_bytes=decode_bytes,
+            list_images=list_images,
+        )
+        self.scheduler.start()
+        self.intake.start()
+        self.watcher = Watcher(
+            self.settings.watch,
+            self.settings.watcher,
+            on_ready=self.intake.file_ready,
+            on_rescan=lambda root, directory, reason: self.intake.rescan(root, directory, reason),
+        )
+        self.watcher.start()
+        for root in self.settings.watch:
+            self.intake.rescan(root, root.path, "startup")
+        self.scheduler.notify_work()
+
+        self.state = "ready"
+        self._ready.set()
+        notifier.ready()
+        notifier.status(self.status_line())
+        log.info("ready", model=self.captioner.identity, roots=[str(r.path) for r in self.settings.watch])
+        feeder = WatchdogFeeder(notifier, health_check=self.healthy, status_text=self.status_line)
+        feeder.start()
+        try:
+            while not self._stop.wait(1.0):
+                pass
+        finally:
+            feeder.stop()
+            self._shutdown(notifier)
+        return 0
+
+    def _shutdown(self, notifier: Any) -> None:
+        self.state = "stopping"
+        notifier.stopping()
+        log.info("stopping")
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.intake.stop()
+        if self.scheduler is not None:
+            self.scheduler.stop(DRAIN_GRACE_SECONDS)
+        if self.server is not None:
+            self.server.stop()
+        if self.captioner is not None:
+            self.captioner.close()
+        self.store.close()
+        log.info("stopped")
+
+    def _work_queued(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.notify_work()
+
+    def healthy(self) -> bool:
+        """The watchdog's question: are the GPU worker and the watcher still making progress?"""
+        if self.scheduler is None or not self.scheduler.healthy(STALL_SECONDS):
+            return False
+        return self.watcher is None or time.monotonic() - self.watcher.last_progress < STALL_SECONDS
+
+    def status_line(self) -> str:
+        if self.scheduler is None:
+            return self.state
+        counts = self.store.counts()
+        return (
+            f"{self.state}: {counts['pending'] + counts['running']} queued, {counts['done']} done, "
+            f"{counts['failed']} failed, {self.scheduler.throughput.rate():.2f} img/s"
+        )
+
+    # -- ControlBackend ------------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        return self._ready.is_set() and not self._stop.is_set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self._ready.wait(timeout)
+
+    def caption_bytes(
+        self, data: bytes, *, name: str, prompt: str | None, max_new_tokens: int | None, timeout: float
+    ) -> CaptionReply:
+        started = time.monotonic()
+        if not self.wait_ready(timeout) or self.scheduler is None:
+            raise PhicapError("the model is still loading", code="not_ready", retryable=True)
+        future = self.scheduler.submit(data, name=name, prompt=prompt, max_new_tokens=max_new_tokens)
+        left = max(0.0, timeout - (time.monotonic() - started))
+        try:
+            caption = future.result(timeout=left)
+        except FutureTimeout:
+            future.cancel()
+            raise PhicapError(f"{name}: no caption within {timeout:.0f} s", code="timeout", retryable=True) from None
+        assert self.captioner is not None
+        return CaptionReply(caption.text, caption.new_tokens, self.captioner.identity, time.monotonic() - started)
+
+    def caption_url(self, url: str, *, prompt: str | None, max_new_tokens: int | None, timeout: float) -> CaptionReply:
+        from phicapd.fetch import fetch_url
+
+        started = time.monotonic()
+        if not self.wait_ready(timeout):
+            raise PhicapError("the model is still loading", code="not_ready", retryable=True)
+        fetched = fetch_url(url, self.settings.fetch)
+        left = max(1.0, timeout - (time.monotonic() - started))
+        reply = self.caption_bytes(fetched.data, name=url, prompt=prompt, max_new_tokens=max_new_tokens, timeout=left)
+        return CaptionReply(reply.text, reply.new_tokens, reply.model, time.monotonic() - started, url=fetched.url)
+
+    def status(self) -> dict[str, Any]:
+        sched = self.scheduler
+        state = self.state
+        if state == "ready" and sched is not None and sched.paused:
+            state = "paused"
+        describe = getattr(self.captioner, "describe", None)
+        model: dict[str, Any] = {"source": self.settings.model.source, "loaded": self.captioner is not None}
+        if self.captioner is not None:
+            model["identity"] = self.captioner.identity
+            model["max_batch"] = sched.max_batch if sched else self.captioner.max_batch
+        details = describe() if describe is not None else {}
+        return {
+            "state": state,
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started_at, 1),
+            "model": {**model, **{k: v for k, v in details.items() if k != "gpu"}},
+            "gpu": details.get("gpu"),
+            "lanes": {**(sched.lanes() if sched else {}), **self.intake.backlog()},
+            "journal": self.store.counts(),
+            "throughput": {
+                "images_per_second_1m": round(sched.throughput.rate(), 3) if sched else 0.0,
+                "captions_total": sched.throughput.total if sched else 0,
+                "batches_total": sched.batches if sched else 0,
+            },
+            "recent_failures": list(sched.recent_failures) if sched else [],
+            "watch": [str(r.path) for r in self.settings.watch],
+            "watcher_pending": self.watcher.pending() if self.watcher else 0,
+            "sidecar": {"extension": self.settings.sidecar.extension, "existing": self.settings.sidecar.existing},
+        }
+
+    def failures(self, limit: int) -> list[dict[str, Any]]:
+        return [
+            {
+                "path": str(j.path),
+                "state": j.state.value,
+                "attempts": j.attempts,
+                "code": j.error_code,
+                "message": j.error_message,
+                "updated_at": j.updated_at,
+            }
+            for j in self.store.failures(limit)
+        ]
+
+    def retry(self, paths: list[str] | None) -> int:
+        n = self.store.retry(paths)
+        self._work_queued()
+        return n
+
+    def pause(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.pause()
+
+    def resume(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.resume()
+
+    def rescan(self) -> None:
+        for root in self.settings.watch:
+            self.intake.rescan(root, root.path, "request")
+
+    def metrics(self) -> str:
+        status = self.status()
+        lines = [
+            "# HELP phicapd_up 1 when the model is loaded and the daemon serves captions.",
+            "# TYPE phicapd_up gauge",
+            f"phicapd_up {int(self.is_ready())}",
+            "# HELP phicapd_jobs Background jobs in the journal by state.",
+            "# TYPE phicapd_jobs gauge",
+        ]
+        lines += [f'phicapd_jobs{{state="{k}"}} {v}' for k, v in status["journal"].items()]
+        lines += ["# HELP phicapd_queue_depth Items waiting in memory by lane.", "# TYPE phicapd_queue_depth gauge"]
+        lines += [f'phicapd_queue_depth{{lane="{k}"}} {v}' for k, v in status["lanes"].items()]
+        tp = status["throughput"]
+        lines += [
+            "# HELP phicapd_captions_total Captions produced since start.",
+            "# TYPE phicapd_captions_total counter",
+            f"phicapd_captions_total {tp['captions_total']}",
+            "# HELP phicapd_batches_total Model batches run since start.",
+            "# TYPE phicapd_batches_total counter",
+            f"phicapd_batches_total {tp['batches_total']}",
+            "# HELP phicapd_images_per_second Captions per second over the last minute.",
+            "# TYPE phicapd_images_per_second gauge",
+            f"phicapd_images_per_second {tp['images_per_second_1m']}",
+        ]
+        gpu = status.get("gpu") or {}
+        for key in ("memory_allocated_bytes", "memory_reserved_bytes", "memory_total_bytes"):
+            if isinstance(gpu.get(key), int | float):
+                lines += [f"# TYPE phicapd_gpu_{key} gauge", f"phicapd_gpu_{key} {gpu[key]}"]
+        return "\n".join(lines) + "\n"
+
+
+class _ExtendTimeout:
+    """While the model loads (minutes on a cold cache), keep extending systemd's start timeout."""
+
+    def __init__(self, notifier: Any, every: float = 20.0) -> None:
+        self._notifier = notifier
+        self._every = every
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="phicapd-extend", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _loop(self) -> None:
+        while not self._done.is_set():
+            self._notifier.extend_timeout(self._every * 3)
+            self._done.wait(self._every)
+
+
+def run(settings: Settings, captioner_factory: CaptionerFactory = load_model_captioner) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    from phicapd.systemd import check_roots_writable, listen_fds
+
+    check_roots_writable(settings)
+    sockets = listen_fds()
+    daemon = Daemon(settings, captioner_factory)
+    return daemon.run(listen_socket=sockets[0] if sockets else None)
