@@ -1,0 +1,134 @@
+"""The control protocol: request and reply models, error codes and their HTTP statuses.
+
+Everything that crosses the socket is validated by one of these pydantic models, on the server
+when it parses a request and in ``phicapctl`` when it reads a reply. See ``API.md`` for the
+endpoint table.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from phicapd.errors import FetchError, ImageError, PhicapError
+
+API_VERSION = 1
+MAX_PROMPT_CHARS = 8192
+MAX_NEW_TOKENS = 4096
+MAX_FAILURES_LIMIT = 1000
+
+# Codes the control layer itself produces. Backend errors keep their own ``PhicapError.code``.
+BAD_REQUEST = "bad_request"
+NOT_FOUND = "not_found"
+METHOD_NOT_ALLOWED = "method_not_allowed"
+REQUEST_TIMEOUT = "request_timeout"
+LENGTH_REQUIRED = "length_required"
+PAYLOAD_TOO_LARGE = "payload_too_large"
+HEADERS_TOO_LARGE = "headers_too_large"
+VERSION_NOT_SUPPORTED = "http_version_not_supported"
+BUSY = "busy"
+NOT_READY = "not_ready"
+CAPTION_TIMEOUT = "caption_timeout"
+INTERNAL = "internal"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ErrorDetail(_Model):
+    code: str
+    message: str
+    retryable: bool = False
+
+
+class ErrorReply(_Model):
+    error: ErrorDetail
+
+
+class CaptionParams(_Model):
+    """Query parameters of ``POST /v1/caption`` (the body is the raw image)."""
+
+    name: str = Field("upload", min_length=1, max_length=4096)
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+
+
+class CaptionUrlRequest(_Model):
+    url: str = Field(min_length=1, max_length=8192)
+    prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+
+
+class CaptionResult(_Model):
+    caption: str
+    new_tokens: int
+    model: str
+    seconds: float
+    url: str | None = None
+
+
+class FailuresParams(_Model):
+    limit: int = Field(50, ge=1, le=MAX_FAILURES_LIMIT)
+
+
+class FailuresReply(_Model):
+    failures: list[dict[str, Any]]
+
+
+class RetryRequest(_Model):
+    """``paths`` null or absent re-queues every failed job."""
+
+    paths: list[str] | None = None
+
+
+class RetryReply(_Model):
+    requeued: int
+
+
+class OkReply(_Model):
+    ok: bool = True
+
+
+class HealthReply(_Model):
+    ready: bool
+
+
+class VersionReply(_Model):
+    version: str
+    api: int = API_VERSION
+
+
+class SidecarInfo(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    extension: str = ".txt"
+    existing: Literal["skip", "overwrite"] = "skip"
+
+
+class StatusReply(BaseModel):
+    """The daemon's status. Only what phicapctl relies on is typed; the rest passes through."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    state: Literal["loading", "ready", "paused", "stopping"]
+    sidecar: SidecarInfo = SidecarInfo()
+
+
+def error_status(exc: PhicapError) -> int:
+    """The HTTP status for a backend error.
+
+    A rejected input (undecodable image, refused URL) is the client's problem: 422. A URL that
+    failed for a transient reason (the remote timed out) is a bad gateway: 502. Anything else
+    is ours: 503 when trying again may help (model busy, timeout), 500 when it will not.
+    """
+    if isinstance(exc, ImageError):
+        return 422
+    if isinstance(exc, FetchError):
+        return 502 if exc.retryable else 422
+    return 503 if exc.retryable else 500
+
+
+def error_body(code: str, message: str, *, retryable: bool = False) -> ErrorReply:
+    return ErrorReply(error=ErrorDetail(code=code, message=message, retryable=retryable))

@@ -1,0 +1,293 @@
+"""The control server: HTTP/1.1 over a Unix socket, a bounded thread per connection.
+
+One accept thread admits connections up to ``max_connections`` (beyond that a connection gets
+an immediate 503 and is closed) and starts a thread for each; caption requests block that
+thread in the backend while the GPU works. Each request must arrive whole within
+``request_timeout_seconds``; the reply is not bounded by that, the caption has its own timeout.
+Every request is logged with the peer's pid/uid/gid from SO_PEERCRED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import selectors
+import socket
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import structlog
+
+from phicapd.config import ControlSettings
+from phicapd.control import protocol as p
+from phicapd.control.backend import ControlBackend
+from phicapd.control.listener import (
+    BoundSocket,
+    PeerCred,
+    bind_unix_socket,
+    peer_credentials,
+    unlink_if_ours,
+)
+from phicapd.control.routes import Response, Router, error_response
+from phicapd.control.wire import CONTINUE, Connection, HttpError, Request, render_response
+
+log = structlog.get_logger(__name__)
+
+_UNKNOWN_PEER = PeerCred(-1, -1, -1)
+_BUSY_SEND_TIMEOUT = 0.2
+_ACCEPT_BACKOFF = 0.1
+
+
+class ControlServer:
+    """Serve ``backend`` on the control socket.
+
+    ``listen_socket`` is a socket systemd passed by socket activation; otherwise the server
+    binds ``settings.socket`` itself (mode 0660, group ``settings.socket_group``) and removes it
+    again on ``stop()``. An inherited socket is never unlinked: its unit owns it.
+    """
+
+    def __init__(
+        self,
+        settings: ControlSettings,
+        backend: ControlBackend,
+        *,
+        listen_socket: socket.socket | None = None,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self._inherited = listen_socket
+        self._listen: socket.socket | None = None
+        self._bound: BoundSocket | None = None
+        self._router = Router(backend, settings, extra_metrics=self._metrics_text)
+        self._lock = threading.Lock()
+        self._conns: dict[socket.socket, threading.Thread] = {}
+        self._stopping = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._accept_thread: threading.Thread | None = None
+        self._statuses: Counter[int] = Counter()
+        self._rejected = 0
+
+    @property
+    def socket_path(self) -> Path | None:
+        if self._bound is not None:
+            return self._bound.path
+        if self._listen is not None:
+            name = self._listen.getsockname()
+            return Path(name) if isinstance(name, str) and name else None
+        return None
+
+    def start(self) -> None:
+        if self._listen is not None:
+            raise RuntimeError("control server already started")
+        if self._inherited is not None:
+            self._listen = self._inherited
+        else:
+            self._bound = bind_unix_socket(
+                self.settings.socket,
+                group=self.settings.socket_group,
+                backlog=min(4096, max(128, self.settings.max_connections)),
+            )
+            self._listen = self._bound.sock
+        self._listen.setblocking(False)
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="phicapd-control", daemon=True)
+        self._accept_thread.start()
+        log.info(
+            "control socket listening",
+            path=str(self.socket_path),
+            activated=self._inherited is not None,
+            max_connections=self.settings.max_connections,
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, cut open connections and wait (up to ``timeout``) for their threads."""
+        if self._listen is None or self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._wake_w.send(b"x")
+        if self._accept_thread is not None:
+            self._accept_thread.join(timeout)
+        with self._lock:
+            conns = dict(self._conns)
+        for sock in conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + timeout
+        for thread in conns.values():
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._listen.close()
+        if self._bound is not None:
+            unlink_if_ours(self._bound)
+        self._wake_r.close()
+        self._wake_w.close()
+        log.info("control socket closed", path=str(self.socket_path))
+
+    def __enter__(self) -> ControlServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- accepting ---------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        assert self._listen is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._listen, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while not self._stopping.is_set():
+                for key, _ in sel.select():
+                    if key.fileobj is self._wake_r:
+                        return
+                    self._accept_one()
+
+    def _accept_one(self) -> None:
+        assert self._listen is not None
+        try:
+            conn, _ = self._listen.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            # Out of descriptors: back off instead of spinning; the backlog keeps the clients.
+            log.error("control accept failed", error=str(e))
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                time.sleep(_ACCEPT_BACKOFF)
+            return
+        conn.setblocking(True)
+        thread = threading.Thread(target=self._serve, args=(conn,), name="phicapd-control-conn", daemon=True)
+        with self._lock:
+            admitted = len(self._conns) < self.settings.max_connections
+            if admitted:
+                self._conns[conn] = thread
+            else:
+                self._rejected += 1
+        if admitted:
+            thread.start()
+        else:
+            self._reject_busy(conn)
+
+    def _reject_busy(self, conn: socket.socket) -> None:
+        """Answer 503 without a thread: the reply fits the socket buffer, so this cannot block long."""
+        peer = _peer(conn)
+        resp = error_response(
+            503, p.BUSY, f"too many connections (limit {self.settings.max_connections})", retryable=True
+        )
+        wire = Connection(conn, max_header_bytes=self.settings.max_header_bytes)
+        try:
+            wire.send(render_response(resp.status, resp.body, keep_alive=False), _BUSY_SEND_TIMEOUT)
+        except OSError:
+            pass
+        finally:
+            # No lingering here: the accept thread must not wait on a client.
+            conn.close()
+        self._count(503)
+        log.warning("control connection refused", reason="busy", pid=peer.pid, uid=peer.uid, gid=peer.gid)
+
+    # -- serving one connection --------------------------------------------------------------
+
+    def _serve(self, conn: socket.socket) -> None:
+        peer = _peer(conn)
+        wire = Connection(conn, max_header_bytes=self.settings.max_header_bytes)
+        try:
+            while not self._stopping.is_set():
+                if not self._serve_one(wire, peer):
+                    break
+        finally:
+            with self._lock:
+                self._conns.pop(conn, None)
+            conn.close()
+
+    def _serve_one(self, wire: Connection, peer: PeerCred) -> bool:
+        """Read, answer and log one request; return whether the connection stays open."""
+        started = time.monotonic()
+        deadline = started + self.settings.request_timeout_seconds
+        req: Request | None = None
+        try:
+            req = wire.read_request(deadline)
+            if req is None:
+                return False
+            started = time.monotonic()
+            resp = self._exchange(wire, req, deadline)
+            close = not req.keep_alive
+        except HttpError as e:
+            headers = self._router.allow_header(req.path) if req is not None and e.status == 405 else ()
+            resp = error_response(e.status, e.code, e.message, retryable=e.status == 408, headers=headers)
+            # An unread body would be parsed as the next request: such a connection must close.
+            close = e.close or req is None or not req.keep_alive or req.content_length > 0
+        except OSError:
+            return False  # the client went away
+
+        close = close or self._stopping.is_set()
+        try:
+            data = render_response(
+                resp.status, resp.body, content_type=resp.content_type, keep_alive=not close, headers=resp.headers
+            )
+            wire.send(data, self.settings.request_timeout_seconds)
+        except OSError:
+            close = True
+        self._count(resp.status)
+        log.info(
+            "control request",
+            method=req.method if req else None,
+            path=req.path if req else None,
+            status=resp.status,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            bytes_in=req.content_length if req else None,
+            pid=peer.pid,
+            uid=peer.uid,
+            gid=peer.gid,
+        )
+        if close:
+            wire.linger_close()
+        return not close
+
+    def _exchange(self, wire: Connection, req: Request, deadline: float) -> Response:
+        """Read the body (unless the route or its size is refused first) and answer the request.
+
+        An ``HttpError`` escaping from here means the body was not (fully) read.
+        """
+        limit = self._router.body_limit(req)
+        if req.content_length > limit:
+            raise HttpError(
+                413, p.PAYLOAD_TOO_LARGE, f"body of {req.content_length} bytes exceeds the limit of {limit}"
+            )
+        if req.expects_continue and req.content_length:
+            wire.send(CONTINUE, self.settings.request_timeout_seconds)
+        req.body = wire.read_body(req.content_length, deadline)
+        try:
+            return self._router.handle(req)
+        except HttpError as e:  # a bad parameter: the body was consumed, the connection is reusable
+            return error_response(e.status, e.code, e.message)
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def _count(self, status: int) -> None:
+        with self._lock:
+            self._statuses[status] += 1
+
+    def _metrics_text(self) -> str:
+        with self._lock:
+            open_conns = len(self._conns)
+            statuses = sorted(self._statuses.items())
+            rejected = self._rejected
+        lines = [
+            "# HELP phicapd_control_connections Open control-socket connections.",
+            "# TYPE phicapd_control_connections gauge",
+            f"phicapd_control_connections {open_conns}",
+            "# HELP phicapd_control_rejected_connections_total Connections refused at max_connections.",
+            "# TYPE phicapd_control_rejected_connections_total counter",
+            f"phicapd_control_rejected_connections_total {rejected}",
+            "# HELP phicapd_control_requests_total Control requests answered, by HTTP status.",
+            "# TYPE phicapd_control_requests_total counter",
+            *(f'phicapd_control_requests_total{{status="{s}"}} {n}' for s, n in statuses),
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def _peer(conn: socket.socket) -> PeerCred:
+    try:
+        return peer_credentials(conn)
+    except OSError:
+        return _UNKNOWN_PEER
