@@ -1,0 +1,91 @@
+"""Configuration: the TOML file, environment overrides, and one clear message + exit 78 per mistake."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from phicapd.cli.daemon import main
+from phicapd.config import DEFAULT_PROMPT, load_settings
+from phicapd.errors import EX_CONFIG, ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_example_config_is_valid_and_complete(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = load_settings(REPO / "config.example.toml")
+    assert settings.model.num_crops == 16
+    assert settings.model.prompt == DEFAULT_PROMPT
+    assert settings.sidecar.extension == ".txt"
+
+
+def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[model]\nnum_crops = 4\n[log]\nlevel = "debug"\n')
+    monkeypatch.setenv("PHICAPD_MODEL__NUM_CROPS", "8")
+    settings = load_settings(cfg)
+    assert settings.model.num_crops == 8
+    assert settings.log.level == "debug"
+
+
+def test_watch_roots_and_effective_policy(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[sidecar]\nexisting = "skip"\n[[watch]]\npath = "{tmp_path}/a"\nexisting = "overwrite"\nprompt = "Alt text."\n'
+        f'[[watch]]\npath = "{tmp_path}/b"\nrecursive = false\n'
+    )
+    s = load_settings(cfg)
+    a, b = s.watch
+    assert s.existing_policy(a) == "overwrite" and s.existing_policy(b) == "skip"
+    assert s.prompt_for(a) == "Alt text." and s.prompt_for(b) == DEFAULT_PROMPT
+    assert not b.recursive
+
+
+BAD_CONFIGS = [
+    ("[model]\nnum_crops = \"many\"\n", "model.num_crops"),
+    ("[model]\ncolour = 1\n", "model.colour: unknown key"),
+    ("[bogus]\nx = 1\n", "bogus: unknown key"),
+    ("[model\n", "not valid TOML"),
+    ("[[watch]]\npath = \"relative/dir\"\n", "watch[0].path"),
+    ("[[watch]]\nrecursive = true\n", "watch[0].path: Field required"),
+    ("[sidecar]\nexisting = \"sometimes\"\n", "sidecar.existing"),
+    ("[sidecar]\nextension = \"txt\"\n", "sidecar.extension"),
+    ("[log]\nformat = \"xml\"\n", "log.format"),
+    ("[model]\nmax_new_tokens = 0\n", "model.max_new_tokens"),
+    ("[[watch]]\npath = \"/srv/a\"\n[[watch]]\npath = \"/srv/a\"\n", "listed twice"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), BAD_CONFIGS)
+def test_bad_config_exits_78_with_one_clear_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: str
+) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    assert main(["check-config", "--config", str(cfg)]) == EX_CONFIG
+    err = capsys.readouterr().err
+    assert expected in err
+    assert str(cfg) in err
+    assert "Traceback" not in err
+
+
+def test_missing_explicit_config_exits_78(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", "--config", str(tmp_path / "nope.toml")]) == EX_CONFIG
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bad_env_value_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PHICAPD_SCHEDULER__DECODE_WORKERS", "zero")
+    with pytest.raises(ConfigError, match="scheduler.decode_workers"):
+        load_settings(None)
+
+
+def test_check_config_prints_effective_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[model]\nnum_crops = 4\n')
+    assert main(["check-config", "--config", str(cfg)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"]["num_crops"] == 4
+    assert out["sidecar"]["existing"] == "skip"

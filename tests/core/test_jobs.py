@@ -1,0 +1,89 @@
+"""The journal: states, deduplication, back-off, parking, recovery after a crash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from phicapd.pipeline.jobs import Failure, Fingerprint, JobStore, NewWork, State, Success
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _store(tmp_path: Path, clock: Clock | None = None) -> JobStore:
+    return JobStore(tmp_path / "j.sqlite3", max_attempts=3, backoff_seconds=10, clock=clock or Clock())
+
+
+def _work(name: str, size: int = 1) -> NewWork:
+    return NewWork(Path("/r") / name, Path("/r"), Fingerprint(size, 5, 9))
+
+
+def test_enqueue_dedupes_pending_and_running(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    assert store.enqueue_many([_work("a"), _work("b")]) == 2
+    assert store.enqueue_many([_work("a")]) == 0
+    jobs = store.claim(10)
+    assert [j.path.name for j in jobs] == ["a", "b"]
+    assert store.enqueue_many([_work("a")]) == 0
+    assert store.counts()["running"] == 2
+
+
+def test_done_job_requeued_when_asked_failed_job_parked_until_it_changes(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.enqueue_many([_work("a"), _work("b")])
+    a, b = store.claim(10)
+    store.finish_many(
+        [Success(a.id, "sha", "m", "p", "/r/a.txt", a.fingerprint)],  # type: ignore[arg-type]
+        [Failure(b.id, "image_corrupt", "b: broken", retryable=False)],
+    )
+    assert store.get(a.path).state is State.DONE
+    assert store.get(b.path).state is State.FAILED
+    assert store.enqueue_many([_work("b")]) == 0  # parked: same bytes
+    assert store.enqueue_many([_work("b", size=2)]) == 1  # the image changed
+    assert store.enqueue_many([_work("a")]) == 1  # caller saw the sidecar missing
+
+
+def test_retryable_failure_backs_off_then_parks(tmp_path: Path) -> None:
+    clock = Clock()
+    store = _store(tmp_path, clock)
+    store.enqueue_many([_work("a")])
+    for attempt in (1, 2):
+        (job,) = store.claim(1)
+        store.finish_many(failures=[Failure(job.id, "caption_failed", "boom", retryable=True)])
+        assert store.claim(1) == []  # backing off
+        clock.now += 10 * 2 ** (attempt - 1)
+    (job,) = store.claim(1)
+    parked = store.finish_many(failures=[Failure(job.id, "caption_failed", "boom", retryable=True)])
+    assert [j.path.name for j in parked] == ["a"]
+    assert store.get(job.path).attempts == 3 and store.get(job.path).state is State.FAILED
+    assert store.retry(None) == 1
+    assert store.claim(1)[0].force
+
+
+def test_recover_returns_running_jobs_and_parks_repeat_crashers(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.enqueue_many([_work("a")])
+    for _ in range(2):
+        store.claim(1)
+        assert store.recover() == 1
+        assert store.get(Path("/r/a")).state is State.PENDING
+    store.claim(1)
+    store.recover()
+    job = store.get(Path("/r/a"))
+    assert job.state is State.FAILED and job.error_code == "interrupted"
+
+
+def test_journal_survives_reopen_and_passes_integrity_check(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.enqueue_many([_work(f"f{i}") for i in range(100)])
+    store.claim(10)
+    store.close()
+    again = _store(tmp_path)
+    assert again.counts() == {"pending": 90, "running": 10, "done": 0, "failed": 0}
+    assert again.recover() == 10
+    assert again.integrity_check() == "ok"

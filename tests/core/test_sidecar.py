@@ -1,0 +1,67 @@
+"""Sidecar naming (collision-free), the skip policy, and atomic writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from phicapd.pipeline import sidecar as sc
+
+
+def test_naming_rule() -> None:
+    d = Path("/d")
+    assert sc.sidecar_for(d / "photo.jpg", ["photo.jpg"]) == d / "photo.txt"
+    names = ["photo.png", "photo.jpg", "other.jpg"]
+    assert sc.sidecar_for(d / "photo.jpg", names) == d / "photo.txt"  # sorts first: owns the plain name
+    assert sc.sidecar_for(d / "photo.png", names) == d / "photo.png.txt"
+    assert sc.sidecar_for(d / "other.jpg", names, ".caption") == d / "other.caption"
+    targets = {sc.sidecar_for(d / n, names) for n in names}
+    assert len(targets) == len(names)
+
+
+def test_up_to_date_means_non_empty_and_not_older(tmp_path: Path) -> None:
+    image, side = tmp_path / "a.jpg", tmp_path / "a.txt"
+    image.write_bytes(b"x")
+    assert not sc.is_up_to_date(image.stat(), side)
+    side.write_text("caption\n")
+    os.utime(image, ns=(1, 1_000_000_000))
+    os.utime(side, ns=(1, 2_000_000_000))
+    assert sc.is_up_to_date(image.stat(), side)
+    os.utime(image, ns=(1, 3_000_000_000))  # the image changed after its caption
+    assert not sc.is_up_to_date(image.stat(), side)
+    side.write_text("")
+    os.utime(side, ns=(1, 4_000_000_000))
+    assert not sc.is_up_to_date(image.stat(), side)
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
+    target = tmp_path / "a.txt"
+    target.write_text("old\n")
+    sc.write_sidecar(target, "new caption")
+    assert target.read_text() == "new caption\n"
+    assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_failed_write_keeps_old_file_and_cleans_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "a.txt"
+    target.write_text("old\n")
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(sc.os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        sc.write_sidecar(target, "new")
+    assert target.read_text() == "old\n"
+    assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_stale_temps_of_dead_writers_are_removed_live_ones_kept(tmp_path: Path) -> None:
+    dead = tmp_path / f".a.txt{sc.TEMP_MARKER}999999999-abcd{sc.TEMP_SUFFIX}"
+    live = tmp_path / f".b.txt{sc.TEMP_MARKER}{os.getpid()}-abcd{sc.TEMP_SUFFIX}"
+    dead.write_text("x")
+    live.write_text("x")
+    assert sc.remove_stale_temps(tmp_path) == 1
+    assert not dead.exists() and live.exists()

@@ -1,0 +1,84 @@
+"""A deterministic stand-in for the model, for pipeline tests only (the product never ships it)."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from phicapd.captioner import Caption, CaptionRequest
+
+
+def image_key(image: Image.Image) -> str:
+    """A content key for an image, so calls can be counted per image whatever its path."""
+    return hashlib.sha1(image.tobytes()).hexdigest()[:16]
+
+
+class FakeCaptioner:
+    """Captions are a pure function of the pixels; every call is counted (and optionally logged
+    to a file with one O_APPEND write per caption, so counts survive ``kill -9``)."""
+
+    identity = "fake@test"
+
+    def __init__(
+        self,
+        *,
+        max_batch: int = 16,
+        latency: float = 0.0,
+        record: Path | None = None,
+        fail_keys: set[str] | None = None,
+    ) -> None:
+        self.max_batch = max_batch
+        self.latency = latency
+        self.calls: collections.Counter[str] = collections.Counter()
+        self.batch_sizes: list[int] = []
+        self.fail_keys = fail_keys or set()
+        self._lock = threading.Lock()
+        self._record_fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) if record else None
+        self.closed = False
+
+    def caption(self, batch: Sequence[CaptionRequest]) -> list[Caption]:
+        if self.latency:
+            time.sleep(self.latency)
+        out = []
+        keys = [image_key(r.image) for r in batch]
+        if any(k in self.fail_keys for k in keys):
+            raise RuntimeError("fake model failure")
+        with self._lock:
+            self.batch_sizes.append(len(batch))
+            for request, key in zip(batch, keys, strict=True):
+                self.calls[key] += 1
+                if self._record_fd is not None:
+                    os.write(self._record_fd, f"{key}\n".encode())
+                w, h = request.image.size
+                out.append(Caption(f"A {w}x{h} test image {key}.", new_tokens=7))
+        return out
+
+    def close(self) -> None:
+        self.closed = True
+        if self._record_fd is not None:
+            os.close(self._record_fd)
+            self._record_fd = None
+
+
+def unique_image(index: int, size: tuple[int, int] = (8, 8)) -> Image.Image:
+    """A tiny image whose pixels encode ``index``."""
+    image = Image.new("RGB", size, ((index >> 16) & 255, (index >> 8) & 255, index & 255))
+    image.putpixel((0, 0), (index % 251, (index // 251) % 251, 7))
+    return image
+
+
+def write_unique_png(path: Path, index: int, *, rename_in: bool = False) -> str:
+    """Write a unique tiny PNG in place, or to a partial name renamed in at the end; returns its key."""
+    image = unique_image(index)
+    target = path.with_name(path.name + ".part") if rename_in else path
+    image.save(target, format="PNG")
+    if rename_in:
+        os.replace(target, path)
+    return image_key(image)
