@@ -1,0 +1,276 @@
+"""Safe image decoding: every image (watched, sent or downloaded) becomes 8-bit RGB here or fails
+with a stable code.
+
+What "safe" means here:
+
+- Size caps: the encoded bytes (``ImagingSettings.max_file_bytes``) and the pixel count
+  (``ImagingSettings.max_pixels``, checked from the header before any pixel buffer exists).
+- A format allow-list passed to ``Image.open(formats=...)``: JPEG (and its MPO variant), PNG,
+  WEBP, GIF, BMP, TIFF, plus AVIF when Pillow has it and HEIF when pillow-heif is installed.
+  Plugins outside the list never see the bytes, so EPS/PS/PDF never reach Ghostscript.
+- Pillow's decompression-bomb warning is an error (see ``_escalate_bomb_warnings``).
+- A full ``load()``, so truncated files fail instead of yielding grey half-images.
+- EXIF orientation applied; the first frame of animations; every mode mapped to RGB correctly
+  (16-bit and float scaled rather than clipped, alpha composited on white).
+
+Error codes (``ImageError.code``):
+
+=========================== =============================================================== =========
+code                        meaning                                                         retryable
+=========================== =============================================================== =========
+``image_unreadable``        the file could not be opened/read, or is not a regular file     no
+``image_empty``             zero bytes                                                      no
+``image_too_large``         more bytes than ``max_file_bytes``                              no
+``image_format_unsupported`` not an image in an allowed format (text, EPS, PDF, SVG, ...)   no
+``image_bomb``              more pixels than ``max_pixels`` (or Pillow's own bomb guard)    no
+``image_truncated``         the data ends before the image does                             no
+``image_corrupt``           recognised but undecodable data                                 no
+``image_incomplete``        failed like a partial write while the file is still young       yes
+=========================== =============================================================== =========
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import time
+import warnings
+from pathlib import Path
+
+from PIL import ExifTags, Image, features
+
+from phicapd.config import ImagingSettings
+from phicapd.errors import ImageError
+
+_BASE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# The JPEG opener hands back a multi-picture JPEG as format "MPO"; we keep its first image.
+_RESULT_ALIASES = ("MPO",)
+
+# Leading bytes of formats we refuse on purpose, only to make the error message useful.
+_REFUSED_SIGNATURES = (
+    (b"%PDF", "PDF"),
+    (b"%!PS", "PostScript/EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"<?xml", "XML/SVG"),
+    (b"<svg", "SVG"),
+)
+
+# Failures a file that is still being written can produce; worth retrying while it is young.
+_PARTIAL_WRITE_CODES = frozenset({"image_empty", "image_truncated", "image_corrupt", "image_format_unsupported"})
+
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_WHITE = (255, 255, 255)
+
+
+def _optional_formats() -> tuple[str, ...]:
+    extra: list[str] = []
+    if features.check("avif"):
+        extra.append("AVIF")
+    try:
+        import pillow_heif  # type: ignore[import-not-found]
+    except ImportError:
+        return tuple(extra)
+    pillow_heif.register_heif_opener()
+    extra.append("HEIF")
+    return tuple(extra)
+
+
+ALLOWED_FORMATS: tuple[str, ...] = _BASE_FORMATS + _optional_formats()
+
+_BOMB_FILTER = ("error", None, Image.DecompressionBombWarning, None, 0)
+
+
+def _escalate_bomb_warnings() -> None:
+    """Make Pillow's DecompressionBombWarning raise, without a per-call ``catch_warnings``.
+
+    ``warnings.catch_warnings`` swaps the process-wide filter list and is not thread-safe before
+    Python 3.14, so the decode pool cannot use it. Instead one "error" filter for this single
+    category is kept in the list: adding it is idempotent and never removes anything, so
+    concurrent calls cannot race each other. It is re-added if someone reset the filters
+    (pytest does per test). The authoritative limit is still ``_check_pixels`` below, which
+    refuses oversized images from their header alone; this only covers the sizes Pillow checks
+    internally (GIF frames, TIFF tiles).
+    """
+    if _BOMB_FILTER not in warnings.filters:
+        warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
+
+
+def _fail(name: str, code: str, detail: str, *, retryable: bool = False) -> ImageError:
+    return ImageError(f"{name}: {detail}", code=code, retryable=retryable)
+
+
+def _describe_unknown(data: bytes) -> str:
+    head = data[:16].lstrip()
+    for signature, kind in _REFUSED_SIGNATURES:
+        if head.startswith(signature):
+            return f"{kind} is not an allowed image format"
+    return "not an image in an allowed format (" + ", ".join(ALLOWED_FORMATS) + ")"
+
+
+def _pixel_limit(settings: ImagingSettings) -> int:
+    # Pillow warns above its own global limit; refusing everything above it keeps that warning
+    # from ever being the only thing between an image and the decoder.
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    return min(settings.max_pixels, pillow_limit) if pillow_limit else settings.max_pixels
+
+
+def _check_pixels(im: Image.Image, name: str, limit: int) -> None:
+    width, height = im.size
+    if width * height > limit:
+        raise _fail(name, "image_bomb", f"{width}x{height} exceeds the limit of {limit} pixels")
+
+
+def _open(data: bytes, name: str) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+    except Image.UnidentifiedImageError:
+        raise _fail(name, "image_format_unsupported", _describe_unknown(data)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _fail(name, "image_bomb", str(e)) from None
+    except Exception as e:  # hostile headers make plugins raise anything
+        raise _fail(name, "image_corrupt", f"unreadable {type(e).__name__}: {e}") from None
+
+
+def _load(im: Image.Image, name: str) -> None:
+    try:
+        im.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _fail(name, "image_bomb", str(e)) from None
+    except MemoryError:
+        raise _fail(name, "image_bomb", "decoding ran out of memory") from None
+    except Exception as e:  # hostile data make decoders raise anything
+        text = str(e)
+        if isinstance(e, EOFError) or "truncated" in text.lower():
+            raise _fail(name, "image_truncated", f"the data ends early ({text or type(e).__name__})") from None
+        raise _fail(name, "image_corrupt", f"cannot decode ({type(e).__name__}: {text})") from None
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = im.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:  # a broken EXIF block must not sink a decodable image
+        return 1
+    return value if isinstance(value, int) else 1
+
+
+def _scale_to_l(im: Image.Image, low: float, high: float) -> Image.Image:
+    """Map ``low..high`` linearly onto 0..255 (rounded) in mode L."""
+    if high <= low:
+        return Image.new("L", im.size, 0)
+    scale = 255.0 / (high - low)
+    return im.point(lambda v: v * scale - low * scale + 0.5).convert("L")
+
+
+def _deep_to_l(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grey to 8 bits by scaling, never by clipping."""
+    if im.mode in _SIXTEEN_BIT_MODES:
+        return _scale_to_l(im.convert("I"), 0, 65535)
+    low, high = im.getextrema()
+    if im.mode == "F" and low >= 0 and high <= 1:
+        return _scale_to_l(im, 0, 1)
+    if im.mode == "I" and low >= 0 and high <= 65535:
+        return _scale_to_l(im, 0, 65535)
+    return _scale_to_l(im, low, high)
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in _ALPHA_MODES or (im.mode in ("P", "L", "RGB", "1") and "transparency" in im.info)
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in _SIXTEEN_BIT_MODES or im.mode in ("I", "F"):
+        im = _deep_to_l(im)
+    if _has_alpha(im):
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", im.size, _WHITE)
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def decode_image(data: bytes, *, name: str, settings: ImagingSettings) -> Image.Image:
+    """Decode ``data`` into a fully loaded 8-bit RGB image, upright, first frame only.
+
+    ``name`` (a path or URL) only labels error messages. Raises ``ImageError`` (see the module
+    docstring for the codes).
+    """
+    if not data:
+        raise _fail(name, "image_empty", "the file is empty")
+    if len(data) > settings.max_file_bytes:
+        raise _fail(name, "image_too_large", f"{len(data)} bytes exceeds the limit of {settings.max_file_bytes}")
+    _escalate_bomb_warnings()
+    limit = _pixel_limit(settings)
+    im = _open(data, name)
+    # Defence in depth: an allowed opener may hand back a subtype.
+    if im.format not in ALLOWED_FORMATS and im.format not in _RESULT_ALIASES:
+        raise _fail(name, "image_format_unsupported", f"{im.format} is not an allowed image format")
+    _check_pixels(im, name, limit)
+    _load(im, name)
+    _check_pixels(im, name, limit)  # a first frame may be larger than the header said
+    orientation = _orientation(im)
+    try:
+        rgb = _to_rgb(im)
+    except Exception as e:  # e.g. a palette that does not match its data
+        raise _fail(name, "image_corrupt", f"cannot convert {im.mode} to RGB ({e})") from None
+    transpose = _ORIENTATION_TRANSPOSE.get(orientation)
+    return rgb.transpose(transpose) if transpose is not None else rgb
+
+
+def _read_capped(path: Path, max_bytes: int) -> tuple[bytes, float]:
+    """Read a regular file, at most ``max_bytes``; return its bytes and mtime."""
+    name = str(path)
+    # O_NONBLOCK: opening a FIFO must not hang waiting for a writer; fstat then refuses it.
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        raise _fail(name, "image_unreadable", f"cannot open ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _fail(name, "image_unreadable", "not a regular file")
+        if st.st_size > max_bytes:
+            raise _fail(name, "image_too_large", f"{st.st_size} bytes exceeds the limit of {max_bytes}")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            data = fh.read(max_bytes + 1)  # the file may grow after fstat
+    except OSError as e:
+        raise _fail(name, "image_unreadable", f"cannot read ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise _fail(name, "image_too_large", f"more than {max_bytes} bytes")
+    return data, st.st_mtime
+
+
+def decode_file(path: Path, settings: ImagingSettings, *, min_age_seconds: float = 0) -> Image.Image:
+    """Read and decode the regular file at ``path`` (see ``decode_image``).
+
+    A file modified less than ``min_age_seconds`` ago that fails the way a partial write would
+    (empty, truncated, unrecognisable) raises the retryable ``image_incomplete`` instead: it may
+    still be being written.
+    """
+    data, mtime = _read_capped(path, settings.max_file_bytes)
+    try:
+        return decode_image(data, name=str(path), settings=settings)
+    except ImageError as e:
+        age = time.time() - mtime
+        if e.code in _PARTIAL_WRITE_CODES and age < min_age_seconds:
+            raise _fail(
+                str(path),
+                "image_incomplete",
+                f"incomplete, modified {age:.1f}s ago, may still be being written ({e.code})",
+                retryable=True,
+            ) from e
+        raise
