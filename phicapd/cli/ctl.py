@@ -1,0 +1,342 @@
+"""phicapctl: drive a running phicapd over its control socket.
+
+Commands: caption-file, caption-dir, caption-url, status, health, failures, retry, pause,
+resume, rescan, metrics, version. ``caption-file`` and ``caption-dir`` read images with the
+caller's permissions, send the bytes and write the sidecars themselves.
+
+Socket: ``--socket`` > ``$PHICAPD_SOCKET`` > /run/phicapd/phicapd.sock if it exists > the
+per-user socket (``$XDG_RUNTIME_DIR/phicapd.sock``).
+
+Exit codes (sysexits):
+  0   success (for batches: every file captioned or skipped as up to date)
+  64  usage error (EX_USAGE)
+  65  input rejected by the daemon, a 4xx answer: not an image, URL refused (EX_DATAERR)
+  66  an input file could not be read (EX_NOINPUT)
+  69  daemon unreachable: no socket, nobody listening, no permission; ``health``: not ready (EX_UNAVAILABLE)
+  70  caption failed in the daemon, a 5xx answer or no answer in time (EX_SOFTWARE)
+  73  the sidecar or ``--output`` file could not be written (EX_CANTCREAT)
+When files of one batch fail differently, the first of 69, 70, 73, 66, 65 that occurred wins.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+from pydantic import ValidationError
+
+from phicapd import __version__
+from phicapd.config import SYSTEM_SOCKET_PATH, user_socket_path
+from phicapd.control import batch
+from phicapd.control.batch import BatchCaptioner, Options, Outcome
+from phicapd.control.client import (
+    DEFAULT_CAPTION_TIMEOUT,
+    DEFAULT_TIMEOUT,
+    ControlClient,
+    ControlClientError,
+    DaemonUnreachable,
+    RequestRejected,
+)
+from phicapd.pipeline.sidecar import write_sidecar
+
+EX_USAGE = 64
+SOCKET_ENV = "PHICAPD_SOCKET"
+
+
+def resolve_socket(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    if env := os.environ.get(SOCKET_ENV):
+        return Path(env)
+    if SYSTEM_SOCKET_PATH.exists():
+        return SYSTEM_SOCKET_PATH
+    return user_socket_path()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="phicapctl", description="Control a running phicapd.")
+    parser.add_argument("--socket", help=f"control socket (default: ${SOCKET_ENV}, then the system socket)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds for non-caption calls")
+    parser.add_argument("--version", action="version", version=f"phicapctl {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def captioning(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--prompt", help="prompt instead of the daemon's default")
+        p.add_argument("--max-new-tokens", type=_positive)
+        p.add_argument("--json", action="store_true", help="one JSON object per line")
+        p.add_argument("--caption-timeout", type=float, default=DEFAULT_CAPTION_TIMEOUT)
+
+    def files(p: argparse.ArgumentParser) -> None:
+        captioning(p)
+        p.add_argument("--force", action="store_true", help="caption even when an up-to-date sidecar exists")
+        p.add_argument("--stdout", action="store_true", help="print captions only; write no sidecars")
+        p.add_argument("-j", "--jobs", type=_positive, default=16, help="requests in flight (default 16)")
+
+    p = sub.add_parser("caption-file", help="caption files; write their sidecars")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    files(p)
+    p.set_defaults(func=cmd_caption_file)
+
+    p = sub.add_parser("caption-dir", help="caption every image of a directory")
+    p.add_argument("directory", type=Path, metavar="DIR")
+    p.add_argument("-r", "--recursive", action="store_true")
+    files(p)
+    p.set_defaults(func=cmd_caption_dir)
+
+    p = sub.add_parser("caption-url", help="download an image (in the daemon) and print its caption")
+    p.add_argument("url")
+    p.add_argument("-o", "--output", type=Path, help="write the caption to this file (atomically)")
+    captioning(p)
+    p.set_defaults(func=cmd_caption_url)
+
+    p = sub.add_parser("status", help="model, queues, throughput, failures")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    sub.add_parser("health", help="exit 0 when the model is ready, 69 otherwise").set_defaults(func=cmd_health)
+
+    p = sub.add_parser("failures", help="list failed images")
+    p.add_argument("--limit", type=_positive, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_failures)
+
+    p = sub.add_parser("retry", help="re-queue failed images (all of them without PATH)")
+    p.add_argument("paths", nargs="*", metavar="PATH")
+    p.set_defaults(func=cmd_retry)
+
+    for name, help_text in (
+        ("pause", "stop background captioning"),
+        ("resume", "resume background captioning"),
+        ("rescan", "rescan the watched directories"),
+    ):
+        sub.add_parser(name, help=help_text).set_defaults(func=cmd_simple)
+    sub.add_parser("metrics", help="Prometheus metrics").set_defaults(func=cmd_metrics)
+    sub.add_parser("version", help="client and daemon versions").set_defaults(func=cmd_version)
+    return parser
+
+
+# -- output helpers -----------------------------------------------------------------------------
+
+
+class Progress:
+    """A one-line counter on stderr, only when stderr is a terminal."""
+
+    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
+        self.total = total
+        self.stream = stream
+        self.enabled = stream.isatty() and total > 1
+        self.done = self.skipped = self.failed = 0
+
+    def update(self, outcome: Outcome) -> None:
+        self.done += 1
+        self.skipped += outcome.state == "skipped"
+        self.failed += outcome.state == "failed"
+        if self.enabled:
+            line = f"\r\x1b[K{self.done}/{self.total} done, {self.skipped} skipped, {self.failed} failed"
+            self.stream.write(line)
+            self.stream.flush()
+
+    def clear(self) -> None:
+        if self.enabled:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+    def finish(self) -> None:
+        if self.enabled and self.done:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _outcome_json(o: Outcome) -> dict[str, Any]:
+    out: dict[str, Any] = {"path": str(o.image), "state": o.state, "sidecar": str(o.sidecar) if o.sidecar else None}
+    if o.result is not None:
+        out |= o.result.model_dump()
+    if o.code is not None:
+        out["error"] = {"code": o.code, "message": o.message}
+    return out
+
+
+def _err(message: str) -> None:
+    print(f"phicapctl: {message}", file=sys.stderr)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, ensure_ascii=False))
+
+
+# -- commands -------------------------------------------------------------------------------
+
+
+def _caption_paths(client: ControlClient, args: argparse.Namespace, images: list[Path]) -> int:
+    options = Options(
+        prompt=args.prompt, max_new_tokens=args.max_new_tokens, force=args.force, stdout=args.stdout, jobs=args.jobs
+    )
+    client.caption_timeout = args.caption_timeout
+    sidecar = client.status().sidecar  # the daemon's naming extension and "existing" policy
+    progress = Progress(len(images))
+    many = len(images) > 1
+
+    def report(o: Outcome) -> None:
+        progress.clear()
+        if args.json:
+            _print_json(_outcome_json(o))
+        elif o.state == "failed":
+            _err(o.message or o.code or "failed")
+        elif o.state == "skipped":
+            _err(f"{o.image}: skipped, {o.sidecar} is up to date (--force to caption again)")
+        elif o.result is not None:
+            print(f"{o.image}: {o.result.caption}" if many else o.result.caption, flush=True)
+        progress.update(o)
+
+    outcomes = BatchCaptioner(client, sidecar, options).run(images, report)
+    progress.finish()
+    return batch.exit_code(outcomes)
+
+
+def cmd_caption_file(client: ControlClient, args: argparse.Namespace) -> int:
+    return _caption_paths(client, args, list(args.paths))
+
+
+def cmd_caption_dir(client: ControlClient, args: argparse.Namespace) -> int:
+    if not args.directory.is_dir():
+        _err(f"{args.directory}: not a directory")
+        return batch.EX_NOINPUT
+    images = batch.list_images(args.directory, recursive=args.recursive)
+    if not images:
+        _err(f"{args.directory}: no images")
+        return batch.EX_OK
+    return _caption_paths(client, args, images)
+
+
+def cmd_caption_url(client: ControlClient, args: argparse.Namespace) -> int:
+    client.caption_timeout = args.caption_timeout
+    result = client.caption_url(args.url, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+    if args.output is not None:
+        try:
+            write_sidecar(args.output, result.caption)
+        except OSError as e:
+            _err(f"cannot write {args.output}: {e.strerror or e}")
+            return batch.EX_CANTCREAT
+    if args.json:
+        _print_json(result.model_dump())
+    elif args.output is None:
+        print(result.caption)
+    return batch.EX_OK
+
+
+def _flatten(value: Any) -> str:
+    if isinstance(value, dict):
+        return "  ".join(f"{k}={_flatten(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, list):
+        return f"{len(value)} entries"
+    if value is None:
+        return "-"
+    return str(value)
+
+
+def cmd_status(client: ControlClient, args: argparse.Namespace) -> int:
+    status = client.status().model_dump()
+    if args.json:
+        _print_json(status)
+        return batch.EX_OK
+    width = max(len(k) for k in status)
+    for key, value in status.items():
+        print(f"{key:<{width}}  {_flatten(value)}")
+        if isinstance(value, list):
+            for item in value:
+                print(f"{'':<{width}}  - {_flatten(item)}")
+    return batch.EX_OK
+
+
+def cmd_health(client: ControlClient, args: argparse.Namespace) -> int:
+    ready = client.health()
+    print("ready" if ready else "not ready (the model is loading)")
+    return batch.EX_OK if ready else batch.EX_UNAVAILABLE
+
+
+def cmd_failures(client: ControlClient, args: argparse.Namespace) -> int:
+    rows = client.failures(args.limit)
+    if args.json:
+        _print_json(rows)
+        return batch.EX_OK
+    if not rows:
+        print("no failures")
+    for row in rows:
+        rest = {k: v for k, v in row.items() if k not in ("path", "code")}
+        print(f"{row.get('path', '?')}  {row.get('code', '?')}  {_flatten(rest)}")
+    return batch.EX_OK
+
+
+def cmd_retry(client: ControlClient, args: argparse.Namespace) -> int:
+    # The daemon records absolute paths; make relative ones match.
+    paths = [os.path.abspath(p) for p in args.paths] or None
+    print(f"re-queued {client.retry(paths)}")
+    return batch.EX_OK
+
+
+def cmd_simple(client: ControlClient, args: argparse.Namespace) -> int:
+    action: Callable[[], None] = getattr(client, args.command)
+    action()
+    print("ok")
+    return batch.EX_OK
+
+
+def cmd_metrics(client: ControlClient, args: argparse.Namespace) -> int:
+    sys.stdout.write(client.metrics())
+    return batch.EX_OK
+
+
+def cmd_version(client: ControlClient, args: argparse.Namespace) -> int:
+    print(f"phicapctl {__version__}")
+    daemon = client.version()
+    print(f"phicapd {daemon.version} (api v{daemon.api})")
+    return batch.EX_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version and usage errors
+        return e.code if isinstance(e.code, int) else EX_USAGE
+    client = ControlClient(resolve_socket(args.socket), timeout=args.timeout)
+    try:
+        return args.func(client, args)
+    except DaemonUnreachable as e:
+        _err(e.message)
+        return batch.EX_UNAVAILABLE
+    except RequestRejected as e:
+        _err(f"rejected ({e.code}): {e.message}")
+        return batch.EX_DATAERR
+    except ControlClientError as e:
+        _err(f"failed ({e.code}): {e.message}")
+        return batch.EX_SOFTWARE
+    except ValidationError as e:
+        _err(f"unexpected answer from the daemon: {e}")
+        return batch.EX_SOFTWARE
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Client-side captioning of files: plan, send concurrently, write sidecars.
+
+phicapctl reads every image with the caller's own permissions and writes the sidecar itself;
+the daemon only ever sees bytes (no confused deputy). Naming and the ``existing`` policy are
+the daemon's (``phicapd.pipeline.sidecar``), the policy as ``/v1/status`` reports it, so a file
+captioned by hand looks exactly like one the watcher captioned.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from phicapd.config import DEFAULT_IMAGE_EXTENSIONS
+from phicapd.control.client import ControlClient, ControlClientError, DaemonUnreachable, RequestRejected
+from phicapd.control.protocol import CaptionResult, SidecarInfo
+from phicapd.pipeline.paths import is_ignored_name
+from phicapd.pipeline.sidecar import is_up_to_date, sidecar_for, write_sidecar
+
+# sysexits(3), shared with phicapctl.
+EX_OK = 0
+EX_DATAERR = 65
+EX_NOINPUT = 66
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_CANTCREAT = 73
+
+# When several files fail differently, the exit code reports the most fundamental problem.
+_SEVERITY = (EX_UNAVAILABLE, EX_SOFTWARE, EX_CANTCREAT, EX_NOINPUT, EX_DATAERR)
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    prompt: str | None = None
+    max_new_tokens: int | None = None
+    force: bool = False
+    stdout: bool = False  # print only, write no sidecar
+    jobs: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    image: Path
+    sidecar: Path | None
+    state: Literal["captioned", "skipped", "failed"]
+    result: CaptionResult | None = None
+    code: str | None = None
+    message: str | None = None
+    exit_code: int = EX_OK
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(DEFAULT_IMAGE_EXTENSIONS) and not is_ignored_name(name)
+
+
+def list_images(directory: Path, *, recursive: bool) -> list[Path]:
+    """The images of ``directory`` (hidden directories and partial files left out), sorted."""
+    found: list[Path] = []
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+        found.extend(Path(root) / f for f in sorted(files) if is_image_name(f))
+    return found
+
+
+def exit_code(outcomes: Iterable[Outcome]) -> int:
+    codes = {o.exit_code for o in outcomes}
+    return next((c for c in _SEVERITY if c in codes), EX_OK)
+
+
+class _Siblings:
+    """Image names per directory, listed once: the input ``sidecar_for`` needs."""
+
+    def __init__(self) -> None:
+        self._cache: dict[Path, list[str]] = {}
+
+    def __call__(self, image: Path) -> list[str]:
+        directory = image.parent
+        if directory not in self._cache:
+            try:
+                self._cache[directory] = [n for n in os.listdir(directory) if is_image_name(n)]
+            except OSError:
+                self._cache[directory] = []
+        return self._cache[directory]
+
+
+def _failed(image: Path, sidecar: Path | None, code: str, message: str, exit_code: int) -> Outcome:
+    return Outcome(image, sidecar, "failed", code=code, message=message, exit_code=exit_code)
+
+
+class BatchCaptioner:
+    """Caption many files through one client, ``jobs`` requests in flight so the GPU batches them."""
+
+    def __init__(self, client: ControlClient, sidecar: SidecarInfo, options: Options) -> None:
+        self.client = client
+        self.sidecar = sidecar
+        self.options = options
+        self._siblings = _Siblings()
+        self._unreachable = threading.Event()
+
+    def _plan(self, image: Path) -> Outcome | tuple[Path, Path | None]:
+        """Either a finished outcome (skipped, unreadable) or the work: (image, sidecar)."""
+        try:
+            st = image.stat()
+        except OSError as e:
+            return _failed(image, None, "input_unreadable", f"{image}: {e.strerror}", EX_NOINPUT)
+        if not os.path.isfile(image):
+            return _failed(image, None, "input_unreadable", f"{image}: not a regular file", EX_NOINPUT)
+        if self.options.stdout:
+            return image, None
+        names = self._siblings(image)
+        sidecar = sidecar_for(image, [*names, image.name], self.sidecar.extension)
+        if self.sidecar.existing == "skip" and not self.options.force and is_up_to_date(st, sidecar):
+            return Outcome(image, sidecar, "skipped")
+        if not os.access(image.parent, os.W_OK | os.X_OK):
+            # Refuse before spending GPU time on a caption that could not be saved.
+            return _failed(
+                image,
+                sidecar,
+                "sidecar_unwritable",
+                f"{sidecar}: directory {image.parent} is not writable",
+                EX_CANTCREAT,
+            )
+        return image, sidecar
+
+    def _caption(self, image: Path, sidecar: Path | None) -> Outcome:
+        if self._unreachable.is_set():
+            return _failed(
+                image, sidecar, DaemonUnreachable.code, "not sent: the daemon is unreachable", EX_UNAVAILABLE
+            )
+        try:
+            data = image.read_bytes()
+        except OSError as e:
+            return _failed(image, sidecar, "input_unreadable", f"{image}: {e.strerror}", EX_NOINPUT)
+        try:
+            result = self.client.caption_bytes(
+                data, name=image.name, prompt=self.options.prompt, max_new_tokens=self.options.max_new_tokens
+            )
+        except DaemonUnreachable as e:
+            self._unreachable.set()
+            return _failed(image, sidecar, e.code, e.message, EX_UNAVAILABLE)
+        except ControlClientError as e:
+            code = EX_DATAERR if isinstance(e, RequestRejected) else EX_SOFTWARE
+            return _failed(image, sidecar, e.code, f"{image}: {e.message}", code)
+        if sidecar is not None:
+            try:
+                write_sidecar(sidecar, result.caption)
+            except OSError as e:
+                return Outcome(
+                    image,
+                    sidecar,
+                    "failed",
+                    result=result,
+                    code="sidecar_unwritable",
+                    message=f"cannot write {sidecar}: {e.strerror or e}",
+                    exit_code=EX_CANTCREAT,
+                )
+        return Outcome(image, sidecar, "captioned", result=result)
+
+    def run(self, images: list[Path], on_done: Callable[[Outcome], None] = lambda o: None) -> list[Outcome]:
+        """Caption ``images``; ``on_done`` is called in this thread as each one finishes."""
+        outcomes: list[Outcome] = []
+        for outcome in self._iter(images):
+            outcomes.append(outcome)
+            on_done(outcome)
+        return outcomes
+
+    def _iter(self, images: list[Path]) -> Iterator[Outcome]:
+        work: list[tuple[Path, Path | None]] = []
+        for image in images:
+            planned = self._plan(image)
+            if isinstance(planned, Outcome):
+                yield planned
+            else:
+                work.append(planned)
+        if not work:
+            return
+        with ThreadPoolExecutor(max_workers=max(1, min(self.options.jobs, len(work)))) as pool:
+            futures = [pool.submit(self._caption, image, sidecar) for image, sidecar in work]
+            for future in as_completed(futures):
+                yield future.result()
