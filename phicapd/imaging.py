@@ -98,12 +98,12 @@ def _escalate_bomb_warnings() -> None:
     ``warnings.catch_warnings`` swaps the process-wide filter list and is not thread-safe before
     Python 3.14, so the decode pool cannot use it. Instead one "error" filter for this single
     category is kept in the list: adding it is idempotent and never removes anything, so
-    concurrent calls cannot race each other. It is re-added if someone reset the filters
-    (pytest does per test). The authoritative limit is still ``_check_pixels`` below, which
-    refuses oversized images from their header alone; this only covers the sizes Pillow checks
-    internally (GIF frames, TIFF tiles).
+    concurrent calls cannot race each other. It is moved back to the front if someone reset
+    or shadowed the filters (pytest does per test). The authoritative limit is still
+    ``_check_pixels`` below, which refuses oversized images from their header alone; this
+    covers the sizes Pillow checks inside its plugins (GIF frames, TIFF tiles).
     """
-    if _BOMB_FILTER not in warnings.filters:
+    if warnings.filters[:1] != [_BOMB_FILTER]:
         warnings.filterwarnings("error", category=Image.DecompressionBombWarning)
 
 
@@ -111,7 +111,22 @@ def _fail(name: str, code: str, detail: str, *, retryable: bool = False) -> Imag
     return ImageError(f"{name}: {detail}", code=code, retryable=retryable)
 
 
+# Leading bytes of allowed formats, to tell "a variant Pillow cannot parse" from "not an image".
+_ALLOWED_SIGNATURES = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG", "PNG"),
+    (b"GIF8", "GIF"),
+    (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"RIFF", "WEBP"),
+)
+
+
 def _describe_unknown(data: bytes) -> str:
+    for signature, kind in _ALLOWED_SIGNATURES:
+        if data.startswith(signature):
+            return f"looks like {kind} but its header is incomplete or an unsupported variant"
     head = data[:16].lstrip()
     for signature, kind in _REFUSED_SIGNATURES:
         if head.startswith(signature):
