@@ -1,0 +1,202 @@
+"""The server survives load and hostile clients, and keeps serving afterwards."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from phicapd.config import ControlSettings
+from phicapd.control.client import ControlClient, RequestRejected
+from phicapd.control.server import ControlServer
+
+
+def raw_exchange(path: Path, data: bytes, *, timeout: float = 5.0) -> bytes:
+    """Send ``data`` and read until the server closes or goes quiet; b"" if it reset us."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(str(path))
+    out = b""
+    try:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        while chunk := s.recv(65536):
+            out += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    finally:
+        s.close()
+    return out
+
+
+def status_line(reply: bytes) -> str:
+    return reply.split(b"\r\n", 1)[0].decode()
+
+
+def error_code(reply: bytes) -> str:
+    return json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"]
+
+
+def assert_serving(path: Path) -> None:
+    with ControlClient(path, timeout=5) as client:
+        assert client.status().state == "ready"
+
+
+def test_64_clients_x_100_status_calls(server: ControlServer, settings: ControlSettings) -> None:
+    errors: list[BaseException] = []
+
+    def worker() -> int:
+        ok = 0
+        with ControlClient(settings.socket, timeout=10) as client:
+            for _ in range(100):
+                try:
+                    assert client.status().state == "ready"
+                    ok += 1
+                except BaseException as e:
+                    errors.append(e)
+        return ok
+
+    with ThreadPoolExecutor(64) as pool:
+        results = list(pool.map(lambda _: worker(), range(64)))
+    assert errors == []
+    assert sum(results) == 6400
+
+
+def test_huge_header_line_is_refused(server: ControlServer, settings: ControlSettings) -> None:
+    head = b"GET /v1/status HTTP/1.1\r\nX-Big: " + b"a" * (1024 * 1024) + b"\r\n\r\n"
+    reply = raw_exchange(settings.socket, head)
+    assert reply == b"" or status_line(reply) == "HTTP/1.1 431 Request Header Fields Too Large"
+    assert reply, "expected a 431 answer, not a reset"
+    assert error_code(reply) == "headers_too_large"
+    assert_serving(settings.socket)
+
+
+def test_body_over_the_cap_is_refused_before_reading(server: ControlServer, settings: ControlSettings) -> None:
+    head = f"POST /v1/caption HTTP/1.1\r\nContent-Length: {settings.max_body_bytes + 1}\r\n\r\n".encode()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(str(settings.socket))
+    s.sendall(head)  # no body at all: the answer must not wait for it
+    reply = s.recv(65536)
+    s.close()
+    assert status_line(reply).split(" ")[1] == "413"
+    assert error_code(reply) == "payload_too_large"
+    assert_serving(settings.socket)
+
+
+def test_client_sending_a_big_body_gets_the_413(
+    server: ControlServer, settings: ControlSettings, backend: object
+) -> None:
+    with ControlClient(settings.socket) as client, pytest.raises(RequestRejected) as exc:
+        client.caption_bytes(b"\x89PNG" + b"x" * (4 * settings.max_body_bytes), name="big.png")
+    assert exc.value.status == 413
+    assert exc.value.code == "payload_too_large"
+    assert_serving(settings.socket)
+
+
+def test_slowloris_is_cut_off(sock_dir: Path, backend: object) -> None:
+    settings = ControlSettings(socket=sock_dir / "slow.sock", request_timeout_seconds=1.5)
+    with ControlServer(settings, backend) as _:  # type: ignore[arg-type]
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(settings.socket))
+        stop = threading.Event()
+
+        def trickle() -> None:
+            for byte in b"GET /v1/status HTTP/1.1\r\nHost: x\r\n\r\n":
+                if stop.wait(1.0):
+                    return
+                try:
+                    s.send(bytes([byte]))
+                except OSError:
+                    return
+
+        sender = threading.Thread(target=trickle)
+        started = time.monotonic()
+        sender.start()
+        s.settimeout(6)
+        reply = s.recv(65536)
+        elapsed = time.monotonic() - started
+        stop.set()
+        sender.join()
+        s.close()
+        assert status_line(reply) == "HTTP/1.1 408 Request Timeout"
+        assert 1.2 < elapsed < 4
+        # A well-behaved client was served meanwhile and still is.
+        assert_serving(settings.socket)
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"\x00\xff\xfe garbage \x01\x02\r\n\r\n", "400"),
+        (b"GET\r\n\r\n", "400"),
+        (b"GET /v1/status HTTP/9.9\r\n\r\n", "505"),
+        (b"GET /v1/status HTTP/1.1\r\nno colon here\r\n\r\n", "400"),
+        (b"POST /v1/caption HTTP/1.1\r\nContent-Length: -5\r\n\r\n", "400"),
+        (b"POST /v1/caption HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", "400"),
+        (b"POST /v1/caption HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "411"),
+        (b"POST /v1/caption-url HTTP/1.1\r\nContent-Length: 5\r\n\r\n{nope", "400"),
+        (b"POST /v1/caption-url HTTP/1.1\r\nContent-Length: 2\r\n\r\n[]", "400"),
+        (b'POST /v1/caption-url HTTP/1.1\r\nContent-Length: 11\r\n\r\n{"url": 42}', "400"),
+        (b"GET /v1/failures?limit=abc HTTP/1.1\r\n\r\n", "400"),
+        (b"POST /v1/caption?max_new_tokens=0 HTTP/1.1\r\nContent-Length: 4\r\n\r\n\x89PNG", "400"),
+        (b"POST /v1/caption HTTP/1.1\r\nContent-Length: 0\r\n\r\n", "400"),
+        (b"DELETE /v1/status HTTP/1.1\r\n\r\n", "405"),
+        (b"GET /v1/caption HTTP/1.1\r\n\r\n", "405"),
+        (b"GET /v2/status HTTP/1.1\r\n\r\n", "404"),
+        (b"GET /v1/status HTTP/1.1\r\nX-Half: header", ""),  # closed mid-head
+    ],
+)
+def test_malformed_requests_get_an_error(
+    server: ControlServer, settings: ControlSettings, data: bytes, status: str
+) -> None:
+    reply = raw_exchange(settings.socket, data)
+    if status:
+        assert status_line(reply).split(" ")[1] == status, reply[:300]
+        json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]["code"]  # a JSON error body
+    assert_serving(settings.socket)
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(server: ControlServer, settings: ControlSettings) -> None:
+    req = b"GET /v1/version HTTP/1.1\r\nHost: phicapd\r\n\r\n"
+    reply = raw_exchange(settings.socket, req * 3 + b"GET /v1/health HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert reply.count(b"HTTP/1.1 200 OK") == 4
+    assert reply.rstrip().endswith(b'{"ready":true}')
+
+
+def test_expect_100_continue(server: ControlServer, settings: ControlSettings) -> None:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(str(settings.socket))
+    s.sendall(b"POST /v1/caption?name=a.png HTTP/1.1\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+    assert s.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    s.sendall(b"\x89PNG")
+    reply = s.recv(65536)
+    s.close()
+    assert status_line(reply) == "HTTP/1.1 200 OK"
+
+
+def test_connections_beyond_the_cap_get_503(sock_dir: Path, backend: object) -> None:
+    settings = ControlSettings(socket=sock_dir / "cap.sock", max_connections=2)
+    with ControlServer(settings, backend) as _:  # type: ignore[arg-type]
+        idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
+        for s in idle:
+            s.connect(str(settings.socket))
+        time.sleep(0.3)  # let the server admit both
+        reply = raw_exchange(settings.socket, b"GET /v1/status HTTP/1.1\r\n\r\n")
+        assert status_line(reply) == "HTTP/1.1 503 Service Unavailable"
+        assert error_code(reply) == "busy"
+        for s in idle:
+            s.close()
+        deadline = time.monotonic() + 3
+        while True:  # the slots free up as soon as the server sees the closes
+            reply = raw_exchange(settings.socket, b"GET /v1/status HTTP/1.1\r\n\r\n")
+            if status_line(reply).endswith("200 OK") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert status_line(reply) == "HTTP/1.1 200 OK"
