@@ -1,0 +1,304 @@
+"""Find a checkpoint (local directory or Hugging Face cache) and load it into the native model.
+
+Microsoft's safetensors are loaded unchanged: the language-model keys already match
+``Phi3ForCausalLM``; vision keys get their prefix swapped (phi3v.md §2). The model is built on
+the meta device and each tensor is read straight onto the target device in the target dtype,
+so a 4B model never exists twice in memory and never gets a random init.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from phicapd.config import ModelSettings
+from phicapd.errors import ConfigError, PhicapError
+from phicapd.model.configuration import Phi3VConfig, read_config
+from phicapd.model.modeling import Phi3VForCausalLM
+
+log = logging.getLogger(__name__)
+
+# What `download-model` fetches: weights, configs, tokenizer. Never code (*.py).
+DOWNLOAD_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "model.safetensors.index.json",
+    "*.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+]
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+VISION_PREFIX = "model.vision_embed_tokens."
+CLIP_PREFIX = VISION_PREFIX + "img_processor."
+PROJECTOR_KEYS = ("sub_GN", "glb_GN", "img_projection.")
+
+
+class CheckpointError(PhicapError):
+    """The checkpoint on disk does not match the model (missing, unexpected or misshapen keys)."""
+
+    code = "model_checkpoint_invalid"
+
+
+# -- where the files are ---------------------------------------------------------------------
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    env = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
+    return bool(constants.HF_HUB_OFFLINE) or any(v.upper() in ("1", "ON", "YES", "TRUE") for v in env)
+
+
+def download_model(settings: ModelSettings, *, progress: bool = True) -> Path:
+    """Fetch ``settings.id`` at ``settings.revision`` into the HF cache (``HF_HOME``); return its dir.
+
+    Only weights, configs and tokenizer files are downloaded; remote code is never fetched.
+    A configured local ``path`` is returned as is.
+    """
+    if settings.path is not None:
+        return _check_dir(settings.path)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    if not progress:
+        disable_progress_bars()
+    try:
+        path = snapshot_download(
+            settings.id,
+            revision=settings.revision,
+            allow_patterns=DOWNLOAD_PATTERNS,
+            ignore_patterns=["*.py"],
+            local_files_only=_offline(),
+        )
+    except Exception as e:  # hub errors are many classes; all mean "could not get the model"
+        hint = " (offline mode is on: the model must already be in the cache)" if _offline() else ""
+        raise ConfigError(f"cannot fetch model {settings.id}@{settings.revision}{hint}: {e}") from None
+    finally:
+        if not progress:
+            enable_progress_bars()
+    return _check_dir(Path(path))
+
+
+def resolve_model_dir(settings: ModelSettings) -> Path:
+    """The local directory to load: ``[model] path``, else the cached (or fetched) hub snapshot."""
+    if settings.path is not None:
+        return _check_dir(settings.path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(
+            settings.id, revision=settings.revision, allow_patterns=DOWNLOAD_PATTERNS, local_files_only=True
+        )
+        return _check_dir(Path(path))
+    except Exception:
+        if _offline():
+            raise ConfigError(
+                f"model {settings.id}@{settings.revision} is not in the Hugging Face cache and offline "
+                "mode is on; run `phicapd download-model` first"
+            ) from None
+    log.info("model %s@%s not cached; downloading", settings.id, settings.revision)
+    return download_model(settings)
+
+
+def _check_dir(path: Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"model path {path} is not a directory")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"model path {path} has no config.json")
+    return path
+
+
+# -- device and dtype ------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto" is the first CUDA GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"model.device {name!r} is not a valid torch device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"model.device is {name!r} but CUDA is not available")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """ "auto" is bf16 on a GPU (fp16 where bf16 is unsupported) and fp32 on the CPU."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def resolve_attn_implementation(name: str, device: torch.device) -> str:
+    if name != "flash_attention_2":
+        return name
+    from transformers.utils import is_flash_attn_2_available
+
+    if device.type == "cuda" and is_flash_attn_2_available():
+        return name
+    log.warning("flash_attention_2 requested but flash-attn is not usable here; using sdpa")
+    return "sdpa"
+
+
+# -- checkpoint keys -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """How checkpoint keys become model keys for one model instance."""
+
+    clip_prefix: str  # the tower's own prefix for CLIP keys ("vision_model." or "")
+    clip_layers: int  # encoder layers the tower keeps (layers after the feature layer are skipped)
+
+    def target(self, key: str) -> str | None:
+        """The model key for a checkpoint key; None when the key is deliberately not loaded."""
+        if key.startswith(CLIP_PREFIX):
+            rest = key[len(CLIP_PREFIX) :].removeprefix("vision_model.")
+            if rest.startswith("encoder.layers.") and int(rest.split(".")[2]) >= self.clip_layers:
+                return None  # computed and discarded by the reference
+            return f"vision_tower.{self.clip_prefix}{rest}"
+        if key.startswith(VISION_PREFIX):
+            rest = key[len(VISION_PREFIX) :]
+            return rest if rest.startswith(PROJECTOR_KEYS) else f"unexpected:{key}"
+        if key.startswith(("model.", "lm_head.")):
+            return f"language_model.{key}"
+        return f"unexpected:{key}"
+
+
+def key_map_for(model: Phi3VForCausalLM) -> KeyMap:
+    keys = model.vision_tower.state_dict().keys()
+    prefix = "vision_model." if any(k.startswith("vision_model.") for k in keys) else ""
+    return KeyMap(clip_prefix=prefix, clip_layers=model.vision_tower.config.num_hidden_layers)
+
+
+def checkpoint_files(model_dir: Path) -> dict[str, Path]:
+    """Checkpoint key -> shard path, from the safetensors index (or the single-file checkpoint)."""
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise CheckpointError(f"cannot read {index}: {e}") from None
+        files = {key: model_dir / shard for key, shard in weight_map.items()}
+        missing = sorted({str(p) for p in files.values() if not p.is_file()})
+        if missing:
+            raise CheckpointError(f"{index} lists shards that do not exist: {', '.join(missing)}")
+        return files
+    single = model_dir / SINGLE_FILE
+    if single.is_file():
+        with safe_open(str(single), framework="pt") as f:
+            return {key: single for key in f.keys()}  # noqa: SIM118 - safe_open is not a Mapping
+    raise CheckpointError(f"{model_dir} has neither {INDEX_FILE} nor {SINGLE_FILE}")
+
+
+def _shape_listing(names: Iterable[str], limit: int = 20) -> str:
+    names = sorted(names)
+    more = f" (and {len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def plan_load(model: Phi3VForCausalLM, checkpoint_keys: Iterable[str]) -> dict[str, str]:
+    """Checkpoint key -> model key for every tensor to load; raise listing every mismatch."""
+    mapping = key_map_for(model)
+    plan: dict[str, str] = {}
+    for key in checkpoint_keys:
+        target = mapping.target(key)
+        if target is None:
+            continue
+        plan[key] = target
+    expected = set(model.state_dict().keys())
+    unexpected = [k for k, t in plan.items() if t not in expected]
+    missing = expected - set(plan.values())
+    if missing or unexpected:
+        lines = ["checkpoint does not match Phi-3.5-vision:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {_shape_listing(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_shape_listing(unexpected)}")
+        raise CheckpointError("\n".join(lines))
+    return plan
+
+
+# -- building and loading --------------------------------------------------------------------
+
+
+def build_model(config: Phi3VConfig, attn_implementation: str) -> Phi3VForCausalLM:
+    """The model on the meta device: shapes only, no memory, no init."""
+    config.text._attn_implementation = attn_implementation
+    config.vision._attn_implementation = attn_implementation
+    with torch.device("meta"):
+        return Phi3VForCausalLM(config)
+
+
+def _restore_buffers(model: Phi3VForCausalLM, device: torch.device) -> None:
+    """Recreate the non-persistent buffers (not in any checkpoint) on the real device."""
+    lm = model.language_model.model
+    lm.rotary_emb = type(lm.rotary_emb)(config=model.language_model.config).to(device)
+    for module in model.vision_tower.modules():
+        if hasattr(module, "position_ids") and module.position_ids.is_meta:
+            module.position_ids = torch.arange(module.num_positions, device=device).expand(1, -1)
+    leftover = [n for n, b in model.named_buffers() if b.is_meta]
+    if leftover:
+        raise PhicapError(f"internal: buffers not initialised after loading: {', '.join(leftover)}")
+    model.use_rowwise_rope()
+
+
+def load_model(
+    model_dir: Path,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    attn_implementation: str = "sdpa",
+) -> Phi3VForCausalLM:
+    """Load a checkpoint directory in Microsoft's layout; every weight lands on ``device`` as ``dtype``."""
+    config = read_config(model_dir)
+    model = build_model(config, attn_implementation)
+    files = checkpoint_files(model_dir)
+    plan = plan_load(model, files)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    by_file: dict[Path, list[str]] = {}
+    for key in plan:
+        by_file.setdefault(files[key], []).append(key)
+    state: dict[str, torch.Tensor] = {}
+    bad_shapes: list[str] = []
+    for path, keys in by_file.items():
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            for key in keys:
+                tensor = f.get_tensor(key)
+                target = plan[key]
+                if tensor.shape != expected[target]:
+                    bad_shapes.append(f"{key} {tuple(tensor.shape)} != {tuple(expected[target])}")
+                    continue
+                state[target] = tensor.to(dtype)
+    if bad_shapes:
+        raise CheckpointError("checkpoint tensors have the wrong shape: " + "; ".join(bad_shapes))
+    model.load_state_dict(state, strict=True, assign=True)
+    _restore_buffers(model, device)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_from_settings(settings: ModelSettings) -> tuple[Phi3VForCausalLM, Path]:
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    attn = resolve_attn_implementation(settings.attn_implementation, device)
+    model_dir = resolve_model_dir(settings)
+    return load_model(model_dir, device=device, dtype=dtype, attn_implementation=attn), model_dir
