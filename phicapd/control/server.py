@@ -66,23 +66,22 @@ class ControlServer:
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
         self._accept_thread: threading.Thread | None = None
+        self._path: Path | None = None
         self._statuses: Counter[int] = Counter()
         self._rejected = 0
 
     @property
     def socket_path(self) -> Path | None:
-        if self._bound is not None:
-            return self._bound.path
-        if self._listen is not None:
-            name = self._listen.getsockname()
-            return Path(name) if isinstance(name, str) and name else None
-        return None
+        """Where clients connect: the bound path, or the name of the socket systemd passed."""
+        return self._path
 
     def start(self) -> None:
         if self._listen is not None:
             raise RuntimeError("control server already started")
         if self._inherited is not None:
             self._listen = self._inherited
+            name = self._listen.getsockname()
+            self._path = Path(name) if isinstance(name, str) and name else None
         else:
             self._bound = bind_unix_socket(
                 self.settings.socket,
@@ -90,6 +89,7 @@ class ControlServer:
                 backlog=min(4096, max(128, self.settings.max_connections)),
             )
             self._listen = self._bound.sock
+            self._path = self._bound.path
         self._listen.setblocking(False)
         self._accept_thread = threading.Thread(target=self._accept_loop, name="phicapd-control", daemon=True)
         self._accept_thread.start()

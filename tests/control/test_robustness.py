@@ -14,6 +14,7 @@ import pytest
 from phicapd.config import ControlSettings
 from phicapd.control.client import ControlClient, RequestRejected
 from phicapd.control.server import ControlServer
+from tests.control.fakes import FakeBackend
 
 
 def raw_exchange(path: Path, data: bytes, *, timeout: float = 5.0) -> bytes:
@@ -90,7 +91,7 @@ def test_body_over_the_cap_is_refused_before_reading(server: ControlServer, sett
 
 
 def test_client_sending_a_big_body_gets_the_413(
-    server: ControlServer, settings: ControlSettings, backend: object
+    server: ControlServer, settings: ControlSettings, backend: FakeBackend
 ) -> None:
     with ControlClient(settings.socket) as client, pytest.raises(RequestRejected) as exc:
         client.caption_bytes(b"\x89PNG" + b"x" * (4 * settings.max_body_bytes), name="big.png")
@@ -99,9 +100,9 @@ def test_client_sending_a_big_body_gets_the_413(
     assert_serving(settings.socket)
 
 
-def test_slowloris_is_cut_off(sock_dir: Path, backend: object) -> None:
+def test_slowloris_is_cut_off(sock_dir: Path, backend: FakeBackend) -> None:
     settings = ControlSettings(socket=sock_dir / "slow.sock", request_timeout_seconds=1.5)
-    with ControlServer(settings, backend) as _:  # type: ignore[arg-type]
+    with ControlServer(settings, backend):
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(str(settings.socket))
         stop = threading.Event()
@@ -181,9 +182,9 @@ def test_expect_100_continue(server: ControlServer, settings: ControlSettings) -
     assert status_line(reply) == "HTTP/1.1 200 OK"
 
 
-def test_connections_beyond_the_cap_get_503(sock_dir: Path, backend: object) -> None:
+def test_connections_beyond_the_cap_get_503(sock_dir: Path, backend: FakeBackend) -> None:
     settings = ControlSettings(socket=sock_dir / "cap.sock", max_connections=2)
-    with ControlServer(settings, backend) as _:  # type: ignore[arg-type]
+    with ControlServer(settings, backend):
         idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
         for s in idle:
             s.connect(str(settings.socket))

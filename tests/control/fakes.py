@@ -1,0 +1,87 @@
+"""A deterministic ControlBackend for the control tests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from phicapd.control.backend import CaptionReply
+from phicapd.errors import CaptionError, FetchError, ImageError
+
+# Images the fake accepts start with this; "BAD" bytes are rejected, "FAIL" bytes fail.
+GOOD_MAGIC = b"\x89PNG"
+
+
+class FakeBackend:
+    """Captions bytes deterministically and records what it was sent."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.ready.set()
+        self.received: list[tuple[str, bytes]] = []
+        self.paused = False
+        self.rescans = 0
+        self.retried: list[list[str] | None] = []
+        self.existing = "skip"
+        self.delay = 0.0
+        self._lock = threading.Lock()
+
+    def is_ready(self) -> bool:
+        return self.ready.is_set()
+
+    def wait_ready(self, timeout: float) -> bool:
+        return self.ready.wait(timeout)
+
+    def caption_bytes(
+        self, data: bytes, *, name: str, prompt: str | None, max_new_tokens: int | None, timeout: float
+    ) -> CaptionReply:
+        with self._lock:
+            self.received.append((name, data))
+        if self.delay:
+            time.sleep(self.delay)
+        if data.startswith(b"BAD"):
+            raise ImageError(f"{name}: not an image", code="image_unsupported")
+        if data.startswith(b"FAIL"):
+            raise CaptionError("the model failed", code="caption_failed", retryable=False)
+        text = f"caption of {name} ({len(data)} bytes)"
+        if prompt:
+            text += f" for {prompt!r}"
+        return CaptionReply(text=text, new_tokens=max_new_tokens or 7, model="fake@1", seconds=0.01)
+
+    def caption_url(self, url: str, *, prompt: str | None, max_new_tokens: int | None, timeout: float) -> CaptionReply:
+        if "refused" in url:
+            raise FetchError(f"{url}: address not allowed", code="url_address_refused")
+        return CaptionReply(text=f"caption of {url}", new_tokens=5, model="fake@1", seconds=0.02, url=url)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": "ready" if self.is_ready() else "loading",
+            "model": {"id": "fake", "resident": self.is_ready()},
+            "lanes": {"interactive": 0, "background": 3},
+            "journal": {"pending": 3, "failed": 1},
+            "throughput": {"images_per_second": 1.5},
+            "recent_failures": [],
+            "gpu": None,
+            "sidecar": {"extension": ".txt", "existing": self.existing},
+        }
+
+    def failures(self, limit: int) -> list[dict[str, Any]]:
+        rows = [{"path": f"/srv/photos/{i}.jpg", "code": "image_truncated", "attempts": 3} for i in range(3)]
+        return rows[:limit]
+
+    def retry(self, paths: list[str] | None) -> int:
+        self.retried.append(paths)
+        return 3 if paths is None else len(paths)
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def rescan(self) -> None:
+        self.rescans += 1
+
+    def metrics(self) -> str:
+        return "# TYPE phicapd_images_total counter\nphicapd_images_total 42\n"
