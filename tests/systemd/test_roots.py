@@ -1,0 +1,87 @@
+"""check_roots_writable: each failure is real even for root, and names the root."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from phicapd.config import Settings, WatchRoot
+from phicapd.errors import ConfigError
+from phicapd.systemd import check_roots_writable
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _settings(*roots: Path) -> Settings:
+    return Settings(watch=[WatchRoot(path=root) for root in roots])
+
+
+def test_writable_roots_pass_and_leave_no_probe_behind(tmp_path: Path) -> None:
+    roots = [tmp_path / "a", tmp_path / "b c"]
+    for root in roots:
+        root.mkdir()
+    check_roots_writable(_settings(*roots))
+    assert [list(root.iterdir()) for root in roots] == [[], []]
+
+
+def test_no_roots_is_fine() -> None:
+    check_roots_writable(Settings())
+
+
+def test_a_missing_root_is_named(tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    good.mkdir()
+    missing = tmp_path / "not here"
+    with pytest.raises(ConfigError, match=f"watch root {missing} does not exist"):
+        check_roots_writable(_settings(good, missing))
+
+
+def test_a_file_is_not_a_root(tmp_path: Path) -> None:
+    file = tmp_path / "photo.jpg"
+    file.write_bytes(b"x")
+    with pytest.raises(ConfigError, match=f"watch root {file} is not a directory"):
+        check_roots_writable(_settings(file))
+
+
+PROBE = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from phicapd.config import Settings, WatchRoot
+    from phicapd.errors import ConfigError, EX_CONFIG
+    from phicapd.systemd import check_roots_writable
+    try:
+        check_roots_writable(Settings(watch=[WatchRoot(path=Path(p)) for p in sys.argv[1:]]))
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        sys.exit(EX_CONFIG)
+    """
+)
+
+
+def test_a_read_only_mount_is_unwritable_even_for_root(tmp_path: Path) -> None:
+    """What ProtectSystem=strict does to an unlisted root: a read-only bind mount (private
+    mount namespace, so nothing outside the child process sees it)."""
+    if shutil.which("unshare") is None or shutil.which("mount") is None:
+        pytest.skip("needs unshare(1) and mount(8)")
+    good, readonly = tmp_path / "good", tmp_path / "read only"
+    good.mkdir()
+    readonly.mkdir()
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" || exit 77; shift; exec "$@"'
+    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(readonly)]
+    argv += [sys.executable, "-c", PROBE, str(good), str(readonly)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    if result.returncode == 77 or "unshare failed" in result.stderr or "Operation not permitted" in result.stderr:
+        pytest.skip(f"no private read-only mount here: {result.stderr.strip()}")
+    assert result.returncode == 78, result.stderr
+    assert f"watch root {readonly} is not writable" in result.stderr
+    assert "Read-only file system" in result.stderr
+    assert str(good) not in result.stderr.replace(str(readonly), "")
+    assert list(readonly.iterdir()) == []
