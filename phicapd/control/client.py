@@ -157,6 +157,8 @@ class ControlClient:
             reused = conn.sock is not None
             if not reused:
                 self._open(conn)
+            assert conn.sock is not None
+            conn.sock.settimeout(conn.timeout)  # http.client applies its timeout only at connect
             try:
                 response = self._roundtrip(conn, method, url, body, headers)
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as e:

@@ -212,6 +212,11 @@ class ControlServer:
             resp = self._exchange(wire, req, deadline)
             close = not req.keep_alive
         except HttpError as e:
+            if req is None and e.status == 408 and not wire.has_pending:
+                # An idle connection: close it quietly. A 408 here could be read by the client
+                # as the answer to the request it is just sending on this kept-alive connection.
+                wire.sock.close()
+                return False
             headers = self._router.allow_header(req.path) if req is not None and e.status == 405 else ()
             resp = error_response(e.status, e.code, e.message, retryable=e.status == 408, headers=headers)
             # An unread body would be parsed as the next request: such a connection must close.

@@ -68,6 +68,11 @@ class Connection:
         self.max_header_bytes = max_header_bytes
         self._buf = bytearray()
 
+    @property
+    def has_pending(self) -> bool:
+        """Bytes of a request that is not complete yet (False between requests)."""
+        return bool(self._buf)
+
     def _recv(self, deadline: float) -> bytes:
         remaining = deadline - time.monotonic()
         if remaining <= 0:

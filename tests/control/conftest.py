@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from phicapd.config import ControlSettings
 from phicapd.control.server import ControlServer
 from tests.control.fakes import FakeBackend
+
+
+@pytest.fixture(autouse=True)
+def _logs_to_stderr() -> Iterator[None]:
+    """The server logs every request; keep that off stdout, where phicapctl prints captions."""
+    saved = structlog.get_config()
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    yield
+    structlog.configure(**saved)
 
 
 @pytest.fixture

@@ -53,6 +53,24 @@ def test_backend_errors_keep_their_code(
     assert (exc.value.status, exc.value.code) == (status, code)  # type: ignore[attr-defined]
 
 
+def test_long_caption_on_a_reused_connection(sock_dir: Path, backend: FakeBackend) -> None:
+    """The caption timeout applies even when the connection was opened with the short one."""
+    backend.delay = 0.5
+    settings = ControlSettings(socket=sock_dir / "c.sock")
+    with ControlServer(settings, backend), ControlClient(settings.socket, timeout=0.2, caption_timeout=5) as c:
+        assert c.status().state == "ready"
+        assert c.caption_bytes(b"\x89PNG", name="slow.png").caption.startswith("caption of slow.png")
+        assert c.status().state == "ready"
+
+
+def test_idle_keep_alive_connection_is_closed_quietly(sock_dir: Path, backend: FakeBackend) -> None:
+    settings = ControlSettings(socket=sock_dir / "c.sock", request_timeout_seconds=0.3)
+    with ControlServer(settings, backend), ControlClient(settings.socket) as c:
+        assert c.version().api == 1
+        time.sleep(0.6)  # the server has dropped the idle connection; the client reconnects
+        assert c.version().api == 1
+
+
 def test_refused_url_is_rejected(client: ControlClient) -> None:
     with pytest.raises(RequestRejected) as exc:
         client.caption_url("http://refused.example/")

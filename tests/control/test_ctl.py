@@ -1,0 +1,274 @@
+"""phicapctl end to end against a live server with the fake backend."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from phicapd.cli.ctl import main, resolve_socket
+from phicapd.config import ControlSettings
+from phicapd.control.server import ControlServer
+from tests.control.fakes import GOOD_MAGIC, FakeBackend
+
+REPO = Path(__file__).resolve().parents[2]
+NOBODY = 65534
+
+# The interpreter lives under /root (0700), so the child imports everything as root and only
+# then drops to nobody: from there on it has exactly an unprivileged user's file access.
+_AS_NOBODY = f"""
+import os, sys
+import phicapd.cli.ctl as ctl
+os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
+sys.exit(ctl.main(sys.argv[1:]))
+"""
+
+
+def ctl(socket: Path, *args: str) -> int:
+    return main(["--socket", str(socket), *args])
+
+
+def run_as_nobody(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _AS_NOBODY, *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def image(path: Path, payload: bytes = b"pixels") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(GOOD_MAGIC + payload)
+    return path
+
+
+@pytest.fixture
+def sock(server: ControlServer, settings: ControlSettings) -> Path:
+    return settings.socket
+
+
+# -- another user's files: the bytes travel, the daemon never opens a path ----------------------
+
+
+@pytest.fixture
+def group_server(sock_dir: Path, backend: FakeBackend) -> Iterator[Path]:
+    """A server whose socket nobody may use through the group, as with the systemd unit."""
+    sock_dir.chmod(0o711)
+    settings = ControlSettings(socket=sock_dir / "ctl.sock", socket_group="nogroup")
+    with ControlServer(settings, backend):
+        yield settings.socket
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_caption_file_readable_only_by_the_client(group_server: Path, sock_dir: Path, backend: FakeBackend) -> None:
+    private = sock_dir / "private"
+    photo = image(private / "photo.jpg", b"secret pixels")
+    for p in (private, photo):
+        os.chown(p, NOBODY, NOBODY)
+    private.chmod(0o700)
+    photo.chmod(0o600)
+
+    done = run_as_nobody("--socket", str(group_server), "caption-file", str(photo))
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"caption of photo.jpg ({len(GOOD_MAGIC) + 13} bytes)\n"
+    assert backend.received == [("photo.jpg", GOOD_MAGIC + b"secret pixels")]
+    sidecar = private / "photo.txt"
+    assert sidecar.read_text() == done.stdout
+    assert sidecar.stat().st_uid == NOBODY  # written by the client, not by the daemon
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_directory_the_client_cannot_write(group_server: Path, sock_dir: Path, backend: FakeBackend) -> None:
+    locked = sock_dir / "locked"  # root's, 0755: nobody can read it but not write to it
+    locked_photo = image(locked / "a.jpg")
+    locked.chmod(0o755)
+    writable = sock_dir / "mine"
+    ok_photo = image(writable / "b.jpg")
+    for p in (writable, ok_photo):
+        os.chown(p, NOBODY, NOBODY)
+
+    done = run_as_nobody("--socket", str(group_server), "caption-file", str(locked_photo), str(ok_photo))
+
+    assert done.returncode == 73, done.stderr
+    assert f"{locked / 'a.txt'}: directory {locked} is not writable" in done.stderr
+    assert not (locked / "a.txt").exists()
+    assert (writable / "b.txt").read_text() == "caption of b.jpg (10 bytes)\n"  # the other file went on
+    assert [name for name, _ in backend.received] == ["b.jpg"]  # no GPU time for an unsavable caption
+
+
+def test_sidecar_write_failure_is_reported_and_others_continue(sock: Path, tmp_path: Path, capsys) -> None:
+    bad = image(tmp_path / "bad" / "a.jpg")
+    (tmp_path / "bad" / "a.txt").mkdir()  # the sidecar path is taken by a directory
+    good = image(tmp_path / "good" / "b.jpg")
+
+    assert ctl(sock, "caption-file", "--force", str(bad), str(good)) == 73
+
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'bad' / 'a.txt'}: Is a directory" in err
+    assert (tmp_path / "good" / "b.txt").exists()
+
+
+# -- sidecar naming and the existing policy -----------------------------------------------------
+
+
+def test_naming_matches_the_daemon(sock: Path, tmp_path: Path, capsys) -> None:
+    jpg, png = image(tmp_path / "a.jpg"), image(tmp_path / "a.png")
+    assert ctl(sock, "caption-file", str(png), str(jpg)) == 0
+    assert (tmp_path / "a.txt").read_text() == "caption of a.jpg (10 bytes)\n"
+    assert (tmp_path / "a.png.txt").read_text() == "caption of a.png (10 bytes)\n"
+    out = capsys.readouterr().out
+    assert f"{jpg}: caption of a.jpg (10 bytes)\n" in out
+
+
+def test_up_to_date_sidecar_is_kept_unless_forced(sock: Path, tmp_path: Path, backend: FakeBackend, capsys) -> None:
+    photo = image(tmp_path / "p.jpg")
+    (tmp_path / "p.txt").write_text("hand-edited\n")
+    assert ctl(sock, "caption-file", str(photo)) == 0
+    assert backend.received == []
+    assert (tmp_path / "p.txt").read_text() == "hand-edited\n"
+    assert "skipped" in capsys.readouterr().err
+
+    assert ctl(sock, "caption-file", "--force", str(photo)) == 0
+    assert (tmp_path / "p.txt").read_text() == "caption of p.jpg (10 bytes)\n"
+
+
+def test_older_sidecar_and_overwrite_policy(sock: Path, tmp_path: Path, backend: FakeBackend) -> None:
+    photo = image(tmp_path / "p.jpg")
+    sidecar = tmp_path / "p.txt"
+    sidecar.write_text("old\n")
+    os.utime(sidecar, (time.time() - 100, time.time() - 100))  # older than its image
+    assert ctl(sock, "caption-file", str(photo)) == 0
+    assert sidecar.read_text().startswith("caption of")
+
+    sidecar.write_text("fresh but unwanted\n")
+    backend.existing = "overwrite"
+    assert ctl(sock, "caption-file", str(photo)) == 0
+    assert sidecar.read_text().startswith("caption of")
+
+
+def test_stdout_writes_no_sidecar(sock: Path, tmp_path: Path, capsys) -> None:
+    photo = image(tmp_path / "p.jpg")
+    assert ctl(sock, "caption-file", "--stdout", "--prompt", "brief", "--max-new-tokens", "9", str(photo)) == 0
+    assert capsys.readouterr().out == "caption of p.jpg (10 bytes) for 'brief'\n"
+    assert os.listdir(tmp_path) == ["p.jpg"]
+
+
+def test_json_lines(sock: Path, tmp_path: Path, capsys) -> None:
+    good, bad = image(tmp_path / "g.jpg"), tmp_path / "b.jpg"
+    bad.write_bytes(b"BAD")
+    assert ctl(sock, "caption-file", "--json", str(good), str(bad)) == 65
+    rows = {Path(r["path"]).name: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert rows["g.jpg"]["state"] == "captioned"
+    assert rows["g.jpg"]["sidecar"] == str(tmp_path / "g.txt")
+    assert rows["g.jpg"]["model"] == "fake@1"
+    assert rows["b.jpg"]["state"] == "failed"
+    assert rows["b.jpg"]["error"]["code"] == "image_unsupported"
+
+
+# -- caption-dir --------------------------------------------------------------------------------
+
+
+def test_caption_dir_is_concurrent_and_filters_names(sock: Path, tmp_path: Path, backend: FakeBackend) -> None:
+    backend.delay = 0.25
+    for i in range(8):
+        image(tmp_path / f"img{i}.jpg")
+    image(tmp_path / "sub" / "deep.png")
+    image(tmp_path / ".hidden" / "x.jpg")
+    image(tmp_path / ".dot.jpg")
+    image(tmp_path / "partial.jpg.part")
+    (tmp_path / "notes.md").write_text("not an image")
+
+    started = time.monotonic()
+    assert ctl(sock, "caption-dir", "--jobs", "8", str(tmp_path)) == 0
+    assert time.monotonic() - started < 1.5  # 8 x 0.25 s one after the other would be 2 s
+    assert sorted(n for n, _ in backend.received) == [f"img{i}.jpg" for i in range(8)]
+
+    backend.received.clear()
+    assert ctl(sock, "caption-dir", "--recursive", str(tmp_path)) == 0  # the 8 are up to date now
+    assert [n for n, _ in backend.received] == ["deep.png"]
+    assert (tmp_path / "sub" / "deep.txt").exists()
+
+
+def test_caption_dir_of_a_missing_directory(sock: Path, tmp_path: Path) -> None:
+    assert ctl(sock, "caption-dir", str(tmp_path / "nope")) == 66
+
+
+# -- caption-url and the small commands ---------------------------------------------------------
+
+
+def test_caption_url_output_and_json(sock: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "cap.txt"
+    assert ctl(sock, "caption-url", "--output", str(out), "https://example.com/a.jpg") == 0
+    assert out.read_text() == "caption of https://example.com/a.jpg\n"
+    assert capsys.readouterr().out == ""
+    assert ctl(sock, "caption-url", "--json", "https://example.com/b.jpg") == 0
+    assert json.loads(capsys.readouterr().out)["url"] == "https://example.com/b.jpg"
+
+
+def test_status_health_and_friends(sock: Path, backend: FakeBackend, capsys) -> None:
+    assert ctl(sock, "status") == 0
+    out = capsys.readouterr().out
+    assert "state" in out and "ready" in out and "background=3" in out
+    assert ctl(sock, "status", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["sidecar"] == {"extension": ".txt", "existing": "skip"}
+    assert ctl(sock, "failures", "--limit", "1") == 0
+    assert capsys.readouterr().out.count("image_truncated") == 1
+    assert ctl(sock, "retry", "rel/x.jpg") == 0
+    assert backend.retried == [[os.path.abspath("rel/x.jpg")]]
+    assert ctl(sock, "pause") == 0 and backend.paused
+    assert ctl(sock, "resume") == 0 and not backend.paused
+    assert ctl(sock, "rescan") == 0 and backend.rescans == 1
+    assert ctl(sock, "version") == 0
+    assert "api v1" in capsys.readouterr().out
+    assert ctl(sock, "health") == 0
+    backend.ready.clear()
+    assert ctl(sock, "health") == 69
+    assert ctl(sock, "status") == 0
+
+
+# -- exit codes ---------------------------------------------------------------------------------
+
+
+def test_exit_code_unreachable(sock_dir: Path, tmp_path: Path, capsys) -> None:
+    missing = sock_dir / "none.sock"
+    assert ctl(missing, "status") == 69
+    assert ctl(missing, "caption-file", str(image(tmp_path / "a.jpg"))) == 69
+    assert "no daemon socket" in capsys.readouterr().err
+
+
+def test_exit_code_rejected_and_failed(sock: Path, tmp_path: Path) -> None:
+    rejected = tmp_path / "r.jpg"
+    rejected.write_bytes(b"BAD")
+    failed = tmp_path / "f.jpg"
+    failed.write_bytes(b"FAIL")
+    assert ctl(sock, "caption-file", str(rejected)) == 65
+    assert ctl(sock, "caption-file", str(failed)) == 70
+    assert ctl(sock, "caption-file", str(rejected), str(failed)) == 70  # the worse one wins
+    assert ctl(sock, "caption-url", "http://refused.example/x.jpg") == 65
+    assert ctl(sock, "caption-file", str(tmp_path / "missing.jpg")) == 66
+
+
+def test_exit_code_usage(capsys) -> None:
+    assert main(["caption-file"]) == 64
+    assert main(["frobnicate"]) == 64
+    assert main(["caption-file", "--max-new-tokens", "0", "x.jpg"]) == 64
+
+
+def test_socket_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PHICAPD_SOCKET", str(tmp_path / "env.sock"))
+    assert resolve_socket(None) == tmp_path / "env.sock"
+    assert resolve_socket(str(tmp_path / "flag.sock")) == tmp_path / "flag.sock"
+    monkeypatch.delenv("PHICAPD_SOCKET")
+    monkeypatch.setattr("phicapd.cli.ctl.SYSTEM_SOCKET_PATH", tmp_path / "missing.sock")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert resolve_socket(None) == tmp_path / "phicapd.sock"
