@@ -1,0 +1,238 @@
+"""Checkpoint layout, key mapping and loading (phi3v.md §1, §2)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from phicapd.config import ModelSettings
+from phicapd.errors import ConfigError, PhicapError
+from phicapd.model.configuration import parse_config
+from phicapd.model.loading import (
+    DOWNLOAD_PATTERNS,
+    CheckpointError,
+    build_model,
+    checkpoint_files,
+    download_model,
+    key_map_for,
+    plan_load,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_dir,
+)
+from phicapd.model.testmodel import make_test_model, official_shapes
+from tests.model.helpers import REAL_CONFIG, load_tiny
+
+
+def test_official_key_list_matches_the_published_checkpoint():
+    shapes = official_shapes(REAL_CONFIG)
+    assert len(shapes) == 592
+    assert sum(math.prod(s) for s in shapes.values()) == 4_146_621_440  # total_size / 2 bytes
+
+
+def test_real_config_maps_onto_the_native_model_without_leftovers():
+    config = parse_config(REAL_CONFIG)
+    assert config.text.rope_parameters["rope_type"] == "longrope"
+    assert config.text.rope_parameters["original_max_position_embeddings"] == 4096
+    assert config.vision.hidden_size == 1024 and config.vision.num_hidden_layers == 24
+    model = build_model(config, "eager")  # meta device: shapes only
+    shapes = official_shapes(REAL_CONFIG)
+    plan = plan_load(model, shapes)
+    model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {plan[k]: shapes[k] for k in plan} == model_shapes
+    # Only the CLIP layer after the feature layer (index 23) is not loaded.
+    skipped = set(shapes) - set(plan)
+    assert skipped and all(".encoder.layers.23." in k for k in skipped)
+    assert all(k.startswith("language_model.") for k in (plan[k] for k in shapes if k.startswith("lm_head")))
+    assert plan["model.vision_embed_tokens.sub_GN"] == "sub_GN"
+
+
+def test_no_second_embedding_table():
+    model = build_model(parse_config(REAL_CONFIG), "eager")
+    embeddings = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding) and m.num_embeddings > 1000]
+    assert embeddings == ["language_model.model.embed_tokens"]
+
+
+def test_tiny_checkpoint_loads_every_key(tiny_checkpoint: Path):
+    files = checkpoint_files(tiny_checkpoint)
+    assert len(set(files.values())) == 2  # two shards, read through the index
+    model = load_tiny(tiny_checkpoint)
+    weights = {}
+    for shard in set(files.values()):
+        weights.update(load_file(shard))
+    mapping = key_map_for(model)
+    state = model.state_dict()
+    for key, tensor in weights.items():
+        target = mapping.target(key)
+        if target is not None:
+            assert torch.equal(state[target], tensor.float()), key
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
+    assert not any(b.is_meta for b in model.buffers())
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_shard(model_dir: Path, edit) -> None:
+    """Apply ``edit(tensors)`` to the second shard and rewrite the index to match."""
+    index_path = model_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = "model-00002-of-00002.safetensors"
+    tensors = load_file(model_dir / shard)
+    edit(tensors)
+    save_file(tensors, model_dir / shard)
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard}
+    index["weight_map"].update(dict.fromkeys(tensors, shard))
+    index_path.write_text(json.dumps(index))
+
+
+def test_renamed_key_fails_naming_both_keys(tiny_checkpoint: Path, tmp_path: Path):
+    model_dir = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    old = "model.vision_embed_tokens.img_projection.0.weight"
+    _edit_shard(model_dir, lambda t: t.__setitem__("model.vision_embed_tokens.img_proj.0.weight", t.pop(old)))
+    with pytest.raises(CheckpointError) as err:
+        load_tiny(model_dir)
+    message = str(err.value)
+    assert "missing keys (1): img_projection.0.weight" in message
+    assert "unexpected keys (1): model.vision_embed_tokens.img_proj.0.weight" in message
+    assert err.value.code == "model_checkpoint_invalid"
+
+
+def test_missing_key_fails(tiny_checkpoint: Path, tmp_path: Path):
+    model_dir = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    _edit_shard(model_dir, lambda t: t.pop("lm_head.weight"))
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): language_model.lm_head.weight"):
+        load_tiny(model_dir)
+
+
+def test_extra_key_fails(tiny_checkpoint: Path, tmp_path: Path):
+    model_dir = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    _edit_shard(model_dir, lambda t: t.__setitem__("model.vision_embed_tokens.wte.weight", torch.zeros(2, 2)))
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): model.vision_embed_tokens.wte.weight"):
+        load_tiny(model_dir)
+
+
+def test_wrong_shape_fails(tiny_checkpoint: Path, tmp_path: Path):
+    model_dir = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    _edit_shard(model_dir, lambda t: t.__setitem__("model.norm.weight", torch.ones(3)))
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight"):
+        load_tiny(model_dir)
+
+
+def test_index_naming_a_missing_shard_fails(tiny_checkpoint: Path, tmp_path: Path):
+    model_dir = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    (model_dir / "model-00001-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="do not exist"):
+        load_tiny(model_dir)
+
+
+def test_shards_are_found_through_the_index_not_by_name(tiny_checkpoint: Path, tmp_path: Path):
+    model_dir = _copy(tiny_checkpoint, tmp_path / "ckpt")
+    index_path = model_dir / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for i, name in enumerate(["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]):
+        (model_dir / name).rename(model_dir / f"part{i}.safetensors")
+        index["weight_map"] = {k: (f"part{i}.safetensors" if v == name else v) for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    load_tiny(model_dir)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("model_type", "phi3", "model_type"),
+        ("embd_layer", {"hd_transform_order": "glb_sub"}, "hd_transform_order"),
+        ("rope_scaling", {"type": "yarn", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8}, "rope_scaling"),
+        ("rope_scaling", {"type": "su", "short_factor": [1.0] * 3, "long_factor": [1.0] * 8}, "short_factor"),
+    ],
+)
+def test_unsupported_configs_fail_with_config_error(tiny_checkpoint, field, value, message):
+    raw = json.loads((tiny_checkpoint / "config.json").read_text())
+    raw[field] = value
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw)
+
+
+def test_device_and_dtype_resolution():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA"):
+            resolve_device("cuda")
+
+
+def test_load_in_bfloat16(tiny_checkpoint: Path):
+    from phicapd.model.loading import load_model
+
+    model = load_model(tiny_checkpoint, device=torch.device("cpu"), dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # RoPE frequencies stay float32 whatever the weights are.
+    assert model.language_model.model.rotary_emb.inner.inv_freq.dtype == torch.float32
+
+
+def test_download_never_fetches_code():
+    assert not any(p.endswith(".py") or p in ("*", "*.*") for p in DOWNLOAD_PATTERNS)
+
+
+def test_path_setting_is_used_as_is(tiny_checkpoint: Path):
+    settings = ModelSettings(path=tiny_checkpoint)
+    assert resolve_model_dir(settings) == tiny_checkpoint
+    assert download_model(settings) == tiny_checkpoint
+
+
+def test_not_a_checkpoint_dir(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"no config\.json"):
+        resolve_model_dir(ModelSettings(path=tmp_path))
+
+
+def test_offline_and_not_cached_says_how_to_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match="download-model"):
+        resolve_model_dir(ModelSettings(id="microsoft/Phi-3.5-vision-instruct"))
+
+
+def test_loads_from_the_hf_cache_layout(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # A cache entry as huggingface_hub writes it: refs/<revision> -> snapshots/<commit>/files.
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-phi3v"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    settings = ModelSettings(id="someone/tiny-phi3v", revision="main")
+    assert resolve_model_dir(settings) == repo / "snapshots" / commit
+
+
+def test_make_test_model_overrides_and_cli(tmp_path: Path):
+    from phicapd.model.testmodel import main
+
+    out = make_test_model(tmp_path / "a", original_max_position_embeddings=300, vision_config={"hidden_size": 16})
+    raw = json.loads((out / "config.json").read_text())
+    assert raw["original_max_position_embeddings"] == 300
+    assert raw["vision_config"]["hidden_size"] == 16 and raw["vision_config"]["patch_size"] == 14
+    assert raw["rope_scaling"]["type"] == "su" and len(raw["rope_scaling"]["short_factor"]) == 8
+    with pytest.raises(PhicapError):
+        load_tiny(out)  # image_dim_out (32) no longer matches the tower: a clear ConfigError
+    assert main([str(tmp_path / "b")]) == 0
+    names = {p.name for p in (tmp_path / "b").iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "preprocessor_config.json"} <= names
+    assert not any(n.endswith(".py") for n in names)
