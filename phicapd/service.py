@@ -119,7 +119,7 @@ class Daemon:
         self.watcher = Watcher(
             self.settings.watch,
             self.settings.watcher,
-            on_ready=self.intake.file_ready,
+            on_ready=lambda path, root: self.intake.file_ready(path, root),
             on_rescan=lambda root, directory, reason: self.intake.rescan(root, directory, reason),
         )
         self.watcher.start()

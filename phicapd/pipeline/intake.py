@@ -9,6 +9,7 @@ time (a root-wide scan makes pending subtree scans of that root redundant).
 from __future__ import annotations
 
 import collections
+import heapq
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,10 @@ class Intake:
         self.reconciler = reconciler
         self._on_queued = on_queued
         self._files: collections.deque[tuple[Path, WatchRoot]] = collections.deque()
+        # Files a scan found still being written: (due, seq, path, root), checked again when due.
+        self._deferred: list[tuple[float, int, Path, WatchRoot]] = []
+        self._seq = 0
+        self.settle_seconds = reconciler.settings.watcher.settle_seconds
         self._files_cond = threading.Condition()
         self._scans: dict[tuple[Path, Path], str] = {}
         self._scan_cond = threading.Condition()
@@ -71,33 +76,60 @@ class Intake:
             self._scans[(root.path, directory)] = reason
             self._scan_cond.notify()
 
+    def defer(self, files: list[tuple[Path, WatchRoot]]) -> None:
+        """Check these files again once they had time to settle."""
+        due = time.monotonic() + max(self.settle_seconds, 0.05)
+        with self._files_cond:
+            for path, root in files:
+                self._seq += 1
+                heapq.heappush(self._deferred, (due, self._seq, path, root))
+            self._files_cond.notify()
+
     def idle(self) -> bool:
         """Nothing queued and no scan running (tests and benchmarks wait for this)."""
         with self._files_cond, self._scan_cond:
-            return not self._files and not self._scans and not self._scanning
+            return not self._files and not self._deferred and not self._scans and not self._scanning
 
     def backlog(self) -> dict[str, int]:
         with self._files_cond, self._scan_cond:
-            return {"settled_files": len(self._files), "scans": len(self._scans) + int(self._scanning)}
+            return {
+                "settled_files": len(self._files),
+                "settling_files": len(self._deferred),
+                "scans": len(self._scans) + int(self._scanning),
+            }
 
     # -- workers -------------------------------------------------------------------------------
 
     def _files_loop(self) -> None:
         while not self._stopping.is_set():
             with self._files_cond:
-                while not self._files and not self._stopping.is_set():
+                while not self._files and not self._due() and not self._stopping.is_set():
                     self.last_progress = time.monotonic()
-                    self._files_cond.wait(1.0)
+                    wait = self._deferred[0][0] - time.monotonic() if self._deferred else 1.0
+                    self._files_cond.wait(min(1.0, max(0.01, wait)))
                 group = [self._files.popleft() for _ in range(min(len(self._files), _GROUP))]
-            if not group:
-                continue
+                due = []
+                while self._due() and len(due) < _GROUP:
+                    _, _, path, root = heapq.heappop(self._deferred)
+                    due.append((path, root))
             try:
-                if self.reconciler.accept(group):
+                queued = 0
+                if group:
+                    queued += self.reconciler.accept(group)[0]
+                if due:
+                    n, young = self.reconciler.accept(due, young_after=time.time() - self.settle_seconds)
+                    queued += n
+                    if young:
+                        self.defer(young)
+                if queued:
                     self._on_queued()
             except Exception:
                 # The files are not lost: the next reconcile scan finds them again.
-                log.exception("cannot record settled files", files=len(group))
+                log.exception("cannot record settled files", files=len(group) + len(due))
             self.last_progress = time.monotonic()
+
+    def _due(self) -> bool:
+        return bool(self._deferred) and self._deferred[0][0] <= time.monotonic()
 
     def _scan_loop(self) -> None:
         roots = {r.path: r for r in self.reconciler.settings.watch}
@@ -113,6 +145,8 @@ class Intake:
             try:
                 self.last_scan = self.reconciler.scan(roots[root_path], directory, reason)
                 self.scans_done += 1
+                if self.last_scan.deferred:
+                    self.defer([(p, roots[root_path]) for p in self.last_scan.deferred])
                 if self.last_scan.queued:
                     self._on_queued()
             except Exception:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import functools
 import os
 import re
 from pathlib import Path
@@ -27,13 +28,30 @@ def is_ignored_name(name: str) -> bool:
     )
 
 
-def _matches(name: str, patterns: list[str]) -> bool:
-    lowered = name.lower()
-    return any(fnmatch.fnmatchcase(lowered, p.lower()) for p in patterns)
+@functools.lru_cache(maxsize=256)
+def _compile(patterns: tuple[str, ...], fold_case: bool) -> re.Pattern[str] | None:
+    if not patterns:
+        return None
+    flags = re.IGNORECASE if fold_case else 0
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns), flags)
+
+
+def is_candidate_name(name: str, rel_posix: str, root: WatchRoot) -> bool:
+    if is_ignored_name(name):
+        return False
+    include = _compile(tuple(root.include), True)
+    if include is None or not include.match(name):
+        return False
+    ignore = _compile(tuple(root.ignore), False)
+    return ignore is None or not (ignore.match(rel_posix) or ignore.match(name))
 
 
 def is_candidate(path: Path, root: WatchRoot) -> bool:
-    """True when ``path`` (a file under ``root.path``) is an image this root should caption."""
+    """True when ``path`` (a file under ``root.path``) is an image this root should caption.
+
+    Include patterns match the file name case-insensitively; ignore patterns match the path
+    relative to the root or the file name.
+    """
     try:
         rel = path.relative_to(root.path)
     except ValueError:
@@ -44,13 +62,9 @@ def is_candidate(path: Path, root: WatchRoot) -> bool:
     if not root.recursive and len(parts) > 1:
         return False
     # A hidden directory anywhere below the root hides everything in it.
-    if any(p.startswith(".") for p in parts):
+    if any(p.startswith(".") for p in parts[:-1]):
         return False
-    name = parts[-1]
-    if is_ignored_name(name) or not _matches(name, root.include):
-        return False
-    rel_posix = rel.as_posix()
-    return not any(fnmatch.fnmatchcase(rel_posix, p) or fnmatch.fnmatchcase(name, p) for p in root.ignore)
+    return is_candidate_name(parts[-1], rel.as_posix(), root)
 
 
 def is_watched_dir(path: Path, root: WatchRoot) -> bool:
@@ -66,8 +80,12 @@ def is_watched_dir(path: Path, root: WatchRoot) -> bool:
 
 def list_images(directory: Path, root: WatchRoot) -> list[str]:
     """Names of the images in ``directory`` that ``root`` captions (input to the sidecar naming rule)."""
+    if not is_watched_dir(directory, root):
+        return []
+    rel_dir = directory.relative_to(root.path).as_posix()
+    prefix = "" if rel_dir == "." else rel_dir + "/"
     try:
         with os.scandir(directory) as it:
-            return [e.name for e in it if is_candidate(Path(e.path), root)]
+            return [e.name for e in it if is_candidate_name(e.name, prefix + e.name, root)]
     except OSError:
         return []

@@ -20,8 +20,8 @@ from pathlib import Path
 from phicapd.config import Settings, WatchRoot
 from phicapd.log import get_logger
 from phicapd.pipeline.jobs import Fingerprint, JobStore, NewWork
-from phicapd.pipeline.paths import is_candidate, is_watched_dir, list_images
-from phicapd.pipeline.sidecar import is_up_to_date, remove_stale_temps, sidecar_for
+from phicapd.pipeline.paths import is_candidate_name, is_watched_dir, list_images
+from phicapd.pipeline.sidecar import SiblingIndex, is_up_to_date, remove_stale_temps
 
 log = get_logger(__name__)
 
@@ -41,6 +41,7 @@ class ScanReport:
     queued: int
     temps_removed: int
     seconds: float
+    deferred: list[Path]
 
 
 class Reconciler:
@@ -51,67 +52,90 @@ class Reconciler:
 
     # -- the one decision ----------------------------------------------------------------------
 
-    def _needing(self, root: WatchRoot, directory: Path, names: Iterable[str], siblings: list[str]) -> list[NewWork]:
-        """Of the image ``names`` in ``directory``, those whose sidecar is missing or stale."""
+    def _needing(
+        self, root: WatchRoot, directory: Path, names: Iterable[str], index: SiblingIndex, young_after: float | None
+    ) -> tuple[list[NewWork], list[Path]]:
+        """Of the image ``names`` in ``directory``: those whose sidecar is missing or stale, and
+        those modified after ``young_after`` (wall clock), which may still be being written and
+        must settle first."""
         policy = self.settings.existing_policy(root)
         candidates: list[tuple[Path, os.stat_result, Path]] = []
+        young: list[Path] = []
         for name in names:
             path = directory / name
             try:
                 st = path.stat()
             except OSError:
                 continue
-            if not _is_regular(st):
+            if not stat.S_ISREG(st.st_mode):
                 continue
-            candidates.append((path, st, sidecar_for(path, siblings, self.extension)))
+            candidates.append((path, st, index.sidecar_for(path, self.extension)))
         if policy == "skip":
-            return [
-                NewWork(path, root.path, fingerprint(st))
-                for path, st, sidecar in candidates
-                if not is_up_to_date(st, sidecar)
-            ]
-        # overwrite: whatever we did not caption ourselves, at this version, gets a fresh caption
-        done = self.store.done_fingerprints([c[0] for c in candidates])
-        out = []
-        for path, st, sidecar in candidates:
-            fp = fingerprint(st)
-            record = done.get(path)
-            if record and record[0] == fp and record[1] == str(sidecar) and sidecar.exists():
-                continue
-            out.append(NewWork(path, root.path, fp))
-        return out
+            stale = [(p, st) for p, st, sidecar in candidates if not is_up_to_date(st, sidecar)]
+        else:
+            # overwrite: whatever we did not caption ourselves, at this version, gets a fresh caption
+            done = self.store.done_fingerprints([c[0] for c in candidates])
+            stale = []
+            for path, st, sidecar in candidates:
+                record = done.get(path)
+                if not (record and record[0] == fingerprint(st) and record[1] == str(sidecar) and sidecar.exists()):
+                    stale.append((path, st))
+        work: list[NewWork] = []
+        for path, st in stale:
+            if young_after is not None and st.st_mtime > young_after:
+                young.append(path)
+            else:
+                work.append(NewWork(path, root.path, fingerprint(st)))
+        return work, young
 
     # -- watcher intake ------------------------------------------------------------------------
 
-    def accept(self, settled: Iterable[tuple[Path, WatchRoot]]) -> int:
-        """Queue the settled files that need a caption; returns how many became pending."""
-        by_dir: dict[tuple[Path, Path], tuple[WatchRoot, list[str]]] = {}
+    def accept(
+        self, settled: Iterable[tuple[Path, WatchRoot]], young_after: float | None = None
+    ) -> tuple[int, list[tuple[Path, WatchRoot]]]:
+        """Queue the given files if they need a caption.
+
+        Returns how many became pending and, when ``young_after`` is given, the files modified
+        after it (still settling) which were not queued.
+        """
+        by_dir: dict[tuple[Path, Path], tuple[WatchRoot, set[str]]] = {}
         for path, root in settled:
-            key = (path.parent, root.path)
-            by_dir.setdefault(key, (root, []))[1].append(path.name)
+            by_dir.setdefault((path.parent, root.path), (root, set()))[1].add(path.name)
         work: list[NewWork] = []
+        young: list[tuple[Path, WatchRoot]] = []
         for (directory, _), (root, names) in by_dir.items():
-            siblings = list_images(directory, root)
-            work.extend(self._needing(root, directory, sorted(set(names)), siblings))
-        return self.store.enqueue_many(work) if work else 0
+            index = SiblingIndex(list_images(directory, root))
+            queued, still_young = self._needing(root, directory, sorted(names), index, young_after)
+            work.extend(queued)
+            young.extend((p, root) for p in still_young)
+        return (self.store.enqueue_many(work) if work else 0), young
 
     # -- scans ---------------------------------------------------------------------------------
 
     def scan(self, root: WatchRoot, directory: Path | None = None, reason: str = "scan") -> ScanReport:
+        """Queue every image below ``directory`` without an up-to-date sidecar.
+
+        Images modified within the settle time may still be being written; they are handed to
+        ``defer`` (checked again once they settled) instead of being queued half-written.
+        """
         started = time.monotonic()
         directory = directory or root.path
+        young_after = time.time() - self.settings.watcher.settle_seconds
         images = queued = temps = 0
         pending: list[NewWork] = []
+        deferred: list[Path] = []
         for current, names in _walk(directory, root):
             temps += remove_stale_temps(current)
             images += len(names)
-            pending.extend(self._needing(root, current, names, names))
+            work, young = self._needing(root, current, names, SiblingIndex(names), young_after)
+            pending.extend(work)
+            deferred.extend(young)
             if len(pending) >= _CHUNK:
                 queued += self.store.enqueue_many(pending)
                 pending = []
         if pending:
             queued += self.store.enqueue_many(pending)
-        report = ScanReport(root.path, directory, reason, images, queued, temps, time.monotonic() - started)
+        report = ScanReport(root.path, directory, reason, images, queued, temps, time.monotonic() - started, deferred)
         log.info(
             "scan finished",
             root=str(root.path),
@@ -119,14 +143,11 @@ class Reconciler:
             reason=reason,
             images=images,
             queued=queued,
+            deferred=len(deferred),
             temps_removed=temps,
             seconds=round(report.seconds, 3),
         )
         return report
-
-
-def _is_regular(st: os.stat_result) -> bool:
-    return stat.S_ISREG(st.st_mode)
 
 
 def _walk(top: Path, root: WatchRoot) -> Iterator[tuple[Path, list[str]]]:
@@ -153,13 +174,15 @@ def _walk(top: Path, root: WatchRoot) -> Iterator[tuple[Path, list[str]]]:
             continue
         names: list[str] = []
         subdirs: list[Path] = []
+        rel = current.relative_to(root.path).as_posix()
+        prefix = "" if rel == "." else rel + "/"
         for entry in entries:
             try:
                 if entry.is_dir(follow_symlinks=False):
                     sub = Path(entry.path)
                     if root.recursive and is_watched_dir(sub, root):
                         subdirs.append(sub)
-                elif entry.is_file() and is_candidate(Path(entry.path), root):
+                elif entry.is_file() and is_candidate_name(entry.name, prefix + entry.name, root):
                     names.append(entry.name)
             except OSError:
                 continue

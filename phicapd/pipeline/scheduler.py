@@ -33,7 +33,7 @@ from phicapd.config import Settings, WatchRoot
 from phicapd.errors import CaptionError, PhicapError
 from phicapd.log import get_logger
 from phicapd.pipeline.jobs import Failure, Fingerprint, Job, JobStore, Success
-from phicapd.pipeline.sidecar import is_up_to_date, sidecar_for, write_sidecar
+from phicapd.pipeline.sidecar import SiblingIndex, is_up_to_date, sidecar_for, write_sidecar
 
 log = get_logger(__name__)
 
@@ -404,7 +404,7 @@ class Scheduler:
         successes: list[Success] = []
         failures: list[Failure] = []
         finished: list[tuple[_Outcome, str, str | None]] = []
-        listings: dict[tuple[Path, Path], list[str]] = {}
+        listings: dict[tuple[Path, Path], SiblingIndex] = {}
         for o in outcomes:
             job, root, decoded = o.item.job, o.item.root, o.item.decoded
             assert job is not None
@@ -418,8 +418,8 @@ class Scheduler:
                         )
                     key = (job.path.parent, root.path)
                     if key not in listings:
-                        listings[key] = self._list_images(job.path.parent, root)
-                    sidecar = sidecar_for(job.path, listings[key], self.settings.sidecar.extension)
+                        listings[key] = SiblingIndex(self._list_images(job.path.parent, root))
+                    sidecar = listings[key].sidecar_for(job.path, self.settings.sidecar.extension)
                     write_sidecar(sidecar, decorate(o.caption.text, root.prefix, root.suffix))
                     # The sidecar's fingerprint target is the image as it was read.
                     successes.append(

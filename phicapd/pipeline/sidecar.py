@@ -24,16 +24,31 @@ TEMP_MARKER = ".phicapd-"
 TEMP_SUFFIX = ".tmp"
 
 
+class SiblingIndex:
+    """The naming rule over one directory listing, computed once: O(1) per image."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self._first: dict[str, str] = {}
+        for name in names:
+            stem = os.path.splitext(name)[0]
+            current = self._first.get(stem)
+            if current is None or name < current:
+                self._first[stem] = name
+
+    def sidecar_for(self, image: Path, extension: str = ".txt") -> Path:
+        stem = os.path.splitext(image.name)[0]
+        first = self._first.get(stem, image.name)
+        if first < image.name:
+            return image.with_name(image.name + extension)
+        return image.with_name(stem + extension)
+
+
 def sidecar_for(image: Path, siblings: Iterable[str], extension: str = ".txt") -> Path:
     """The sidecar path of ``image``, given the names of the images in its directory.
 
     ``siblings`` may or may not include ``image`` itself; only names with the same stem matter.
     """
-    stem = image.stem
-    first = min((n for n in siblings if Path(n).stem == stem and n != image.name), default=None)
-    if first is not None and first < image.name:
-        return image.with_name(image.name + extension)
-    return image.with_name(stem + extension)
+    return SiblingIndex(siblings).sidecar_for(image, extension)
 
 
 def is_up_to_date(image_stat: os.stat_result, sidecar: Path) -> bool:

@@ -1,0 +1,206 @@
+"""The daemon end to end with the fake model: drop files -> sidecars, exactly once.
+
+These are the must-shows of the daemon core: a 10,000-file drop, a catch-up scan that skips
+valid sidecars, writers that are slow or rename partial files in, an inotify overflow, and
+``kill -9`` at random moments. Figures (files/s) are printed with ``-s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.support.daemon import is_settled, running_daemon, settings_for, spawn_fake_daemon, wait_for, write_config
+from tests.support.fakes import FakeCaptioner, image_key, unique_image, write_unique_png
+
+
+def _sidecars(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*.txt") if not p.name.startswith("."))
+
+
+def _temps(root: Path) -> list[Path]:
+    return [p for p in root.rglob(".*") if p.is_file()]
+
+
+def test_ten_thousand_files_dropped_at_once_each_captioned_once(tmp_path: Path) -> None:
+    root = tmp_path / "inbox"
+    root.mkdir()
+    fake = FakeCaptioner(max_batch=32)
+    settings = settings_for(tmp_path, [root], extra="[model]\nmax_batch = 32\n", settle=0.5)
+    n_dirs, per_dir = 10, 1000
+    with running_daemon(settings, fake) as daemon:
+        started = time.monotonic()
+        keys = set()
+        for d in range(n_dirs):
+            sub = root / f"set{d}"
+            sub.mkdir()
+            for i in range(per_dir):
+                index = d * per_dir + i
+                keys.add(write_unique_png(sub / f"img{i:04d}.png", index, rename_in=index % 2 == 1))
+        wait_for(lambda: is_settled(daemon) and len(_sidecars(root)) == n_dirs * per_dir, 300, "10,000 sidecars", 0.5)
+        elapsed = time.monotonic() - started
+        counts = daemon.store.counts()
+    rate = n_dirs * per_dir / elapsed
+    print(f"\n10,000 files dropped -> sidecars in {elapsed:.1f} s = {rate:.0f} files/s (zero-latency fake model)")
+    assert len(fake.calls) == n_dirs * per_dir
+    assert set(fake.calls) == keys
+    assert max(fake.calls.values()) == 1
+    assert counts["failed"] == 0 and counts["done"] == n_dirs * per_dir
+    assert rate >= 100
+    assert _temps(root) == []
+
+
+def test_catch_up_scan_captions_only_images_without_valid_sidecars(tmp_path: Path) -> None:
+    root = tmp_path / "archive"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    old = time.time() - 3600
+    expected = set()
+    for i in range(10_000):
+        image = root / ("a" if i % 2 else "b") / f"p{i:05d}.png"
+        unique_image(i).save(image)
+        os.utime(image, (old, old))
+        if i % 2 == 0:
+            image.with_suffix(".txt").write_text("hand-written caption\n")
+        else:
+            expected.add(image_key(unique_image(i)))
+    fake = FakeCaptioner(max_batch=32)
+    settings = settings_for(tmp_path, [root], extra="[model]\nmax_batch = 32\n")
+    started = time.monotonic()
+    with running_daemon(settings, fake) as daemon:
+        wait_for(lambda: is_settled(daemon) and len(_sidecars(root)) == 10_000, 300, "catch-up to finish", 0.5)
+        scan = daemon.intake.last_scan
+    elapsed = time.monotonic() - started
+    print(f"\ncatch-up of 10,000 files (5,000 captioned): {elapsed:.1f} s; scan alone {scan.seconds:.2f} s")
+    assert set(fake.calls) == expected and sum(fake.calls.values()) == 5000
+    assert (root / "b" / "p00000.txt").read_text() == "hand-written caption\n"
+
+
+def test_slow_writer_partial_download_and_rsync_temp_give_one_caption_each(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    fake = FakeCaptioner()
+    settings = settings_for(tmp_path, [root], settle=1.0)
+    big = Image.effect_noise((2600, 2600), 64).convert("RGB")
+    with running_daemon(settings, fake) as daemon:
+        # A 20 MB-class image written in chunks over ~3 s, closed and reopened in between.
+        import io
+
+        buf = io.BytesIO()
+        big.save(buf, format="BMP")
+        data = buf.getvalue()
+        assert len(data) > 19_000_000
+        target = root / "slow.bmp"
+        chunk = len(data) // 6
+        for start in range(0, len(data), chunk):
+            with target.open("ab") as fh:
+                fh.write(data[start : start + chunk])
+            time.sleep(0.5)
+        # A browser download: x.jpg.part renamed to x.jpg when complete.
+        part = root / "download.jpg.part"
+        unique_image(1, (64, 64)).save(part, format="JPEG")
+        os.rename(part, root / "download.jpg")
+        # rsync: .name.XXXXXX renamed over the final name.
+        temp = root / ".synced.png.Ab12Cd"
+        unique_image(2, (64, 64)).save(temp, format="PNG")
+        os.rename(temp, root / "synced.png")
+        wait_for(lambda: len(_sidecars(root)) == 3 and is_settled(daemon), 60, "three sidecars")
+    assert sum(fake.calls.values()) == 3
+    assert image_key(big) in fake.calls  # the complete image, not a prefix of it
+    assert sorted(p.name for p in _sidecars(root)) == ["download.txt", "slow.txt", "synced.txt"]
+
+
+def test_inotify_overflow_triggers_reconcile_and_still_exactly_once(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    fake = FakeCaptioner()
+    settings = settings_for(tmp_path, [root])
+    with running_daemon(settings, fake) as daemon:
+        for i in range(50):
+            write_unique_png(root / f"a{i}.png", i)
+        wait_for(lambda: len(_sidecars(root)) == 50 and is_settled(daemon), 60, "first 50")
+        scans = daemon.intake.scans_done
+        # Files whose events are lost, as in a kernel queue overflow ...
+        seen = daemon.intake.file_ready
+        daemon.intake.file_ready = lambda path, r: None  # type: ignore[method-assign]
+        for i in range(50, 80):
+            write_unique_png(root / f"a{i}.png", i)
+        wait_for(lambda: daemon.watcher.pending() == 0, 10, "the lost events to pass")
+        daemon.intake.file_ready = seen  # type: ignore[method-assign]
+        assert len(_sidecars(root)) == 50
+        # ... and the overflow record watchdog logs when the kernel queue overflows.
+        logging.getLogger("watchdog.observers.inotify_c").warning("inotify event queue overflowed")
+        wait_for(lambda: daemon.intake.scans_done > scans, 30, "the reconcile scan")
+        wait_for(lambda: len(_sidecars(root)) == 80 and is_settled(daemon), 60, "all 80")
+    assert len(fake.calls) == 80 and max(fake.calls.values()) == 1
+
+
+def test_bad_files_are_recorded_and_never_block_the_rest(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    fake = FakeCaptioner()
+    settings = settings_for(tmp_path, [root])
+    with running_daemon(settings, fake) as daemon:
+        (root / "empty.jpg").write_bytes(b"")
+        (root / "text.png").write_text("not an image at all")
+        for i in range(10):
+            write_unique_png(root / f"ok{i}.png", i)
+        wait_for(lambda: len(_sidecars(root)) == 10, 30, "the good images")
+        wait_for(lambda: daemon.store.counts()["failed"] == 2, 60, "the bad images to be parked")
+        failures = {Path(f["path"]).name: f for f in daemon.failures(10)}
+        status = daemon.status()
+    assert failures["text.png"]["code"].startswith("image_")
+    assert "text.png" in failures["text.png"]["message"]
+    assert status["journal"]["failed"] == 2
+
+
+@pytest.mark.slow
+def test_kill_dash_nine_at_random_moments_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    record = tmp_path / "calls.log"
+    config = write_config(tmp_path, [root], extra="[model]\nmax_batch = 8\n", settle=0.2)
+    rng = random.Random(1234)
+    keys = {write_unique_png(root / f"f{i:04d}.png", i) for i in range(1000)}
+    env = {"FAKE_LATENCY": "0.01"}
+    for _ in range(5):
+        proc = spawn_fake_daemon(config, record, env)
+        time.sleep(rng.uniform(0.8, 2.5))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    proc = spawn_fake_daemon(config, record, env)
+    try:
+        wait_for(lambda: len(_sidecars(root)) == 1000, 180, "1,000 sidecars after the crashes")
+        db = tmp_path / "state" / "journal.sqlite3"
+
+        def drained() -> bool:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+                return conn.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('pending','running')").fetchone()[0] == 0
+
+        wait_for(drained, 60, "the journal to drain")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    calls: dict[str, int] = {}
+    for line in record.read_text().split():
+        calls[line] = calls.get(line, 0) + 1
+    assert set(calls) == keys
+    assert max(calls.values()) <= 2
+    for sidecar in _sidecars(root):
+        assert sidecar.read_text().startswith("A 8x8 test image ")
+    assert _temps(root) == []
+    with sqlite3.connect(tmp_path / "state" / "journal.sqlite3") as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'done'").fetchone()[0] == 1000
+    duplicates = sum(1 for n in calls.values() if n > 1)
+    print(f"\nkill -9 x5 during 1,000 files: {duplicates} images captioned twice, none more")

@@ -1,0 +1,24 @@
+"""``python -m tests.support.fake_daemon CONFIG``: the real daemon process with the fake model."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from phicapd.config import load_settings
+from phicapd.log import configure_logging
+from phicapd.service import run
+from tests.support.fakes import FakeCaptioner
+
+
+def main() -> int:
+    settings = load_settings(Path(sys.argv[1]))
+    configure_logging(settings.log.format, settings.log.level)
+    latency = float(os.environ.get("FAKE_LATENCY", "0"))
+    record = Path(os.environ["FAKE_RECORD"])
+    return run(settings, lambda _s: FakeCaptioner(latency=latency, record=record))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
