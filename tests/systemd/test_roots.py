@@ -6,7 +6,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -49,24 +48,35 @@ def test_a_file_is_not_a_root(tmp_path: Path) -> None:
         check_roots_writable(_settings(file))
 
 
-PROBE = textwrap.dedent(
-    """
-    import sys
-    from pathlib import Path
-    from phicapd.config import Settings, WatchRoot
-    from phicapd.errors import ConfigError, EX_CONFIG
-    from phicapd.systemd import check_roots_writable
-    try:
-        check_roots_writable(Settings(watch=[WatchRoot(path=Path(p)) for p in sys.argv[1:]]))
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        sys.exit(EX_CONFIG)
-    """
-)
+def _config(tmp_path: Path, *roots: Path, extra: str = "") -> Path:
+    config = tmp_path / "phicapd.toml"
+    body = f'[state]\ndir = "{tmp_path / "state"}"\n[control]\nsocket = "{tmp_path / "ctl.sock"}"\n{extra}'
+    config.write_text(body + "".join(f'[[watch]]\npath = "{root}"\n' for root in roots))
+    return config
+
+
+def _phicapd_run(config: Path, *, wrapper: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``phicapd run --config`` as systemd starts it; the model is never reached on these paths."""
+    argv = [*(wrapper or []), sys.executable, "-m", "phicapd.cli.daemon", "run", "--config", str(config)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_phicapd_run_exits_78_naming_a_missing_root(tmp_path: Path) -> None:
+    missing = tmp_path / "gone"
+    result = _phicapd_run(_config(tmp_path, missing))
+    assert result.returncode == 78, result.stderr
+    assert f"watch root {missing} does not exist" in result.stderr
+
+
+def test_phicapd_run_exits_78_on_a_bad_config(tmp_path: Path) -> None:
+    result = _phicapd_run(_config(tmp_path, extra="[model]\nnum_crops = 0\n"))
+    assert result.returncode == 78, result.stderr
+    assert "model.num_crops" in result.stderr
 
 
 def test_a_read_only_mount_is_unwritable_even_for_root(tmp_path: Path) -> None:
-    """What ProtectSystem=strict does to an unlisted root: a read-only bind mount (private
+    """What ProtectSystem=strict does to an unlisted root: a read-only bind mount (in a private
     mount namespace, so nothing outside the child process sees it)."""
     if shutil.which("unshare") is None or shutil.which("mount") is None:
         pytest.skip("needs unshare(1) and mount(8)")
@@ -74,10 +84,8 @@ def test_a_read_only_mount_is_unwritable_even_for_root(tmp_path: Path) -> None:
     good.mkdir()
     readonly.mkdir()
     script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" || exit 77; shift; exec "$@"'
-    argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(readonly)]
-    argv += [sys.executable, "-c", PROBE, str(good), str(readonly)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60, check=False)
+    wrapper = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(readonly)]
+    result = _phicapd_run(_config(tmp_path, good, readonly), wrapper=wrapper)
     if result.returncode == 77 or "unshare failed" in result.stderr or "Operation not permitted" in result.stderr:
         pytest.skip(f"no private read-only mount here: {result.stderr.strip()}")
     assert result.returncode == 78, result.stderr
