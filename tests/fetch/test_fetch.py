@@ -5,7 +5,10 @@ from __future__ import annotations
 import gzip
 import http.server
 import ipaddress
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 import zlib
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from phicapd import fetch
 from phicapd.config import FetchSettings
 from phicapd.errors import FetchError
 from phicapd.fetch import AddressPolicy, fetch_url
@@ -447,3 +451,41 @@ def test_allow_networks_permit_internal_sources():
     for address in ("10.1.2.3", "::ffff:10.1.2.3", "fd00::5"):
         assert policy.refusal(ipaddress.ip_address(address)) is None
     assert policy.refusal(ipaddress.ip_address("192.168.0.1")) is not None
+
+
+# --- TLS: connect to the checked IP, verify the certificate for the hostname --------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=img.test",
+         "-addext", "subjectAltName=DNS:img.test", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return str(cert), str(key)
+
+
+@pytest.fixture
+def tls_server(server: LocalServer, certificate: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> LocalServer:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*certificate)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    monkeypatch.setattr(fetch, "TLS_VERIFY", certificate[0])
+    return server
+
+
+def test_https_is_pinned_and_verified_for_the_hostname(tls_server: LocalServer, connects: list):
+    got = fetch_url(f"https://img.test:{tls_server.port}/host", _allowed(), resolver=Resolver())
+    assert got.data == f"img.test:{tls_server.port}".encode()
+    assert connects == [("127.0.0.1", tls_server.port)]
+
+
+def test_https_certificate_for_another_name_is_refused(tls_server: LocalServer):
+    err = _refused(f"https://other.test:{tls_server.port}/host", _allowed(), Resolver())
+    assert (err.code, err.retryable) == ("url_tls_failed", False)
