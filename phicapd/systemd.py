@@ -339,7 +339,7 @@ def install_unit(
         unit_dir.mkdir(parents=True, exist_ok=True)
         for source in packaged_unit_files():
             target = unit_dir / source.name
-            _write_atomic(target, source.read_text())
+            _write_atomic(target, source.read_text(encoding="utf-8"))
             written.append(target)
     dropin_dir = unit_dir / f"{SERVICE_NAME}.d"
     dropin_dir.mkdir(parents=True, exist_ok=True)
@@ -351,7 +351,7 @@ def install_unit(
 
 def _write_atomic(target: Path, text: str) -> None:
     tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(text)
+    tmp.write_text(text, encoding="utf-8")
     tmp.chmod(0o644)
     os.replace(tmp, target)
 
