@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from phicapd.config import ModelSettings
 from phicapd.model.captioner import Phi3VCaptioner, load_captioner
@@ -62,3 +63,10 @@ def load_tiny(path: Path, attn: str = "eager") -> Phi3VForCausalLM:
 def make_captioner(path: Path, **settings: object) -> Phi3VCaptioner:
     values = {"path": path, "device": "cpu", "num_crops": 4, "attn_implementation": "eager", **settings}
     return load_captioner(ModelSettings(**values))
+
+
+def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A reproducible random RGB image (PIL's effect_noise is not seedable)."""
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=gen)
+    return Image.frombytes("RGB", (width, height), pixels.numpy().tobytes())

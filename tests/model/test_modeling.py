@@ -14,6 +14,7 @@ from phicapd.model.configuration import read_config
 from phicapd.model.modeling import Phi3VForCausalLM, RowwiseRotaryEmbedding
 from phicapd.model.processing import collate_images, preprocess_image
 from phicapd.model.tokenizer import Phi3VTokenizer, build_prompt
+from tests.model.helpers import noise_image
 
 PREFIX = "model.vision_embed_tokens."
 
@@ -74,7 +75,7 @@ def reference_image_features(model_dir: Path, pixel_values: torch.Tensor, image_
 
 
 def _images() -> list[Image.Image]:
-    return [Image.effect_noise((500, 300), 60).convert("RGB"), Image.effect_noise((200, 700), 40).convert("RGB")]
+    return [noise_image(500, 300, 60), noise_image(200, 700, 40)]
 
 
 def test_vision_path_matches_plain_reimplementation(tiny_checkpoint: Path, tiny_model: Phi3VForCausalLM):

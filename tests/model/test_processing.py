@@ -17,12 +17,13 @@ from phicapd.model.processing import (
     preprocess_image,
     to_normalized_tensor,
 )
+from tests.model.helpers import noise_image
 
 WHITE = torch.tensor([(1 - m) / s for m, s in zip(CLIP_MEAN, CLIP_STD, strict=True)])
 
 
 def noise(width: int, height: int) -> Image.Image:
-    return Image.effect_noise((width, height), 60).convert("RGB")
+    return noise_image(width, height)
 
 
 @pytest.mark.parametrize(
