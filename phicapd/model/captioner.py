@@ -139,6 +139,8 @@ class Phi3VCaptioner:
 
     def describe(self) -> dict[str, Any]:
         """A small status summary: device, dtype, parameter count, GPU memory."""
+        if self._closed:
+            return {"identity": self.identity, "closed": True}
         info: dict[str, Any] = {
             "identity": self.identity,
             "device": str(self.model.device),

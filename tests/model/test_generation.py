@@ -146,6 +146,7 @@ def test_strip_openers_and_status(tiny_checkpoint: Path):
     assert info["device"] == "cpu" and info["dtype"] == "float32" and info["parameters"] > 100_000
     assert plain.identity == str(tiny_checkpoint) and plain.max_batch == 16
     plain.close()
+    assert plain.describe()["closed"] is True
     with pytest.raises(CaptionError):
         plain.caption([request])
 

@@ -130,3 +130,21 @@ def test_rowwise_rope_equals_native_per_row(tiny_model: Phi3VForCausalLM):
     # The native module alone would give the short row long factors here.
     native_cos, _ = rotary.inner(x, torch.cat([short_row, long_row]))
     assert not torch.allclose(native_cos[0], cos[0])
+
+
+def test_processor_call_matches_reference_layout(tiny_checkpoint: Path, tiny_model: Phi3VForCausalLM):
+    from phicapd.model.processor import Phi3VProcessor
+
+    processor = Phi3VProcessor.from_dir(tiny_checkpoint)
+    assert processor.num_crops == 4  # from preprocessor_config.json
+    inputs = processor(build_prompt("Compare.", 2), _images())
+    assert inputs["pixel_values"].shape == (2, 5, 3, 336, 336)
+    assert inputs["image_sizes"].tolist() == [[672, 672], [1008, 336]]
+    ids = inputs["input_ids"][0]
+    assert (ids == -1).sum() == 757 and (ids == -2).sum() == 625
+    assert (ids == processor.tokenizer.bos_id).sum() == 3
+    assert inputs["attention_mask"].all()
+    text_only = processor(build_prompt("Hi", 0))
+    assert set(text_only) == {"input_ids", "attention_mask"}
+    with torch.no_grad():
+        assert torch.isfinite(tiny_model(**text_only)).all()
