@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -12,24 +13,26 @@ from pathlib import Path
 import pytest
 
 from phicapd.config import ControlSettings
-from phicapd.control.client import ControlClient, RequestRejected
+from phicapd.control.client import ControlClient, RequestFailed, RequestRejected
 from phicapd.control.server import ControlServer
 from tests.control.fakes import FakeBackend
 
 
 def raw_exchange(path: Path, data: bytes, *, timeout: float = 5.0) -> bytes:
-    """Send ``data`` and read until the server closes or goes quiet; b"" if it reset us."""
+    """Send ``data`` and read until the server closes; b"" if it closed without answering."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(timeout)
     s.connect(str(path))
     out = b""
     try:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        while chunk := s.recv(65536):
-            out += chunk
-    except (ConnectionResetError, BrokenPipeError):
-        pass
+        # The server may answer and close before it read everything (431, 413, 503): the
+        # send then fails, but the answer is already in our receive buffer.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                out += chunk
     finally:
         s.close()
     return out
@@ -192,6 +195,9 @@ def test_connections_beyond_the_cap_get_503(sock_dir: Path, backend: FakeBackend
         reply = raw_exchange(settings.socket, b"GET /v1/status HTTP/1.1\r\n\r\n")
         assert status_line(reply) == "HTTP/1.1 503 Service Unavailable"
         assert error_code(reply) == "busy"
+        with ControlClient(settings.socket) as client, pytest.raises(RequestFailed) as exc:
+            client.status()
+        assert (exc.value.status, exc.value.code, exc.value.retryable) == (503, "busy", True)
         for s in idle:
             s.close()
         deadline = time.monotonic() + 3
