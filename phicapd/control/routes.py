@@ -48,7 +48,7 @@ def error_response(
     return Response(status, body, headers=headers)
 
 
-def _parse(model: type[p._Model], data: dict[str, Any]) -> Any:
+def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as e:

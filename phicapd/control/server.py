@@ -102,7 +102,11 @@ class ControlServer:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop accepting, cut open connections and wait (up to ``timeout``) for their threads."""
-        if self._listen is None or self._stopping.is_set():
+        if self._stopping.is_set():
+            return
+        if self._listen is None:  # never started
+            self._wake_r.close()
+            self._wake_w.close()
             return
         self._stopping.set()
         self._wake_w.send(b"x")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -12,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from phicapd.cli.ctl import main, resolve_socket
+from phicapd.cli.ctl import Progress, main, resolve_socket
 from phicapd.config import ControlSettings
+from phicapd.control.batch import Outcome
 from phicapd.control.server import ControlServer
 from tests.control.fakes import GOOD_MAGIC, FakeBackend
 
@@ -272,3 +274,19 @@ def test_socket_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.setattr("phicapd.cli.ctl.SYSTEM_SOCKET_PATH", tmp_path / "missing.sock")
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert resolve_socket(None) == tmp_path / "phicapd.sock"
+
+
+def test_progress_line_only_on_a_terminal() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty, pipe = Tty(), io.StringIO()
+    outcomes = [Outcome(Path("a.jpg"), None, "captioned"), Outcome(Path("b.jpg"), None, "skipped")]
+    for stream in (tty, pipe):
+        progress = Progress(2, stream)
+        for o in outcomes:
+            progress.update(o)
+        progress.finish()
+    assert tty.getvalue().endswith("2/2 done, 1 skipped, 0 failed\n")
+    assert pipe.getvalue() == ""
