@@ -36,6 +36,8 @@ from pathlib import Path
 
 import structlog
 from watchdog.events import (
+    EVENT_TYPE_CREATED,
+    EVENT_TYPE_MOVED,
     FileAttribEvent,
     FileClosedEvent,
     FileCreatedEvent,
@@ -61,8 +63,12 @@ MAX_PENDING = 100_000
 HEALTH_CHECK_SECONDS = 1.0
 #: Longest sleep of the settle thread, so that ``last_progress`` stays fresh when idle.
 MAX_IDLE_SECONDS = 1.0
+#: Most directories waiting to be rescanned; beyond it a root's requests collapse into one.
+MAX_QUEUED_RESCANS = 10_000
 #: Files settled per loop iteration, so a flood never starves rescans or ``last_progress``.
 SETTLE_BATCH = 1024
+#: How long stop() waits for each thread (they are daemon threads: none blocks the exit).
+STOP_TIMEOUT_SECONDS = 10.0
 #: A file reopened for writing is ready only after its next close; if that close never comes
 #: (a lost event), it is ready after this long without any change.
 STALLED_WRITE_SECONDS = 60.0
@@ -259,7 +265,9 @@ class SettleTable:
         entry = self._entries.get(path)
         if entry is None or entry.generation != generation:
             return None  # discarded, or an event restarted it while we were stating
-        if signature is None:
+        if signature is None or (signature == entry.signature and signature[0] == 0):
+            # Gone, or settled empty (e.g. the placeholder a browser creates before renaming its
+            # ".part" over it): no image. Content arriving later raises a new event.
             del self._entries[path]
             return None
         if signature == entry.signature:
@@ -414,12 +422,11 @@ class Watcher:
 
     def start(self) -> None:
         with self._cond:
-            if self._started:
-                raise RuntimeError("Watcher.start() called twice")
+            if self._started or self._stopping:
+                raise RuntimeError("a Watcher starts once and cannot restart after stop()")
             self._started = True
         self._install_overflow_handler()
         for watch in self._watches:
-            self._observer_for(watch.polling)
             self._schedule(watch, rescan_on_success=False)
         now = self._clock()
         interval = self._settings.rescan_interval_seconds
@@ -440,15 +447,17 @@ class Watcher:
             self._stopping = True
             self._cond.notify_all()
         logging.getLogger(INOTIFY_LOGGER).removeHandler(self._overflow_handler)
-        # The settle thread goes first: it may be (re)starting observers.
+        # The settle thread goes first: it may be (re)starting observers. It stops between two
+        # callbacks; a callback stuck for longer is reported, not waited for forever.
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join(STOP_TIMEOUT_SECONDS)
+            if self._thread.is_alive():
+                log.error("watcher_thread_stuck_in_callback", waited_s=STOP_TIMEOUT_SECONDS)
         observers = list(self._observers.values())
         for observer in observers:
             observer.stop()
         for observer in observers:
-            if observer is not threading.current_thread():
-                observer.join()
+            observer.join(STOP_TIMEOUT_SECONDS)  # a poll stuck on a dead network mount stays behind
         log.info("watcher_stopped")
 
     # -- events (observer threads) ---------------------------------------------------------
@@ -460,8 +469,8 @@ class Watcher:
         if event.is_directory:
             # A directory moved out (full events: empty destination) needs nothing: its pending
             # files are dropped when their stat fails.
-            new_dir = event.src_path if event.event_type == "created" else event.dest_path
-            if event.event_type in ("created", "moved") and new_dir:
+            new_dir = event.src_path if event.event_type == EVENT_TYPE_CREATED else event.dest_path
+            if event.event_type in (EVENT_TYPE_CREATED, EVENT_TYPE_MOVED) and new_dir:
                 self._on_new_dir(watch, Path(os.fsdecode(new_dir)))
             return
         src = Path(os.fsdecode(event.src_path)) if event.src_path else None
@@ -540,6 +549,8 @@ class Watcher:
                 return
             if queued == watch.root.path:
                 break
+        if len(self._rescans) >= MAX_QUEUED_RESCANS:  # a flood of new directories
+            directory, reason = watch.root.path, "overflow"
         if directory == watch.root.path:  # a whole-root scan covers its queued subdirectories
             for key in [k for k in self._rescans if k[0] == watch.index]:
                 del self._rescans[key]
@@ -641,8 +652,8 @@ class Watcher:
         return observer
 
     def _schedule(self, watch: _RootWatch, *, rescan_on_success: bool) -> None:
-        observer = self._observer_for(watch.polling)
         try:
+            observer = self._observer_for(watch.polling)
             watch.observed = observer.schedule(
                 self._handlers[watch.index], str(watch.root.path), recursive=watch.root.recursive
             )

@@ -183,6 +183,7 @@ def test_slow_writer_closing_and_reopening_is_ready_once_after_the_last_write(
 def test_partial_download_and_rsync_temp_are_ready_only_under_their_final_name(
     rec: Recorder, running: Watcher, root_dir: Path
 ) -> None:
+    (root_dir / "download.jpg").touch()  # Firefox's empty placeholder, replaced at the end
     part = root_dir / "download.jpg.part"
     with part.open("wb") as f:
         for _ in range(5):
@@ -197,6 +198,8 @@ def test_partial_download_and_rsync_temp_are_ready_only_under_their_final_name(
 
     barrier(rec, running, root_dir)
     assert sorted(rec.ready_names()) == ["download.jpg", "synced.jpg"]
+    [(_, size, _)] = rec.ready_for(root_dir / "download.jpg")
+    assert size == 5 * 4096
 
 
 def test_hidden_temporary_partial_and_sidecar_files_never_trigger_work(
@@ -342,6 +345,35 @@ def test_full_settle_table_drops_and_requests_an_overflow_rescan(
         rec.wait_for(lambda r: (root_dir, root_dir, "overflow") in r.rescans)
         assert w.pending() == 3
     finally:
+        w.stop()
+
+
+def test_a_flood_of_new_directories_collapses_into_one_root_rescan(
+    rec: Recorder, root_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(watcher_mod, "MAX_QUEUED_RESCANS", 2)
+    release = threading.Event()
+
+    def blocking_rescan(root: WatchRoot, directory: Path, reason: str) -> None:
+        rec.on_rescan(root, directory, reason)
+        release.wait(TIMEOUT)  # hold the settle thread so that requests pile up
+
+    settings = WatcherSettings(settle_seconds=SETTLE, rescan_interval_seconds=0)
+    w = Watcher([WatchRoot(path=root_dir, poll=False)], settings, on_ready=rec.on_ready, on_rescan=blocking_rescan)
+    w.start()
+    try:
+        (root_dir / "d0").mkdir()
+        rec.wait_for(lambda r: len(r.rescans) == 1)
+        for i in range(1, 6):
+            (root_dir / f"d{i}").mkdir()
+        wait_until(lambda: (0, root_dir) in w._rescans)
+        release.set()
+        rec.wait_for(lambda r: len(r.rescans) == 2)
+        assert rec.rescans == [(root_dir, root_dir / "d0", "new_dir"), (root_dir, root_dir, "overflow")]
+        barrier(rec, w, root_dir)
+        assert len(rec.rescans) == 2
+    finally:
+        release.set()
         w.stop()
 
 
@@ -526,6 +558,13 @@ def test_table_discards_a_check_that_raced_with_an_event() -> None:
     t.refresh(P, (11, 2, 7), now=1.0, writing=False)  # arrives while the file is being stat'ed
     assert t.check(path, gen, SIG, 1.0) is None
     assert settle_all(t, 2.0, lambda p: (11, 2, 7)) == [P]
+
+
+def test_table_drops_a_file_that_settles_empty() -> None:
+    t = SettleTable(settle_seconds=1.0)
+    t.add(P, ROOT, (0, 1, 7), now=0.0)
+    assert settle_all(t, 1.0, lambda p: (0, 1, 7)) == []
+    assert len(t) == 0
 
 
 def test_table_is_capped() -> None:
