@@ -238,20 +238,27 @@ class JobStore:
 
     # -- the scheduler's side ------------------------------------------------------------------
 
-    def claim(self, limit: int) -> list[Job]:
-        """Move up to ``limit`` runnable pending jobs (oldest first) to running."""
+    def claim(self, limit: int, exclude: set[int] | None = None) -> list[Job]:
+        """Up to ``limit`` runnable pending jobs, oldest first, skipping ids already claimed.
+
+        Claiming changes nothing on disk: a job becomes ``running`` only when its batch starts
+        (``mark_running``), so a crash counts an attempt only against images that were on the model.
+        """
+        exclude = exclude or set()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+                (self._clock(), limit + len(exclude)),
+            ).fetchall()
+        return [_row_to_job(r) for r in rows if r["id"] not in exclude][:limit]
+
+    def mark_running(self, job_ids: Sequence[int]) -> None:
         now = self._clock()
         with self._tx() as db:
-            rows = db.execute(
-                "SELECT * FROM jobs WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
-                (now, limit),
-            ).fetchall()
-            if rows:
-                db.executemany(
-                    "UPDATE jobs SET state = 'running', updated_at = ? WHERE id = ?",
-                    [(now, r["id"]) for r in rows],
-                )
-        return [_row_to_job(r) for r in rows]
+            db.executemany(
+                "UPDATE jobs SET state = 'running', updated_at = ? WHERE id = ? AND state = 'pending'",
+                [(now, i) for i in job_ids],
+            )
 
     def finish_many(
         self, successes: Sequence[Success] = (), failures: Sequence[Failure] = (), skipped: Sequence[int] = ()
@@ -307,7 +314,7 @@ class JobStore:
         return parked
 
     def release(self, job_ids: Iterable[int]) -> int:
-        """Hand claimed jobs back unchanged (shutdown): running -> pending, no attempt counted."""
+        """Hand claimed jobs back (shutdown): running -> pending, no attempt counted."""
         now = self._clock()
         ids = list(job_ids)
         with self._tx() as db:

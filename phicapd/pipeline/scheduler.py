@@ -127,7 +127,10 @@ class Scheduler:
         self._interactive: collections.deque[_Item] = collections.deque()
         self._background: collections.deque[_Item] = collections.deque()
         self._decoding = 0  # background images claimed and not yet in the lane
-        self._in_flight: dict[int, _Item] = {}  # job id -> item, from claim to journal record
+        # Jobs claimed from the journal and not yet recorded as finished. They stay "pending" on
+        # disk until their batch starts, so a crash only counts an attempt against the images
+        # that were actually on the model.
+        self._claimed: set[int] = set()
         self._wake_feeder = threading.Event()
         self._stopping = threading.Event()
         self._paused = False
@@ -174,8 +177,8 @@ class Scheduler:
             leftovers = list(self._interactive)
             self._interactive.clear()
             self._background.clear()
-            unfinished = list(self._in_flight)
-            self._in_flight.clear()
+            unfinished = list(self._claimed)
+            self._claimed.clear()
         for item in leftovers:
             if item.future and not item.future.done():
                 item.future.set_exception(
@@ -245,7 +248,9 @@ class Scheduler:
                 self._wake_feeder.clear()
                 continue
             try:
-                jobs = self.store.claim(room)
+                with self._cond:
+                    exclude = set(self._claimed)
+                jobs = self.store.claim(room, exclude)
             except Exception:
                 log.exception("cannot claim jobs from the journal")
                 self._wake_feeder.wait(1.0)
@@ -256,6 +261,7 @@ class Scheduler:
                 continue
             with self._cond:
                 self._decoding += len(jobs)
+                self._claimed.update(j.id for j in jobs)
             for job in jobs:
                 self._pool.submit(self._decode_job, job)
 
@@ -277,6 +283,7 @@ class Scheduler:
                 self.store.finish_many(skipped=[job.id])
                 with self._cond:
                     self._decoding -= 1
+                    self._claimed.discard(job.id)
                 log.info("job", path=str(job.path), outcome="skipped", reason="sidecar already up to date")
                 self._wake_feeder.set()
                 return
@@ -292,13 +299,10 @@ class Scheduler:
         with self._cond:
             self._decoding -= 1
             if item is not None:
-                self._in_flight[job.id] = item
                 self._background.append(item)
                 self._cond.notify_all()
         if error is not None:
             placeholder = _Item(CaptionRequest(Image.new("RGB", (1, 1)), "", 1), job=job, root=root)
-            with self._cond:
-                self._in_flight[job.id] = placeholder
             self._queue_writes([_Outcome(placeholder, error=error)])
         self._wake_feeder.set()
 
@@ -358,6 +362,9 @@ class Scheduler:
                 self._queue_writes(background)
 
     def _caption(self, batch: list[_Item]) -> list[Caption]:
+        jobs = [i.job.id for i in batch if i.job is not None]
+        if jobs:
+            self.store.mark_running(jobs)
         self.busy_since = time.monotonic()
         try:
             captions = self.captioner.caption([i.request for i in batch])
@@ -448,7 +455,7 @@ class Scheduler:
         parked = self.store.finish_many(successes, failures)
         with self._cond:
             for o, _, _ in finished:
-                self._in_flight.pop(o.item.job.id, None)  # type: ignore[union-attr]
+                self._claimed.discard(o.item.job.id)  # type: ignore[union-attr]
         self.throughput.add(len(successes))
         parked_ids = {j.id for j in parked}
         now = time.monotonic()
@@ -489,7 +496,7 @@ class Scheduler:
                 "interactive": len(self._interactive),
                 "background_ready": len(self._background),
                 "decoding": self._decoding,
-                "in_flight": len(self._in_flight),
+                "claimed": len(self._claimed),
             }
 
     def healthy(self, stall_seconds: float) -> bool:

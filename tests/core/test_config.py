@@ -33,7 +33,8 @@ def test_env_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def test_watch_roots_and_effective_policy(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text(
-        f'[sidecar]\nexisting = "skip"\n[[watch]]\npath = "{tmp_path}/a"\nexisting = "overwrite"\nprompt = "Alt text."\n'
+        f'[sidecar]\nexisting = "skip"\n[[watch]]\npath = "{tmp_path}/a"\n'
+        'existing = "overwrite"\nprompt = "Alt text."\n'
         f'[[watch]]\npath = "{tmp_path}/b"\nrecursive = false\n'
     )
     s = load_settings(cfg)
@@ -44,17 +45,17 @@ def test_watch_roots_and_effective_policy(tmp_path: Path) -> None:
 
 
 BAD_CONFIGS = [
-    ("[model]\nnum_crops = \"many\"\n", "model.num_crops"),
+    ('[model]\nnum_crops = "many"\n', "model.num_crops"),
     ("[model]\ncolour = 1\n", "model.colour: unknown key"),
     ("[bogus]\nx = 1\n", "bogus: unknown key"),
     ("[model\n", "not valid TOML"),
-    ("[[watch]]\npath = \"relative/dir\"\n", "watch[0].path"),
+    ('[[watch]]\npath = "relative/dir"\n', "watch[0].path"),
     ("[[watch]]\nrecursive = true\n", "watch[0].path: Field required"),
-    ("[sidecar]\nexisting = \"sometimes\"\n", "sidecar.existing"),
-    ("[sidecar]\nextension = \"txt\"\n", "sidecar.extension"),
-    ("[log]\nformat = \"xml\"\n", "log.format"),
+    ('[sidecar]\nexisting = "sometimes"\n', "sidecar.existing"),
+    ('[sidecar]\nextension = "txt"\n', "sidecar.extension"),
+    ('[log]\nformat = "xml"\n', "log.format"),
     ("[model]\nmax_new_tokens = 0\n", "model.max_new_tokens"),
-    ("[[watch]]\npath = \"/srv/a\"\n[[watch]]\npath = \"/srv/a\"\n", "listed twice"),
+    ('[[watch]]\npath = "/srv/a"\n[[watch]]\npath = "/srv/a"\n', "listed twice"),
 ]
 
 
@@ -78,13 +79,13 @@ def test_missing_explicit_config_exits_78(tmp_path: Path, capsys: pytest.Capture
 
 def test_bad_env_value_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PHICAPD_SCHEDULER__DECODE_WORKERS", "zero")
-    with pytest.raises(ConfigError, match="scheduler.decode_workers"):
+    with pytest.raises(ConfigError, match=r"scheduler\.decode_workers"):
         load_settings(None)
 
 
 def test_check_config_prints_effective_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[model]\nnum_crops = 4\n')
+    cfg.write_text("[model]\nnum_crops = 4\n")
     assert main(["check-config", "--config", str(cfg)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["model"]["num_crops"] == 4

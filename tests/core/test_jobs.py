@@ -29,8 +29,11 @@ def test_enqueue_dedupes_pending_and_running(tmp_path: Path) -> None:
     assert store.enqueue_many([_work("a")]) == 0
     jobs = store.claim(10)
     assert [j.path.name for j in jobs] == ["a", "b"]
+    assert store.claim(10, exclude={jobs[0].id}) == [jobs[1]]
+    store.mark_running([j.id for j in jobs])
     assert store.enqueue_many([_work("a")]) == 0
     assert store.counts()["running"] == 2
+    assert store.claim(10) == []
 
 
 def test_done_job_requeued_when_asked_failed_job_parked_until_it_changes(tmp_path: Path) -> None:
@@ -69,10 +72,10 @@ def test_recover_returns_running_jobs_and_parks_repeat_crashers(tmp_path: Path) 
     store = _store(tmp_path)
     store.enqueue_many([_work("a")])
     for _ in range(2):
-        store.claim(1)
+        store.mark_running([j.id for j in store.claim(1)])
         assert store.recover() == 1
         assert store.get(Path("/r/a")).state is State.PENDING
-    store.claim(1)
+    store.mark_running([j.id for j in store.claim(1)])
     store.recover()
     job = store.get(Path("/r/a"))
     assert job.state is State.FAILED and job.error_code == "interrupted"
@@ -81,7 +84,7 @@ def test_recover_returns_running_jobs_and_parks_repeat_crashers(tmp_path: Path) 
 def test_journal_survives_reopen_and_passes_integrity_check(tmp_path: Path) -> None:
     store = _store(tmp_path)
     store.enqueue_many([_work(f"f{i}") for i in range(100)])
-    store.claim(10)
+    store.mark_running([j.id for j in store.claim(10)])
     store.close()
     again = _store(tmp_path)
     assert again.counts() == {"pending": 90, "running": 10, "done": 0, "failed": 0}

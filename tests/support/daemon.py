@@ -100,13 +100,26 @@ def settings_for(tmp: Path, roots: list[Path], extra: str = "", settle: float = 
     return load_settings(write_config(tmp, roots, extra, settle))
 
 
-def spawn_fake_daemon(config: Path, record: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """The real daemon process with the fake model (see tests/support/fake_daemon.py)."""
+def spawn_fake_daemon(
+    config: Path, record: Path, log: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """The real daemon process with the fake model (see tests/support/fake_daemon.py); logs go to ``log``."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "FAKE_RECORD": str(record), **(env or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.support.fake_daemon", str(config)],
-        cwd=REPO,
-        env=full_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    with log.open("ab") as sink:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tests.support.fake_daemon", str(config)],
+            cwd=REPO,
+            env=full_env,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
+
+
+def socket_ready(socket_path: Path) -> bool:
+    """True once a daemon answers on ``socket_path`` with its model warm."""
+    from phicapd.control.client import ControlClient, ControlClientError
+
+    try:
+        return ControlClient(socket_path, timeout=2).health()
+    except ControlClientError:
+        return False
