@@ -244,13 +244,15 @@ class JobStore:
         Claiming changes nothing on disk: a job becomes ``running`` only when its batch starts
         (``mark_running``), so a crash counts an attempt only against images that were on the model.
         """
-        exclude = exclude or set()
+        skip = sorted(exclude or ())
+        marks = ",".join("?" * len(skip))
         with self._lock:
             rows = self._db.execute(
-                "SELECT * FROM jobs WHERE state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?",
-                (self._clock(), limit + len(exclude)),
+                "SELECT * FROM jobs WHERE state = 'pending' AND next_attempt_at <= ?"
+                f" AND id NOT IN ({marks}) ORDER BY id LIMIT ?",
+                (self._clock(), *skip, limit),
             ).fetchall()
-        return [_row_to_job(r) for r in rows if r["id"] not in exclude][:limit]
+        return [_row_to_job(r) for r in rows]
 
     def mark_running(self, job_ids: Sequence[int]) -> None:
         now = self._clock()

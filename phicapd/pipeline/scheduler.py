@@ -33,7 +33,7 @@ from phicapd.config import Settings, WatchRoot
 from phicapd.errors import CaptionError, PhicapError
 from phicapd.log import get_logger
 from phicapd.pipeline.jobs import Failure, Fingerprint, Job, JobStore, Success
-from phicapd.pipeline.sidecar import SiblingIndex, is_up_to_date, sidecar_for, write_sidecar
+from phicapd.pipeline.sidecar import SiblingIndex, is_up_to_date, sidecar_for, write_sidecars
 
 log = get_logger(__name__)
 
@@ -135,6 +135,8 @@ class Scheduler:
         self._stopping = threading.Event()
         self._paused = False
         self._pool = ThreadPoolExecutor(settings.scheduler.decode_workers, thread_name_prefix="phicapd-decode")
+        # fsync releases the GIL: a few threads let the disk overlap a group's sidecar writes.
+        self._io_pool = ThreadPoolExecutor(4, thread_name_prefix="phicapd-write")
         self._writes: collections.deque[list[_Outcome]] = collections.deque()
         self._write_cond = threading.Condition()
         self._threads: list[threading.Thread] = []
@@ -173,6 +175,7 @@ class Scheduler:
             if t.name == "phicapd-writer":
                 t.join(max(1.0, deadline - time.monotonic()))
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._io_pool.shutdown(wait=True)
         with self._cond:
             leftovers = list(self._interactive)
             self._interactive.clear()
@@ -242,7 +245,10 @@ class Scheduler:
     def _feeder_loop(self) -> None:
         while not self._stopping.is_set():
             with self._cond:
-                room = self.prefetch - self._decoding - len(self._background)
+                held = self._decoding + len(self._background)
+            # Refill in large steps (below half full, up to full): one journal query per
+            # step rather than one per finished batch.
+            room = self.prefetch - held if held <= self.prefetch // 2 else 0
             if self._paused or room <= 0:
                 self._wake_feeder.wait(0.5)
                 self._wake_feeder.clear()
@@ -408,48 +414,57 @@ class Scheduler:
                 log.exception("writer failed; the jobs stay in the journal and are retried")
 
     def _write(self, outcomes: list[_Outcome]) -> None:
-        successes: list[Success] = []
-        failures: list[Failure] = []
-        finished: list[tuple[_Outcome, str, str | None]] = []
+        # Plan every sidecar (path, text) first, write them as one group, then record the group
+        # in one journal transaction: the caption is on disk before the journal says "done".
         listings: dict[tuple[Path, Path], SiblingIndex] = {}
+        planned: list[tuple[_Outcome, Path, str]] = []
         for o in outcomes:
             job, root, decoded = o.item.job, o.item.root, o.item.decoded
             assert job is not None
-            if o.error is None and o.caption is not None and root is not None and decoded is not None:
-                try:
-                    if _fingerprint_of(job.path) != decoded.fingerprint:
-                        raise PhicapError(
-                            f"{job.path}: the image changed while it was captioned",
-                            code="image_changed",
-                            retryable=True,
-                        )
-                    key = (job.path.parent, root.path)
-                    if key not in listings:
-                        listings[key] = SiblingIndex(self._list_images(job.path.parent, root))
-                    sidecar = listings[key].sidecar_for(job.path, self.settings.sidecar.extension)
-                    write_sidecar(sidecar, decorate(o.caption.text, root.prefix, root.suffix))
-                    # The sidecar's fingerprint target is the image as it was read.
-                    successes.append(
-                        Success(
-                            job.id,
-                            decoded.sha256,
-                            self.captioner.identity,
-                            o.item.request.prompt,
-                            str(sidecar),
-                            decoded.fingerprint,
-                        )
+            if o.error is not None or o.caption is None or root is None or decoded is None:
+                continue
+            if _fingerprint_of(job.path) != decoded.fingerprint:
+                o.error = PhicapError(
+                    f"{job.path}: the image changed while it was captioned", code="image_changed", retryable=True
+                )
+                continue
+            key = (job.path.parent, root.path)
+            if key not in listings:
+                listings[key] = SiblingIndex(self._list_images(job.path.parent, root))
+            sidecar = listings[key].sidecar_for(job.path, self.settings.sidecar.extension)
+            planned.append((o, sidecar, decorate(o.caption.text, root.prefix, root.suffix)))
+        errors = write_sidecars([(path, text) for _, path, text in planned], self._io_pool)
+        written: dict[int, Path] = {}
+        for (o, path, _), error in zip(planned, errors, strict=True):
+            if error is None:
+                written[id(o)] = path
+            else:
+                o.error = PhicapError(
+                    f"{o.item.job.path}: cannot write its sidecar {path}: {error.strerror or error}",  # type: ignore[union-attr]
+                    code="sidecar_write_failed",
+                    retryable=True,
+                )
+        successes: list[Success] = []
+        failures: list[Failure] = []
+        finished: list[tuple[_Outcome, str, str | None]] = []
+        for o in outcomes:
+            job, decoded = o.item.job, o.item.decoded
+            assert job is not None
+            if id(o) in written and decoded is not None:
+                successes.append(
+                    Success(
+                        job.id,
+                        decoded.sha256,
+                        self.captioner.identity,
+                        o.item.request.prompt,
+                        str(written[id(o)]),
+                        decoded.fingerprint,
                     )
-                    finished.append((o, "done", None))
-                    continue
-                except PhicapError as e:
-                    o.error = e
-                except OSError as e:
-                    o.error = PhicapError(
-                        f"{job.path}: cannot write its sidecar: {e.strerror or e}",
-                        code="sidecar_write_failed",
-                        retryable=True,
-                    )
+                )
+                finished.append((o, "done", None))
+                continue
             err = o.error or PhicapError(f"{job.path}: no caption", code="caption_failed")
+            o.error = err
             failures.append(Failure(job.id, err.code, str(err), err.retryable))
             finished.append((o, "failed", err.code))
         parked = self.store.finish_many(successes, failures)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Executor
 from pathlib import Path
 
 TEMP_MARKER = ".phicapd-"
@@ -79,11 +80,13 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(target: Path, text: str, mode: int = 0o644) -> None:
-    """Write ``text`` to ``target`` so that readers see the old file or the new one, never a mix."""
-    directory = target.parent
-    tmp = directory / f".{target.name}{TEMP_MARKER}{os.getpid()}-{os.urandom(4).hex()}{TEMP_SUFFIX}"
-    data = text.encode("utf-8")
+def _temp_path(target: Path) -> Path:
+    return target.parent / f".{target.name}{TEMP_MARKER}{os.getpid()}-{os.urandom(4).hex()}{TEMP_SUFFIX}"
+
+
+def _write_temp(target: Path, data: bytes, mode: int) -> Path:
+    """Write ``data`` to a new temp file beside ``target`` and fsync it; returns the temp path."""
+    tmp = _temp_path(target)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         view = memoryview(data)
@@ -96,18 +99,75 @@ def write_atomic(target: Path, text: str, mode: int = 0o644) -> None:
             tmp.unlink()
         raise
     os.close(fd)
+    return tmp
+
+
+def _rename_into_place(tmp: Path, target: Path) -> None:
     try:
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    fsync_dir(directory)
+
+
+def write_atomic(target: Path, text: str, mode: int = 0o644) -> None:
+    """Write ``text`` to ``target`` so that readers see the old file or the new one, never a mix."""
+    _rename_into_place(_write_temp(target, text.encode("utf-8"), mode), target)
+    fsync_dir(target.parent)
+
+
+def _caption_bytes(caption: str) -> bytes:
+    """A caption ends with one newline, as text tools expect."""
+    return (caption.rstrip("\n") + "\n").encode("utf-8")
 
 
 def write_sidecar(sidecar: Path, caption: str) -> None:
-    """Write a caption, ending it with one newline as text tools expect."""
-    write_atomic(sidecar, caption.rstrip("\n") + "\n")
+    """Write one caption atomically (see ``write_sidecars``)."""
+    (error,) = write_sidecars([(sidecar, caption)])
+    if error is not None:
+        raise error
+
+
+def write_sidecars(items: Sequence[tuple[Path, str]], pool: Executor | None = None) -> list[OSError | None]:
+    """Write many sidecars atomically; returns, per item, ``None`` or the error that stopped it.
+
+    The same protocol as ``write_atomic``, grouped: every temp file is written and fsynced (in
+    ``pool``, as fsync releases the GIL and the disk can overlap them), renamed into place, and
+    then each directory is fsynced once for the whole group instead of once per file.
+    """
+
+    def temp(item: tuple[Path, str]) -> Path | OSError:
+        try:
+            return _write_temp(item[0], _caption_bytes(item[1]), 0o644)
+        except OSError as e:
+            return e
+
+    temps = list(pool.map(temp, items)) if pool is not None and len(items) > 1 else [temp(i) for i in items]
+    results: list[OSError | None] = []
+    directories: set[Path] = set()
+    for (target, _), tmp in zip(items, temps, strict=True):
+        if isinstance(tmp, OSError):
+            results.append(tmp)
+            continue
+        try:
+            _rename_into_place(tmp, target)
+        except OSError as e:
+            results.append(e)
+            continue
+        results.append(None)
+        directories.add(target.parent)
+    failed_dirs: dict[Path, OSError] = {}
+    for directory in directories:
+        try:
+            fsync_dir(directory)
+        except OSError as e:
+            failed_dirs[directory] = e
+    if failed_dirs:
+        results = [
+            failed_dirs.get(target.parent, r) if r is None else r for (target, _), r in zip(items, results, strict=True)
+        ]
+    return results
 
 
 def _writer_alive(name: str) -> bool:
