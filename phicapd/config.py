@@ -46,8 +46,10 @@ def user_socket_path() -> Path:
 
 
 def default_socket_path() -> Path:
-    """The system socket for root (the systemd service); a per-user socket otherwise."""
-    return SYSTEM_SOCKET_PATH if _is_root() else user_socket_path()
+    """The system socket for root or a systemd service (``$INVOCATION_ID``); a per-user socket otherwise."""
+    if _is_root() or os.environ.get("INVOCATION_ID"):
+        return SYSTEM_SOCKET_PATH
+    return user_socket_path()
 
 
 class _Section(BaseModel):

@@ -53,7 +53,9 @@ def resolve_socket(explicit: str | None) -> Path:
         return Path(explicit)
     if env := os.environ.get(SOCKET_ENV):
         return Path(env)
-    if SYSTEM_SOCKET_PATH.exists():
+    # The directory, not the socket: a user outside phicapd-clients cannot look inside it and
+    # should be told "permission denied" there, not "no daemon" at a per-user path.
+    if SYSTEM_SOCKET_PATH.parent.is_dir():
         return SYSTEM_SOCKET_PATH
     return user_socket_path()
 

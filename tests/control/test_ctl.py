@@ -271,9 +271,14 @@ def test_socket_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert resolve_socket(None) == tmp_path / "env.sock"
     assert resolve_socket(str(tmp_path / "flag.sock")) == tmp_path / "flag.sock"
     monkeypatch.delenv("PHICAPD_SOCKET")
-    monkeypatch.setattr("phicapd.cli.ctl.SYSTEM_SOCKET_PATH", tmp_path / "missing.sock")
+    monkeypatch.setattr("phicapd.cli.ctl.SYSTEM_SOCKET_PATH", tmp_path / "missing" / "phicapd.sock")
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert resolve_socket(None) == tmp_path / "phicapd.sock"
+    # The system directory exists (the socket unit made it): use it even when this user cannot
+    # see the socket inside, so the error is "permission denied", not "no daemon".
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr("phicapd.cli.ctl.SYSTEM_SOCKET_PATH", tmp_path / "run" / "phicapd.sock")
+    assert resolve_socket(None) == tmp_path / "run" / "phicapd.sock"
 
 
 def test_progress_line_only_on_a_terminal() -> None:
