@@ -1,8 +1,10 @@
 """``Phi3VCaptioner``: the native model behind the daemon's ``Captioner`` seam.
 
-A batch of images of any sizes becomes one left-padded prompt batch (each request with its own
-prompt and token budget), one prefill and one decode loop. Greedy by default; sampling when
-configured. Captions are decoded without special tokens and cleaned of boilerplate openers.
+A batch of images of any sizes (each request with its own prompt and token budget) goes through
+the static-cache engine (``engine.py``): continuous batching over as many KV-cache slots as fit.
+Greedy by default; sampling when configured. Captions are decoded without special tokens and
+cleaned of boilerplate openers. A GPU out-of-memory error is survived: the engine retries with
+fewer rows per batch, then with fewer crops per image, and only then fails the batch.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from PIL import Image
 from phicapd.captioner import Caption, CaptionRequest, clean_caption
 from phicapd.config import ModelSettings
 from phicapd.errors import CaptionError, ConfigError
-from phicapd.model.generation import SamplingConfig, generate
+from phicapd.model.engine import EngineRequest, GenerationEngine
+from phicapd.model.generation import SamplingConfig
 from phicapd.model.loading import load_from_settings
 from phicapd.model.modeling import Phi3VForCausalLM
-from phicapd.model.processing import ProcessedImage, collate_images, preprocess_image
+from phicapd.model.processing import CROP, ProcessedImage, collate_images, num_image_tokens, preprocess_image
 from phicapd.model.tokenizer import IMAGE_TAG, Phi3VTokenizer, build_prompt
 
 log = logging.getLogger(__name__)
@@ -73,6 +76,8 @@ class Phi3VCaptioner:
         self._identity = identity
         self._lock = threading.Lock()
         self._closed = False
+        cuda = model.device.type == "cuda"
+        self.engine = GenerationEngine(model, max_slots=settings.max_batch, compile=cuda and settings.compile)
 
     @property
     def identity(self) -> str:
@@ -100,16 +105,13 @@ class Phi3VCaptioner:
                     "prompt must not contain <|image_N|> tags", code="caption_bad_prompt", retryable=False
                 )
         try:
-            images = [self.prepare(req.image) for req in batch]
+            images = [self._prepared(req) for req in batch]
             with self._lock, torch.inference_mode():
                 if self._closed:
                     raise CaptionError("the model has been closed", code="model_closed", retryable=False)
-                token_lists = self._generate(images, batch)
+                token_lists = self._generate_surviving_oom(images, batch)
         except CaptionError:
             raise
-        except torch.cuda.OutOfMemoryError as e:
-            torch.cuda.empty_cache()
-            raise CaptionError(f"GPU out of memory on a batch of {len(batch)}: {e}", code="model_out_of_memory") from e
         except (RuntimeError, ValueError, OSError) as e:
             raise CaptionError(f"captioning failed: {e}") from e
         return [
@@ -117,23 +119,62 @@ class Phi3VCaptioner:
             for ids in token_lists
         ]
 
+    def _prepared(self, req: CaptionRequest) -> ProcessedImage:
+        """The request's HD crops: done ahead by the scheduler's decode pool if it set ``prepared``."""
+        prepared = getattr(req, "prepared", None)
+        return prepared if isinstance(prepared, ProcessedImage) else self.prepare(req.image)
+
+    def _requests(self, images: Sequence[ProcessedImage], batch: Sequence[CaptionRequest]) -> list[EngineRequest]:
+        encode = self.tokenizer.encode_prompt
+        return [
+            EngineRequest(encode(build_prompt(req.prompt), [im.num_tokens]), im, req.max_new_tokens)
+            for im, req in zip(images, batch, strict=True)
+        ]
+
     def _generate(self, images: list[ProcessedImage], batch: Sequence[CaptionRequest]) -> list[list[int]]:
-        inputs = build_batch(self.tokenizer, images, [req.prompt for req in batch])
-        device = self.model.device
-        input_ids = inputs.input_ids.to(device)
-        embeds = self.model.embed(input_ids, inputs.pixel_values, inputs.image_sizes)
-        return generate(
-            self.model.language_model,
-            embeds,
-            inputs.attention_mask.to(device),
-            max_new_tokens=[req.max_new_tokens for req in batch],
-            stop_ids=self.tokenizer.stop_ids,
-            pad_id=self.tokenizer.pad_id,
-            sampling=self.sampling,
+        return self.engine.generate(
+            self._requests(images, batch), self.tokenizer.stop_ids, self.sampling, typical_ctx=self.typical_ctx()
         )
 
+    def _generate_surviving_oom(self, images: list[ProcessedImage], batch: Sequence[CaptionRequest]) -> list[list[int]]:
+        """Generate; on out-of-memory halve the rows per batch, then the crops per image, then give up."""
+        num_crops = self.settings.num_crops
+        while True:
+            oom = False
+            try:
+                return self._generate(images, batch)
+            except torch.OutOfMemoryError:
+                oom = True  # recover outside the handler: the traceback pins the failed step's tensors
+            assert oom
+            self.engine.release()
+            if self.engine.shrink():
+                action = f"retrying with at most {self.engine.max_slots} rows per batch"
+            elif num_crops > 1:
+                num_crops //= 2
+                images = [preprocess_image(req.image, num_crops) for req in batch]
+                action = f"retrying with num_crops {num_crops}"
+            else:
+                action = "gave up"
+            if self.engine.last_oom is not None:
+                self.engine.last_oom.action = action
+            log.warning("GPU out of memory on a batch of %d: %s", len(batch), action)
+            if action == "gave up":
+                raise CaptionError(
+                    f"GPU out of memory on a batch of {len(batch)} even with one row and one crop",
+                    code="model_out_of_memory",
+                )
+
+    def typical_ctx(self) -> int:
+        """Cache length for the configured prompt, the largest image at num_crops and the token budget."""
+        n = self.settings.num_crops
+        largest = max(num_image_tokens(h * CROP, (n // h) * CROP) for h in range(1, n + 1))
+        prompt = len(self.tokenizer.encode_prompt(build_prompt(self.settings.prompt), [largest]))
+        return prompt + self.settings.max_new_tokens
+
     def warm_up(self) -> None:
-        """One tiny caption so that kernels, allocator and caches are ready before READY=1."""
+        """Before READY=1: size the KV pool, capture the decode graphs, run one tiny caption."""
+        with self._lock, torch.inference_mode():
+            self.engine.warm_up(self.engine.ctx_for(self.typical_ctx()), self.max_batch)
         image = Image.new("RGB", (64, 48), (127, 127, 127))
         self.caption([CaptionRequest(image=image, prompt="Describe this image.", max_new_tokens=2)])
 
@@ -148,6 +189,7 @@ class Phi3VCaptioner:
             "attn_implementation": self.model.language_model.config._attn_implementation,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "num_crops": self.settings.num_crops,
+            "engine": self.engine.describe(),
         }
         if self.model.device.type == "cuda":
             index = self.model.device.index or 0
@@ -161,7 +203,8 @@ class Phi3VCaptioner:
             if self._closed:
                 return
             self._closed = True
-            del self.model
+            self.engine.release()
+            del self.engine, self.model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 

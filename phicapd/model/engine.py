@@ -1,0 +1,545 @@
+"""A gpt-fast-style generation engine: static KV cache, batched prefill, graph-captured decode.
+
+How one ``generate`` call runs:
+
+1. Each request is one image + its prompt ids. Requests wait in a queue; up to ``slots`` of
+   them are *active*, each owning one row ("slot") of a preallocated KV cache of shape
+   ``[slots, heads, ctx, head_dim]`` per layer. ``ctx`` covers the longest prompt plus its
+   token budget (rounded up), and ``slots`` is what fits in the KV pool, which on a GPU is sized
+   from free memory once.
+2. Admission (continuous batching): whenever slots are free, the next requests are prefilled
+   together (vision tower on their valid crops only, batched across the images; one right-padded
+   causal forward) and their keys/values land directly in their slots.
+3. Decode: one token for every active row per step. Rows keep their own positions (no left
+   padding); the step writes each row's new key/value at its position and attends over its slot
+   with a ``position >= key index`` mask, so the shapes never change. On CUDA the step is
+   captured once per (rows, ctx) into a CUDA graph (optionally ``torch.compile``d first) and
+   replayed; on the CPU it runs eagerly.
+4. A row that stops (stop token or budget) leaves; the last active row moves into its slot so
+   the active rows stay a prefix and the step runs on the smallest captured bucket.
+
+LongRoPE (phi3v.md §6, §7.7): a row uses the short factors while its length is at most
+``original_max_position_embeddings`` and the long ones after. cos/sin come from transformers'
+own rotary module, tabulated per position for both factor sets, and each row picks its table.
+When a row first grows past the limit its whole cache is recomputed with the long factors from
+its saved prompt embeddings (like the reference's cache reset), without re-running the vision
+tower.
+
+The attention/cache arithmetic is ours; the layers' own modules (norms, projections, MLP) do the
+rest, so the numbers follow transformers' Phi-3 and the token ids match ``generation.generate``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Phi3ForCausalLM
+
+from phicapd.model.generation import SamplingConfig, select_next
+from phicapd.model.modeling import Phi3VForCausalLM
+from phicapd.model.processing import ProcessedImage, collate_images
+
+log = logging.getLogger(__name__)
+
+CTX_ROUND = 256  # ctx granularity: few distinct shapes, so few graphs to capture
+GRAPH_CACHE = 24  # captured decode graphs kept (each holds a small private memory pool)
+CUDA_WORKSPACE = 3 << 30  # bytes left free beside the KV pool for prefill, CLIP and graph pools
+CUDA_MEMORY_FRACTION = 0.92  # of the free memory the pool + workspace may use
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One caption job: prompt ids with ``-1`` placeholders for the image, the image, a budget."""
+
+    input_ids: Sequence[int]
+    image: ProcessedImage
+    max_new_tokens: int
+
+
+@dataclass
+class OomEvent:
+    when: float  # time.time()
+    phase: str  # "prefill" / "decode" / "allocate"
+    rows: int  # active rows or rows being prefilled
+    action: str  # what the captioner did about it
+
+
+@dataclass
+class _Row:
+    """An active request: where it is in its slot and what it has produced."""
+
+    index: int  # position in the caller's request list
+    length: int  # tokens in the cache (prompt + fed generated tokens)
+    budget: int
+    long_rope: bool
+    prompt_embeds: torch.Tensor | None  # kept only if the row may cross the LongRoPE switch
+    out: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Graph:
+    """A captured decode step for ``rows`` slots of a ``ctx`` cache, with its static buffers."""
+
+    graph: Any  # torch.cuda.CUDAGraph
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    long_rope: torch.Tensor
+    logits: torch.Tensor
+
+
+class KVPool:
+    """One flat allocation viewed as per-layer K/V ``[slots, heads, ctx, head_dim]`` for any split."""
+
+    def __init__(self, layers: int, heads: int, head_dim: int, tokens: int, dtype: torch.dtype, device: torch.device):
+        self.layers, self.heads, self.head_dim, self.tokens = layers, heads, head_dim, tokens
+        self.data = torch.zeros(layers, 2, tokens * heads * head_dim, dtype=dtype, device=device)
+
+    def view(self, slots: int, ctx: int) -> torch.Tensor:
+        """[layers, 2 (k, v), slots, heads, ctx, head_dim]; needs ``slots * ctx <= tokens``."""
+        if slots * ctx > self.tokens:
+            raise ValueError(f"{slots} slots of {ctx} tokens do not fit a pool of {self.tokens} tokens")
+        n = slots * self.heads * ctx * self.head_dim
+        return self.data[:, :, :n].view(self.layers, 2, slots, self.heads, ctx, self.head_dim)
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+def kv_bytes_per_token(lm: Phi3ForCausalLM, dtype: torch.dtype) -> int:
+    """K and V of every layer for one token (393,216 bytes for Phi-3.5 in bf16)."""
+    c = lm.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+class GenerationEngine:
+    """Batched generation over a static KV cache for one ``Phi3VForCausalLM``. One thread at a time."""
+
+    def __init__(
+        self,
+        model: Phi3VForCausalLM,
+        *,
+        max_slots: int,
+        prefill_tokens: int = 8192,
+        cuda_graphs: bool | None = None,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        pool_tokens: int | None = None,
+    ) -> None:
+        """``cuda_graphs`` defaults to "on a CUDA device"; ``compile`` wraps the decode step in
+        ``torch.compile`` (on CUDA before capture; the CPU accepts it too, for testing the trace).
+        ``pool_tokens`` fixes the KV pool size; by default it is sized from free memory on CUDA
+        and grown on demand on the CPU."""
+        self.model = model
+        self.lm: Phi3ForCausalLM = model.language_model
+        c = self.lm.config
+        if c.num_key_value_heads != c.num_attention_heads:
+            raise ValueError("the engine assumes no grouped-query attention (Phi-3.5 has none)")
+        self.heads = c.num_attention_heads
+        self.head_dim = c.hidden_size // self.heads
+        self.limit = int(c.original_max_position_embeddings or c.max_position_embeddings)
+        self.device = model.device
+        self.dtype = model.dtype
+        self.max_slots = max(1, max_slots)
+        self.prefill_tokens = prefill_tokens
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.compile = compile
+        self.compile_backend = compile_backend
+        self._pool_tokens = pool_tokens
+        self.pool: KVPool | None = None
+        self._tables: dict[int, tuple[torch.Tensor, ...]] = {}
+        self._graphs: collections.OrderedDict[tuple[int, int], _Graph] = collections.OrderedDict()
+        self._step: Callable[..., torch.Tensor] = self._decode_step
+        if compile:
+            self._step = torch.compile(self._decode_step, backend=compile_backend, fullgraph=True)
+        self.stats: dict[str, Any] = {"calls": 0, "images": 0, "decode_steps": 0, "prefills": 0, "recomputes": 0}
+        self.oom_events = 0
+        self.last_oom: OomEvent | None = None
+
+    # -- memory -----------------------------------------------------------------------------
+
+    @property
+    def bytes_per_token(self) -> int:
+        return kv_bytes_per_token(self.lm, self.dtype)
+
+    def cuda_budget_tokens(self) -> int:
+        """KV tokens that fit in the GPU's free memory, leaving a workspace for everything else."""
+        index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        free, _total = torch.cuda.mem_get_info(index)
+        ours = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)  # cached by us, reusable
+        if self.pool is not None:
+            ours += self.pool.nbytes
+        usable = int((free + ours) * CUDA_MEMORY_FRACTION) - CUDA_WORKSPACE
+        return max(0, usable // self.bytes_per_token)
+
+    def ensure_pool(self, ctx: int, slots: int, typical_ctx: int | None = None) -> KVPool:
+        """A pool with room for ``slots`` rows of ``ctx`` tokens where it can, one row at least.
+
+        CPU: grown to exactly what the call needs. CUDA: sized once, from free memory, for
+        ``max_slots`` rows of ``typical_ctx``; a call with longer rows gets fewer of them.
+        Raises ``torch.OutOfMemoryError`` when even one row cannot be allocated.
+        """
+        if self._pool_tokens is not None:
+            need = want = max(self._pool_tokens, ctx)
+        elif self.device.type == "cuda":
+            need = ctx
+            budget = self.cuda_budget_tokens()
+            want = max(ctx, min(self.max_slots * max(ctx, typical_ctx or 0), budget))
+        else:
+            need = want = slots * ctx
+        if self.pool is not None and self.pool.tokens >= need:
+            return self.pool
+        self.release()
+        c = self.lm.config
+        try:
+            self.pool = KVPool(c.num_hidden_layers, self.heads, self.head_dim, want, self.dtype, self.device)
+        except torch.OutOfMemoryError:
+            self.pool = None
+            self._note_oom("allocate", 0)
+            raise
+        log.info("KV pool: %d tokens, %.2f GiB", want, self.pool.nbytes / 2**30)
+        return self.pool
+
+    def release(self) -> None:
+        """Drop the pool and the captured graphs (their buffers point into the pool)."""
+        self._graphs.clear()
+        self.pool = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def shrink(self) -> bool:
+        """After an out-of-memory error: halve the rows per batch. False when already at one."""
+        self.release()
+        if self.max_slots <= 1:
+            return False
+        self.max_slots = max(1, self.max_slots // 2)
+        if self._pool_tokens is not None:
+            self._pool_tokens //= 2
+        return True
+
+    def _note_oom(self, phase: str, rows: int) -> None:
+        self.oom_events += 1
+        self.last_oom = OomEvent(time.time(), phase, rows, action="pending")
+
+    # -- rotary tables ----------------------------------------------------------------------
+
+    def tables(self, ctx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cos_short, sin_short, cos_long, sin_long), each [ctx, head_dim], from transformers' module.
+
+        Calling the rotary module with positions 0..n-1 picks the long factors iff n > limit,
+        and each entry is one product per position, so the tables are bit-identical to what
+        the module computes inside a forward pass.
+        """
+        if ctx not in self._tables:
+            rotary = self.lm.model.rotary_emb
+            rotary = getattr(rotary, "inner", rotary)  # unwrap modeling.RowwiseRotaryEmbedding
+            probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+            short_n = min(ctx, self.limit)
+            cos_s, sin_s = rotary(probe, torch.arange(short_n, device=self.device)[None])
+            long_n = max(ctx, self.limit + 1)
+            cos_l, sin_l = rotary(probe, torch.arange(long_n, device=self.device)[None])
+            cos_l, sin_l = cos_l[0, :ctx], sin_l[0, :ctx]
+            # Positions past the limit are only ever read by long rows; fill short's tail with long.
+            cos_s = torch.cat([cos_s[0], cos_l[short_n:]])
+            sin_s = torch.cat([sin_s[0], sin_l[short_n:]])
+            self._tables[ctx] = tuple(t.contiguous() for t in (cos_s, sin_s, cos_l, sin_l))
+        return self._tables[ctx]  # type: ignore[return-value]
+
+    # -- the forward passes -----------------------------------------------------------------
+
+    def _qkv(self, layer: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        qkv = layer.self_attn.qkv_proj(layer.input_layernorm(x)).view(b, t, 3, self.heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [b, heads, t, head_dim]
+        return q, k, v
+
+    def _finish_layer(self, layer: torch.nn.Module, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        b, _, t, _ = attn.shape
+        x = x + layer.self_attn.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm.lm_head(self.lm.model.norm(hidden)).float()
+
+    def _prefill(
+        self,
+        embeds: torch.Tensor,
+        lengths: Sequence[int],
+        long_rope: Sequence[bool],
+        slots: torch.Tensor,
+        kv: torch.Tensor,
+    ) -> torch.Tensor:
+        """Right-padded rows [G, T, H] into cache ``slots``; next-token logits [G, V].
+
+        Right padding keeps every real query's causal window free of padding, so plain causal
+        attention is exact for the real tokens; the pad positions' cache entries lie beyond
+        each row's length and are masked, then overwritten, by decode.
+        """
+        g, t, _ = embeds.shape
+        cos_s, sin_s, cos_l, sin_l = self.tables(kv.shape[4])
+        use_long = torch.tensor(long_rope, device=self.device)[:, None, None]
+        cos = torch.where(use_long, cos_l[:t], cos_s[:t])[:, None]  # [G, 1, T, D]
+        sin = torch.where(use_long, sin_l[:t], sin_s[:t])[:, None]
+        x = embeds
+        for i, layer in enumerate(self.lm.model.layers):
+            q, k, v = self._qkv(layer, x)
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            kv[i, 0, slots, :, :t] = k
+            kv[i, 1, slots, :, :t] = v
+            x = self._finish_layer(layer, x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        last = torch.tensor([n - 1 for n in lengths], device=self.device)
+        return self._logits(x[torch.arange(g, device=self.device), last])
+
+    def _decode_step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        long_rope: torch.Tensor,
+        kv: torch.Tensor,
+        cos_s: torch.Tensor,
+        sin_s: torch.Tensor,
+        cos_l: torch.Tensor,
+        sin_l: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token per slot: tokens/positions/long_rope [B], kv [layers, 2, B, heads, ctx, D]."""
+        b, ctx = tokens.shape[0], kv.shape[4]
+        x = self.lm.model.embed_tokens(tokens)[:, None]  # [B, 1, H]
+        pick = long_rope[:, None]
+        cos = torch.where(pick, cos_l[positions], cos_s[positions])[:, None, None]  # [B, 1, 1, D]
+        sin = torch.where(pick, sin_l[positions], sin_s[positions])[:, None, None]
+        mask = (torch.arange(ctx, device=tokens.device)[None] <= positions[:, None])[:, None, None]  # [B,1,1,ctx]
+        rows = torch.arange(b, device=tokens.device)
+        for i, layer in enumerate(self.lm.model.layers):
+            q, k, v = self._qkv(layer, x)
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+            k_cache, v_cache = kv[i, 0], kv[i, 1]
+            k_cache[rows, :, positions] = k[:, :, 0]
+            v_cache[rows, :, positions] = v[:, :, 0]
+            x = self._finish_layer(layer, x, F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask))
+        return self._logits(x[:, 0])
+
+    # -- CUDA graphs ------------------------------------------------------------------------
+
+    def _graph(self, rows: int, ctx: int) -> _Graph:
+        key = (rows, ctx)
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            return self._graphs[key]
+        assert self.pool is not None
+        kv = self.pool.view(rows, ctx)  # the first ``rows`` slots of a (max slots, ctx) split
+        tables = self.tables(ctx)
+        tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
+        # Warm-up and capture run on real slots: write only position ctx - 1, which no row uses
+        # (a row's last fed token sits at ctx - 2 at most).
+        positions = torch.full((rows,), ctx - 1, dtype=torch.long, device=self.device)
+        long_rope = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # compile (if on) and let kernels pick their algorithms outside capture
+                self._step(tokens, positions, long_rope, kv, *tables)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self._step(tokens, positions, long_rope, kv, *tables)
+        entry = _Graph(graph, tokens, positions, long_rope, logits)
+        self._graphs[key] = entry
+        while len(self._graphs) > GRAPH_CACHE:
+            self._graphs.popitem(last=False)
+        return entry
+
+    def buckets(self, slots: int) -> list[int]:
+        """Row counts decode steps run at: powers of two below ``slots``, and ``slots``."""
+        out, n = [], 1
+        while n < slots:
+            out.append(n)
+            n *= 2
+        return [*out, slots]
+
+    def _decode(self, rows: list[_Row], tokens: list[int], kv_all: torch.Tensor) -> torch.Tensor:
+        """Next logits [len(rows), V] after feeding ``tokens`` to the active prefix of slots."""
+        n, ctx = len(rows), kv_all.shape[4]
+        positions = [r.length for r in rows]
+        long_rope = [r.long_rope for r in rows]
+        if not self.cuda_graphs:
+            t = torch.tensor(tokens, device=self.device)
+            p = torch.tensor(positions, device=self.device)
+            lr = torch.tensor(long_rope, device=self.device)
+            return self._step(t, p, lr, kv_all[:, :, :n], *self.tables(ctx))
+        bucket = next(b for b in self.buckets(kv_all.shape[2]) if b >= n)
+        g = self._graph(bucket, ctx)
+        pad = bucket - n  # idle slots past the active prefix write to the unused position ctx - 1
+        g.tokens.copy_(torch.tensor(tokens + [0] * pad))
+        g.positions.copy_(torch.tensor(positions + [ctx - 1] * pad))
+        g.long_rope.copy_(torch.tensor(long_rope + [False] * pad))
+        g.graph.replay()
+        return g.logits[:n]
+
+    def warm_up(self, ctx: int, slots: int) -> None:
+        """Allocate the pool and capture the decode graphs of every bucket for ``ctx`` ahead of time."""
+        pool = self.ensure_pool(ctx, slots, ctx)
+        if not self.cuda_graphs:
+            return
+        slots = max(1, min(slots, self.max_slots, pool.tokens // ctx))
+        for rows in self.buckets(slots):
+            self._graph(rows, ctx)
+
+    # -- the generation loop ----------------------------------------------------------------
+
+    @staticmethod
+    def ctx_for(tokens: int) -> int:
+        """Cache length for rows of up to ``tokens`` (prompt + budget); position ctx - 1 stays free."""
+        return _round_up(tokens + 1, CTX_ROUND)
+
+    def plan(self, requests: Sequence[EngineRequest]) -> tuple[int, int]:
+        """(ctx, wanted slots) for a call; the pool may hold fewer slots."""
+        ctx = self.ctx_for(max(len(r.input_ids) + r.max_new_tokens for r in requests))
+        return ctx, min(len(requests), self.max_slots)
+
+    def generate(
+        self,
+        requests: Sequence[EngineRequest],
+        stop_ids: frozenset[int],
+        sampling: SamplingConfig | None = None,
+        typical_ctx: int | None = None,
+    ) -> list[list[int]]:
+        """Each request's new tokens (without the stop token), in order."""
+        sampling = sampling or SamplingConfig()
+        outputs: list[list[int]] = [[] for _ in requests]
+        waiting = collections.deque(i for i, r in enumerate(requests) if r.max_new_tokens > 0)
+        if not waiting:
+            return outputs
+        ctx, slots = self.plan(requests)
+        pool = self.ensure_pool(ctx, slots, typical_ctx)
+        slots = max(1, min(slots, pool.tokens // ctx))
+        kv_all = pool.view(slots, ctx)
+        self.stats["calls"] += 1
+        self.stats["images"] += len(requests)
+        active: list[_Row] = []
+        pending: list[int] = []  # the token each active row feeds next
+
+        def record(row: _Row, token: int) -> bool:
+            """Append a sampled token; True when the row is finished."""
+            if token in stop_ids:
+                return True
+            row.out.append(token)
+            return len(row.out) >= row.budget
+
+        def retire(finished: set[int]) -> None:
+            """Drop finished rows; move the last rows into their slots so the active set stays a prefix."""
+            for i in sorted(finished, reverse=True):
+                outputs[active[i].index] = active[i].out
+                last = len(active) - 1
+                if i != last:
+                    kv_all[:, :, i].copy_(kv_all[:, :, last])
+                    active[i], pending[i] = active[last], pending[last]
+                active.pop()
+                pending.pop()
+
+        while waiting or active:
+            if waiting and len(active) < slots:
+                group = self._take_group(requests, waiting, slots - len(active))
+                first = len(active)
+                try:
+                    logits, rows = self._admit(requests, group, kv_all, first)
+                except torch.OutOfMemoryError:
+                    self._note_oom("prefill", len(group))
+                    raise
+                tokens = select_next(logits, sampling).tolist()
+                active += rows
+                pending += tokens
+                retire({first + j for j, (r, t) in enumerate(zip(rows, tokens, strict=True)) if record(r, t)})
+                continue
+            try:
+                logits = self._decode(active, pending, kv_all)
+            except torch.OutOfMemoryError:
+                self._note_oom("decode", len(active))
+                raise
+            self.stats["decode_steps"] += 1
+            for j, row in enumerate(active):
+                row.length += 1
+                if not row.long_rope and row.length > self.limit:
+                    logits[j] = self._recompute(row, kv_all, j)
+            tokens = select_next(logits, sampling).tolist()
+            pending = tokens
+            retire({j for j, (r, t) in enumerate(zip(active, tokens, strict=True)) if record(r, t)})
+        return outputs
+
+    def _take_group(self, requests: Sequence[EngineRequest], waiting: collections.deque[int], room: int) -> list[int]:
+        """The next requests to prefill together: at most ``room``, within the token budget (>= 1)."""
+        group = [waiting.popleft()]
+        width = len(requests[group[0]].input_ids)
+        while waiting and len(group) < room:
+            nxt = max(width, len(requests[waiting[0]].input_ids))
+            if nxt * (len(group) + 1) > self.prefill_tokens:
+                break
+            width = nxt
+            group.append(waiting.popleft())
+        return group
+
+    def _admit(
+        self, requests: Sequence[EngineRequest], group: list[int], kv_all: torch.Tensor, first: int
+    ) -> tuple[torch.Tensor, list[_Row]]:
+        """Prefill ``group`` into slots ``first..``; their first logits and active rows."""
+        reqs = [requests[i] for i in group]
+        lengths = [len(r.input_ids) for r in reqs]
+        width = max(lengths)
+        # Right padding with id 0: whatever sits there is never attended by a real token.
+        ids = torch.zeros((len(reqs), width), dtype=torch.long)
+        for j, r in enumerate(reqs):
+            ids[j, : lengths[j]] = torch.tensor(list(r.input_ids))
+        pixels = collate_images([r.image for r in reqs])
+        embeds = self.model.embed(ids.to(self.device), pixels.pixel_values, pixels.image_sizes)
+        long_rope = [n > self.limit for n in lengths]
+        slots = torch.arange(first, first + len(reqs), device=self.device)
+        logits = self._prefill(embeds, lengths, long_rope, slots, kv_all)
+        self.stats["prefills"] += 1
+        rows = []
+        for j, (i, r) in enumerate(zip(group, reqs, strict=True)):
+            # Only a row that starts short and may outgrow the limit needs its prompt again.
+            crosses = not long_rope[j] and lengths[j] + r.max_new_tokens - 1 > self.limit
+            saved = embeds[j, : lengths[j]].clone() if crosses else None
+            rows.append(_Row(i, lengths[j], r.max_new_tokens, long_rope[j], saved))
+        return logits, rows
+
+    def _recompute(self, row: _Row, kv_all: torch.Tensor, slot: int) -> torch.Tensor:
+        """The LongRoPE switch: rebuild the row's cache with long factors from prompt + fed tokens."""
+        assert row.prompt_embeds is not None
+        fed = torch.tensor(row.out, device=self.device)  # every generated token so far has been fed
+        embeds = torch.cat([row.prompt_embeds, self.lm.model.embed_tokens(fed)])[None]
+        row.long_rope, row.prompt_embeds = True, None
+        self.stats["recomputes"] += 1
+        slots = torch.tensor([slot], device=self.device)
+        return self._prefill(embeds, [row.length], [True], slots, kv_all)[0]
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "decode": ("cuda-graphs" if self.cuda_graphs else "eager") + ("+compile" if self.compile else ""),
+            "max_slots": self.max_slots,
+            "kv_bytes_per_token": self.bytes_per_token,
+            "kv_pool_tokens": self.pool.tokens if self.pool else 0,
+            "kv_pool_bytes": self.pool.nbytes if self.pool else 0,
+            "graphs": len(self._graphs),
+            "oom_events": self.oom_events,
+            **self.stats,
+        }
+        if self.last_oom is not None:
+            info["last_oom"] = dict(vars(self.last_oom))
+        return info
