@@ -78,3 +78,11 @@ def configure_logging(fmt: Format = "auto", level: str = "info", stream: TextIO 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     return structlog.get_logger(name)
+
+
+def adopt_transformers_logging() -> None:
+    """transformers installs its own stderr handler; route its records through ours instead."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()

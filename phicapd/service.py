@@ -38,8 +38,10 @@ STALL_SECONDS = 300.0
 
 
 def load_model_captioner(settings: Settings) -> Captioner:
+    from phicapd.log import adopt_transformers_logging
     from phicapd.model.captioner import load_captioner
 
+    adopt_transformers_logging()
     return load_captioner(settings.model)
 
 
