@@ -1,4 +1,7 @@
-from phicapd.cli.daemon import main
+"""``python -m phicapd``: the same as the ``phicapd`` command."""
+
 import sys
+
+from phicapd.cli.daemon import main
 
 sys.exit(main())

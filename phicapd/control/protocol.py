@@ -1,8 +1,8 @@
 """The control protocol: request and reply models, error codes and their HTTP statuses.
 
 Everything that crosses the socket is validated by one of these pydantic models, on the server
-when it parses a request and in ``phicapctl`` when it reads a reply. See ``API.md`` for the
-endpoint table.
+when it parses a request and in ``phicapctl`` when it reads a reply. The README's "control
+socket API" section has the endpoint table.
 """
 
 from __future__ import annotations
