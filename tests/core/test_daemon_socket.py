@@ -1,0 +1,131 @@
+"""The daemon behind its socket: hostile uploads never hurt it, socket requests jump the backlog."""
+
+from __future__ import annotations
+
+import io
+import resource
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from phicapd.control.client import ControlClient, RequestRejected
+from tests.support.daemon import running_daemon, settings_for, wait_for
+from tests.support.fakes import FakeCaptioner, unique_image, write_unique_png
+
+
+def _png(image: Image.Image, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def _jpeg(image: Image.Image, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", **kw)
+    return buf.getvalue()
+
+
+def hostile_inputs() -> dict[str, bytes]:
+    photo = Image.effect_noise((64, 48), 40).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    palette = Image.new("P", (8, 8), 1)
+    palette.putpalette([0, 0, 0, 255, 0, 0] * 128)
+    frames = [Image.new("P", (16, 16), i % 2) for i in range(50)]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    return {
+        "zero.jpg": b"",
+        "text.jpg": b"hello, this is not an image\n" * 10,
+        "eps.jpg": b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n",
+        "pdf.jpg": b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF\n",
+        "truncated.jpg": _jpeg(photo)[:300],
+        "bomb.png": _png(Image.new("1", (20000, 20000))),
+        "cmyk.jpg": _jpeg(photo.convert("CMYK")),
+        "deep.png": _png(Image.new("I;16", (16, 16), 40000)),
+        "rgba.png": _png(Image.new("RGBA", (16, 16), (255, 0, 0, 0))),
+        "palette.png": _png(palette, transparency=1),
+        "animated.gif": gif.getvalue(),
+        "exif6.jpg": _jpeg(Image.new("RGB", (40, 20), "blue"), exif=exif),
+    }
+
+
+REJECTED = {"zero.jpg", "text.jpg", "eps.jpg", "pdf.jpg", "truncated.jpg", "bomb.png"}
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def test_hostile_uploads_get_codes_or_captions_and_the_daemon_stays_up(tmp_path: Path) -> None:
+    fake = FakeCaptioner()
+    settings = settings_for(tmp_path, [])
+    with running_daemon(settings, fake):
+        client = ControlClient(settings.control.socket, timeout=30)
+        before = _rss_mb()
+        for _ in range(3):
+            for name, data in hostile_inputs().items():
+                if name in REJECTED:
+                    with pytest.raises(RequestRejected) as err:
+                        client.caption_bytes(data, name=name, prompt=None, max_new_tokens=None)
+                    if name == "zero.jpg":  # refused by the server before it reaches the decoder
+                        assert err.value.code == "bad_request"
+                        continue
+                    assert err.value.code.startswith("image_"), (name, err.value.code)
+                    assert name in str(err.value)
+                else:
+                    reply = client.caption_bytes(data, name=name, prompt=None, max_new_tokens=None)
+                    assert "test image" in reply.caption
+        assert client.health()
+        # The EXIF-rotated image reached the model upright: 20x40, not 40x20.
+        reply = client.caption_bytes(hostile_inputs()["exif6.jpg"], name="exif6.jpg", prompt=None, max_new_tokens=None)
+        assert reply.caption.startswith("A 20x40 ")
+        assert _rss_mb() - before < 500
+        assert client.status().state == "ready"
+
+
+def test_socket_request_is_answered_ahead_of_a_running_backlog(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(400):
+        write_unique_png(root / f"b{i:03d}.png", i)
+    fake = FakeCaptioner(max_batch=8, latency=0.05)  # 400 images = 50 batches = 2.5 s of "GPU"
+    settings = settings_for(tmp_path, [root], extra="[model]\nmax_batch = 8\n")
+    with running_daemon(settings, fake) as daemon:
+        wait_for(lambda: daemon.store.counts()["done"] >= 40, 30, "the backlog to be running")
+        client = ControlClient(settings.control.socket, timeout=30)
+        latencies = []
+        for i in range(5):
+            started = time.monotonic()
+            data = _png(unique_image(10_000 + i, (32, 32)))
+            reply = client.caption_bytes(data, name=f"ask{i}.png", prompt=None, max_new_tokens=None)
+            latencies.append(time.monotonic() - started)
+            assert reply.caption.startswith("A 32x32 ")
+        remaining = daemon.store.counts()["pending"]
+    # Each answer waits for at most the batch already on the model plus its own.
+    assert max(latencies) < 0.6, latencies
+    assert remaining > 0, "the backlog should still have been running"
+
+
+def test_concurrent_uploads_are_batched_together(tmp_path: Path) -> None:
+    fake = FakeCaptioner(max_batch=16, latency=0.2)
+    settings = settings_for(tmp_path, [])
+    with running_daemon(settings, fake):
+        results: list[str] = []
+
+        def ask(i: int) -> None:
+            client = ControlClient(settings.control.socket, timeout=30)
+            results.append(
+                client.caption_bytes(_png(unique_image(i)), name=f"{i}.png", prompt=None, max_new_tokens=None).caption
+            )
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert len(results) == 12
+    assert max(fake.batch_sizes) > 1, fake.batch_sizes
