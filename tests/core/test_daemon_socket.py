@@ -129,3 +129,49 @@ def test_concurrent_uploads_are_batched_together(tmp_path: Path) -> None:
             t.join(30)
     assert len(results) == 12
     assert max(fake.batch_sizes) > 1, fake.batch_sizes
+
+
+class _ImageServer:
+    """A local HTTP server with one PNG, for caption-url through the real daemon."""
+
+    def __init__(self, body: bytes) -> None:
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/cat.png"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_caption_url_through_the_daemon_respects_the_address_policy(tmp_path: Path, allowed: bool) -> None:
+    server = _ImageServer(_png(unique_image(7, (24, 16))))
+    extra = '[fetch]\nallow_networks = ["127.0.0.1/32"]\n' if allowed else ""
+    settings = settings_for(tmp_path, [], extra=extra)
+    try:
+        with running_daemon(settings, FakeCaptioner()):
+            client = ControlClient(settings.control.socket, timeout=30)
+            if allowed:
+                reply = client.caption_url(server.url, prompt=None, max_new_tokens=None)
+                assert reply.caption.startswith("A 24x16 ") and reply.url == server.url
+            else:
+                with pytest.raises(RequestRejected) as err:
+                    client.caption_url(server.url, prompt=None, max_new_tokens=None)
+                assert err.value.code == "url_address_refused"
+                assert client.health()
+    finally:
+        server.close()
