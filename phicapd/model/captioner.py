@@ -148,7 +148,8 @@ class Phi3VCaptioner:
             assert oom
             self.engine.release()
             if self.engine.shrink():
-                action = f"retrying with at most {self.engine.max_slots} rows per batch"
+                e = self.engine
+                action = f"retrying with at most {e.max_slots} rows per batch, {e.prefill_tokens} prefill tokens"
             elif num_crops > 1:
                 num_crops //= 2
                 images = [preprocess_image(req.image, num_crops) for req in batch]

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Phi3ForCausalLM
+from transformers import Phi3Config, Phi3ForCausalLM
 
 from phicapd.model.generation import SamplingConfig, select_next
 from phicapd.model.modeling import Phi3VForCausalLM
@@ -113,9 +113,8 @@ class KVPool:
         return self.data.numel() * self.data.element_size()
 
 
-def kv_bytes_per_token(lm: Phi3ForCausalLM, dtype: torch.dtype) -> int:
+def kv_bytes_per_token(c: Phi3Config, dtype: torch.dtype) -> int:
     """K and V of every layer for one token (393,216 bytes for Phi-3.5 in bf16)."""
-    c = lm.config
     head_dim = c.hidden_size // c.num_attention_heads
     return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
 
@@ -139,11 +138,13 @@ class GenerationEngine:
         max_slots: int,
         prefill_tokens: int = 8192,
         cuda_graphs: bool | None = None,
+        pad_to_bucket: bool | None = None,
         compile: bool = False,
         compile_backend: str = "inductor",
         pool_tokens: int | None = None,
     ) -> None:
-        """``cuda_graphs`` defaults to "on a CUDA device"; ``compile`` wraps the decode step in
+        """``cuda_graphs`` defaults to "on a CUDA device"; ``pad_to_bucket`` (default: with graphs)
+        runs decode steps at the bucket sizes graphs are captured for; ``compile`` wraps the decode step in
         ``torch.compile`` (on CUDA before capture; the CPU accepts it too, for testing the trace).
         ``pool_tokens`` fixes the KV pool size; by default it is sized from free memory on CUDA
         and grown on demand on the CPU."""
@@ -160,6 +161,7 @@ class GenerationEngine:
         self.max_slots = max(1, max_slots)
         self.prefill_tokens = prefill_tokens
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.pad_to_bucket = self.cuda_graphs if pad_to_bucket is None else pad_to_bucket
         self.compile = compile
         self.compile_backend = compile_backend
         self._pool_tokens = pool_tokens
@@ -177,7 +179,7 @@ class GenerationEngine:
 
     @property
     def bytes_per_token(self) -> int:
-        return kv_bytes_per_token(self.lm, self.dtype)
+        return kv_bytes_per_token(self.lm.config, self.dtype)
 
     def cuda_budget_tokens(self) -> int:
         """KV tokens that fit in the GPU's free memory, leaving a workspace for everything else."""
@@ -225,11 +227,19 @@ class GenerationEngine:
             torch.cuda.empty_cache()
 
     def shrink(self) -> bool:
-        """After an out-of-memory error: halve the rows per batch. False when already at one."""
+        """After an out-of-memory error: smaller prefill groups, else half the rows that failed.
+
+        Returns False when there is nothing left to shrink (one row, prefilled alone).
+        """
         self.release()
+        event = self.last_oom
+        rows = event.rows if event is not None and event.rows > 0 else self.max_slots
+        if event is not None and event.phase == "prefill" and rows > 1:
+            self.prefill_tokens = max(1, self.prefill_tokens // 2)
+            return True
         if self.max_slots <= 1:
             return False
-        self.max_slots = max(1, self.max_slots // 2)
+        self.max_slots = max(1, min(self.max_slots, rows) // 2)
         if self._pool_tokens is not None:
             self._pool_tokens //= 2
         return True
@@ -342,6 +352,23 @@ class GenerationEngine:
         if key in self._graphs:
             self._graphs.move_to_end(key)
             return self._graphs[key]
+        try:
+            entry = self._capture(rows, ctx)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            if not self.compile:
+                raise
+            # A compiler failure must not take the daemon down: capture the eager step instead.
+            log.exception("compiling the decode step failed; using CUDA graphs of the eager step")
+            self.compile, self._step = False, self._decode_step
+            entry = self._capture(rows, ctx)
+        self._graphs[key] = entry
+        while len(self._graphs) > GRAPH_CACHE:
+            self._graphs.popitem(last=False)
+        return entry
+
+    def _capture(self, rows: int, ctx: int) -> _Graph:
         assert self.pool is not None
         kv = self.pool.view(rows, ctx)  # the first ``rows`` slots of a (max slots, ctx) split
         tables = self.tables(ctx)
@@ -359,11 +386,7 @@ class GenerationEngine:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             logits = self._step(tokens, positions, long_rope, kv, *tables)
-        entry = _Graph(graph, tokens, positions, long_rope, logits)
-        self._graphs[key] = entry
-        while len(self._graphs) > GRAPH_CACHE:
-            self._graphs.popitem(last=False)
-        return entry
+        return _Graph(graph, tokens, positions, long_rope, logits)
 
     def buckets(self, slots: int) -> list[int]:
         """Row counts decode steps run at: powers of two below ``slots``, and ``slots``."""
@@ -376,21 +399,20 @@ class GenerationEngine:
     def _decode(self, rows: list[_Row], tokens: list[int], kv_all: torch.Tensor) -> torch.Tensor:
         """Next logits [len(rows), V] after feeding ``tokens`` to the active prefix of slots."""
         n, ctx = len(rows), kv_all.shape[4]
-        positions = [r.length for r in rows]
-        long_rope = [r.long_rope for r in rows]
-        if not self.cuda_graphs:
-            t = torch.tensor(tokens, device=self.device)
-            p = torch.tensor(positions, device=self.device)
-            lr = torch.tensor(long_rope, device=self.device)
-            return self._step(t, p, lr, kv_all[:, :, :n], *self.tables(ctx))
-        bucket = next(b for b in self.buckets(kv_all.shape[2]) if b >= n)
-        g = self._graph(bucket, ctx)
+        bucket = next(b for b in self.buckets(kv_all.shape[2]) if b >= n) if self.pad_to_bucket else n
         pad = bucket - n  # idle slots past the active prefix write to the unused position ctx - 1
-        g.tokens.copy_(torch.tensor(tokens + [0] * pad))
-        g.positions.copy_(torch.tensor(positions + [ctx - 1] * pad))
-        g.long_rope.copy_(torch.tensor(long_rope + [False] * pad))
-        g.graph.replay()
-        return g.logits[:n]
+        tokens = tokens + [0] * pad
+        positions = [r.length for r in rows] + [ctx - 1] * pad
+        long_rope = [r.long_rope for r in rows] + [False] * pad
+        if self.cuda_graphs:
+            g = self._graph(bucket, ctx)
+            g.tokens.copy_(torch.tensor(tokens))
+            g.positions.copy_(torch.tensor(positions))
+            g.long_rope.copy_(torch.tensor(long_rope))
+            g.graph.replay()
+            return g.logits[:n]
+        args = [torch.tensor(x, device=self.device) for x in (tokens, positions, long_rope)]
+        return self._step(*args, kv_all[:, :, :bucket], *self.tables(ctx))[:n]
 
     def warm_up(self, ctx: int, slots: int) -> None:
         """Allocate the pool and capture the decode graphs of every bucket for ``ctx`` ahead of time."""
