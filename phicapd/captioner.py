@@ -7,20 +7,25 @@ could implement it later. Everything here is plain data: no torch import.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
 
 
 @dataclass(frozen=True, slots=True)
 class CaptionRequest:
-    """One image to caption. ``image`` is an 8-bit RGB image from ``phicapd.imaging``."""
+    """One image to caption. ``image`` is an 8-bit RGB image from ``phicapd.imaging``.
+
+    ``prepared`` holds what the backend's optional ``prepare(image)`` returned, computed in the
+    scheduler's CPU pool ahead of the GPU; a backend without ``prepare`` ignores it.
+    """
 
     image: Image.Image
     prompt: str
     max_new_tokens: int
+    prepared: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +58,12 @@ class Captioner(Protocol):
     def caption(self, batch: Sequence[CaptionRequest]) -> list[Caption]: ...
 
     def close(self) -> None: ...
+
+
+def preparer(captioner: Captioner) -> Callable[[Image.Image], Any] | None:
+    """The backend's CPU-side ``prepare(image)`` step (e.g. HD crops), if it has one."""
+    prepare = getattr(captioner, "prepare", None)
+    return prepare if callable(prepare) else None
 
 
 def clean_caption(text: str, strip_openers: Sequence[str] = ()) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from phicapd.captioner import Caption, Captioner, CaptionRequest, decorate
+from phicapd.captioner import Caption, Captioner, CaptionRequest, decorate, preparer
 from phicapd.config import Settings, WatchRoot
 from phicapd.errors import CaptionError, PhicapError
 from phicapd.log import get_logger
@@ -118,6 +118,7 @@ class Scheduler:
         self._decode_file = decode_file
         self._decode_bytes = decode_bytes
         self._list_images = list_images
+        self._prepare = preparer(captioner)
         self._roots = {r.path: r for r in settings.watch}
         self.max_batch = max(1, min(settings.model.max_batch, captioner.max_batch))
         self.prefetch = max(settings.scheduler.prefetch, self.max_batch)
@@ -224,7 +225,7 @@ class Scheduler:
             if future.cancelled():
                 return
             try:
-                image = self._decode_bytes(data, name)
+                item = _Item(self._request(self._decode_bytes(data, name), request_prompt, tokens), future=future)
             except PhicapError as e:
                 future.set_exception(e)
                 return
@@ -232,7 +233,6 @@ class Scheduler:
                 log.exception("decoder crashed", input=name)
                 future.set_exception(PhicapError(f"{name}: cannot decode image: {e}", code="image_corrupt"))
                 return
-            item = _Item(CaptionRequest(image, request_prompt, tokens), future=future)
             with self._cond:
                 self._interactive.append(item)
                 self._cond.notify_all()
@@ -271,6 +271,11 @@ class Scheduler:
             for job in jobs:
                 self._pool.submit(self._decode_job, job)
 
+    def _request(self, image: Image.Image, prompt: str, max_new_tokens: int) -> CaptionRequest:
+        """Runs in the decode pool: the backend's CPU preprocessing happens here, off the GPU thread."""
+        prepared = self._prepare(image) if self._prepare is not None else None
+        return CaptionRequest(image, prompt, max_new_tokens, prepared)
+
     def _idle_wait(self) -> float:
         nxt = self.store.next_wakeup()
         if nxt is None:
@@ -295,7 +300,7 @@ class Scheduler:
                 return
             decoded = self._decode_file(job.path)
             prompt = root.prompt or self.settings.model.prompt
-            request = CaptionRequest(decoded.image, prompt, self.settings.model.max_new_tokens)
+            request = self._request(decoded.image, prompt, self.settings.model.max_new_tokens)
             item = _Item(request, job=job, root=root, decoded=decoded)
         except PhicapError as e:
             error = e
