@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from phicapd.config import Settings, WatchRoot
@@ -53,14 +54,24 @@ class Reconciler:
     # -- the one decision ----------------------------------------------------------------------
 
     def _needing(
-        self, root: WatchRoot, directory: Path, names: Iterable[str], index: SiblingIndex, young_after: float | None
+        self,
+        root: WatchRoot,
+        directory: Path,
+        names: Iterable[str],
+        siblings: Callable[[], SiblingIndex],
+        young_after: float | None,
     ) -> tuple[list[NewWork], list[Path]]:
         """Of the image ``names`` in ``directory``: those whose sidecar is missing or stale, and
         those modified after ``young_after`` (wall clock), which may still be being written and
-        must settle first."""
+        must settle first.
+
+        ``siblings`` (the directory's naming index) is asked for only when a file that could be
+        the sidecar exists; a new image usually has none, so no directory listing is needed.
+        """
         policy = self.settings.existing_policy(root)
         candidates: list[tuple[Path, os.stat_result, Path]] = []
         young: list[Path] = []
+        index: SiblingIndex | None = None
         for name in names:
             path = directory / name
             try:
@@ -69,7 +80,13 @@ class Reconciler:
                 continue
             if not stat.S_ISREG(st.st_mode):
                 continue
-            candidates.append((path, st, index.sidecar_for(path, self.extension)))
+            plain = directory / (os.path.splitext(name)[0] + self.extension)
+            if plain.exists() or (directory / (name + self.extension)).exists():
+                index = index or siblings()
+                sidecar = index.sidecar_for(path, self.extension)
+            else:
+                sidecar = plain  # missing under either name: stale whichever the rule picks
+            candidates.append((path, st, sidecar))
         if policy == "skip":
             stale = [(p, st) for p, st, sidecar in candidates if not is_up_to_date(st, sidecar)]
         else:
@@ -104,8 +121,9 @@ class Reconciler:
         work: list[NewWork] = []
         young: list[tuple[Path, WatchRoot]] = []
         for (directory, _), (root, names) in by_dir.items():
-            index = SiblingIndex(list_images(directory, root))
-            queued, still_young = self._needing(root, directory, sorted(names), index, young_after)
+            queued, still_young = self._needing(
+                root, directory, sorted(names), partial(_listed_index, directory, root), young_after
+            )
             work.extend(queued)
             young.extend((p, root) for p in still_young)
         return (self.store.enqueue_many(work) if work else 0), young
@@ -127,7 +145,7 @@ class Reconciler:
         for current, names in _walk(directory, root):
             temps += remove_stale_temps(current)
             images += len(names)
-            work, young = self._needing(root, current, names, SiblingIndex(names), young_after)
+            work, young = self._needing(root, current, names, partial(SiblingIndex, names), young_after)
             pending.extend(work)
             deferred.extend(young)
             if len(pending) >= _CHUNK:
@@ -148,6 +166,10 @@ class Reconciler:
             seconds=round(report.seconds, 3),
         )
         return report
+
+
+def _listed_index(directory: Path, root: WatchRoot) -> SiblingIndex:
+    return SiblingIndex(list_images(directory, root))
 
 
 def _walk(top: Path, root: WatchRoot) -> Iterator[tuple[Path, list[str]]]:
