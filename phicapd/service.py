@@ -97,10 +97,16 @@ class Daemon:
             if warm_up is not None:
                 notifier.status("warming up the model")
                 warm_up()
-        except PhicapError:
+        except Exception as e:
             keepalive.stop()
             self._shutdown(notifier)
-            raise
+            if isinstance(e, PhicapError):
+                raise
+            log.exception("cannot load the model", source=self.settings.model.source)
+            raise PhicapError(
+                f"cannot load the model from {self.settings.model.source}: {type(e).__name__}: {e}",
+                code="model_load_failed",
+            ) from e
         finally:
             keepalive.stop()
         if self._stop.is_set():

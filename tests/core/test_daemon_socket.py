@@ -175,3 +175,19 @@ def test_caption_url_through_the_daemon_respects_the_address_policy(tmp_path: Pa
                 assert client.health()
     finally:
         server.close()
+
+
+def test_a_model_that_fails_to_load_stops_the_daemon_cleanly(tmp_path: Path) -> None:
+    from phicapd.errors import PhicapError
+    from phicapd.service import Daemon
+
+    def broken(_settings: object) -> FakeCaptioner:
+        raise RuntimeError("CUDA driver version is insufficient")
+
+    settings = settings_for(tmp_path, [])
+    daemon = Daemon(settings, broken)
+    with pytest.raises(PhicapError, match="CUDA driver version is insufficient") as err:
+        daemon.run(install_signals=False)
+    assert err.value.code == "model_load_failed"
+    assert daemon.state == "stopping"
+    assert not settings.control.socket.exists()
