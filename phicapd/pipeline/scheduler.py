@@ -312,7 +312,13 @@ class Scheduler:
             if item is not None:
                 self._background.append(item)
                 self._cond.notify_all()
-        if error is not None:
+        if error is not None and error.code == "image_missing":
+            # Deleted before its turn: nothing to caption and nothing to report.
+            self.store.forget(job.path)
+            with self._cond:
+                self._claimed.discard(job.id)
+            log.info("job", path=str(job.path), outcome="gone")
+        elif error is not None:
             placeholder = _Item(CaptionRequest(Image.new("RGB", (1, 1)), "", 1), job=job, root=root)
             self._queue_writes([_Outcome(placeholder, error=error)])
         self._wake_feeder.set()

@@ -223,3 +223,20 @@ def test_kill_dash_nine_at_random_moments_loses_and_duplicates_nothing(tmp_path:
         f"{duplicates} images captioned twice, none more"
     )
     assert captioned_before_each_kill[-1] < 1000, "the kills should land while work remains"
+
+
+def test_an_image_deleted_before_its_turn_is_forgotten_not_failed(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    fake = FakeCaptioner()
+    settings = settings_for(tmp_path, [root])
+    with running_daemon(settings, fake) as daemon:
+        daemon.pause()
+        for i in range(5):
+            write_unique_png(root / f"p{i}.png", i)
+        wait_for(lambda: daemon.store.counts()["pending"] == 5, 30, "five queued jobs")
+        (root / "p3.png").unlink()
+        daemon.resume()
+        wait_for(lambda: len(_sidecars(root)) == 4 and is_settled(daemon), 30, "the other four")
+        counts = daemon.store.counts()
+    assert counts == {"pending": 0, "running": 0, "done": 4, "failed": 0}
