@@ -44,7 +44,7 @@ from transformers import Phi3Config, Phi3ForCausalLM
 
 from phicapd.model.generation import SamplingConfig, select_next
 from phicapd.model.modeling import Phi3VForCausalLM
-from phicapd.model.processing import ProcessedImage, collate_images
+from phicapd.model.processing import ProcessedImage
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +171,15 @@ class GenerationEngine:
         self._step: Callable[..., torch.Tensor] = self._decode_step
         if compile:
             self._step = torch.compile(self._decode_step, backend=compile_backend, fullgraph=True)
-        self.stats: dict[str, Any] = {"calls": 0, "images": 0, "decode_steps": 0, "prefills": 0, "recomputes": 0}
+        self.stats: dict[str, Any] = {}
+        self.reset_stats()
         self.oom_events = 0
         self.last_oom: OomEvent | None = None
+
+    def reset_stats(self) -> None:
+        """Counters since start (or the last reset): calls, images, steps, rows per step, seconds."""
+        self.stats = dict.fromkeys(("calls", "images", "prefills", "recomputes", "decode_steps", "decode_rows"), 0)
+        self.stats.update(prefill_s=0.0, decode_s=0.0)
 
     # -- memory -----------------------------------------------------------------------------
 
@@ -476,6 +482,7 @@ class GenerationEngine:
                 pending.pop()
 
         while waiting or active:
+            started = time.perf_counter()  # phases are timed to the host sync in .tolist()
             if waiting and len(active) < slots:
                 group = self._take_group(requests, waiting, slots - len(active))
                 first = len(active)
@@ -485,6 +492,7 @@ class GenerationEngine:
                     self._note_oom("prefill", len(group))
                     raise
                 tokens = select_next(logits, sampling).tolist()
+                self.stats["prefill_s"] += time.perf_counter() - started
                 active += rows
                 pending += tokens
                 retire({first + j for j, (r, t) in enumerate(zip(rows, tokens, strict=True)) if record(r, t)})
@@ -495,11 +503,13 @@ class GenerationEngine:
                 self._note_oom("decode", len(active))
                 raise
             self.stats["decode_steps"] += 1
+            self.stats["decode_rows"] += len(active)
             for j, row in enumerate(active):
                 row.length += 1
                 if not row.long_rope and row.length > self.limit:
                     logits[j] = self._recompute(row, kv_all, j)
             tokens = select_next(logits, sampling).tolist()
+            self.stats["decode_s"] += time.perf_counter() - started
             pending = tokens
             retire({j for j, (r, t) in enumerate(zip(active, tokens, strict=True)) if record(r, t)})
         return outputs
@@ -527,8 +537,7 @@ class GenerationEngine:
         ids = torch.zeros((len(reqs), width), dtype=torch.long)
         for j, r in enumerate(reqs):
             ids[j, : lengths[j]] = torch.tensor(list(r.input_ids))
-        pixels = collate_images([r.image for r in reqs])
-        embeds = self.model.embed(ids.to(self.device), pixels.pixel_values, pixels.image_sizes)
+        embeds = self.model.embed_images(ids.to(self.device), [r.image for r in reqs])
         long_rope = [n > self.limit for n in lengths]
         slots = torch.arange(first, first + len(reqs), device=self.device)
         logits = self._prefill(embeds, lengths, long_rope, slots, kv_all)

@@ -9,12 +9,14 @@ embeddings. The language model is used unchanged (its own embedding table is the
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 from transformers import CLIPVisionModel, Phi3ForCausalLM
 
 from phicapd.model.configuration import Phi3VConfig
+from phicapd.model.processing import ProcessedImage
 
 CLIP_CHUNK = 64  # crops per CLIP call: bounds activation memory for big batches
 
@@ -110,7 +112,11 @@ class Phi3VForCausalLM(nn.Module):
         crop = pixel_values.shape[-1]
         grids = [(int(p) // crop, int(q) // crop) for p, q in image_sizes.tolist()]
         valid = torch.cat([pixel_values[k, : 1 + h * w] for k, (h, w) in enumerate(grids)])
-        merged = self.merged_crop_features(valid.to(self.device))
+        return self.crop_features(valid, grids)
+
+    def crop_features(self, crops: torch.Tensor, grids: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """``image_features`` from the valid crops only: [sum(1 + h*w), 3, 336, 336], images in order."""
+        merged = self.merged_crop_features(crops.to(self.device))
         glb = self.glb_GN.reshape(1, -1).to(merged.dtype)
         pieces, start = [], 0
         for h, w in grids:
@@ -143,7 +149,20 @@ class Phi3VForCausalLM(nn.Module):
         embeds = self.embed_tokens(input_ids.clamp(min=0))
         if pixel_values is None or image_sizes is None or not bool(image_mask.any()):
             return embeds
-        features = self.image_features(pixel_values, image_sizes)
+        return self.scatter_features(embeds, image_mask, self.image_features(pixel_values, image_sizes))
+
+    def embed_images(self, input_ids: torch.Tensor, images: Sequence[ProcessedImage]) -> torch.Tensor:
+        """``embed`` for preprocessed images, without building the zero-padded pixel tensor."""
+        image_mask = input_ids < 0
+        embeds = self.embed_tokens(input_ids.clamp(min=0))
+        if not images:
+            return embeds
+        features = self.crop_features(torch.cat([im.crops for im in images]), [im.grid for im in images])
+        return self.scatter_features(embeds, image_mask, features)
+
+    @staticmethod
+    def scatter_features(embeds: torch.Tensor, image_mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """Overwrite the placeholder positions (row-major) with the image tokens, in order."""
         if features.shape[0] != int(image_mask.sum()):
             raise ValueError(f"{int(image_mask.sum())} image placeholder tokens but {features.shape[0]} image features")
         return embeds.index_put((image_mask,), features.to(embeds.dtype))

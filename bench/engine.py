@@ -1,0 +1,258 @@
+"""Benchmark the generation engine against batch-1 baselines, all measured in the same run.
+
+    python bench/engine.py --device cpu --model tiny          # CI-sized, seconds
+    python bench/engine.py --device cuda --full-size-random   # Phi-3.5-vision shapes, random bf16 weights
+
+Workload: identical 3:2 photos (1500x1000) at ``--num-crops``, the default caption prompt,
+exactly ``--new-tokens`` new tokens (stop tokens ignored). Image preprocessing (the HD crops)
+is done once up front: in the daemon it runs in the CPU decode pool, off the GPU's path. Each
+timed figure covers vision tower + prefill + decode for every image.
+
+Rows:
+  * ``engine bN``: the static-cache engine with at most N rows in flight (continuous batching over
+    2N images, at least 4), after a warm-up that captures its CUDA graphs / compiles.
+  * ``loop b1``: the previous simple loop (``generation.generate``: dynamic cache, eager forward).
+  * ``HF generate b1``: transformers' ``generate`` on the same input embeddings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from phicapd.config import DEFAULT_PROMPT
+from phicapd.model.configuration import parse_config
+from phicapd.model.engine import EngineRequest, GenerationEngine
+from phicapd.model.generation import generate
+from phicapd.model.loading import _restore_buffers, build_model, load_model
+from phicapd.model.modeling import Phi3VForCausalLM
+from phicapd.model.processing import ProcessedImage, preprocess_image
+from phicapd.model.testmodel import TINY_CONFIG, build_tokenizer, make_test_model
+from phicapd.model.tokenizer import Phi3VTokenizer, build_prompt
+
+# Phi-3.5-vision-instruct's architecture (phi3v.md §1); no vision_config: ViT-L/14-336.
+FULL_SIZE = {
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32064,
+    "pad_token_id": 32000,
+    "img_processor": {**TINY_CONFIG["img_processor"], "image_dim_out": 1024},
+}
+
+
+@dataclass
+class Result:
+    name: str
+    batch: int
+    images: int
+    seconds: float
+    decode_ms_per_step: float | None = None
+    rows_per_step: float | None = None
+    peak_gib: float | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds
+
+
+def full_size_random(device: torch.device, dtype: torch.dtype) -> Phi3VForCausalLM:
+    """The full architecture with random weights, built directly on the device (no checkpoint)."""
+    raw = {k: v for k, v in TINY_CONFIG.items() if k != "vision_config"} | FULL_SIZE
+    gen = torch.Generator().manual_seed(0)
+    raw["rope_scaling"] = {
+        "type": "su",
+        "short_factor": (1.0 + torch.rand(48, generator=gen)).tolist(),
+        "long_factor": (4.0 + 60.0 * torch.rand(48, generator=gen)).tolist(),
+    }
+    model = build_model(parse_config(raw), "sdpa").to(dtype).to_empty(device=device)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or "layer_norm" in name or "layrnorm.weight" in name:
+                param.fill_(1.0)
+            elif param.dim() == 1:
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.02)
+    _restore_buffers(model, device)
+    return model.requires_grad_(False).eval()
+
+
+def tiny(device: torch.device, dtype: torch.dtype) -> Phi3VForCausalLM:
+    path = make_test_model(Path(tempfile.mkdtemp(prefix="phicapd-bench-")))
+    return load_model(path, device=device, dtype=dtype, attn_implementation="sdpa")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[[], object]) -> float:
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--model", default="tiny", help="'tiny' (default) or a checkpoint directory")
+    ap.add_argument("--full-size-random", action="store_true", help="Phi-3.5-vision shapes, random bf16 weights")
+    ap.add_argument("--num-crops", type=int, default=None, help="default 16 full size, 4 tiny")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--batches", default=None, help="comma-separated; default 1,4,8,16,32 (cpu) / 1,8,16,32,48")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step before CUDA-graph capture")
+    ap.add_argument("--baseline-images", type=int, default=None, help="images per batch-1 baseline (default 4/2)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.device == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    full = args.full_size_random
+    if full:
+        model = full_size_random(device, dtype)
+    elif args.model == "tiny":
+        model = tiny(device, dtype)
+    else:
+        model = load_model(Path(args.model), device=device, dtype=dtype, attn_implementation="sdpa")
+    num_crops = args.num_crops or (16 if full else 4)
+    default_batches = "1,8,16,32,48" if device.type == "cuda" else "1,4,8,16,32"
+    batches = [int(b) for b in (args.batches or default_batches).split(",")]
+    n_base = args.baseline_images or (2 if device.type == "cuda" else 4)
+
+    tokenizer = Phi3VTokenizer(build_tokenizer(), {}, add_bos=True)
+    image: ProcessedImage = preprocess_image(Image.new("RGB", (1500, 1000), (90, 120, 150)), num_crops)
+    ids = tokenizer.encode_prompt(build_prompt(DEFAULT_PROMPT), [image.num_tokens])
+    new = args.new_tokens
+    request = EngineRequest(ids, image, new)
+    no_stops: frozenset[int] = frozenset()
+    print(f"# {hardware(device)}")
+    params = sum(p.numel() for p in model.parameters())
+    name = "full-size random bf16" if full else args.model
+    print(f"# model: {name} ({params / 1e6:.1f} M params), num_crops {num_crops}, prompt {len(ids)} tokens")
+    print(f"# {new} new tokens per image, stop tokens ignored; preprocessing done once, outside the timings")
+
+    def embeds() -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = torch.tensor([ids], device=device)
+        return model.embed_images(input_ids, [image]), torch.ones_like(input_ids)
+
+    def loop_b1() -> None:
+        for _ in range(n_base):
+            e, mask = embeds()
+            generate(model.language_model, e, mask, [new], no_stops, 0)
+
+    def hf_generate_b1() -> None:
+        for _ in range(n_base):
+            e, mask = embeds()
+            out = model.language_model.generate(
+                inputs_embeds=e,
+                attention_mask=mask,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_id,
+            )
+            assert out.shape[-1] >= new
+
+    results: list[Result] = []
+    ctx = GenerationEngine.ctx_for(len(ids) + new)
+    engine = GenerationEngine(
+        model, max_slots=max(batches), compile=args.compile, pool_tokens=max(batches) * ctx, prefill_tokens=8192
+    )
+    with torch.inference_mode():
+        # Warm-up outside the timings: kernels, allocator, and (CUDA) graphs / compilation.
+        engine.warm_up(ctx, max(batches))
+        engine.generate([request], no_stops)
+        for name, fn in (("loop b1", loop_b1), ("HF generate b1", hf_generate_b1)):
+            n_warm, n_base = n_base, 1
+            fn()
+            n_base = n_warm
+            results.append(Result(name, 1, n_base, timed(device, fn)))
+            print(f"  measured {name}: {n_base / results[-1].seconds:.3f} img/s", flush=True)
+        for batch in batches:
+            engine.max_slots = batch
+            engine.warm_up(ctx, batch)
+            engine.reset_stats()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            n = max(2 * batch, 4)
+            seconds = timed(device, lambda n=n: engine.generate([request] * n, no_stops))
+            s = engine.stats
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+            results.append(
+                Result(
+                    f"engine b{batch}",
+                    batch,
+                    n,
+                    seconds,
+                    decode_ms_per_step=1000 * s["decode_s"] / max(1, s["decode_steps"]),
+                    rows_per_step=s["decode_rows"] / max(1, s["decode_steps"]),
+                    peak_gib=peak,
+                )
+            )
+            print(f"  measured engine b{batch}: {n / seconds:.3f} img/s", flush=True)
+
+    engines = [r for r in results if r.name.startswith("engine")]
+    b1 = next(r for r in engines if r.batch == 1) if any(r.batch == 1 for r in engines) else engines[0]
+    best = max(engines, key=lambda r: r.rate)
+    loop, hf = results[0], results[1]
+    print()
+    print(f"decode: {engine.describe()['decode']}; KV pool {engine.pool.nbytes / 2**30 if engine.pool else 0:.2f} GiB")
+    header = (
+        f"{'config':<16} {'images':>6} {'img/s':>9} {'ms/img':>9} {'decode ms/step':>15} {'rows/step':>9}"
+        f" {'peak GiB':>9} {'x engine b1':>11} {'x HF b1':>8}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        step = f"{r.decode_ms_per_step:.2f}" if r.decode_ms_per_step is not None else "-"
+        rows = f"{r.rows_per_step:.1f}" if r.rows_per_step is not None else "-"
+        peak = f"{r.peak_gib:.1f}" if r.peak_gib is not None else "-"
+        print(
+            f"{r.name:<16} {r.images:>6} {r.rate:>9.3f} {1000 / r.rate:>9.1f} {step:>15} {rows:>9} {peak:>9}"
+            f" {r.rate / b1.rate:>11.2f} {r.rate / hf.rate:>8.2f}"
+        )
+    print()
+    print(f"best engine batch ({best.name}) vs engine b1: {best.rate / b1.rate:.2f}x")
+    print(f"best engine batch vs HF generate b1: {best.rate / hf.rate:.2f}x")
+    print(f"best engine batch vs the previous loop b1: {best.rate / loop.rate:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps([vars(r) | {"img_per_s": r.rate} for r in results], indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
