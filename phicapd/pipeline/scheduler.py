@@ -132,6 +132,7 @@ class Scheduler:
         # disk until their batch starts, so a crash only counts an attempt against the images
         # that were actually on the model.
         self._claimed: set[int] = set()
+        self._waiting: set[Future[Caption]] = set()  # interactive requests not answered yet
         self._wake_feeder = threading.Event()
         self._stopping = threading.Event()
         self._paused = False
@@ -178,16 +179,14 @@ class Scheduler:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._io_pool.shutdown(wait=True)
         with self._cond:
-            leftovers = list(self._interactive)
+            waiting = list(self._waiting)
             self._interactive.clear()
             self._background.clear()
             unfinished = list(self._claimed)
             self._claimed.clear()
-        for item in leftovers:
-            if item.future and not item.future.done():
-                item.future.set_exception(
-                    PhicapError("the daemon is shutting down", code="shutting_down", retryable=True)
-                )
+        for future in waiting:  # requests still decoding or queued: answer them now
+            if not future.done():
+                future.set_exception(PhicapError("the daemon is shutting down", code="shutting_down", retryable=True))
         if unfinished:
             self.store.release(unfinished)
             log.info("handed back unfinished jobs", jobs=len(unfinished))
@@ -214,6 +213,9 @@ class Scheduler:
     ) -> Future[Caption]:
         """Caption image bytes in the interactive lane. The future fails with a ``PhicapError``."""
         future: Future[Caption] = Future()
+        with self._cond:
+            self._waiting.add(future)
+        future.add_done_callback(self._forget_future)
         if self._stopping.is_set():
             future.set_exception(PhicapError("the daemon is shutting down", code="shutting_down", retryable=True))
             return future
@@ -239,6 +241,10 @@ class Scheduler:
 
         self._pool.submit(decode)
         return future
+
+    def _forget_future(self, future: Future[Caption]) -> None:
+        with self._cond:
+            self._waiting.discard(future)
 
     # -- feeder: journal -> decode pool -> background lane -------------------------------------
 
@@ -332,7 +338,9 @@ class Scheduler:
                     return []
                 self.last_progress = time.monotonic()
                 self._cond.wait(0.5)
-            if self._stopping.is_set() and not self._interactive:
+            if self._stopping.is_set():
+                # Stopping: the batch on the model finishes, nothing new starts; queued requests
+                # get a retryable "shutting_down" and queued jobs go back to the journal.
                 return []
             deadline = time.monotonic() + self.window
             while (

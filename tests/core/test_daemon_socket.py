@@ -191,3 +191,20 @@ def test_a_model_that_fails_to_load_stops_the_daemon_cleanly(tmp_path: Path) -> 
     assert err.value.code == "model_load_failed"
     assert daemon.state == "stopping"
     assert not settings.control.socket.exists()
+
+
+def test_shutdown_finishes_the_batch_on_the_model_and_answers_queued_requests(tmp_path: Path) -> None:
+    from phicapd.errors import PhicapError
+
+    fake = FakeCaptioner(max_batch=1, latency=1.0)
+    settings = settings_for(tmp_path, [], extra="[model]\nmax_batch = 1\n")
+    with running_daemon(settings, fake) as daemon:
+        first = daemon.scheduler.submit(_png(unique_image(1)), name="first.png")
+        wait_for(lambda: daemon.scheduler.busy_since is not None, 10, "the first request on the model")
+        queued = [daemon.scheduler.submit(_png(unique_image(i)), name=f"q{i}.png") for i in range(2, 5)]
+        daemon.request_stop()
+        assert first.result(timeout=10).text.startswith("A 8x8 ")
+        for future in queued:
+            with pytest.raises(PhicapError) as err:
+                future.result(timeout=10)
+            assert err.value.code == "shutting_down" and err.value.retryable
