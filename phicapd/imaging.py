@@ -19,6 +19,7 @@ Error codes (``ImageError.code``):
 code                        meaning                                                         retryable
 =========================== =============================================================== =========
 ``image_unreadable``        the file could not be opened/read, or is not a regular file     no
+``image_missing``           the file no longer exists                                       no
 ``image_empty``             zero bytes                                                      no
 ``image_too_large``         more bytes than ``max_file_bytes``                              no
 ``image_format_unsupported`` not an image in an allowed format (text, EPS, PDF, SVG, ...)   no
@@ -57,7 +58,9 @@ _REFUSED_SIGNATURES = (
 )
 
 # Failures a file that is still being written can produce; worth retrying while it is young.
-_PARTIAL_WRITE_CODES = frozenset({"image_empty", "image_truncated", "image_corrupt", "image_format_unsupported"})
+_PARTIAL_WRITE_CODES = frozenset({"image_empty", "image_truncated", "image_corrupt"})
+# Shorter than any format's signature: unrecognisable only because the writer is not done yet.
+_SHORTER_THAN_A_HEADER = 64
 
 _ORIENTATION_TRANSPOSE = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
@@ -243,13 +246,15 @@ def decode_image(data: bytes, *, name: str, settings: ImagingSettings) -> Image.
     return rgb.transpose(transpose) if transpose is not None else rgb
 
 
-def _read_capped(path: Path, max_bytes: int) -> tuple[bytes, float]:
-    """Read a regular file, at most ``max_bytes``; return its bytes and mtime."""
+def read_file(path: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
+    """Read a regular file, at most ``max_bytes``; return its bytes and the stat of what was read."""
     name = str(path)
     # O_NONBLOCK: opening a FIFO must not hang waiting for a writer; fstat then refuses it.
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     try:
         fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise _fail(name, "image_missing", "the file no longer exists") from None
     except OSError as e:
         raise _fail(name, "image_unreadable", f"cannot open ({e.strerror})") from None
     try:
@@ -266,22 +271,32 @@ def _read_capped(path: Path, max_bytes: int) -> tuple[bytes, float]:
         os.close(fd)
     if len(data) > max_bytes:
         raise _fail(name, "image_too_large", f"more than {max_bytes} bytes")
-    return data, st.st_mtime
+    return data, st
 
 
 def decode_file(path: Path, settings: ImagingSettings, *, min_age_seconds: float = 0) -> Image.Image:
-    """Read and decode the regular file at ``path`` (see ``decode_image``).
+    """Read and decode the regular file at ``path`` (see ``decode_image`` and ``decode_read``)."""
+    data, st = read_file(path, settings.max_file_bytes)
+    return decode_read(data, path, st.st_mtime, settings, min_age_seconds=min_age_seconds)
+
+
+def decode_read(
+    data: bytes, path: Path, mtime: float, settings: ImagingSettings, *, min_age_seconds: float = 0
+) -> Image.Image:
+    """Decode bytes read from ``path`` (last modified at ``mtime``).
 
     A file modified less than ``min_age_seconds`` ago that fails the way a partial write would
-    (empty, truncated, unrecognisable) raises the retryable ``image_incomplete`` instead: it may
-    still be being written.
+    (empty, truncated, corrupt, or too short to recognise) raises the retryable
+    ``image_incomplete`` instead: it may still be being written.
     """
-    data, mtime = _read_capped(path, settings.max_file_bytes)
     try:
         return decode_image(data, name=str(path), settings=settings)
     except ImageError as e:
         age = time.time() - mtime
-        if e.code in _PARTIAL_WRITE_CODES and age < min_age_seconds:
+        looks_partial = e.code in _PARTIAL_WRITE_CODES or (
+            e.code == "image_format_unsupported" and len(data) < _SHORTER_THAN_A_HEADER
+        )
+        if looks_partial and age < min_age_seconds:
             raise _fail(
                 str(path),
                 "image_incomplete",

@@ -158,7 +158,7 @@ def test_bad_files_are_recorded_and_never_block_the_rest(tmp_path: Path) -> None
     settings = settings_for(tmp_path, [root])
     with running_daemon(settings, fake) as daemon:
         (root / "empty.jpg").write_bytes(b"")
-        (root / "text.png").write_text("not an image at all")
+        (root / "text.png").write_text("these are notes, not an image at all\n" * 10)
         for i in range(10):
             write_unique_png(root / f"ok{i}.png", i)
         wait_for(lambda: len(_sidecars(root)) == 10, 30, "the good images")

@@ -300,11 +300,26 @@ def test_decode_file_refuses_non_regular_and_missing_files(tmp_path: Path, setti
     os.mkfifo(fifo)
     folder = tmp_path / "folder.jpg"
     folder.mkdir()
-    for path in (fifo, folder, tmp_path / "missing.jpg"):
+    for path, code in (
+        (fifo, "image_unreadable"),
+        (folder, "image_unreadable"),
+        (tmp_path / "gone.jpg", "image_missing"),
+    ):
         with pytest.raises(ImageError) as info:
             decode_file(path, settings)  # a FIFO must not block waiting for a writer
-        assert info.value.code == "image_unreadable"
+        assert info.value.code == code
         assert str(path) in str(info.value)
+
+
+def test_young_partial_writes_are_retryable_young_garbage_is_not(tmp_path: Path, settings: ImagingSettings):
+    partial = _write(tmp_path / "partial.png", b"\x89PNG")  # a writer that has only just started
+    with pytest.raises(ImageError) as info:
+        decode_file(partial, settings, min_age_seconds=30)
+    assert info.value.code == "image_incomplete" and info.value.retryable
+    garbage = _write(tmp_path / "notes.png", b"this is a text file, not a picture\n" * 4)
+    with pytest.raises(ImageError) as info:
+        decode_file(garbage, settings, min_age_seconds=30)
+    assert info.value.code == "image_format_unsupported" and not info.value.retryable
 
 
 def test_decode_file_size_cap_before_reading(tmp_path: Path):
