@@ -79,7 +79,14 @@ def full_size_random(device: torch.device, dtype: torch.dtype) -> Phi3VForCausal
         "short_factor": (1.0 + torch.rand(48, generator=gen)).tolist(),
         "long_factor": (4.0 + 60.0 * torch.rand(48, generator=gen)).tolist(),
     }
-    model = build_model(parse_config(raw), "sdpa").to(dtype).to_empty(device=device)
+    meta = build_model(parse_config(raw), "sdpa").to(dtype)
+    # Keep buffers on meta so that _restore_buffers recreates them (to_empty leaves garbage).
+    buffers = {name for name, _ in meta.named_buffers()}
+    model = meta.to_empty(device=device)
+    for name in buffers:
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        setattr(module, attr, torch.empty_like(getattr(module, attr), device="meta"))
     torch.manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
