@@ -210,11 +210,13 @@ def main(argv: list[str] | None = None) -> int:
             results.append(Result(name, 1, n_base, timed(device, fn)))
             print(f"  measured {name}: {n_base / results[-1].seconds:.3f} img/s", flush=True)
         for batch in batches:
+            # A pool of exactly ``batch`` rows, so that the peak memory is this batch's own.
             engine.max_slots = batch
-            engine.warm_up(ctx, batch)
-            engine.reset_stats()
+            engine.set_pool_tokens(batch * ctx)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+            engine.warm_up(ctx, batch)
+            engine.reset_stats()
             n = max(2 * batch, 4)
             seconds = timed(device, lambda n=n: engine.generate([request] * n, no_stops))
             s = engine.stats
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     best = max(engines, key=lambda r: r.rate)
     loop, hf = results[0], results[1]
     print()
-    print(f"decode: {engine.describe()['decode']}; KV pool {engine.pool.nbytes / 2**30 if engine.pool else 0:.2f} GiB")
+    print(f"decode: {engine.describe()['decode']}; KV cache {engine.bytes_per_token} bytes/token, ctx {ctx}")
     header = (
         f"{'config':<16} {'images':>6} {'img/s':>9} {'ms/img':>9} {'decode ms/step':>15} {'rows/step':>9}"
         f" {'peak GiB':>9} {'x engine b1':>11} {'x HF b1':>8}"

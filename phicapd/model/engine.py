@@ -225,6 +225,11 @@ class GenerationEngine:
         log.info("KV pool: %d tokens, %.2f GiB", want, self.pool.nbytes / 2**30)
         return self.pool
 
+    def set_pool_tokens(self, tokens: int | None) -> None:
+        """Fix the KV pool size (None: from free memory on CUDA, on demand on the CPU)."""
+        self.release()
+        self._pool_tokens = tokens
+
     def release(self) -> None:
         """Drop the pool and the captured graphs (their buffers point into the pool)."""
         self._graphs.clear()
