@@ -106,7 +106,7 @@ def test_socket_request_is_answered_ahead_of_a_running_backlog(tmp_path: Path) -
             assert reply.caption.startswith("A 32x32 ")
         remaining = daemon.store.counts()["pending"]
     # Each answer waits for at most the batch already on the model plus its own.
-    assert max(latencies) < 0.6, latencies
+    assert max(latencies) < 1.0, latencies  # the backlog behind them is ~2 s of model time
     assert remaining > 0, "the backlog should still have been running"
 
 
