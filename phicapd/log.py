@@ -51,6 +51,8 @@ def configure_logging(fmt: Format = "auto", level: str = "info", stream: TextIO 
 
     structlog.configure(
         processors=[
+            # Drop below-level events before any other processor spends time on them.
+            structlog.stdlib.filter_by_level,
             *shared,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
