@@ -72,6 +72,54 @@ class _Outcome:
     error: PhicapError | None = None
 
 
+class SiblingCache:
+    """The writer's naming index per directory, reused while the directory is unchanged.
+
+    Listing a directory of 100,000 images for every batch would cost more than captioning it on
+    a fast GPU. A directory's mtime changes whenever an entry is added, removed or renamed; the
+    cached listing stays valid as long as the only such changes were our own sidecar writes.
+    """
+
+    def __init__(self, list_images: ListImages, size: int = 1024) -> None:
+        self._list_images = list_images
+        self._size = size
+        self._entries: collections.OrderedDict[Path, tuple[int, SiblingIndex]] = collections.OrderedDict()
+
+    def get(self, directory: Path, root: WatchRoot) -> SiblingIndex:
+        mtime = _mtime_ns(directory)
+        cached = self._entries.get(directory)
+        if cached is not None and mtime is not None and cached[0] == mtime:
+            self._entries.move_to_end(directory)
+            return cached[1]
+        index = SiblingIndex(self._list_images(directory, root))
+        if mtime is not None:
+            self._entries[directory] = (mtime, index)
+            if len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+        return index
+
+    def unchanged(self, directory: Path) -> bool:
+        cached = self._entries.get(directory)
+        return cached is not None and cached[0] == _mtime_ns(directory)
+
+    def wrote(self, directory: Path, *, unchanged_before: bool) -> None:
+        """We just wrote sidecars (not images) in ``directory``. If nothing else had changed it
+        since it was listed, the listing of its images is still right; otherwise forget it."""
+        cached = self._entries.get(directory)
+        mtime = _mtime_ns(directory)
+        if cached is not None and unchanged_before and mtime is not None:
+            self._entries[directory] = (mtime, cached[1])
+        else:
+            self._entries.pop(directory, None)
+
+
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 class Throughput:
     """Captions per second over a sliding window, for status and the watchdog's STATUS= line."""
 
@@ -140,6 +188,7 @@ class Scheduler:
         # fsync releases the GIL: a few threads let the disk overlap a group's sidecar writes.
         self._io_pool = ThreadPoolExecutor(4, thread_name_prefix="phicapd-write")
         self._writes: collections.deque[list[_Outcome]] = collections.deque()
+        self._siblings = SiblingCache(list_images)
         self._write_cond = threading.Condition()
         self._threads: list[threading.Thread] = []
 
@@ -435,7 +484,6 @@ class Scheduler:
     def _write(self, outcomes: list[_Outcome]) -> None:
         # Plan every sidecar (path, text) first, write them as one group, then record the group
         # in one journal transaction: the caption is on disk before the journal says "done".
-        listings: dict[tuple[Path, Path], SiblingIndex] = {}
         planned: list[tuple[_Outcome, Path, str]] = []
         for o in outcomes:
             job, root, decoded = o.item.job, o.item.root, o.item.decoded
@@ -447,12 +495,12 @@ class Scheduler:
                     f"{job.path}: the image changed while it was captioned", code="image_changed", retryable=True
                 )
                 continue
-            key = (job.path.parent, root.path)
-            if key not in listings:
-                listings[key] = SiblingIndex(self._list_images(job.path.parent, root))
-            sidecar = listings[key].sidecar_for(job.path, self.settings.sidecar.extension)
+            sidecar = self._siblings.get(job.path.parent, root).sidecar_for(job.path, self.settings.sidecar.extension)
             planned.append((o, sidecar, decorate(o.caption.text, root.prefix, root.suffix)))
+        directories = {path.parent: self._siblings.unchanged(path.parent) for _, path, _ in planned}
         errors = write_sidecars([(path, text) for _, path, text in planned], self._io_pool)
+        for directory, unchanged in directories.items():
+            self._siblings.wrote(directory, unchanged_before=unchanged)
         written: dict[int, Path] = {}
         for (o, path, _), error in zip(planned, errors, strict=True):
             if error is None:

@@ -65,3 +65,30 @@ def test_stale_temps_of_dead_writers_are_removed_live_ones_kept(tmp_path: Path) 
     live.write_text("x")
     assert sc.remove_stale_temps(tmp_path) == 1
     assert not dead.exists() and live.exists()
+
+
+def test_sibling_cache_lists_once_until_a_foreign_change(tmp_path: Path) -> None:
+    from phicapd.config import WatchRoot
+    from phicapd.pipeline.paths import list_images
+    from phicapd.pipeline.scheduler import SiblingCache
+
+    calls: list[Path] = []
+
+    def counting(directory: Path, root: WatchRoot) -> list[str]:
+        calls.append(directory)
+        return list_images(directory, root)
+
+    root = WatchRoot(path=tmp_path)
+    (tmp_path / "photo.jpg").write_bytes(b"x")
+    cache = SiblingCache(counting)
+    assert cache.get(tmp_path, root).sidecar_for(tmp_path / "photo.jpg") == tmp_path / "photo.txt"
+    unchanged = cache.unchanged(tmp_path)
+    sc.write_sidecar(tmp_path / "photo.txt", "ours")
+    os.utime(tmp_path, ns=(1, 10**18))  # our write moved the directory's mtime
+    cache.wrote(tmp_path, unchanged_before=unchanged)
+    cache.get(tmp_path, root)
+    assert len(calls) == 1  # our own sidecar did not force a new listing
+    (tmp_path / "photo.bmp").write_bytes(b"x")  # a foreign image with the same stem, sorting first
+    os.utime(tmp_path, ns=(1, 2 * 10**18))
+    assert cache.get(tmp_path, root).sidecar_for(tmp_path / "photo.jpg") == tmp_path / "photo.jpg.txt"
+    assert len(calls) == 2
