@@ -33,7 +33,7 @@ from phicapd.config import Settings, WatchRoot
 from phicapd.errors import CaptionError, PhicapError
 from phicapd.log import get_logger
 from phicapd.pipeline.jobs import Failure, Fingerprint, Job, JobStore, Success
-from phicapd.pipeline.sidecar import SiblingIndex, is_up_to_date, sidecar_for, write_sidecars
+from phicapd.pipeline.sidecar import SiblingCache, is_up_to_date, sidecar_for, write_sidecars
 
 log = get_logger(__name__)
 
@@ -70,54 +70,6 @@ class _Outcome:
     item: _Item
     caption: Caption | None = None
     error: PhicapError | None = None
-
-
-class SiblingCache:
-    """The writer's naming index per directory, reused while the directory is unchanged.
-
-    Listing a directory of 100,000 images for every batch would cost more than captioning it on
-    a fast GPU. A directory's mtime changes whenever an entry is added, removed or renamed; the
-    cached listing stays valid as long as the only such changes were our own sidecar writes.
-    """
-
-    def __init__(self, list_images: ListImages, size: int = 1024) -> None:
-        self._list_images = list_images
-        self._size = size
-        self._entries: collections.OrderedDict[Path, tuple[int, SiblingIndex]] = collections.OrderedDict()
-
-    def get(self, directory: Path, root: WatchRoot) -> SiblingIndex:
-        mtime = _mtime_ns(directory)
-        cached = self._entries.get(directory)
-        if cached is not None and mtime is not None and cached[0] == mtime:
-            self._entries.move_to_end(directory)
-            return cached[1]
-        index = SiblingIndex(self._list_images(directory, root))
-        if mtime is not None:
-            self._entries[directory] = (mtime, index)
-            if len(self._entries) > self._size:
-                self._entries.popitem(last=False)
-        return index
-
-    def unchanged(self, directory: Path) -> bool:
-        cached = self._entries.get(directory)
-        return cached is not None and cached[0] == _mtime_ns(directory)
-
-    def wrote(self, directory: Path, *, unchanged_before: bool) -> None:
-        """We just wrote sidecars (not images) in ``directory``. If nothing else had changed it
-        since it was listed, the listing of its images is still right; otherwise forget it."""
-        cached = self._entries.get(directory)
-        mtime = _mtime_ns(directory)
-        if cached is not None and unchanged_before and mtime is not None:
-            self._entries[directory] = (mtime, cached[1])
-        else:
-            self._entries.pop(directory, None)
-
-
-def _mtime_ns(path: Path) -> int | None:
-    try:
-        return path.stat().st_mtime_ns
-    except OSError:
-        return None
 
 
 class Throughput:

@@ -14,12 +14,14 @@ either the old caption or the new one, never half a file.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
+from typing import Any
 
 TEMP_MARKER = ".phicapd-"
 TEMP_SUFFIX = ".tmp"
@@ -42,6 +44,54 @@ class SiblingIndex:
         if first < image.name:
             return image.with_name(image.name + extension)
         return image.with_name(stem + extension)
+
+
+class SiblingCache:
+    """The writer's naming index per directory, reused while the directory is unchanged.
+
+    Listing a directory of 100,000 images for every batch would cost more than captioning it on
+    a fast GPU. A directory's mtime changes whenever an entry is added, removed or renamed; the
+    cached listing stays valid as long as the only such changes were our own sidecar writes.
+    """
+
+    def __init__(self, list_images: Callable[[Path, Any], list[str]], size: int = 1024) -> None:
+        self._list_images = list_images
+        self._size = size
+        self._entries: collections.OrderedDict[Path, tuple[int, SiblingIndex]] = collections.OrderedDict()
+
+    def get(self, directory: Path, root: Any) -> SiblingIndex:
+        mtime = _mtime_ns(directory)
+        cached = self._entries.get(directory)
+        if cached is not None and mtime is not None and cached[0] == mtime:
+            self._entries.move_to_end(directory)
+            return cached[1]
+        index = SiblingIndex(self._list_images(directory, root))
+        if mtime is not None:
+            self._entries[directory] = (mtime, index)
+            if len(self._entries) > self._size:
+                self._entries.popitem(last=False)
+        return index
+
+    def unchanged(self, directory: Path) -> bool:
+        cached = self._entries.get(directory)
+        return cached is not None and cached[0] == _mtime_ns(directory)
+
+    def wrote(self, directory: Path, *, unchanged_before: bool) -> None:
+        """We just wrote sidecars (not images) in ``directory``. If nothing else had changed it
+        since it was listed, the listing of its images is still right; otherwise forget it."""
+        cached = self._entries.get(directory)
+        mtime = _mtime_ns(directory)
+        if cached is not None and unchanged_before and mtime is not None:
+            self._entries[directory] = (mtime, cached[1])
+        else:
+            self._entries.pop(directory, None)
+
+
+def _mtime_ns(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def sidecar_for(image: Path, siblings: Iterable[str], extension: str = ".txt") -> Path:

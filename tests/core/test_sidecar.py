@@ -70,7 +70,7 @@ def test_stale_temps_of_dead_writers_are_removed_live_ones_kept(tmp_path: Path) 
 def test_sibling_cache_lists_once_until_a_foreign_change(tmp_path: Path) -> None:
     from phicapd.config import WatchRoot
     from phicapd.pipeline.paths import list_images
-    from phicapd.pipeline.scheduler import SiblingCache
+    from phicapd.pipeline.sidecar import SiblingCache
 
     calls: list[Path] = []
 
