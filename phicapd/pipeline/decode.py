@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -11,7 +13,19 @@ from phicapd.config import ImagingSettings
 from phicapd.errors import ImageError
 from phicapd.imaging import decode_image, decode_read, read_file
 from phicapd.pipeline.jobs import Fingerprint
-from phicapd.pipeline.scheduler import DecodeBytes, Decoded, DecodeFile
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """An image read from disk, ready for the model."""
+
+    image: Image.Image
+    sha256: str
+    fingerprint: Fingerprint
+
+
+DecodeFile = Callable[[Path], Decoded]
+DecodeBytes = Callable[[bytes, str], Image.Image]
 
 # A file this young that looks cut off may still be being written: retry it instead of failing it.
 YOUNG_SECONDS = 30.0
@@ -35,3 +49,12 @@ def make_decoders(settings: ImagingSettings) -> tuple[DecodeFile, DecodeBytes]:
         return decode_image(data, name=name, settings=settings)
 
     return decode_file, decode_bytes
+
+
+def fingerprint_of(path: Path) -> Fingerprint | None:
+    """The image's fingerprint now, or None if it is gone."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return Fingerprint(st.st_size, st.st_mtime_ns, st.st_ino)

@@ -10,8 +10,8 @@ r"""The scheduler: two lanes into one GPU worker, with decoding ahead of it and 
 * Images are decoded (and fingerprinted) in a CPU pool ahead of the worker. At most
   ``prefetch`` background images are claimed from the journal at once; the rest of the backlog
   waits on disk, so memory is bounded whatever its size.
-* A writer thread writes sidecars and records results in the journal in groups, so fsyncs
-  never hold up the GPU.
+* The writer (``writer.py``) writes sidecars and records results in the journal in groups, so
+  fsyncs never hold up the GPU.
 * A batch that fails is retried image by image, so one bad image cannot fail its neighbours.
 """
 
@@ -28,27 +28,18 @@ from typing import Any
 
 from PIL import Image
 
-from phicapd.captioner import Caption, Captioner, CaptionRequest, decorate, preparer
+from phicapd.captioner import Caption, Captioner, CaptionRequest, preparer
 from phicapd.config import Settings, WatchRoot
 from phicapd.errors import CaptionError, PhicapError
 from phicapd.log import get_logger
-from phicapd.pipeline.jobs import Failure, Fingerprint, Job, JobStore, Success
-from phicapd.pipeline.sidecar import SiblingCache, is_up_to_date, sidecar_for, write_sidecars
+from phicapd.pipeline.decode import DecodeBytes, Decoded, DecodeFile
+from phicapd.pipeline.jobs import Job, JobStore
+from phicapd.pipeline.sidecar import is_up_to_date, sidecar_for
+from phicapd.pipeline.writer import Finished, SidecarWriter
 
 log = get_logger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class Decoded:
-    """An image read from disk, ready for the model."""
-
-    image: Image.Image
-    sha256: str
-    fingerprint: Fingerprint
-
-
-DecodeFile = Callable[[Path], Decoded]
-DecodeBytes = Callable[[bytes, str], Image.Image]
 ListImages = Callable[[Path, WatchRoot], list[str]]
 
 
@@ -67,9 +58,25 @@ class _Item:
 
 @dataclass(slots=True)
 class _Outcome:
+    """What the model made of one item."""
+
     item: _Item
     caption: Caption | None = None
     error: PhicapError | None = None
+
+    def finished(self) -> Finished:
+        item = self.item
+        assert item.job is not None
+        return Finished(
+            item.job,
+            item.root,
+            item.decoded,
+            item.request.prompt,
+            item.accepted,
+            item.batch_size,
+            self.caption,
+            self.error,
+        )
 
 
 class Throughput:
@@ -137,15 +144,10 @@ class Scheduler:
         self._stopping = threading.Event()
         self._paused = False
         self._pool = ThreadPoolExecutor(settings.scheduler.decode_workers, thread_name_prefix="phicapd-decode")
-        # fsync releases the GIL: a few threads let the disk overlap a group's sidecar writes.
-        self._io_pool = ThreadPoolExecutor(4, thread_name_prefix="phicapd-write")
-        self._writes: collections.deque[list[_Outcome]] = collections.deque()
-        self._siblings = SiblingCache(list_images)
-        self._write_cond = threading.Condition()
+        self.writer = SidecarWriter(settings, store, captioner.identity, list_images, self._recorded)
         self._threads: list[threading.Thread] = []
 
         self.throughput = Throughput()
-        self.recent_failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
         self.batches = 0
         self.busy_since: float | None = None
         self.last_progress = time.monotonic()
@@ -156,11 +158,11 @@ class Scheduler:
         for name, target in (
             ("phicapd-gpu", self._worker_loop),
             ("phicapd-feeder", self._feeder_loop),
-            ("phicapd-writer", self._writer_loop),
         ):
             t = threading.Thread(target=target, name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        self.writer.start()
 
     def stop(self, grace: float = 30.0) -> None:
         """Stop taking work, let the batch on the GPU finish (up to ``grace`` s), hand the rest back."""
@@ -170,15 +172,9 @@ class Scheduler:
             self._cond.notify_all()
         deadline = time.monotonic() + grace
         for t in self._threads:
-            if t.name != "phicapd-writer":
-                t.join(max(0.0, deadline - time.monotonic()))
-        with self._write_cond:
-            self._write_cond.notify_all()
-        for t in self._threads:
-            if t.name == "phicapd-writer":
-                t.join(max(1.0, deadline - time.monotonic()))
+            t.join(max(0.0, deadline - time.monotonic()))
+        self.writer.stop(max(1.0, deadline - time.monotonic()))
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._io_pool.shutdown(wait=True)
         with self._cond:
             waiting = list(self._waiting)
             self._interactive.clear()
@@ -326,8 +322,7 @@ class Scheduler:
                 self._claimed.discard(job.id)
             log.info("job", path=str(job.path), outcome="gone")
         elif error is not None:
-            placeholder = _Item(CaptionRequest(Image.new("RGB", (1, 1)), "", 1), job=job, root=root)
-            self._queue_writes([_Outcome(placeholder, error=error)])
+            self.writer.submit([Finished(job, root, None, "", time.monotonic(), error=error)])
         self._wake_feeder.set()
 
     # -- the GPU worker ------------------------------------------------------------------------
@@ -385,7 +380,7 @@ class Scheduler:
             if interactive:
                 self.throughput.add(sum(1 for o in interactive if o.caption))
             if background:
-                self._queue_writes(background)
+                self.writer.submit([o.finished() for o in background])
 
     def _caption(self, batch: list[_Item]) -> list[Caption]:
         jobs = [i.job.id for i in batch if i.job is not None]
@@ -409,118 +404,16 @@ class Scheduler:
             log.warning("batch failed, retrying images one by one", batch=len(batch), error=str(e))
         return [self._run_batch([item])[0] for item in batch]
 
-    # -- the writer: sidecars + journal --------------------------------------------------------
-
-    def _queue_writes(self, outcomes: list[_Outcome]) -> None:
-        with self._write_cond:
-            self._writes.append(outcomes)
-            self._write_cond.notify()
-
-    def _writer_loop(self) -> None:
-        while True:
-            with self._write_cond:
-                while not self._writes:
-                    if self._stopping.is_set() and not any(
-                        t.is_alive() for t in self._threads if t.name == "phicapd-gpu"
-                    ):
-                        return
-                    self._write_cond.wait(0.5)
-                groups = list(self._writes)
-                self._writes.clear()
-            outcomes = [o for g in groups for o in g]
-            try:
-                self._write(outcomes)
-            except Exception:
-                log.exception("writer failed; the jobs stay in the journal and are retried")
-
-    def _write(self, outcomes: list[_Outcome]) -> None:
-        # Plan every sidecar (path, text) first, write them as one group, then record the group
-        # in one journal transaction: the caption is on disk before the journal says "done".
-        planned: list[tuple[_Outcome, Path, str]] = []
-        for o in outcomes:
-            job, root, decoded = o.item.job, o.item.root, o.item.decoded
-            assert job is not None
-            if o.error is not None or o.caption is None or root is None or decoded is None:
-                continue
-            if _fingerprint_of(job.path) != decoded.fingerprint:
-                o.error = PhicapError(
-                    f"{job.path}: the image changed while it was captioned", code="image_changed", retryable=True
-                )
-                continue
-            sidecar = self._siblings.get(job.path.parent, root).sidecar_for(job.path, self.settings.sidecar.extension)
-            planned.append((o, sidecar, decorate(o.caption.text, root.prefix, root.suffix)))
-        directories = {path.parent: self._siblings.unchanged(path.parent) for _, path, _ in planned}
-        errors = write_sidecars([(path, text) for _, path, text in planned], self._io_pool)
-        for directory, unchanged in directories.items():
-            self._siblings.wrote(directory, unchanged_before=unchanged)
-        written: dict[int, Path] = {}
-        for (o, path, _), error in zip(planned, errors, strict=True):
-            if error is None:
-                written[id(o)] = path
-            else:
-                o.error = PhicapError(
-                    f"{o.item.job.path}: cannot write its sidecar {path}: {error.strerror or error}",  # type: ignore[union-attr]
-                    code="sidecar_write_failed",
-                    retryable=True,
-                )
-        successes: list[Success] = []
-        failures: list[Failure] = []
-        finished: list[tuple[_Outcome, str, str | None]] = []
-        for o in outcomes:
-            job, decoded = o.item.job, o.item.decoded
-            assert job is not None
-            if id(o) in written and decoded is not None:
-                successes.append(
-                    Success(
-                        job.id,
-                        decoded.sha256,
-                        self.captioner.identity,
-                        o.item.request.prompt,
-                        str(written[id(o)]),
-                        decoded.fingerprint,
-                    )
-                )
-                finished.append((o, "done", None))
-                continue
-            err = o.error or PhicapError(f"{job.path}: no caption", code="caption_failed")
-            o.error = err
-            failures.append(Failure(job.id, err.code, str(err), err.retryable))
-            finished.append((o, "failed", err.code))
-        parked = self.store.finish_many(successes, failures)
+    def _recorded(self, job_ids: list[int], captioned: int) -> None:
+        """The writer settled these jobs in the journal: they are no longer claimed."""
         with self._cond:
-            for o, _, _ in finished:
-                self._claimed.discard(o.item.job.id)  # type: ignore[union-attr]
-        self.throughput.add(len(successes))
-        parked_ids = {j.id for j in parked}
-        now = time.monotonic()
-        for o, outcome, code in finished:
-            job = o.item.job
-            assert job is not None
-            fields: dict[str, Any] = {
-                "path": str(job.path),
-                "outcome": outcome,
-                "duration_ms": round((now - o.item.accepted) * 1000, 1),
-                "batch": o.item.batch_size,
-            }
-            if o.caption is not None:
-                fields["tokens"] = o.caption.new_tokens
-            if code is not None:
-                fields["error"] = code
-                fields["message"] = str(o.error)
-                fields["parked"] = job.id in parked_ids
-                self.recent_failures.append(
-                    {
-                        "path": str(job.path),
-                        "code": code,
-                        "message": str(o.error),
-                        "at": time.time(),
-                        "parked": job.id in parked_ids,
-                    }
-                )
-                log.warning("job", **fields)
-            else:
-                log.info("job", **fields)
+            self._claimed.difference_update(job_ids)
+        self.throughput.add(captioned)
         self._wake_feeder.set()
+
+    @property
+    def recent_failures(self) -> collections.deque[dict[str, Any]]:
+        return self.writer.recent_failures
 
     # -- introspection -------------------------------------------------------------------------
 
@@ -550,14 +443,6 @@ class Scheduler:
             return False
         sidecar = sidecar_for(job.path, self._list_images(job.path.parent, root), self.settings.sidecar.extension)
         return is_up_to_date(st, sidecar)
-
-
-def _fingerprint_of(path: Path) -> Fingerprint | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return Fingerprint(st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def _as_phicap_error(e: Exception, item: _Item) -> PhicapError:

@@ -1,0 +1,177 @@
+"""The writer: finished background captions -> sidecars on disk -> the journal, in groups.
+
+The sidecar is the truth for "done", so the order matters: a group's sidecars are written
+atomically first (parallel temp-file fsyncs, renames, one fsync per directory), and only then
+is the group recorded in one journal transaction. A crash in between leaves a sidecar whose job
+is still open; the job is then recognised as already captioned instead of being captioned twice.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phicapd.captioner import Caption, decorate
+from phicapd.config import Settings, WatchRoot
+from phicapd.errors import PhicapError
+from phicapd.log import get_logger
+from phicapd.pipeline.decode import Decoded, fingerprint_of
+from phicapd.pipeline.jobs import Failure, Job, JobStore, Success
+from phicapd.pipeline.sidecar import SiblingCache, write_sidecars
+
+log = get_logger(__name__)
+
+
+@dataclass(slots=True)
+class Finished:
+    """A background job back from the model, or one that failed before it got there."""
+
+    job: Job
+    root: WatchRoot | None
+    decoded: Decoded | None
+    prompt: str
+    accepted: float
+    batch_size: int = 0
+    caption: Caption | None = None
+    error: PhicapError | None = None
+
+
+class SidecarWriter:
+    """One thread that drains finished jobs; ``on_recorded`` hears which job ids are settled."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        model_identity: str,
+        list_images: Callable[[Path, WatchRoot], list[str]],
+        on_recorded: Callable[[list[int], int], None],
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.model_identity = model_identity
+        self._on_recorded = on_recorded
+        self._siblings = SiblingCache(list_images)
+        # fsync releases the GIL: a few threads let the disk overlap a group's sidecar writes.
+        self._io_pool = ThreadPoolExecutor(4, thread_name_prefix="phicapd-write")
+        self._queue: collections.deque[Finished] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="phicapd-writer", daemon=True)
+        self.recent_failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, finished: list[Finished]) -> None:
+        with self._cond:
+            self._queue.extend(finished)
+            self._cond.notify()
+
+    def stop(self, timeout: float) -> None:
+        """Write what was submitted (within ``timeout``), then stop."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout)
+        self._io_pool.shutdown(wait=True)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    if self._closing:
+                        return
+                    self._cond.wait(0.5)
+                group = list(self._queue)
+                self._queue.clear()
+            try:
+                self._write(group)
+            except Exception:
+                log.exception("writer failed; the jobs stay in the journal and are retried")
+
+    def _write(self, group: list[Finished]) -> None:
+        written = self._write_sidecars(group)
+        successes: list[Success] = []
+        failures: list[Failure] = []
+        for f in group:
+            if id(f) in written and f.decoded is not None:
+                successes.append(
+                    Success(
+                        f.job.id,
+                        f.decoded.sha256,
+                        self.model_identity,
+                        f.prompt,
+                        str(written[id(f)]),
+                        f.decoded.fingerprint,
+                    )
+                )
+            else:
+                f.error = f.error or PhicapError(f"{f.job.path}: no caption", code="caption_failed")
+                failures.append(Failure(f.job.id, f.error.code, str(f.error), f.error.retryable))
+        parked = {j.id for j in self.store.finish_many(successes, failures)}
+        self._on_recorded([f.job.id for f in group], len(successes))
+        self._log(group, parked)
+
+    def _write_sidecars(self, group: list[Finished]) -> dict[int, Path]:
+        """Write the group's sidecars; returns id(finished) -> sidecar path for those written."""
+        planned: list[tuple[Finished, Path, str]] = []
+        for f in group:
+            if f.error is not None or f.caption is None or f.root is None or f.decoded is None:
+                continue
+            if fingerprint_of(f.job.path) != f.decoded.fingerprint:
+                f.error = PhicapError(
+                    f"{f.job.path}: the image changed while it was captioned", code="image_changed", retryable=True
+                )
+                continue
+            index = self._siblings.get(f.job.path.parent, f.root)
+            sidecar = index.sidecar_for(f.job.path, self.settings.sidecar.extension)
+            planned.append((f, sidecar, decorate(f.caption.text, f.root.prefix, f.root.suffix)))
+        directories = {path.parent: self._siblings.unchanged(path.parent) for _, path, _ in planned}
+        errors = write_sidecars([(path, text) for _, path, text in planned], self._io_pool)
+        for directory, unchanged in directories.items():
+            self._siblings.wrote(directory, unchanged_before=unchanged)
+        written: dict[int, Path] = {}
+        for (f, path, _), error in zip(planned, errors, strict=True):
+            if error is None:
+                written[id(f)] = path
+            else:
+                f.error = PhicapError(
+                    f"{f.job.path}: cannot write its sidecar {path}: {error.strerror or error}",
+                    code="sidecar_write_failed",
+                    retryable=True,
+                )
+        return written
+
+    def _log(self, group: list[Finished], parked: set[int]) -> None:
+        """One canonical line per finished job."""
+        now = time.monotonic()
+        for f in group:
+            fields: dict[str, Any] = {
+                "path": str(f.job.path),
+                "outcome": "failed" if f.error else "done",
+                "duration_ms": round((now - f.accepted) * 1000, 1),
+                "batch": f.batch_size,
+            }
+            if f.caption is not None:
+                fields["tokens"] = f.caption.new_tokens
+            if f.error is None:
+                log.info("job", **fields)
+                continue
+            was_parked = f.job.id in parked
+            self.recent_failures.append(
+                {
+                    "path": str(f.job.path),
+                    "code": f.error.code,
+                    "message": str(f.error),
+                    "parked": was_parked,
+                    "at": time.time(),
+                }
+            )
+            log.warning("job", **fields, error=f.error.code, message=str(f.error), parked=was_parked)
