@@ -13,10 +13,11 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
 from typing import Any
 
 from phicapd import __version__
-from phicapd.captioner import Captioner
+from phicapd.captioner import Captioner, decorate
 from phicapd.config import Settings
 from phicapd.control.backend import CaptionReply
 from phicapd.errors import PhicapError
@@ -24,7 +25,7 @@ from phicapd.log import get_logger
 from phicapd.pipeline.decode import make_decoders
 from phicapd.pipeline.intake import Intake
 from phicapd.pipeline.jobs import JobStore
-from phicapd.pipeline.paths import list_images
+from phicapd.pipeline.paths import list_images, owning_root
 from phicapd.pipeline.scanner import Reconciler
 from phicapd.pipeline.scheduler import Scheduler
 from phicapd.pipeline.watcher import Watcher
@@ -194,11 +195,25 @@ class Daemon:
         return self._ready.wait(timeout)
 
     def caption_bytes(
-        self, data: bytes, *, name: str, prompt: str | None, max_new_tokens: int | None, timeout: float
+        self,
+        data: bytes,
+        *,
+        name: str,
+        prompt: str | None,
+        max_new_tokens: int | None,
+        timeout: float,
+        path: Path | None = None,
     ) -> CaptionReply:
         started = time.monotonic()
         if not self.wait_ready(timeout) or self.scheduler is None:
             raise PhicapError("the model is still loading", code="not_ready", retryable=True)
+        # ``path`` is where the client read ``data``: a key for the watch root's configuration,
+        # never opened or read here (the daemon's user may not even be allowed to). A file under
+        # a root gets what the watcher would give it: the root's prompt unless the request names
+        # one, and the root's prefix/suffix.
+        root = owning_root(path, self.settings.watch) if path is not None else None
+        if root is not None and not prompt:
+            prompt = self.settings.prompt_for(root)
         future = self.scheduler.submit(data, name=name, prompt=prompt, max_new_tokens=max_new_tokens)
         left = max(0.0, timeout - (time.monotonic() - started))
         try:
@@ -207,7 +222,14 @@ class Daemon:
             future.cancel()
             raise PhicapError(f"{name}: no caption within {timeout:.0f} s", code="timeout", retryable=True) from None
         assert self.captioner is not None
-        return CaptionReply(caption.text, caption.new_tokens, self.captioner.identity, time.monotonic() - started)
+        text = decorate(caption.text, root.prefix, root.suffix) if root is not None else caption.text
+        return CaptionReply(
+            text,
+            caption.new_tokens,
+            self.captioner.identity,
+            time.monotonic() - started,
+            root=str(root.path) if root is not None else None,
+        )
 
     def caption_url(self, url: str, *, prompt: str | None, max_new_tokens: int | None, timeout: float) -> CaptionReply:
         from phicapd.fetch import fetch_url

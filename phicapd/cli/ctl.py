@@ -2,7 +2,8 @@
 
 Commands: caption-file, caption-dir, caption-url, status, health, failures, retry, pause,
 resume, rescan, metrics, version. ``caption-file`` and ``caption-dir`` read images with the
-caller's permissions, send the bytes and write the sidecars themselves.
+caller's permissions, send the bytes and write the sidecars themselves. A file under a watched
+root gets that root's prompt, prefix and suffix, as if the daemon had captioned it from there.
 
 Socket: ``--socket`` > ``$PHICAPD_SOCKET`` > /run/phicapd/phicapd.sock if it exists > the
 per-user socket (``$XDG_RUNTIME_DIR/phicapd.sock``).
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def captioning(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--prompt", help="prompt instead of the daemon's default")
+        p.add_argument("--prompt", help="prompt instead of the daemon's (or the file's watch root's) default")
         p.add_argument("--max-new-tokens", type=_positive)
         p.add_argument("--json", action="store_true", help="one JSON object per line")
         p.add_argument("--caption-timeout", type=float, default=DEFAULT_CAPTION_TIMEOUT)

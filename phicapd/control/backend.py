@@ -8,6 +8,7 @@ tests use a fake.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 
@@ -18,6 +19,7 @@ class CaptionReply:
     model: str  # captioner identity
     seconds: float  # time from accept to answer
     url: str | None = None  # final URL for caption-url
+    root: str | None = None  # the watch root whose prompt and prefix/suffix were applied
 
 
 class ControlBackend(Protocol):
@@ -28,9 +30,19 @@ class ControlBackend(Protocol):
     def wait_ready(self, timeout: float) -> bool: ...
 
     def caption_bytes(
-        self, data: bytes, *, name: str, prompt: str | None, max_new_tokens: int | None, timeout: float
+        self,
+        data: bytes,
+        *,
+        name: str,
+        prompt: str | None,
+        max_new_tokens: int | None,
+        timeout: float,
+        path: Path | None = None,
     ) -> CaptionReply:
-        """Block until the caption is done; raise ``PhicapError`` (decode errors, timeouts, model errors)."""
+        """Block until the caption is done; raise ``PhicapError`` (decode errors, timeouts, model errors).
+
+        ``path`` (where the client read ``data``) only selects the watch root whose prompt and
+        prefix/suffix apply; it is never opened."""
         ...
 
     def caption_url(

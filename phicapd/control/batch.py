@@ -2,8 +2,9 @@
 
 phicapctl reads every image with the caller's own permissions and writes the sidecar itself;
 the daemon only ever sees bytes (no confused deputy). Naming and the ``existing`` policy are
-the daemon's (``phicapd.pipeline.sidecar``), the policy as ``/v1/status`` reports it, so a file
-captioned by hand looks exactly like one the watcher captioned.
+the daemon's (``phicapd.pipeline.sidecar``), the policy as ``/v1/status`` reports it, and each
+request names the file's path so that the daemon applies its watch root's prompt, prefix and
+suffix: a file captioned by hand looks exactly like one the watcher captioned.
 """
 
 from __future__ import annotations
@@ -65,6 +66,15 @@ def list_images(directory: Path, *, recursive: bool) -> list[Path]:
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
         found.extend(Path(root) / f for f in sorted(files) if is_image_name(f))
     return found
+
+
+def config_key(image: Path) -> str:
+    """The path the daemon matches against its watch roots (their prompt, prefix and suffix).
+
+    The directory is resolved, the file name is not: a symlinked image's sidecar goes beside the
+    link, so the link's directory decides, as it does for the watcher.
+    """
+    return os.path.join(os.path.realpath(image.parent), image.name)
 
 
 def exit_code(outcomes: Iterable[Outcome]) -> int:
@@ -138,7 +148,11 @@ class BatchCaptioner:
             return _failed(image, sidecar, "input_unreadable", f"{image}: {e.strerror}", EX_NOINPUT)
         try:
             result = self.client.caption_bytes(
-                data, name=image.name, prompt=self.options.prompt, max_new_tokens=self.options.max_new_tokens
+                data,
+                name=image.name,
+                prompt=self.options.prompt,
+                max_new_tokens=self.options.max_new_tokens,
+                path=config_key(image),
             )
         except DaemonUnreachable as e:
             self._unreachable.set()

@@ -233,9 +233,17 @@ class ControlClient:
         return self.request("GET", "/metrics").body.decode()
 
     def caption_bytes(
-        self, data: bytes, *, name: str, prompt: str | None = None, max_new_tokens: int | None = None
+        self,
+        data: bytes,
+        *,
+        name: str,
+        prompt: str | None = None,
+        max_new_tokens: int | None = None,
+        path: str | None = None,
     ) -> p.CaptionResult:
-        query = {"name": name, "prompt": prompt, "max_new_tokens": max_new_tokens}
+        """``path``: where ``data`` was read (absolute, directory resolved), so the daemon applies
+        its watch root's prompt and prefix/suffix; see ``p.CaptionParams``."""
+        query = {"name": name, "prompt": prompt, "max_new_tokens": max_new_tokens, "path": path}
         resp = self.request(
             "POST",
             "/v1/caption",

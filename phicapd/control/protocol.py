@@ -7,9 +7,10 @@ socket API" section has the endpoint table.
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from phicapd.errors import FetchError, ImageError, PhicapError
 
@@ -53,6 +54,17 @@ class CaptionParams(_Model):
     name: str = Field("upload", min_length=1, max_length=4096)
     prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    # Where the client read the image: absolute, directory resolved. Only a key for the watch
+    # root's prompt, prefix and suffix; the daemon never opens it (the bytes are the body).
+    path: str | None = Field(None, min_length=1, max_length=4096)
+
+    @field_validator("path")
+    @classmethod
+    def _plain_absolute(cls, value: str | None) -> str | None:
+        # Compared as a string against the roots, so ".." would let a path name a root it is not in.
+        if value is not None and (not value.startswith("/") or "\0" in value or ".." in PurePosixPath(value).parts):
+            raise ValueError("must be an absolute path without '..'")
+        return value
 
 
 class CaptionUrlRequest(_Model):
@@ -67,6 +79,9 @@ class CaptionResult(_Model):
     model: str
     seconds: float
     url: str | None = None
+    # The watch root whose prompt and prefix/suffix were applied (caption requests with a
+    # ``path`` under a root). Left out of the JSON when None, so older clients still parse it.
+    root: str | None = None
 
 
 class FailuresParams(_Model):

@@ -10,6 +10,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -70,8 +71,19 @@ def _json_body(req: Request) -> dict[str, Any]:
 
 def _caption_result(reply: CaptionReply) -> p.CaptionResult:
     return p.CaptionResult(
-        caption=reply.text, new_tokens=reply.new_tokens, model=reply.model, seconds=reply.seconds, url=reply.url
+        caption=reply.text,
+        new_tokens=reply.new_tokens,
+        model=reply.model,
+        seconds=reply.seconds,
+        url=reply.url,
+        root=reply.root,
     )
+
+
+def _caption_response(result: p.CaptionResult) -> Response:
+    # "root" only when a root applied: clients from before it existed reject unknown fields.
+    exclude = {"root"} if result.root is None else None
+    return Response(200, result.model_dump_json(exclude=exclude).encode())
 
 
 class Router:
@@ -147,8 +159,9 @@ class Router:
             prompt=params.prompt,
             max_new_tokens=params.max_new_tokens,
             timeout=timeout,
+            path=Path(params.path) if params.path else None,
         )
-        return json_response(200, _caption_result(reply))
+        return _caption_response(_caption_result(reply))
 
     def _caption_url(self, req: Request) -> Response:
         started = time.monotonic()
@@ -157,7 +170,7 @@ class Router:
         reply = self.backend.caption_url(
             body.url, prompt=body.prompt, max_new_tokens=body.max_new_tokens, timeout=timeout
         )
-        return json_response(200, _caption_result(reply))
+        return _caption_response(_caption_result(reply))
 
     def _status(self, req: Request) -> Response:
         # Validated on the way out too: phicapctl relies on "state" and "sidecar".

@@ -6,6 +6,7 @@ import fnmatch
 import functools
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from phicapd.config import WatchRoot
@@ -73,6 +74,11 @@ def is_watched_dir(path: Path, root: WatchRoot) -> bool:
         rel = path.relative_to(root.path)
     except ValueError:
         return False
+    return _watches(rel, root)
+
+
+def _watches(rel: Path, root: WatchRoot) -> bool:
+    """Does ``root`` watch its subdirectory ``rel`` (``.`` for the root itself)?"""
     if not rel.parts:
         return True
     return root.recursive and not any(p.startswith(".") for p in rel.parts)
@@ -89,3 +95,27 @@ def list_images(directory: Path, root: WatchRoot) -> list[str]:
             return [e.name for e in it if is_candidate_name(e.name, prefix + e.name, root)]
     except OSError:
         return []
+
+
+def owning_root(path: Path, roots: Iterable[WatchRoot]) -> WatchRoot | None:
+    """The root whose configuration applies to the image ``path``, or None.
+
+    ``path`` is absolute and its directory resolved (phicapctl sends it so; the file itself may be
+    a symlink, whose sidecar still goes beside the link). A root owns the file when it watches the
+    file's directory (``is_watched_dir``: not a subdirectory of a non-recursive root, not inside
+    a hidden directory), matched against the root as configured and as resolved (a symlinked
+    root). Nested roots: the deepest one wins. Only root paths are resolved; ``path`` itself is
+    never touched on disk.
+    """
+    best: WatchRoot | None = None
+    best_depth = -1
+    for root in roots:
+        # realpath, not Path.resolve: it never raises (a symlink loop just fails to match).
+        for base in (root.path, Path(os.path.realpath(root.path))):
+            try:
+                rel = path.parent.relative_to(base)
+            except ValueError:
+                continue
+            if _watches(rel, root) and len(base.parts) > best_depth:
+                best, best_depth = root, len(base.parts)
+    return best

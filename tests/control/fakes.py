@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from phicapd.control.backend import CaptionReply
@@ -20,6 +21,8 @@ class FakeBackend:
         self.ready = threading.Event()
         self.ready.set()
         self.received: list[tuple[str, bytes]] = []
+        self.paths: list[Path | None] = []
+        self.root: str | None = None  # reported as the applied watch root when a path is sent
         self.paused = False
         self.rescans = 0
         self.retried: list[list[str] | None] = []
@@ -34,10 +37,18 @@ class FakeBackend:
         return self.ready.wait(timeout)
 
     def caption_bytes(
-        self, data: bytes, *, name: str, prompt: str | None, max_new_tokens: int | None, timeout: float
+        self,
+        data: bytes,
+        *,
+        name: str,
+        prompt: str | None,
+        max_new_tokens: int | None,
+        timeout: float,
+        path: Path | None = None,
     ) -> CaptionReply:
         with self._lock:
             self.received.append((name, data))
+            self.paths.append(path)
         if self.delay:
             time.sleep(self.delay)
         if data.startswith(b"BAD"):
@@ -47,7 +58,8 @@ class FakeBackend:
         text = f"caption of {name} ({len(data)} bytes)"
         if prompt:
             text += f" for {prompt!r}"
-        return CaptionReply(text=text, new_tokens=max_new_tokens or 7, model="fake@1", seconds=0.01)
+        root = self.root if path is not None else None
+        return CaptionReply(text=text, new_tokens=max_new_tokens or 7, model="fake@1", seconds=0.01, root=root)
 
     def caption_url(self, url: str, *, prompt: str | None, max_new_tokens: int | None, timeout: float) -> CaptionReply:
         if "refused" in url:
