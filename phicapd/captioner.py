@@ -3,6 +3,11 @@
 The scheduler hands a ``Captioner`` batches of decoded images; the native Phi-3.5-vision model
 (``phicapd.model``) implements it, tests use a deterministic fake, and a remote serving engine
 could implement it later. Everything here is plain data: no torch import.
+
+A backend that batches continuously also offers ``stream(take, deliver)``: it asks ``take`` for
+more work before every step and hands each caption to ``deliver`` the moment it is done, so a
+request that arrives mid-batch joins it instead of waiting for it. ``streamer`` gives every
+backend that shape, running a batch-only one batch by batch.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image
+
+from phicapd.errors import PhicapError
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +65,34 @@ class Captioner(Protocol):
     def caption(self, batch: Sequence[CaptionRequest]) -> list[Caption]: ...
 
     def close(self) -> None: ...
+
+
+Take = Callable[[int, bool], list[CaptionRequest]]
+"""``take(room, idle)``: at most ``room`` requests to start now (``idle``: nothing is running, so
+a short wait to fill a batch costs nothing; an empty answer while idle ends the stream)."""
+
+Deliver = Callable[[CaptionRequest, "Caption | PhicapError"], None]
+"""``deliver(request, outcome)``: one request's caption, or the error that failed only it."""
+
+Stream = Callable[[Take, Deliver], None]
+
+
+def streamer(captioner: Captioner) -> Stream:
+    """The backend's own ``stream`` if it has one, else its ``caption`` batch after batch.
+
+    Either way a stream raises when everything in flight failed at once; the caller then
+    decides what to do with the requests it took and never got back.
+    """
+    stream = getattr(captioner, "stream", None)
+    if callable(stream):
+        return stream
+
+    def batches(take: Take, deliver: Deliver) -> None:
+        while batch := take(captioner.max_batch, True):
+            for request, caption in zip(batch, captioner.caption(batch), strict=True):
+                deliver(request, caption)
+
+    return batches
 
 
 def preparer(captioner: Captioner) -> Callable[[Image.Image], Any] | None:

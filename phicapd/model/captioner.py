@@ -1,14 +1,18 @@
 """``Phi3VCaptioner``: the native model behind the daemon's ``Captioner`` seam.
 
-A batch of images of any sizes (each request with its own prompt and token budget) goes through
-the static-cache engine (``engine.py``): continuous batching over as many KV-cache slots as fit.
-Greedy by default; sampling when configured. Captions are decoded without special tokens and
-cleaned of boilerplate openers. A GPU out-of-memory error is survived: the engine retries with
-fewer rows per batch, then with fewer crops per image, and only then fails the batch.
+Images of any sizes (each request with its own prompt and token budget) go through the
+static-cache engine (``engine.py``): continuous batching over as many KV-cache slots as fit.
+``caption(batch)`` runs a fixed batch; ``stream(take, deliver)`` keeps the engine running while
+work keeps coming, taking new requests into free slots between decode steps and answering each
+as soon as it is done. Greedy by default; sampling when configured. Captions are decoded without
+special tokens and cleaned of boilerplate openers. A GPU out-of-memory error is survived: the
+engine retries with fewer rows per batch, then (``caption``) with fewer crops per image, and
+only then fails.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 from collections.abc import Sequence
@@ -19,9 +23,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from phicapd.captioner import Caption, CaptionRequest, clean_caption
+from phicapd.captioner import Caption, CaptionRequest, Deliver, Take, clean_caption
 from phicapd.config import ModelSettings
-from phicapd.errors import CaptionError, ConfigError
+from phicapd.errors import CaptionError, ConfigError, PhicapError
 from phicapd.model.engine import EngineRequest, GenerationEngine
 from phicapd.model.generation import SamplingConfig
 from phicapd.model.loading import load_from_settings
@@ -100,24 +104,70 @@ class Phi3VCaptioner:
         if not batch:
             return []
         for req in batch:
-            if IMAGE_TAG.search(req.prompt):
-                raise CaptionError(
-                    "prompt must not contain <|image_N|> tags", code="caption_bad_prompt", retryable=False
-                )
+            self._check_prompt(req)
         try:
             images = [self._prepared(req) for req in batch]
             with self._lock, torch.inference_mode():
-                if self._closed:
-                    raise CaptionError("the model has been closed", code="model_closed", retryable=False)
+                self._check_open()
                 token_lists = self._generate_surviving_oom(images, batch)
         except CaptionError:
             raise
         except (RuntimeError, ValueError, OSError) as e:
             raise CaptionError(f"captioning failed: {e}") from e
-        return [
-            Caption(text=clean_caption(self.tokenizer.decode(ids), self.settings.strip_openers), new_tokens=len(ids))
-            for ids in token_lists
-        ]
+        return [self._caption_of(ids) for ids in token_lists]
+
+    def stream(self, take: Take, deliver: Deliver) -> None:
+        """Caption what ``take`` hands over, continuously, until it has nothing more.
+
+        New requests join the running rows between decode steps, so one that arrives mid-batch
+        waits for one step and its own prefill, not for the batch. A request whose prompt and
+        budget outgrow the cache rows is held until the running rows finish, then runs with
+        longer rows. On out-of-memory the rows in flight start again with fewer slots; when
+        there is nothing left to shrink this raises, and the caller retries the requests it
+        never got back one at a time (``caption`` also has fewer crops to fall back on).
+        """
+        feed = _CaptionFeed(self, take, deliver)
+        base_ctx = self.engine.ctx_for(self.typical_ctx())
+        with self._lock, torch.inference_mode():
+            self._check_open()
+            while True:
+                feed.ctx = max(base_ctx, feed.ctx_needed())
+                oom = False
+                try:
+                    self.engine.run(
+                        feed, feed.ctx, self.tokenizer.stop_ids, self.sampling, typical_ctx=self.typical_ctx()
+                    )
+                except torch.OutOfMemoryError:
+                    oom = True  # recover outside the handler: the traceback pins the failed step's tensors
+                except (RuntimeError, ValueError, OSError) as e:
+                    raise CaptionError(f"captioning failed: {e}") from e
+                if oom:
+                    self.engine.release()
+                    shrunk = self.engine.shrink()
+                    action = f"retrying with at most {self.engine.max_slots} rows" if shrunk else "gave up"
+                    if self.engine.last_oom is not None:
+                        self.engine.last_oom.action = action
+                    log.warning("GPU out of memory with %d rows in flight: %s", len(feed.in_flight), action)
+                    if not shrunk:
+                        raise CaptionError("GPU out of memory even with one row", code="model_out_of_memory")
+                    feed.restart_in_flight()
+                elif not feed.held:
+                    return
+
+    def _check_prompt(self, req: CaptionRequest) -> None:
+        if IMAGE_TAG.search(req.prompt):
+            raise CaptionError("prompt must not contain <|image_N|> tags", code="caption_bad_prompt", retryable=False)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CaptionError("the model has been closed", code="model_closed", retryable=False)
+
+    def _caption_of(self, ids: list[int]) -> Caption:
+        return Caption(text=clean_caption(self.tokenizer.decode(ids), self.settings.strip_openers), new_tokens=len(ids))
+
+    def _encode(self, req: CaptionRequest, image: ProcessedImage) -> EngineRequest:
+        ids = self.tokenizer.encode_prompt(build_prompt(req.prompt), [image.num_tokens])
+        return EngineRequest(ids, image, req.max_new_tokens, tag=req)
 
     def _prepared(self, req: CaptionRequest) -> ProcessedImage:
         """The request's HD crops: done ahead by the scheduler's decode pool if it set ``prepared``."""
@@ -125,11 +175,7 @@ class Phi3VCaptioner:
         return prepared if isinstance(prepared, ProcessedImage) else self.prepare(req.image)
 
     def _requests(self, images: Sequence[ProcessedImage], batch: Sequence[CaptionRequest]) -> list[EngineRequest]:
-        encode = self.tokenizer.encode_prompt
-        return [
-            EngineRequest(encode(build_prompt(req.prompt), [im.num_tokens]), im, req.max_new_tokens)
-            for im, req in zip(images, batch, strict=True)
-        ]
+        return [self._encode(req, im) for im, req in zip(images, batch, strict=True)]
 
     def _generate(self, images: list[ProcessedImage], batch: Sequence[CaptionRequest]) -> list[list[int]]:
         return self.engine.generate(
@@ -208,6 +254,60 @@ class Phi3VCaptioner:
             del self.engine, self.model
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+
+class _CaptionFeed:
+    """The engine's ``Feed`` for ``Phi3VCaptioner.stream``: caption requests in, captions out."""
+
+    def __init__(self, captioner: Phi3VCaptioner, take: Take, deliver: Deliver) -> None:
+        self.captioner = captioner
+        self._take = take
+        self._deliver = deliver
+        self.ctx = 0  # the current run's row length
+        self.held: collections.deque[EngineRequest] = collections.deque()  # to (re)start before new work
+        self.in_flight: dict[int, EngineRequest] = {}  # handed to the engine, not done; by id()
+
+    def ctx_needed(self) -> int:
+        engine = self.captioner.engine
+        return max((engine.ctx_for(len(r.input_ids) + r.max_new_tokens) for r in self.held), default=0)
+
+    def restart_in_flight(self) -> None:
+        """After an out-of-memory error: everything that was running starts again, first."""
+        self.held.extendleft(reversed(list(self.in_flight.values())))
+        self.in_flight.clear()
+
+    def take(self, room: int, *, idle: bool) -> list[EngineRequest]:
+        fits = self.captioner.engine.fits
+        out: list[EngineRequest] = []
+        while self.held and len(out) < room and fits(self.held[0], self.ctx):
+            out.append(self.held.popleft())
+        if not self.held:
+            # Asked even with no room: the caller's take doubles as a per-step heartbeat.
+            for req in self._take(room - len(out), idle and not out):
+                request = self._encode(req)
+                if request is None:
+                    continue
+                if fits(request, self.ctx):
+                    out.append(request)
+                else:  # too long for these rows: the run drains, and the next has longer ones
+                    self.held.append(request)
+        self.in_flight.update((id(r), r) for r in out)
+        return out
+
+    def done(self, request: EngineRequest, tokens: list[int]) -> None:
+        del self.in_flight[id(request)]
+        self._deliver(request.tag, self.captioner._caption_of(tokens))
+
+    def _encode(self, req: CaptionRequest) -> EngineRequest | None:
+        """The engine request, or None after delivering the error that rules this one out."""
+        try:
+            self.captioner._check_prompt(req)
+            return self.captioner._encode(req, self.captioner._prepared(req))
+        except PhicapError as e:
+            self._deliver(req, e)
+        except (RuntimeError, ValueError, OSError) as e:
+            self._deliver(req, CaptionError(f"cannot prepare the image: {e}"))
+        return None
 
 
 def _identity(settings: ModelSettings, model_dir: Path) -> str:

@@ -1,22 +1,25 @@
 """A gpt-fast-style generation engine: static KV cache, batched prefill, graph-captured decode.
 
-How one ``generate`` call runs:
+How one ``run`` goes (``generate`` is ``run`` over a fixed list):
 
-1. Each request is one image + its prompt ids. Requests wait in a queue; up to ``slots`` of
-   them are *active*, each owning one row ("slot") of a preallocated KV cache of shape
-   ``[slots, heads, ctx, head_dim]`` per layer. ``ctx`` covers the longest prompt plus its
-   token budget (rounded up), and ``slots`` is what fits in the KV pool, which on a GPU is sized
-   from free memory once.
-2. Admission (continuous batching): whenever slots are free, the next requests are prefilled
-   together (vision tower on their valid crops only, batched across the images; one right-padded
-   causal forward) and their keys/values land directly in their slots.
+1. Each request is one image + its prompt ids. Up to ``slots`` of them are *active*, each owning
+   one row ("slot") of a preallocated KV cache of shape ``[slots, heads, ctx, head_dim]`` per
+   layer. ``ctx`` is fixed for the run and covers every request's prompt plus its token budget
+   (rounded up); ``slots`` is what fits in the KV pool, which on a GPU is sized from free memory
+   once.
+2. Admission (continuous batching): before every step the engine asks its ``Feed`` for as many
+   requests as it has free slots, so work that arrives while rows are decoding joins them at the
+   next step. New requests are prefilled together (vision tower on their valid crops only,
+   batched across the images; one right-padded causal forward) and their keys/values land
+   directly in their slots.
 3. Decode: one token for every active row per step. Rows keep their own positions (no left
    padding); the step writes each row's new key/value at its position and attends over its slot
    with a ``position >= key index`` mask, so the shapes never change. On CUDA the step is
    captured once per (rows, ctx) into a CUDA graph (optionally ``torch.compile``d first) and
    replayed; on the CPU it runs eagerly.
-4. A row that stops (stop token or budget) leaves; the last active row moves into its slot so
-   the active rows stay a prefix and the step runs on the smallest captured bucket.
+4. A row that stops (stop token or budget) is handed to ``Feed.done`` at once and leaves; the
+   last active row moves into its slot so the active rows stay a prefix and the step runs on
+   the smallest captured bucket.
 
 LongRoPE (phi3v.md §6, §7.7): a row uses the short factors while its length is at most
 ``original_max_position_embeddings`` and the long ones after. cos/sin come from transformers'
@@ -35,8 +38,8 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +64,37 @@ class EngineRequest:
     input_ids: Sequence[int]
     image: ProcessedImage
     max_new_tokens: int
+    tag: Any = None  # the caller's handle, given back with the result
+
+
+class Feed(Protocol):
+    """Where ``GenerationEngine.run`` takes requests from and hands results to, on its thread."""
+
+    def take(self, room: int, *, idle: bool) -> list[EngineRequest]:
+        """At most ``room`` requests to start now, possibly none; asked before every step.
+
+        ``idle``: no row is running, so waiting a moment to fill a batch costs nothing; an
+        empty answer while idle ends the run.
+        """
+        ...
+
+    def done(self, request: EngineRequest, tokens: list[int]) -> None:
+        """A request's new tokens (without the stop token)."""
+        ...
+
+
+class _ListFeed:
+    """A fixed list of requests, all offered at once; results keyed by position."""
+
+    def __init__(self, requests: Sequence[EngineRequest]) -> None:
+        self._queue = collections.deque(replace(r, tag=i) for i, r in enumerate(requests))
+        self.outputs: list[list[int]] = [[] for _ in requests]
+
+    def take(self, room: int, *, idle: bool) -> list[EngineRequest]:
+        return [self._queue.popleft() for _ in range(min(room, len(self._queue)))]
+
+    def done(self, request: EngineRequest, tokens: list[int]) -> None:
+        self.outputs[request.tag] = tokens
 
 
 @dataclass
@@ -75,7 +109,7 @@ class OomEvent:
 class _Row:
     """An active request: where it is in its slot and what it has produced."""
 
-    index: int  # position in the caller's request list
+    request: EngineRequest
     length: int  # tokens in the cache (prompt + fed generated tokens)
     budget: int
     long_rope: bool
@@ -136,7 +170,7 @@ class GenerationEngine:
         model: Phi3VForCausalLM,
         *,
         max_slots: int,
-        prefill_tokens: int = 8192,
+        prefill_tokens: int | None = None,
         cuda_graphs: bool | None = None,
         pad_to_bucket: bool | None = None,
         compile: bool = False,
@@ -159,7 +193,10 @@ class GenerationEngine:
         self.device = model.device
         self.dtype = model.dtype
         self.max_slots = max(1, max_slots)
-        self.prefill_tokens = prefill_tokens
+        # Prompt tokens prefilled in one forward. A GPU gains from batching the vision tower and
+        # the short prompts; a CPU is compute-bound at one image, and every prefill stalls the
+        # running rows' decode (an interactive request among them), so it takes one at a time.
+        self.prefill_tokens = prefill_tokens or (8192 if self.device.type == "cuda" else 1024)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.pad_to_bucket = self.cuda_graphs if pad_to_bucket is None else pad_to_bucket
         self.compile = compile
@@ -453,20 +490,41 @@ class GenerationEngine:
         sampling: SamplingConfig | None = None,
         typical_ctx: int | None = None,
     ) -> list[list[int]]:
-        """Each request's new tokens (without the stop token), in order."""
+        """Each request's new tokens (without the stop token), in order: ``run`` over a fixed list."""
+        feed = _ListFeed(requests)
+        if any(r.max_new_tokens > 0 for r in requests):  # no pool for nothing to do
+            ctx, slots = self.plan(requests)
+            self.run(feed, ctx, stop_ids, sampling, slots=slots, typical_ctx=typical_ctx)
+        return feed.outputs
+
+    def fits(self, request: EngineRequest, ctx: int) -> bool:
+        """Whether ``request`` (prompt + budget) fits rows of ``ctx`` tokens."""
+        return len(request.input_ids) + request.max_new_tokens < ctx
+
+    def run(
+        self,
+        feed: Feed,
+        ctx: int,
+        stop_ids: frozenset[int],
+        sampling: SamplingConfig | None = None,
+        *,
+        slots: int | None = None,
+        typical_ctx: int | None = None,
+    ) -> None:
+        """Generate for whatever ``feed`` hands over until it has nothing more and no row is active.
+
+        ``feed.take`` is asked before every step, so a request that arrives while rows are
+        decoding is prefilled at the next step boundary and joins them; every request must fit
+        rows of ``ctx`` tokens (``fits``). Each finished request goes to ``feed.done`` at once.
+        """
         sampling = sampling or SamplingConfig()
-        outputs: list[list[int]] = [[] for _ in requests]
-        waiting = collections.deque(i for i, r in enumerate(requests) if r.max_new_tokens > 0)
-        if not waiting:
-            return outputs
-        ctx, slots = self.plan(requests)
-        pool = self.ensure_pool(ctx, slots, typical_ctx)
-        slots = max(1, min(slots, pool.tokens // ctx))
+        pool = self.ensure_pool(ctx, slots or self.max_slots, typical_ctx)
+        slots = max(1, min(slots or self.max_slots, self.max_slots, pool.tokens // ctx))
         kv_all = pool.view(slots, ctx)
         self.stats["calls"] += 1
-        self.stats["images"] += len(requests)
         active: list[_Row] = []
         pending: list[int] = []  # the token each active row feeds next
+        waiting: collections.deque[EngineRequest] = collections.deque()
 
         def record(row: _Row, token: int) -> bool:
             """Append a sampled token; True when the row is finished."""
@@ -478,7 +536,7 @@ class GenerationEngine:
         def retire(finished: set[int]) -> None:
             """Drop finished rows; move the last rows into their slots so the active set stays a prefix."""
             for i in sorted(finished, reverse=True):
-                outputs[active[i].index] = active[i].out
+                feed.done(active[i].request, active[i].out)
                 last = len(active) - 1
                 if i != last:
                     kv_all[:, :, i].copy_(kv_all[:, :, last])
@@ -486,13 +544,26 @@ class GenerationEngine:
                 active.pop()
                 pending.pop()
 
-        while waiting or active:
+        while True:
+            for request in feed.take(max(0, slots - len(active) - len(waiting)), idle=not active and not waiting):
+                if not self.fits(request, ctx):
+                    raise ValueError(
+                        f"a request of {len(request.input_ids)} + {request.max_new_tokens} tokens "
+                        f"does not fit rows of {ctx}"
+                    )
+                self.stats["images"] += 1
+                if request.max_new_tokens > 0:
+                    waiting.append(request)
+                else:
+                    feed.done(request, [])
+            if not waiting and not active:
+                return
             started = time.perf_counter()  # phases are timed to the host sync in .tolist()
             if waiting and len(active) < slots:
-                group = self._take_group(requests, waiting, slots - len(active))
+                group = self._take_group(waiting, slots - len(active))
                 first = len(active)
                 try:
-                    logits, rows = self._admit(requests, group, kv_all, first)
+                    logits, rows = self._admit(group, kv_all, first)
                 except torch.OutOfMemoryError:
                     self._note_oom("prefill", len(group))
                     raise
@@ -517,25 +588,21 @@ class GenerationEngine:
             self.stats["decode_s"] += time.perf_counter() - started
             pending = tokens
             retire({j for j, (r, t) in enumerate(zip(active, tokens, strict=True)) if record(r, t)})
-        return outputs
 
-    def _take_group(self, requests: Sequence[EngineRequest], waiting: collections.deque[int], room: int) -> list[int]:
+    def _take_group(self, waiting: collections.deque[EngineRequest], room: int) -> list[EngineRequest]:
         """The next requests to prefill together: at most ``room``, within the token budget (>= 1)."""
         group = [waiting.popleft()]
-        width = len(requests[group[0]].input_ids)
+        width = len(group[0].input_ids)
         while waiting and len(group) < room:
-            nxt = max(width, len(requests[waiting[0]].input_ids))
+            nxt = max(width, len(waiting[0].input_ids))
             if nxt * (len(group) + 1) > self.prefill_tokens:
                 break
             width = nxt
             group.append(waiting.popleft())
         return group
 
-    def _admit(
-        self, requests: Sequence[EngineRequest], group: list[int], kv_all: torch.Tensor, first: int
-    ) -> tuple[torch.Tensor, list[_Row]]:
-        """Prefill ``group`` into slots ``first..``; their first logits and active rows."""
-        reqs = [requests[i] for i in group]
+    def _admit(self, reqs: list[EngineRequest], kv_all: torch.Tensor, first: int) -> tuple[torch.Tensor, list[_Row]]:
+        """Prefill ``reqs`` into slots ``first..``; their first logits and active rows."""
         lengths = [len(r.input_ids) for r in reqs]
         width = max(lengths)
         # Right padding with id 0: whatever sits there is never attended by a real token.
@@ -548,11 +615,11 @@ class GenerationEngine:
         logits = self._prefill(embeds, lengths, long_rope, slots, kv_all)
         self.stats["prefills"] += 1
         rows = []
-        for j, (i, r) in enumerate(zip(group, reqs, strict=True)):
+        for j, r in enumerate(reqs):
             # Only a row that starts short and may outgrow the limit needs its prompt again.
             crosses = not long_rope[j] and lengths[j] + r.max_new_tokens - 1 > self.limit
             saved = embeds[j, : lengths[j]].clone() if crosses else None
-            rows.append(_Row(i, lengths[j], r.max_new_tokens, long_rope[j], saved))
+            rows.append(_Row(r, lengths[j], r.max_new_tokens, long_rope[j], saved))
         return logits, rows
 
     def _recompute(self, row: _Row, kv_all: torch.Tensor, slot: int) -> torch.Tensor:

@@ -191,12 +191,12 @@ def test_oom_then_fewer_crops_then_a_clean_error(tiny_checkpoint: Path):
     crops_seen: list[int] = []
     real_admit = engine._admit
 
-    def admit(requests, group, kv_all, first):
-        crops = requests[group[0]].image.crops.shape[0]
+    def admit(group, kv_all, first):
+        crops = group[0].image.crops.shape[0]
         crops_seen.append(crops)
         if crops > limit:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real_admit(requests, group, kv_all, first)
+        return real_admit(group, kv_all, first)
 
     engine._admit = admit  # type: ignore[method-assign]
     request = _requests(1)  # 500x300: a 2x2 grid at num_crops 4, one tile at num_crops 2
