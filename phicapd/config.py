@@ -119,6 +119,7 @@ class SidecarSettings(_Section):
 
 class SchedulerSettings(_Section):
     batch_window_ms: float = Field(20.0, ge=0)
+    interactive_slots: int = Field(1, ge=0)
     decode_workers: int = Field(2, ge=1, le=64)
     prefetch: int = Field(64, ge=1)
     max_attempts: int = Field(3, ge=1)

@@ -4,15 +4,20 @@ r"""The scheduler: two lanes into one GPU worker, with decoding ahead of it and 
                                                           +--> GPU worker --> writer --> sidecar + journal
     socket  --------> decode pool --> interactive lane --+                \--> reply to the client
 
-* One thread, the GPU worker, owns the ``Captioner``. It forms batches of up to ``max_batch``
-  within a short window, always taking interactive requests first, so a caption asked for over
-  the socket waits for at most the batch already on the GPU, however long the backlog.
+* One thread, the GPU worker, owns the ``Captioner`` and streams work into it: the backend asks
+  for more whenever it has free rows (the native engine asks before every decode step), and
+  each caption comes back the moment it is done. Interactive requests are always taken first,
+  and ``interactive_slots`` rows are kept free of background work, so a caption asked for over
+  the socket joins the running batch at the next step instead of waiting for it, however long
+  the backlog. (A batch-only backend runs batch after batch; a request then waits for at most
+  the batch on the model.) When idle, the first take waits a short window to fill a batch.
 * Images are decoded (and fingerprinted) in a CPU pool ahead of the worker. At most
   ``prefetch`` background images are claimed from the journal at once; the rest of the backlog
   waits on disk, so memory is bounded whatever its size.
 * The writer (``writer.py``) writes sidecars and records results in the journal in groups, so
   fsyncs never hold up the GPU.
-* A batch that fails is retried image by image, so one bad image cannot fail its neighbours.
+* When the model fails everything in flight at once, those images are retried one by one, so
+  one bad image cannot fail its neighbours.
 """
 
 from __future__ import annotations
@@ -21,14 +26,14 @@ import collections
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from phicapd.captioner import Caption, Captioner, CaptionRequest, preparer
+from phicapd.captioner import Caption, Captioner, CaptionRequest, preparer, streamer
 from phicapd.config import Settings, WatchRoot
 from phicapd.errors import CaptionError, PhicapError
 from phicapd.log import get_logger
@@ -128,6 +133,10 @@ class Scheduler:
         self._prepare = preparer(captioner)
         self._roots = {r.path: r for r in settings.watch}
         self.max_batch = max(1, min(settings.model.max_batch, captioner.max_batch))
+        self._stream = streamer(captioner)
+        # Rows held free for interactive requests; only a streaming backend can use them mid-batch.
+        streams = callable(getattr(captioner, "stream", None))
+        self.reserve = min(settings.scheduler.interactive_slots, self.max_batch - 1) if streams else 0
         self.prefetch = max(settings.scheduler.prefetch, self.max_batch)
         self.window = settings.scheduler.batch_window_ms / 1000.0
 
@@ -140,6 +149,8 @@ class Scheduler:
         # that were actually on the model.
         self._claimed: set[int] = set()
         self._waiting: set[Future[Caption]] = set()  # interactive requests not answered yet
+        self._in_flight: dict[int, _Item] = {}  # taken by the model, not delivered; by id(request)
+        self._finished: list[Finished] = []  # background results, handed to the writer at the next take
         self._wake_feeder = threading.Event()
         self._stopping = threading.Event()
         self._paused = False
@@ -327,82 +338,119 @@ class Scheduler:
 
     # -- the GPU worker ------------------------------------------------------------------------
 
-    def _take_batch(self) -> list[_Item]:
+    def _worker_loop(self) -> None:
+        while self._wait_for_work():
+            self.busy_since = time.monotonic()  # the model's heartbeat: renewed on every take/deliver
+            try:
+                self._stream(self._take, self._deliver)
+            except Exception as e:
+                with self._cond:
+                    leftovers = list(self._in_flight.values())
+                if leftovers:
+                    log.warning("the model failed, retrying its images one by one", images=len(leftovers), error=str(e))
+                for item in leftovers:
+                    self._deliver(item.request, self._caption_one(item))
+            finally:
+                self._flush_finished()
+                self.busy_since = None
+                self.last_progress = time.monotonic()
+
+    def _wait_for_work(self) -> bool:
+        """Block until there is something to caption; False when stopping."""
         with self._cond:
             while not self._interactive and (self._paused or not self._background):
                 if self._stopping.is_set():
-                    return []
+                    return False
                 self.last_progress = time.monotonic()
                 self._cond.wait(0.5)
-            if self._stopping.is_set():
-                # Stopping: the batch on the model finishes, nothing new starts; queued requests
+            return not self._stopping.is_set()
+
+    def _take(self, room: int, idle: bool) -> list[CaptionRequest]:
+        """The model asks for up to ``room`` more requests (before every step, as a heartbeat too)."""
+        now = self.last_progress = self.busy_since = time.monotonic()
+        self._flush_finished()
+        with self._cond:
+            room = min(room, self.max_batch - len(self._in_flight))
+            if idle and room > 0:
+                # Nothing is running: wait a short window for a fuller first batch.
+                deadline = now + self.window
+                while (
+                    len(self._interactive) + (0 if self._paused else len(self._background)) < room
+                    and (self._decoding > 0 or self._interactive)
+                    and not self._stopping.is_set()
+                ):
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            if self._stopping.is_set() or room <= 0:
+                # Stopping: the rows on the model finish, nothing new starts; queued requests
                 # get a retryable "shutting_down" and queued jobs go back to the journal.
                 return []
-            deadline = time.monotonic() + self.window
-            while (
-                len(self._interactive) + (0 if self._paused else len(self._background)) < self.max_batch
-                and (self._decoding > 0 or self._interactive)
-                and not self._stopping.is_set()
-            ):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            batch: list[_Item] = []
-            while self._interactive and len(batch) < self.max_batch:
+            items: list[_Item] = []
+            while self._interactive and len(items) < room:
                 item = self._interactive.popleft()
-                if item.future is not None and item.future.cancelled():
-                    continue
-                batch.append(item)
-            while not self._paused and self._background and len(batch) < self.max_batch:
-                batch.append(self._background.popleft())
-        return batch
-
-    def _worker_loop(self) -> None:
-        while True:
-            batch = self._take_batch()
-            if not batch:
-                if self._stopping.is_set():
-                    return
-                continue
-            for item in batch:
-                item.batch_size = len(batch)
-            outcomes = self._run_batch(batch)
-            self.batches += 1
-            self.last_progress = time.monotonic()
-            interactive = [o for o in outcomes if o.item.future is not None]
-            background = [o for o in outcomes if o.item.job is not None]
-            for o in interactive:
-                if o.error is not None:
-                    o.item.future.set_exception(o.error)  # type: ignore[union-attr]
-                else:
-                    o.item.future.set_result(o.caption)  # type: ignore[union-attr]
-            if interactive:
-                self.throughput.add(sum(1 for o in interactive if o.caption))
-            if background:
-                self.writer.submit([o.finished() for o in background])
-
-    def _caption(self, batch: list[_Item]) -> list[Caption]:
-        jobs = [i.job.id for i in batch if i.job is not None]
+                if item.future is None or not item.future.cancelled():
+                    items.append(item)
+            background_room = room - len(items) - self.reserve
+            if idle and not items:
+                background_room = max(background_room, 1)  # a lone background image may use any row
+            if self._interactive_in_flight(items):
+                # Every background prefill would stall a socket request's decode steps: none start
+                # until it is answered (the rows already running carry on).
+                background_room = 0
+            while not self._paused and self._background and background_room > 0:
+                items.append(self._background.popleft())
+                background_room -= 1
+            rows = len(self._in_flight) + len(items)
+            for item in items:
+                item.batch_size = rows
+                self._in_flight[id(item.request)] = item
+        jobs = [i.job.id for i in items if i.job is not None]
         if jobs:
+            # Before the model sees them, so a crash on a poisonous image counts an attempt.
             self.store.mark_running(jobs)
+        if items:
+            self.batches += 1
+        return [i.request for i in items]
+
+    def _interactive_in_flight(self, taking: list[_Item]) -> bool:
+        return self.reserve > 0 and any(i.future is not None for i in (*self._in_flight.values(), *taking))
+
+    def _deliver(self, request: CaptionRequest, outcome: Caption | PhicapError) -> None:
+        """One image is done (or failed on its own): answer its client or hand it to the writer."""
+        self.last_progress = self.busy_since = time.monotonic()
+        with self._cond:
+            item = self._in_flight.pop(id(request))
+        result = _Outcome(item, error=outcome) if isinstance(outcome, PhicapError) else _Outcome(item, caption=outcome)
+        if item.future is not None:
+            try:
+                if result.error is not None:
+                    item.future.set_exception(result.error)
+                else:
+                    item.future.set_result(outcome)
+                    self.throughput.add(1)
+            except InvalidStateError:
+                pass  # cancelled by its client, or already answered by stop()
+        else:
+            self._finished.append(result.finished())
+
+    def _flush_finished(self) -> None:
+        """Rows that finished in the same step reach the writer as one group: one journal commit."""
+        if self._finished:
+            self.writer.submit(self._finished)
+            self._finished = []
+
+    def _caption_one(self, item: _Item) -> Caption | PhicapError:
+        """One image alone, after the batch it was in failed."""
         self.busy_since = time.monotonic()
         try:
-            captions = self.captioner.caption([i.request for i in batch])
-        finally:
-            self.busy_since = None
-        if len(captions) != len(batch):
-            raise CaptionError(f"captioner returned {len(captions)} captions for {len(batch)} images")
-        return captions
-
-    def _run_batch(self, batch: list[_Item]) -> list[_Outcome]:
-        try:
-            return [_Outcome(i, caption=c) for i, c in zip(batch, self._caption(batch), strict=True)]
+            captions = self.captioner.caption([item.request])
+            if len(captions) != 1:
+                raise CaptionError(f"captioner returned {len(captions)} captions for 1 image")
+            return captions[0]
         except Exception as e:
-            if len(batch) == 1:
-                return [_Outcome(batch[0], error=_as_phicap_error(e, batch[0]))]
-            log.warning("batch failed, retrying images one by one", batch=len(batch), error=str(e))
-        return [self._run_batch([item])[0] for item in batch]
+            return _as_phicap_error(e, item)
 
     def _recorded(self, job_ids: list[int], captioned: int) -> None:
         """The writer settled these jobs in the journal: they are no longer claimed."""

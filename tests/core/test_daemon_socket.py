@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import resource
 import threading
 import time
@@ -13,7 +14,7 @@ from PIL import Image
 
 from phicapd.control.client import ControlClient, RequestRejected
 from tests.support.daemon import running_daemon, settings_for, wait_for
-from tests.support.fakes import FakeCaptioner, unique_image, write_unique_png
+from tests.support.fakes import FakeCaptioner, StreamingFakeCaptioner, image_key, unique_image, write_unique_png
 
 
 def _png(image: Image.Image, **kw: object) -> bytes:
@@ -108,6 +109,38 @@ def test_socket_request_is_answered_ahead_of_a_running_backlog(tmp_path: Path) -
     # Each answer waits for at most the batch already on the model plus its own.
     assert max(latencies) < 1.0, latencies  # the backlog behind them is ~2 s of model time
     assert remaining > 0, "the backlog should still have been running"
+
+
+def test_with_a_streaming_model_a_socket_request_joins_the_running_batch(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(300):
+        write_unique_png(root / f"b{i:03d}.png", i)
+    # 4 rows, 20 steps of 5 ms per caption: the backlog takes ~5 s of "GPU" time.
+    fake = StreamingFakeCaptioner(max_batch=4, steps=20, step_latency=0.005)
+    settings = settings_for(tmp_path, [root], extra="[model]\nmax_batch = 4\n")  # interactive_slots = 1 by default
+    with running_daemon(settings, fake) as daemon:
+        wait_for(lambda: daemon.store.counts()["done"] >= 30, 30, "the backlog to be running")
+        client = ControlClient(settings.control.socket, timeout=30)
+        asked, latencies = set(), []
+        for i in range(5):
+            image = unique_image(10_000 + i, (32, 32))
+            asked.add(image_key(image))
+            started = time.monotonic()
+            reply = client.caption_bytes(_png(image), name=f"ask{i}.png", prompt=None, max_new_tokens=None)
+            latencies.append(time.monotonic() - started)
+            assert reply.caption.startswith("A 32x32 ")
+        remaining = daemon.store.counts()["pending"]
+    assert remaining > 0, "the backlog should still have been running"
+    # Each request was admitted beside running background rows instead of waiting for them,
+    assert all(fake.joined[key] >= 1 for key in asked), fake.joined
+    # because background work never took the row kept for it.
+    assert max(len(keys - asked) for keys in fake.running) == 3
+    # While one was on the model no new background row started (their prefills would stall it).
+    for before, after in itertools.pairwise(fake.running):
+        if before & asked and before & asked <= after:
+            assert not (after - before - asked), "background work joined a running socket request"
+    assert max(latencies) < 0.6, latencies  # its own 20 steps (~0.1 s) plus a step and the socket
 
 
 def test_concurrent_uploads_are_batched_together(tmp_path: Path) -> None:

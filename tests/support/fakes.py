@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from phicapd.captioner import Caption, CaptionRequest
+from phicapd.captioner import Caption, CaptionRequest, Deliver, Take
 
 
 def image_key(image: Image.Image) -> str:
@@ -65,6 +65,33 @@ class FakeCaptioner:
         if self._record_fd is not None:
             os.close(self._record_fd)
             self._record_fd = None
+
+
+class StreamingFakeCaptioner(FakeCaptioner):
+    """The fake with the native engine's shape: each row takes ``steps`` decode steps of
+    ``step_latency`` s, and new requests are taken before every step (continuous batching)."""
+
+    def __init__(self, *, steps: int = 20, step_latency: float = 0.005, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.steps, self.step_latency = steps, step_latency
+        self.running: list[frozenset[str]] = []  # the image keys on the model at each step
+        self.joined: dict[str, int] = {}  # image key -> rows already running when it was admitted
+
+    def stream(self, take: Take, deliver: Deliver) -> None:
+        rows: list[tuple[CaptionRequest, str, int]] = []  # request, key, step it finishes after
+        step = 0
+        while True:
+            for request in take(self.max_batch - len(rows), not rows):
+                self.joined[image_key(request.image)] = len(rows)
+                rows.append((request, image_key(request.image), step + self.steps))
+            if not rows:
+                return
+            self.running.append(frozenset(key for _, key, _ in rows))
+            time.sleep(self.step_latency)
+            step += 1
+            for row in [r for r in rows if r[2] == step]:
+                rows.remove(row)
+                deliver(row[0], self.caption([row[0]])[0])
 
 
 def unique_image(index: int, size: tuple[int, int] = (8, 8)) -> Image.Image:
