@@ -47,6 +47,7 @@ def settings_for(work: Path, args: argparse.Namespace, model_dir: Path) -> Setti
     cfg.write_text(
         f'[model]\npath = "{model_dir}"\ndevice = "{args.device}"\nnum_crops = {args.num_crops}\n'
         f"max_new_tokens = {args.new_tokens}\nmax_batch = {args.max_batch}\n"
+        f"[scheduler]\ninteractive_slots = {args.interactive_slots}\n"
         "[watcher]\nsettle_seconds = 0.2\nrescan_interval_seconds = 0\n"
         f'[control]\nsocket = "{work / "ctl.sock"}"\n[state]\ndir = "{work / "state"}"\n'
         f'[log]\nformat = "json"\nlevel = "warning"\n[[watch]]\npath = "{work / "inbox"}"\n'
@@ -80,6 +81,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--backlog", type=int, default=200)
     parser.add_argument("--requests", type=int, default=20)
+    parser.add_argument("--interactive-slots", type=int, default=1, help="rows kept free of background work")
     args = parser.parse_args()
     configure_logging("json", "warning")
 
@@ -117,7 +119,8 @@ def main() -> None:
 
     print(
         f"\nphicapd interactive latency: model {args.model} on {args.device}, num_crops {args.num_crops}, "
-        f"max_new_tokens {args.new_tokens}, max_batch {args.max_batch} (ready after {load_seconds:.1f} s)"
+        f"max_new_tokens {args.new_tokens}, max_batch {args.max_batch}, interactive_slots {args.interactive_slots} "
+        f"(ready after {load_seconds:.1f} s)"
     )
     print(f"{'phase':28} {'requests':>8} {'p50 ms':>9} {'p95 ms':>9} {'max ms':>9}")
     idle_line, idle_p95 = summary("idle", idle)
