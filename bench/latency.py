@@ -2,10 +2,13 @@
 
     python bench/latency.py                                   # tiny test checkpoint on the CPU
     python bench/latency.py --model /srv/models/Phi-3.5-vision-instruct --device cuda --num-crops 16
+    python bench/latency.py --full-size-random --device cuda --num-crops 16 --new-tokens 128 --max-batch 32
 
 Starts the daemon in-process with the real model, then sends ``--requests`` sequential
 ``POST /v1/caption`` requests over its Unix socket, first with nothing else to do, then while
-``--backlog`` images dropped into a watched directory are being captioned. Prints p50/p95/max
+``--backlog`` images dropped into a watched directory are being captioned. With
+``--full-size-random`` the model is Phi-3.5-vision's full architecture with random bf16 weights
+(no download; captions are noise but every one runs its full token budget). Prints p50/p95/max
 per phase, the backlog's throughput while the requests ran, and the ratio of loaded to idle p95.
 """
 
@@ -14,18 +17,27 @@ from __future__ import annotations
 import argparse
 import io
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import torch
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from random_model import full_size_random
 
 from phicapd.config import Settings, load_settings
 from phicapd.control.client import ControlClient
 from phicapd.log import configure_logging
-from phicapd.model.testmodel import make_test_model
-from phicapd.service import Daemon
+from phicapd.model.captioner import Phi3VCaptioner
+from phicapd.model.testmodel import build_tokenizer, make_test_model
+from phicapd.model.tokenizer import Phi3VTokenizer
+from phicapd.service import Daemon, load_model_captioner
 
 
 def photo(index: int, size: tuple[int, int] = (750, 500)) -> Image.Image:
@@ -72,9 +84,17 @@ def summary(name: str, seconds: list[float], extra: str = "") -> tuple[str, floa
     return line, p95
 
 
+def random_captioner(settings: Settings) -> Any:
+    device = torch.device(settings.model.device)
+    model = full_size_random(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = Phi3VTokenizer(build_tokenizer(), {}, add_bos=True)
+    return Phi3VCaptioner(model, tokenizer, settings.model, "full-size-random")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="'tiny' (made on the fly) or a checkpoint directory")
+    parser.add_argument("--full-size-random", action="store_true", help="full architecture, random bf16 weights")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--num-crops", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -89,7 +109,7 @@ def main() -> None:
     (work / "inbox").mkdir()
     model_dir = make_test_model(work / "tiny") if args.model == "tiny" else Path(args.model)
     settings = settings_for(work, args, model_dir)
-    daemon = Daemon(settings)
+    daemon = Daemon(settings, random_captioner if args.full_size_random else load_model_captioner)
     thread = threading.Thread(target=daemon.run, kwargs={"install_signals": False}, daemon=True)
     started = time.monotonic()
     thread.start()
@@ -117,8 +137,9 @@ def main() -> None:
         daemon.request_stop()
         thread.join(120)
 
+    model_name = "full-size random" if args.full_size_random else args.model
     print(
-        f"\nphicapd interactive latency: model {args.model} on {args.device}, num_crops {args.num_crops}, "
+        f"\nphicapd interactive latency: model {model_name} on {args.device}, num_crops {args.num_crops}, "
         f"max_new_tokens {args.new_tokens}, max_batch {args.max_batch}, interactive_slots {args.interactive_slots} "
         f"(ready after {load_seconds:.1f} s)"
     )
