@@ -135,8 +135,8 @@ class Scheduler:
         self.max_batch = max(1, min(settings.model.max_batch, captioner.max_batch))
         self._stream = streamer(captioner)
         # Rows held free for interactive requests; only a streaming backend can use them mid-batch.
-        streams = callable(getattr(captioner, "stream", None))
-        self.reserve = min(settings.scheduler.interactive_slots, self.max_batch - 1) if streams else 0
+        self.streams = callable(getattr(captioner, "stream", None))
+        self.reserve = min(settings.scheduler.interactive_slots, self.max_batch - 1) if self.streams else 0
         self.prefetch = max(settings.scheduler.prefetch, self.max_batch)
         self.window = settings.scheduler.batch_window_ms / 1000.0
 
@@ -372,11 +372,12 @@ class Scheduler:
         with self._cond:
             room = min(room, self.max_batch - len(self._in_flight))
             if idle and room > 0:
-                # Nothing is running: wait a short window for a fuller first batch.
+                # Nothing is running: wait a short window for a fuller first batch. A streaming
+                # model takes later socket requests at its next step, so one never waits for more.
                 deadline = now + self.window
                 while (
                     len(self._interactive) + (0 if self._paused else len(self._background)) < room
-                    and (self._decoding > 0 or self._interactive)
+                    and (self._decoding > 0 or (self._interactive and not self.streams))
                     and not self._stopping.is_set()
                 ):
                     left = deadline - time.monotonic()

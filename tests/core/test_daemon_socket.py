@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from phicapd.config import load_settings
 from phicapd.control.client import ControlClient, RequestRejected
-from tests.support.daemon import running_daemon, settings_for, wait_for
+from tests.support.daemon import running_daemon, settings_for, wait_for, write_config
 from tests.support.fakes import FakeCaptioner, StreamingFakeCaptioner, image_key, unique_image, write_unique_png
 
 
@@ -141,6 +142,19 @@ def test_with_a_streaming_model_a_socket_request_joins_the_running_batch(tmp_pat
         if before & asked and before & asked <= after:
             assert not (after - before - asked), "background work joined a running socket request"
     assert max(latencies) < 0.6, latencies  # its own 20 steps (~0.1 s) plus a step and the socket
+
+
+def test_with_a_streaming_model_an_idle_request_does_not_wait_for_the_batch_window(tmp_path: Path) -> None:
+    fake = StreamingFakeCaptioner(max_batch=4, steps=2, step_latency=0.001)
+    # A long window: a batch-only model would hold a lone request for it, hoping for company.
+    config = write_config(tmp_path, [])
+    config.write_text(config.read_text().replace("batch_window_ms = 5", "batch_window_ms = 3000"))
+    settings = load_settings(config)
+    with running_daemon(settings, fake):
+        client = ControlClient(settings.control.socket, timeout=30)
+        started = time.monotonic()
+        client.caption_bytes(_png(unique_image(7, (16, 16))), name="alone.png", prompt=None, max_new_tokens=None)
+        assert time.monotonic() - started < 1.5
 
 
 def test_concurrent_uploads_are_batched_together(tmp_path: Path) -> None:
