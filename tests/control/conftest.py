@@ -9,20 +9,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 from phicapd.config import ControlSettings
 from phicapd.control.server import ControlServer
 from tests.control.fakes import FakeBackend
+from tests.control.logs import logs_to
 
 
 @pytest.fixture(autouse=True)
 def _logs_to_stderr() -> Iterator[None]:
     """The server logs every request; keep that off stdout, where phicapctl prints captions."""
-    saved = structlog.get_config()
-    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
-    yield
-    structlog.configure(**saved)
+    with logs_to(sys.stderr):
+        yield
 
 
 @pytest.fixture
