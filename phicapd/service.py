@@ -25,7 +25,7 @@ from phicapd.log import get_logger
 from phicapd.pipeline.decode import make_decoders
 from phicapd.pipeline.intake import Intake
 from phicapd.pipeline.jobs import JobStore
-from phicapd.pipeline.paths import list_images, owning_root
+from phicapd.pipeline.paths import is_watched_dir, list_images, owning_root
 from phicapd.pipeline.scanner import Reconciler
 from phicapd.pipeline.scheduler import Scheduler
 from phicapd.pipeline.watcher import Watcher
@@ -241,6 +241,32 @@ class Daemon:
         left = max(1.0, timeout - (time.monotonic() - started))
         reply = self.caption_bytes(fetched.data, name=url, prompt=prompt, max_new_tokens=max_new_tokens, timeout=left)
         return CaptionReply(reply.text, reply.new_tokens, reply.model, time.monotonic() - started, url=fetched.url)
+
+    def sidecar_policy(self, path: Path) -> dict[str, Any]:
+        # What phicapctl needs to name and keep the sidecar of ``path`` exactly as the watcher
+        # would: the owning root's include/ignore patterns feed the naming rule (``list_images``)
+        # and its ``existing`` setting overrides the global one. ``path`` is never opened.
+        policy: dict[str, Any] = {
+            "extension": self.settings.sidecar.extension,
+            "existing": self.settings.sidecar.existing,
+            "root": None,
+        }
+        root = owning_root(path, self.settings.watch)
+        if root is None:
+            return policy
+        policy["existing"] = self.settings.existing_policy(root)
+        # The client's directory is resolved; a symlinked root matches it by its resolved form,
+        # and list_images relates the directory to the root, so report the form that matched.
+        base = root.path
+        if not is_watched_dir(path.parent, root):
+            base = Path(os.path.realpath(root.path))
+        policy["root"] = {
+            "path": str(base),
+            "recursive": root.recursive,
+            "include": list(root.include),
+            "ignore": list(root.ignore),
+        }
+        return policy
 
     def status(self) -> dict[str, Any]:
         sched = self.scheduler

@@ -193,7 +193,9 @@ def _caption_paths(client: ControlClient, args: argparse.Namespace, images: list
         prompt=args.prompt, max_new_tokens=args.max_new_tokens, force=args.force, stdout=args.stdout, jobs=args.jobs
     )
     client.caption_timeout = args.caption_timeout
-    sidecar = client.status().sidecar  # the daemon's naming extension and "existing" policy
+    # Fails early when the daemon is unreachable; its global sidecar policy is the fallback for a
+    # daemon that predates /v1/sidecar (which gives each directory its watch root's policy).
+    sidecar = client.status().sidecar
     progress = Progress(len(images))
     many = len(images) > 1
 
@@ -209,7 +211,7 @@ def _caption_paths(client: ControlClient, args: argparse.Namespace, images: list
             print(f"{o.image}: {o.result.caption}" if many else o.result.caption, flush=True)
         progress.update(o)
 
-    outcomes = BatchCaptioner(client, sidecar, options).run(images, report)
+    outcomes = BatchCaptioner(client, options, fallback=sidecar).run(images, report)
     progress.finish()
     return batch.exit_code(outcomes)
 

@@ -49,6 +49,12 @@ class ControlBackend(Protocol):
         self, url: str, *, prompt: str | None, max_new_tokens: int | None, timeout: float
     ) -> CaptionReply: ...
 
+    def sidecar_policy(self, path: Path) -> dict[str, Any]:
+        """How the sidecar of the image at ``path`` is named and kept, as the watcher would:
+        {"extension", "existing", "root": None | {"path", "recursive", "include", "ignore"}}
+        (``protocol.SidecarPolicy``). ``path`` is a configuration key; it is never opened."""
+        ...
+
     def status(self) -> dict[str, Any]:
         """JSON-able; keys include "state" ("loading"|"ready"|"paused"|"stopping"), "model",
         "lanes", "journal", "throughput", "recent_failures", "gpu", "sidecar" ({"extension", "existing"})."""

@@ -1,10 +1,12 @@
 """Client-side captioning of files: plan, send concurrently, write sidecars.
 
 phicapctl reads every image with the caller's own permissions and writes the sidecar itself;
-the daemon only ever sees bytes (no confused deputy). Naming and the ``existing`` policy are
-the daemon's (``phicapd.pipeline.sidecar``), the policy as ``/v1/status`` reports it, and each
-request names the file's path so that the daemon applies its watch root's prompt, prefix and
-suffix: a file captioned by hand looks exactly like one the watcher captioned.
+the daemon only ever sees bytes (no confused deputy). For every directory, ``/v1/sidecar`` tells
+which watch root owns it: that root's include/ignore patterns feed the daemon's own naming rule
+(``pipeline.paths.list_images`` into ``pipeline.sidecar``), and its ``existing`` policy decides
+whether an up-to-date sidecar is kept. Each caption request names the file's path, so the daemon
+applies the root's prompt, prefix and suffix: a file captioned by hand looks exactly like one the
+watcher captioned, under the same name.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from phicapd.config import DEFAULT_IMAGE_EXTENSIONS
+from phicapd.config import DEFAULT_IMAGE_EXTENSIONS, WatchRoot
 from phicapd.control.client import ControlClient, ControlClientError, DaemonUnreachable, RequestRejected
-from phicapd.control.protocol import CaptionResult, SidecarInfo
+from phicapd.control.protocol import CaptionResult, SidecarInfo, SidecarPolicy
+from phicapd.pipeline import paths
 from phicapd.pipeline.paths import is_ignored_name
-from phicapd.pipeline.sidecar import is_up_to_date, sidecar_for, write_sidecar
+from phicapd.pipeline.sidecar import SiblingIndex, is_up_to_date, sidecar_for, write_sidecar
 
 # sysexits(3), shared with phicapctl.
 EX_OK = 0
@@ -82,20 +85,42 @@ def exit_code(outcomes: Iterable[Outcome]) -> int:
     return next((c for c in _SEVERITY if c in codes), EX_OK)
 
 
-class _Siblings:
-    """Image names per directory, listed once: the input ``sidecar_for`` needs."""
+class Naming:
+    """The sidecar naming and ``existing`` policy of one directory, as the daemon applies them.
 
-    def __init__(self) -> None:
-        self._cache: dict[Path, list[str]] = {}
+    ``root`` is the watch root that owns the directory, rebuilt from ``/v1/sidecar`` (only the
+    fields the naming rule reads), or for an unwatched directory a default root on the directory
+    itself, whose include patterns are the default image extensions.
+    """
 
-    def __call__(self, image: Path) -> list[str]:
-        directory = image.parent
-        if directory not in self._cache:
-            try:
-                self._cache[directory] = [n for n in os.listdir(directory) if is_image_name(n)]
-            except OSError:
-                self._cache[directory] = []
-        return self._cache[directory]
+    def __init__(self, directory: Path, extension: str, existing: str, root: WatchRoot | None) -> None:
+        self.extension = extension
+        self.existing = existing
+        naming_root = root if root is not None else WatchRoot(path=directory, recursive=False)
+        self.names = frozenset(paths.list_images(directory, naming_root))
+        self._index = SiblingIndex(self.names)
+        self._taken: frozenset[str] | None = None
+
+    @classmethod
+    def from_policy(cls, directory: Path, policy: SidecarPolicy) -> Naming:
+        root = None
+        if policy.root is not None:
+            r = policy.root
+            root = WatchRoot(path=Path(r.path), recursive=r.recursive, include=r.include, ignore=r.ignore)
+        return cls(directory, policy.extension, policy.existing, root)
+
+    def sidecar_for(self, image: Path) -> Path:
+        """Where the sidecar of ``image`` (in this directory, maybe through a symlink) goes."""
+        if image.name in self.names:
+            return self._index.sidecar_for(image, self.extension)
+        # An image its root does not caption (its patterns leave it out): the daemon never writes
+        # its sidecar, so it must not take a name the daemon gives one of the root's images.
+        sidecar = sidecar_for(image, [*self.names, image.name], self.extension)
+        if self._taken is None:
+            self._taken = frozenset(
+                self._index.sidecar_for(image.with_name(n), self.extension).name for n in self.names
+            )
+        return image.with_name(image.name + self.extension) if sidecar.name in self._taken else sidecar
 
 
 def _failed(image: Path, sidecar: Path | None, code: str, message: str, exit_code: int) -> Outcome:
@@ -105,12 +130,26 @@ def _failed(image: Path, sidecar: Path | None, code: str, message: str, exit_cod
 class BatchCaptioner:
     """Caption many files through one client, ``jobs`` requests in flight so the GPU batches them."""
 
-    def __init__(self, client: ControlClient, sidecar: SidecarInfo, options: Options) -> None:
+    def __init__(self, client: ControlClient, options: Options, fallback: SidecarInfo | None = None) -> None:
+        """``fallback``: the global policy, for a daemon without ``/v1/sidecar`` (asked of
+        ``/v1/status`` when needed and not given)."""
         self.client = client
-        self.sidecar = sidecar
         self.options = options
-        self._siblings = _Siblings()
+        self._fallback = fallback
+        self._naming: dict[Path, Naming] = {}
         self._unreachable = threading.Event()
+
+    def _naming_of(self, directory: Path, key: str) -> Naming:
+        """The naming of ``directory`` (resolved), asked of the daemon once per directory."""
+        naming = self._naming.get(directory)
+        if naming is None:
+            policy = self.client.sidecar_policy(key)
+            if policy is None:  # a daemon from before /v1/sidecar: global policy, default naming
+                if self._fallback is None:
+                    self._fallback = self.client.status().sidecar
+                policy = SidecarPolicy(extension=self._fallback.extension, existing=self._fallback.existing)
+            naming = self._naming[directory] = Naming.from_policy(directory, policy)
+        return naming
 
     def _plan(self, image: Path) -> Outcome | tuple[Path, Path | None]:
         """Either a finished outcome (skipped, unreadable) or the work: (image, sidecar)."""
@@ -122,9 +161,19 @@ class BatchCaptioner:
             return _failed(image, None, "input_unreadable", f"{image}: not a regular file", EX_NOINPUT)
         if self.options.stdout:
             return image, None
-        names = self._siblings(image)
-        sidecar = sidecar_for(image, [*names, image.name], self.sidecar.extension)
-        if self.sidecar.existing == "skip" and not self.options.force and is_up_to_date(st, sidecar):
+        if self._unreachable.is_set():
+            return _failed(image, None, DaemonUnreachable.code, "not sent: the daemon is unreachable", EX_UNAVAILABLE)
+        key = config_key(image)
+        try:
+            naming = self._naming_of(Path(key).parent, key)
+        except DaemonUnreachable as e:
+            self._unreachable.set()
+            return _failed(image, None, e.code, e.message, EX_UNAVAILABLE)
+        except ControlClientError as e:
+            code = EX_DATAERR if isinstance(e, RequestRejected) else EX_SOFTWARE
+            return _failed(image, None, e.code, f"{image}: {e.message}", code)
+        sidecar = naming.sidecar_for(image)
+        if naming.existing == "skip" and not self.options.force and is_up_to_date(st, sidecar):
             return Outcome(image, sidecar, "skipped")
         if not os.access(image.parent, os.W_OK | os.X_OK):
             # Refuse before spending GPU time on a caption that could not be saved.

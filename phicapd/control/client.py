@@ -210,6 +210,15 @@ class ControlClient:
         resp = self.request("GET", "/v1/health", accept=(503,))
         return p.HealthReply.model_validate_json(resp.body).ready
 
+    def sidecar_policy(self, path: str) -> p.SidecarPolicy | None:
+        """How the daemon names and keeps the sidecar of the image at ``path`` (absolute, directory
+        resolved): its watch root's naming inputs and ``existing`` policy. None from a daemon that
+        predates ``/v1/sidecar`` (404); its ``/v1/status`` then has the global policy."""
+        resp = self.request("GET", "/v1/sidecar", query={"path": path}, accept=(404,))
+        if resp.status == 404:
+            return None
+        return p.SidecarPolicy.model_validate_json(resp.body)
+
     def version(self) -> p.VersionReply:
         return p.VersionReply.model_validate(self._get_json("/v1/version"))
 

@@ -61,9 +61,25 @@ class CaptionParams(_Model):
     @field_validator("path")
     @classmethod
     def _plain_absolute(cls, value: str | None) -> str | None:
-        # Compared as a string against the roots, so ".." would let a path name a root it is not in.
-        if value is not None and (not value.startswith("/") or "\0" in value or ".." in PurePosixPath(value).parts):
-            raise ValueError("must be an absolute path without '..'")
+        return _plain_absolute_path(value)
+
+
+def _plain_absolute_path(value: str | None) -> str | None:
+    # Compared as a string against the roots, so ".." would let a path name a root it is not in.
+    if value is not None and (not value.startswith("/") or "\0" in value or ".." in PurePosixPath(value).parts):
+        raise ValueError("must be an absolute path without '..'")
+    return value
+
+
+class SidecarParams(_Model):
+    """Query of ``GET /v1/sidecar``: the image path, as ``CaptionParams.path``."""
+
+    path: str = Field(min_length=1, max_length=4096)
+
+    @field_validator("path")
+    @classmethod
+    def _plain_absolute(cls, value: str) -> str:
+        _plain_absolute_path(value)
         return value
 
 
@@ -120,6 +136,35 @@ class SidecarInfo(BaseModel):
 
     extension: str = ".txt"
     existing: Literal["skip", "overwrite"] = "skip"
+
+
+class RootNaming(BaseModel):
+    """What the sidecar naming rule needs of a watch root (``pipeline.paths.list_images``).
+
+    ``path`` is the root as the requested path sees it: the configured directory, or its resolved
+    form when the request's path lies under that instead (a symlinked root).
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    path: str
+    recursive: bool = True
+    include: list[str]
+    ignore: list[str] = []
+
+
+class SidecarPolicy(BaseModel):
+    """``GET /v1/sidecar``: how the daemon names and keeps the sidecar of an image at ``path``.
+
+    ``root`` is the watch root that owns the path (None outside every root); ``existing`` is that
+    root's policy, else the global one. Unknown fields are ignored, so the reply can grow.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    extension: str = ".txt"
+    existing: Literal["skip", "overwrite"] = "skip"
+    root: RootNaming | None = None
 
 
 class StatusReply(BaseModel):

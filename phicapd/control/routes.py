@@ -101,6 +101,7 @@ class Router:
         self._routes: dict[str, dict[str, tuple[handler, int]]] = {
             "/v1/caption": {"POST": (self._caption, settings.max_body_bytes)},
             "/v1/caption-url": {"POST": (self._caption_url, _JSON_BODY_LIMIT)},
+            "/v1/sidecar": {"GET": (self._sidecar, _NO_BODY_LIMIT)},
             "/v1/status": {"GET": (self._status, _NO_BODY_LIMIT)},
             "/v1/health": {"GET": (self._health, _NO_BODY_LIMIT)},
             "/v1/version": {"GET": (self._version, _NO_BODY_LIMIT)},
@@ -171,6 +172,11 @@ class Router:
             body.url, prompt=body.prompt, max_new_tokens=body.max_new_tokens, timeout=timeout
         )
         return _caption_response(_caption_result(reply))
+
+    def _sidecar(self, req: Request) -> Response:
+        params: p.SidecarParams = _parse(p.SidecarParams, req.query)
+        policy = p.SidecarPolicy.model_validate(self.backend.sidecar_policy(Path(params.path)))
+        return Response(200, policy.model_dump_json().encode())
 
     def _status(self, req: Request) -> Response:
         # Validated on the way out too: phicapctl relies on "state" and "sidecar".

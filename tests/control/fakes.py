@@ -27,6 +27,11 @@ class FakeBackend:
         self.rescans = 0
         self.retried: list[list[str] | None] = []
         self.existing = "skip"
+        # What GET /v1/sidecar reports for a path under ``naming_root["path"]``: its naming inputs
+        # and ``root_existing`` (None: the global ``existing``). Asked paths land in ``policy_paths``.
+        self.naming_root: dict[str, Any] | None = None
+        self.root_existing: str | None = None
+        self.policy_paths: list[Path] = []
         self.delay = 0.0
         self._lock = threading.Lock()
 
@@ -65,6 +70,14 @@ class FakeBackend:
         if "refused" in url:
             raise FetchError(f"{url}: address not allowed", code="url_address_refused")
         return CaptionReply(text=f"caption of {url}", new_tokens=5, model="fake@1", seconds=0.02, url=url)
+
+    def sidecar_policy(self, path: Path) -> dict[str, Any]:
+        with self._lock:
+            self.policy_paths.append(path)
+        root = self.naming_root
+        if root is None or not path.is_relative_to(root["path"]):
+            return {"extension": ".txt", "existing": self.existing, "root": None}
+        return {"extension": ".txt", "existing": self.root_existing or self.existing, "root": root}
 
     def status(self) -> dict[str, Any]:
         return {
