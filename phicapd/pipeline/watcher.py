@@ -30,14 +30,18 @@ import re
 import stat
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import structlog
 from watchdog.events import (
     EVENT_TYPE_CREATED,
     EVENT_TYPE_MOVED,
+    DirCreatedEvent,
+    DirMovedEvent,
     FileAttribEvent,
     FileClosedEvent,
     FileCreatedEvent,
@@ -48,8 +52,13 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver, ObservedWatch
-from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver
+from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver, InotifyWatchGroup
 from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
+from watchdog.observers.inotify_move_event_grouper import (
+    GroupedInotifyEvent,
+    InotifyMoveEventGrouper,
+    PathedInotifyEvent,
+)
 from watchdog.observers.polling import PollingObserver
 
 from phicapd.config import WatcherSettings, WatchRoot
@@ -79,6 +88,21 @@ STALLED_WRITE_SECONDS = 60.0
 INOTIFY_LOGGER = "watchdog.observers.inotify_c"
 
 RESCAN_REASONS = ("new_dir", "overflow", "timer", "observer_error")
+
+#: The only events ``Watcher._on_event`` acts on. Scheduling with this filter keeps IN_OPEN and
+#: IN_CLOSE_NOWRITE out of the inotify mask (every read of an image, by us or anyone, and every
+#: directory listing raised them) and stops watchdog from building and queueing the
+#: DirModifiedEvent it adds to nearly every event, none of which we need.
+HANDLED_EVENTS: list[type[FileSystemEvent]] = [
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileAttribEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+]
 
 # Filesystems whose changes made elsewhere (another client, the host of a VM) never reach local
 # inotify. FUSE mounts appear as "fuse.<helper>".
@@ -362,6 +386,109 @@ class _OverflowReportingInotifyFD(InotifyFD):
                 log.exception("overflow_report_failed")
 
 
+@dataclass(slots=True)
+class _Queued:
+    event: GroupedInotifyEvent
+    at: float
+    hold: bool  # an unpaired IN_MOVED_FROM (so ``event`` is one event): held back for its IN_MOVED_TO
+    live: bool = True  # False once paired: its pair was queued in its place
+
+    @property
+    def moved_from(self) -> PathedInotifyEvent:
+        return cast(PathedInotifyEvent, self.event)
+
+
+class _CookieIndexedMoveGrouper(InotifyMoveEventGrouper):
+    """watchdog's move pairing, with pending IN_MOVED_FROM events indexed by cookie.
+
+    watchdog's grouper finds the IN_MOVED_FROM of each IN_MOVED_TO by scanning its whole queue
+    of undelivered events, twice. Under a flood of renames (downloads renamed from ``.part``, our
+    own sidecar renames) the queue grows and that scan made the inotify reader O(n²): it held
+    the GIL for most of the run and let the kernel queue overflow. Same behaviour here (events in
+    order, an unpaired IN_MOVED_FROM held ``delay`` seconds for its partner, the pair delivered at
+    the position of its IN_MOVED_TO), in O(1) per event. Pairing itself stays: watchdog needs it
+    to move its watches when a watched directory is renamed.
+    """
+
+    def __init__(self) -> None:  # no super().__init__(): its DelayedQueue is what this replaces
+        self._cond = threading.Condition(threading.Lock())
+        self._events: deque[_Queued] = deque()
+        self._moved_from: dict[int, _Queued] = {}  # by cookie, while still queued
+        self._closed = False
+
+    def put_event(self, event: PathedInotifyEvent) -> None:
+        now = time.monotonic()
+        with self._cond:
+            source = self._moved_from.pop(event.ev.cookie, None) if event.ev.is_moved_to else None
+            if source is not None:
+                source.live = False
+                item = _Queued((source.moved_from, event), now, hold=False)
+            else:
+                item = _Queued(event, now, hold=event.ev.is_moved_from)
+                if item.hold:
+                    self._moved_from[event.ev.cookie] = item
+            self._events.append(item)
+            self._cond.notify()
+
+    def get_queued_moved_from_event(self, cookie: int) -> PathedInotifyEvent | None:
+        with self._cond:
+            item = self._moved_from.get(cookie)
+            return item.moved_from if item is not None else None
+
+    def read_event(self) -> GroupedInotifyEvent | None:
+        """The next event, blocking; None once closed."""
+        with self._cond:
+            while not self._closed:
+                if not self._events:
+                    self._cond.wait()
+                    continue
+                head = self._events[0]
+                if not head.live:
+                    self._events.popleft()
+                    continue
+                wait = head.at + self.delay - time.monotonic() if head.hold else 0.0
+                if wait > 0:
+                    self._cond.wait(wait)  # woken early when its IN_MOVED_TO pairs it
+                    continue
+                self._events.popleft()
+                if head.hold:
+                    self._moved_from.pop(head.moved_from.ev.cookie, None)
+                return head.event
+            return None
+
+    def discard_pending_events(self) -> None:
+        with self._cond:
+            self._events.clear()
+            self._moved_from.clear()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class _WatchGroup(InotifyWatchGroup):
+    """watchdog's watch group on the cookie-indexed move grouper."""
+
+    def __post_init__(self) -> None:
+        self._move_event_grouper = _CookieIndexedMoveGrouper()
+        super().__post_init__()
+
+
+class _InotifyEmitter(InotifyFullEmitter):
+    """``InotifyFullEmitter`` whose watch group pairs moves in O(1) (see above)."""
+
+    def on_thread_start(self) -> None:
+        # InotifyEmitter.on_thread_start with our watch group.
+        self._inotify = _WatchGroup(
+            self._inotify_fd,
+            os.fsencode(self.watch.path),
+            is_recursive=self.watch.is_recursive,
+            event_mask=self.get_event_mask_from_filter(),
+            follow_symlink=self.watch.follow_symlink,
+        )
+
+
 class _InotifyObserver(InotifyObserver):
     """``InotifyObserver(generate_full_events=True)`` on an overflow-reporting inotify reader.
 
@@ -374,7 +501,7 @@ class _InotifyObserver(InotifyObserver):
         # InotifyObserver.__init__ hard-wires its reader; this is the same set-up with ours.
         self._inotify_fd = _OverflowReportingInotifyFD(on_overflow)
         self._inotify_fd.start()
-        BaseObserver.__init__(self, InotifyFullEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=self._inotify_fd)
+        BaseObserver.__init__(self, _InotifyEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=self._inotify_fd)
 
 
 class Watcher:
@@ -655,7 +782,10 @@ class Watcher:
         try:
             observer = self._observer_for(watch.polling)
             watch.observed = observer.schedule(
-                self._handlers[watch.index], str(watch.root.path), recursive=watch.root.recursive
+                self._handlers[watch.index],
+                str(watch.root.path),
+                recursive=watch.root.recursive,
+                event_filter=HANDLED_EVENTS,
             )
         except OSError as e:
             if not watch.polling and e.errno in (errno.ENOSPC, errno.EMFILE):
