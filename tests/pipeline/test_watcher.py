@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
+from watchdog.observers.inotify_move_event_grouper import PathedInotifyEvent
 
 from phicapd.config import WatcherSettings, WatchRoot
 from phicapd.pipeline import watcher as watcher_mod
@@ -602,3 +604,42 @@ def test_stop_is_prompt_and_idempotent(rec: Recorder, tmp_path: Path) -> None:
 def test_last_progress_advances_while_idle(rec: Recorder, running: Watcher) -> None:
     first = running.last_progress
     wait_until(lambda: running.last_progress > first, timeout=3 * watcher_mod.MAX_IDLE_SECONDS)
+
+
+# ---------------------------------------------------------------------------------------------
+# The move grouper (watchdog's pairing of IN_MOVED_FROM / IN_MOVED_TO, indexed by cookie)
+
+
+def _inotify_event(mask: int, cookie: int, name: str) -> PathedInotifyEvent:
+    return PathedInotifyEvent(InotifyEvent(1, mask, cookie, name.encode()), f"/w/{name}".encode())
+
+
+def test_move_grouper_pairs_by_cookie_in_order_and_holds_a_lone_move_out() -> None:
+    grouper = watcher_mod._CookieIndexedMoveGrouper()
+    grouper.delay = 0.1
+    lone = _inotify_event(InotifyConstants.IN_MOVED_FROM, 7, "gone.jpg")
+    src = _inotify_event(InotifyConstants.IN_MOVED_FROM, 8, "a.jpg.part")
+    closed = _inotify_event(InotifyConstants.IN_CLOSE_WRITE, 0, "b.jpg")
+    dst = _inotify_event(InotifyConstants.IN_MOVED_TO, 8, "a.jpg")
+    for event in (lone, src, closed, dst):
+        grouper.put_event(event)
+    assert grouper.get_queued_moved_from_event(8) is None  # already paired
+    assert grouper.get_queued_moved_from_event(7) is lone
+    started = time.monotonic()
+    assert grouper.read_event() is lone  # unpaired: delivered only after the delay
+    assert time.monotonic() - started >= 0.09
+    assert grouper.read_event() is closed
+    assert grouper.read_event() == (src, dst)  # at the position of its IN_MOVED_TO
+    grouper.close()
+    assert grouper.read_event() is None
+
+
+def test_move_grouper_stays_fast_under_a_flood_of_renames() -> None:
+    grouper = watcher_mod._CookieIndexedMoveGrouper()
+    started = time.monotonic()
+    for cookie in range(1, 20_001):  # nothing read meanwhile: the queue only grows
+        grouper.put_event(_inotify_event(InotifyConstants.IN_MOVED_FROM, cookie, f"{cookie}.part"))
+        grouper.put_event(_inotify_event(InotifyConstants.IN_MOVED_TO, cookie, f"{cookie}.jpg"))
+    pairs = [grouper.read_event() for _ in range(20_000)]
+    assert all(isinstance(p, tuple) for p in pairs)
+    assert time.monotonic() - started < 5.0  # watchdog's own grouper is quadratic here
