@@ -126,7 +126,12 @@ def _row_to_job(row: sqlite3.Row) -> Job:
 
 
 class JobStore:
-    """Thread-safe access to the journal through one connection and one lock."""
+    """Thread-safe access to the journal: one connection (and lock) for writes, one for reads.
+
+    Every write transaction ends in an fsync. In WAL mode a reader sees the last committed
+    state without waiting for a writer, so reads (claiming work, status, counts) get their own
+    connection and never queue behind a commit's fsync.
+    """
 
     def __init__(
         self,
@@ -156,6 +161,9 @@ class JobStore:
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 raise RuntimeError(f"journal {path} has schema {version}, this phicapd knows {SCHEMA_VERSION}")
+        self._read_lock = threading.Lock()
+        self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+        self._reader.row_factory = sqlite3.Row
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -171,6 +179,14 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        with self._read_lock:
+            self._reader.close()
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """The read connection; each statement sees the latest commit (autocommit mode)."""
+        with self._read_lock:
+            yield self._reader
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -246,8 +262,8 @@ class JobStore:
         """
         skip = sorted(exclude or ())
         marks = ",".join("?" * len(skip))
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 "SELECT * FROM jobs WHERE state = 'pending' AND next_attempt_at <= ?"
                 f" AND id NOT IN ({marks}) ORDER BY id LIMIT ?",
                 (self._clock(), *skip, limit),
@@ -351,18 +367,18 @@ class JobStore:
         return _row_to_job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
 
     def get(self, path: Path) -> Job | None:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE path = ?", (str(path),)).fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT * FROM jobs WHERE path = ?", (str(path),)).fetchone()
         return _row_to_job(row) if row else None
 
     def done_fingerprints(self, paths: Sequence[Path]) -> dict[Path, tuple[Fingerprint | None, str | None]]:
         """For the ``overwrite`` policy: which of ``paths`` we captioned, at which version, into which file."""
         out: dict[Path, tuple[Fingerprint | None, str | None]] = {}
-        with self._lock:
+        with self._read() as db:
             for chunk_start in range(0, len(paths), 500):
                 chunk = paths[chunk_start : chunk_start + 500]
                 marks = ",".join("?" * len(chunk))
-                for row in self._db.execute(
+                for row in db.execute(
                     f"SELECT path, size, mtime_ns, inode, sidecar FROM jobs WHERE state = 'done' AND path IN ({marks})",
                     [str(p) for p in chunk],
                 ):
@@ -373,27 +389,27 @@ class JobStore:
         return out
 
     def counts(self) -> dict[str, int]:
-        with self._lock:
-            rows = self._db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
+        with self._read() as db:
+            rows = db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
         out = {s.value: 0 for s in State}
         out.update({r["state"]: r["n"] for r in rows})
         return out
 
     def runnable_count(self) -> int:
-        with self._lock:
-            return self._db.execute(
+        with self._read() as db:
+            return db.execute(
                 "SELECT COUNT(*) FROM jobs WHERE state = 'pending' AND next_attempt_at <= ?", (self._clock(),)
             ).fetchone()[0]
 
     def next_wakeup(self) -> float | None:
         """When the earliest backed-off job becomes runnable (wall clock), if any."""
-        with self._lock:
-            row = self._db.execute("SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'pending'").fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'pending'").fetchone()
         return row[0]
 
     def failures(self, limit: int = 100) -> list[Job]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 "SELECT * FROM jobs WHERE state = 'failed' OR (state = 'pending' AND attempts > 0)"
                 " ORDER BY updated_at DESC LIMIT ?",
                 (limit,),
@@ -401,5 +417,5 @@ class JobStore:
         return [_row_to_job(r) for r in rows]
 
     def integrity_check(self) -> str:
-        with self._lock:
-            return self._db.execute("PRAGMA integrity_check").fetchone()[0]
+        with self._read() as db:
+            return db.execute("PRAGMA integrity_check").fetchone()[0]
