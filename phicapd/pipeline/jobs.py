@@ -192,17 +192,19 @@ class JobStore:
 
     def recover(self) -> int:
         """Return interrupted jobs to pending. Each interruption counts as an attempt, so an
-        image that crashes the process every time is parked as failed instead of looping."""
+        image that crashes the process every time is parked as failed instead of looping, and
+        backs off like a failure: the rest of the backlog goes first, rather than the image
+        that may have brought the daemon down."""
         now = self._clock()
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE jobs SET state = CASE WHEN attempts + 1 >= ? THEN 'failed' ELSE 'pending' END,"
-                " attempts = attempts + 1, updated_at = ?,"
+                " attempts = attempts + 1, updated_at = ?, next_attempt_at = ? * (1 << attempts) + ?,"
                 " error_code = CASE WHEN attempts + 1 >= ? THEN 'interrupted' ELSE error_code END,"
                 " error_message = CASE WHEN attempts + 1 >= ?"
                 "   THEN 'the daemon stopped while captioning this image, too many times' ELSE error_message END"
                 " WHERE state = 'running'",
-                (self.max_attempts, now, self.max_attempts, self.max_attempts),
+                (self.max_attempts, now, self.backoff_seconds, now, self.max_attempts, self.max_attempts),
             )
             return cur.rowcount
 

@@ -69,16 +69,29 @@ def test_retryable_failure_backs_off_then_parks(tmp_path: Path) -> None:
 
 
 def test_recover_returns_running_jobs_and_parks_repeat_crashers(tmp_path: Path) -> None:
-    store = _store(tmp_path)
+    clock = Clock()
+    store = _store(tmp_path, clock)
     store.enqueue_many([_work("a")])
     for _ in range(2):
         store.mark_running([j.id for j in store.claim(1)])
         assert store.recover() == 1
         assert store.get(Path("/r/a")).state is State.PENDING
+        clock.now += 1000  # past its back-off
     store.mark_running([j.id for j in store.claim(1)])
     store.recover()
     job = store.get(Path("/r/a"))
     assert job.state is State.FAILED and job.error_code == "interrupted"
+
+
+def test_a_recovered_job_backs_off_behind_the_rest_of_the_backlog(tmp_path: Path) -> None:
+    clock = Clock()
+    store = _store(tmp_path, clock)
+    store.enqueue_many([_work("a"), _work("b")])
+    store.mark_running([store.claim(1)[0].id])  # "a" was on the model when the daemon died
+    store.recover()
+    assert [j.path.name for j in store.claim(5)] == ["b"]
+    clock.now += 10  # backoff_seconds * 2**0
+    assert [j.path.name for j in store.claim(5)] == ["a", "b"]
 
 
 def test_journal_survives_reopen_and_passes_integrity_check(tmp_path: Path) -> None:
