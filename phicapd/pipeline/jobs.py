@@ -4,9 +4,10 @@ A job is one image under a watched root: ``pending -> running -> done | failed``
 on disk is the truth for "done"; the journal holds what is accepted but not yet done, how
 often it failed and why, and what produced each caption (image fingerprint, model, prompt).
 
-SQLite in WAL mode with ``synchronous=FULL``: a committed enqueue survives power loss. All
-writes are grouped into few transactions (``enqueue_many``, ``finish_many``) because one
-fsync per image would cap the pipeline at a few hundred files per second.
+SQLite in WAL mode with ``synchronous=FULL``: a committed enqueue or result survives power
+loss (only the ``running`` mark, taken on the GPU thread, skips its fsync). All writes are
+grouped into few transactions (``enqueue_many``, ``finish_many``) because one fsync per image
+would cap the pipeline at a few hundred files per second.
 """
 
 from __future__ import annotations
@@ -166,15 +167,23 @@ class JobStore:
         self._reader.row_factory = sqlite3.Row
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction. ``durable=False`` commits without an fsync (synchronous=NORMAL):
+        it survives a crash of the process, and the next durable commit flushes it too."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            finally:
+                if not durable:
+                    self._db.execute("PRAGMA synchronous=FULL")
 
     def close(self) -> None:
         with self._lock:
@@ -273,8 +282,11 @@ class JobStore:
         return [_row_to_job(r) for r in rows]
 
     def mark_running(self, job_ids: Sequence[int]) -> None:
+        """The model took these jobs. Runs on the GPU thread, so without an fsync: the mark only
+        counts attempts against a process crash, which it survives; a power cut losing it costs
+        at most one uncounted attempt."""
         now = self._clock()
-        with self._tx() as db:
+        with self._tx(durable=False) as db:
             db.executemany(
                 "UPDATE jobs SET state = 'running', updated_at = ? WHERE id = ? AND state = 'pending'",
                 [(now, i) for i in job_ids],

@@ -94,6 +94,19 @@ def test_a_recovered_job_backs_off_behind_the_rest_of_the_backlog(tmp_path: Path
     assert [j.path.name for j in store.claim(5)] == ["a", "b"]
 
 
+def test_only_the_running_mark_skips_the_fsync(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.enqueue_many([_work("a"), _work("b")])
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    store.mark_running([j.id for j in store.claim(2)])
+    marked, statements[:] = list(statements), []
+    store.finish_many(skipped=[store.get(Path("/r/a")).id])
+    assert marked[0] == "PRAGMA synchronous=NORMAL" and marked[-1] == "PRAGMA synchronous=FULL"
+    assert not any("synchronous" in s for s in statements)  # results commit with the connection's FULL
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
 def test_journal_survives_reopen_and_passes_integrity_check(tmp_path: Path) -> None:
     store = _store(tmp_path)
     store.enqueue_many([_work(f"f{i}") for i in range(100)])
