@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
@@ -289,9 +290,21 @@ def test_overflow_log_record_requests_a_rescan_of_every_inotify_root(rec: Record
 MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
 
 
-def test_real_inotify_overflow_requests_a_rescan_and_watching_goes_on(rec: Recorder, root_dir: Path) -> None:
+def test_real_inotify_overflow_requests_a_rescan_and_watching_goes_on(
+    rec: Recorder, root_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if not os.access(MAX_QUEUED, os.W_OK):
         pytest.skip("cannot lower fs.inotify.max_queued_events here")
+    # Hold the reader back during the flood, like a busy one: a fast reader can keep a queue of
+    # 16 from overflowing, and the test would depend on the scheduler's timing.
+    flooded = threading.Event()
+    read_events = watcher_mod._OverflowReportingInotifyFD.read_events
+
+    def slow_read_events(self: Any) -> Any:
+        flooded.wait(TIMEOUT)
+        return read_events(self)
+
+    monkeypatch.setattr(watcher_mod._OverflowReportingInotifyFD, "read_events", slow_read_events)
     old = MAX_QUEUED.read_text()
     w = make_watcher(rec, [WatchRoot(path=root_dir, poll=False)])
     # The limit is read when an inotify instance is created, so it is lowered only around
@@ -304,6 +317,7 @@ def test_real_inotify_overflow_requests_a_rescan_and_watching_goes_on(rec: Recor
     try:
         for i in range(2000):
             (root_dir / f"flood-{i}.dat").touch()
+        flooded.set()
         rec.wait_for(lambda r: (root_dir, root_dir, "overflow") in r.rescans)
         # Watching goes on: a new file is ready, or its events were lost in a later overflow,
         # which is reported again (then try once more).
@@ -362,13 +376,24 @@ def test_a_flood_of_new_directories_collapses_into_one_root_rescan(
 
     settings = WatcherSettings(settle_seconds=SETTLE, rescan_interval_seconds=0)
     w = Watcher([WatchRoot(path=root_dir, poll=False)], settings, on_ready=rec.on_ready, on_rescan=blocking_rescan)
+    requested: list[Path] = []
+    queue_rescan = w._queue_rescan
+
+    def spy(watch: Any, directory: Path, reason: str) -> None:
+        requested.append(directory)
+        queue_rescan(watch, directory, reason)
+
+    w._queue_rescan = spy  # type: ignore[method-assign]
     w.start()
     try:
         (root_dir / "d0").mkdir()
         rec.wait_for(lambda r: len(r.rescans) == 1)
-        for i in range(1, 6):
-            (root_dir / f"d{i}").mkdir()
-        wait_until(lambda: (0, root_dir) in w._rescans)
+        new_dirs = {root_dir / f"d{i}" for i in range(1, 6)}
+        for directory in sorted(new_dirs):
+            directory.mkdir()
+        # Every event handled (a late one would queue its own rescan after the root's), collapsed.
+        wait_until(lambda: new_dirs <= set(requested))
+        assert (0, root_dir) in w._rescans
         release.set()
         rec.wait_for(lambda r: len(r.rescans) == 2)
         assert rec.rescans == [(root_dir, root_dir / "d0", "new_dir"), (root_dir, root_dir, "overflow")]
