@@ -87,6 +87,7 @@ class NewWork:
     root: Path
     fingerprint: Fingerprint
     force: bool = False
+    seen_at: float | None = None  # wall clock when the caller found its sidecar missing or stale
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,20 +201,16 @@ class JobStore:
     # -- start-up ------------------------------------------------------------------------------
 
     def recover(self) -> int:
-        """Return interrupted jobs to pending. Each interruption counts as an attempt, so an
-        image that crashes the process every time is parked as failed instead of looping, and
-        backs off like a failure: the rest of the backlog goes first, rather than the image
-        that may have brought the daemon down."""
+        """Return interrupted jobs to pending. Each interruption counts as an attempt and backs
+        off like a failure, so the rest of the backlog goes before an image that may have
+        brought the daemon down. Parking one that keeps doing so is left to the scheduler: only
+        it can see that the sidecar was written just before the crash, and then the job is done."""
         now = self._clock()
         with self._tx() as db:
             cur = db.execute(
-                "UPDATE jobs SET state = CASE WHEN attempts + 1 >= ? THEN 'failed' ELSE 'pending' END,"
-                " attempts = attempts + 1, updated_at = ?, next_attempt_at = ? * (1 << attempts) + ?,"
-                " error_code = CASE WHEN attempts + 1 >= ? THEN 'interrupted' ELSE error_code END,"
-                " error_message = CASE WHEN attempts + 1 >= ?"
-                "   THEN 'the daemon stopped while captioning this image, too many times' ELSE error_message END"
-                " WHERE state = 'running'",
-                (self.max_attempts, now, self.backoff_seconds, now, self.max_attempts, self.max_attempts),
+                "UPDATE jobs SET state = 'pending', attempts = attempts + 1, updated_at = ?,"
+                " next_attempt_at = ? * (1 << attempts) + ? WHERE state = 'running'",
+                (now, self.backoff_seconds, now),
             )
             return cur.rowcount
 
@@ -223,7 +220,8 @@ class JobStore:
         """Accept work in one transaction; returns how many jobs became pending.
 
         A job already pending or running is left alone (deduplication). A done job becomes
-        pending again (the caller saw that its sidecar is missing or stale). A failed job is
+        pending again (the caller saw that its sidecar is missing or stale), unless it was done
+        after the caller looked (``seen_at``). A failed job is
         parked: it stays failed unless the image changed or ``force`` is set.
         """
         now = self._clock()
@@ -232,7 +230,7 @@ class JobStore:
             for w in items:
                 fp = w.fingerprint
                 row = db.execute(
-                    "SELECT id, state, size, mtime_ns, inode FROM jobs WHERE path = ?", (str(w.path),)
+                    "SELECT id, state, size, mtime_ns, inode, updated_at FROM jobs WHERE path = ?", (str(w.path),)
                 ).fetchone()
                 if row is None:
                     db.execute(
@@ -253,6 +251,11 @@ class JobStore:
                         )
                     continue
                 if state == "failed" and not changed and not w.force:
+                    continue
+                stale_look = w.seen_at is not None and row["updated_at"] >= w.seen_at
+                if state == "done" and not changed and not w.force and stale_look:
+                    # Captioned after the caller looked (a scan racing the writer): the sidecar it
+                    # found missing is there now, so this would be a second caption.
                     continue
                 db.execute(
                     "UPDATE jobs SET state = 'pending', root = ?, force = ?, attempts = 0, next_attempt_at = 0,"

@@ -69,6 +69,7 @@ class Reconciler:
         the sidecar exists; a new image usually has none, so no directory listing is needed.
         """
         policy = self.settings.existing_policy(root)
+        seen_at = time.time()  # before any sidecar is looked at: a job done after this was not seen
         candidates: list[tuple[Path, os.stat_result, Path]] = []
         young: list[Path] = []
         index: SiblingIndex | None = None
@@ -102,7 +103,7 @@ class Reconciler:
             if young_after is not None and st.st_mtime > young_after:
                 young.append(path)
             else:
-                work.append(NewWork(path, root.path, fingerprint(st)))
+                work.append(NewWork(path, root.path, fingerprint(st), seen_at=seen_at))
         return work, young
 
     # -- watcher intake ------------------------------------------------------------------------

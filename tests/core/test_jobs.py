@@ -68,19 +68,16 @@ def test_retryable_failure_backs_off_then_parks(tmp_path: Path) -> None:
     assert store.claim(1)[0].force
 
 
-def test_recover_returns_running_jobs_and_parks_repeat_crashers(tmp_path: Path) -> None:
+def test_recover_returns_running_jobs_counting_an_attempt_each_time(tmp_path: Path) -> None:
     clock = Clock()
     store = _store(tmp_path, clock)
     store.enqueue_many([_work("a")])
-    for _ in range(2):
+    for attempt in range(1, 4):
         store.mark_running([j.id for j in store.claim(1)])
         assert store.recover() == 1
-        assert store.get(Path("/r/a")).state is State.PENDING
+        job = store.get(Path("/r/a"))
+        assert job.state is State.PENDING and job.attempts == attempt  # parking is the scheduler's call
         clock.now += 1000  # past its back-off
-    store.mark_running([j.id for j in store.claim(1)])
-    store.recover()
-    job = store.get(Path("/r/a"))
-    assert job.state is State.FAILED and job.error_code == "interrupted"
 
 
 def test_a_recovered_job_backs_off_behind_the_rest_of_the_backlog(tmp_path: Path) -> None:
@@ -105,6 +102,21 @@ def test_only_the_running_mark_skips_the_fsync(tmp_path: Path) -> None:
     assert marked[0] == "PRAGMA synchronous=NORMAL" and marked[-1] == "PRAGMA synchronous=FULL"
     assert not any("synchronous" in s for s in statements)  # results commit with the connection's FULL
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
+def test_a_scan_that_looked_before_the_caption_landed_does_not_queue_it_again(tmp_path: Path) -> None:
+    clock = Clock()
+    store = _store(tmp_path, clock)
+    store.enqueue_many([_work("a")])
+    looked = clock.now + 1  # a scan lists the directory: no sidecar yet
+    clock.now += 2
+    (job,) = store.claim(1)
+    store.finish_many(skipped=[job.id])  # the writer finishes the job (sidecar, then journal)
+    stale = NewWork(job.path, Path("/r"), job.fingerprint, seen_at=looked)
+    assert store.enqueue_many([stale]) == 0
+    clock.now += 5  # a later look that finds the sidecar gone is believed
+    fresh = NewWork(job.path, Path("/r"), job.fingerprint, seen_at=clock.now)
+    assert store.enqueue_many([fresh]) == 1
 
 
 def test_journal_survives_reopen_and_passes_integrity_check(tmp_path: Path) -> None:
