@@ -312,6 +312,13 @@ class Scheduler:
                 log.info("job", path=str(job.path), outcome="skipped", reason="sidecar already up to date")
                 self._wake_feeder.set()
                 return
+            if job.attempts >= self.store.max_attempts:
+                # Interrupted by a crash (or failed) every time it was tried: likely what crashes us.
+                raise PhicapError(
+                    f"{job.path}: the daemon stopped while captioning this image, {job.attempts} times",
+                    code="interrupted",
+                    retryable=False,
+                )
             decoded = self._decode_file(job.path)
             prompt = root.prompt or self.settings.model.prompt
             request = self._request(decoded.image, prompt, self.settings.model.max_new_tokens)

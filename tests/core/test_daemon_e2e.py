@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from phicapd.pipeline.decode import fingerprint_of
+from phicapd.pipeline.jobs import JobStore, NewWork
 from tests.support.daemon import (
     is_settled,
     running_daemon,
@@ -182,7 +184,9 @@ def test_kill_dash_nine_at_random_moments_loses_and_duplicates_nothing(tmp_path:
     config = write_config(tmp_path, [root], extra="[model]\nmax_batch = 8\n", settle=0.2)
     rng = random.Random(1234)
     keys = {write_unique_png(root / f"f{i:04d}.png", i) for i in range(1000)}
-    env = {"FAKE_LATENCY": "0.08"}  # ~10 s of model time, so every kill lands mid-backlog
+    # ~10 s of model time, so every kill lands mid-backlog. Interrupted jobs back off as in
+    # production (seconds, not the other tests' 0.2 s), so the next kill finds other jobs on the model.
+    env = {"FAKE_LATENCY": "0.08", "PHICAPD_SCHEDULER__RETRY_BACKOFF_SECONDS": "3"}
     captioned_before_each_kill: list[int] = []
     for _ in range(5):
         proc = spawn_fake_daemon(config, record, tmp_path / "daemon.log", env)
@@ -240,3 +244,33 @@ def test_an_image_deleted_before_its_turn_is_forgotten_not_failed(tmp_path: Path
         wait_for(lambda: len(_sidecars(root)) == 4 and is_settled(daemon), 30, "the other four")
         counts = daemon.store.counts()
     assert counts == {"pending": 0, "running": 0, "done": 4, "failed": 0}
+
+
+def test_an_image_interrupted_three_times_is_parked_unless_its_sidecar_made_it(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    settings = settings_for(tmp_path, [root])
+    names = ["written.png", "poison.png", "once.png"]
+    for i, name in enumerate(names):
+        write_unique_png(root / name, i)
+    # Three crashes while each was on the model, as the journal of the crashed daemons left it.
+    store = JobStore(settings.state.dir / "journal.sqlite3", max_attempts=3, backoff_seconds=0)
+    fingerprints = {name: fingerprint_of(root / name) for name in names}
+    store.enqueue_many([NewWork(root / n, root, f) for n, f in fingerprints.items() if f is not None])
+    for crashes in range(3):
+        jobs = store.claim(3) if crashes < 2 else [j for j in store.claim(3) if j.path.name != "once.png"]
+        store.mark_running([j.id for j in jobs])
+        store.recover()
+    store.close()
+    # The last crash came after written.png's sidecar was on disk and before the journal said so.
+    (root / "written.txt").write_text("A caption from before the crash.")
+    fake = FakeCaptioner()
+    with running_daemon(settings, fake) as daemon:
+        wait_for(lambda: is_settled(daemon), 30, "the recovered jobs")
+        states = {n: daemon.store.get(root / n) for n in names}
+    assert states["written.png"].state.value == "done"
+    assert (root / "written.txt").read_text() == "A caption from before the crash."
+    assert states["poison.png"].state.value == "failed" and states["poison.png"].error_code == "interrupted"
+    assert not (root / "poison.txt").exists()
+    assert states["once.png"].state.value == "done" and (root / "once.txt").exists()  # two crashes: tried again
+    assert sum(fake.calls.values()) == 1
