@@ -166,12 +166,8 @@ class BatchCaptioner:
         key = config_key(image)
         try:
             naming = self._naming_of(Path(key).parent, key)
-        except DaemonUnreachable as e:
-            self._unreachable.set()
-            return _failed(image, None, e.code, e.message, EX_UNAVAILABLE)
         except ControlClientError as e:
-            code = EX_DATAERR if isinstance(e, RequestRejected) else EX_SOFTWARE
-            return _failed(image, None, e.code, f"{image}: {e.message}", code)
+            return self._client_failed(image, None, e)
         sidecar = naming.sidecar_for(image)
         if naming.existing == "skip" and not self.options.force and is_up_to_date(st, sidecar):
             return Outcome(image, sidecar, "skipped")
@@ -185,6 +181,14 @@ class BatchCaptioner:
                 EX_CANTCREAT,
             )
         return image, sidecar
+
+    def _client_failed(self, image: Path, sidecar: Path | None, e: ControlClientError) -> Outcome:
+        """The outcome of a request the daemon refused or never got; an unreachable daemon stops the rest."""
+        if isinstance(e, DaemonUnreachable):
+            self._unreachable.set()
+            return _failed(image, sidecar, e.code, e.message, EX_UNAVAILABLE)
+        code = EX_DATAERR if isinstance(e, RequestRejected) else EX_SOFTWARE
+        return _failed(image, sidecar, e.code, f"{image}: {e.message}", code)
 
     def _caption(self, image: Path, sidecar: Path | None) -> Outcome:
         if self._unreachable.is_set():
@@ -203,12 +207,8 @@ class BatchCaptioner:
                 max_new_tokens=self.options.max_new_tokens,
                 path=config_key(image),
             )
-        except DaemonUnreachable as e:
-            self._unreachable.set()
-            return _failed(image, sidecar, e.code, e.message, EX_UNAVAILABLE)
         except ControlClientError as e:
-            code = EX_DATAERR if isinstance(e, RequestRejected) else EX_SOFTWARE
-            return _failed(image, sidecar, e.code, f"{image}: {e.message}", code)
+            return self._client_failed(image, sidecar, e)
         if sidecar is not None:
             try:
                 write_sidecar(sidecar, result.caption)
