@@ -320,7 +320,7 @@ class Scheduler:
                     retryable=False,
                 )
             decoded = self._decode_file(job.path)
-            prompt = root.prompt or self.settings.model.prompt
+            prompt = self.settings.prompt_for(root)
             request = self._request(decoded.image, prompt, self.settings.model.max_new_tokens)
             item = _Item(request, job=job, root=root, decoded=decoded)
         except PhicapError as e:
