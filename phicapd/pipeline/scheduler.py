@@ -403,9 +403,10 @@ class Scheduler:
             background_room = room - len(items) - self.reserve
             if idle and not items:
                 background_room = max(background_room, 1)  # a lone background image may use any row
-            if self._interactive_in_flight(items):
+            if 0 < self._interactive_rows(items) <= self.reserve:
                 # Every background prefill would stall a socket request's decode steps: none start
-                # until it is answered (the rows already running carry on).
+                # until it is answered (the rows already running carry on). More socket requests
+                # than reserved rows is bulk work (caption-dir): the background fills in beside it.
                 background_room = 0
             while not self._paused and self._background and background_room > 0:
                 items.append(self._background.popleft())
@@ -422,8 +423,8 @@ class Scheduler:
             self.batches += 1
         return [i.request for i in items]
 
-    def _interactive_in_flight(self, taking: list[_Item]) -> bool:
-        return self.reserve > 0 and any(i.future is not None for i in (*self._in_flight.values(), *taking))
+    def _interactive_rows(self, taking: list[_Item]) -> int:
+        return sum(1 for i in (*self._in_flight.values(), *taking) if i.future is not None)
 
     def _deliver(self, request: CaptionRequest, outcome: Caption | PhicapError) -> None:
         """One image is done (or failed on its own): answer its client or hand it to the writer."""

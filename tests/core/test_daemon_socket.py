@@ -144,6 +144,37 @@ def test_with_a_streaming_model_a_socket_request_joins_the_running_batch(tmp_pat
     assert max(latencies) < 0.6, latencies  # its own 20 steps (~0.1 s) plus a step and the socket
 
 
+def test_bulk_socket_work_shares_the_model_with_the_backlog(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(300):
+        write_unique_png(root / f"b{i:03d}.png", i)
+    fake = StreamingFakeCaptioner(max_batch=8, steps=40, step_latency=0.005)
+    settings = settings_for(tmp_path, [root], extra="[model]\nmax_batch = 8\n")
+    images = [unique_image(20_000 + i, (32, 32)) for i in range(4)]
+    asked = {image_key(image) for image in images}
+    with running_daemon(settings, fake) as daemon:
+        wait_for(lambda: daemon.store.counts()["done"] >= 30, 30, "the backlog to be running")
+        client = ControlClient(settings.control.socket, timeout=30)
+
+        def ask(i: int) -> None:
+            client.caption_bytes(_png(images[i]), name=f"bulk{i}.png", prompt=None, max_new_tokens=None)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    # More socket requests than reserved rows is bulk work (caption-dir): background rows keep
+    # starting beside it instead of the model running half empty.
+    joined = [
+        after - before - asked
+        for before, after in itertools.pairwise(fake.running)
+        if len(before & asked) >= 2 and len(after & asked) >= 2
+    ]
+    assert any(joined), "no background row started while the socket requests ran"
+
+
 def test_with_a_streaming_model_an_idle_request_does_not_wait_for_the_batch_window(tmp_path: Path) -> None:
     fake = StreamingFakeCaptioner(max_batch=4, steps=2, step_latency=0.001)
     # A long window: a batch-only model would hold a lone request for it, hoping for company.
