@@ -80,6 +80,7 @@ class Phi3VCaptioner:
         self._identity = identity
         self._lock = threading.Lock()
         self._closed = False
+        self._typical_ctx: int | None = None
         cuda = model.device.type == "cuda"
         self.engine = GenerationEngine(model, max_slots=settings.max_batch, compile=cuda and settings.compile)
 
@@ -127,16 +128,15 @@ class Phi3VCaptioner:
         never got back one at a time (``caption`` also has fewer crops to fall back on).
         """
         feed = _CaptionFeed(self, take, deliver)
-        base_ctx = self.engine.ctx_for(self.typical_ctx())
+        typical = self.typical_ctx()
+        base_ctx = self.engine.ctx_for(typical)
         with self._lock, torch.inference_mode():
             self._check_open()
             while True:
                 feed.ctx = max(base_ctx, feed.ctx_needed())
                 oom = False
                 try:
-                    self.engine.run(
-                        feed, feed.ctx, self.tokenizer.stop_ids, self.sampling, typical_ctx=self.typical_ctx()
-                    )
+                    self.engine.run(feed, feed.ctx, self.tokenizer.stop_ids, self.sampling, typical_ctx=typical)
                 except torch.OutOfMemoryError:
                     oom = True  # recover outside the handler: the traceback pins the failed step's tensors
                 except (RuntimeError, ValueError, OSError) as e:
@@ -213,10 +213,12 @@ class Phi3VCaptioner:
 
     def typical_ctx(self) -> int:
         """Cache length for the configured prompt, the largest image at num_crops and the token budget."""
-        n = self.settings.num_crops
-        largest = max(num_image_tokens(h * CROP, (n // h) * CROP) for h in range(1, n + 1))
-        prompt = len(self.tokenizer.encode_prompt(build_prompt(self.settings.prompt), [largest]))
-        return prompt + self.settings.max_new_tokens
+        if self._typical_ctx is None:  # asked on every batch and stream: tokenize the prompt once
+            n = self.settings.num_crops
+            largest = max(num_image_tokens(h * CROP, (n // h) * CROP) for h in range(1, n + 1))
+            prompt = len(self.tokenizer.encode_prompt(build_prompt(self.settings.prompt), [largest]))
+            self._typical_ctx = prompt + self.settings.max_new_tokens
+        return self._typical_ctx
 
     def warm_up(self) -> None:
         """Before READY=1: size the KV pool, capture the decode graphs, run one tiny caption."""
