@@ -62,6 +62,14 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _backlog(root: Path, n: int) -> Path:
+    """A watched root holding ``n`` unique images to caption."""
+    root.mkdir()
+    for i in range(n):
+        write_unique_png(root / f"b{i:03d}.png", i)
+    return root
+
+
 def test_hostile_uploads_get_codes_or_captions_and_the_daemon_stays_up(tmp_path: Path) -> None:
     fake = FakeCaptioner()
     settings = settings_for(tmp_path, [])
@@ -90,10 +98,7 @@ def test_hostile_uploads_get_codes_or_captions_and_the_daemon_stays_up(tmp_path:
 
 
 def test_socket_request_is_answered_ahead_of_a_running_backlog(tmp_path: Path) -> None:
-    root = tmp_path / "in"
-    root.mkdir()
-    for i in range(400):
-        write_unique_png(root / f"b{i:03d}.png", i)
+    root = _backlog(tmp_path / "in", 400)
     fake = FakeCaptioner(max_batch=8, latency=0.05)  # 400 images = 50 batches = 2.5 s of "GPU"
     settings = settings_for(tmp_path, [root], extra="[model]\nmax_batch = 8\n")
     with running_daemon(settings, fake) as daemon:
@@ -113,10 +118,7 @@ def test_socket_request_is_answered_ahead_of_a_running_backlog(tmp_path: Path) -
 
 
 def test_with_a_streaming_model_a_socket_request_joins_the_running_batch(tmp_path: Path) -> None:
-    root = tmp_path / "in"
-    root.mkdir()
-    for i in range(300):
-        write_unique_png(root / f"b{i:03d}.png", i)
+    root = _backlog(tmp_path / "in", 300)
     # 4 rows, 20 steps of 5 ms per caption: the backlog takes ~5 s of "GPU" time.
     fake = StreamingFakeCaptioner(max_batch=4, steps=20, step_latency=0.005)
     settings = settings_for(tmp_path, [root], extra="[model]\nmax_batch = 4\n")  # interactive_slots = 1 by default
@@ -145,10 +147,7 @@ def test_with_a_streaming_model_a_socket_request_joins_the_running_batch(tmp_pat
 
 
 def test_bulk_socket_work_shares_the_model_with_the_backlog(tmp_path: Path) -> None:
-    root = tmp_path / "in"
-    root.mkdir()
-    for i in range(300):
-        write_unique_png(root / f"b{i:03d}.png", i)
+    root = _backlog(tmp_path / "in", 300)
     fake = StreamingFakeCaptioner(max_batch=8, steps=40, step_latency=0.005)
     settings = settings_for(tmp_path, [root], extra="[model]\nmax_batch = 8\n")
     images = [unique_image(20_000 + i, (32, 32)) for i in range(4)]
