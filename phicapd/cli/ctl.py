@@ -188,14 +188,17 @@ def _print_json(data: Any) -> None:
 # -- commands -------------------------------------------------------------------------------
 
 
-def _caption_paths(client: ControlClient, args: argparse.Namespace, images: list[Path]) -> int:
+def _batch_captioner(client: ControlClient, args: argparse.Namespace) -> BatchCaptioner:
     options = Options(
         prompt=args.prompt, max_new_tokens=args.max_new_tokens, force=args.force, stdout=args.stdout, jobs=args.jobs
     )
     client.caption_timeout = args.caption_timeout
     # Fails early when the daemon is unreachable; its global sidecar policy is the fallback for a
     # daemon that predates /v1/sidecar (which gives each directory its watch root's policy).
-    sidecar = client.status().sidecar
+    return BatchCaptioner(client, options, fallback=client.status().sidecar)
+
+
+def _caption_paths(captioner: BatchCaptioner, args: argparse.Namespace, images: list[Path]) -> int:
     progress = Progress(len(images))
     many = len(images) > 1
 
@@ -211,24 +214,25 @@ def _caption_paths(client: ControlClient, args: argparse.Namespace, images: list
             print(f"{o.image}: {o.result.caption}" if many else o.result.caption, flush=True)
         progress.update(o)
 
-    outcomes = BatchCaptioner(client, options, fallback=sidecar).run(images, report)
+    outcomes = captioner.run(images, report)
     progress.finish()
     return batch.exit_code(outcomes)
 
 
 def cmd_caption_file(client: ControlClient, args: argparse.Namespace) -> int:
-    return _caption_paths(client, args, list(args.paths))
+    return _caption_paths(_batch_captioner(client, args), args, list(args.paths))
 
 
 def cmd_caption_dir(client: ControlClient, args: argparse.Namespace) -> int:
     if not args.directory.is_dir():
         _err(f"{args.directory}: not a directory")
         return batch.EX_NOINPUT
-    images = batch.list_images(args.directory, recursive=args.recursive)
+    captioner = _batch_captioner(client, args)
+    images = captioner.images_in(args.directory, recursive=args.recursive)
     if not images:
         _err(f"{args.directory}: no images")
         return batch.EX_OK
-    return _caption_paths(client, args, images)
+    return _caption_paths(captioner, args, images)
 
 
 def cmd_caption_url(client: ControlClient, args: argparse.Namespace) -> int:

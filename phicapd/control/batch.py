@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from phicapd.config import DEFAULT_IMAGE_EXTENSIONS, WatchRoot
+from phicapd.config import WatchRoot
 from phicapd.control.client import ControlClient, ControlClientError, DaemonUnreachable, RequestRejected
 from phicapd.control.protocol import CaptionResult, SidecarInfo, SidecarPolicy
 from phicapd.pipeline import paths
-from phicapd.pipeline.paths import is_ignored_name
 from phicapd.pipeline.sidecar import SiblingIndex, is_up_to_date, sidecar_for, write_sidecar
 
 # sysexits(3), shared with phicapctl.
@@ -56,19 +55,6 @@ class Outcome:
     code: str | None = None
     message: str | None = None
     exit_code: int = EX_OK
-
-
-def is_image_name(name: str) -> bool:
-    return name.lower().endswith(DEFAULT_IMAGE_EXTENSIONS) and not is_ignored_name(name)
-
-
-def list_images(directory: Path, *, recursive: bool) -> list[Path]:
-    """The images of ``directory`` (hidden directories and partial files left out), sorted."""
-    found: list[Path] = []
-    for root, dirs, files in os.walk(directory):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
-        found.extend(Path(root) / f for f in sorted(files) if is_image_name(f))
-    return found
 
 
 def config_key(image: Path) -> str:
@@ -150,6 +136,18 @@ class BatchCaptioner:
                 policy = SidecarPolicy(extension=self._fallback.extension, existing=self._fallback.existing)
             naming = self._naming[directory] = Naming.from_policy(directory, policy)
         return naming
+
+    def images_in(self, directory: Path, *, recursive: bool) -> list[Path]:
+        """The images of ``directory`` (and its non-hidden subdirectories), sorted: in a watched
+        directory those its root captions (include/ignore patterns), elsewhere the default image
+        extensions, so caption-dir picks exactly the files the watcher would."""
+        found: list[Path] = []
+        for top, dirs, _ in os.walk(directory):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
+            resolved = Path(os.path.realpath(top))
+            naming = self._naming_of(resolved, str(resolved / "_"))  # only the directory matters
+            found.extend(Path(top) / name for name in sorted(naming.names))
+        return found
 
     def _plan(self, image: Path) -> Outcome | tuple[Path, Path | None]:
         """Either a finished outcome (skipped, unreadable) or the work: (image, sidecar)."""

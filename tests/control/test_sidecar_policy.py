@@ -134,3 +134,37 @@ def test_a_daemon_without_the_endpoint_gets_the_global_policy(
     assert sidecar.read_text() == "caption of a.jpg (9 bytes)\n"  # overwritten: the global policy
     assert (tmp_path / "a.png.txt").exists()  # the default extensions name the siblings
     assert backend.policy_paths == []
+
+
+def test_caption_dir_picks_the_files_the_roots_patterns_pick(
+    settings: ControlSettings, server: ControlServer, backend: FakeBackend, tmp_path: Path, capsys
+) -> None:
+    watched, other = tmp_path / "watched", tmp_path / "other"
+    backend.naming_root = {"path": str(watched), "recursive": True, "include": ["*.png", "*.heic"], "ignore": ["raw/*"]}
+    image(watched / "a.png")
+    image(watched / "b.HEIC")  # not a default extension, but this root captions it
+    image(watched / "c.jpg")  # a default extension this root leaves out
+    image(watched / "raw" / "d.png")  # ignored by the root
+    image(watched / "sub" / "e.png")
+    image(other / "f.jpg")  # unwatched: the default extensions decide
+    image(other / "g.heic")
+
+    assert ctl(settings, "caption-dir", "--recursive", "--stdout", str(watched)) == 0
+    assert ctl(settings, "caption-dir", "--stdout", str(other)) == 0
+
+    capsys.readouterr()
+    assert sorted(name for name, _ in backend.received) == ["a.png", "b.HEIC", "e.png", "f.jpg"]
+
+
+def test_caption_dir_without_the_endpoint_uses_the_default_extensions(
+    settings: ControlSettings, server: ControlServer, backend: FakeBackend, tmp_path: Path, capsys
+) -> None:
+    server._router._routes.pop("/v1/sidecar")
+    image(tmp_path / "a.jpg")
+    image(tmp_path / "b.heic")
+
+    assert ctl(settings, "caption-dir", str(tmp_path)) == 0
+
+    capsys.readouterr()
+    assert [name for name, _ in backend.received] == ["a.jpg"]
+    assert (tmp_path / "a.txt").exists()
