@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -91,9 +92,18 @@ def running_daemon(settings: Settings, captioner: Any | None = None) -> Iterator
         daemon.request_stop()
         thread.join(60)
         assert not thread.is_alive(), "daemon did not stop"
+        _drop_log_handler()
         if "error" in result:
             raise result["error"]
         assert result.get("rc") == 0
+
+
+def _drop_log_handler() -> None:
+    # configure_logging bound a handler to this test's captured stderr; a later test must not
+    # write into that closed capture.
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_phicapd", False)]:
+        root.removeHandler(handler)
 
 
 def settings_for(tmp: Path, roots: list[Path], extra: str = "", settle: float = 0.3) -> Settings:
