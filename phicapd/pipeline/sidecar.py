@@ -2,10 +2,19 @@
 
 Naming rule (shared by the daemon and ``phicapctl``; it needs nothing but the directory):
 
-* ``photo.jpg`` -> ``photo.txt``;
+* ``photo.jpg`` -> ``photo.txt`` (the stem, the name without its last extension);
 * when several images in one directory share a stem (``photo.jpg``, ``photo.png``), the one
   whose file name sorts first (plain code-point order) keeps ``photo.txt`` and every other one
-  uses its full name: ``photo.png.txt``. No two images ever map to the same sidecar.
+  uses its full name: ``photo.png.txt``;
+* an image whose stem is the full name of another image that uses its full name uses its full
+  name too: with ``a.jpg``, ``a.png`` and ``a.png.jpg``, ``a.png`` takes ``a.png.txt``, so
+  ``a.png.jpg`` takes ``a.png.jpg.txt`` (and ``a.png.jpg.gif``, if there is one, its full name).
+
+No two images ever map to the same sidecar: two full names differ because the names do; two
+plain names would need the same stem, where only the first image is plain; and a plain
+``stem.txt`` equal to a full ``other.txt`` would need ``other`` to be the stem, which the last
+rule turns into a full name. The last rule changes nothing in a directory where the first two
+alone give distinct names.
 
 The sidecar on disk is the truth for "done": it is written to a hidden temp file in the same
 directory, fsynced, renamed over the target and the directory is fsynced, so a crash leaves
@@ -28,22 +37,44 @@ TEMP_SUFFIX = ".tmp"
 
 
 class SiblingIndex:
-    """The naming rule over one directory listing, computed once: O(1) per image."""
+    """The naming rule over one directory listing, computed once: O(1) per image.
+
+    It keeps the first name of each stem and the (usually few) names that use their full form.
+    ``sidecar_for`` also answers for an image missing from the listing, as if it were listed:
+    adding it cannot change the form of its stem's image, whose name is a prefix of its own.
+    """
 
     def __init__(self, names: Iterable[str]) -> None:
+        listed = set(names)
+        stems = [(name, _stem(name)) for name in listed]
         self._first: dict[str, str] = {}
-        for name in names:
-            stem = os.path.splitext(name)[0]
+        for name, stem in stems:
             current = self._first.get(stem)
             if current is None or name < current:
                 self._first[stem] = name
+        self._full: set[str] = set()
+        chained: list[tuple[str, str]] = []  # first of their stem, and the stem is an image
+        for name, stem in stems:
+            if self._first[stem] != name:
+                self._full.add(name)
+            elif stem != name and stem in listed:
+                chained.append((name, stem))
+        # A stem is shorter than its name: shortest first, each stem's form is final when read.
+        for name, stem in sorted(chained, key=lambda pair: len(pair[0])):
+            if stem in self._full:
+                self._full.add(name)
 
     def sidecar_for(self, image: Path, extension: str = ".txt") -> Path:
-        stem = os.path.splitext(image.name)[0]
-        first = self._first.get(stem, image.name)
-        if first < image.name:
-            return image.with_name(image.name + extension)
+        name = image.name
+        stem = _stem(name)
+        first = self._first.get(stem, name)
+        if first < name or (stem != name and stem in self._full):
+            return image.with_name(name + extension)
         return image.with_name(stem + extension)
+
+
+def _stem(name: str) -> str:
+    return os.path.splitext(name)[0]
 
 
 class SiblingCache:

@@ -21,6 +21,22 @@ def test_naming_rule() -> None:
     assert len(targets) == len(names)
 
 
+def test_a_stem_that_names_another_image_cannot_take_its_sidecar() -> None:
+    d = Path("/d")
+    names = ["a.jpg", "a.png", "a.png.jpg"]
+    # a.png is not the first of stem "a", so it takes a.png.txt; a.png.jpg (stem "a.png", alone)
+    # would take a.png.txt too, and uses its full name instead.
+    assert [sc.sidecar_for(d / n, names).name for n in names] == ["a.txt", "a.png.txt", "a.png.jpg.txt"]
+    # Down a chain, each link follows the one below it.
+    names = [*names, "a.png.jpg.gif"]
+    assert sc.sidecar_for(d / "a.png.jpg.gif", names).name == "a.png.jpg.gif.txt"
+    # Where a.png keeps the plain a.txt, nothing collides and a.png.jpg keeps a.png.txt.
+    assert [sc.sidecar_for(d / n, ["a.png", "a.png.jpg"]).name for n in ["a.png", "a.png.jpg"]] == [
+        "a.txt",
+        "a.png.txt",
+    ]
+
+
 def test_up_to_date_means_non_empty_and_not_older(tmp_path: Path) -> None:
     image, side = tmp_path / "a.jpg", tmp_path / "a.txt"
     image.write_bytes(b"x")
