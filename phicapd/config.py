@@ -8,7 +8,9 @@ the file and the key, and the daemon turns it into exit code 78 (EX_CONFIG), whi
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -141,6 +143,43 @@ class FetchSettings(_Section):
     proxy: str | None = None
     user_agent: str = "phicapd"
 
+    # phicapd/fetch.py parses both on every request; checking them here makes a typo fail
+    # `phicapd check-config` and the start instead of every caption-url.
+
+    @field_validator("allow_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry, strict=False)  # as fetch.AddressPolicy parses it
+            except ValueError as e:
+                raise ValueError(f"{entry!r} is not an IP network such as '10.0.0.0/8' or 'fd00::/8' ({e})") from None
+        return value
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None  # `proxy = ""` (or an empty PHICAPD_FETCH__PROXY) means no proxy
+        from urllib3.exceptions import LocationParseError
+        from urllib3.util import parse_url
+
+        shown = _redact_userinfo(value)
+        try:
+            url = parse_url(value)  # what urllib3.ProxyManager parses it with
+        except LocationParseError:
+            raise ValueError(f"{shown!r} is not a URL such as 'http://proxy.internal:3128'") from None
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(
+                f"{shown!r} is not an http:// or https:// URL with a host, such as 'http://proxy.internal:3128'"
+            )
+        return value
+
+
+def _redact_userinfo(url: str) -> str:
+    """``url`` with a ``user:password@`` part replaced, for error messages."""
+    return re.sub(r"(?<=//)[^/@]*@", "***@", url)
+
 
 class ControlSettings(_Section):
     socket: Path = Field(default_factory=default_socket_path)
@@ -219,6 +258,10 @@ def _format_location(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
+# Keys whose value may hold a password: an error message never repeats what was given.
+_SECRET_KEYS = {"fetch.proxy"}
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
@@ -226,6 +269,8 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif where in _SECRET_KEYS:
+            pass
         elif "input" in e and not isinstance(e["input"], dict | list):
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"  {where}: {msg}")

@@ -10,6 +10,7 @@ import pytest
 from phicapd.cli.daemon import main
 from phicapd.config import DEFAULT_PROMPT, load_settings
 from phicapd.errors import EX_CONFIG, ConfigError
+from phicapd.fetch import AddressPolicy
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -56,6 +57,17 @@ BAD_CONFIGS = [
     ('[log]\nformat = "xml"\n', "log.format"),
     ("[model]\nmax_new_tokens = 0\n", "model.max_new_tokens"),
     ('[[watch]]\npath = "/srv/a"\n[[watch]]\npath = "/srv/a"\n', "listed twice"),
+    ('[fetch]\nallow_networks = ["10.0.0.0/8", "10.0.0.300/8"]\n', "fetch.allow_networks: Value error, '10.0.0.300/8'"),
+    ('[fetch]\nallow_networks = ["10.0.0.0/33"]\n', "fetch.allow_networks: Value error, '10.0.0.0/33'"),
+    ('[fetch]\nallow_networks = ["intranet"]\n', "fetch.allow_networks: Value error, 'intranet'"),
+    ('[fetch]\nproxy = "proxy.internal:3128"\n', "fetch.proxy: Value error, 'proxy.internal:3128'"),
+    ('[fetch]\nproxy = "socks5://proxy.internal:1080"\n', "fetch.proxy: Value error, 'socks5://proxy.internal:1080'"),
+    (
+        '[fetch]\nproxy = "http://"\n',
+        "fetch.proxy: Value error, 'http://' is not an http:// or https:// URL with a host",
+    ),
+    ('[fetch]\nproxy = "http://proxy.internal:99999"\n', "fetch.proxy: Value error, 'http://proxy.internal:99999'"),
+    ("[fetch]\nproxy = 3128\n", "fetch.proxy: Input should be a valid string"),
 ]
 
 
@@ -90,3 +102,31 @@ def test_check_config_prints_effective_json(tmp_path: Path, capsys: pytest.Captu
     out = json.loads(capsys.readouterr().out)
     assert out["model"]["num_crops"] == 4
     assert out["sidecar"]["existing"] == "skip"
+
+
+def test_fetch_networks_and_proxy_that_fetch_accepts(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        '[fetch]\nallow_networks = ["10.0.0.0/8", "192.168.1.7", "10.1.2.3/16", "fd00::/8"]\n'
+        'proxy = "https://user:pw@proxy.internal:3128"\n'
+    )
+    fetch = load_settings(cfg).fetch
+    assert fetch.allow_networks == ["10.0.0.0/8", "192.168.1.7", "10.1.2.3/16", "fd00::/8"]  # kept as written
+    assert fetch.proxy == "https://user:pw@proxy.internal:3128"
+    AddressPolicy.from_settings(fetch)  # what every caption-url does with them
+
+
+@pytest.mark.parametrize("value", ['""', '"  "'])
+def test_an_empty_proxy_is_no_proxy(tmp_path: Path, value: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[fetch]\nproxy = {value}\n")
+    assert load_settings(cfg).fetch.proxy is None
+
+
+def test_a_bad_proxy_url_does_not_echo_its_password(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[fetch]\nproxy = "socks5://alice:s3cret@proxy.internal:1080"\n')
+    assert main(["check-config", "--config", str(cfg)]) == EX_CONFIG
+    err = capsys.readouterr().err
+    assert "fetch.proxy" in err and "socks5://***@proxy.internal:1080" in err
+    assert "s3cret" not in err and "alice" not in err
