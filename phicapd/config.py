@@ -54,6 +54,24 @@ def default_socket_path() -> Path:
     return user_socket_path()
 
 
+def sidecar_ignore_pattern(extension: str) -> str:
+    """A glob for every name ending in ``extension``, in any letter case.
+
+    Ignore patterns match case-sensitively; include patterns do not, so ``include = ["*"]``
+    takes ``notes.TXT`` too, and a case-insensitive filesystem may list a sidecar in another
+    case than we wrote it. ``.txt`` -> ``*.[tT][xX][tT]``.
+    """
+    out = "*"
+    for char in extension:
+        if char.lower() != char.upper():
+            out += f"[{char.lower()}{char.upper()}]"
+        elif char in "*?[":
+            out += f"[{char}]"
+        else:
+            out += char
+    return out
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -227,6 +245,17 @@ class Settings(BaseSettings):
             if root.path in seen:
                 raise ValueError(f"watch path {str(root.path)!r} is listed twice")
             seen.add(root.path)
+        return self
+
+    @model_validator(mode="after")
+    def _roots_ignore_sidecars(self) -> Settings:
+        # Our own sidecars must never trigger work, whatever a root includes (`include = ["*"]`).
+        # Appended to the root's own patterns so that everything that applies them (the watcher,
+        # the scans, list_images behind the naming rule, phicapctl through /v1/sidecar) agrees.
+        pattern = sidecar_ignore_pattern(self.sidecar.extension)
+        for root in self.watch:
+            if pattern not in root.ignore:
+                root.ignore = [*root.ignore, pattern]
         return self
 
     @classmethod

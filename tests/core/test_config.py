@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 
 import pytest
 
 from phicapd.cli.daemon import main
-from phicapd.config import DEFAULT_PROMPT, load_settings
+from phicapd.config import DEFAULT_PROMPT, Settings, load_settings, sidecar_ignore_pattern
 from phicapd.errors import EX_CONFIG, ConfigError
 from phicapd.fetch import AddressPolicy
+from phicapd.pipeline.paths import is_candidate, list_images
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -130,3 +132,45 @@ def test_a_bad_proxy_url_does_not_echo_its_password(tmp_path: Path, capsys: pyte
     err = capsys.readouterr().err
     assert "fetch.proxy" in err and "socks5://***@proxy.internal:1080" in err
     assert "s3cret" not in err and "alice" not in err
+
+
+def test_a_root_including_everything_never_takes_our_sidecars(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[[watch]]\npath = "{tmp_path}"\ninclude = ["*"]\nignore = ["raw/*", "*.toml"]\n')
+    root = load_settings(cfg).watch[0]
+    assert root.ignore == ["raw/*", "*.toml", "*.[tT][xX][tT]"]
+    assert is_candidate(tmp_path / "photo.jpg", root)
+    assert is_candidate(tmp_path / "sub" / "notes.md", root)
+    for name in ("photo.txt", "photo.jpg.txt", "sub/photo.txt", "PHOTO.TXT", "photo.Txt"):
+        assert not is_candidate(tmp_path / name, root), name
+    assert is_candidate(tmp_path / "photo.txt.jpg", root)
+    for name in ("photo.jpg", "photo.txt", "photo.png", "photo.png.txt"):
+        (tmp_path / name).write_bytes(b"")
+    # What the sidecar naming rule sees: the sidecars are not images with a stem of their own.
+    assert sorted(list_images(tmp_path, root)) == ["photo.jpg", "photo.png"]
+
+
+def test_the_sidecar_pattern_follows_the_extension(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PHICAPD_SIDECAR__EXTENSION", ".c?p")
+    settings = Settings(watch=[{"path": "/srv/a", "include": ["*"]}, {"path": "/srv/b"}])
+    assert [r.ignore for r in settings.watch] == [["*.[cC][?][pP]"]] * 2
+    root = settings.watch[0]
+    assert not is_candidate(Path("/srv/a/x.c?p"), root) and not is_candidate(Path("/srv/a/x.C?P"), root)
+    assert is_candidate(Path("/srv/a/x.cap"), root) and is_candidate(Path("/srv/a/x.txt"), root)
+
+
+def test_the_sidecar_pattern_is_added_once() -> None:
+    settings = Settings(watch=[{"path": "/srv/a", "ignore": ["*.[tT][xX][tT]", "tmp/*"]}])
+    assert settings.watch[0].ignore == ["*.[tT][xX][tT]", "tmp/*"]
+    again = Settings(**settings.model_dump())  # what check-config prints loads back unchanged
+    assert again.watch[0].ignore == ["*.[tT][xX][tT]", "tmp/*"]
+
+
+@pytest.mark.parametrize(
+    ("extension", "pattern"), [(".txt", "*.[tT][xX][tT]"), (".cap-1", "*.[cC][aA][pP]-1"), (".[x]", "*.[[][xX]]")]
+)
+def test_sidecar_ignore_pattern(extension: str, pattern: str) -> None:
+    assert sidecar_ignore_pattern(extension) == pattern
+    assert fnmatch.fnmatchcase("photo" + extension, pattern)
+    assert fnmatch.fnmatchcase("photo" + extension.upper(), pattern)
+    assert not fnmatch.fnmatchcase("photo" + extension + ".jpg", pattern)
