@@ -6,7 +6,8 @@
   hung CUDA call stops the pings and systemd restarts the process.
 * ``listen_fds``: sockets passed by socket activation (phicapd.socket).
 * ``check_roots_writable``, ``render_dropin``, ``install_unit``: the watched roots against
-  ``ProtectSystem=strict``, which leaves only the paths named in ``ReadWritePaths=`` writable.
+  ``ProtectSystem=strict``, which leaves only the paths named in ``ReadWritePaths=`` writable,
+  and ``RequiresMountsFor=`` so that roots on network mounts are mounted first.
 """
 
 from __future__ import annotations
@@ -301,13 +302,27 @@ def quote_path(path: Path | str) -> str:
 
 
 def render_dropin(settings: Settings) -> str:
-    """The drop-in that makes the configured watched roots writable for phicapd.service."""
+    """The drop-in that makes the configured watched roots writable for phicapd.service, and
+    orders it after the mounts they live on."""
     roots = [root.path for root in settings.watch]
     lines = [
         "# Written by `phicapd install-unit` from the [[watch]] roots of the configuration;",
         "# run it again after changing them, then: systemctl daemon-reload && systemctl restart phicapd",
-        "[Service]",
     ]
+    mounts_for = _mount_paths(roots)
+    if mounts_for:
+        # RequiresMountsFor= (systemd.unit(5)) adds Requires= and After= on the mount units that
+        # systemd knows for each root and the directories above it (fstab entries, "noauto" ones
+        # included, .mount files), so an NFS/SMB root is mounted before the daemon starts, which
+        # could otherwise find the bare mount point at boot (exit 78, or watch the wrong
+        # directory). A root on the root file system, or on a mount without a unit (mounted by
+        # hand, autofs), adds nothing and never blocks the start. But a mount unit that fails
+        # fails the start ("dependency failed", which Restart= does not retry), even with
+        # "nofail" in fstab. No "-" prefix: this setting has none. A symlinked root also names
+        # the path it resolves to, since systemd follows no symlinks here.
+        lines.append("[Unit]")
+        lines.extend(f"RequiresMountsFor={quote_path(path)}" for path in mounts_for)
+    lines.append("[Service]")
     if any(_under_home(path) for path in roots):
         lines.append("# A watched root lies in a home directory, which ProtectHome=yes would hide.")
         lines.append("ProtectHome=read-only")
@@ -315,6 +330,16 @@ def render_dropin(settings: Settings) -> str:
     # own probe then exits 78 naming it.
     lines.extend(f"ReadWritePaths={quote_path(f'-{path}')}" for path in roots)
     return "\n".join(lines) + "\n"
+
+
+def _mount_paths(roots: list[Path]) -> list[Path]:
+    """Each root, followed by the path it resolves to where that differs; no duplicates."""
+    paths: dict[Path, None] = {}
+    for root in roots:
+        paths.setdefault(root)
+        # realpath never raises; a missing tail is kept as written.
+        paths.setdefault(Path(os.path.realpath(root)))
+    return list(paths)
 
 
 def _under_home(path: Path) -> bool:

@@ -1,4 +1,4 @@
-"""render_dropin quoting and install_unit's files."""
+"""render_dropin quoting, mount ordering and install_unit's files."""
 
 from __future__ import annotations
 
@@ -46,10 +46,53 @@ def test_control_characters_cannot_be_expressed(bad: str) -> None:
 def test_dropin_lists_every_root_as_one_optional_word() -> None:
     text = render_dropin(_settings("/srv/photos", "/srv/my photos"))
     assert _settings_lines(text) == [
+        "[Unit]",
+        'RequiresMountsFor="/srv/photos"',
+        'RequiresMountsFor="/srv/my photos"',
         "[Service]",
         'ReadWritePaths="-/srv/photos"',
         'ReadWritePaths="-/srv/my photos"',
     ]
+
+
+@pytest.mark.parametrize(
+    "path", ["/srv/photos", "/srv/my photos", "/srv/100%", '/srv/"best"', "/srv/a\\b", "/srv/Ünïcødé"]
+)
+def test_each_root_requires_its_mounts_quoted_like_read_write_paths(path: str) -> None:
+    # RequiresMountsFor= has no "-" prefix (it would make the path relative and ignored), and
+    # the same systemd.syntax(7) quoting: one word, %% for %, backslash escapes.
+    lines = _settings_lines(render_dropin(_settings(path)))
+    assert lines == [
+        "[Unit]",
+        f"RequiresMountsFor={quote_path(path)}",
+        "[Service]",
+        f"ReadWritePaths={quote_path('-' + path)}",
+    ]
+
+
+def test_a_symlinked_root_also_requires_the_mounts_of_its_target(tmp_path: Path) -> None:
+    # systemd does not follow symlinks for RequiresMountsFor=: a root linked onto an NFS mount
+    # must name the real path too. ReadWritePaths= follows links, so it keeps the root as given.
+    target = tmp_path / "nas" / "photos"
+    target.mkdir(parents=True)
+    link = tmp_path / "photos"
+    link.symlink_to(target)
+    lines = _settings_lines(render_dropin(_settings(str(link), str(target))))
+    assert [line for line in lines if line.startswith("RequiresMountsFor=")] == [
+        f"RequiresMountsFor={quote_path(link)}",
+        f"RequiresMountsFor={quote_path(target)}",  # once, though two roots lead there
+    ]
+    assert [line for line in lines if line.startswith("ReadWritePaths=")] == [
+        f"ReadWritePaths={quote_path(f'-{link}')}",
+        f"ReadWritePaths={quote_path(f'-{target}')}",
+    ]
+
+
+def test_a_missing_root_still_requires_its_mounts(tmp_path: Path) -> None:
+    # Not mounted when install-unit runs: the path is written as configured.
+    missing = tmp_path / "nas" / "not mounted yet"
+    lines = _settings_lines(render_dropin(_settings(str(missing))))
+    assert f"RequiresMountsFor={quote_path(missing)}" in lines
 
 
 def test_roots_in_home_directories_relax_protect_home_to_read_only() -> None:
@@ -62,7 +105,7 @@ def test_roots_in_home_directories_relax_protect_home_to_read_only() -> None:
         assert "ProtectHome" not in render_dropin(_settings(other)), other
 
 
-def test_no_roots_gives_an_empty_service_section() -> None:
+def test_no_roots_gives_an_empty_service_section_and_no_unit_section() -> None:
     assert _settings_lines(render_dropin(Settings())) == ["[Service]"]
 
 
@@ -75,6 +118,7 @@ def test_install_unit_writes_units_and_dropin(tmp_path: Path) -> None:
         assert (unit_dir / name).read_text() == (REPO / "systemd" / name).read_text()
         assert (unit_dir / name).stat().st_mode & 0o777 == 0o644
     assert 'ReadWritePaths="-/srv/photos"' in dropin.read_text()
+    assert 'RequiresMountsFor="/srv/photos"' in dropin.read_text()
     assert sorted(p.name for p in unit_dir.rglob("*")) == sorted(
         ["phicapd.service", "phicapd.socket", "phicapd.service.d", "50-watch-paths.conf"]
     ), "no temporary files are left behind"
