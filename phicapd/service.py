@@ -35,6 +35,7 @@ log = get_logger(__name__)
 CaptionerFactory = Callable[[Settings], Captioner]
 
 DRAIN_GRACE_SECONDS = 30.0
+EX_SOFTWARE = 70  # sysexits(3): the model broke; systemd's Restart=on-failure restarts us
 STALL_SECONDS = 300.0
 
 
@@ -143,13 +144,19 @@ class Daemon:
         log.info("ready", model=self.captioner.identity, roots=[str(r.path) for r in self.settings.watch])
         feeder = WatchdogFeeder(notifier, health_check=self.healthy, status_text=self.status_line)
         feeder.start()
+        rc = 0
         try:
             while not self._stop.wait(1.0):
-                pass
+                if self.scheduler.broken is not None:
+                    # A restart gets a fresh CUDA context; the images it was on are counted as
+                    # interrupted, so one that breaks the GPU every time is parked in the end.
+                    log.error("exiting for a restart", reason=str(self.scheduler.broken))
+                    rc = EX_SOFTWARE
+                    break
         finally:
             feeder.stop()
             self._shutdown(notifier)
-        return 0
+        return rc
 
     def _shutdown(self, notifier: Any) -> None:
         self.state = "stopping"

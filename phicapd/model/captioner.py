@@ -114,7 +114,7 @@ class Phi3VCaptioner:
         except CaptionError:
             raise
         except (RuntimeError, ValueError, OSError) as e:
-            raise CaptionError(f"captioning failed: {e}") from e
+            raise _caption_error(e) from e
         return [self._caption_of(ids) for ids in token_lists]
 
     def stream(self, take: Take, deliver: Deliver) -> None:
@@ -140,7 +140,7 @@ class Phi3VCaptioner:
                 except torch.OutOfMemoryError:
                     oom = True  # recover outside the handler: the traceback pins the failed step's tensors
                 except (RuntimeError, ValueError, OSError) as e:
-                    raise CaptionError(f"captioning failed: {e}") from e
+                    raise _caption_error(e) from e
                 if oom:
                     self.engine.release()
                     shrunk = self.engine.shrink()
@@ -327,3 +327,12 @@ def load_captioner(settings: ModelSettings) -> Phi3VCaptioner:
         raise ConfigError(f"{model_dir}: tokenizer has {len(tokenizer)} tokens but the model only {vocab}")
     log.info("loaded %s on %s (%s)", model_dir, model.device, model.dtype)
     return Phi3VCaptioner(model, tokenizer, settings, _identity(settings, model_dir))
+
+
+def _caption_error(e: Exception) -> CaptionError:
+    """A device fault (a CUDA error: illegal address, device-side assert, ECC) leaves the CUDA
+    context unusable until the process restarts, whatever image comes next: ``model_broken``
+    tells the scheduler so. Anything else is a failure of this batch."""
+    if isinstance(e, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(e):
+        return CaptionError(f"the GPU failed: {e}", code="model_broken")
+    return CaptionError(f"captioning failed: {e}")

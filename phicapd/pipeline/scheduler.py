@@ -18,11 +18,18 @@ r"""The scheduler: two lanes into one GPU worker, with decoding ahead of it and 
   fsyncs never hold up the GPU.
 * When the model fails everything in flight at once, those images are retried one by one, so
   one bad image cannot fail its neighbours.
+* A broken model (a CUDA fault, or ``BREAKER`` images in a row failing alone and then a plain
+  gray probe image failing too) is not the images' fault: the worker stops, the images on the
+  model stay "running" in the journal (the restart counts the attempt, as after a crash, so an
+  image that breaks the GPU is parked in the end) and the daemon exits for systemd to restart
+  it, instead of failing the backlog.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -46,6 +53,12 @@ log = get_logger(__name__)
 
 
 ListImages = Callable[[Path, WatchRoot], list[str]]
+
+#: Failures in a row, each of one image alone, after which a probe image asks whether the model
+#: or the images are broken (a backlog's tail can be all bad images).
+BREAKER = 4
+#: Threads decoding socket requests, apart from the backlog's decode pool so they never queue behind it.
+INTERACTIVE_DECODERS = 4
 
 
 @dataclass(slots=True)
@@ -155,6 +168,9 @@ class Scheduler:
         self._stopping = threading.Event()
         self._paused = False
         self._pool = ThreadPoolExecutor(settings.scheduler.decode_workers, thread_name_prefix="phicapd-decode")
+        self._interactive_pool = ThreadPoolExecutor(
+            min(INTERACTIVE_DECODERS, settings.scheduler.decode_workers), thread_name_prefix="phicapd-decode-rq"
+        )
         self.writer = SidecarWriter(settings, store, captioner.identity, list_images, self._recorded)
         self._threads: list[threading.Thread] = []
 
@@ -162,6 +178,8 @@ class Scheduler:
         self.batches = 0
         self.busy_since: float | None = None
         self.last_progress = time.monotonic()
+        self.broken: PhicapError | None = None  # set once the model is unusable; the daemon then exits
+        self._failures_in_a_row = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -186,12 +204,16 @@ class Scheduler:
             t.join(max(0.0, deadline - time.monotonic()))
         self.writer.stop(max(1.0, deadline - time.monotonic()))
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._interactive_pool.shutdown(wait=True, cancel_futures=True)
         with self._cond:
             waiting = list(self._waiting)
             self._interactive.clear()
             self._background.clear()
-            unfinished = list(self._claimed)
+            unfinished = set(self._claimed)
             self._claimed.clear()
+            if self.broken is not None:
+                # On the model when it broke: left "running", so the restart counts an attempt.
+                unfinished -= {i.job.id for i in self._in_flight.values() if i.job is not None}
         for future in waiting:  # requests still decoding or queued: answer them now
             if not future.done():
                 future.set_exception(PhicapError("the daemon is shutting down", code="shutting_down", retryable=True))
@@ -247,7 +269,7 @@ class Scheduler:
                 self._interactive.append(item)
                 self._cond.notify_all()
 
-        self._pool.submit(decode)
+        self._interactive_pool.submit(decode)
         return future
 
     def _forget_future(self, future: Future[Caption]) -> None:
@@ -303,8 +325,9 @@ class Scheduler:
         try:
             if root is None:
                 raise PhicapError(f"{job.path}: its watch root {job.root} is no longer configured", code="root_removed")
-            if job.attempts and self._already_captioned(job, root):
-                # A recovered job whose sidecar was written before the crash: done, not captioned twice.
+            if self._already_captioned(job, root):
+                # Its sidecar appeared while it waited (phicapctl, a hand-written caption) or was
+                # written just before a crash: done, not captioned twice.
                 self.store.finish_many(skipped=[job.id])
                 with self._cond:
                     self._decoding -= 1
@@ -353,10 +376,18 @@ class Scheduler:
             except Exception as e:
                 with self._cond:
                     leftovers = list(self._in_flight.values())
-                if leftovers:
+                if _is_model_fault(e):
+                    self._break(_as_phicap_error(e, None))
+                elif leftovers:
                     log.warning("the model failed, retrying its images one by one", images=len(leftovers), error=str(e))
                 for item in leftovers:
-                    self._deliver(item.request, self._caption_one(item))
+                    if self.broken is not None:
+                        break
+                    outcome = self._caption_one(item)
+                    if self.broken is None:
+                        self._deliver(item.request, outcome)
+                if self.broken is not None:
+                    self._answer_in_flight(self.broken)
             finally:
                 self._flush_finished()
                 self.busy_since = None
@@ -366,11 +397,11 @@ class Scheduler:
         """Block until there is something to caption; False when stopping."""
         with self._cond:
             while not self._interactive and (self._paused or not self._background):
-                if self._stopping.is_set():
+                if self._stopping.is_set() or self.broken is not None:
                     return False
                 self.last_progress = time.monotonic()
                 self._cond.wait(0.5)
-            return not self._stopping.is_set()
+            return not self._stopping.is_set() and self.broken is None
 
     def _take(self, room: int, idle: bool) -> list[CaptionRequest]:
         """The model asks for up to ``room`` more requests (before every step, as a heartbeat too)."""
@@ -391,7 +422,7 @@ class Scheduler:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-            if self._stopping.is_set() or room <= 0:
+            if self._stopping.is_set() or self.broken is not None or room <= 0:
                 # Stopping: the rows on the model finish, nothing new starts; queued requests
                 # get a retryable "shutting_down" and queued jobs go back to the journal.
                 return []
@@ -431,6 +462,8 @@ class Scheduler:
         self.last_progress = self.busy_since = time.monotonic()
         with self._cond:
             item = self._in_flight.pop(id(request))
+        if not isinstance(outcome, PhicapError):
+            self._failures_in_a_row = 0
         result = _Outcome(item, error=outcome) if isinstance(outcome, PhicapError) else _Outcome(item, caption=outcome)
         if item.future is not None:
             try:
@@ -451,7 +484,7 @@ class Scheduler:
             self._finished = []
 
     def _caption_one(self, item: _Item) -> Caption | PhicapError:
-        """One image alone, after the batch it was in failed."""
+        """One image alone, after the batch it was in failed. Counts towards the breaker."""
         self.busy_since = time.monotonic()
         try:
             captions = self.captioner.caption([item.request])
@@ -459,7 +492,45 @@ class Scheduler:
                 raise CaptionError(f"captioner returned {len(captions)} captions for 1 image")
             return captions[0]
         except Exception as e:
-            return _as_phicap_error(e, item)
+            error = _as_phicap_error(e, item)
+            if _is_model_fault(e):
+                self._break(error)
+            elif error.retryable:  # a non-retryable error is the request's own (a bad prompt)
+                self._failures_in_a_row += 1
+                if self._failures_in_a_row >= BREAKER:
+                    self._probe(error)
+            return error
+
+    def _probe(self, last: PhicapError) -> None:
+        """Caption a plain gray image: if even that fails, the model is broken, not the images."""
+        image = Image.new("RGB", (64, 48), (127, 127, 127))
+        try:
+            self.captioner.caption([self._request(image, self.settings.model.prompt, 2)])
+        except Exception as e:
+            self._break(CaptionError(f"{BREAKER} images in a row and a probe image failed: {e}; before: {last}"))
+        else:
+            log.info("the model captions a probe image: the failing images are at fault", failures=BREAKER)
+            self._failures_in_a_row = 0
+
+    def _break(self, error: PhicapError) -> None:
+        """The model is unusable: take nothing more; the daemon sees ``broken`` and exits."""
+        if self.broken is None:
+            log.error("the model is broken; stopping for a restart", code=error.code, error=str(error))
+            self.broken = PhicapError(f"the model is broken: {error}", code="model_broken", retryable=True)
+            self._wake_feeder.set()
+            with self._cond:
+                self._cond.notify_all()
+
+    def _answer_in_flight(self, error: PhicapError) -> None:
+        """Socket requests on the broken model get an answer; background jobs stay claimed."""
+        with self._cond:
+            requests = [i for i in self._in_flight.values() if i.future is not None]
+            for item in requests:
+                del self._in_flight[id(item.request)]
+        for item in requests:
+            assert item.future is not None
+            with contextlib.suppress(InvalidStateError):
+                item.future.set_exception(error)
 
     def _recorded(self, job_ids: list[int], captioned: int) -> None:
         """The writer settled these jobs in the journal: they are no longer claimed."""
@@ -485,6 +556,8 @@ class Scheduler:
 
     def healthy(self, stall_seconds: float) -> bool:
         """False when the model call has hung (a stuck CUDA kernel) or the worker thread died."""
+        if self.broken is not None:
+            return False
         busy = self.busy_since
         if busy is not None and time.monotonic() - busy > stall_seconds:
             return False
@@ -494,6 +567,10 @@ class Scheduler:
     def _already_captioned(self, job: Job, root: WatchRoot) -> bool:
         if job.force or self.settings.existing_policy(root) != "skip":
             return False
+        extension = self.settings.sidecar.extension
+        plain = job.path.with_name(os.path.splitext(job.path.name)[0] + extension)
+        if not (plain.exists() or job.path.with_name(job.path.name + extension).exists()):
+            return False  # the usual case, known without listing the directory
         try:
             st = job.path.stat()
         except OSError:
@@ -502,8 +579,13 @@ class Scheduler:
         return is_up_to_date(st, sidecar)
 
 
-def _as_phicap_error(e: Exception, item: _Item) -> PhicapError:
-    name = str(item.job.path) if item.job else "request"
+def _is_model_fault(e: BaseException) -> bool:
+    """A fault of the model or device itself (a sticky CUDA error), not of the images on it."""
+    return isinstance(e, PhicapError) and e.code == "model_broken"
+
+
+def _as_phicap_error(e: Exception, item: _Item | None) -> PhicapError:
+    name = str(item.job.path) if item is not None and item.job else "request"
     if isinstance(e, PhicapError):
         return e
     return CaptionError(f"{name}: captioning failed: {type(e).__name__}: {e}")

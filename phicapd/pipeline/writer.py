@@ -98,7 +98,18 @@ class SidecarWriter:
             try:
                 self._write(group)
             except Exception:
-                log.exception("writer failed; the jobs stay in the journal and are retried")
+                log.exception("writer failed; its jobs go back to the queue", jobs=len(group))
+                self._hand_back([f.job.id for f in group])
+
+    def _hand_back(self, job_ids: list[int]) -> None:
+        # Unclaimed, so the feeder takes them again; one whose sidecar made it to disk is then
+        # found up to date and not captioned twice. If the journal itself is failing, the jobs
+        # stay "running" and the next start returns them.
+        try:
+            self.store.release(job_ids)
+        except Exception:
+            log.exception("cannot hand the jobs back to the journal", jobs=len(job_ids))
+        self._on_recorded(job_ids, 0)
 
     def _write(self, group: list[Finished]) -> None:
         written = self._write_sidecars(group)

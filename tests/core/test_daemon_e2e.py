@@ -274,3 +274,45 @@ def test_an_image_interrupted_three_times_is_parked_unless_its_sidecar_made_it(t
     assert not (root / "poison.txt").exists()
     assert states["once.png"].state.value == "done" and (root / "once.txt").exists()  # two crashes: tried again
     assert sum(fake.calls.values()) == 1
+
+
+def test_a_sidecar_written_while_the_job_waited_is_kept(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    fake = FakeCaptioner()
+    settings = settings_for(tmp_path, [root])
+    with running_daemon(settings, fake) as daemon:
+        daemon.scheduler.pause()  # a long backlog ahead of them
+        keys = {name: write_unique_png(root / f"{name}.png", i) for i, name in enumerate(["hand", "queued"])}
+        wait_for(lambda: daemon.store.counts()["pending"] == 2, 30, "both images to be queued")
+        # While the job waits, its caption arrives another way (phicapctl caption-file, by hand).
+        (root / "hand.txt").write_text("Written by hand.\n")
+        daemon.scheduler.resume()
+        wait_for(lambda: is_settled(daemon), 30, "the queue to drain")
+        states = {n: daemon.store.get(root / f"{n}.png").state.value for n in keys}
+    assert (root / "hand.txt").read_text() == "Written by hand.\n"
+    assert fake.calls[keys["hand"]] == 0 and fake.calls[keys["queued"]] == 1
+    assert states == {"hand": "done", "queued": "done"}
+
+
+def test_a_failed_journal_write_hands_the_group_back_and_captions_nothing_twice(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    fake = FakeCaptioner(max_batch=4)
+    settings = settings_for(tmp_path, [root], extra="[model]\nmax_batch = 4\n")
+    with running_daemon(settings, fake) as daemon:
+        finish_many = daemon.store.finish_many
+        failed: list[int] = []
+
+        def flaky(successes=(), failures=(), skipped=()):
+            if not failed and successes:
+                failed.append(len(successes))
+                raise sqlite3.OperationalError("disk I/O error")
+            return finish_many(successes, failures, skipped)
+
+        daemon.store.finish_many = flaky
+        keys = [write_unique_png(root / f"b{i:02d}.png", i) for i in range(12)]
+        wait_for(lambda: daemon.store.counts()["done"] == 12 and is_settled(daemon), 30, "every image")
+    assert failed, "the journal write should have failed once"
+    assert len(_sidecars(root)) == 12
+    assert all(fake.calls[k] == 1 for k in keys)  # the group's sidecars were on disk: not captioned again

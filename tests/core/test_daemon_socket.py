@@ -285,3 +285,26 @@ def test_shutdown_finishes_the_batch_on_the_model_and_answers_queued_requests(tm
             with pytest.raises(PhicapError) as err:
                 future.result(timeout=10)
             assert err.value.code == "shutting_down" and err.value.retryable
+
+
+def test_a_socket_request_is_not_decoded_behind_the_backlogs_images(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    settings = settings_for(tmp_path, [root])
+    with running_daemon(settings, FakeCaptioner()) as daemon:
+        decode_file = daemon.scheduler._decode_file
+
+        def slow_decode(path: Path):  # large photos: 0.3 s each on the two decode workers
+            time.sleep(0.3)
+            return decode_file(path)
+
+        daemon.scheduler._decode_file = slow_decode
+        for i in range(100):
+            write_unique_png(root / f"b{i:03d}.png", i)
+        wait_for(lambda: daemon.scheduler.lanes()["decoding"] >= 30, 30, "a queue of backlog decodes")
+        started = time.monotonic()
+        future = daemon.scheduler.submit(_png(unique_image(10_000, (32, 32))), name="ask.png")
+        assert future.result(timeout=30).text.startswith("A 32x32 ")
+        latency = time.monotonic() - started
+    # Behind 30+ queued decodes of 0.3 s on two workers it would take 4.5 s or more.
+    assert latency < 1.0, latency

@@ -69,7 +69,8 @@ def is_settled(daemon: Daemon) -> bool:
 
 
 @contextmanager
-def running_daemon(settings: Settings, captioner: Any | None = None) -> Iterator[Daemon]:
+def running_daemon(settings: Settings, captioner: Any | None = None, *, rc: int = 0) -> Iterator[Daemon]:
+    """The daemon in a thread until the block ends; then it must have stopped with ``rc``."""
     captioner = captioner or FakeCaptioner()
     configure_logging(settings.log.format, settings.log.level)
     daemon = Daemon(settings, lambda _s: captioner)
@@ -95,7 +96,7 @@ def running_daemon(settings: Settings, captioner: Any | None = None) -> Iterator
         _drop_log_handler()
         if "error" in result:
             raise result["error"]
-        assert result.get("rc") == 0
+        assert result.get("rc") == rc
 
 
 def _drop_log_handler() -> None:
