@@ -20,6 +20,7 @@ from phicapd import __version__
 from phicapd.captioner import Captioner, decorate
 from phicapd.config import Settings
 from phicapd.control.backend import CaptionReply
+from phicapd.control.protocol import CAPTION_TIMEOUT
 from phicapd.errors import PhicapError
 from phicapd.log import get_logger
 from phicapd.pipeline.decode import make_decoders
@@ -227,7 +228,8 @@ class Daemon:
             caption = future.result(timeout=left)
         except FutureTimeout:
             future.cancel()
-            raise PhicapError(f"{name}: no caption within {timeout:.0f} s", code="timeout", retryable=True) from None
+            message = f"{name}: no caption within {timeout:.0f} s"
+            raise PhicapError(message, code=CAPTION_TIMEOUT, retryable=True) from None
         assert self.captioner is not None
         text = decorate(caption.text, root.prefix, root.suffix) if root is not None else caption.text
         return CaptionReply(

@@ -187,6 +187,8 @@ def error_status(exc: PhicapError) -> int:
         return 422
     if isinstance(exc, FetchError):
         return 502 if exc.retryable else 422
+    if exc.code == CAPTION_TIMEOUT:
+        return 504
     return 503 if exc.retryable else 500
 
 

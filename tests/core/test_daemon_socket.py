@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from phicapd.config import load_settings
-from phicapd.control.client import ControlClient, RequestRejected
+from phicapd.control.client import ControlClient, RequestFailed, RequestRejected
 from tests.support.daemon import running_daemon, settings_for, wait_for, write_config
 from tests.support.fakes import FakeCaptioner, StreamingFakeCaptioner, image_key, unique_image, write_unique_png
 
@@ -308,3 +308,14 @@ def test_a_socket_request_is_not_decoded_behind_the_backlogs_images(tmp_path: Pa
         latency = time.monotonic() - started
     # Behind 30+ queued decodes of 0.3 s on two workers it would take 4.5 s or more.
     assert latency < 1.0, latency
+
+
+def test_a_caption_slower_than_the_timeout_is_a_504(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PHICAPD_CONTROL__CAPTION_TIMEOUT_SECONDS", "0.5")
+    settings = settings_for(tmp_path, [])
+    with running_daemon(settings, FakeCaptioner(latency=2.0)):
+        client = ControlClient(settings.control.socket, timeout=10)
+        with pytest.raises(RequestFailed) as err:
+            client.caption_bytes(_png(unique_image(1)), name="slow.png", prompt=None, max_new_tokens=None)
+    assert (err.value.status, err.value.code, err.value.retryable) == (504, "caption_timeout", True)
+    assert "slow.png" in err.value.message
