@@ -32,6 +32,16 @@ class ConfigError(PhicapError):
     code = "config_invalid"
 
 
+class ModelUnavailable(PhicapError):
+    """The model cannot be loaded *yet*: the Hugging Face Hub or the network failed while
+    fetching it, or the GPU is not usable yet (a boot where the NVIDIA driver is not up). The
+    daemon exits with EX_TEMPFAIL (75), which systemd's ``Restart=on-failure`` retries; a
+    setting that can never work stays a ``ConfigError``."""
+
+    code = "model_unavailable"
+    retryable = True
+
+
 class ImageError(PhicapError):
     """An image could not be decoded safely (codes: ``image_*``)."""
 
@@ -51,4 +61,5 @@ class CaptionError(PhicapError):
     retryable = True
 
 
+EX_TEMPFAIL = 75
 EX_CONFIG = 78

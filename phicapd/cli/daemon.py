@@ -6,7 +6,10 @@
     phicapd make-test-model DIR            write a tiny random checkpoint for smoke tests
     phicapd install-unit [--config PATH]   install the systemd units and the watched-paths drop-in
 
-Exit codes: 0 ok, 78 (EX_CONFIG) for any configuration problem, 1 for other failures.
+Exit codes: 0 ok; 78 (EX_CONFIG) for any configuration problem, which systemd does not restart
+(``RestartPreventExitStatus=78``); 75 (EX_TEMPFAIL) when the model cannot be loaded yet (the hub
+or the network failed while fetching it, the GPU driver is not up), which systemd restarts;
+1 for other failures.
 """
 
 from __future__ import annotations
@@ -18,8 +21,8 @@ from pathlib import Path
 
 from phicapd import __version__
 from phicapd.config import DEFAULT_CONFIG_PATH, Settings, load_settings
-from phicapd.errors import EX_CONFIG, ConfigError, PhicapError
-from phicapd.log import configure_logging, get_logger
+from phicapd.errors import EX_CONFIG, EX_TEMPFAIL, ConfigError, ModelUnavailable, PhicapError
+from phicapd.log import configure_logging, get_logger, is_journal_stream
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,17 +105,23 @@ _COMMANDS = {
 }
 
 
+def _report(error: PhicapError) -> None:
+    """The error on stderr; at priority "err" (``<3>``) when stderr is the journal."""
+    prefix = "<3>" if is_journal_stream(sys.stderr) else ""
+    print("\n".join(prefix + line for line in f"phicapd: {error}".split("\n")), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
     except ConfigError as e:
-        print(f"phicapd: {e}", file=sys.stderr)
+        _report(e)
         return EX_CONFIG
     except PhicapError as e:
         get_logger("phicapd").error("fatal", code=e.code, error=str(e))
-        print(f"phicapd: {e}", file=sys.stderr)
-        return 1
+        _report(e)
+        return EX_TEMPFAIL if isinstance(e, ModelUnavailable) else 1
     except KeyboardInterrupt:
         return 130
 

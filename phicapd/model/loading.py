@@ -8,9 +8,11 @@ so a 4B model never exists twice in memory and never gets a random init.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from phicapd.config import ModelSettings
-from phicapd.errors import ConfigError, PhicapError
+from phicapd.errors import ConfigError, ModelUnavailable, PhicapError
 from phicapd.model.configuration import Phi3VConfig, read_config
 from phicapd.model.modeling import Phi3VForCausalLM
 
@@ -84,12 +86,40 @@ def download_model(settings: ModelSettings, *, progress: bool = True) -> Path:
             local_files_only=_offline(),
         )
     except Exception as e:  # hub errors are many classes; all mean "could not get the model"
-        hint = " (offline mode is on: the model must already be in the cache)" if _offline() else ""
-        raise ConfigError(f"cannot fetch model {settings.id}@{settings.revision}{hint}: {e}") from None
+        raise _fetch_error(e, settings) from None
     finally:
         if not progress:
             enable_progress_bars()
     return _check_dir(Path(path))
+
+
+def _fetch_error(e: Exception, settings: ModelSettings) -> PhicapError:
+    """What a failed ``snapshot_download`` means for the daemon: a setting to fix (exit 78), or
+    the hub or the network failing now (``ModelUnavailable``, exit 75, restarted by systemd).
+
+    Permanent: offline mode, an unknown or gated repository, an unknown revision, a malformed
+    id, another 4xx answer (401/403: a token is needed) and a cache this user may not write.
+    Everything else (no connection, a timeout, a 5xx or 429 from the hub, a download cut
+    midway, a full disk) may go away by itself.
+    """
+    from huggingface_hub import errors as hub
+
+    what = f"model {settings.id}@{settings.revision}"
+    if _offline():
+        return ConfigError(f"cannot fetch {what} (offline mode is on: the model must already be in the cache): {e}")
+    permanent: tuple[type[BaseException], ...] = (
+        hub.RepositoryNotFoundError,  # also GatedRepoError
+        hub.RevisionNotFoundError,
+        hub.DisabledRepoError,
+        hub.OfflineModeIsEnabled,
+        ValueError,  # HFValidationError: not a repository id
+        PermissionError,
+    )
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    client_error = isinstance(e, hub.HfHubHTTPError) and isinstance(status, int) and 400 <= status < 500
+    if isinstance(e, permanent) or (client_error and status not in (408, 429)):
+        return ConfigError(f"cannot fetch {what}: {type(e).__name__}: {e}")
+    return ModelUnavailable(f"cannot fetch {what} now (the hub or the network failed; try again later): {e}")
 
 
 def resolve_model_dir(settings: ModelSettings) -> Path:
@@ -125,17 +155,119 @@ def _check_dir(path: Path) -> Path:
 # -- device and dtype ------------------------------------------------------------------------
 
 
+# Where an NVIDIA GPU shows itself (module level so that tests can point them elsewhere).
+PROC_NVIDIA = Path("/proc/driver/nvidia")
+DEV_DIR = Path("/dev")
+PCI_DEVICES = Path("/sys/bus/pci/devices")
+_NVIDIA_PCI_VENDOR = "0x10de"
+_GPU_PCI_CLASSES = ("0x0300", "0x0302")  # VGA-compatible controller, 3D controller
+
+
+def nvidia_gpu_evidence() -> str | None:
+    """What shows that an NVIDIA GPU is installed, or None: the driver's ``/proc`` entries, a
+    ``/dev/nvidiaN`` node, or an NVIDIA display controller on the PCI bus (there before the
+    driver is loaded)."""
+    with contextlib.suppress(OSError):
+        if any((PROC_NVIDIA / "gpus").iterdir()):
+            return str(PROC_NVIDIA / "gpus")
+    nodes = sorted(DEV_DIR.glob("nvidia[0-9]*"))
+    if nodes:
+        return str(nodes[0])
+    try:
+        devices = sorted(PCI_DEVICES.iterdir())
+    except OSError:
+        return None
+    for device in devices:
+        try:
+            vendor = (device / "vendor").read_text().strip()
+            klass = (device / "class").read_text().strip()
+        except OSError:
+            continue
+        if vendor == _NVIDIA_PCI_VENDOR and klass.startswith(_GPU_PCI_CLASSES):
+            return f"NVIDIA PCI device {device.name}"
+    return None
+
+
+def _cuda_hidden() -> bool:
+    """``CUDA_VISIBLE_DEVICES`` deliberately hides every GPU ("" or "-1")."""
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return value is not None and (not value.strip() or value.strip().startswith("-"))
+
+
+def _driver_version() -> str | None:
+    try:
+        text = (PROC_NVIDIA / "version").read_text()
+    except OSError:
+        return None
+    match = re.search(r"Kernel Module(?: for \S+)?\s+(\d[\w.]*)", text)
+    return match.group(1) if match else None
+
+
+def _cuda_init_error() -> str | None:
+    """torch's own reason for not using CUDA ("The NVIDIA driver on your system is too old")."""
+    try:
+        torch.cuda.init()
+    except Exception as e:
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None
+
+
+def cuda_diagnosis() -> str:
+    """The likely reason ``torch.cuda.is_available()`` is False, for a message."""
+    if not torch.backends.cuda.is_built():
+        return f"this torch ({torch.__version__}) is a CPU-only build; install the CUDA build that matches the driver"
+    if _cuda_hidden():
+        return f"CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']!r} hides every GPU"
+    if not PROC_NVIDIA.exists():
+        cause = "the NVIDIA kernel driver is not loaded (no /proc/driver/nvidia)"
+    else:
+        built = torch.version.cuda or torch.version.hip or "unknown"
+        cause = (
+            f"likely a driver/CUDA mismatch (driver {_driver_version() or 'unknown'}, this torch needs one that "
+            f"supports CUDA {built}) or GPU device nodes this user cannot open"
+        )
+    reason = _cuda_init_error()
+    return f"{cause}; torch says: {reason}" if reason else cause
+
+
 def resolve_device(name: str) -> torch.device:
-    """ "auto" is the first CUDA GPU when there is one, else the CPU."""
+    """ "auto" is the first CUDA GPU when there is one, else the CPU.
+
+    ``"cuda"`` without a usable GPU is ``ModelUnavailable`` (the driver may come up: systemd
+    retries) unless it never can be here: a CPU-only torch, or ``CUDA_VISIBLE_DEVICES`` hiding
+    every GPU (``ConfigError``).
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        _warn_if_gpu_unused()
+        return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise ConfigError(f"model.device {name!r} is not a valid torch device: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"model.device is {name!r} but CUDA is not available")
+        reason = cuda_diagnosis()
+        if not torch.backends.cuda.is_built() or _cuda_hidden():
+            raise ConfigError(f"model.device is {name!r} but CUDA is not available: {reason}")
+        raise ModelUnavailable(f"model.device is {name!r} but CUDA is not available (yet?): {reason}")
     return device
+
+
+def _warn_if_gpu_unused() -> None:
+    """device = "auto" found no usable GPU: say so loudly if there is one that should have been."""
+    evidence = nvidia_gpu_evidence()
+    if evidence is None:
+        return
+    if _cuda_hidden():
+        log.info("CUDA_VISIBLE_DEVICES hides the GPUs (%s); running on the CPU", evidence)
+        return
+    log.warning(
+        "an NVIDIA GPU is present (%s) but torch cannot use CUDA: %s. Falling back to the CPU, "
+        'which is far slower; set model.device = "cuda" to wait for the GPU instead',
+        evidence,
+        cuda_diagnosis(),
+    )
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

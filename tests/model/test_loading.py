@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from phicapd.config import ModelSettings
-from phicapd.errors import ConfigError, PhicapError
+from phicapd.errors import ConfigError, ModelUnavailable, PhicapError
 from phicapd.model.configuration import parse_config
 from phicapd.model.loading import (
     DOWNLOAD_PATTERNS,
@@ -167,7 +168,7 @@ def test_device_and_dtype_resolution():
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     if not torch.cuda.is_available():
-        with pytest.raises(ConfigError, match="CUDA"):
+        with pytest.raises((ConfigError, ModelUnavailable), match="CUDA"):
             resolve_device("cuda")
 
 
@@ -236,3 +237,187 @@ def test_make_test_model_overrides_and_cli(tmp_path: Path):
     names = {p.name for p in (tmp_path / "b").iterdir()}
     assert {"config.json", "model.safetensors.index.json", "tokenizer.json", "preprocessor_config.json"} <= names
     assert not any(n.endswith(".py") for n in names)
+
+
+# -- start-up failures that may go away (exit 75) and those that cannot (exit 78) ------------------
+
+
+def _hub_response(status: int):
+    httpx2 = pytest.importorskip("httpx2")
+    return httpx2.Response(status, request=httpx2.Request("GET", "https://huggingface.co/api/models/x"))
+
+
+def _hub_errors() -> dict[str, tuple[type[PhicapError], Exception]]:
+    from huggingface_hub import errors as hub
+
+    return {
+        "no connection": (ModelUnavailable, ConnectionError("[Errno 101] Network is unreachable")),
+        "timeout": (ModelUnavailable, TimeoutError("read timed out")),
+        "hub unreachable, not cached": (
+            ModelUnavailable,
+            hub.LocalEntryNotFoundError("An error happened while trying to locate the files on the Hub"),
+        ),
+        "hub 503": (ModelUnavailable, hub.HfHubHTTPError("503 Server Error", response=_hub_response(503))),
+        "hub 429": (ModelUnavailable, hub.HfHubHTTPError("429 Too Many Requests", response=_hub_response(429))),
+        "disk full": (ModelUnavailable, OSError(28, "No space left on device")),
+        "unknown repository": (
+            ConfigError,
+            hub.RepositoryNotFoundError("404 Repository Not Found", response=_hub_response(404)),
+        ),
+        "gated": (ConfigError, hub.GatedRepoError("401 gated", response=_hub_response(401))),
+        "unknown revision": (ConfigError, hub.RevisionNotFoundError("404 Revision", response=_hub_response(404))),
+        "token refused": (ConfigError, hub.HfHubHTTPError("403 Forbidden", response=_hub_response(403))),
+        "malformed id": (ConfigError, hub.HFValidationError("Repo id must be in the form 'repo_name'")),
+        "cache not writable": (ConfigError, PermissionError(13, "Permission denied", "/var/cache/phicapd")),
+    }
+
+
+@pytest.fixture
+def online(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+
+@pytest.mark.parametrize("case", list(_hub_errors()))
+def test_a_failed_fetch_is_retryable_only_when_it_may_go_away(case: str, online, monkeypatch: pytest.MonkeyPatch):
+    import huggingface_hub
+
+    expected, error = _hub_errors()[case]
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    settings = ModelSettings(id="someone/model", revision="main")
+    with pytest.raises(PhicapError) as raised:
+        download_model(settings, progress=False)
+    assert type(raised.value) is expected
+    assert "someone/model@main" in str(raised.value) and str(error) in str(raised.value)
+    assert raised.value.retryable is (expected is ModelUnavailable)
+
+
+def test_a_fetch_failing_in_offline_mode_is_a_config_error(monkeypatch: pytest.MonkeyPatch):
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def fail(*args, **kwargs):
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
+    with pytest.raises(ConfigError, match="offline mode is on"):
+        download_model(ModelSettings(id="someone/model"), progress=False)
+
+
+@pytest.fixture
+def machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fake /proc/driver/nvidia, /dev and PCI bus (all empty: no GPU) and a CUDA build of torch
+    that finds no GPU."""
+    from phicapd.model import loading
+
+    root = tmp_path / "machine"
+    for name in ("proc", "dev", "pci"):
+        (root / name).mkdir(parents=True)
+    monkeypatch.setattr(loading, "PROC_NVIDIA", root / "proc" / "nvidia")
+    monkeypatch.setattr(loading, "DEV_DIR", root / "dev")
+    monkeypatch.setattr(loading, "PCI_DEVICES", root / "pci")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: True)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(loading, "_cuda_init_error", lambda: "The NVIDIA driver on your system is too old")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    return root
+
+
+def _driver_loaded(machine: Path) -> None:
+    (machine / "proc" / "nvidia" / "gpus" / "0000:01:00.0").mkdir(parents=True)
+    (machine / "proc" / "nvidia" / "version").write_text(
+        "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  535.104.05  Release Build\n"
+    )
+    (machine / "dev" / "nvidia0").write_text("")
+
+
+def _pci_gpu(machine: Path, name: str = "0000:01:00.0", klass: str = "0x030200") -> None:
+    device = machine / "pci" / name
+    device.mkdir()
+    (device / "vendor").write_text("0x10de\n")
+    (device / "class").write_text(klass + "\n")
+
+
+def test_auto_on_a_gpu_torch_cannot_use_warns_before_using_the_cpu(machine: Path, caplog):
+    _driver_loaded(machine)
+    with caplog.at_level(logging.WARNING, logger="phicapd.model.loading"):
+        assert resolve_device("auto") == torch.device("cpu")
+    [record] = caplog.records
+    message = record.getMessage()
+    assert record.levelno == logging.WARNING
+    assert "NVIDIA GPU is present" in message and "driver/CUDA mismatch" in message
+    assert "driver 535.104.05" in message and "CUDA 12.8" in message
+    assert "too old" in message and "CPU" in message
+
+
+def test_auto_on_a_gpu_whose_driver_is_not_loaded_says_so(machine: Path, caplog):
+    _pci_gpu(machine, "0000:00:02.0", "0x030000")
+    _pci_gpu(machine, "0000:01:00.1", "0x040300")  # the GPU's HDMI audio function: not the evidence
+    with caplog.at_level(logging.WARNING, logger="phicapd.model.loading"):
+        assert resolve_device("auto") == torch.device("cpu")
+    [record] = caplog.records
+    assert "NVIDIA PCI device 0000:00:02.0" in record.getMessage()
+    assert "kernel driver is not loaded" in record.getMessage()
+
+
+def test_auto_without_a_gpu_is_quiet(machine: Path, caplog):
+    (machine / "pci" / "0000:00:1f.3").mkdir()  # an Intel device, unreadable files: skipped
+    _pci_gpu(machine, "0000:03:00.0", "0x040300")
+    with caplog.at_level(logging.DEBUG, logger="phicapd.model.loading"):
+        assert resolve_device("auto") == torch.device("cpu")
+    assert caplog.records == []
+
+
+def test_auto_with_gpus_hidden_on_purpose_does_not_warn(machine: Path, caplog, monkeypatch: pytest.MonkeyPatch):
+    _driver_loaded(machine)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    with caplog.at_level(logging.DEBUG, logger="phicapd.model.loading"):
+        assert resolve_device("auto") == torch.device("cpu")
+    assert [r.levelno for r in caplog.records] == [logging.INFO]
+
+
+def test_auto_with_a_cpu_only_torch_on_a_gpu_machine_warns(machine: Path, caplog, monkeypatch: pytest.MonkeyPatch):
+    _driver_loaded(machine)
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="phicapd.model.loading"):
+        assert resolve_device("auto") == torch.device("cpu")
+    assert "CPU-only build" in caplog.records[0].getMessage()
+
+
+def test_cuda_that_may_come_up_is_retryable(machine: Path):
+    _pci_gpu(machine)  # the driver is not up yet at boot
+    with pytest.raises(ModelUnavailable, match="kernel driver is not loaded"):
+        resolve_device("cuda")
+    _driver_loaded(machine)
+    with pytest.raises(ModelUnavailable, match="too old"):
+        resolve_device("cuda:0")
+
+
+def test_cuda_that_can_never_work_is_a_config_error(machine: Path, monkeypatch: pytest.MonkeyPatch):
+    _driver_loaded(machine)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES='-1' hides every GPU"):
+        resolve_device("cuda")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(torch.backends.cuda, "is_built", lambda: False)
+    with pytest.raises(ConfigError, match="CPU-only build"):
+        resolve_device("cuda")
+    with pytest.raises(ConfigError, match="not a valid torch device"):
+        resolve_device("gpu")
+
+
+def test_cuda_init_error_never_raises():
+    from phicapd.model.loading import _cuda_init_error
+
+    result = _cuda_init_error()
+    assert result is None or isinstance(result, str)
