@@ -36,6 +36,9 @@ log = get_logger(__name__)
 CaptionerFactory = Callable[[Settings], Captioner]
 
 DRAIN_GRACE_SECONDS = 30.0
+#: How long the start timeout is extended while the model loads (a first download of ~8 GB on a
+#: slow link); past it systemd's start timeout applies and a restart resumes the download.
+LOAD_CEILING_SECONDS = 3600.0
 EX_SOFTWARE = 70  # sysexits(3): the model broke; systemd's Restart=on-failure restarts us
 STALL_SECONDS = 300.0
 
@@ -56,6 +59,7 @@ class Daemon:
         self.started_at = time.time()
         self._ready = threading.Event()
         self._stop = threading.Event()
+        self._loading = False  # the main thread is loading the model: a signal interrupts it
         self.captioner: Captioner | None = None
         self.scheduler: Scheduler | None = None
         self.store = JobStore(
@@ -73,14 +77,22 @@ class Daemon:
     def request_stop(self, *_: object) -> None:
         self._stop.set()
 
+    def _on_signal(self, *_: object) -> None:
+        self._stop.set()
+        if self._loading:
+            # Nothing is in flight while the model loads: stop now rather than after a download
+            # or a compile of minutes (the stop timeout would kill us first).
+            self._loading = False
+            raise _StopWhileLoading
+
     def run(self, *, notifier: Any = None, listen_socket: Any = None, install_signals: bool = True) -> int:
         from phicapd.control.server import ControlServer
         from phicapd.systemd import Notifier, WatchdogFeeder
 
         notifier = notifier or Notifier()
         if install_signals:
-            signal.signal(signal.SIGTERM, self.request_stop)
-            signal.signal(signal.SIGINT, self.request_stop)
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
 
         recovered = self.store.recover()
         if recovered:
@@ -95,13 +107,21 @@ class Daemon:
         keepalive = _ExtendTimeout(notifier)
         keepalive.start()
         try:
-            self.captioner = self._captioner_factory(self.settings)
-            warm_up = getattr(self.captioner, "warm_up", None)
-            if warm_up is not None:
-                notifier.status("warming up the model")
-                warm_up()
+            try:
+                self._loading = install_signals and not self._stop.is_set()
+                self.captioner = self._captioner_factory(self.settings)
+                warm_up = getattr(self.captioner, "warm_up", None)
+                if warm_up is not None:
+                    notifier.status("warming up the model")
+                    warm_up()
+            finally:
+                self._loading = False  # from here on a signal only sets _stop
+                keepalive.stop()
+        except _StopWhileLoading:
+            log.info("stopped while loading the model")
+            self._shutdown(notifier)
+            return 0
         except Exception as e:
-            keepalive.stop()
             self._shutdown(notifier)
             if isinstance(e, PhicapError):
                 raise
@@ -110,8 +130,6 @@ class Daemon:
                 f"cannot load the model from {self.settings.model.source}: {type(e).__name__}: {e}",
                 code="model_load_failed",
             ) from e
-        finally:
-            keepalive.stop()
         if self._stop.is_set():
             self._shutdown(notifier)
             return 0
@@ -369,12 +387,19 @@ class Daemon:
         return "\n".join(lines) + "\n"
 
 
-class _ExtendTimeout:
-    """While the model loads (minutes on a cold cache), keep extending systemd's start timeout."""
+class _StopWhileLoading(BaseException):
+    """Raised by the signal handler into the model load (BaseException: no ``except Exception``
+    in the loading code may swallow it)."""
 
-    def __init__(self, notifier: Any, every: float = 20.0) -> None:
+
+class _ExtendTimeout:
+    """While the model loads (minutes on a cold cache), keep extending systemd's start timeout,
+    for at most ``ceiling`` seconds: a load that hangs must still time out."""
+
+    def __init__(self, notifier: Any, every: float = 20.0, ceiling: float = LOAD_CEILING_SECONDS) -> None:
         self._notifier = notifier
         self._every = every
+        self._ceiling = ceiling
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="phicapd-extend", daemon=True)
 
@@ -385,7 +410,11 @@ class _ExtendTimeout:
         self._done.set()
 
     def _loop(self) -> None:
+        deadline = time.monotonic() + self._ceiling
         while not self._done.is_set():
+            if time.monotonic() >= deadline:
+                log.warning("still loading the model; no longer extending the start timeout", seconds=self._ceiling)
+                return
             self._notifier.extend_timeout(self._every * 3)
             self._done.wait(self._every)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 from phicapd.config import load_settings
@@ -17,7 +18,13 @@ def main() -> int:
     configure_logging(settings.log.format, settings.log.level)
     latency = float(os.environ.get("FAKE_LATENCY", "0"))
     record = Path(os.environ["FAKE_RECORD"])
-    return run(settings, lambda _s: FakeCaptioner(latency=latency, record=record))
+    load_seconds = float(os.environ.get("FAKE_LOAD_SECONDS", "0"))
+
+    def load(_settings: object) -> FakeCaptioner:
+        time.sleep(load_seconds)  # a download or a compile
+        return FakeCaptioner(latency=latency, record=record)
+
+    return run(settings, load)
 
 
 if __name__ == "__main__":
