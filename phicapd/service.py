@@ -21,7 +21,7 @@ from phicapd.captioner import Captioner, decorate
 from phicapd.config import Settings
 from phicapd.control.backend import CaptionReply
 from phicapd.control.protocol import CAPTION_TIMEOUT
-from phicapd.errors import PhicapError
+from phicapd.errors import ModelUnavailable, PhicapError
 from phicapd.log import get_logger
 from phicapd.pipeline.decode import make_decoders
 from phicapd.pipeline.intake import Intake
@@ -39,6 +39,8 @@ DRAIN_GRACE_SECONDS = 30.0
 #: How long the start timeout is extended while the model loads (a first download of ~8 GB on a
 #: slow link); past it systemd's start timeout applies and a restart resumes the download.
 LOAD_CEILING_SECONDS = 3600.0
+#: First wait before loading again a model that is not available yet (doubles, up to 5 min).
+LOAD_RETRY_SECONDS = 10.0
 EX_SOFTWARE = 70  # sysexits(3): the model broke; systemd's Restart=on-failure restarts us
 STALL_SECONDS = 300.0
 
@@ -109,7 +111,7 @@ class Daemon:
         try:
             try:
                 self._loading = install_signals and not self._stop.is_set()
-                self.captioner = self._captioner_factory(self.settings)
+                self.captioner = self._load_captioner(notifier)
                 warm_up = getattr(self.captioner, "warm_up", None)
                 if warm_up is not None:
                     notifier.status("warming up the model")
@@ -176,6 +178,23 @@ class Daemon:
             feeder.stop()
             self._shutdown(notifier)
         return rc
+
+    def _load_captioner(self, notifier: Any) -> Captioner:
+        """Load the model, waiting out a hub that is down or a GPU driver that is not up yet
+        inside the process (systemd's start limit would give up after a few restarts)."""
+        deadline = time.monotonic() + LOAD_CEILING_SECONDS
+        delay = LOAD_RETRY_SECONDS
+        while True:
+            try:
+                return self._captioner_factory(self.settings)
+            except ModelUnavailable as e:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("the model is not available yet; trying again", error=str(e), seconds=delay)
+                notifier.status(f"waiting for the model, again in {delay:.0f} s: {e}")
+                if self._stop.wait(delay):
+                    raise _StopWhileLoading from None
+                delay = min(delay * 2, 300.0)
 
     def _shutdown(self, notifier: Any) -> None:
         self.state = "stopping"

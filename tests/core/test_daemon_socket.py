@@ -319,3 +319,49 @@ def test_a_caption_slower_than_the_timeout_is_a_504(tmp_path: Path, monkeypatch:
             client.caption_bytes(_png(unique_image(1)), name="slow.png", prompt=None, max_new_tokens=None)
     assert (err.value.status, err.value.code, err.value.retryable) == (504, "caption_timeout", True)
     assert "slow.png" in err.value.message
+
+
+def test_a_model_that_is_not_available_yet_is_loaded_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from phicapd.errors import ModelUnavailable
+    from phicapd.service import Daemon
+
+    monkeypatch.setattr("phicapd.service.LOAD_RETRY_SECONDS", 0.05)
+    attempts = []
+
+    def flaky(_settings: object) -> FakeCaptioner:
+        attempts.append(time.monotonic())
+        if len(attempts) < 3:
+            raise ModelUnavailable("cannot fetch the model now: network is unreachable")
+        return FakeCaptioner()
+
+    daemon = Daemon(settings_for(tmp_path, []), flaky)
+    thread = threading.Thread(target=daemon.run, kwargs={"install_signals": False}, daemon=True)
+    thread.start()
+    try:
+        wait_for(daemon.is_ready, 10, "the third load to succeed")
+        assert attempts[2] - attempts[1] >= 2 * (attempts[1] - attempts[0]) * 0.9  # the wait doubles
+    finally:
+        daemon.request_stop()
+        thread.join(10)
+    assert len(attempts) == 3 and not thread.is_alive()
+
+
+def test_a_stop_while_waiting_for_the_model_is_prompt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from phicapd.errors import ModelUnavailable
+    from phicapd.service import Daemon
+
+    def down(_settings: object) -> FakeCaptioner:
+        raise ModelUnavailable("the NVIDIA driver is not loaded yet")
+
+    settings = settings_for(tmp_path, [])
+    daemon = Daemon(settings, down)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(daemon.run(install_signals=False)), daemon=True)
+    thread.start()
+    wait_for(lambda: settings.control.socket.exists(), 10, "the socket, up while the model is awaited")
+    assert ControlClient(settings.control.socket).status().state == "loading"
+    started = time.monotonic()
+    daemon.request_stop()
+    thread.join(5)
+    assert result == [0] and time.monotonic() - started < 2  # not the 10 s wait
+    assert not settings.control.socket.exists()

@@ -16,6 +16,12 @@ from phicapd.log import configure_logging
 
 
 @pytest.fixture(autouse=True)
+def _no_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon waits up to an hour for a model that is not available yet; not here."""
+    monkeypatch.setattr("phicapd.service.LOAD_CEILING_SECONDS", 0.0)
+
+
+@pytest.fixture(autouse=True)
 def _restore_process_state() -> Iterator[None]:
     """``phicapd run`` installs SIGTERM/SIGINT handlers and configures logging on stderr."""
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
