@@ -137,10 +137,17 @@ class SidecarSettings(_Section):
         return value
 
 
+def default_decode_workers() -> int:
+    """Half the CPUs this process may use, 2 to 8: decoding and HD crops cost 50-150 ms of one
+    core per photo, so a GPU captioning 10+ images/s needs several; the rest is left to the
+    socket, the writer and the GPU worker's own launches."""
+    return min(8, max(2, len(os.sched_getaffinity(0)) // 2))
+
+
 class SchedulerSettings(_Section):
     batch_window_ms: float = Field(20.0, ge=0)
     interactive_slots: int = Field(1, ge=0)
-    decode_workers: int = Field(2, ge=1, le=64)
+    decode_workers: int = Field(default_factory=default_decode_workers, ge=1, le=64)
     prefetch: int = Field(64, ge=1)
     max_attempts: int = Field(3, ge=1)
     retry_backoff_seconds: float = Field(30.0, ge=0)

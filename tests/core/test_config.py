@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -174,3 +175,12 @@ def test_sidecar_ignore_pattern(extension: str, pattern: str) -> None:
     assert fnmatch.fnmatchcase("photo" + extension, pattern)
     assert fnmatch.fnmatchcase("photo" + extension.upper(), pattern)
     assert not fnmatch.fnmatchcase("photo" + extension + ".jpg", pattern)
+
+
+def test_decode_workers_follow_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from phicapd.config import SchedulerSettings
+
+    for cpus, workers in ((1, 2), (2, 2), (6, 3), (16, 8), (128, 8)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
+        assert SchedulerSettings().decode_workers == workers
+    assert SchedulerSettings(decode_workers=12).decode_workers == 12
