@@ -2,6 +2,7 @@
 
     python bench/engine.py --device cpu --model tiny          # CI-sized, seconds
     python bench/engine.py --device cuda --full-size-random   # Phi-3.5-vision shapes, random bf16 weights
+    python bench/engine.py --device cuda --full-size-random --compile --batches 1,32 --no-baselines
 
 Workload: identical 3:2 photos (1500x1000) at ``--num-crops``, the default caption prompt,
 exactly ``--new-tokens`` new tokens (stop tokens ignored). Image preprocessing (the HD crops)
@@ -13,6 +14,9 @@ Rows:
     2N images, at least 4), after a warm-up that captures its CUDA graphs / compiles.
   * ``loop b1``: the previous simple loop (``generation.generate``: dynamic cache, eager forward).
   * ``HF generate b1``: transformers' ``generate`` on the same input embeddings.
+
+Each row is printed as soon as it is measured and ``--json`` is rewritten after each one, so a
+run that is cut short keeps what it measured; a row that fails is reported and skipped.
 """
 
 from __future__ import annotations
@@ -100,7 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step before CUDA-graph capture")
     ap.add_argument("--baseline-images", type=int, default=None, help="images per batch-1 baseline (default 4/2)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
-    ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument(
+        "--baselines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure the batch-1 baselines (loop, HF generate); --no-baselines: the engine rows only",
+    )
+    ap.add_argument("--json", type=Path, help="also write the results here (rewritten after each row)")
     args = ap.parse_args(argv)
     if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
@@ -154,71 +164,112 @@ def main(argv: list[str] | None = None) -> int:
             assert out.shape[-1] >= new
 
     results: list[Result] = []
+    failed: list[str] = []
     ctx = GenerationEngine.ctx_for(len(ids) + new)
     engine = GenerationEngine(
         model, max_slots=max(batches), compile=args.compile, pool_tokens=max(batches) * ctx, prefill_tokens=8192
     )
-    with torch.inference_mode():
-        # Warm-up outside the timings: kernels, allocator, and (CUDA) graphs / compilation.
-        engine.warm_up(ctx, max(batches))
-        engine.generate([request], no_stops)
-        for name, fn in (("loop b1", loop_b1), ("HF generate b1", hf_generate_b1)):
-            n_warm, n_base = n_base, 1
-            fn()
-            n_base = n_warm
-            results.append(Result(name, 1, n_base, timed(device, fn)))
-            print(f"  measured {name}: {n_base / results[-1].seconds:.3f} img/s", flush=True)
-        for batch in batches:
-            # A pool of exactly ``batch`` rows, so that the peak memory is this batch's own.
-            engine.max_slots = batch
-            engine.set_pool_tokens(batch * ctx)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            engine.warm_up(ctx, batch)
-            engine.reset_stats()
-            n = max(2 * batch, 4)
-            seconds = timed(device, lambda n=n: engine.generate([request] * n, no_stops))
-            s = engine.stats
-            peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-            results.append(
-                Result(
-                    f"engine b{batch}",
-                    batch,
-                    n,
-                    seconds,
-                    decode_ms_per_step=1000 * s["decode_s"] / max(1, s["decode_steps"]),
-                    rows_per_step=s["decode_rows"] / max(1, s["decode_steps"]),
-                    peak_gib=peak,
-                )
-            )
-            print(f"  measured engine b{batch}: {n / seconds:.3f} img/s", flush=True)
-
-    engines = [r for r in results if r.name.startswith("engine")]
-    b1 = next(r for r in engines if r.batch == 1) if any(r.batch == 1 for r in engines) else engines[0]
-    best = max(engines, key=lambda r: r.rate)
-    loop, hf = results[0], results[1]
-    print()
-    print(f"decode: {engine.describe()['decode']}; KV cache {engine.bytes_per_token} bytes/token, ctx {ctx}")
     header = (
         f"{'config':<16} {'images':>6} {'img/s':>9} {'ms/img':>9} {'decode ms/step':>15} {'rows/step':>9}"
         f" {'peak GiB':>9} {'x engine b1':>11} {'x HF b1':>8}"
     )
-    print(header)
-    print("-" * len(header))
-    for r in results:
+
+    def find(name: str) -> Result | None:
+        return next((r for r in results if r.name == name), None)
+
+    def row(r: Result) -> str:
         step = f"{r.decode_ms_per_step:.2f}" if r.decode_ms_per_step is not None else "-"
         rows = f"{r.rows_per_step:.1f}" if r.rows_per_step is not None else "-"
         peak = f"{r.peak_gib:.1f}" if r.peak_gib is not None else "-"
-        print(
+        b1, hf = find("engine b1"), find("HF generate b1")
+        x_b1 = f"{r.rate / b1.rate:.2f}" if b1 else "-"
+        x_hf = f"{r.rate / hf.rate:.2f}" if hf else "-"
+        return (
             f"{r.name:<16} {r.images:>6} {r.rate:>9.3f} {1000 / r.rate:>9.1f} {step:>15} {rows:>9} {peak:>9}"
-            f" {r.rate / b1.rate:>11.2f} {r.rate / hf.rate:>8.2f}"
+            f" {x_b1:>11} {x_hf:>8}"
         )
+
+    def record(r: Result) -> None:
+        """Keep a row, print it, and rewrite the JSON: a run cut short still leaves what it measured."""
+        results.append(r)
+        print(row(r), flush=True)
+        if args.json:
+            tmp = args.json.with_name(args.json.name + ".tmp")
+            tmp.write_text(json.dumps([vars(x) | {"img_per_s": x.rate} for x in results], indent=2) + "\n")
+            tmp.replace(args.json)
+
+    def failure(name: str, e: BaseException) -> None:
+        failed.append(name)
+        print(f"{name:<16} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    with torch.inference_mode():
+        # Warm-up outside the timings: kernels, allocator, and (CUDA) graphs / compilation.
+        started = time.perf_counter()
+        engine.warm_up(ctx, max(batches))
+        engine.generate([request], no_stops)
+        print(f"# warm-up (b{max(batches)}, compile {'on' if args.compile else 'off'}):", end=" ")
+        print(f"{time.perf_counter() - started:.1f} s", flush=True)
+        print(header)
+        print("-" * len(header), flush=True)
+        baselines = (("loop b1", loop_b1), ("HF generate b1", hf_generate_b1)) if args.baselines else ()
+        for name, fn in baselines:
+            try:
+                n_warm, n_base = n_base, 1
+                try:
+                    fn()
+                finally:
+                    n_base = n_warm
+                record(Result(name, 1, n_base, timed(device, fn)))
+            except Exception as e:
+                failure(name, e)
+        for batch in batches:
+            try:
+                # A pool of exactly ``batch`` rows, so that the peak memory is this batch's own.
+                engine.max_slots = batch
+                engine.set_pool_tokens(batch * ctx)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                engine.warm_up(ctx, batch)
+                engine.reset_stats()
+                n = max(2 * batch, 4)
+                seconds = timed(device, lambda n=n: engine.generate([request] * n, no_stops))
+                s = engine.stats
+                peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+                record(
+                    Result(
+                        f"engine b{batch}",
+                        batch,
+                        n,
+                        seconds,
+                        decode_ms_per_step=1000 * s["decode_s"] / max(1, s["decode_steps"]),
+                        rows_per_step=s["decode_rows"] / max(1, s["decode_steps"]),
+                        peak_gib=peak,
+                    )
+                )
+            except Exception as e:
+                failure(f"engine b{batch}", e)
+
     print()
-    print(f"best engine batch ({best.name}) vs engine b1: {best.rate / b1.rate:.2f}x")
-    print(f"best engine batch vs HF generate b1: {best.rate / hf.rate:.2f}x")
-    print(f"best engine batch vs the previous loop b1: {best.rate / loop.rate:.2f}x")
-    if args.json:
-        args.json.write_text(json.dumps([vars(r) | {"img_per_s": r.rate} for r in results], indent=2) + "\n")
+    print(f"decode: {engine.describe()['decode']}; KV cache {engine.bytes_per_token} bytes/token, ctx {ctx}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(row(r))
+    print()
+    engines = [r for r in results if r.name.startswith("engine")]
+    if engines:
+        b1 = find("engine b1") or engines[0]
+        best = max(engines, key=lambda r: r.rate)
+        print(f"best engine batch ({best.name}) vs {b1.name}: {best.rate / b1.rate:.2f}x")
+        for name in ("HF generate b1", "loop b1"):
+            base = find(name)
+            if base:
+                print(f"best engine batch vs {name}: {best.rate / base.rate:.2f}x")
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+        return 1
     return 0
 
 
