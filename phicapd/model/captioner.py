@@ -224,8 +224,21 @@ class Phi3VCaptioner:
         """Before READY=1: size the KV pool, capture the decode graphs, run one tiny caption."""
         with self._lock, torch.inference_mode():
             self.engine.warm_up(self.engine.ctx_for(self.typical_ctx()), self.max_batch)
-        image = Image.new("RGB", (64, 48), (127, 127, 127))
-        self.caption([CaptionRequest(image=image, prompt="Describe this image.", max_new_tokens=2)])
+        # Through ``stream``, the path the daemon uses, so it runs in the cache just warmed up
+        # (``caption`` would size a small one for it and capture, or compile, graphs for that).
+        pending = [CaptionRequest(Image.new("RGB", (64, 48), (127, 127, 127)), "Describe this image.", 2)]
+        failures: list[PhicapError] = []
+
+        def take(room: int, idle: bool) -> list[CaptionRequest]:
+            return [pending.pop() for _ in range(min(room, len(pending)))]
+
+        def deliver(request: CaptionRequest, outcome: Caption | PhicapError) -> None:
+            if isinstance(outcome, PhicapError):
+                failures.append(outcome)
+
+        self.stream(take, deliver)
+        if failures:
+            raise failures[0]
 
     def describe(self) -> dict[str, Any]:
         """A small status summary: device, dtype, parameter count, GPU memory."""

@@ -52,7 +52,8 @@ from phicapd.model.processing import ProcessedImage
 log = logging.getLogger(__name__)
 
 CTX_ROUND = 256  # ctx granularity: few distinct shapes, so few graphs to capture
-GRAPH_CACHE = 24  # captured decode graphs kept (each holds a small private memory pool)
+GRAPH_CACHE = 48  # captured decode graphs kept (each holds a small private memory pool)
+SPANS = 4  # a decode step attends over the first 1/4, 2/4, 3/4 or all of the cache rows
 CUDA_WORKSPACE = 3 << 30  # bytes left free beside the KV pool for prefill, CLIP and graph pools
 CUDA_MEMORY_FRACTION = 0.92  # of the free memory the pool + workspace may use
 
@@ -204,7 +205,7 @@ class GenerationEngine:
         self._pool_tokens = pool_tokens
         self.pool: KVPool | None = None
         self._tables: dict[int, tuple[torch.Tensor, ...]] = {}
-        self._graphs: collections.OrderedDict[tuple[int, int], _Graph] = collections.OrderedDict()
+        self._graphs: collections.OrderedDict[tuple[int, int, int], _Graph] = collections.OrderedDict()
         self._step: Callable[..., torch.Tensor] = self._decode_step
         if compile:
             self._step = torch.compile(self._decode_step, backend=compile_backend, fullgraph=True)
@@ -370,14 +371,20 @@ class GenerationEngine:
         tokens: torch.Tensor,
         positions: torch.Tensor,
         long_rope: torch.Tensor,
-        kv: torch.Tensor,
+        caches: list[torch.Tensor],
         cos_s: torch.Tensor,
         sin_s: torch.Tensor,
         cos_l: torch.Tensor,
         sin_l: torch.Tensor,
     ) -> torch.Tensor:
-        """One token per slot: tokens/positions/long_rope [B], kv [layers, 2, B, heads, ctx, D]."""
-        b, ctx = tokens.shape[0], kv.shape[4]
+        """One token per slot: tokens/positions/long_rope [B]; ``caches`` K, V, K, V, ... per layer,
+        each [B, heads, span, D] (``_caches``).
+
+        Each layer's K and V come as tensors of their own, not as views of one pool tensor:
+        torch.compile then writes the new entries in place, where views of a single input made
+        it functionalise the writes into copies of the whole pool on every step.
+        """
+        b, ctx = tokens.shape[0], caches[0].shape[2]
         x = self.lm.model.embed_tokens(tokens)[:, None]  # [B, 1, H]
         pick = long_rope[:, None]
         cos = torch.where(pick, cos_l[positions], cos_s[positions])[:, None, None]  # [B, 1, 1, D]
@@ -387,7 +394,7 @@ class GenerationEngine:
         for i, layer in enumerate(self.lm.model.layers):
             q, k, v = self._qkv(layer, x)
             q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-            k_cache, v_cache = kv[i, 0], kv[i, 1]
+            k_cache, v_cache = caches[2 * i], caches[2 * i + 1]
             k_cache[rows, :, positions] = k[:, :, 0]
             v_cache[rows, :, positions] = v[:, :, 0]
             x = self._finish_layer(layer, x, F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask))
@@ -395,46 +402,69 @@ class GenerationEngine:
 
     # -- CUDA graphs ------------------------------------------------------------------------
 
-    def _graph(self, rows: int, ctx: int) -> _Graph:
-        key = (rows, ctx)
+    def _graph(self, rows: int, ctx: int, span: int) -> _Graph:
+        key = (rows, ctx, span)
         if key in self._graphs:
             self._graphs.move_to_end(key)
             return self._graphs[key]
         try:
-            entry = self._capture(rows, ctx)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception:
+            entry = self._capture(rows, ctx, span)
+        except Exception as e:
             if not self.compile:
                 raise
-            # A compiler failure must not take the daemon down: capture the eager step instead.
-            log.exception("compiling the decode step failed; using CUDA graphs of the eager step")
+            # A compiler failure (or a compiled graph too big for the memory left) must not take
+            # the daemon down: capture the eager step instead, whose graphs need a few MB.
+            oom = isinstance(e, torch.OutOfMemoryError)
+            log.exception("compiling the decode step failed%s; using CUDA graphs of the eager step", " (OOM)" * oom)
+            del e
             self.compile, self._step = False, self._decode_step
-            entry = self._capture(rows, ctx)
+            self._graphs.clear()
+            torch.cuda.empty_cache()
+            entry = self._capture(rows, ctx, span)
         self._graphs[key] = entry
         while len(self._graphs) > GRAPH_CACHE:
             self._graphs.popitem(last=False)
         return entry
 
-    def _capture(self, rows: int, ctx: int) -> _Graph:
+    def _capture(self, rows: int, ctx: int, span: int) -> _Graph:
         assert self.pool is not None
-        kv = self.pool.view(rows, ctx)  # the first ``rows`` slots of a (max slots, ctx) split
+        caches = self._caches(self.pool.view(rows, ctx), rows, span)
         tables = self.tables(ctx)
         tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
-        # Warm-up and capture run on real slots: write only position ctx - 1, which no row uses
-        # (a row's last fed token sits at ctx - 2 at most).
-        positions = torch.full((rows,), ctx - 1, dtype=torch.long, device=self.device)
+        # Warm-up and capture run on real slots: they write only position span - 1, which holds
+        # no row's data (``span_for``: every active row is shorter; the entry a row writes next
+        # is overwritten by that write).
+        positions = torch.full((rows,), span - 1, dtype=torch.long, device=self.device)
         long_rope = torch.zeros(rows, dtype=torch.bool, device=self.device)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # compile (if on) and let kernels pick their algorithms outside capture
-                self._step(tokens, positions, long_rope, kv, *tables)
+                self._step(tokens, positions, long_rope, caches, *tables)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = self._step(tokens, positions, long_rope, kv, *tables)
+        # thread_local: the decode pool and the socket threads may touch CUDA (pinned memory)
+        # while a graph is captured mid-run; only this thread's calls must be capturable.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            logits = self._step(tokens, positions, long_rope, caches, *tables)
         return _Graph(graph, tokens, positions, long_rope, logits)
+
+    def _caches(self, kv: torch.Tensor, rows: int, span: int) -> list[torch.Tensor]:
+        """The decode step's K, V, K, V, ... per layer: the first ``rows`` slots, ``span`` positions."""
+        return [kv[i, j, :rows, :, :span] for i in range(kv.shape[0]) for j in (0, 1)]
+
+    @staticmethod
+    def spans(ctx: int) -> list[int]:
+        """Cache prefixes a decode step may attend over: quarters of ``ctx``, rounded up."""
+        return sorted({min(ctx, _round_up(ctx * q // SPANS, CTX_ROUND)) for q in range(1, SPANS + 1)})
+
+    def span_for(self, longest: int, ctx: int) -> int:
+        """The shortest span that holds a row of ``longest`` tokens plus the one it feeds next.
+
+        A step reads every row's keys up to the span, so rows much shorter than ``ctx`` (a cache
+        sized for the largest image, holding smaller ones) read that much less memory.
+        """
+        return next(s for s in self.spans(ctx) if s > longest)
 
     def buckets(self, slots: int) -> list[int]:
         """Row counts decode steps run at: powers of two below ``slots``, and ``slots``."""
@@ -448,28 +478,31 @@ class GenerationEngine:
         """Next logits [len(rows), V] after feeding ``tokens`` to the active prefix of slots."""
         n, ctx = len(rows), kv_all.shape[4]
         bucket = next(b for b in self.buckets(kv_all.shape[2]) if b >= n) if self.pad_to_bucket else n
-        pad = bucket - n  # idle slots past the active prefix write to the unused position ctx - 1
+        span = self.span_for(max(r.length for r in rows), ctx)
+        pad = bucket - n  # idle slots past the active prefix: their own rows, any position will do
         tokens = tokens + [0] * pad
-        positions = [r.length for r in rows] + [ctx - 1] * pad
+        positions = [r.length for r in rows] + [span - 1] * pad
         long_rope = [r.long_rope for r in rows] + [False] * pad
         if self.cuda_graphs:
-            g = self._graph(bucket, ctx)
+            g = self._graph(bucket, ctx, span)
             g.tokens.copy_(torch.tensor(tokens))
             g.positions.copy_(torch.tensor(positions))
             g.long_rope.copy_(torch.tensor(long_rope))
             g.graph.replay()
             return g.logits[:n]
         args = [torch.tensor(x, device=self.device) for x in (tokens, positions, long_rope)]
-        return self._step(*args, kv_all[:, :, :bucket], *self.tables(ctx))[:n]
+        return self._step(*args, self._caches(kv_all, bucket, span), *self.tables(ctx))[:n]
 
     def warm_up(self, ctx: int, slots: int) -> None:
-        """Allocate the pool and capture the decode graphs of every bucket for ``ctx`` ahead of time."""
+        """Allocate the pool and capture the decode graphs of every bucket and span for ``ctx``
+        ahead of time (with ``compile``, that is also when it compiles)."""
         pool = self.ensure_pool(ctx, slots, ctx)
         if not self.cuda_graphs:
             return
         slots = max(1, min(slots, self.max_slots, pool.tokens // ctx))
-        for rows in self.buckets(slots):
-            self._graph(rows, ctx)
+        for span in reversed(self.spans(ctx)):
+            for rows in self.buckets(slots):
+                self._graph(rows, ctx, span)
 
     # -- the generation loop ----------------------------------------------------------------
 
@@ -539,7 +572,8 @@ class GenerationEngine:
                 feed.done(active[i].request, active[i].out)
                 last = len(active) - 1
                 if i != last:
-                    kv_all[:, :, i].copy_(kv_all[:, :, last])
+                    n = active[last].length  # the entries it has; the rest is masked until written
+                    kv_all[:, :, i, :, :n].copy_(kv_all[:, :, last, :, :n])
                     active[i], pending[i] = active[last], pending[last]
                 active.pop()
                 pending.pop()

@@ -12,7 +12,7 @@ from phicapd.captioner import CaptionRequest
 from phicapd.errors import CaptionError
 from phicapd.model.captioner import Phi3VCaptioner, build_batch
 from phicapd.model.configuration import parse_config
-from phicapd.model.engine import EngineRequest, GenerationEngine, kv_bytes_per_token
+from phicapd.model.engine import EngineRequest, GenerationEngine, _ListFeed, kv_bytes_per_token
 from phicapd.model.generation import generate
 from phicapd.model.testmodel import make_test_model
 from phicapd.model.tokenizer import build_prompt
@@ -219,3 +219,32 @@ def test_oom_then_fewer_crops_then_a_clean_error(tiny_checkpoint: Path):
     assert captioner.describe()["engine"]["oom_events"] == 4  # at num_crops 4, 2 and 1
     limit = 99
     assert captioner.caption(request)[0].new_tokens == 12
+
+
+def test_rows_in_a_long_cache_attend_over_a_short_span(captioner, reference):
+    """A cache sized for the largest image holds smaller ones: steps read only the span they need."""
+    requests, expected = reference
+    engine = GenerationEngine(captioner.model, max_slots=4)
+    longest = max(len(r.input_ids) + r.max_new_tokens for r in requests)
+    ctx = engine.ctx_for(4 * longest)
+    assert engine.spans(ctx)[0] > longest  # every row fits the first quarter
+    spans: list[int] = []
+    step = engine._step
+
+    def spy(tokens, positions, long_rope, caches, *tables):
+        spans.append(caches[0].shape[2])
+        assert len(caches) == 2 * len(engine.lm.model.layers)
+        return step(tokens, positions, long_rope, caches, *tables)
+
+    engine._step = spy
+    feed = _ListFeed(requests)
+    with torch.inference_mode():
+        engine.run(feed, ctx, frozenset())
+    assert feed.outputs == expected
+    assert set(spans) == {engine.spans(ctx)[0]} and spans[0] < ctx
+
+
+def test_spans_are_quarters_of_the_cache():
+    assert GenerationEngine.spans(3072) == [768, 1536, 2304, 3072]
+    assert GenerationEngine.spans(2304) == [768, 1280, 1792, 2304]
+    assert GenerationEngine.spans(256) == [256]

@@ -141,7 +141,11 @@ def test_strip_openers_and_status(tiny_checkpoint: Path):
     opener = text.split()[0]
     stripped = make_captioner(tiny_checkpoint, strip_openers=[opener]).caption([request])[0].text
     assert stripped != text and not stripped.startswith(opener)
+    plain.engine.reset_stats()
     plain.warm_up()
+    # The warm-up caption ran in the cache the daemon's stream uses, not one sized for itself.
+    assert plain.engine.stats["images"] == 1
+    assert plain.engine.pool.tokens >= plain.engine.ctx_for(plain.typical_ctx())
     info = plain.describe()
     assert info["device"] == "cpu" and info["dtype"] == "float32" and info["parameters"] > 100_000
     assert plain.identity == str(tiny_checkpoint) and plain.max_batch == 16
