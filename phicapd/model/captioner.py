@@ -16,7 +16,7 @@ import collections
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,7 @@ class Phi3VCaptioner:
         self._lock = threading.Lock()
         self._closed = False
         self._typical_ctx: int | None = None
+        self._crop_dtype = model.vision_tower.dtype
         cuda = model.device.type == "cuda"
         self.engine = GenerationEngine(model, max_slots=settings.max_batch, compile=cuda and settings.compile)
 
@@ -99,7 +100,15 @@ class Phi3VCaptioner:
 
     def prepare(self, image: Image.Image) -> ProcessedImage:
         """CPU-side preprocessing; safe to call from other threads ahead of ``caption``."""
-        return preprocess_image(image, self.settings.num_crops)
+        return self._preprocess(image, self.settings.num_crops)
+
+    def _preprocess(self, image: Image.Image, num_crops: int) -> ProcessedImage:
+        # The crops in the vision tower's dtype already: CLIP casts its input to its weights'
+        # dtype first thing, so this is the same rounding, done off the GPU thread, and bf16
+        # halves what the GPU thread concatenates and copies to the device.
+        processed = preprocess_image(image, num_crops)
+        dtype = self._crop_dtype
+        return replace(processed, crops=processed.crops.to(dtype)) if processed.crops.dtype != dtype else processed
 
     def caption(self, batch: Sequence[CaptionRequest]) -> list[Caption]:
         if not batch:
@@ -198,7 +207,7 @@ class Phi3VCaptioner:
                 action = f"retrying with at most {e.max_slots} rows per batch, {e.prefill_tokens} prefill tokens"
             elif num_crops > 1:
                 num_crops //= 2
-                images = [preprocess_image(req.image, num_crops) for req in batch]
+                images = [self._preprocess(req.image, num_crops) for req in batch]
                 action = f"retrying with num_crops {num_crops}"
             else:
                 action = "gave up"

@@ -157,7 +157,9 @@ class Phi3VForCausalLM(nn.Module):
         embeds = self.embed_tokens(input_ids.clamp(min=0))
         if not images:
             return embeds
-        features = self.crop_features(torch.cat([im.crops for im in images]), [im.grid for im in images])
+        # Each image to the device, then one concatenation there: no big host-side copy first.
+        crops = torch.cat([im.crops.to(self.device, non_blocking=True) for im in images])
+        features = self.crop_features(crops, [im.grid for im in images])
         return self.scatter_features(embeds, image_mask, features)
 
     @staticmethod

@@ -20,6 +20,7 @@ from phicapd.model.generation import (
     recompute_step,
     select_next,
 )
+from phicapd.model.processing import preprocess_image
 from phicapd.model.testmodel import make_test_model
 from tests.model.helpers import make_captioner, noise_image
 
@@ -219,3 +220,18 @@ def test_the_switch_really_changes_the_logits(boundary):
         fresh = recompute_step(lm, token, state_copy)
     assert state_copy.long_rope == [True]
     assert (stale - fresh).abs().max() > 1e-2
+
+
+def test_crops_are_prepared_in_the_vision_towers_dtype(tiny_checkpoint: Path):
+    """bf16 crops made off the GPU thread give exactly what CLIP's own cast of fp32 crops gives."""
+    captioner = make_captioner(tiny_checkpoint, dtype="bfloat16")
+    image = _requests()[0].image
+    prepared = captioner.prepare(image)
+    assert prepared.crops.dtype == torch.bfloat16
+    fp32 = preprocess_image(image, captioner.settings.num_crops)
+    assert fp32.crops.dtype == torch.float32
+    model = captioner.model
+    with torch.inference_mode():
+        ours = model.crop_features(prepared.crops, [prepared.grid])
+        theirs = model.crop_features(fp32.crops, [fp32.grid])
+    assert torch.equal(ours, theirs)
