@@ -119,6 +119,7 @@ class Phi3VCaptioner:
             images = [self._prepared(req) for req in batch]
             with self._lock, torch.inference_mode():
                 self._check_open()
+                self.engine.regrow()
                 token_lists = self._generate_surviving_oom(images, batch)
         except CaptionError:
             raise
@@ -141,6 +142,7 @@ class Phi3VCaptioner:
         base_ctx = self.engine.ctx_for(typical)
         with self._lock, torch.inference_mode():
             self._check_open()
+            self.engine.regrow()
             while True:
                 feed.ctx = max(base_ctx, feed.ctx_needed())
                 oom = False

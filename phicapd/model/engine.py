@@ -56,6 +56,7 @@ GRAPH_CACHE = 48  # captured decode graphs kept (each holds a small private memo
 SPANS = 4  # a decode step attends over the first 1/4, 2/4, 3/4 or all of the cache rows
 CUDA_WORKSPACE = 3 << 30  # bytes left free beside the KV pool for prefill, CLIP and graph pools
 CUDA_MEMORY_FRACTION = 0.92  # of the free memory the pool + workspace may use
+REGROW_SECONDS = 600.0  # after this long without another out-of-memory error, shrunk limits are restored
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,7 @@ class GenerationEngine:
         self.reset_stats()
         self.oom_events = 0
         self.last_oom: OomEvent | None = None
+        self._configured = (self.max_slots, self.prefill_tokens, pool_tokens)  # what ``regrow`` restores
 
     def reset_stats(self) -> None:
         """Counters since start (or the last reset): calls, images, steps, rows per step, seconds."""
@@ -291,6 +293,20 @@ class GenerationEngine:
         self.max_slots = max(1, min(self.max_slots, rows) // 2)
         if self._pool_tokens is not None:
             self._pool_tokens //= 2
+        return True
+
+    def regrow(self, after: float = REGROW_SECONDS) -> bool:
+        """Restore the limits ``shrink`` lowered once ``after`` seconds passed without another
+        out-of-memory error: one (another process briefly on the GPU, an unusually long prompt)
+        must not halve the throughput until the next restart. True when it restored them."""
+        configured = self._configured
+        if (self.max_slots, self.prefill_tokens, self._pool_tokens) == configured:
+            return False
+        if self.last_oom is not None and time.time() - self.last_oom.when < after:
+            return False
+        self.release()
+        self.max_slots, self.prefill_tokens, self._pool_tokens = configured
+        log.info("restored %d rows and %d prefill tokens after an out-of-memory error", *configured[:2])
         return True
 
     def _note_oom(self, phase: str, rows: int) -> None:

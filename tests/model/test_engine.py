@@ -184,6 +184,14 @@ def test_oom_retries_with_fewer_rows(captioner: Phi3VCaptioner, tiny_checkpoint:
     assert max(calls) > 2  # the failure was hit
     assert info["last_oom"]["phase"] == "decode" and "rows per batch" in info["last_oom"]["action"]
 
+    # Still shrunk right after it; restored once a quiet period has passed.
+    assert fresh.caption(_requests(2)) == expected[:2]
+    assert fresh.describe()["engine"]["max_slots"] == 2
+    fresh.engine.last_oom.when -= 3600
+    assert fresh.caption(_requests(2)) == expected[:2]
+    assert fresh.describe()["engine"]["max_slots"] == 16
+    assert not fresh.engine.regrow(after=0)  # nothing left to restore
+
 
 def test_oom_then_fewer_crops_then_a_clean_error(tiny_checkpoint: Path):
     captioner = make_captioner(tiny_checkpoint, max_batch=1)  # one row already: nothing to halve
