@@ -5,6 +5,12 @@ an immediate 503 and is closed) and starts a thread for each; caption requests b
 thread in the backend while the GPU works. Each request must arrive whole within
 ``request_timeout_seconds``; the reply is not bounded by that, the caption has its own timeout.
 Every request is logged with the peer's pid/uid/gid from SO_PEERCRED.
+
+Request bodies are capped daemon-wide as well as per request: ``max_connections`` uploads of
+``max_body_bytes`` each would be gigabytes. A body's ``Content-Length`` is reserved from a
+``BodyBudget`` before the body is read and given back once the reply is sent or the request
+failed; a request that does not fit gets an immediate 503 ``busy`` (retryable) and its
+connection is closed, its body unread.
 """
 
 from __future__ import annotations
@@ -38,6 +44,46 @@ log = structlog.get_logger(__name__)
 _UNKNOWN_PEER = PeerCred(-1, -1, -1)
 _BUSY_SEND_TIMEOUT = 0.2
 _ACCEPT_BACKOFF = 0.1
+# Request-body bytes the server holds at once, all connections together (raised to
+# ``max_body_bytes`` when that is larger, so that one upload of the largest size always fits).
+MAX_BODY_BYTES_HELD = 512 * 1024 * 1024
+
+
+class BodyBudget:
+    """Bytes of request bodies reserved at once, daemon-wide; thread-safe.
+
+    A reservation of 0 bytes always succeeds, so requests without a body are never refused.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit <= 0:
+            raise ValueError(f"body budget must be positive, not {limit}")
+        self.limit = limit
+        self._held = 0
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> int:
+        with self._lock:
+            return self._held
+
+    def reserve(self, nbytes: int) -> bool:
+        """Reserve ``nbytes``; False (and nothing reserved) when they do not fit."""
+        if nbytes <= 0:
+            return True
+        with self._lock:
+            if self._held + nbytes > self.limit:
+                return False
+            self._held += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        if nbytes <= 0:
+            return
+        with self._lock:
+            if nbytes > self._held:
+                raise RuntimeError(f"releasing {nbytes} body bytes, only {self._held} reserved")
+            self._held -= nbytes
 
 
 class ControlServer:
@@ -54,7 +100,10 @@ class ControlServer:
         backend: ControlBackend,
         *,
         listen_socket: socket.socket | None = None,
+        body_budget_bytes: int | None = None,
     ) -> None:
+        """``body_budget_bytes``: the daemon-wide cap on request-body bytes held at once
+        (default ``MAX_BODY_BYTES_HELD``, but at least ``settings.max_body_bytes``)."""
         self.settings = settings
         self.backend = backend
         self._inherited = listen_socket
@@ -69,6 +118,9 @@ class ControlServer:
         self._path: Path | None = None
         self._statuses: Counter[int] = Counter()
         self._rejected = 0
+        self._rejected_bodies = 0
+        limit = body_budget_bytes or max(MAX_BODY_BYTES_HELD, settings.max_body_bytes)
+        self.body_budget = BodyBudget(limit)
 
     @property
     def socket_path(self) -> Path | None:
@@ -98,6 +150,7 @@ class ControlServer:
             path=str(self.socket_path),
             activated=self._inherited is not None,
             max_connections=self.settings.max_connections,
+            body_budget_bytes=self.body_budget.limit,
         )
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -208,34 +261,43 @@ class ControlServer:
         started = time.monotonic()
         deadline = started + self.settings.request_timeout_seconds
         req: Request | None = None
+        reserved = 0
         try:
-            req = wire.read_request(deadline)
-            if req is None:
-                return False
-            started = time.monotonic()
-            resp = self._exchange(wire, req, deadline)
-            close = not req.keep_alive
-        except HttpError as e:
-            if req is None and e.status == 408 and not wire.has_pending:
-                # An idle connection: close it quietly. A 408 here could be read by the client
-                # as the answer to the request it is just sending on this kept-alive connection.
-                wire.sock.close()
-                return False
-            headers = self._router.allow_header(req.path) if req is not None and e.status == 405 else ()
-            resp = error_response(e.status, e.code, e.message, retryable=e.status == 408, headers=headers)
-            # An unread body would be parsed as the next request: such a connection must close.
-            close = e.close or req is None or not req.keep_alive or req.content_length > 0
-        except OSError:
-            return False  # the client went away
+            try:
+                req = wire.read_request(deadline)
+                if req is None:
+                    return False
+                started = time.monotonic()
+                reserved = self._admit(req)
+                resp = self._exchange(wire, req, deadline)
+                close = not req.keep_alive
+            except HttpError as e:
+                if req is None and e.status == 408 and not wire.has_pending:
+                    # An idle connection: close it quietly. A 408 here could be read by the client
+                    # as the answer to the request it is just sending on this kept-alive connection.
+                    wire.sock.close()
+                    return False
+                headers = self._router.allow_header(req.path) if req is not None and e.status == 405 else ()
+                resp = error_response(e.status, e.code, e.message, retryable=e.retryable, headers=headers)
+                # An unread body would be parsed as the next request: such a connection must close.
+                close = e.close or req is None or not req.keep_alive or req.content_length > 0
+            except OSError:
+                return False  # the client went away
 
-        close = close or self._stopping.is_set()
-        try:
-            data = render_response(
-                resp.status, resp.body, content_type=resp.content_type, keep_alive=not close, headers=resp.headers
-            )
-            wire.send(data, self.settings.request_timeout_seconds)
-        except OSError:
-            close = True
+            close = close or self._stopping.is_set()
+            try:
+                data = render_response(
+                    resp.status, resp.body, content_type=resp.content_type, keep_alive=not close, headers=resp.headers
+                )
+                wire.send(data, self.settings.request_timeout_seconds)
+            except OSError:
+                close = True
+        finally:
+            # Whatever happened (reply sent, error, timeout, client gone, a bug), the body is
+            # dropped and its bytes go back to the budget before anything else can block.
+            if req is not None:
+                req.body = b""
+            self.body_budget.release(reserved)
         self._count(resp.status)
         log.info(
             "control request",
@@ -252,16 +314,30 @@ class ControlServer:
             wire.linger_close()
         return not close
 
-    def _exchange(self, wire: Connection, req: Request, deadline: float) -> Response:
-        """Read the body (unless the route or its size is refused first) and answer the request.
-
-        An ``HttpError`` escaping from here means the body was not (fully) read.
-        """
+    def _admit(self, req: Request) -> int:
+        """Refuse an unknown route or a body over its cap, else reserve the body's bytes in the
+        daemon-wide budget; return the bytes reserved. Nothing of the body is read here."""
         limit = self._router.body_limit(req)
         if req.content_length > limit:
             raise HttpError(
                 413, p.PAYLOAD_TOO_LARGE, f"body of {req.content_length} bytes exceeds the limit of {limit}"
             )
+        if not self.body_budget.reserve(req.content_length):
+            with self._lock:
+                self._rejected_bodies += 1
+            raise HttpError(
+                503,
+                p.BUSY,
+                f"too many request bodies in progress (limit {self.body_budget.limit} bytes at once)",
+                retryable=True,
+            )
+        return req.content_length
+
+    def _exchange(self, wire: Connection, req: Request, deadline: float) -> Response:
+        """Read the body (its bytes are reserved by ``_admit``) and answer the request.
+
+        An ``HttpError`` escaping from here means the body was not (fully) read.
+        """
         if req.expects_continue and req.content_length:
             wire.send(CONTINUE, self.settings.request_timeout_seconds)
         req.body = wire.read_body(req.content_length, deadline)
@@ -281,6 +357,7 @@ class ControlServer:
             open_conns = len(self._conns)
             statuses = sorted(self._statuses.items())
             rejected = self._rejected
+            rejected_bodies = self._rejected_bodies
         lines = [
             "# HELP phicapd_control_connections Open control-socket connections.",
             "# TYPE phicapd_control_connections gauge",
@@ -288,6 +365,15 @@ class ControlServer:
             "# HELP phicapd_control_rejected_connections_total Connections refused at max_connections.",
             "# TYPE phicapd_control_rejected_connections_total counter",
             f"phicapd_control_rejected_connections_total {rejected}",
+            "# HELP phicapd_control_body_bytes Request-body bytes reserved by requests in progress.",
+            "# TYPE phicapd_control_body_bytes gauge",
+            f"phicapd_control_body_bytes {self.body_budget.held}",
+            "# HELP phicapd_control_body_bytes_limit Request-body bytes the server holds at most at once.",
+            "# TYPE phicapd_control_body_bytes_limit gauge",
+            f"phicapd_control_body_bytes_limit {self.body_budget.limit}",
+            "# HELP phicapd_control_rejected_bodies_total Requests refused (503 busy) for the body budget.",
+            "# TYPE phicapd_control_rejected_bodies_total counter",
+            f"phicapd_control_rejected_bodies_total {rejected_bodies}",
             "# HELP phicapd_control_requests_total Control requests answered, by HTTP status.",
             "# TYPE phicapd_control_requests_total counter",
             *(f'phicapd_control_requests_total{{status="{s}"}} {n}' for s, n in statuses),

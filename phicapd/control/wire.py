@@ -26,13 +26,15 @@ _LINGER_SECONDS = 1.0
 
 
 class HttpError(Exception):
-    """A request that gets an error reply; ``close`` says the connection cannot be reused."""
+    """A request that gets an error reply; ``close`` says the connection cannot be reused,
+    ``retryable`` goes into the error body (trying again later may succeed)."""
 
-    def __init__(self, status: int, code: str, message: str, *, close: bool = True) -> None:
+    def __init__(self, status: int, code: str, message: str, *, close: bool = True, retryable: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.close = close
+        self.retryable = retryable
 
     @property
     def message(self) -> str:
@@ -41,7 +43,7 @@ class HttpError(Exception):
 
 class RequestTimeout(HttpError):
     def __init__(self) -> None:
-        super().__init__(408, p.REQUEST_TIMEOUT, "the request did not arrive in time")
+        super().__init__(408, p.REQUEST_TIMEOUT, "the request did not arrive in time", retryable=True)
 
 
 @dataclass(slots=True)
@@ -104,14 +106,40 @@ class Connection:
             self._buf += chunk
 
     def read_body(self, length: int, deadline: float) -> bytes:
-        while len(self._buf) < length:
-            chunk = self._recv(deadline)
-            if not chunk:
-                raise HttpError(400, p.BAD_REQUEST, "connection closed in the middle of a request body")
-            self._buf += chunk
-        body = bytes(self._buf[:length])
-        del self._buf[:length]
-        return body
+        """Exactly ``length`` bytes of body; bytes after it stay unread for the next request.
+
+        The body is received straight into one buffer of its size and copied once into the
+        ``bytes`` returned, so it is held twice only for the moment of that copy.
+        """
+        if length <= 0:
+            return b""
+        buffered = min(len(self._buf), length)
+        if buffered == length:  # a small body that came with the head
+            with memoryview(self._buf) as view:
+                body = bytes(view[:length])
+            del self._buf[:length]
+            return body
+        into = bytearray(length)
+        with memoryview(into) as view:
+            view[:buffered] = self._buf  # what came with the head: at most one receive
+            self._buf.clear()
+            got = buffered
+            while got < length:
+                n = self._recv_into(view[got:], deadline)
+                if not n:
+                    raise HttpError(400, p.BAD_REQUEST, "connection closed in the middle of a request body")
+                got += n
+        return bytes(into)
+
+    def _recv_into(self, view: memoryview, deadline: float) -> int:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise RequestTimeout()
+        self.sock.settimeout(remaining)
+        try:
+            return self.sock.recv_into(view)
+        except TimeoutError:
+            raise RequestTimeout() from None
 
     def send(self, data: bytes, timeout: float) -> None:
         self.sock.settimeout(timeout)
