@@ -25,6 +25,14 @@ SYSTEM_SOCKET_PATH = Path("/run/phicapd/phicapd.sock")
 DEFAULT_PROMPT = "Describe this image in detail, including the main subject, actions, and setting."
 DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
+# What becomes of a sidecar that already exists ([sidecar] existing, [[watch]] existing):
+#   skip          keep it while it is at least as new as its image (an image saved after its
+#                 sidecar is captioned again);
+#   overwrite     replace any sidecar this daemon did not write for the image's current bytes;
+#   only-missing  never replace it, whatever its age: only images without one are captioned.
+# phicapctl --force and forced retries caption and replace under every policy.
+ExistingPolicy = Literal["skip", "overwrite", "only-missing"]
+
 
 def _is_root() -> bool:
     return os.geteuid() == 0
@@ -105,7 +113,7 @@ class WatchRoot(_Section):
     prompt: str | None = None
     prefix: str = ""
     suffix: str = ""
-    existing: Literal["skip", "overwrite"] | None = None
+    existing: ExistingPolicy | None = None
     include: list[str] = Field(default_factory=lambda: [f"*{e}" for e in DEFAULT_IMAGE_EXTENSIONS])
     ignore: list[str] = []
     poll: bool | None = None
@@ -127,7 +135,7 @@ class WatcherSettings(_Section):
 
 class SidecarSettings(_Section):
     extension: str = ".txt"
-    existing: Literal["skip", "overwrite"] = "skip"
+    existing: ExistingPolicy = "skip"
 
     @field_validator("extension")
     @classmethod
@@ -277,7 +285,8 @@ class Settings(BaseSettings):
         # The TOML file arrives as init kwargs; the environment wins over it.
         return (env_settings, init_settings)
 
-    def existing_policy(self, root: WatchRoot) -> str:
+    def existing_policy(self, root: WatchRoot) -> ExistingPolicy:
+        """What happens to an image's existing sidecar under ``root``: its own setting, else the global one."""
         return root.existing or self.sidecar.existing
 
     def prompt_for(self, root: WatchRoot) -> str:

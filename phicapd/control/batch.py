@@ -4,7 +4,7 @@ phicapctl reads every image with the caller's own permissions and writes the sid
 the daemon only ever sees bytes (no confused deputy). For every directory, ``/v1/sidecar`` tells
 which watch root owns it: that root's include/ignore patterns feed the daemon's own naming rule
 (``pipeline.paths.list_images`` into ``pipeline.sidecar``), and its ``existing`` policy decides
-whether an up-to-date sidecar is kept. Each caption request names the file's path, so the daemon
+whether a sidecar already there is kept. Each caption request names the file's path, so the daemon
 applies the root's prompt, prefix and suffix: a file captioned by hand looks exactly like one the
 watcher captioned, under the same name.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from phicapd.config import WatchRoot
+from phicapd.config import ExistingPolicy, WatchRoot
 from phicapd.control.client import ControlClient, ControlClientError, DaemonUnreachable, RequestRejected
 from phicapd.control.protocol import CaptionResult, SidecarInfo, SidecarPolicy
 from phicapd.pipeline import paths
@@ -79,7 +79,7 @@ class Naming:
     itself, whose include patterns are the default image extensions.
     """
 
-    def __init__(self, directory: Path, extension: str, existing: str, root: WatchRoot | None) -> None:
+    def __init__(self, directory: Path, extension: str, existing: ExistingPolicy, root: WatchRoot | None) -> None:
         self.extension = extension
         self.existing = existing
         naming_root = root if root is not None else WatchRoot(path=directory, recursive=False)
@@ -94,6 +94,16 @@ class Naming:
             r = policy.root
             root = WatchRoot(path=Path(r.path), recursive=r.recursive, include=r.include, ignore=r.ignore)
         return cls(directory, policy.extension, policy.existing, root)
+
+    def keeps(self, image_stat: os.stat_result, sidecar: Path) -> bool:
+        """Whether the ``existing`` policy keeps ``sidecar`` as it is (``--force`` aside): under
+        ``skip`` while it is at least as new as the image, under ``only-missing`` whenever it exists,
+        under ``overwrite`` never."""
+        if self.existing == "skip":
+            return is_up_to_date(image_stat, sidecar)
+        if self.existing == "only-missing":
+            return sidecar.exists()
+        return False
 
     def sidecar_for(self, image: Path) -> Path:
         """Where the sidecar of ``image`` (in this directory, maybe through a symlink) goes."""
@@ -167,7 +177,7 @@ class BatchCaptioner:
         except ControlClientError as e:
             return self._client_failed(image, None, e)
         sidecar = naming.sidecar_for(image)
-        if naming.existing == "skip" and not self.options.force and is_up_to_date(st, sidecar):
+        if not self.options.force and naming.keeps(st, sidecar):
             return Outcome(image, sidecar, "skipped")
         if not os.access(image.parent, os.W_OK | os.X_OK):
             # Refuse before spending GPU time on a caption that could not be saved.

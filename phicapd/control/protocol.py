@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from phicapd.config import ExistingPolicy
 from phicapd.errors import FetchError, ImageError, PhicapError
 
 API_VERSION = 1
@@ -135,7 +136,7 @@ class SidecarInfo(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
 
     extension: str = ".txt"
-    existing: Literal["skip", "overwrite"] = "skip"
+    existing: ExistingPolicy = "skip"
 
 
 class RootNaming(BaseModel):
@@ -163,7 +164,7 @@ class SidecarPolicy(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     extension: str = ".txt"
-    existing: Literal["skip", "overwrite"] = "skip"
+    existing: ExistingPolicy = "skip"
     root: RootNaming | None = None
 
 

@@ -90,6 +90,9 @@ class Reconciler:
             candidates.append((path, st, sidecar))
         if policy == "skip":
             stale = [(p, st) for p, st, sidecar in candidates if not is_up_to_date(st, sidecar)]
+        elif policy == "only-missing":
+            # a sidecar that exists is kept whatever its age: it may be hand-edited for good
+            stale = [(p, st) for p, st, sidecar in candidates if not sidecar.exists()]
         else:
             # overwrite: whatever we did not caption ourselves, at this version, gets a fresh caption
             done = self.store.done_fingerprints([c[0] for c in candidates])

@@ -565,7 +565,9 @@ class Scheduler:
         return worker is None or worker.is_alive() or self._stopping.is_set()
 
     def _already_captioned(self, job: Job, root: WatchRoot) -> bool:
-        if job.force or self.settings.existing_policy(root) != "skip":
+        """Whether the job's sidecar, there now, is one its root's policy keeps (never when forced)."""
+        policy = self.settings.existing_policy(root)
+        if job.force or policy == "overwrite":
             return False
         extension = self.settings.sidecar.extension
         plain = job.path.with_name(os.path.splitext(job.path.name)[0] + extension)
@@ -576,6 +578,8 @@ class Scheduler:
         except OSError:
             return False
         sidecar = sidecar_for(job.path, self._list_images(job.path.parent, root), self.settings.sidecar.extension)
+        if policy == "only-missing":
+            return sidecar.exists()  # kept whatever its age
         return is_up_to_date(st, sidecar)
 
 

@@ -120,6 +120,54 @@ def test_ctl_obeys_the_roots_existing_policy(
     assert kept == [root_existing == "skip", global_existing == "skip"]
 
 
+def older_sidecar(path: Path, text: str = "hand-edited\n") -> Path:
+    """A sidecar an hour older than the image beside it: stale under ``skip``."""
+    path.write_text(text)
+    then = time.time() - 3600
+    os.utime(path, (then, then))
+    return path
+
+
+@pytest.mark.parametrize("where", ["global", "root"])
+def test_only_missing_keeps_an_older_sidecar_unless_forced(
+    settings: ControlSettings, server: ControlServer, backend: FakeBackend, tmp_path: Path, capsys, where: str
+) -> None:
+    if where == "global":
+        backend.existing = "only-missing"
+    else:
+        backend.naming_root = {"path": str(tmp_path), "recursive": True, "include": ["*.png"], "ignore": []}
+        backend.root_existing = "only-missing"
+    edited, bare = image(tmp_path / "edited.png"), image(tmp_path / "bare.png")
+    sidecar = older_sidecar(tmp_path / "edited.txt")
+
+    assert ctl(settings, "caption-file", str(edited), str(bare)) == 0
+
+    assert "edited.png: skipped" in capsys.readouterr().err
+    assert sidecar.read_text() == "hand-edited\n"  # older than its image, and kept
+    assert (tmp_path / "bare.txt").read_text() == "caption of bare.png (12 bytes)\n"
+    assert [name for name, _ in backend.received] == ["bare.png"]
+
+    assert ctl(settings, "caption-file", "--force", str(edited)) == 0
+
+    capsys.readouterr()
+    assert sidecar.read_text() == "caption of edited.png (14 bytes)\n"
+
+
+def test_only_missing_via_the_status_fallback(
+    settings: ControlSettings, server: ControlServer, backend: FakeBackend, tmp_path: Path, capsys
+) -> None:
+    server._router._routes.pop("/v1/sidecar")  # the global policy comes from /v1/status
+    backend.existing = "only-missing"
+    edited = image(tmp_path / "edited.png")
+    sidecar = older_sidecar(tmp_path / "edited.txt")
+
+    assert ctl(settings, "caption-dir", str(tmp_path)) == 0
+
+    capsys.readouterr()
+    assert sidecar.read_text() == "hand-edited\n" and backend.received == []
+    assert edited.exists()
+
+
 def test_a_daemon_without_the_endpoint_gets_the_global_policy(
     settings: ControlSettings, server: ControlServer, backend: FakeBackend, tmp_path: Path, capsys
 ) -> None:

@@ -48,6 +48,21 @@ def test_watch_roots_and_effective_policy(tmp_path: Path) -> None:
     assert not b.recursive
 
 
+def test_only_missing_globally_and_per_root(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        f'[sidecar]\nexisting = "only-missing"\n[[watch]]\npath = "{tmp_path}/a"\n'
+        f'[[watch]]\npath = "{tmp_path}/b"\nexisting = "skip"\n'
+        f'[[watch]]\npath = "{tmp_path}/c"\nexisting = "only-missing"\n'
+    )
+    s = load_settings(cfg)
+    assert s.sidecar.existing == "only-missing"
+    assert [s.existing_policy(r) for r in s.watch] == ["only-missing", "skip", "only-missing"]
+    cfg.write_text(f'[[watch]]\npath = "{tmp_path}/a"\nexisting = "only-missing"\n')
+    s = load_settings(cfg)
+    assert s.sidecar.existing == "skip" and s.existing_policy(s.watch[0]) == "only-missing"
+
+
 BAD_CONFIGS = [
     ('[model]\nnum_crops = "many"\n', "model.num_crops"),
     ("[model]\ncolour = 1\n", "model.colour: unknown key"),
@@ -55,7 +70,12 @@ BAD_CONFIGS = [
     ("[model\n", "not valid TOML"),
     ('[[watch]]\npath = "relative/dir"\n', "watch[0].path"),
     ("[[watch]]\nrecursive = true\n", "watch[0].path: Field required"),
-    ('[sidecar]\nexisting = "sometimes"\n', "sidecar.existing"),
+    (
+        '[sidecar]\nexisting = "sometimes"\n',
+        "sidecar.existing: Input should be 'skip', 'overwrite' or 'only-missing'",
+    ),
+    ('[sidecar]\nexisting = "only_missing"\n', "sidecar.existing: Input should be"),
+    ('[[watch]]\npath = "/srv/a"\nexisting = "never"\n', "watch[0].existing: Input should be 'skip'"),
     ('[sidecar]\nextension = "txt"\n', "sidecar.extension"),
     ('[log]\nformat = "xml"\n', "log.format"),
     ("[model]\nmax_new_tokens = 0\n", "model.max_new_tokens"),
