@@ -197,7 +197,7 @@ class FetchSettings(_Section):
         from urllib3.exceptions import LocationParseError
         from urllib3.util import parse_url
 
-        shown = _redact_userinfo(value)
+        shown = redact_userinfo(value)
         try:
             url = parse_url(value)  # what urllib3.ProxyManager parses it with
         except LocationParseError:
@@ -209,7 +209,7 @@ class FetchSettings(_Section):
         return value
 
 
-def _redact_userinfo(url: str) -> str:
+def redact_userinfo(url: str) -> str:
     """``url`` with a ``user:password@`` part replaced, for error messages."""
     return re.sub(r"(?<=//)[^/@]*@", "***@", url)
 

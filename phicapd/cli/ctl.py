@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def files(p: argparse.ArgumentParser) -> None:
         captioning(p)
-        p.add_argument("--force", action="store_true", help="caption even when an up-to-date sidecar exists")
+        p.add_argument("--force", action="store_true", help="caption and replace sidecars the existing policy keeps")
         p.add_argument("--stdout", action="store_true", help="print captions only; write no sidecars")
         p.add_argument("-j", "--jobs", type=_positive, default=16, help="requests in flight (default 16)")
 
@@ -209,7 +209,7 @@ def _caption_paths(captioner: BatchCaptioner, args: argparse.Namespace, images: 
         elif o.state == "failed":
             _err(o.message or o.code or "failed")
         elif o.state == "skipped":
-            _err(f"{o.image}: skipped, {o.sidecar} is up to date (--force to caption again)")
+            _err(f"{o.image}: skipped, the existing-sidecar policy keeps {o.sidecar} (--force to caption again)")
         elif o.result is not None:
             print(f"{o.image}: {o.result.caption}" if many else o.result.caption, flush=True)
         progress.update(o)

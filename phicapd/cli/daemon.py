@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from phicapd import __version__
-from phicapd.config import DEFAULT_CONFIG_PATH, Settings, load_settings
+from phicapd.config import DEFAULT_CONFIG_PATH, Settings, load_settings, redact_userinfo
 from phicapd.errors import EX_CONFIG, EX_TEMPFAIL, ConfigError, ModelUnavailable, PhicapError
 from phicapd.log import configure_logging, get_logger, is_journal_stream
 
@@ -66,7 +66,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    print(json.dumps(settings.model_dump(mode="json"), indent=2))
+    effective = settings.model_dump(mode="json")
+    if effective["fetch"]["proxy"]:  # may hold a password; the output ends up in tickets
+        effective["fetch"]["proxy"] = redact_userinfo(effective["fetch"]["proxy"])
+    print(json.dumps(effective, indent=2))
     return 0
 
 

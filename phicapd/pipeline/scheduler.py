@@ -332,7 +332,7 @@ class Scheduler:
                 with self._cond:
                     self._decoding -= 1
                     self._claimed.discard(job.id)
-                log.info("job", path=str(job.path), outcome="skipped", reason="sidecar already up to date")
+                log.info("job", path=str(job.path), outcome="skipped", reason="its sidecar is kept")
                 self._wake_feeder.set()
                 return
             if job.attempts >= self.store.max_attempts:

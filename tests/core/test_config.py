@@ -204,3 +204,12 @@ def test_decode_workers_follow_the_cpus(monkeypatch: pytest.MonkeyPatch) -> None
         monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cpus: set(range(n)))
         assert SchedulerSettings().decode_workers == workers
     assert SchedulerSettings(decode_workers=12).decode_workers == 12
+
+
+def test_check_config_hides_the_proxy_password(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[fetch]\nproxy = "http://alice:s3cret@proxy.internal:3128"\n')
+    assert main(["check-config", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret" not in out
+    assert json.loads(out)["fetch"]["proxy"] == "http://***@proxy.internal:3128"
