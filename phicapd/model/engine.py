@@ -405,7 +405,11 @@ class GenerationEngine:
         pick = long_rope[:, None]
         cos = torch.where(pick, cos_l[positions], cos_s[positions])[:, None, None]  # [B, 1, 1, D]
         sin = torch.where(pick, sin_l[positions], sin_s[positions])[:, None, None]
-        mask = (torch.arange(ctx, device=tokens.device)[None] <= positions[:, None])[:, None, None]  # [B,1,1,ctx]
+        visible = torch.arange(ctx, device=tokens.device)[None] <= positions[:, None]  # [B, ctx]
+        # Additive, in the activations' dtype, once per step: SDPA would convert a bool mask
+        # to this in each of the layers.
+        mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, float("-inf"))
+        mask = mask[:, None, None]  # [B, 1, 1, ctx]
         rows = torch.arange(b, device=tokens.device)
         for i, layer in enumerate(self.lm.model.layers):
             q, k, v = self._qkv(layer, x)
