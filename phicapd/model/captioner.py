@@ -16,7 +16,7 @@ import collections
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,9 +106,7 @@ class Phi3VCaptioner:
         # The crops in the vision tower's dtype already: CLIP casts its input to its weights'
         # dtype first thing, so this is the same rounding, done off the GPU thread, and bf16
         # halves what the GPU thread concatenates and copies to the device.
-        processed = preprocess_image(image, num_crops)
-        dtype = self._crop_dtype
-        return replace(processed, crops=processed.crops.to(dtype)) if processed.crops.dtype != dtype else processed
+        return preprocess_image(image, num_crops, self._crop_dtype)
 
     def caption(self, batch: Sequence[CaptionRequest]) -> list[Caption]:
         if not batch:
