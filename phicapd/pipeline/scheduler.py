@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,9 @@ ListImages = Callable[[Path, WatchRoot], list[str]]
 BREAKER = 4
 #: Threads decoding socket requests, apart from the backlog's decode pool so they never queue behind it.
 INTERACTIVE_DECODERS = 4
+#: Once the backend has its crops, a held image is cut down to this longest side: it is only
+#: needed again for a retry with fewer crops, and 64 MP photos x ``prefetch`` would be gigabytes.
+KEPT_IMAGE_SIDE = 2048
 
 
 @dataclass(slots=True)
@@ -309,7 +312,12 @@ class Scheduler:
 
     def _request(self, image: Image.Image, prompt: str, max_new_tokens: int) -> CaptionRequest:
         """Runs in the decode pool: the backend's CPU preprocessing happens here, off the GPU thread."""
-        prepared = self._prepare(image) if self._prepare is not None else None
+        if self._prepare is None:
+            return CaptionRequest(image, prompt, max_new_tokens)
+        prepared = self._prepare(image)
+        if max(image.size) > KEPT_IMAGE_SIDE:
+            image = image.copy()
+            image.thumbnail((KEPT_IMAGE_SIDE, KEPT_IMAGE_SIDE))
         return CaptionRequest(image, prompt, max_new_tokens, prepared)
 
     def _idle_wait(self) -> float:
@@ -345,7 +353,8 @@ class Scheduler:
             decoded = self._decode_file(job.path)
             prompt = self.settings.prompt_for(root)
             request = self._request(decoded.image, prompt, self.settings.model.max_new_tokens)
-            item = _Item(request, job=job, root=root, decoded=decoded)
+            # The full-size image is not kept: the writer needs only the hash and fingerprint.
+            item = _Item(request, job=job, root=root, decoded=replace(decoded, image=request.image))
         except PhicapError as e:
             error = e
         except Exception as e:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from phicapd.captioner import Caption
 from phicapd.config import load_settings
 from phicapd.control.client import ControlClient, RequestFailed, RequestRejected
 from tests.support.daemon import running_daemon, settings_for, wait_for, write_config
@@ -365,3 +366,35 @@ def test_a_stop_while_waiting_for_the_model_is_prompt(tmp_path: Path, monkeypatc
     thread.join(5)
     assert result == [0] and time.monotonic() - started < 2  # not the 10 s wait
     assert not settings.control.socket.exists()
+
+
+class PreparingFake(FakeCaptioner):
+    """A backend with a CPU ``prepare`` step, like the native model: records the sizes it sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prepared_sizes: list[tuple[int, int]] = []
+        self.held_sizes: list[tuple[int, int]] = []
+
+    def prepare(self, image: Image.Image) -> tuple[int, int]:
+        self.prepared_sizes.append(image.size)
+        return image.size
+
+    def caption(self, batch):
+        self.held_sizes += [r.image.size for r in batch]
+        return [Caption(f"prepared {r.prepared[0]}x{r.prepared[1]}", 3) for r in batch]
+
+
+def test_a_huge_image_is_not_held_at_full_size_once_prepared(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    fake = PreparingFake()
+    settings = settings_for(tmp_path, [root])
+    with running_daemon(settings, fake) as daemon:
+        Image.new("RGB", (6000, 4000), (10, 200, 30)).save(root / "pano.png")
+        wait_for(lambda: (root / "pano.txt").exists(), 30, "the caption")
+        reply = daemon.scheduler.submit(_png(Image.new("RGB", (3000, 100), "red")), name="wide.png").result(10)
+    assert (root / "pano.txt").read_text() == "prepared 6000x4000\n"  # the model saw all of it
+    assert reply.text == "prepared 3000x100"
+    assert fake.prepared_sizes == [(6000, 4000), (3000, 100)]
+    assert fake.held_sizes == [(2048, 1365), (2048, 68)]  # what waits for the model is cut down
