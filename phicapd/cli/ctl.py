@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -251,13 +252,17 @@ def cmd_caption_url(client: ControlClient, args: argparse.Namespace) -> int:
     return batch.EX_OK
 
 
-def _flatten(value: Any) -> str:
+def _flatten(value: Any, key: str = "") -> str:
     if isinstance(value, dict):
-        return "  ".join(f"{k}={_flatten(v)}" for k, v in value.items()) or "-"
+        return "  ".join(f"{k}={_flatten(v, k)}" for k, v in value.items()) or "-"
     if isinstance(value, list):
         return f"{len(value)} entries"
     if value is None:
         return "-"
+    if isinstance(value, float) and (key == "at" or key.endswith("_at")):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))  # epoch seconds
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
     return str(value)
 
 
@@ -266,8 +271,17 @@ def cmd_status(client: ControlClient, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(status)
         return batch.EX_OK
-    width = max(len(k) for k in status)
+    # Nested sections (the model's engine counters) get lines of their own.
+    lines: list[tuple[str, Any]] = []
     for key, value in status.items():
+        if isinstance(value, dict):
+            nested = {k: v for k, v in value.items() if isinstance(v, dict)}
+            lines.append((key, {k: v for k, v in value.items() if k not in nested}))
+            lines += [(f"  {k}", v) for k, v in nested.items()]
+        else:
+            lines.append((key, value))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
         print(f"{key:<{width}}  {_flatten(value)}")
         if isinstance(value, list):
             for item in value:

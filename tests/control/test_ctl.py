@@ -295,3 +295,29 @@ def test_progress_line_only_on_a_terminal() -> None:
         progress.finish()
     assert tty.getvalue().endswith("2/2 done, 1 skipped, 0 failed\n")
     assert pipe.getvalue() == ""
+
+
+def test_status_for_humans_splits_sections_rounds_and_shows_times(
+    sock: Path, backend: FakeBackend, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    status = backend.status
+
+    def detailed() -> dict[str, object]:
+        out = status()
+        out["model"] = {"id": "fake", "engine": {"decode": "cuda-graphs", "prefill_s": 0.116149397}}
+        out["recent_failures"] = [{"path": "/srv/a.jpg", "code": "image_truncated", "at": 1795949425.96}]
+        return out
+
+    monkeypatch.setattr(backend, "status", detailed)
+    try:
+        assert ctl(sock, "status") == 0
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    lines = capsys.readouterr().out.splitlines()
+    model = next(i for i, line in enumerate(lines) if line.startswith("model "))
+    assert lines[model].split() == ["model", "id=fake"]
+    assert lines[model + 1].split() == ["engine", "decode=cuda-graphs", "prefill_s=0.116"]
+    assert any("at=2026-11-29 10:50:25" in line for line in lines)
