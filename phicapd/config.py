@@ -94,7 +94,10 @@ class ModelSettings(_Section):
     num_crops: int = Field(16, ge=1, le=64)
     max_new_tokens: int = Field(512, ge=1, le=4096)
     prompt: str = Field(DEFAULT_PROMPT, min_length=1)
-    max_batch: int = Field(16, ge=1, le=512)
+    # Rows decoded at once. None: 32 on a GPU (a decode step there is bound by reading the
+    # weights and KV cache, so more rows share the weights; fewer if free memory says so), 16 on
+    # the CPU (compute-bound; two to eight cores saturate around 16).
+    max_batch: int | None = Field(None, ge=1, le=512)
     do_sample: bool = False
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -148,7 +148,7 @@ class Scheduler:
         self._list_images = list_images
         self._prepare = preparer(captioner)
         self._roots = {r.path: r for r in settings.watch}
-        self.max_batch = max(1, min(settings.model.max_batch, captioner.max_batch))
+        self.max_batch = max(1, min(settings.model.max_batch or captioner.max_batch, captioner.max_batch))
         self._stream = streamer(captioner)
         # Rows held free for interactive requests; only a streaming backend can use them mid-batch.
         self.streams = callable(getattr(captioner, "stream", None))

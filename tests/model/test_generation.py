@@ -149,7 +149,8 @@ def test_strip_openers_and_status(tiny_checkpoint: Path):
     assert plain.engine.pool.tokens >= plain.engine.ctx_for(plain.typical_ctx())
     info = plain.describe()
     assert info["device"] == "cpu" and info["dtype"] == "float32" and info["parameters"] > 100_000
-    assert plain.identity == str(tiny_checkpoint) and plain.max_batch == 16
+    assert plain.identity == str(tiny_checkpoint) and plain.max_batch == 16  # the CPU's default
+    assert make_captioner(tiny_checkpoint, max_batch=5).max_batch == 5
     plain.close()
     assert plain.describe()["closed"] is True
     with pytest.raises(CaptionError):
