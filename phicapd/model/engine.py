@@ -56,6 +56,7 @@ GRAPH_CACHE = 48  # captured decode graphs kept (each holds a small private memo
 SPANS = 4  # a decode step attends over the first 1/4, 2/4, 3/4 or all of the cache rows
 CUDA_WORKSPACE = 3 << 30  # bytes left free beside the KV pool for prefill, CLIP and graph pools
 CUDA_MEMORY_FRACTION = 0.92  # of the free memory the pool + workspace may use
+COMPILED_AGREEMENT = 0.999  # least cosine similarity of compiled and eager logits, per row
 REGROW_SECONDS = 600.0  # after this long without another out-of-memory error, shrunk limits are restored
 
 
@@ -176,7 +177,7 @@ class GenerationEngine:
         cuda_graphs: bool | None = None,
         pad_to_bucket: bool | None = None,
         compile: bool = False,
-        compile_backend: str = "inductor",
+        compile_backend: str | Callable[..., Any] = "inductor",
         pool_tokens: int | None = None,
     ) -> None:
         """``cuda_graphs`` defaults to "on a CUDA device"; ``pad_to_bucket`` (default: with graphs)
@@ -517,12 +518,47 @@ class GenerationEngine:
         """Allocate the pool and capture the decode graphs of every bucket and span for ``ctx``
         ahead of time (with ``compile``, that is also when it compiles)."""
         pool = self.ensure_pool(ctx, slots, ctx)
+        slots = max(1, min(slots, self.max_slots, pool.tokens // ctx))
+        if self.compile:
+            self._check_compiled(ctx, min(slots, 4))
         if not self.cuda_graphs:
             return
-        slots = max(1, min(slots, self.max_slots, pool.tokens // ctx))
         for span in reversed(self.spans(ctx)):
             for rows in self.buckets(slots):
                 self._graph(rows, ctx, span)
+
+    def _check_compiled(self, ctx: int, rows: int) -> None:
+        """Run the compiled step and the eager one on the same inputs before any caption does.
+
+        A compiler failure, or logits that disagree (a miscompile would caption garbage without
+        an error), turn ``compile`` off: the eager step, captured in CUDA graphs, is slower but
+        right.
+        """
+        assert self.pool is not None
+        span = self.spans(ctx)[-1]
+        caches = self._caches(self.pool.view(rows, ctx), rows, span)
+        tables = self.tables(ctx)
+        generator = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, self.lm.config.vocab_size, (rows,), generator=generator).to(self.device)
+        positions = torch.full((rows,), span - 1, dtype=torch.long, device=self.device)
+        long_rope = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        try:
+            compiled = self._step(tokens, positions, long_rope, caches, *tables).float()
+        except Exception:
+            log.exception("compiling the decode step failed; decoding without torch.compile")
+            self.compile, self._step = False, self._decode_step
+            return
+        eager = self._decode_step(tokens, positions, long_rope, caches, *tables).float()
+        agreement = F.cosine_similarity(compiled, eager, dim=-1).min().item()
+        if not agreement >= COMPILED_AGREEMENT:  # also catches NaN
+            log.error(
+                "the compiled decode step disagrees with the eager one (cosine %.4f < %.4f); "
+                "decoding without torch.compile",
+                agreement,
+                COMPILED_AGREEMENT,
+            )
+            self.compile, self._step = False, self._decode_step
+            self._graphs.clear()
 
     # -- the generation loop ----------------------------------------------------------------
 

@@ -256,3 +256,32 @@ def test_spans_are_quarters_of_the_cache():
     assert GenerationEngine.spans(3072) == [768, 1536, 2304, 3072]
     assert GenerationEngine.spans(2304) == [768, 1280, 1792, 2304]
     assert GenerationEngine.spans(256) == [256]
+
+
+def test_warm_up_checks_the_compiled_step_against_the_eager_one(captioner, reference):
+    requests, expected = reference
+    engine = GenerationEngine(captioner.model, max_slots=4, compile=True, compile_backend="aot_eager")
+    with torch.inference_mode():
+        engine.warm_up(engine.ctx_for(1000), 4)
+    assert engine.compile  # it agrees: compiled it stays
+
+    wrong = GenerationEngine(captioner.model, max_slots=4, compile=True, compile_backend="aot_eager")
+    compiled = wrong._step
+
+    def miscompiled(*args):
+        logits = compiled(*args)
+        return logits.flip(-1)  # plausible-looking numbers, wrong ones
+
+    wrong._step = miscompiled
+    with torch.inference_mode():
+        wrong.warm_up(wrong.ctx_for(1000), 4)
+    assert not wrong.compile and wrong._step == wrong._decode_step
+    assert _run(wrong, requests[:2]) == expected[:2]
+
+    def crashing_backend(graph, example_inputs):
+        raise RuntimeError("the compiler crashed")
+
+    broken = GenerationEngine(captioner.model, max_slots=4, compile=True, compile_backend=crashing_backend)
+    with torch.inference_mode():
+        broken.warm_up(broken.ctx_for(1000), 4)
+    assert not broken.compile
