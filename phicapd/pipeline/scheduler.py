@@ -59,7 +59,7 @@ ListImages = Callable[[Path, WatchRoot], list[str]]
 BREAKER = 4
 #: Threads decoding socket requests, apart from the backlog's decode pool so they never queue behind it.
 INTERACTIVE_DECODERS = 4
-#: Once the backend has its crops, a held image is cut down to this longest side: it is only
+#: Once the backend has its crops, a held image is cut down to at most this longest side: it is only
 #: needed again for a retry with fewer crops, and 64 MP photos x ``prefetch`` would be gigabytes.
 KEPT_IMAGE_SIDE = 2048
 
@@ -316,8 +316,8 @@ class Scheduler:
             return CaptionRequest(image, prompt, max_new_tokens)
         prepared = self._prepare(image)
         if max(image.size) > KEPT_IMAGE_SIDE:
-            image = image.copy()
-            image.thumbnail((KEPT_IMAGE_SIDE, KEPT_IMAGE_SIDE))
+            # An integer box reduction: 17 ms for 12 MP where copy + thumbnail took 165 ms.
+            image = image.reduce(-(-max(image.size) // KEPT_IMAGE_SIDE))
         return CaptionRequest(image, prompt, max_new_tokens, prepared)
 
     def _idle_wait(self) -> float:

@@ -397,4 +397,4 @@ def test_a_huge_image_is_not_held_at_full_size_once_prepared(tmp_path: Path) -> 
     assert (root / "pano.txt").read_text() == "prepared 6000x4000\n"  # the model saw all of it
     assert reply.text == "prepared 3000x100"
     assert fake.prepared_sizes == [(6000, 4000), (3000, 100)]
-    assert fake.held_sizes == [(2048, 1365), (2048, 68)]  # what waits for the model is cut down
+    assert fake.held_sizes == [(2000, 1334), (1500, 50)]  # what waits for the model is cut down
