@@ -22,6 +22,7 @@ import sys
 from typing import Literal, TextIO
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 
 Format = Literal["auto", "json", "console"]
 
@@ -90,7 +91,9 @@ def configure_logging(fmt: Format = "auto", level: str = "info", stream: TextIO 
     ]
     renderer: structlog.types.Processor
     if chosen == "json":
-        shared.append(structlog.processors.dict_tracebacks)
+        # Tracebacks as data, without each frame's local variables: those would put captions,
+        # image bytes and whole job groups into the journal.
+        shared.append(structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)))
         renderer = structlog.processors.JSONRenderer()
     else:
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())

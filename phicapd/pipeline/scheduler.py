@@ -335,12 +335,11 @@ class Scheduler:
                 raise PhicapError(f"{job.path}: its watch root {job.root} is no longer configured", code="root_removed")
             if self._already_captioned(job, root):
                 # Its sidecar appeared while it waited (phicapctl, a hand-written caption) or was
-                # written just before a crash: done, not captioned twice.
-                self.store.finish_many(skipped=[job.id])
+                # written just before a crash: done, not captioned twice. Recorded by the writer,
+                # which retries a journal that fails.
                 with self._cond:
                     self._decoding -= 1
-                    self._claimed.discard(job.id)
-                log.info("job", path=str(job.path), outcome="skipped", reason="its sidecar is kept")
+                self.writer.submit([Finished(job, root, None, "", time.monotonic(), skipped=True)])
                 self._wake_feeder.set()
                 return
             if job.attempts >= self.store.max_attempts:
@@ -580,7 +579,7 @@ class Scheduler:
             return False
         extension = self.settings.sidecar.extension
         plain = job.path.with_name(os.path.splitext(job.path.name)[0] + extension)
-        if not (plain.exists() or job.path.with_name(job.path.name + extension).exists()):
+        if not (os.path.exists(plain) or os.path.exists(job.path.with_name(job.path.name + extension))):
             return False  # the usual case, known without listing the directory
         try:
             st = job.path.stat()

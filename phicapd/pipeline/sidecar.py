@@ -27,7 +27,7 @@ import collections
 import contextlib
 import errno
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -192,6 +192,31 @@ def _rename_into_place(tmp: Path, target: Path) -> None:
         raise
 
 
+def _link_into_place(tmp: Path, target: Path) -> None:
+    """Like ``_rename_into_place``, but an existing ``target`` wins: FileExistsError, ours dropped.
+
+    A hard link is as atomic as a rename and fails instead of replacing. Where the filesystem
+    has no hard links, an existence check and a rename leave a window of a few microseconds.
+    """
+    try:
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+                raise
+            if os.path.lexists(target):
+                raise FileExistsError(errno.EEXIST, "the sidecar exists", str(target)) from None
+            os.replace(tmp, target)
+            return
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    tmp.unlink()
+
+
 def write_atomic(target: Path, text: str, mode: int = 0o644) -> None:
     """Write ``text`` to ``target`` so that readers see the old file or the new one, never a mix."""
     _rename_into_place(_write_temp(target, text.encode("utf-8"), mode), target)
@@ -210,8 +235,13 @@ def write_sidecar(sidecar: Path, caption: str) -> None:
         raise error
 
 
-def write_sidecars(items: Sequence[tuple[Path, str]], pool: Executor | None = None) -> list[OSError | None]:
+def write_sidecars(
+    items: Sequence[tuple[Path, str]], pool: Executor | None = None, keep: Collection[Path] = ()
+) -> list[OSError | None]:
     """Write many sidecars atomically; returns, per item, ``None`` or the error that stopped it.
+
+    A target in ``keep`` is not replaced if it exists by the time ours is ready (another writer,
+    a person): its error is then a ``FileExistsError``.
 
     The same protocol as ``write_atomic``, grouped: each file is written to its temp file,
     fsynced and renamed into place as one task in ``pool``, then each directory is fsynced once
@@ -222,8 +252,9 @@ def write_sidecars(items: Sequence[tuple[Path, str]], pool: Executor | None = No
 
     def place(item: tuple[Path, str]) -> OSError | None:
         target, caption = item
+        into_place = _link_into_place if target in keep else _rename_into_place
         try:
-            _rename_into_place(_write_temp(target, _caption_bytes(caption), 0o644), target)
+            into_place(_write_temp(target, _caption_bytes(caption), 0o644), target)
         except OSError as e:
             return e
         return None

@@ -4,11 +4,17 @@ The sidecar is the truth for "done", so the order matters: a group's sidecars ar
 atomically first (parallel temp-file fsyncs, renames, one fsync per directory), and only then
 is the group recorded in one journal transaction. A crash in between leaves a sidecar whose job
 is still open; the job is then recognised as already captioned instead of being captioned twice.
+
+A sidecar that the ``existing`` policy keeps and that appeared while its image was on the
+model (phicapctl, a person) is not replaced: the job is done without it. A group whose journal
+transaction fails stays claimed and is written again after a back-off, so a full disk neither
+loses it nor sends its images round the model again.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +29,7 @@ from phicapd.errors import PhicapError
 from phicapd.log import get_logger
 from phicapd.pipeline.decode import Decoded, fingerprint_of
 from phicapd.pipeline.jobs import Failure, Job, JobStore, Success
-from phicapd.pipeline.sidecar import SiblingCache, write_sidecars
+from phicapd.pipeline.sidecar import SiblingCache, is_up_to_date, write_sidecars
 
 log = get_logger(__name__)
 
@@ -31,6 +37,8 @@ log = get_logger(__name__)
 #: filesystem commits concurrent fsyncs together: on ext4, 16 in flight wrote a group's sidecars
 #: about twice as fast as 4.
 IO_THREADS = 16
+#: Back-off of a group whose journal write failed: doubling from the first to the last.
+RETRY_SECONDS = (1.0, 60.0)
 
 
 @dataclass(slots=True)
@@ -45,6 +53,7 @@ class Finished:
     batch_size: int = 0
     caption: Caption | None = None
     error: PhicapError | None = None
+    skipped: bool = False  # its sidecar is kept as it is (the policy): done without a caption
 
 
 class SidecarWriter:
@@ -87,6 +96,7 @@ class SidecarWriter:
         self._io_pool.shutdown(wait=True)
 
     def _loop(self) -> None:
+        delay = RETRY_SECONDS[0]
         while True:
             with self._cond:
                 while not self._queue:
@@ -97,26 +107,29 @@ class SidecarWriter:
                 self._queue.clear()
             try:
                 self._write(group)
+                delay = RETRY_SECONDS[0]
             except Exception:
-                log.exception("writer failed; its jobs go back to the queue", jobs=len(group))
-                self._hand_back([f.job.id for f in group])
-
-    def _hand_back(self, job_ids: list[int]) -> None:
-        # Unclaimed, so the feeder takes them again; one whose sidecar made it to disk is then
-        # found up to date and not captioned twice. If the journal itself is failing, the jobs
-        # stay "running" and the next start returns them.
-        try:
-            self.store.release(job_ids)
-        except Exception:
-            log.exception("cannot hand the jobs back to the journal", jobs=len(job_ids))
-        self._on_recorded(job_ids, 0)
+                # The journal is failing (disk full, I/O error). The jobs stay claimed, so the
+                # feeder does not hand them to the model again; their sidecars are on disk and
+                # rewriting them is cheap. Stopping gives up: the next start recovers them.
+                log.exception("cannot record a group of jobs; trying again", jobs=len(group), seconds=delay)
+                with self._cond:
+                    if self._closing:
+                        return
+                    self._queue.extendleft(reversed(group))
+                    self._cond.wait(delay)
+                delay = min(delay * 2, RETRY_SECONDS[1])
 
     def _write(self, group: list[Finished]) -> None:
         written = self._write_sidecars(group)
         successes: list[Success] = []
         failures: list[Failure] = []
+        skipped: list[int] = []
         for f in group:
-            if id(f) in written and f.decoded is not None:
+            if f.skipped:
+                f.error = None  # a write that failed on an earlier try made it after all
+                skipped.append(f.job.id)
+            elif id(f) in written and f.decoded is not None:
                 successes.append(
                     Success(
                         f.job.id,
@@ -130,7 +143,7 @@ class SidecarWriter:
             else:
                 f.error = f.error or PhicapError(f"{f.job.path}: no caption", code="caption_failed")
                 failures.append(Failure(f.job.id, f.error.code, str(f.error), f.error.retryable))
-        parked = {j.id for j in self.store.finish_many(successes, failures)}
+        parked = {j.id for j in self.store.finish_many(successes, failures, skipped)}
         self._on_recorded([f.job.id for f in group], len(successes))
         self._log(group, parked)
 
@@ -147,15 +160,22 @@ class SidecarWriter:
                 continue
             index = self._siblings.get(f.job.path.parent, f.root)
             sidecar = index.sidecar_for(f.job.path, self.settings.sidecar.extension)
+            if self._kept(f, sidecar):
+                f.skipped = True
+                continue
             planned.append((f, sidecar, decorate(f.caption.text, f.root.prefix, f.root.suffix)))
+        # only-missing: an existing sidecar wins even if it appears while ours is being written.
+        keep = {path for f, path, _ in planned if not f.job.force and self._policy(f) == "only-missing"}
         directories = {path.parent: self._siblings.unchanged(path.parent) for _, path, _ in planned}
-        errors = write_sidecars([(path, text) for _, path, text in planned], self._io_pool)
+        errors = write_sidecars([(path, text) for _, path, text in planned], self._io_pool, keep)
         for directory, unchanged in directories.items():
             self._siblings.wrote(directory, unchanged_before=unchanged)
         written: dict[int, Path] = {}
         for (f, path, _), error in zip(planned, errors, strict=True):
             if error is None:
                 written[id(f)] = path
+            elif isinstance(error, FileExistsError) and path in keep:
+                f.skipped = True
             else:
                 f.error = PhicapError(
                     f"{f.job.path}: cannot write its sidecar {path}: {error.strerror or error}",
@@ -164,13 +184,32 @@ class SidecarWriter:
                 )
         return written
 
+    def _policy(self, f: Finished) -> str:
+        assert f.root is not None
+        return self.settings.existing_policy(f.root)
+
+    def _kept(self, f: Finished, sidecar: Path) -> bool:
+        """Does the policy keep the sidecar as it is now? It was not, when the job was queued,
+        so one that is kept now appeared while the image was on its way (phicapctl, a person)."""
+        if f.job.force:
+            return False
+        policy = self._policy(f)
+        if policy == "only-missing":
+            return os.path.lexists(sidecar)
+        if policy == "skip":
+            try:
+                return is_up_to_date(f.job.path.stat(), sidecar)
+            except OSError:
+                return False
+        return False
+
     def _log(self, group: list[Finished], parked: set[int]) -> None:
         """One canonical line per finished job."""
         now = time.monotonic()
         for f in group:
             fields: dict[str, Any] = {
                 "path": str(f.job.path),
-                "outcome": "failed" if f.error else "done",
+                "outcome": "failed" if f.error else "skipped" if f.skipped else "done",
                 "duration_ms": round((now - f.accepted) * 1000, 1),
                 "batch": f.batch_size,
             }

@@ -295,7 +295,10 @@ def test_a_sidecar_written_while_the_job_waited_is_kept(tmp_path: Path) -> None:
     assert states == {"hand": "done", "queued": "done"}
 
 
-def test_a_failed_journal_write_hands_the_group_back_and_captions_nothing_twice(tmp_path: Path) -> None:
+def test_a_failing_journal_is_retried_and_captions_nothing_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("phicapd.pipeline.writer.RETRY_SECONDS", (0.05, 0.2))
     root = tmp_path / "in"
     root.mkdir()
     fake = FakeCaptioner(max_batch=4)
@@ -305,14 +308,36 @@ def test_a_failed_journal_write_hands_the_group_back_and_captions_nothing_twice(
         failed: list[int] = []
 
         def flaky(successes=(), failures=(), skipped=()):
-            if not failed and successes:
-                failed.append(len(successes))
+            if len(failed) < 5 and (successes or skipped):
+                failed.append(len(successes) + len(skipped))
                 raise sqlite3.OperationalError("disk I/O error")
             return finish_many(successes, failures, skipped)
 
         daemon.store.finish_many = flaky
+        daemon.scheduler.pause()
         keys = [write_unique_png(root / f"b{i:02d}.png", i) for i in range(12)]
+        wait_for(lambda: daemon.store.counts()["pending"] == 12, 30, "the images to be queued")
+        # One gets a caption by hand while it waits: its "skipped" record fails too.
+        (root / "b00.txt").write_text("By hand.\n")
+        daemon.scheduler.resume()
         wait_for(lambda: daemon.store.counts()["done"] == 12 and is_settled(daemon), 30, "every image")
-    assert failed, "the journal write should have failed once"
-    assert len(_sidecars(root)) == 12
-    assert all(fake.calls[k] == 1 for k in keys)  # the group's sidecars were on disk: not captioned again
+        states = {daemon.store.get(root / f"b{i:02d}.png").state.value for i in range(12)}
+    assert len(failed) == 5, "the journal write should have failed five times"
+    assert states == {"done"}  # none parked as corrupt or failed
+    assert (root / "b00.txt").read_text() == "By hand.\n"
+    assert fake.calls[keys[0]] == 0 and all(fake.calls[k] == 1 for k in keys[1:])  # nothing twice
+
+
+@pytest.mark.parametrize("policy", ["skip", "only-missing"])
+def test_a_sidecar_written_while_the_image_is_on_the_model_is_kept(tmp_path: Path, policy: str) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    fake = FakeCaptioner(latency=1.0)
+    settings = settings_for(tmp_path, [root], extra=f'[sidecar]\nexisting = "{policy}"\n')
+    with running_daemon(settings, fake) as daemon:
+        key = write_unique_png(root / "photo.png", 1)
+        wait_for(lambda: daemon.scheduler.busy_since is not None, 30, "the image on the model")
+        (root / "photo.txt").write_text("Written by hand meanwhile.\n")
+        wait_for(lambda: daemon.store.counts()["done"] == 1 and is_settled(daemon), 30, "the job to finish")
+    assert fake.calls[key] == 1
+    assert (root / "photo.txt").read_text() == "Written by hand meanwhile.\n"

@@ -108,3 +108,14 @@ def test_sibling_cache_lists_once_until_a_foreign_change(tmp_path: Path) -> None
     os.utime(tmp_path, ns=(1, 2 * 10**18))
     assert cache.get(tmp_path, root).sidecar_for(tmp_path / "photo.jpg") == tmp_path / "photo.jpg.txt"
     assert len(calls) == 2
+
+
+def test_write_sidecars_keeps_an_existing_target_it_was_told_to_keep(tmp_path: Path) -> None:
+    kept, fresh, replaced = tmp_path / "kept.txt", tmp_path / "fresh.txt", tmp_path / "replaced.txt"
+    kept.write_text("by hand\n")
+    replaced.write_text("old\n")
+    errors = sc.write_sidecars([(kept, "new"), (fresh, "new"), (replaced, "new")], keep={kept, fresh})
+    assert isinstance(errors[0], FileExistsError) and errors[1:] == [None, None]
+    assert kept.read_text() == "by hand\n"
+    assert fresh.read_text() == "new\n" and replaced.read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.txt", "kept.txt", "replaced.txt"]  # no temps
