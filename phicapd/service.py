@@ -62,6 +62,7 @@ class Daemon:
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._loading = False  # the main thread is loading the model: a signal interrupts it
+        self._keepalive: _ExtendTimeout | None = None
         self.captioner: Captioner | None = None
         self.scheduler: Scheduler | None = None
         self.store = JobStore(
@@ -81,6 +82,10 @@ class Daemon:
 
     def _on_signal(self, *_: object) -> None:
         self._stop.set()
+        if self._keepalive is not None:
+            # During a stop EXTEND_TIMEOUT_USEC would extend the stop timeout: a download that
+            # finishes its running files first must not hold systemctl stop beyond TimeoutStopSec.
+            self._keepalive.stop()
         if self._loading:
             # Nothing is in flight while the model loads: stop now rather than after a download
             # or a compile of minutes (the stop timeout would kill us first).
@@ -106,7 +111,7 @@ class Daemon:
         log.info("control socket listening", socket=str(self.settings.control.socket))
 
         notifier.status(f"loading model {self.settings.model.source}")
-        keepalive = _ExtendTimeout(notifier)
+        keepalive = self._keepalive = _ExtendTimeout(notifier)
         keepalive.start()
         try:
             try:
@@ -188,8 +193,8 @@ class Daemon:
             try:
                 return self._captioner_factory(self.settings)
             except ModelUnavailable as e:
-                if time.monotonic() + delay > deadline:
-                    raise
+                if e.code == "gpu_unavailable" or time.monotonic() + delay > deadline:
+                    raise  # torch never sees a driver that comes up later: a restart will
                 log.warning("the model is not available yet; trying again", error=str(e), seconds=delay)
                 notifier.status(f"waiting for the model, again in {delay:.0f} s: {e}")
                 if self._stop.wait(delay):
@@ -208,7 +213,10 @@ class Daemon:
         if self.server is not None:
             self.server.stop()
         if self.captioner is not None:
-            self.captioner.close()
+            try:
+                self.captioner.close()
+            except Exception:  # a GPU in a sticky error state may fail to free; we exit anyway
+                log.exception("closing the model failed")
         self.store.close()
         log.info("stopped")
 

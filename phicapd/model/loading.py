@@ -250,7 +250,11 @@ def resolve_device(name: str) -> torch.device:
         reason = cuda_diagnosis()
         if not torch.backends.cuda.is_built() or _cuda_hidden():
             raise ConfigError(f"model.device is {name!r} but CUDA is not available: {reason}")
-        raise ModelUnavailable(f"model.device is {name!r} but CUDA is not available (yet?): {reason}")
+        # torch counts the GPUs once per process: only a new process sees a driver that came up
+        # later, so this one is not retried in-process (code gpu_unavailable).
+        raise ModelUnavailable(
+            f"model.device is {name!r} but CUDA is not available (yet?): {reason}", code="gpu_unavailable"
+        )
     return device
 
 

@@ -398,3 +398,20 @@ def test_a_huge_image_is_not_held_at_full_size_once_prepared(tmp_path: Path) -> 
     assert reply.text == "prepared 3000x100"
     assert fake.prepared_sizes == [(6000, 4000), (3000, 100)]
     assert fake.held_sizes == [(2000, 1334), (1500, 50)]  # what waits for the model is cut down
+
+
+def test_a_gpu_that_is_not_usable_is_not_retried_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from phicapd.errors import ModelUnavailable
+    from phicapd.service import Daemon
+
+    monkeypatch.setattr("phicapd.service.LOAD_RETRY_SECONDS", 0.05)
+    attempts: list[float] = []
+
+    def no_gpu(_settings: object) -> FakeCaptioner:
+        attempts.append(time.monotonic())
+        raise ModelUnavailable("model.device is 'cuda' but CUDA is not available (yet?)", code="gpu_unavailable")
+
+    daemon = Daemon(settings_for(tmp_path, []), no_gpu)
+    with pytest.raises(ModelUnavailable):  # exit 75 at once: only a new process sees a late driver
+        daemon.run(install_signals=False)
+    assert len(attempts) == 1
