@@ -148,8 +148,8 @@ class Phi3VCaptioner:
         base_ctx = self.engine.ctx_for(typical)
         with self._lock, torch.inference_mode():
             self._check_open()
-            self.engine.regrow()
             while True:
+                self.engine.regrow()
                 feed.ctx = max(base_ctx, feed.ctx_needed())
                 oom = False
                 try:
@@ -168,8 +168,8 @@ class Phi3VCaptioner:
                     if not shrunk:
                         raise CaptionError("GPU out of memory even with one row", code="model_out_of_memory")
                     feed.restart_in_flight()
-                elif not feed.held:
-                    return
+                elif not feed.held and not self.engine.regrow_due():
+                    return  # else: a run that drained for ``regrow``, or held requests, go on
 
     def _check_prompt(self, req: CaptionRequest) -> None:
         if IMAGE_TAG.search(req.prompt):
@@ -309,6 +309,8 @@ class _CaptionFeed:
         self.in_flight.clear()
 
     def take(self, room: int, *, idle: bool) -> list[EngineRequest]:
+        if self.captioner.engine.regrow_due():
+            room = 0  # let the rows drain: the run ends and the next one has its limits back
         fits = self.captioner.engine.fits
         out: list[EngineRequest] = []
         while self.held and len(out) < room and fits(self.held[0], self.ctx):
@@ -359,10 +361,27 @@ def load_captioner(settings: ModelSettings) -> Phi3VCaptioner:
     return Phi3VCaptioner(model, tokenizer, settings, _identity(settings, model_dir))
 
 
+# CUDA errors after which the context is unusable until the process restarts (the "sticky"
+# ones); others, such as a cuBLAS allocation failure under memory pressure, are not.
+_STICKY_CUDA_ERRORS = (
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "uncorrectable ecc",
+    "misaligned address",
+    "illegal instruction",
+    "hardware stack error",
+    "launch timed out",
+    "an illegal address",
+    "cuda error: unknown error",
+)
+
+
 def _caption_error(e: Exception) -> CaptionError:
-    """A device fault (a CUDA error: illegal address, device-side assert, ECC) leaves the CUDA
-    context unusable until the process restarts, whatever image comes next: ``model_broken``
-    tells the scheduler so. Anything else is a failure of this batch."""
-    if isinstance(e, getattr(torch, "AcceleratorError", ())) or "CUDA error" in str(e):
+    """A sticky device fault leaves the CUDA context unusable until the process restarts,
+    whatever image comes next: ``model_broken`` tells the scheduler so. Anything else
+    (out-of-memory included) is a failure of this batch."""
+    message = str(e).lower()
+    if "cuda" in message and any(sticky in message for sticky in _STICKY_CUDA_ERRORS):
         return CaptionError(f"the GPU failed: {e}", code="model_broken")
     return CaptionError(f"captioning failed: {e}")

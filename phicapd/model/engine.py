@@ -296,15 +296,21 @@ class GenerationEngine:
             self._pool_tokens //= 2
         return True
 
+    def regrow_due(self, after: float = REGROW_SECONDS) -> bool:
+        """Limits ``shrink`` lowered, and ``after`` seconds without another out-of-memory error."""
+        if (self.max_slots, self.prefill_tokens, self._pool_tokens) == self._configured:
+            return False
+        return self.last_oom is None or time.time() - self.last_oom.when >= after
+
     def regrow(self, after: float = REGROW_SECONDS) -> bool:
         """Restore the limits ``shrink`` lowered once ``after`` seconds passed without another
         out-of-memory error: one (another process briefly on the GPU, an unusually long prompt)
-        must not halve the throughput until the next restart. True when it restored them."""
+        must not halve the throughput until the next restart. Between runs only (the pool is
+        resized): a running stream stops taking work when it is due, to end its run.
+        True when it restored them."""
+        if not self.regrow_due(after):
+            return False
         configured = self._configured
-        if (self.max_slots, self.prefill_tokens, self._pool_tokens) == configured:
-            return False
-        if self.last_oom is not None and time.time() - self.last_oom.when < after:
-            return False
         self.release()
         self.max_slots, self.prefill_tokens, self._pool_tokens = configured
         log.info("restored %d rows and %d prefill tokens after an out-of-memory error", *configured[:2])
@@ -428,6 +434,7 @@ class GenerationEngine:
         if key in self._graphs:
             self._graphs.move_to_end(key)
             return self._graphs[key]
+        failed = False
         try:
             entry = self._capture(rows, ctx, span)
         except Exception as e:
@@ -435,9 +442,13 @@ class GenerationEngine:
                 raise
             # A compiler failure (or a compiled graph too big for the memory left) must not take
             # the daemon down: capture the eager step instead, whose graphs need a few MB.
-            oom = isinstance(e, torch.OutOfMemoryError)
-            log.exception("compiling the decode step failed%s; using CUDA graphs of the eager step", " (OOM)" * oom)
-            del e
+            log.exception(
+                "compiling the decode step failed%s; using CUDA graphs of the eager step",
+                " (out of memory)" if isinstance(e, torch.OutOfMemoryError) else "",
+            )
+            failed = True
+        if failed:
+            # Outside the handler: its traceback would keep the failed capture's memory alive.
             self.compile, self._step = False, self._decode_step
             self._graphs.clear()
             torch.cuda.empty_cache()

@@ -285,3 +285,23 @@ def test_warm_up_checks_the_compiled_step_against_the_eager_one(captioner, refer
     with torch.inference_mode():
         broken.warm_up(broken.ctx_for(1000), 4)
     assert not broken.compile
+
+
+@pytest.mark.parametrize(
+    ("message", "broken"),
+    [
+        ("CUDA error: an illegal memory access was encountered", True),
+        ("CUDA error: device-side assert triggered\nCompile with TORCH_USE_CUDA_DSA", True),
+        ("CUDA error: unspecified launch failure", True),
+        ("CUDA error: uncorrectable ECC error encountered", True),
+        ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", False),
+        ("CUDA error: out of memory", False),
+        ("shape mismatch in the projector", False),
+    ],
+)
+def test_only_sticky_cuda_errors_mean_a_broken_model(message: str, broken: bool):
+    from phicapd.model.captioner import _caption_error
+
+    error = _caption_error(RuntimeError(message))
+    assert (error.code == "model_broken") is broken
+    assert error.retryable

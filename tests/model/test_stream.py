@@ -157,3 +157,21 @@ def test_out_of_memory_mid_stream_restarts_the_rows_in_flight_with_fewer(tiny_ch
     with pytest.raises(CaptionError) as err:
         fresh.stream(lane.take, lane.deliver)
     assert err.value.code == "model_out_of_memory" and lane.outcomes == {}
+
+
+def test_a_busy_stream_gets_its_rows_back_after_a_quiet_period(tiny_checkpoint: Path) -> None:
+    fresh = make_captioner(tiny_checkpoint, strip_openers=[], max_batch=4)
+    requests = _caption_requests([12, 12, 12, 12, 12, 12, 12, 12])
+    expected = [fresh.caption([r])[0] for r in requests]
+    _fail_decode_while(fresh.engine, lambda rows, _: rows > 2 and fresh.engine.last_oom is None)
+    lane = Lane({0: requests[:4], 12: requests[4:]})  # more work arrives while it drains
+    take = lane.take
+
+    def take_and_age(room: int, idle: bool) -> list[CaptionRequest]:
+        if lane.takes == 10:  # mid-stream, ten quiet minutes have passed
+            fresh.engine.last_oom.when -= 3600
+        return take(room, idle)
+
+    fresh.stream(take_and_age, lane.deliver)
+    assert [lane.outcomes[i] for i in range(8)] == expected
+    assert fresh.engine.max_slots == 4  # restored within the same stream, after its rows drained
