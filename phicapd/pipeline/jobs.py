@@ -203,13 +203,16 @@ class JobStore:
     def recover(self) -> int:
         """Return interrupted jobs to pending. Each interruption counts as an attempt and backs
         off like a failure, so the rest of the backlog goes before an image that may have
-        brought the daemon down. Parking one that keeps doing so is left to the scheduler: only
-        it can see that the sidecar was written just before the crash, and then the job is done."""
+        brought the daemon down; the scheduler then runs it alone (``interrupted``), so only
+        the image that did it is blamed again. Parking one that keeps doing so is left to the
+        scheduler too: only it can see that the sidecar was written just before the crash."""
         now = self._clock()
         with self._tx() as db:
             cur = db.execute(
                 "UPDATE jobs SET state = 'pending', attempts = attempts + 1, updated_at = ?,"
-                " next_attempt_at = ? * (1 << attempts) + ? WHERE state = 'running'",
+                " next_attempt_at = ? * (1 << attempts) + ?, error_code = 'interrupted',"
+                " error_message = 'the daemon stopped while this image was on the model'"
+                " WHERE state = 'running'",
                 (now, self.backoff_seconds, now),
             )
             return cur.rowcount

@@ -18,6 +18,9 @@ r"""The scheduler: two lanes into one GPU worker, with decoding ahead of it and 
   fsyncs never hold up the GPU.
 * When the model fails everything in flight at once, those images are retried one by one, so
   one bad image cannot fail its neighbours.
+* An image that was on the model when the daemon died (``interrupted``) runs alone, once the
+  rows around it drained: if it is what crashes the process, only it is blamed again, and
+  its batch-mates are not parked with it.
 * A broken model (a CUDA fault, or ``BREAKER`` images in a row failing alone and then a plain
   gray probe image failing too) is not the images' fault: the worker stops, the images on the
   model stay "running" in the journal (the restart counts the attempt, as after a crash, so an
@@ -159,6 +162,7 @@ class Scheduler:
         self._cond = threading.Condition()
         self._interactive: collections.deque[_Item] = collections.deque()
         self._background: collections.deque[_Item] = collections.deque()
+        self._suspects: collections.deque[_Item] = collections.deque()  # interrupted: run alone
         self._decoding = 0  # background images claimed and not yet in the lane
         # Jobs claimed from the journal and not yet recorded as finished. They stay "pending" on
         # disk until their batch starts, so a crash only counts an attempt against the images
@@ -212,6 +216,7 @@ class Scheduler:
             waiting = list(self._waiting)
             self._interactive.clear()
             self._background.clear()
+            self._suspects.clear()
             unfinished = set(self._claimed)
             self._claimed.clear()
             if self.broken is not None:
@@ -284,7 +289,7 @@ class Scheduler:
     def _feeder_loop(self) -> None:
         while not self._stopping.is_set():
             with self._cond:
-                held = self._decoding + len(self._background)
+                held = self._decoding + len(self._background) + len(self._suspects)
             # Refill in large steps (below half full, up to full): one journal query per
             # step rather than one per finished batch.
             room = self.prefetch - held if held <= self.prefetch // 2 else 0
@@ -362,7 +367,7 @@ class Scheduler:
         with self._cond:
             self._decoding -= 1
             if item is not None:
-                self._background.append(item)
+                (self._suspects if _suspect(job) else self._background).append(item)
                 self._cond.notify_all()
         if error is not None and error.code == "image_missing":
             # Deleted before its turn: nothing to caption and nothing to report.
@@ -404,7 +409,7 @@ class Scheduler:
     def _wait_for_work(self) -> bool:
         """Block until there is something to caption; False when stopping."""
         with self._cond:
-            while not self._interactive and (self._paused or not self._background):
+            while not self._interactive and (self._paused or not (self._background or self._suspects)):
                 if self._stopping.is_set() or self.broken is not None:
                     return False
                 self.last_progress = time.monotonic()
@@ -447,6 +452,12 @@ class Scheduler:
                 # until it is answered (the rows already running carry on). More socket requests
                 # than reserved rows is bulk work (caption-dir): the background fills in beside it.
                 background_room = 0
+            if not self._paused and (self._suspects or any(_suspect(i.job) for i in self._in_flight.values())):
+                # An interrupted image runs alone: no new background rows until the model is
+                # empty, then it, then nothing beside it until it is done.
+                background_room = 0
+                if self._suspects and not self._in_flight and not items:
+                    items.append(self._suspects.popleft())
             while not self._paused and self._background and background_room > 0:
                 items.append(self._background.popleft())
                 background_room -= 1
@@ -558,6 +569,7 @@ class Scheduler:
             return {
                 "interactive": len(self._interactive),
                 "background_ready": len(self._background),
+                "interrupted_ready": len(self._suspects),
                 "decoding": self._decoding,
                 "claimed": len(self._claimed),
             }
@@ -589,6 +601,11 @@ class Scheduler:
         if policy == "only-missing":
             return sidecar.exists()  # kept whatever its age
         return is_up_to_date(st, sidecar)
+
+
+def _suspect(job: Job | None) -> bool:
+    """Interrupted on the model last time: it may be what brings the process down."""
+    return job is not None and job.error_code == "interrupted"
 
 
 def _is_model_fault(e: BaseException) -> bool:

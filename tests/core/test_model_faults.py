@@ -4,6 +4,7 @@ instead of parking its backlog as failed, and the images on the model count an a
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,9 +15,9 @@ from phicapd.captioner import Caption, CaptionRequest
 from phicapd.errors import CaptionError, PhicapError
 from phicapd.pipeline.jobs import JobStore
 from phicapd.pipeline.scheduler import BREAKER
-from phicapd.service import EX_SOFTWARE
-from tests.support.daemon import running_daemon, settings_for, wait_for
-from tests.support.fakes import FakeCaptioner, StreamingFakeCaptioner, unique_image, write_unique_png
+from phicapd.service import EX_SOFTWARE, Daemon
+from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
+from tests.support.fakes import FakeCaptioner, StreamingFakeCaptioner, image_key, unique_image, write_unique_png
 
 
 class BreaksAfter(FakeCaptioner):
@@ -111,3 +112,51 @@ def test_many_images_failing_on_a_working_model_do_not_trip_the_breaker(tmp_path
         wait_for(lambda: daemon.store.counts()["done"] == 40 - len(bad), 60, "the good images")
         time.sleep(0.2)
         assert daemon.scheduler.broken is None and daemon.healthy()
+
+
+class Poisoned(FakeCaptioner):
+    """A GPU fault whenever one particular image is on the model, whatever else is with it."""
+
+    def __init__(self, poison: str, **kw: object) -> None:
+        super().__init__(**kw)  # type: ignore[arg-type]
+        self.poison = poison
+
+    def caption(self, batch: Sequence[CaptionRequest]) -> list[Caption]:
+        if any(image_key(r.image) == self.poison for r in batch):
+            raise CaptionError("the GPU failed: CUDA error: an illegal memory access", code="model_broken")
+        return super().caption(batch)
+
+
+def _run_once(settings, captioner) -> int:
+    """Start the daemon; stop it once the work is done; its exit code (70 if the model broke)."""
+    daemon = Daemon(settings, lambda _s: captioner)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(daemon.run(install_signals=False)), daemon=True)
+    thread.start()
+    wait_for(lambda: daemon.state == "stopping" or (daemon.is_ready() and is_settled(daemon)), 30, "a run")
+    daemon.request_stop()
+    thread.join(30)
+    assert result in ([0], [EX_SOFTWARE])
+    return result[0]
+
+
+def test_an_image_that_breaks_the_gpu_is_parked_alone_not_with_its_batch(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    keys = [write_unique_png(root / f"b{i:02d}.png", i) for i in range(12)]
+    settings = settings_for(tmp_path, [root], extra="[model]\nmax_batch = 4\n")
+    fake = Poisoned(keys[0], max_batch=4)
+    for _ in range(6):  # what systemd does: start it again each time it exits 70
+        if _run_once(settings, fake) == 0:
+            break
+    else:
+        raise AssertionError("the poison image should have been parked by now")
+    store = JobStore(settings.state.dir / "journal.sqlite3")
+    try:
+        states = {p.name: store.get(p) for p in sorted(root.glob("*.png"))}
+    finally:
+        store.close()
+    poison = states.pop("b00.png")
+    assert (poison.state.value, poison.error_code) == ("failed", "interrupted")
+    assert {s.state.value for s in states.values()} == {"done"}  # its first batch-mates too
+    assert all(fake.calls[k] == 1 for k in keys[1:])
