@@ -407,7 +407,8 @@ class Daemon:
             "# TYPE phicapd_images_per_second gauge",
             f"phicapd_images_per_second {tp['images_per_second_1m']}",
         ]
-        gpu = status.get("gpu") or {}
+        gpu = status.get("gpu")
+        gpu = gpu if isinstance(gpu, dict) else {}
         for key in ("memory_allocated_bytes", "memory_reserved_bytes", "memory_total_bytes"):
             if isinstance(gpu.get(key), int | float):
                 lines += [f"# TYPE phicapd_gpu_{key} gauge", f"phicapd_gpu_{key} {gpu[key]}"]

@@ -272,9 +272,12 @@ class Phi3VCaptioner:
         }
         if self.model.device.type == "cuda":
             index = self.model.device.index or 0
-            info["gpu"] = torch.cuda.get_device_name(index)
-            info["gpu_memory_allocated"] = torch.cuda.memory_allocated(index)
-            info["gpu_memory_reserved"] = torch.cuda.memory_reserved(index)
+            info["gpu"] = {
+                "name": torch.cuda.get_device_name(index),
+                "memory_allocated_bytes": torch.cuda.memory_allocated(index),
+                "memory_reserved_bytes": torch.cuda.memory_reserved(index),
+                "memory_total_bytes": torch.cuda.get_device_properties(index).total_memory,
+            }
         return info
 
     def close(self) -> None:

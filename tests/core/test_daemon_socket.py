@@ -415,3 +415,33 @@ def test_a_gpu_that_is_not_usable_is_not_retried_in_process(tmp_path: Path, monk
     with pytest.raises(ModelUnavailable):  # exit 75 at once: only a new process sees a late driver
         daemon.run(install_signals=False)
     assert len(attempts) == 1
+
+
+class GpuDescribed(FakeCaptioner):
+    """What the native captioner reports about its device when it runs on a GPU."""
+
+    def describe(self) -> dict[str, object]:
+        gpu = {"name": "NVIDIA H200", "memory_allocated_bytes": 9_000_000_000}
+        return {"device": "cuda:0", "gpu": gpu | {"memory_reserved_bytes": 10**10, "memory_total_bytes": 15 * 10**10}}
+
+
+def test_status_and_metrics_with_a_gpu(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, [])
+    with running_daemon(settings, GpuDescribed()):
+        client = ControlClient(settings.control.socket, timeout=10)
+        status = client.status().model_dump()
+        metrics = client.metrics()
+    assert status["gpu"]["name"] == "NVIDIA H200" and status["model"]["device"] == "cuda:0"
+    assert "phicapd_gpu_memory_allocated_bytes 9000000000" in metrics
+    assert "phicapd_gpu_memory_total_bytes 150000000000" in metrics
+
+
+def test_metrics_survive_a_backend_that_names_its_gpu_as_a_string(tmp_path: Path) -> None:
+    class Named(FakeCaptioner):
+        def describe(self) -> dict[str, object]:
+            return {"gpu": "NVIDIA H200"}  # what the native captioner reported before: /metrics gave 500
+
+    settings = settings_for(tmp_path, [])
+    with running_daemon(settings, Named()):
+        metrics = ControlClient(settings.control.socket, timeout=10).metrics()
+    assert "phicapd_up 1" in metrics and "phicapd_gpu_" not in metrics
