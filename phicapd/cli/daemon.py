@@ -8,8 +8,8 @@
 
 Exit codes: 0 ok; 78 (EX_CONFIG) for any configuration problem, which systemd does not restart
 (``RestartPreventExitStatus=78``); 75 (EX_TEMPFAIL) when the model cannot be loaded yet (the hub
-or the network failed while fetching it, the GPU driver is not up) after an hour of trying,
-which systemd restarts; 70 (EX_SOFTWARE) when the model broke while running (a CUDA fault), so
+or the network failed while fetching it for an hour; the GPU is not usable, at once), which
+systemd restarts; 70 (EX_SOFTWARE) when the model broke while running (a CUDA fault), so
 systemd restarts it with a fresh CUDA context; 1 for other failures.
 """
 
