@@ -322,7 +322,9 @@ class ControlServer:
             raise HttpError(
                 413, p.PAYLOAD_TOO_LARGE, f"body of {req.content_length} bytes exceeds the limit of {limit}"
             )
-        if not self.body_budget.reserve(req.content_length):
+        # A chunked body's size is known only once read: it may take up to the endpoint's limit.
+        wanted = limit if req.chunked else req.content_length
+        if not self.body_budget.reserve(wanted):
             with self._lock:
                 self._rejected_bodies += 1
             raise HttpError(
@@ -331,16 +333,20 @@ class ControlServer:
                 f"too many request bodies in progress (limit {self.body_budget.limit} bytes at once)",
                 retryable=True,
             )
-        return req.content_length
+        return wanted
 
     def _exchange(self, wire: Connection, req: Request, deadline: float) -> Response:
         """Read the body (its bytes are reserved by ``_admit``) and answer the request.
 
         An ``HttpError`` escaping from here means the body was not (fully) read.
         """
-        if req.expects_continue and req.content_length:
+        if req.expects_continue and (req.content_length or req.chunked):
             wire.send(CONTINUE, self.settings.request_timeout_seconds)
-        req.body = wire.read_body(req.content_length, deadline)
+        if req.chunked:
+            req.body = wire.read_chunked(self._router.body_limit(req), deadline)
+            req.content_length = len(req.body)
+        else:
+            req.body = wire.read_body(req.content_length, deadline)
         try:
             return self._router.handle(req)
         except HttpError as e:  # a bad parameter: the body was consumed, the connection is reusable

@@ -1,7 +1,7 @@
 """HTTP/1.1 framing for the control socket: read one capped request, write one response.
 
-A deliberately small subset: origin-form targets, ``Content-Length`` bodies (no chunked
-uploads), keep-alive, ``Expect: 100-continue``. Every read runs against a deadline so that a
+A deliberately small subset: origin-form targets, ``Content-Length`` and ``chunked`` bodies
+(what ``curl -T -`` sends), keep-alive, ``Expect: 100-continue``. Every read runs against a deadline so that a
 client trickling bytes cannot hold a connection longer than the request timeout, and the head
 is capped in bytes so that a huge header line cannot grow memory.
 """
@@ -23,6 +23,9 @@ _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _REQUEST_LINE = re.compile(r"([A-Z]{1,20}) (\S{1,8192}) HTTP/(\d)\.(\d)")
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _LINGER_SECONDS = 1.0
+_MAX_CHUNK_LINE = 1024  # a chunk-size line with extensions, or one trailer field
+_MAX_TRAILER_BYTES = 16384
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,15})[ \t]*(;.*)?")
 
 
 class HttpError(Exception):
@@ -53,9 +56,10 @@ class Request:
     query: dict[str, str]
     version: tuple[int, int]
     headers: dict[str, str]
-    content_length: int
+    content_length: int  # for a chunked body: 0 until it is read, then its length
     keep_alive: bool
     body: bytes = field(default=b"", repr=False)
+    chunked: bool = False
 
     @property
     def expects_continue(self) -> bool:
@@ -131,6 +135,45 @@ class Connection:
                 got += n
         return bytes(into)
 
+    def read_chunked(self, limit: int, deadline: float) -> bytes:
+        """A ``Transfer-Encoding: chunked`` body of at most ``limit`` bytes (RFC 9112 §7.1);
+        chunk extensions are ignored, trailer fields read and dropped."""
+        body = bytearray()
+        while True:
+            line = self._read_line(deadline, "chunk size")
+            match = _CHUNK_SIZE.fullmatch(line)
+            if not match:
+                raise HttpError(400, p.BAD_REQUEST, f"malformed chunk size line {line[:40]!r}")
+            size = int(match.group(1), 16)
+            if size == 0:
+                break
+            if len(body) + size > limit:
+                raise HttpError(413, p.PAYLOAD_TOO_LARGE, f"chunked body exceeds the limit of {limit} bytes")
+            body += self.read_body(size, deadline)
+            if self._read_line(deadline, "chunk end"):
+                raise HttpError(400, p.BAD_REQUEST, "chunk data longer than its size")
+        trailers = 0
+        while line := self._read_line(deadline, "trailer"):
+            trailers += len(line)
+            if trailers > _MAX_TRAILER_BYTES:
+                raise HttpError(431, p.HEADERS_TOO_LARGE, f"trailer fields exceed {_MAX_TRAILER_BYTES} bytes")
+        return bytes(body)
+
+    def _read_line(self, deadline: float, what: str) -> bytes:
+        """One CRLF- (or LF-) terminated line of at most ``_MAX_CHUNK_LINE`` bytes, without it."""
+        while True:
+            end = self._buf.find(b"\n", 0, _MAX_CHUNK_LINE + 2)
+            if end >= 0:
+                line = bytes(self._buf[:end]).rstrip(b"\r")
+                del self._buf[: end + 1]
+                return line
+            if len(self._buf) > _MAX_CHUNK_LINE:
+                raise HttpError(400, p.BAD_REQUEST, f"{what} line longer than {_MAX_CHUNK_LINE} bytes")
+            chunk = self._recv(deadline)
+            if not chunk:
+                raise HttpError(400, p.BAD_REQUEST, "connection closed in the middle of a chunked body")
+            self._buf += chunk
+
     def _recv_into(self, view: memoryview, deadline: float) -> int:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -181,8 +224,7 @@ def parse_head(head: bytes) -> Request:
     if version not in ((1, 0), (1, 1)):
         raise HttpError(505, p.VERSION_NOT_SUPPORTED, "only HTTP/1.0 and HTTP/1.1 are supported")
     headers = _parse_headers(lines[1:])
-    if "transfer-encoding" in headers:
-        raise HttpError(411, p.LENGTH_REQUIRED, "chunked bodies are not supported; send Content-Length")
+    chunked = _is_chunked(headers)
     path, query = _parse_target(target)
     connection = headers.get("connection", "").lower()
     keep_alive = "close" not in connection if version == (1, 1) else "keep-alive" in connection
@@ -192,9 +234,22 @@ def parse_head(head: bytes) -> Request:
         query=query,
         version=version,
         headers=headers,
-        content_length=_content_length(headers),
+        content_length=0 if chunked else _content_length(headers),
         keep_alive=keep_alive,
+        chunked=chunked,
     )
+
+
+def _is_chunked(headers: dict[str, str]) -> bool:
+    coding = headers.get("transfer-encoding")
+    if coding is None:
+        return False
+    if "content-length" in headers:
+        # Both framings at once is how requests are smuggled past proxies (RFC 9112 §6.3).
+        raise HttpError(400, p.BAD_REQUEST, "both Transfer-Encoding and Content-Length")
+    if coding.strip().lower() != "chunked":
+        raise HttpError(501, p.NOT_IMPLEMENTED, f"transfer coding {coding[:40]!r} is not supported; use chunked")
+    return True
 
 
 def _parse_headers(lines: list[str]) -> dict[str, str]:

@@ -157,3 +157,15 @@ def test_curl_works(server: ControlServer, settings: ControlSettings) -> None:
         check=True,
     )  # fmt: skip
     assert b"caption of c.png (5004 bytes)" in out.stdout
+    # Piped from stdin (-T -) curl sends the body chunked, with Expect: 100-continue.
+    out = subprocess.run(
+        [
+            "curl", "-sS", "--unix-socket", str(settings.socket), "-X", "POST", "-T", "-",
+            "http://phicapd/v1/caption?name=t.png",
+        ],
+        input=b"\x89PNG" + b"t" * 70000,
+        capture_output=True,
+        timeout=10,
+        check=True,
+    )  # fmt: skip
+    assert b"caption of t.png (70004 bytes)" in out.stdout

@@ -143,7 +143,12 @@ def test_slowloris_is_cut_off(sock_dir: Path, backend: FakeBackend) -> None:
         (b"GET /v1/status HTTP/1.1\r\nno colon here\r\n\r\n", "400"),
         (b"POST /v1/caption HTTP/1.1\r\nContent-Length: -5\r\n\r\n", "400"),
         (b"POST /v1/caption HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", "400"),
-        (b"POST /v1/caption HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "411"),
+        (b"POST /v1/caption HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", "501"),
+        (b"POST /v1/caption HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n3\r\nabc", "400"),
+        (b"POST /v1/caption HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", "400"),
+        (b"POST /v1/caption HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n0\r\n\r\n", "400"),
+        (b"POST /v1/caption HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1" * 2000, "400"),
+        (b"POST /v1/caption HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab", "400"),  # closed mid-chunk
         (b"POST /v1/caption-url HTTP/1.1\r\nContent-Length: 5\r\n\r\n{nope", "400"),
         (b"POST /v1/caption-url HTTP/1.1\r\nContent-Length: 2\r\n\r\n[]", "400"),
         (b'POST /v1/caption-url HTTP/1.1\r\nContent-Length: 11\r\n\r\n{"url": 42}', "400"),
@@ -207,3 +212,34 @@ def test_connections_beyond_the_cap_get_503(sock_dir: Path, backend: FakeBackend
                 break
             time.sleep(0.05)
         assert status_line(reply) == "HTTP/1.1 200 OK"
+
+
+def _chunked(body: bytes, sizes: list[int], *, extension: bytes = b"", trailer: bytes = b"") -> bytes:
+    out, at = b"", 0
+    for n in sizes:
+        out += b"%x%s\r\n" % (n, extension) + body[at : at + n] + b"\r\n"
+        at += n
+    return out + b"0\r\n" + trailer + b"\r\n"
+
+
+def test_chunked_uploads_are_read_and_the_connection_stays_usable(
+    server: ControlServer, settings: ControlSettings, backend: FakeBackend
+) -> None:
+    body = b"\x89PNG" + bytes(range(256)) * 40
+    head = b"POST /v1/caption?name=c.png HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunks = _chunked(body, [1, 4096, 3000, len(body) - 7097], extension=b";x=1", trailer=b"X-Sum: 1\r\n")
+    reply = raw_exchange(settings.socket, head + chunks + b"GET /v1/health HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert reply.count(b"HTTP/1.1 200 OK") == 2
+    assert b"caption of c.png (%d bytes)" % len(body) in reply
+    assert backend.received[-1] == ("c.png", body)
+    assert server.body_budget.held == 0
+
+
+def test_a_chunked_body_over_the_limit_is_refused(backend: FakeBackend, sock_dir: Path) -> None:
+    small = ControlSettings(socket=sock_dir / "s.sock", max_body_bytes=1000)
+    with ControlServer(small, backend) as server:
+        head = b"POST /v1/caption HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+        reply = raw_exchange(small.socket, head + _chunked(b"x" * 1500, [800, 700]))
+        assert status_line(reply).split(" ")[1] == "413" and error_code(reply) == "payload_too_large"
+        assert server.body_budget.held == 0
+        assert_serving(small.socket)
