@@ -350,6 +350,7 @@ class Daemon:
             "recent_failures": list(sched.recent_failures) if sched else [],
             "watch": [str(r.path) for r in self.settings.watch],
             "watcher_pending": self.watcher.pending() if self.watcher else 0,
+            "unresponsive_roots": self.watcher.unresponsive_roots() if self.watcher else [],
             "sidecar": {"extension": self.settings.sidecar.extension, "existing": self.settings.sidecar.existing},
         }
 

@@ -264,7 +264,31 @@ def check_roots_writable(settings: Settings) -> None:
     the root's name (exit 78, no restart loop) beats failing on every sidecar later.
     """
     for root in settings.watch:
-        _probe(root.path)
+        _probe_with_timeout(root.path)
+
+
+PROBE_SECONDS = 10.0  # a root that does not answer in this time is a hung network mount
+
+
+def _probe_with_timeout(root: Path) -> None:
+    """``_probe`` in a thread of its own: a hard-mounted NFS share that hangs must not keep the
+    daemon (and captioning from every other root and the socket) from starting. Such a root is
+    logged and watched anyway; it settles when the share answers again."""
+    errors: list[BaseException] = []
+
+    def probe() -> None:
+        try:
+            _probe(root)
+        except BaseException as e:  # handed to the caller below
+            errors.append(e)
+
+    thread = threading.Thread(target=probe, name="phicapd-probe", daemon=True)
+    thread.start()
+    thread.join(PROBE_SECONDS)
+    if thread.is_alive():
+        log.error("watch root %s does not answer after %.0f s (a hung network mount?); starting", root, PROBE_SECONDS)
+    elif errors:
+        raise errors[0]
 
 
 def _probe(root: Path) -> None:

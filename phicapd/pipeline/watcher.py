@@ -32,6 +32,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -78,6 +80,10 @@ MAX_QUEUED_RESCANS = 10_000
 SETTLE_BATCH = 1024
 #: How long stop() waits for each thread (they are daemon threads: none blocks the exit).
 STOP_TIMEOUT_SECONDS = 10.0
+#: How long the settle thread waits for the stats of files on polled (network) roots: a hung
+#: NFS or SMB mount must not stop every other root from settling (nor the watchdog's pings).
+REMOTE_STAT_SECONDS = 5.0
+REMOTE_STAT_THREADS = 4
 #: A file reopened for writing is ready only after its next close; if that close never comes
 #: (a lost event), it is ready after this long without any change.
 STALLED_WRITE_SECONDS = 60.0
@@ -198,6 +204,9 @@ def needs_polling(root: WatchRoot, mountinfo: str | None = None) -> bool:
 # The settle table (no threads, no I/O: the Watcher feeds it stat results and guards it)
 
 
+_UNANSWERED = object()  # a stat that did not return in time
+
+
 def file_signature(path: Path | str) -> Signature | None:
     """(size, mtime_ns, inode) of a regular file, None when it is gone or not a regular file."""
     try:
@@ -283,6 +292,14 @@ class SettleTable:
             entry.scheduled = False
             out.append((path, entry.generation))
         return out
+
+    def later(self, path: Path, generation: int, now: float) -> None:
+        """A due file whose stat did not answer (a hung network mount): judge it again later."""
+        entry = self._entries.get(path)
+        if entry is None or entry.generation != generation:
+            return
+        entry.deadline = now + self.settle_seconds
+        self._schedule(path, entry)
 
     def check(self, path: Path, generation: int, signature: Signature | None, now: float) -> WatchRoot | None:
         """Judge a due file from a fresh stat; returns its root when it is ready (and forgets it)."""
@@ -536,6 +553,8 @@ class Watcher:
         self._last_progress = clock()
         self._next_timer: float | None = None
         self._next_health_check = 0.0
+        self._remote_stats: ThreadPoolExecutor | None = None  # made on first use
+        self._unresponsive: set[Path] = set()  # polled roots whose last stats did not answer
 
     # -- public API ------------------------------------------------------------------------
 
@@ -585,6 +604,8 @@ class Watcher:
             observer.stop()
         for observer in observers:
             observer.join(STOP_TIMEOUT_SECONDS)  # a poll stuck on a dead network mount stays behind
+        if self._remote_stats is not None:
+            self._remote_stats.shutdown(wait=False, cancel_futures=True)  # so may a stat
         log.info("watcher_stopped")
 
     # -- events (observer threads) ---------------------------------------------------------
@@ -741,14 +762,15 @@ class Watcher:
     def _settle(self, due: list[tuple[Path, int]]) -> None:
         if not due:
             return
-        signatures = [file_signature(path) for path, _ in due]
+        signatures = self._signatures([path for path, _ in due])
         with self._cond:
             now = self._clock()
-            ready = [
-                (path, root)
-                for (path, generation), signature in zip(due, signatures, strict=True)
-                if (root := self._table.check(path, generation, signature, now)) is not None
-            ]
+            ready = []
+            for (path, generation), signature in zip(due, signatures, strict=True):
+                if signature is _UNANSWERED:
+                    self._table.later(path, generation, now)
+                elif (root := self._table.check(path, generation, signature, now)) is not None:  # type: ignore[arg-type]
+                    ready.append((path, root))
         for path, root in ready:
             if self._stopping:
                 return  # the start-up scan of the next run finds it
@@ -756,6 +778,49 @@ class Watcher:
                 self._on_ready(path, root)
             except Exception:
                 log.exception("on_ready_failed", path=str(path))
+
+    def _signatures(self, paths: list[Path]) -> list[object]:
+        """Each file's signature (``Signature | None``); files on polled roots are stated in a
+        small pool, and those that do not answer within ``REMOTE_STAT_SECONDS`` come back
+        ``_UNANSWERED``."""
+        remote = {w.root.path for w in self._watches if w.polling}
+        owners = [self._polled_root(path, remote) for path in paths]
+        if not any(owners):
+            return [file_signature(path) for path in paths]
+        if self._remote_stats is None:
+            self._remote_stats = ThreadPoolExecutor(REMOTE_STAT_THREADS, thread_name_prefix="phicapd-remote-stat")
+        pool = self._remote_stats
+        pending = [pool.submit(file_signature, p) if o else None for p, o in zip(paths, owners, strict=True)]
+        deadline = time.monotonic() + REMOTE_STAT_SECONDS
+        out: list[object] = []
+        hung: set[Path] = set()
+        for path, owner, future in zip(paths, owners, pending, strict=True):
+            if future is None:
+                out.append(file_signature(path))
+                continue
+            try:
+                out.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
+            except FutureTimeout:
+                out.append(_UNANSWERED)
+                hung.add(owner)  # type: ignore[arg-type]
+        answered = {o for o in owners if o is not None} - hung
+        for root in hung - self._unresponsive:
+            log.error("watch_root_unresponsive", root=str(root), waited_s=REMOTE_STAT_SECONDS)
+        for root in answered & self._unresponsive:
+            log.info("watch_root_responsive_again", root=str(root))
+        self._unresponsive = (self._unresponsive | hung) - answered
+        return out
+
+    @staticmethod
+    def _polled_root(path: Path, remote: set[Path]) -> Path | None:
+        for parent in path.parents:
+            if parent in remote:
+                return parent
+        return None
+
+    def unresponsive_roots(self) -> list[str]:
+        """Polled roots whose last file stats did not answer (a hung network mount)."""
+        return sorted(str(r) for r in self._unresponsive)
 
     def _run_timer(self) -> None:
         if self._next_timer is None or self._clock() < self._next_timer:

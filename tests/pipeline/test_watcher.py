@@ -668,3 +668,39 @@ def test_move_grouper_stays_fast_under_a_flood_of_renames() -> None:
     pairs = [grouper.read_event() for _ in range(20_000)]
     assert all(isinstance(p, tuple) for p in pairs)
     assert time.monotonic() - started < 5.0  # watchdog's own grouper is quadratic here
+
+
+def test_a_hung_network_root_does_not_stop_the_others_from_settling(
+    rec: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import phicapd.pipeline.watcher as watcher_module
+
+    local, nas = tmp_path / "local", tmp_path / "nas"
+    for d in (local, nas):
+        d.mkdir()
+    monkeypatch.setattr(watcher_module, "REMOTE_STAT_SECONDS", 0.3)
+    hang = threading.Event()
+    real = watcher_module.file_signature
+
+    def stat(path):  # a hard-mounted NFS share that stopped answering
+        if Path(path).is_relative_to(nas) and hang.is_set():
+            time.sleep(3)
+        return real(path)
+
+    monkeypatch.setattr(watcher_module, "file_signature", stat)
+    w = make_watcher(rec, [WatchRoot(path=local, poll=False), WatchRoot(path=nas, poll=True)])
+    w.start()
+    try:
+        hang.set()
+        (nas / "stuck.jpg").write_bytes(b"x" * 10)
+        rec.wait_for(lambda r: w.unresponsive_roots() == [str(nas)], timeout=10)
+        started = time.monotonic()
+        (local / "fine.jpg").write_bytes(b"y" * 10)
+        rec.wait_for(lambda r: "fine.jpg" in r.ready_names(), timeout=10)
+        assert time.monotonic() - started < 2  # not behind the hung stats
+        assert time.monotonic() - w.last_progress < 1.5  # the watchdog still sees progress
+        hang.clear()  # the share answers again
+        rec.wait_for(lambda r: "stuck.jpg" in r.ready_names(), timeout=15)
+        rec.wait_for(lambda r: w.unresponsive_roots() == [], timeout=5)
+    finally:
+        w.stop()

@@ -6,10 +6,13 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
+import phicapd.systemd as systemd_module
 from phicapd.config import Settings, WatchRoot
 from phicapd.errors import ConfigError
 from phicapd.systemd import check_roots_writable
@@ -93,3 +96,31 @@ def test_a_read_only_mount_is_unwritable_even_for_root(tmp_path: Path) -> None:
     assert "Read-only file system" in result.stderr
     assert str(good) not in result.stderr.replace(str(readonly), "")
     assert list(readonly.iterdir()) == []
+
+
+def test_a_root_that_does_not_answer_does_not_hold_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    hung, fine = tmp_path / "nas", tmp_path / "local"
+    hung.mkdir()
+    fine.mkdir()
+    release = threading.Event()
+    real = systemd_module._probe
+
+    def probe(root: Path) -> None:  # a hard-mounted NFS share that stopped answering
+        if root == hung:
+            release.wait(10)
+        real(root)
+
+    monkeypatch.setattr(systemd_module, "_probe", probe)
+    monkeypatch.setattr(systemd_module, "PROBE_SECONDS", 0.3)
+    started = time.monotonic()
+    try:
+        check_roots_writable(Settings(watch=[WatchRoot(path=hung), WatchRoot(path=fine)]))
+    finally:
+        release.set()
+    assert time.monotonic() - started < 2
+    assert f"watch root {hung} does not answer" in caplog.text
+    # A root that answers with an error still stops the start, hung one or not.
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_roots_writable(Settings(watch=[WatchRoot(path=tmp_path / "missing")]))
