@@ -1,9 +1,10 @@
 """Intake: the watcher's callbacks and scan requests, turned into journal entries off their threads.
 
 The watcher calls ``file_ready`` and ``rescan`` from its own threads and must never wait on
-SQLite or a directory walk. Intake queues both and works them off in two threads: one groups
-settled files into a single journal transaction, the other runs reconcile scans one at a
-time (a root-wide scan makes pending subtree scans of that root redundant).
+SQLite or a directory walk. Intake queues both and works them off in threads: one groups
+settled files into a single journal transaction, and each root has a scan thread that runs its
+reconcile scans one at a time (a root-wide scan makes pending subtree scans of that root
+redundant), so a network root that hangs holds up only its own scans.
 """
 
 from __future__ import annotations
@@ -41,11 +42,14 @@ class Intake:
         self.last_progress = time.monotonic()
         self.scans_done = 0
         self.last_scan: ScanReport | None = None
-        self._scanning = False
+        self._scanning: set[Path] = set()  # roots with a scan running
 
     def start(self) -> None:
-        for name, target in (("phicapd-intake", self._files_loop), ("phicapd-scan", self._scan_loop)):
-            t = threading.Thread(target=target, name=name, daemon=True)
+        t = threading.Thread(target=self._files_loop, name="phicapd-intake", daemon=True)
+        t.start()
+        self._threads.append(t)
+        for i, root in enumerate(self.reconciler.settings.watch):
+            t = threading.Thread(target=self._scan_loop, args=(root,), name=f"phicapd-scan-{i}", daemon=True)
             t.start()
             self._threads.append(t)
 
@@ -74,7 +78,7 @@ class Intake:
                 for key in [k for k in self._scans if k[0] == root.path]:
                     del self._scans[key]
             self._scans[(root.path, directory)] = reason
-            self._scan_cond.notify()
+            self._scan_cond.notify_all()
 
     def defer(self, files: list[tuple[Path, WatchRoot]]) -> None:
         """Check these files again once they had time to settle."""
@@ -95,7 +99,7 @@ class Intake:
             return {
                 "settled_files": len(self._files),
                 "settling_files": len(self._deferred),
-                "scans": len(self._scans) + int(self._scanning),
+                "scans": len(self._scans) + len(self._scanning),
             }
 
     # -- workers -------------------------------------------------------------------------------
@@ -131,26 +135,26 @@ class Intake:
     def _due(self) -> bool:
         return bool(self._deferred) and self._deferred[0][0] <= time.monotonic()
 
-    def _scan_loop(self) -> None:
-        roots = {r.path: r for r in self.reconciler.settings.watch}
+    def _scan_loop(self, root: WatchRoot) -> None:
         while not self._stopping.is_set():
             with self._scan_cond:
-                while not self._scans and not self._stopping.is_set():
+                while not self._stopping.is_set() and not (mine := [k for k in self._scans if k[0] == root.path]):
                     self._scan_cond.wait(1.0)
                 if self._stopping.is_set():
                     return
-                (root_path, directory), reason = next(iter(self._scans.items()))
-                del self._scans[(root_path, directory)]
-                self._scanning = True
+                directory = mine[0][1]
+                reason = self._scans.pop(mine[0])
+                self._scanning.add(root.path)
             try:
-                self.last_scan = self.reconciler.scan(roots[root_path], directory, reason)
+                report = self.reconciler.scan(root, directory, reason)
+                self.last_scan = report
                 self.scans_done += 1
-                if self.last_scan.deferred:
-                    self.defer([(p, roots[root_path]) for p in self.last_scan.deferred])
-                if self.last_scan.queued:
+                if report.deferred:
+                    self.defer([(p, root) for p in report.deferred])
+                if report.queued:
                     self._on_queued()
             except Exception:
-                log.exception("scan failed", root=str(root_path), directory=str(directory))
+                log.exception("scan failed", root=str(root.path), directory=str(directory))
             finally:
                 with self._scan_cond:
-                    self._scanning = False
+                    self._scanning.discard(root.path)
