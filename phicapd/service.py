@@ -39,6 +39,7 @@ DRAIN_GRACE_SECONDS = 30.0
 #: How long the start timeout is extended while the model loads (a first download of ~8 GB on a
 #: slow link); past it systemd's start timeout applies and a restart resumes the download.
 LOAD_CEILING_SECONDS = 3600.0
+EXTEND_EVERY_SECONDS = 20.0  # the keepalive's period; each message extends by three of them
 #: First wait before loading again a model that is not available yet (doubles, up to 5 min).
 LOAD_RETRY_SECONDS = 10.0
 EX_SOFTWARE = 70  # sysexits(3): the model broke; systemd's Restart=on-failure restarts us
@@ -425,9 +426,9 @@ class _ExtendTimeout:
     """While the model loads (minutes on a cold cache), keep extending systemd's start timeout,
     for at most ``ceiling`` seconds: a load that hangs must still time out."""
 
-    def __init__(self, notifier: Any, every: float = 20.0, ceiling: float = LOAD_CEILING_SECONDS) -> None:
+    def __init__(self, notifier: Any, every: float | None = None, ceiling: float = LOAD_CEILING_SECONDS) -> None:
         self._notifier = notifier
-        self._every = every
+        self._every = every or EXTEND_EVERY_SECONDS
         self._ceiling = ceiling
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="phicapd-extend", daemon=True)

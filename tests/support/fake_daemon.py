@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from phicapd import service
 from phicapd.config import load_settings
 from phicapd.log import configure_logging
 from phicapd.service import run
@@ -19,9 +20,15 @@ def main() -> int:
     latency = float(os.environ.get("FAKE_LATENCY", "0"))
     record = Path(os.environ["FAKE_RECORD"])
     load_seconds = float(os.environ.get("FAKE_LOAD_SECONDS", "0"))
+    # After an interrupted load: what a download's thread pool does, finishing its running files.
+    linger = float(os.environ.get("FAKE_LOAD_LINGER", "0"))
+    service.EXTEND_EVERY_SECONDS = float(os.environ.get("FAKE_EXTEND_EVERY", service.EXTEND_EVERY_SECONDS))
 
     def load(_settings: object) -> FakeCaptioner:
-        time.sleep(load_seconds)  # a download or a compile
+        try:
+            time.sleep(load_seconds)  # a download or a compile
+        finally:
+            time.sleep(linger)
         return FakeCaptioner(latency=latency, record=record)
 
     return run(settings, load)
