@@ -22,7 +22,7 @@ from phicapd.config import Settings, WatchRoot
 from phicapd.log import get_logger
 from phicapd.pipeline.jobs import Fingerprint, JobStore, NewWork
 from phicapd.pipeline.paths import is_candidate_name, is_watched_dir, list_images
-from phicapd.pipeline.sidecar import SiblingIndex, is_up_to_date, remove_stale_temps
+from phicapd.pipeline.sidecar import SiblingIndex, policy_keeps, remove_stale_temps, sidecar_may_exist
 
 log = get_logger(__name__)
 
@@ -81,18 +81,14 @@ class Reconciler:
                 continue
             if not stat.S_ISREG(st.st_mode):
                 continue
-            plain = directory / (os.path.splitext(name)[0] + self.extension)
-            if plain.exists() or (directory / (name + self.extension)).exists():
+            if sidecar_may_exist(path, self.extension):
                 index = index or siblings()
                 sidecar = index.sidecar_for(path, self.extension)
-            else:
-                sidecar = plain  # missing under either name: stale whichever the rule picks
+            else:  # missing under either name: stale whichever the rule picks
+                sidecar = directory / (os.path.splitext(name)[0] + self.extension)
             candidates.append((path, st, sidecar))
-        if policy == "skip":
-            stale = [(p, st) for p, st, sidecar in candidates if not is_up_to_date(st, sidecar)]
-        elif policy == "only-missing":
-            # a sidecar that exists is kept whatever its age: it may be hand-edited for good
-            stale = [(p, st) for p, st, sidecar in candidates if not sidecar.exists()]
+        if policy != "overwrite":
+            stale = [(p, st) for p, st, sidecar in candidates if not policy_keeps(policy, st.st_mtime_ns, sidecar)]
         else:
             # overwrite: whatever we did not caption ourselves, at this version, gets a fresh caption
             done = self.store.done_fingerprints([c[0] for c in candidates])

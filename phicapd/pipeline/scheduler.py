@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -49,7 +48,7 @@ from phicapd.errors import CaptionError, PhicapError
 from phicapd.log import get_logger
 from phicapd.pipeline.decode import DecodeBytes, Decoded, DecodeFile
 from phicapd.pipeline.jobs import Job, JobStore
-from phicapd.pipeline.sidecar import is_up_to_date, sidecar_for
+from phicapd.pipeline.sidecar import policy_keeps, sidecar_for, sidecar_may_exist
 from phicapd.pipeline.writer import Finished, SidecarWriter
 
 log = get_logger(__name__)
@@ -590,17 +589,14 @@ class Scheduler:
         if job.force or policy == "overwrite":
             return False
         extension = self.settings.sidecar.extension
-        plain = job.path.with_name(os.path.splitext(job.path.name)[0] + extension)
-        if not (os.path.exists(plain) or os.path.exists(job.path.with_name(job.path.name + extension))):
+        if not sidecar_may_exist(job.path, extension):
             return False  # the usual case, known without listing the directory
         try:
             st = job.path.stat()
         except OSError:
             return False
-        sidecar = sidecar_for(job.path, self._list_images(job.path.parent, root), self.settings.sidecar.extension)
-        if policy == "only-missing":
-            return sidecar.exists()  # kept whatever its age
-        return is_up_to_date(st, sidecar)
+        sidecar = sidecar_for(job.path, self._list_images(job.path.parent, root), extension)
+        return policy_keeps(policy, st.st_mtime_ns, sidecar)
 
 
 def _suspect(job: Job | None) -> bool:

@@ -139,11 +139,37 @@ def is_up_to_date(image_stat: os.stat_result, sidecar: Path) -> bool:
     The sidecar may have been edited by hand, so its content is never judged; an image whose
     bytes changed gets a newer mtime than its sidecar and is captioned again.
     """
+    return _newer(image_stat.st_mtime_ns, sidecar)
+
+
+def _newer(image_mtime_ns: int, sidecar: Path) -> bool:
     try:
         st = sidecar.stat()
     except OSError:
         return False
-    return st.st_size > 0 and st.st_mtime_ns >= image_stat.st_mtime_ns
+    return st.st_size > 0 and st.st_mtime_ns >= image_mtime_ns
+
+
+def policy_keeps(policy: str, image_mtime_ns: int, sidecar: Path) -> bool:
+    """Whether the ``existing`` policy keeps ``sidecar`` as it is: ``skip`` while it is up to
+    date (``is_up_to_date``), ``only-missing`` whenever it exists, ``overwrite`` never (the
+    scanner also asks the journal whether this daemon wrote it, for ``overwrite``)."""
+    if policy == "skip":
+        return _newer(image_mtime_ns, sidecar)
+    if policy == "only-missing":
+        return sidecar.exists()
+    return False
+
+
+def sidecar_may_exist(image: Path, extension: str) -> bool:
+    """Whether a file stands under either name the naming rule can give ``image``'s sidecar.
+
+    When neither exists the sidecar is missing whatever the rule picks, which is known without
+    listing the directory (the usual case for a new image).
+    """
+    return os.path.exists(image.with_name(_stem(image.name) + extension)) or os.path.exists(
+        image.with_name(image.name + extension)
+    )
 
 
 def is_temp_name(name: str) -> bool:

@@ -14,7 +14,6 @@ loses it nor sends its images round the model again.
 from __future__ import annotations
 
 import collections
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from phicapd.errors import PhicapError
 from phicapd.log import get_logger
 from phicapd.pipeline.decode import Decoded, fingerprint_of
 from phicapd.pipeline.jobs import Failure, Job, JobStore, Success
-from phicapd.pipeline.sidecar import SiblingCache, is_up_to_date, write_sidecars
+from phicapd.pipeline.sidecar import SiblingCache, policy_keeps, write_sidecars
 
 log = get_logger(__name__)
 
@@ -190,18 +189,10 @@ class SidecarWriter:
 
     def _kept(self, f: Finished, sidecar: Path) -> bool:
         """Does the policy keep the sidecar as it is now? It was not, when the job was queued,
-        so one that is kept now appeared while the image was on its way (phicapctl, a person)."""
-        if f.job.force:
-            return False
-        policy = self._policy(f)
-        if policy == "only-missing":
-            return os.path.lexists(sidecar)
-        if policy == "skip":
-            try:
-                return is_up_to_date(f.job.path.stat(), sidecar)
-            except OSError:
-                return False
-        return False
+        so one that is kept now appeared while the image was on its way (phicapctl, a person).
+        The image's mtime is its fingerprint's, which was just checked against the file."""
+        assert f.decoded is not None
+        return not f.job.force and policy_keeps(self._policy(f), f.decoded.fingerprint.mtime_ns, sidecar)
 
     def _log(self, group: list[Finished], parked: set[int]) -> None:
         """One canonical line per finished job."""
