@@ -784,8 +784,8 @@ class Watcher:
         small pool, and those that do not answer within ``REMOTE_STAT_SECONDS`` come back
         ``_UNANSWERED``."""
         remote = {w.root.path for w in self._watches if w.polling}
-        owners = [self._polled_root(path, remote) for path in paths]
-        if not any(owners):
+        owners = [self._polled_root(path, remote) for path in paths] if remote else []
+        if not any(owners):  # no polled root has a file here: plain stats, no pool
             return [file_signature(path) for path in paths]
         if self._remote_stats is None:
             self._remote_stats = ThreadPoolExecutor(REMOTE_STAT_THREADS, thread_name_prefix="phicapd-remote-stat")
