@@ -449,8 +449,7 @@ class GenerationEngine:
             failed = True
         if failed:
             # Outside the handler: its traceback would keep the failed capture's memory alive.
-            self.compile, self._step = False, self._decode_step
-            self._graphs.clear()
+            self._stop_compiling()
             torch.cuda.empty_cache()
             entry = self._capture(rows, ctx, span)
         self._graphs[key] = entry
@@ -458,27 +457,38 @@ class GenerationEngine:
             self._graphs.popitem(last=False)
         return entry
 
-    def _capture(self, rows: int, ctx: int, span: int) -> _Graph:
+    def _stop_compiling(self) -> None:
+        """Decode with the eager step from now on; graphs captured from the compiled one go."""
+        self.compile, self._step = False, self._decode_step
+        self._graphs.clear()
+
+    def _probe_inputs(self, rows: int, ctx: int, span: int, tokens: torch.Tensor) -> tuple[Any, ...]:
+        """Decode-step arguments for a step outside the generation loop (capture, checks).
+
+        They run on real slots and write only position ``span - 1``, which holds no row's data
+        (``span_for``: every active row is shorter; the entry a row writes next is overwritten
+        by that write).
+        """
         assert self.pool is not None
-        caches = self._caches(self.pool.view(rows, ctx), rows, span)
-        tables = self.tables(ctx)
-        tokens = torch.zeros(rows, dtype=torch.long, device=self.device)
-        # Warm-up and capture run on real slots: they write only position span - 1, which holds
-        # no row's data (``span_for``: every active row is shorter; the entry a row writes next
-        # is overwritten by that write).
         positions = torch.full((rows,), span - 1, dtype=torch.long, device=self.device)
         long_rope = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        caches = self._caches(self.pool.view(rows, ctx), rows, span)
+        return (tokens, positions, long_rope, caches, *self.tables(ctx))
+
+    def _capture(self, rows: int, ctx: int, span: int) -> _Graph:
+        args = self._probe_inputs(rows, ctx, span, torch.zeros(rows, dtype=torch.long, device=self.device))
+        tokens, positions, long_rope = args[:3]
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):  # compile (if on) and let kernels pick their algorithms outside capture
-                self._step(tokens, positions, long_rope, caches, *tables)
+                self._step(*args)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the decode pool and the socket threads may touch CUDA (pinned memory)
         # while a graph is captured mid-run; only this thread's calls must be capturable.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            logits = self._step(tokens, positions, long_rope, caches, *tables)
+            logits = self._step(*args)
         return _Graph(graph, tokens, positions, long_rope, logits)
 
     def _caches(self, kv: torch.Tensor, rows: int, span: int) -> list[torch.Tensor]:
@@ -545,21 +555,16 @@ class GenerationEngine:
         an error), turn ``compile`` off: the eager step, captured in CUDA graphs, is slower but
         right.
         """
-        assert self.pool is not None
-        span = self.spans(ctx)[-1]
-        caches = self._caches(self.pool.view(rows, ctx), rows, span)
-        tables = self.tables(ctx)
         generator = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, self.lm.config.vocab_size, (rows,), generator=generator).to(self.device)
-        positions = torch.full((rows,), span - 1, dtype=torch.long, device=self.device)
-        long_rope = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        args = self._probe_inputs(rows, ctx, self.spans(ctx)[-1], tokens)
         try:
-            compiled = self._step(tokens, positions, long_rope, caches, *tables).float()
+            compiled = self._step(*args).float()
         except Exception:
             log.exception("compiling the decode step failed; decoding without torch.compile")
-            self.compile, self._step = False, self._decode_step
+            self._stop_compiling()
             return
-        eager = self._decode_step(tokens, positions, long_rope, caches, *tables).float()
+        eager = self._decode_step(*args).float()
         agreement = F.cosine_similarity(compiled, eager, dim=-1).min().item()
         if not agreement >= COMPILED_AGREEMENT:  # also catches NaN
             log.error(
@@ -568,8 +573,7 @@ class GenerationEngine:
                 agreement,
                 COMPILED_AGREEMENT,
             )
-            self.compile, self._step = False, self._decode_step
-            self._graphs.clear()
+            self._stop_compiling()
 
     # -- the generation loop ----------------------------------------------------------------
 
