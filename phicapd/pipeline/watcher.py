@@ -6,7 +6,8 @@
   reconcile ``directory`` against the journal. Reasons: ``"new_dir"`` (a directory appeared; files
   that landed in it before its watch existed raised no event), ``"overflow"`` (the kernel's inotify
   queue or our settle table overflowed), ``"timer"`` (the periodic safety net) and
-  ``"observer_error"`` (an observer or a root's watch died and was re-established).
+  ``"observer_error"`` (an observer or a root's watch died and was re-established) and
+``"reload"`` (``set_roots`` added a root, or changed which files one captions).
 
 Events are hints; the scan is the truth. Every callback runs on the watcher's own settle thread,
 never on a watchdog thread and never under a lock that a watchdog thread needs: watchdog's observer
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import heapq
+import itertools
 import logging
 import os
 import re
@@ -93,7 +95,7 @@ STALLED_WRITE_SECONDS = 60.0
 #: readers report overflows directly; the log record catches any other inotify reader's.
 INOTIFY_LOGGER = "watchdog.observers.inotify_c"
 
-RESCAN_REASONS = ("new_dir", "overflow", "timer", "observer_error")
+RESCAN_REASONS = ("new_dir", "overflow", "timer", "observer_error", "reload")
 
 #: The only events ``Watcher._on_event`` acts on. Scheduling with this filter keeps IN_OPEN and
 #: IN_CLOSE_NOWRITE out of the inotify mask (every read of an image, by us or anyone, and every
@@ -269,6 +271,21 @@ class SettleTable:
     def discard(self, path: Path) -> None:
         self._entries.pop(path, None)  # its heap item is skipped when it comes up
 
+    def drop_root(self, root_path: Path) -> None:
+        """Forget every file of the root at ``root_path`` (it is no longer watched)."""
+        for path in [p for p, e in self._entries.items() if e.root.path == root_path]:
+            del self._entries[path]
+
+    def replace_root(self, root: WatchRoot) -> None:
+        """The root at ``root.path`` has new settings: its files are judged and reported with
+        them, and those it no longer captions are forgotten."""
+        for path, entry in list(self._entries.items()):
+            if entry.root.path == root.path:
+                if is_candidate(path, root):
+                    entry.root = root
+                else:
+                    del self._entries[path]
+
     def next_deadline(self) -> float | None:
         while self._heap:
             deadline, path = self._heap[0]
@@ -347,6 +364,7 @@ class _RootWatch:
     polling: bool
     observed: ObservedWatch | None = None  # None while its directory cannot be watched
     failing: bool = False  # the last attempt to watch it failed (logged once per outage)
+    removed: bool = False  # set_roots dropped it: its late events are ignored
 
 
 class _RootEventHandler(FileSystemEventHandler):
@@ -537,10 +555,18 @@ class Watcher:
         self._on_ready = on_ready
         self._on_rescan = on_rescan
         self._clock = clock
-        self._watches = [_RootWatch(i, root, needs_polling(root)) for i, root in enumerate(roots)]
+        self._indexes = itertools.count()
+        # By index. Changed under _cond; iterated by the settle thread under _cond or _observing.
+        self._watches: dict[int, _RootWatch] = {}
+        for root in roots:
+            watch = _RootWatch(next(self._indexes), root, needs_polling(root))
+            self._watches[watch.index] = watch
         self._observers: dict[bool, BaseObserver] = {}  # by "polling"
-        self._handlers = {w.index: _RootEventHandler(self, w) for w in self._watches}
+        self._handlers = {w.index: _RootEventHandler(self, w) for w in self._watches.values()}
         self._overflow_handler = _OverflowLogHandler(self._on_inotify_overflow)
+        # Held while observers are started and watches (un)scheduled: by start(), set_roots and
+        # the settle thread's health check. Taken before _cond, never from an observer thread.
+        self._observing = threading.Lock()
 
         # Guards the settle table and the rescan queue; never held while calling out.
         self._cond = threading.Condition(threading.Lock())
@@ -567,13 +593,15 @@ class Watcher:
             return len(self._table)
 
     def start(self) -> None:
-        with self._cond:
-            if self._started or self._stopping:
-                raise RuntimeError("a Watcher starts once and cannot restart after stop()")
-            self._started = True
-        self._install_overflow_handler()
-        for watch in self._watches:
-            self._schedule(watch, rescan_on_success=False)
+        with self._observing:
+            with self._cond:
+                if self._started or self._stopping:
+                    raise RuntimeError("a Watcher starts once and cannot restart after stop()")
+                self._started = True
+                watches = list(self._watches.values())
+            self._install_overflow_handler()
+            for watch in watches:
+                self._schedule(watch, rescan_on_success=False)
         now = self._clock()
         interval = self._settings.rescan_interval_seconds
         self._next_timer = now + interval if interval > 0 else None
@@ -582,8 +610,63 @@ class Watcher:
         self._thread.start()
         log.info(
             "watcher_started",
-            roots=[str(w.root.path) for w in self._watches],
-            polling=[str(w.root.path) for w in self._watches if w.polling],
+            roots=[str(w.root.path) for w in watches],
+            polling=[str(w.root.path) for w in watches if w.polling],
+        )
+
+    def set_roots(self, roots: list[WatchRoot]) -> None:
+        """Watch exactly ``roots`` from now on (a configuration reload); roots are matched by path.
+
+        A new root is watched and a scan of it is requested (reason ``"reload"``); a dropped
+        one is no longer watched and its files waiting to settle are forgotten; a root whose
+        settings changed is judged with the new ``WatchRoot`` from now on, watched anew when
+        ``recursive`` or ``poll`` changed, and rescanned when what it captions changed. Returns
+        once the new watches are in place (a file written after it returns raises events);
+        safe to call from any thread, before ``start()`` as well.
+        """
+        wanted = {root.path: root for root in roots}
+        with self._observing:
+            with self._cond:
+                if self._stopping:
+                    return
+                current = {w.root.path: w for w in self._watches.values()}
+            # Mount detection reads /proc: done before _cond is taken.
+            fresh = [root for path, root in wanted.items() if path not in current]
+            added = [_RootWatch(next(self._indexes), root, needs_polling(root)) for root in fresh]
+            rewatch: list[_RootWatch] = []
+            rescan: list[_RootWatch] = list(added)
+            with self._cond:
+                for watch in added:
+                    self._watches[watch.index] = watch
+                    self._handlers[watch.index] = _RootEventHandler(self, watch)
+                removed = [w for p, w in current.items() if p not in wanted]
+                for watch in removed:
+                    self._forget_watch(watch)
+                changed = [(w, wanted[p]) for p, w in current.items() if p in wanted and w.root != wanted[p]]
+                for watch, root in changed:
+                    old, watch.root = watch.root, root
+                    self._table.replace_root(root)
+                    if (old.recursive, old.poll) != (root.recursive, root.poll):
+                        rewatch.append(watch)
+                    if _captions_differently(old, root):
+                        rescan.append(watch)
+                started = self._started
+            if started:
+                for watch in removed + rewatch:
+                    self._unschedule(watch)
+                for watch in rewatch:
+                    watch.polling = needs_polling(watch.root)
+                for watch in added + rewatch:
+                    self._schedule(watch, rescan_on_success=False)
+                self._install_overflow_handler()
+                with self._cond:
+                    for watch in rescan:
+                        self._queue_rescan(watch, watch.root.path, "reload")
+        log.info(
+            "watch_roots_changed",
+            added=[str(w.root.path) for w in added],
+            removed=[str(w.root.path) for w in removed],
+            changed=[str(w.root.path) for w, _ in changed],
         )
 
     def stop(self) -> None:
@@ -592,14 +675,15 @@ class Watcher:
                 return
             self._stopping = True
             self._cond.notify_all()
-        logging.getLogger(INOTIFY_LOGGER).removeHandler(self._overflow_handler)
         # The settle thread goes first: it may be (re)starting observers. It stops between two
         # callbacks; a callback stuck for longer is reported, not waited for forever.
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(STOP_TIMEOUT_SECONDS)
             if self._thread.is_alive():
                 log.error("watcher_thread_stuck_in_callback", waited_s=STOP_TIMEOUT_SECONDS)
-        observers = list(self._observers.values())
+        with self._observing:  # a set_roots under way finishes first; none starts after this
+            logging.getLogger(INOTIFY_LOGGER).removeHandler(self._overflow_handler)
+            observers = list(self._observers.values())
         for observer in observers:
             observer.stop()
         for observer in observers:
@@ -653,6 +737,8 @@ class Watcher:
         signature = file_signature(path)  # outside the lock: stat may be slow on a busy disk
         first_drop = False
         with self._cond:
+            if watch.removed:
+                return  # an event that was already on its way when set_roots dropped the root
             if signature is None:
                 self._table.discard(path)
             elif self._table.add(path, watch.root, signature, self._clock()):
@@ -686,12 +772,14 @@ class Watcher:
         with self._cond:
             if self._stopping:
                 return
-            for watch in self._watches:
+            for watch in self._watches.values():
                 if not watch.polling:
                     self._queue_rescan(watch, watch.root.path, "overflow")
 
     def _queue_rescan(self, watch: _RootWatch, directory: Path, reason: str) -> None:
         """Queue a rescan unless it or one of its ancestors is already queued. Caller holds _cond."""
+        if watch.removed:
+            return
         for queued in (directory, *directory.parents):
             if (watch.index, queued) in self._rescans:
                 return
@@ -732,6 +820,16 @@ class Watcher:
         with self._cond:
             if not self._stopping and not self._rescans and not due:
                 self._cond.wait(self._idle_timeout())
+
+    def _forget_watch(self, watch: _RootWatch) -> None:
+        """Drop a root that set_roots removed: its queued rescans and pending files. Caller holds _cond."""
+        watch.removed = True
+        del self._watches[watch.index]
+        del self._handlers[watch.index]
+        for key in [k for k in self._rescans if k[0] == watch.index]:
+            del self._rescans[key]
+        self._table_overflowed.discard(watch.index)
+        self._table.drop_root(watch.root.path)
 
     def _take_rescans(self) -> list[tuple[_RootWatch, Path, str]]:
         out = [(self._watches[i], directory, reason) for (i, directory), reason in self._rescans.items()]
@@ -783,7 +881,8 @@ class Watcher:
         """Each file's signature (``Signature | None``); files on polled roots are stated in a
         small pool, and those that do not answer within ``REMOTE_STAT_SECONDS`` come back
         ``_UNANSWERED``."""
-        remote = {w.root.path for w in self._watches if w.polling}
+        with self._cond:
+            remote = {w.root.path for w in self._watches.values() if w.polling}
         owners = [self._polled_root(path, remote) for path in paths] if remote else []
         if not any(owners):  # no polled root has a file here: plain stats, no pool
             return [file_signature(path) for path in paths]
@@ -827,7 +926,7 @@ class Watcher:
             return
         self._next_timer = self._clock() + self._settings.rescan_interval_seconds
         with self._cond:
-            for watch in self._watches:
+            for watch in self._watches.values():
                 self._queue_rescan(watch, watch.root.path, "timer")
 
     # -- observer health (settle thread, and start()) --------------------------------------
@@ -870,27 +969,40 @@ class Watcher:
             with self._cond:
                 self._queue_rescan(watch, watch.root.path, "observer_error")
 
+    def _unschedule(self, watch: _RootWatch) -> None:
+        observer = self._observers.get(watch.polling)
+        if watch.observed is not None and observer is not None:
+            with contextlib.suppress(KeyError):
+                observer.unschedule(watch.observed)
+        watch.observed = None
+
     def _check_observers(self) -> None:
         now = self._clock()
         if now < self._next_health_check:
             return
-        self._next_health_check = now + HEALTH_CHECK_SECONDS
+        if not self._observing.acquire(blocking=False):
+            return  # set_roots is (un)scheduling watches: check again next time
+        try:
+            self._next_health_check = now + HEALTH_CHECK_SECONDS
+            self._check_observers_locked()
+        finally:
+            self._observing.release()
+
+    def _check_observers_locked(self) -> None:
         for polling, observer in list(self._observers.items()):
             if not observer.is_alive():
                 log.error("observer_died_restarting", polling=polling)
                 with contextlib.suppress(Exception):
                     observer.stop()  # stops its emitters, if any still run
                 del self._observers[polling]
-                for watch in self._watches:
+                for watch in self._watches.values():
                     if watch.polling == polling:
                         watch.observed = None
-        for watch in self._watches:
+        for watch in list(self._watches.values()):
             if watch.observed is not None and not self._emitter_alive(watch):
                 # The root was deleted or its emitter crashed; watchdog stops watching it.
                 log.warning("watch_lost", root=str(watch.root.path))
-                with contextlib.suppress(KeyError):
-                    self._observers[watch.polling].unschedule(watch.observed)
-                watch.observed = None
+                self._unschedule(watch)
             if watch.observed is None:
                 self._schedule(watch, rescan_on_success=True)
 
@@ -901,5 +1013,13 @@ class Watcher:
         return any(e.watch == watch.observed and e.is_alive() for e in list(observer.emitters))
 
     def _install_overflow_handler(self) -> None:
-        if not all(w.polling for w in self._watches):
+        # addHandler adds a handler once, however often it is called (set_roots calls it again).
+        if not all(w.polling for w in list(self._watches.values())):
             logging.getLogger(INOTIFY_LOGGER).addHandler(self._overflow_handler)
+
+
+def _captions_differently(old: WatchRoot, new: WatchRoot) -> bool:
+    """Would a scan of the root find other work under ``new``? (Not so for a new prompt, prefix or
+    suffix: those apply to the captions made from now on.)"""
+    same = {"prompt", "prefix", "suffix"}
+    return old.model_dump(exclude=same) != new.model_dump(exclude=same)

@@ -18,11 +18,15 @@ class FakeReconciler:
         self.settings = settings
         self.hung = hung
         self.release = threading.Event()
+        self.hanging = threading.Event()  # a scan of ``hung`` has begun
         self.scanned: list[tuple[Path, Path, str]] = []
+        self.roots: dict[Path, WatchRoot] = {}  # the WatchRoot each root was last scanned with
 
     def scan(self, root: WatchRoot, directory: Path, reason: str) -> ScanReport:
         if root.path == self.hung:
+            self.hanging.set()
             self.release.wait(10)
+        self.roots[root.path] = root
         self.scanned.append((root.path, directory, reason))
         return ScanReport(root.path, directory, reason, 0, 0, 0, 0.0, [])
 
@@ -53,3 +57,57 @@ def test_a_hung_scan_holds_up_only_its_own_root(tmp_path: Path) -> None:
     finally:
         reconciler.release.set()
         intake.stop()
+
+
+def _scan_threads() -> int:
+    return sum(t.name.startswith("phicapd-scan-") for t in threading.enumerate())
+
+
+def test_set_roots_starts_and_stops_scan_threads_and_uses_the_new_settings(tmp_path: Path) -> None:
+    nas, local = WatchRoot(path=tmp_path / "nas"), WatchRoot(path=tmp_path / "local")
+    reconciler = FakeReconciler(Settings(watch=[nas, local]), hung=nas.path)
+    intake = Intake(reconciler, on_queued=lambda: None)  # type: ignore[arg-type]
+    before = _scan_threads()
+    intake.start()
+    try:
+        assert _scan_threads() == before + 2
+        intake.rescan(nas, reason="timer")
+        assert reconciler.hanging.wait(5)
+
+        added = WatchRoot(path=tmp_path / "added")
+        changed = local.model_copy(update={"prompt": "new"})
+        intake.set_roots([changed, added])
+        assert _scan_threads() == before + 3  # the removed root's thread is still in its scan
+        intake.rescan(added, reason="reload")
+        intake.rescan(local, reason="request")  # the caller's old WatchRoot: the new one is used
+        _wait(lambda: len(reconciler.scanned) == 2)
+        assert sorted(reconciler.scanned) == sorted(
+            [(added.path, added.path, "reload"), (local.path, local.path, "request")]
+        )
+        assert reconciler.roots[local.path].prompt == "new"
+
+        intake.rescan(nas, reason="request")  # no longer watched: dropped, not queued for ever
+        reconciler.release.set()  # the scan under way finishes, then its thread exits
+        _wait(lambda: _scan_threads() == before + 2)
+        _wait(intake.idle)
+        assert [s for s in reconciler.scanned if s[0] == nas.path] == [(nas.path, nas.path, "timer")]
+    finally:
+        reconciler.release.set()
+        intake.stop()
+    assert _scan_threads() == before
+
+
+def test_set_roots_drops_the_removed_roots_queued_files(tmp_path: Path) -> None:
+    a, b = WatchRoot(path=tmp_path / "a"), WatchRoot(path=tmp_path / "b")
+    reconciler = FakeReconciler(Settings(watch=[a, b]), hung=tmp_path / "none")
+    intake = Intake(reconciler, on_queued=lambda: None)  # type: ignore[arg-type]
+    # Not started: the files stay queued, so what set_roots does to them can be seen.
+    intake.file_ready(a.path / "1.jpg", a)
+    intake.file_ready(b.path / "2.jpg", b)
+    intake.defer([(a.path / "3.jpg", a), (b.path / "4.jpg", b)])
+    intake.set_roots([b.model_copy(update={"prompt": "new"})])
+    assert intake.backlog() == {"settled_files": 1, "settling_files": 1, "scans": 0}
+    intake.file_ready(a.path / "5.jpg", a)
+    intake.rescan(a)
+    assert intake.backlog() == {"settled_files": 1, "settling_files": 1, "scans": 0}
+    assert [root.prompt for _, root in intake._files] == ["new"]

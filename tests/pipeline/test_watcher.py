@@ -44,11 +44,13 @@ class Recorder:
         self.ready: list[tuple[Path, int, float]] = []  # path, size seen, when
         self.rescans: list[tuple[Path, Path, str]] = []  # root path, directory, reason
         self.ready_threads: set[str] = set()
+        self.ready_roots: dict[Path, WatchRoot] = {}  # the root each file was last reported with
 
     def on_ready(self, path: Path, root: WatchRoot) -> None:
         size = path.stat().st_size if path.exists() else -1
         with self.cond:
             self.ready.append((path, size, time.monotonic()))
+            self.ready_roots[path] = root
             self.ready_threads.add(threading.current_thread().name)
             self.cond.notify_all()
 
@@ -442,6 +444,105 @@ def test_deleted_root_is_watched_again_when_it_returns(rec: Recorder, running: W
     write(root_dir / "back.jpg")
     barrier(rec, running, root_dir)
     assert rec.ready_names() == ["back.jpg"]
+
+
+# ---------------------------------------------------------------------------------------------
+# set_roots: roots added, removed and changed while running (a configuration reload)
+
+
+def test_a_root_added_at_run_time_is_scanned_and_watched(rec: Recorder, running: Watcher, tmp_path: Path) -> None:
+    first = running._watches[0].root
+    added = tmp_path / "added"
+    (added / "sub").mkdir(parents=True)
+    running.set_roots([first, WatchRoot(path=added, poll=False)])
+    rec.wait_for(lambda r: (added, added, "reload") in r.rescans)  # files already there: the scan's job
+    write(added / "new.jpg")
+    write(added / "sub" / "deep.jpg")
+    barrier(rec, running, added)
+    assert sorted(rec.ready_names()) == ["deep.jpg", "new.jpg"]
+    assert [reason for _, _, reason in rec.rescans] == ["reload"]
+
+
+def test_a_removed_root_reports_nothing_more_and_forgets_its_pending_files(rec: Recorder, tmp_path: Path) -> None:
+    kept, dropped = tmp_path / "kept", tmp_path / "dropped"
+    kept.mkdir()
+    dropped.mkdir()
+    w = make_watcher(rec, [WatchRoot(path=kept, poll=False), WatchRoot(path=dropped, poll=False)], settle=0.5)
+    w.start()
+    try:
+        write(dropped / "pending.jpg")
+        wait_until(lambda: w.pending() == 1)
+        w.set_roots([WatchRoot(path=kept, poll=False)])
+        assert w.pending() == 0
+        write(dropped / "after.jpg")
+        (dropped / "new-dir").mkdir()
+        write(kept / "kept.jpg")
+        barrier(rec, w, kept)
+        assert rec.ready_names() == ["kept.jpg"]
+        assert rec.rescans == []
+        assert [str(watch.root.path) for watch in w._watches.values()] == [str(kept)]
+        assert len(w._observers[False].emitters) == 1
+    finally:
+        w.stop()
+
+
+def test_a_changed_root_is_reported_with_its_new_settings_and_rescanned_when_it_captions_more(
+    rec: Recorder, running: Watcher, root_dir: Path
+) -> None:
+    (root_dir / "sub").mkdir()
+    rec.wait_for(lambda r: len(r.rescans) == 1)  # its "new_dir"
+    old = running._watches[0].root
+    running.set_roots([old.model_copy(update={"prompt": "Describe the cat."})])
+    write(root_dir / "a.jpg")
+    barrier(rec, running, root_dir)
+    assert rec.ready_roots[root_dir / "a.jpg"].prompt == "Describe the cat."
+    assert len(rec.rescans) == 1  # a new prompt applies to new captions: nothing to scan for
+
+    # Non-recursive: the subdirectory is no longer watched (watched anew), and scanned.
+    running.set_roots([old.model_copy(update={"recursive": False})])
+    rec.wait_for(lambda r: (root_dir, root_dir, "reload") in r.rescans)
+    write(root_dir / "sub" / "ignored.jpg")
+    write(root_dir / "b.jpg")
+    barrier(rec, running, root_dir)
+    assert "ignored.jpg" not in rec.ready_names() and "b.jpg" in rec.ready_names()
+
+    # Recursive again, now polled: the subdirectory's new file is seen by the poller.
+    running.set_roots([old.model_copy(update={"poll": True})])
+    assert running._watches[0].polling
+    write(root_dir / "sub" / "deep.jpg")
+    rec.wait_for(lambda r: "deep.jpg" in r.ready_names())
+    assert len(running._observers[False].emitters) == 0
+
+
+def test_a_pending_file_the_changed_root_no_longer_captions_is_forgotten(rec: Recorder, root_dir: Path) -> None:
+    w = make_watcher(rec, [WatchRoot(path=root_dir, poll=False)], settle=0.5)
+    w.start()
+    try:
+        write(root_dir / "pending.png")
+        wait_until(lambda: w.pending() == 1)
+        w.set_roots([WatchRoot(path=root_dir, poll=False, include=["*.jpg"])])
+        assert w.pending() == 0
+        barrier(rec, w, root_dir)
+        assert rec.ready_names() == []
+    finally:
+        w.stop()
+
+
+def test_set_roots_before_start_only_changes_what_start_watches(rec: Recorder, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    w = make_watcher(rec, [WatchRoot(path=a, poll=False)])
+    w.set_roots([WatchRoot(path=b, poll=False)])
+    w.start()
+    try:
+        write(a / "no.jpg")
+        barrier(rec, w, b)
+        assert rec.ready_names() == []
+        assert rec.rescans == []  # the caller scans its roots at start-up
+    finally:
+        w.stop()
+    w.set_roots([WatchRoot(path=a, poll=False)])  # after stop: nothing happens
 
 
 # ---------------------------------------------------------------------------------------------
