@@ -23,7 +23,7 @@ from phicapd.config import ExistingPolicy, WatchRoot
 from phicapd.control.client import ControlClient, ControlClientError, DaemonUnreachable, RequestRejected
 from phicapd.control.protocol import CaptionResult, SidecarInfo, SidecarPolicy
 from phicapd.pipeline import paths
-from phicapd.pipeline.sidecar import SiblingIndex, policy_keeps, sidecar_for, write_sidecar
+from phicapd.pipeline.sidecar import SiblingIndex, changed_ns, policy_keeps, sidecar_for, write_sidecar
 
 # sysexits(3), shared with phicapctl.
 EX_OK = 0
@@ -99,7 +99,7 @@ class Naming:
         """Whether the ``existing`` policy keeps ``sidecar`` as it is (``--force`` aside): under
         ``skip`` while it is at least as new as the image, under ``only-missing`` whenever it exists,
         under ``overwrite`` never."""
-        return policy_keeps(self.existing, image_stat.st_mtime_ns, sidecar)
+        return policy_keeps(self.existing, changed_ns(image_stat), sidecar)
 
     def sidecar_for(self, image: Path) -> Path:
         """Where the sidecar of ``image`` (in this directory, maybe through a symlink) goes."""

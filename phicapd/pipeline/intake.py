@@ -4,7 +4,12 @@ The watcher calls ``file_ready`` and ``rescan`` from its own threads and must ne
 SQLite or a directory walk. Intake queues both and works them off in threads: one groups
 settled files into a single journal transaction, and each root has a scan thread that runs its
 reconcile scans one at a time (a root-wide scan makes pending subtree scans of that root
-redundant), so a network root that hangs holds up only its own scans. ``set_roots`` changes the
+redundant), so a network root that hangs holds up only its own scans.
+
+Files a scan found possibly still being written (modified within the settle time, or stamped in
+the future) wait in a settle table, once per path however many scans find them, and are recorded
+once their size, mtime and inode stayed unchanged for the settle time: a future mtime settles like
+any other, it is never compared with the clock again. ``set_roots`` changes the
 roots while it runs (a configuration reload): work is always done with a root's current
 ``WatchRoot``, and nothing of a removed root is scanned or queued after it returns (a scan
 already under way finishes).
@@ -13,7 +18,6 @@ already under way finishes).
 from __future__ import annotations
 
 import collections
-import heapq
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -23,6 +27,7 @@ from pathlib import Path
 from phicapd.config import WatchRoot
 from phicapd.log import get_logger
 from phicapd.pipeline.scanner import Reconciler, ScanReport
+from phicapd.pipeline.settle import SettleTable, file_signature
 
 log = get_logger(__name__)
 
@@ -45,10 +50,10 @@ class Intake:
         # The current roots by path; replaced whole (never changed in place), so reads need no lock.
         self._roots: dict[Path, WatchRoot] = {r.path: r for r in reconciler.settings.watch}
         self._files: collections.deque[tuple[Path, WatchRoot]] = collections.deque()
-        # Files a scan found still being written: (due, seq, path, root), checked again when due.
-        self._deferred: list[tuple[float, int, Path, WatchRoot]] = []
-        self._seq = 0
         self.settle_seconds = reconciler.settings.watcher.settle_seconds
+        # Files a scan found still being written, under _files_cond. Unbounded: one entry per
+        # file on disk at most, and a dropped one would wait for the next timer scan.
+        self._settling = SettleTable(max(self.settle_seconds, 0.05))
         self._files_cond = threading.Condition()
         self._scans: dict[tuple[Path, Path], str] = {}
         self._scan_cond = threading.Condition()
@@ -85,11 +90,13 @@ class Intake:
         files, and a kept one is scanned and its files recorded with its new ``WatchRoot``."""
         new_lanes: list[_ScanLane] = []
         with self._files_cond, self._scan_cond:
-            self._roots = {r.path: r for r in roots}
+            old, self._roots = self._roots, {r.path: r for r in roots}
             self._files = collections.deque(self._current(self._files))
-            roots = self._roots
-            self._deferred = [(due, seq, p, roots[r.path]) for due, seq, p, r in self._deferred if r.path in roots]
-            heapq.heapify(self._deferred)
+            for path, root in old.items():
+                if path not in self._roots:
+                    self._settling.drop_root(path)
+                elif self._roots[path] != root:
+                    self._settling.replace_root(self._roots[path])
             for path, lane in list(self._lanes.items()):
                 if path in self._roots:
                     lane.root = self._roots[path]
@@ -145,24 +152,27 @@ class Intake:
             self._scan_cond.notify_all()
 
     def defer(self, files: list[tuple[Path, WatchRoot]]) -> None:
-        """Check these files again once they had time to settle."""
-        due = time.monotonic() + max(self.settle_seconds, 0.05)
+        """Record these files once they stayed unchanged for the settle time. A file already
+        settling keeps its clock (a change since is seen when it is due), never a second entry."""
+        files = self._current(files)
+        signatures = [file_signature(path) for path, _ in files]  # outside the lock: a stat may be slow
+        now = time.monotonic()
         with self._files_cond:
-            for path, root in self._current(files):
-                self._seq += 1
-                heapq.heappush(self._deferred, (due, self._seq, path, root))
+            for (path, root), signature in zip(files, signatures, strict=True):
+                if signature is not None and path not in self._settling:
+                    self._settling.add(path, root, signature, now)
             self._files_cond.notify()
 
     def idle(self) -> bool:
         """Nothing queued and no scan running (tests and benchmarks wait for this)."""
         with self._files_cond, self._scan_cond:
-            return not self._files and not self._deferred and not self._scans and not self._scanning
+            return not self._files and not self._settling and not self._scans and not self._scanning
 
     def backlog(self) -> dict[str, int]:
         with self._files_cond, self._scan_cond:
             return {
                 "settled_files": len(self._files),
-                "settling_files": len(self._deferred),
+                "settling_files": len(self._settling),
                 "scans": len(self._scans) + len(self._scanning),
             }
 
@@ -171,33 +181,36 @@ class Intake:
     def _files_loop(self) -> None:
         while not self._stopping.is_set():
             with self._files_cond:
-                while not self._files and not self._due() and not self._stopping.is_set():
+                while not self._files and not self._settled_due() and not self._stopping.is_set():
                     self.last_progress = time.monotonic()
-                    wait = self._deferred[0][0] - time.monotonic() if self._deferred else 1.0
+                    deadline = self._settling.next_deadline()
+                    wait = deadline - time.monotonic() if deadline is not None else 1.0
                     self._files_cond.wait(min(1.0, max(0.01, wait)))
                 group = [self._files.popleft() for _ in range(min(len(self._files), _GROUP))]
-                due = []
-                while self._due() and len(due) < _GROUP:
-                    _, _, path, root = heapq.heappop(self._deferred)
-                    due.append((path, root))
+                due = self._settling.due(time.monotonic(), _GROUP)
             try:
-                queued = 0
-                if group:
-                    queued += self.reconciler.accept(group)[0]
-                if due:
-                    n, young = self.reconciler.accept(due, young_after=time.time() - self.settle_seconds)
-                    queued += n
-                    if young:
-                        self.defer(young)
-                if queued:
+                group += self._settle(due)
+                if group and self.reconciler.accept(group):
                     self._on_queued()
             except Exception:
                 # The files are not lost: the next reconcile scan finds them again.
-                log.exception("cannot record settled files", files=len(group) + len(due))
+                log.exception("cannot record settled files", files=len(group))
             self.last_progress = time.monotonic()
 
-    def _due(self) -> bool:
-        return bool(self._deferred) and self._deferred[0][0] <= time.monotonic()
+    def _settled_due(self) -> bool:
+        deadline = self._settling.next_deadline()
+        return deadline is not None and deadline <= time.monotonic()
+
+    def _settle(self, due: list[tuple[Path, int]]) -> list[tuple[Path, WatchRoot]]:
+        """Of the due settling files, those unchanged since the last look (the others wait on)."""
+        signatures = [file_signature(path) for path, _ in due]  # outside the lock
+        now = time.monotonic()
+        with self._files_cond:
+            checked = [
+                (path, self._settling.check(path, gen, sig, now))
+                for (path, gen), sig in zip(due, signatures, strict=True)
+            ]
+        return [(path, root) for path, root in checked if root is not None]
 
     def _scan_loop(self, lane: _ScanLane) -> None:
         while not self._stopping.is_set():

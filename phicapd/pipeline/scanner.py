@@ -22,7 +22,13 @@ from phicapd.config import Settings, WatchRoot
 from phicapd.log import get_logger
 from phicapd.pipeline.jobs import Fingerprint, JobStore, NewWork
 from phicapd.pipeline.paths import is_candidate_name, is_watched_dir, list_images
-from phicapd.pipeline.sidecar import SiblingIndex, policy_keeps, remove_stale_temps, sidecar_may_exist
+from phicapd.pipeline.sidecar import (
+    SiblingIndex,
+    changed_ns,
+    policy_keeps,
+    remove_stale_temps,
+    sidecar_may_exist,
+)
 
 log = get_logger(__name__)
 
@@ -88,7 +94,7 @@ class Reconciler:
                 sidecar = directory / (os.path.splitext(name)[0] + self.extension)
             candidates.append((path, st, sidecar))
         if policy != "overwrite":
-            stale = [(p, st) for p, st, sidecar in candidates if not policy_keeps(policy, st.st_mtime_ns, sidecar)]
+            stale = [(p, st) for p, st, sidecar in candidates if not policy_keeps(policy, changed_ns(st), sidecar)]
         else:
             # overwrite: whatever we did not caption ourselves, at this version, gets a fresh caption
             done = self.store.done_fingerprints([c[0] for c in candidates])
@@ -107,34 +113,28 @@ class Reconciler:
 
     # -- watcher intake ------------------------------------------------------------------------
 
-    def accept(
-        self, settled: Iterable[tuple[Path, WatchRoot]], young_after: float | None = None
-    ) -> tuple[int, list[tuple[Path, WatchRoot]]]:
-        """Queue the given files if they need a caption.
+    def accept(self, settled: Iterable[tuple[Path, WatchRoot]]) -> int:
+        """Queue the given settled files if they need a caption; returns how many became pending.
 
-        Returns how many became pending and, when ``young_after`` is given, the files modified
-        after it (still settling) which were not queued.
+        Settled means unchanged since the last look, whatever the mtime says (a future one
+        included): their mtime is not judged again here.
         """
         by_dir: dict[tuple[Path, Path], tuple[WatchRoot, set[str]]] = {}
         for path, root in settled:
             by_dir.setdefault((path.parent, root.path), (root, set()))[1].add(path.name)
         work: list[NewWork] = []
-        young: list[tuple[Path, WatchRoot]] = []
         for (directory, _), (root, names) in by_dir.items():
-            queued, still_young = self._needing(
-                root, directory, sorted(names), partial(_listed_index, directory, root), young_after
-            )
-            work.extend(queued)
-            young.extend((p, root) for p in still_young)
-        return (self.store.enqueue_many(work) if work else 0), young
+            work.extend(self._needing(root, directory, sorted(names), partial(_listed_index, directory, root), None)[0])
+        return self.store.enqueue_many(work) if work else 0
 
     # -- scans ---------------------------------------------------------------------------------
 
     def scan(self, root: WatchRoot, directory: Path | None = None, reason: str = "scan") -> ScanReport:
         """Queue every image below ``directory`` without an up-to-date sidecar.
 
-        Images modified within the settle time may still be being written; they are handed to
-        ``defer`` (checked again once they settled) instead of being queued half-written.
+        Images modified within the settle time, or stamped in the future, may still be being
+        written; they are reported as ``deferred`` (intake records them once unchanged for the
+        settle time) instead of being queued half-written.
         """
         started = time.monotonic()
         directory = directory or root.path

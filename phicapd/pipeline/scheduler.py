@@ -48,7 +48,7 @@ from phicapd.errors import CaptionError, PhicapError
 from phicapd.log import get_logger
 from phicapd.pipeline.decode import DecodeBytes, Decoded, DecodeFile
 from phicapd.pipeline.jobs import Job, JobStore
-from phicapd.pipeline.sidecar import policy_keeps, sidecar_for, sidecar_may_exist
+from phicapd.pipeline.sidecar import changed_ns, policy_keeps, sidecar_for, sidecar_may_exist
 from phicapd.pipeline.writer import Finished, SidecarWriter
 
 log = get_logger(__name__)
@@ -596,7 +596,7 @@ class Scheduler:
         except OSError:
             return False
         sidecar = sidecar_for(job.path, self._list_images(job.path.parent, root), extension)
-        return policy_keeps(policy, st.st_mtime_ns, sidecar)
+        return policy_keeps(policy, changed_ns(st), sidecar)
 
 
 def _suspect(job: Job | None) -> bool:

@@ -24,19 +24,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import heapq
 import itertools
 import logging
 import os
 import re
-import stat
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
@@ -67,28 +65,24 @@ from watchdog.observers.polling import PollingObserver
 
 from phicapd.config import WatcherSettings, WatchRoot
 from phicapd.pipeline.paths import is_candidate, is_watched_dir
+from phicapd.pipeline.settle import SettleTable, file_signature
 
 log = structlog.get_logger(__name__)
 
-#: Most files waiting to settle; beyond it new candidates are dropped and their root is rescanned.
-MAX_PENDING = 100_000
 #: How often the settle thread checks that observers and their watches are alive.
 HEALTH_CHECK_SECONDS = 1.0
 #: Longest sleep of the settle thread, so that ``last_progress`` stays fresh when idle.
 MAX_IDLE_SECONDS = 1.0
 #: Most directories waiting to be rescanned; beyond it a root's requests collapse into one.
 MAX_QUEUED_RESCANS = 10_000
-#: Files settled per loop iteration, so a flood never starves rescans or ``last_progress``.
-SETTLE_BATCH = 1024
+#: Most files waiting to settle; beyond it new candidates are dropped and their root is rescanned.
+MAX_PENDING = 100_000
 #: How long stop() waits for each thread (they are daemon threads: none blocks the exit).
 STOP_TIMEOUT_SECONDS = 10.0
 #: How long the settle thread waits for the stats of files on polled (network) roots: a hung
 #: NFS or SMB mount must not stop every other root from settling (nor the watchdog's pings).
 REMOTE_STAT_SECONDS = 5.0
 REMOTE_STAT_THREADS = 4
-#: A file reopened for writing is ready only after its next close; if that close never comes
-#: (a lost event), it is ready after this long without any change.
-STALLED_WRITE_SECONDS = 60.0
 
 #: The logger on which watchdog 7.1's ``InotifyFD.handle_event`` reports ``IN_Q_OVERFLOW``
 #: ("Inotify queue overflowed; filesystem events were lost"). It emits no event for it. Our own
@@ -150,8 +144,6 @@ REMOTE_FILESYSTEMS = frozenset(
     }
 )
 
-Signature = tuple[int, int, int]  # (size, mtime_ns, inode)
-
 
 # ---------------------------------------------------------------------------------------------
 # Network filesystem detection
@@ -202,155 +194,7 @@ def needs_polling(root: WatchRoot, mountinfo: str | None = None) -> bool:
     return is_remote_filesystem(filesystem_type(root.path, mountinfo))
 
 
-# ---------------------------------------------------------------------------------------------
-# The settle table (no threads, no I/O: the Watcher feeds it stat results and guards it)
-
-
 _UNANSWERED = object()  # a stat that did not return in time
-
-
-def file_signature(path: Path | str) -> Signature | None:
-    """(size, mtime_ns, inode) of a regular file, None when it is gone or not a regular file."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        return None
-    return (st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-@dataclass
-class _Pending:
-    root: WatchRoot
-    signature: Signature
-    deadline: float
-    last_change: float
-    writing: bool = False  # reopened for writing (inotify): wait for its close
-    generation: int = 0  # bumped by every event, so a check that raced with one is discarded
-    scheduled: bool = True  # has exactly one item in the heap
-
-
-@dataclass
-class SettleTable:
-    """Files waiting to settle, by path, with a heap of deadlines (one heap item per file)."""
-
-    settle_seconds: float
-    max_entries: int = MAX_PENDING
-    stalled_write_seconds: float = STALLED_WRITE_SECONDS
-    _entries: dict[Path, _Pending] = field(default_factory=dict)
-    _heap: list[tuple[float, Path]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, path: Path) -> bool:
-        return path in self._entries
-
-    def add(self, path: Path, root: WatchRoot, signature: Signature, now: float) -> bool:
-        """A candidate event (closed, moved in, polled change): start or restart its settle clock.
-
-        Returns False, adding nothing, when the table is full.
-        """
-        entry = self._entries.get(path)
-        if entry is None:
-            if len(self._entries) >= self.max_entries:
-                return False
-            self._entries[path] = _Pending(root, signature, now + self.settle_seconds, now)
-            heapq.heappush(self._heap, (now + self.settle_seconds, path))
-            return True
-        self._restart(path, entry, signature, now, writing=False)
-        return True
-
-    def refresh(self, path: Path, signature: Signature, now: float, *, writing: bool) -> None:
-        """A change to a file that may be known: restart its clock; ``writing`` = opened for writing."""
-        entry = self._entries.get(path)
-        if entry is not None:
-            self._restart(path, entry, signature, now, writing=writing or entry.writing)
-
-    def discard(self, path: Path) -> None:
-        self._entries.pop(path, None)  # its heap item is skipped when it comes up
-
-    def drop_root(self, root_path: Path) -> None:
-        """Forget every file of the root at ``root_path`` (it is no longer watched)."""
-        for path in [p for p, e in self._entries.items() if e.root.path == root_path]:
-            del self._entries[path]
-
-    def replace_root(self, root: WatchRoot) -> None:
-        """The root at ``root.path`` has new settings: its files are judged and reported with
-        them, and those it no longer captions are forgotten."""
-        for path, entry in list(self._entries.items()):
-            if entry.root.path == root.path:
-                if is_candidate(path, root):
-                    entry.root = root
-                else:
-                    del self._entries[path]
-
-    def next_deadline(self) -> float | None:
-        while self._heap:
-            deadline, path = self._heap[0]
-            entry = self._entries.get(path)
-            if entry is not None and entry.scheduled:
-                return min(deadline, entry.deadline)
-            heapq.heappop(self._heap)  # stale: the file was discarded or is being checked
-        return None
-
-    def due(self, now: float, limit: int = SETTLE_BATCH) -> list[tuple[Path, int]]:
-        """Files whose deadline has passed, as ``(path, generation)`` to stat and pass to ``check``."""
-        out: list[tuple[Path, int]] = []
-        while self._heap and self._heap[0][0] <= now and len(out) < limit:
-            _, path = heapq.heappop(self._heap)
-            entry = self._entries.get(path)
-            if entry is None or not entry.scheduled:
-                continue
-            if entry.deadline > now:  # restarted since it was pushed: move it back
-                heapq.heappush(self._heap, (entry.deadline, path))
-                continue
-            entry.scheduled = False
-            out.append((path, entry.generation))
-        return out
-
-    def later(self, path: Path, generation: int, now: float) -> None:
-        """A due file whose stat did not answer (a hung network mount): judge it again later."""
-        entry = self._entries.get(path)
-        if entry is None or entry.generation != generation:
-            return
-        entry.deadline = now + self.settle_seconds
-        self._schedule(path, entry)
-
-    def check(self, path: Path, generation: int, signature: Signature | None, now: float) -> WatchRoot | None:
-        """Judge a due file from a fresh stat; returns its root when it is ready (and forgets it)."""
-        entry = self._entries.get(path)
-        if entry is None or entry.generation != generation:
-            return None  # discarded, or an event restarted it while we were stating
-        if signature is None or (signature == entry.signature and signature[0] == 0):
-            # Gone, or settled empty (e.g. the placeholder a browser creates before renaming its
-            # ".part" over it): no image. Content arriving later raises a new event.
-            del self._entries[path]
-            return None
-        if signature == entry.signature:
-            if not entry.writing or now - entry.last_change >= self.stalled_write_seconds:
-                del self._entries[path]
-                return entry.root
-        else:
-            entry.signature = signature
-            entry.last_change = now
-        entry.deadline = now + self.settle_seconds
-        self._schedule(path, entry)
-        return None
-
-    def _restart(self, path: Path, entry: _Pending, signature: Signature, now: float, *, writing: bool) -> None:
-        entry.signature = signature
-        entry.deadline = now + self.settle_seconds
-        entry.last_change = now
-        entry.writing = writing
-        entry.generation += 1
-        if not entry.scheduled:
-            self._schedule(path, entry)
-
-    def _schedule(self, path: Path, entry: _Pending) -> None:
-        entry.scheduled = True
-        heapq.heappush(self._heap, (entry.deadline, path))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,19 @@ def test_up_to_date_means_non_empty_and_not_older(tmp_path: Path) -> None:
     assert not sc.is_up_to_date(image.stat(), side)
     side.write_text("")
     os.utime(side, ns=(1, 4_000_000_000))
+    assert not sc.is_up_to_date(image.stat(), side)
+
+
+def test_an_image_stamped_in_the_future_is_up_to_date_once_captioned(tmp_path: Path) -> None:
+    image, side = tmp_path / "a.jpg", tmp_path / "a.txt"
+    image.write_bytes(b"x")
+    future = time.time_ns() + 10 * 86400 * 10**9
+    os.utime(image, ns=(future, future))  # cp -p from a clock that runs ahead
+    copied = image.stat().st_ctime_ns
+    side.write_text("caption\n")
+    os.utime(side, ns=(copied, copied))  # captioned after the copy, long before its mtime
+    assert sc.is_up_to_date(image.stat(), side)
+    os.utime(side, ns=(copied - 10**9, copied - 10**9))  # the copy replaced the bytes after this caption
     assert not sc.is_up_to_date(image.stat(), side)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -101,6 +102,9 @@ def test_set_roots_drops_the_removed_roots_queued_files(tmp_path: Path) -> None:
     a, b = WatchRoot(path=tmp_path / "a"), WatchRoot(path=tmp_path / "b")
     reconciler = FakeReconciler(Settings(watch=[a, b]), hung=tmp_path / "none")
     intake = Intake(reconciler, on_queued=lambda: None)  # type: ignore[arg-type]
+    for name in ("a/3.jpg", "b/4.jpg"):  # settling files must exist
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
     # Not started: the files stay queued, so what set_roots does to them can be seen.
     intake.file_ready(a.path / "1.jpg", a)
     intake.file_ready(b.path / "2.jpg", b)
@@ -111,3 +115,17 @@ def test_set_roots_drops_the_removed_roots_queued_files(tmp_path: Path) -> None:
     intake.rescan(a)
     assert intake.backlog() == {"settled_files": 1, "settling_files": 1, "scans": 0}
     assert [root.prompt for _, root in intake._files] == ["new"]
+
+
+def test_a_file_deferred_by_many_scans_is_held_once(tmp_path: Path) -> None:
+    root = WatchRoot(path=tmp_path)
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"x")
+    future = time.time() + 86400
+    os.utime(image, (future, future))
+    intake = Intake(FakeReconciler(Settings(watch=[root]), hung=tmp_path / "none"), on_queued=lambda: None)  # type: ignore[arg-type]
+    for _ in range(3):
+        intake.defer([(image, root)])
+    assert intake.backlog()["settling_files"] == 1
+    intake.defer([(tmp_path / "gone.jpg", root)])  # vanished before it was deferred
+    assert intake.backlog()["settling_files"] == 1
