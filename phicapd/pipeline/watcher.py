@@ -1,23 +1,27 @@
-"""Turn filesystem events under the watched roots into two callbacks.
+"""The Watcher: filesystem events under the watched roots, turned into two callbacks.
 
 * ``on_ready(path, root)``: an image was closed after writing or moved in, and its
-  (size, mtime_ns, inode) then stayed unchanged for ``settle_seconds``.
+  (size, mtime_ns, inode) then stayed unchanged for ``settle_seconds`` (``settle.py``).
 * ``on_rescan(root, directory, reason)``: events may have been missed, so the caller should
   reconcile ``directory`` against the journal. Reasons: ``"new_dir"`` (a directory appeared; files
   that landed in it before its watch existed raised no event), ``"overflow"`` (the kernel's inotify
-  queue or our settle table overflowed), ``"timer"`` (the periodic safety net) and
+  queue or our settle table overflowed), ``"timer"`` (the periodic safety net),
   ``"observer_error"`` (an observer or a root's watch died and was re-established) and
-``"reload"`` (``set_roots`` added a root, or changed which files one captions).
+  ``"reload"`` (``set_roots`` added a root, or changed which files one captions).
 
-Events are hints; the scan is the truth. Every callback runs on the watcher's own settle thread,
-never on a watchdog thread and never under a lock that a watchdog thread needs: watchdog's observer
-dispatches events while holding its own lock, so the event handlers here only update the settle
-table under a short lock and wake the settle thread.
+Rules:
 
-inotify (watchdog's ``InotifyObserver``) is the default. Roots with ``poll = true``, or with
-``poll`` unset on a network filesystem (where inotify cannot see changes made by other clients),
-use watchdog's ``PollingObserver``, which has no close events: there a created or modified file
-is a candidate and the settle time alone decides.
+* Events are hints; the scan is the truth.
+* Every callback runs on the watcher's own settle thread, never on a watchdog thread and never
+  under a lock that a watchdog thread needs: watchdog's observer dispatches events while holding
+  its own lock, so the event handlers here only update the settle table under a short lock and
+  wake the settle thread.
+* inotify is the default (``inotify_adapter.py``, the one module that touches watchdog's
+  internals). Roots with ``poll = true``, or with ``poll`` unset on a network filesystem
+  (``mounts.py``), use watchdog's ``PollingObserver``, which has no close events: there a created
+  or modified file is a candidate and the settle time alone decides.
+* Observers and watches are (re)started only by ``start()``, ``set_roots`` and the settle
+  thread's health check, one at a time (``_observing``).
 """
 
 from __future__ import annotations
@@ -27,16 +31,13 @@ import errno
 import itertools
 import logging
 import os
-import re
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import structlog
 from watchdog.events import (
@@ -53,17 +54,19 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers.api import DEFAULT_OBSERVER_TIMEOUT, BaseObserver, ObservedWatch
-from watchdog.observers.inotify import InotifyFullEmitter, InotifyObserver, InotifyWatchGroup
-from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
-from watchdog.observers.inotify_move_event_grouper import (
-    GroupedInotifyEvent,
-    InotifyMoveEventGrouper,
-    PathedInotifyEvent,
-)
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from phicapd.config import WatcherSettings, WatchRoot
+from phicapd.pipeline.inotify_adapter import (
+    INOTIFY_LOGGER,
+    TESTED_WATCHDOG,
+    OverflowLogHandler,
+    internals_problems,
+    make_inotify_observer,
+    watchdog_version,
+)
+from phicapd.pipeline.mounts import needs_polling
 from phicapd.pipeline.paths import is_candidate, is_watched_dir
 from phicapd.pipeline.settle import SettleTable, file_signature
 
@@ -84,10 +87,6 @@ STOP_TIMEOUT_SECONDS = 10.0
 REMOTE_STAT_SECONDS = 5.0
 REMOTE_STAT_THREADS = 4
 
-#: The logger on which watchdog 7.1's ``InotifyFD.handle_event`` reports ``IN_Q_OVERFLOW``
-#: ("Inotify queue overflowed; filesystem events were lost"). It emits no event for it. Our own
-#: readers report overflows directly; the log record catches any other inotify reader's.
-INOTIFY_LOGGER = "watchdog.observers.inotify_c"
 
 RESCAN_REASONS = ("new_dir", "overflow", "timer", "observer_error", "reload")
 
@@ -105,93 +104,6 @@ HANDLED_EVENTS: list[type[FileSystemEvent]] = [
     DirCreatedEvent,
     DirMovedEvent,
 ]
-
-# Filesystems whose changes made elsewhere (another client, the host of a VM) never reach local
-# inotify. FUSE mounts appear as "fuse.<helper>".
-REMOTE_FILESYSTEMS = frozenset(
-    {
-        "nfs",
-        "nfs4",
-        "cifs",
-        "smb3",
-        "smbfs",
-        "9p",
-        "ceph",
-        "glusterfs",
-        "lustre",
-        "gpfs",
-        "afs",
-        "ocfs2",
-        "gfs2",
-        "beegfs",
-        "virtiofs",
-        "vboxsf",
-        "davfs",
-        "fuse.sshfs",
-        "sshfs",
-        "fuse.glusterfs",
-        "fuse.cephfs",
-        "fuse.ceph-fuse",
-        "fuse.s3fs",
-        "fuse.rclone",
-        "fuse.gcsfuse",
-        "fuse.davfs2",
-        "fuse.vmhgfs-fuse",
-        "fuse.juicefs",
-        "fuse.moosefs",
-        "fuse.mfs",
-        "fuse.beegfs",
-    }
-)
-
-
-# ---------------------------------------------------------------------------------------------
-# Network filesystem detection
-
-
-def _unescape_mount_field(value: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), value)
-
-
-def parse_mountinfo(text: str) -> list[tuple[str, str]]:
-    """``(mount point, fstype)`` for each line of ``/proc/self/mountinfo``, in file order."""
-    mounts = []
-    for line in text.splitlines():
-        left, sep, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if not sep or len(fields) < 5 or not tail:
-            continue
-        mounts.append((_unescape_mount_field(fields[4]), tail[0]))
-    return mounts
-
-
-def filesystem_type(path: Path, mountinfo: str | None = None) -> str | None:
-    """The fstype of the mount holding ``path`` (symlinks resolved), or None if unknown."""
-    if mountinfo is None:
-        try:
-            mountinfo = Path("/proc/self/mountinfo").read_text()
-        except OSError:
-            return None
-    target = os.path.realpath(path)
-    best: tuple[int, str] | None = None
-    for mount_point, fstype in parse_mountinfo(mountinfo):
-        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
-        # ">=": a later mount on the same point hides the earlier one.
-        if inside and (best is None or len(mount_point) >= best[0]):
-            best = (len(mount_point), fstype)
-    return best[1] if best else None
-
-
-def is_remote_filesystem(fstype: str | None) -> bool:
-    return fstype is not None and fstype.lower() in REMOTE_FILESYSTEMS
-
-
-def needs_polling(root: WatchRoot, mountinfo: str | None = None) -> bool:
-    """``root.poll`` when set; otherwise poll exactly where inotify cannot see remote changes."""
-    if root.poll is not None:
-        return root.poll
-    return is_remote_filesystem(filesystem_type(root.path, mountinfo))
 
 
 _UNANSWERED = object()  # a stat that did not return in time
@@ -226,163 +138,6 @@ class _RootEventHandler(FileSystemEventHandler):
             log.exception("watch_event_failed", event=repr(event))
 
 
-class _OverflowLogHandler(logging.Handler):
-    """Turns watchdog's inotify overflow warning into a rescan request."""
-
-    def __init__(self, on_overflow: Callable[[], None]) -> None:
-        super().__init__(logging.WARNING)
-        self._on_overflow = on_overflow
-
-    def emit(self, record: logging.LogRecord) -> None:
-        # Our own inotify readers report their overflows after handling them (see below).
-        if isinstance(threading.current_thread(), _OverflowReportingInotifyFD):
-            return
-        try:
-            if "overflow" in record.getMessage().lower():
-                self._on_overflow()
-        except Exception:
-            self.handleError(record)
-
-
-class _OverflowReportingInotifyFD(InotifyFD):
-    """watchdog's inotify reader, reporting a queue overflow once watchdog has handled it.
-
-    watchdog logs the overflow *before* it rebuilds its watches, and it silently drops events
-    that still carry the old watch descriptors; a scan requested at the log record could run
-    before those files exist. Requested from here, after the rebuild, the scan misses nothing.
-    """
-
-    def __init__(self, on_overflow: Callable[[], None]) -> None:
-        super().__init__()
-        self._on_overflow = on_overflow
-
-    def handle_event(self, event: InotifyEvent) -> None:
-        super().handle_event(event)
-        if event.is_queue_overflow:
-            try:
-                self._on_overflow()
-            except Exception:
-                log.exception("overflow_report_failed")
-
-
-@dataclass(slots=True)
-class _Queued:
-    event: GroupedInotifyEvent
-    at: float
-    hold: bool  # an unpaired IN_MOVED_FROM (so ``event`` is one event): held back for its IN_MOVED_TO
-    live: bool = True  # False once paired: its pair was queued in its place
-
-    @property
-    def moved_from(self) -> PathedInotifyEvent:
-        return cast(PathedInotifyEvent, self.event)
-
-
-class _CookieIndexedMoveGrouper(InotifyMoveEventGrouper):
-    """watchdog's move pairing, with pending IN_MOVED_FROM events indexed by cookie.
-
-    watchdog's grouper finds the IN_MOVED_FROM of each IN_MOVED_TO by scanning its whole queue
-    of undelivered events, twice. Under a flood of renames (downloads renamed from ``.part``, our
-    own sidecar renames) the queue grows and that scan made the inotify reader O(n²): it held
-    the GIL for most of the run and let the kernel queue overflow. Same behaviour here (events in
-    order, an unpaired IN_MOVED_FROM held ``delay`` seconds for its partner, the pair delivered at
-    the position of its IN_MOVED_TO), in O(1) per event. Pairing itself stays: watchdog needs it
-    to move its watches when a watched directory is renamed.
-    """
-
-    def __init__(self) -> None:  # no super().__init__(): its DelayedQueue is what this replaces
-        self._cond = threading.Condition(threading.Lock())
-        self._events: deque[_Queued] = deque()
-        self._moved_from: dict[int, _Queued] = {}  # by cookie, while still queued
-        self._closed = False
-
-    def put_event(self, event: PathedInotifyEvent) -> None:
-        now = time.monotonic()
-        with self._cond:
-            source = self._moved_from.pop(event.ev.cookie, None) if event.ev.is_moved_to else None
-            if source is not None:
-                source.live = False
-                item = _Queued((source.moved_from, event), now, hold=False)
-            else:
-                item = _Queued(event, now, hold=event.ev.is_moved_from)
-                if item.hold:
-                    self._moved_from[event.ev.cookie] = item
-            self._events.append(item)
-            self._cond.notify()
-
-    def get_queued_moved_from_event(self, cookie: int) -> PathedInotifyEvent | None:
-        with self._cond:
-            item = self._moved_from.get(cookie)
-            return item.moved_from if item is not None else None
-
-    def read_event(self) -> GroupedInotifyEvent | None:
-        """The next event, blocking; None once closed."""
-        with self._cond:
-            while not self._closed:
-                if not self._events:
-                    self._cond.wait()
-                    continue
-                head = self._events[0]
-                if not head.live:
-                    self._events.popleft()
-                    continue
-                wait = head.at + self.delay - time.monotonic() if head.hold else 0.0
-                if wait > 0:
-                    self._cond.wait(wait)  # woken early when its IN_MOVED_TO pairs it
-                    continue
-                self._events.popleft()
-                if head.hold:
-                    self._moved_from.pop(head.moved_from.ev.cookie, None)
-                return head.event
-            return None
-
-    def discard_pending_events(self) -> None:
-        with self._cond:
-            self._events.clear()
-            self._moved_from.clear()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
-class _WatchGroup(InotifyWatchGroup):
-    """watchdog's watch group on the cookie-indexed move grouper."""
-
-    def __post_init__(self) -> None:
-        self._move_event_grouper = _CookieIndexedMoveGrouper()
-        super().__post_init__()
-
-
-class _InotifyEmitter(InotifyFullEmitter):
-    """``InotifyFullEmitter`` whose watch group pairs moves in O(1) (see above)."""
-
-    def on_thread_start(self) -> None:
-        # InotifyEmitter.on_thread_start with our watch group.
-        self._inotify = _WatchGroup(
-            self._inotify_fd,
-            os.fsencode(self.watch.path),
-            is_recursive=self.watch.is_recursive,
-            event_mask=self.get_event_mask_from_filter(),
-            follow_symlink=self.watch.follow_symlink,
-        )
-
-
-class _InotifyObserver(InotifyObserver):
-    """``InotifyObserver(generate_full_events=True)`` on an overflow-reporting inotify reader.
-
-    Full events: a file moved in from outside the watched tree arrives as a move with an empty
-    source rather than a bare "created", which a close-driven watcher could not tell from a file
-    still being written.
-    """
-
-    def __init__(self, on_overflow: Callable[[], None]) -> None:
-        # InotifyObserver.__init__ hard-wires its reader; this is the same set-up with ours.
-        self._inotify_fd = _OverflowReportingInotifyFD(on_overflow)
-        self._inotify_fd.start()
-        BaseObserver.__init__(self, _InotifyEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=self._inotify_fd)
-
-
 class Watcher:
     """Watches the roots and calls ``on_ready`` / ``on_rescan`` from its settle thread."""
 
@@ -407,7 +162,7 @@ class Watcher:
             self._watches[watch.index] = watch
         self._observers: dict[bool, BaseObserver] = {}  # by "polling"
         self._handlers = {w.index: _RootEventHandler(self, w) for w in self._watches.values()}
-        self._overflow_handler = _OverflowLogHandler(self._on_inotify_overflow)
+        self._overflow_handler = OverflowLogHandler(self._on_inotify_overflow)
         # Held while observers are started and watches (un)scheduled: by start(), set_roots and
         # the settle thread's health check. Taken before _cond, never from an observer thread.
         self._observing = threading.Lock()
@@ -452,6 +207,14 @@ class Watcher:
         self._next_health_check = now + HEALTH_CHECK_SECONDS
         self._thread = threading.Thread(target=self._run, name="phicapd-watcher", daemon=True)
         self._thread.start()
+        if not all(w.polling for w in watches) and (problems := internals_problems()):
+            # The test suite fails on this; a watchdog installed outside the pin gets the reason.
+            log.error(
+                "watchdog_not_as_tested",
+                version=watchdog_version(),
+                tested=TESTED_WATCHDOG,
+                problems=problems,
+            )
         log.info(
             "watcher_started",
             roots=[str(w.root.path) for w in watches],
@@ -781,7 +544,7 @@ class Watcher:
             if polling:
                 observer = PollingObserver(timeout=self._settings.poll_interval_seconds)
             else:
-                observer = _InotifyObserver(self._on_inotify_overflow)
+                observer = make_inotify_observer(self._on_inotify_overflow)
             observer.start()
             self._observers[polling] = observer
         return observer

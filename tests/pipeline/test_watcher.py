@@ -20,17 +20,13 @@ from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
 from watchdog.observers.inotify_move_event_grouper import PathedInotifyEvent
 
 from phicapd.config import WatcherSettings, WatchRoot
+from phicapd.pipeline import inotify_adapter
 from phicapd.pipeline import watcher as watcher_mod
+from phicapd.pipeline.inotify_adapter import INOTIFY_LOGGER
+from phicapd.pipeline.mounts import filesystem_type, is_remote_filesystem, needs_polling, parse_mountinfo
+from phicapd.pipeline.settle import SettleTable
 from phicapd.pipeline.sidecar import write_sidecar
-from phicapd.pipeline.watcher import (
-    INOTIFY_LOGGER,
-    SettleTable,
-    Watcher,
-    filesystem_type,
-    is_remote_filesystem,
-    needs_polling,
-    parse_mountinfo,
-)
+from phicapd.pipeline.watcher import Watcher
 
 SETTLE = 0.2
 TIMEOUT = 10.0
@@ -272,6 +268,25 @@ def test_new_and_moved_in_subdirectories_request_a_rescan(
     assert sorted(d.name for _, d, _ in rec.rescans) == ["album", "created"]
 
 
+def test_a_directory_moved_out_or_replaced_keeps_the_root_watched_without_a_rescan(
+    rec: Recorder, running: Watcher, root_dir: Path, tmp_path: Path
+) -> None:
+    # watchdog 7.1 asks the move grouper about pending moves here; a grouper without those
+    # queries killed the root's emitter, which cost a whole-root "observer_error" rescan.
+    (tmp_path / "album" / "inner").mkdir(parents=True)
+    album = root_dir / "album"
+    os.rename(tmp_path / "album", album)
+    rec.wait_for(lambda r: len(r.rescans) == 1)  # its "new_dir"
+    os.rename(album, tmp_path / "gone")
+    album.mkdir()  # a new directory at the same path
+    rec.wait_for(lambda r: len(r.rescans) == 2)
+    write(album / "a.jpg")
+    barrier(rec, running, root_dir)
+    assert rec.ready_names() == ["a.jpg"]
+    assert [reason for _, _, reason in rec.rescans] == ["new_dir", "new_dir"]
+    assert all(e.is_alive() for e in running._observers[False].emitters)
+
+
 def test_overflow_log_record_requests_a_rescan_of_every_inotify_root(rec: Recorder, tmp_path: Path) -> None:
     a, b, polled = tmp_path / "a", tmp_path / "b", tmp_path / "polled"
     for d in (a, b, polled):
@@ -300,13 +315,13 @@ def test_real_inotify_overflow_requests_a_rescan_and_watching_goes_on(
     # Hold the reader back during the flood, like a busy one: a fast reader can keep a queue of
     # 16 from overflowing, and the test would depend on the scheduler's timing.
     flooded = threading.Event()
-    read_events = watcher_mod._OverflowReportingInotifyFD.read_events
+    read_events = inotify_adapter.OverflowReportingInotifyFD.read_events
 
     def slow_read_events(self: Any) -> Any:
         flooded.wait(TIMEOUT)
         return read_events(self)
 
-    monkeypatch.setattr(watcher_mod._OverflowReportingInotifyFD, "read_events", slow_read_events)
+    monkeypatch.setattr(inotify_adapter.OverflowReportingInotifyFD, "read_events", slow_read_events)
     old = MAX_QUEUED.read_text()
     w = make_watcher(rec, [WatchRoot(path=root_dir, poll=False)])
     # The limit is read when an inotify instance is created, so it is lowered only around
@@ -741,7 +756,7 @@ def _inotify_event(mask: int, cookie: int, name: str) -> PathedInotifyEvent:
 
 
 def test_move_grouper_pairs_by_cookie_in_order_and_holds_a_lone_move_out() -> None:
-    grouper = watcher_mod._CookieIndexedMoveGrouper()
+    grouper = inotify_adapter.CookieIndexedMoveGrouper()
     grouper.delay = 0.1
     lone = _inotify_event(InotifyConstants.IN_MOVED_FROM, 7, "gone.jpg")
     src = _inotify_event(InotifyConstants.IN_MOVED_FROM, 8, "a.jpg.part")
@@ -761,7 +776,7 @@ def test_move_grouper_pairs_by_cookie_in_order_and_holds_a_lone_move_out() -> No
 
 
 def test_move_grouper_stays_fast_under_a_flood_of_renames() -> None:
-    grouper = watcher_mod._CookieIndexedMoveGrouper()
+    grouper = inotify_adapter.CookieIndexedMoveGrouper()
     started = time.monotonic()
     for cookie in range(1, 20_001):  # nothing read meanwhile: the queue only grows
         grouper.put_event(_inotify_event(InotifyConstants.IN_MOVED_FROM, cookie, f"{cookie}.part"))
