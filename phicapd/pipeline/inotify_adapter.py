@@ -246,6 +246,18 @@ class ReportingInotifyObserver(InotifyObserver):
         self._inotify_fd.start()
         BaseObserver.__init__(self, _InotifyEmitter, timeout=DEFAULT_OBSERVER_TIMEOUT, inotify_fd=self._inotify_fd)
 
+    def reader_alive(self) -> bool:
+        """Whether the thread that reads the inotify fd for every watch still runs: when an
+        exception ends it, watchdog closes the fd and no watch of this observer sees events."""
+        return self._inotify_fd.is_alive()
+
+
+def observer_alive(observer: BaseObserver) -> bool:
+    """The observer's thread runs and, for inotify, so does its reader."""
+    if isinstance(observer, ReportingInotifyObserver) and not observer.reader_alive():
+        return False
+    return observer.is_alive()
+
 
 def make_inotify_observer(on_overflow: Callable[[], None]) -> BaseObserver:
     """An inotify observer (full events, O(1) move pairing) that calls ``on_overflow`` after

@@ -64,6 +64,7 @@ from phicapd.pipeline.inotify_adapter import (
     OverflowLogHandler,
     internals_problems,
     make_inotify_observer,
+    observer_alive,
     watchdog_version,
 )
 from phicapd.pipeline.mounts import needs_polling
@@ -597,7 +598,7 @@ class Watcher:
 
     def _check_observers_locked(self) -> None:
         for polling, observer in list(self._observers.items()):
-            if not observer.is_alive():
+            if not observer_alive(observer):
                 log.error("observer_died_restarting", polling=polling)
                 with contextlib.suppress(Exception):
                     observer.stop()  # stops its emitters, if any still run

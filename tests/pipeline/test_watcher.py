@@ -452,6 +452,24 @@ def test_dead_observer_is_restarted_with_a_rescan(rec: Recorder, running: Watche
     assert rec.ready_names() == ["after.jpg"]
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the reader's death
+def test_a_dead_inotify_reader_is_restarted_with_a_rescan(
+    rec: Recorder, running: Watcher, root_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An exception in a callback of watchdog's inotify reader ends the reader thread and closes
+    # its fd: the observer thread still runs, but none of its watches sees an event again.
+    def broken(self: Any, event: Any) -> None:
+        raise AttributeError("a watchdog internal that changed")
+
+    monkeypatch.setattr(inotify_adapter.OverflowReportingInotifyFD, "handle_event", broken)
+    write(root_dir / "kills-the-reader.jpg")
+    rec.wait_for(lambda r: (root_dir, root_dir, "observer_error") in r.rescans)
+    monkeypatch.undo()
+    write(root_dir / "after.jpg")
+    barrier(rec, running, root_dir)
+    assert rec.ready_names() == ["after.jpg"]
+
+
 def test_deleted_root_is_watched_again_when_it_returns(rec: Recorder, running: Watcher, root_dir: Path) -> None:
     root_dir.rmdir()
     root_dir.mkdir()
