@@ -262,20 +262,23 @@ class Watcher:
             if started:
                 for watch in removed + rewatch:
                     self._unschedule(watch)
-                for watch in rewatch:
-                    watch.polling = needs_polling(watch.root)
+                polling = {w.index: needs_polling(w.root) for w in rewatch}
+                with self._cond:  # _signatures reads it under _cond
+                    for watch in rewatch:
+                        watch.polling = polling[watch.index]
                 for watch in added + rewatch:
                     self._schedule(watch, rescan_on_success=False)
                 self._install_overflow_handler()
                 with self._cond:
                     for watch in rescan:
                         self._queue_rescan(watch, watch.root.path, "reload")
-        log.info(
-            "watch_roots_changed",
-            added=[str(w.root.path) for w in added],
-            removed=[str(w.root.path) for w in removed],
-            changed=[str(w.root.path) for w, _ in changed],
-        )
+        if added or removed or changed:
+            log.info(
+                "watch_roots_changed",
+                added=[str(w.root.path) for w in added],
+                removed=[str(w.root.path) for w in removed],
+                changed=[str(w.root.path) for w, _ in changed],
+            )
 
     def stop(self) -> None:
         with self._cond:
