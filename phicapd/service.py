@@ -26,9 +26,10 @@ from phicapd.log import get_logger
 from phicapd.pipeline.decode import make_decoders
 from phicapd.pipeline.intake import Intake
 from phicapd.pipeline.jobs import JobStore
-from phicapd.pipeline.paths import is_watched_dir, list_images, owning_root
+from phicapd.pipeline.paths import is_watched_dir, journal_path, list_images, owning_root
 from phicapd.pipeline.scanner import Reconciler
 from phicapd.pipeline.scheduler import Scheduler
+from phicapd.pipeline.sidecar import Claims, is_rule_base
 from phicapd.pipeline.watcher import Watcher
 
 log = get_logger(__name__)
@@ -257,6 +258,7 @@ class Daemon:
         max_new_tokens: int | None,
         timeout: float,
         path: Path | None = None,
+        sidecar: str | None = None,
     ) -> CaptionReply:
         started = time.monotonic()
         if not self.wait_ready(timeout) or self.scheduler is None:
@@ -278,6 +280,8 @@ class Daemon:
             raise PhicapError(message, code=CAPTION_TIMEOUT, retryable=True) from None
         assert self.captioner is not None
         text = decorate(caption.text, root.prefix, root.suffix) if root is not None else caption.text
+        if root is not None and path is not None and sidecar is not None:
+            self._claim_client_sidecar(journal_path(path, root), sidecar)
         return CaptionReply(
             text,
             caption.new_tokens,
@@ -305,11 +309,13 @@ class Daemon:
             "extension": self.settings.sidecar.extension,
             "existing": self.settings.sidecar.existing,
             "root": None,
+            "claims": {},
         }
         root = owning_root(path, self.settings.watch)
         if root is None:
             return policy
         policy["existing"] = self.settings.existing_policy(root)
+        policy["claims"] = self.store.claims_in(journal_path(path, root).parent)
         # The client's directory is resolved; a symlinked root matches it by its resolved form,
         # and list_images relates the directory to the root, so report the form that matched.
         base = root.path
@@ -322,6 +328,21 @@ class Daemon:
             "ignore": list(root.ignore),
         }
         return policy
+
+    def _claim_client_sidecar(self, image: Path, sidecar: str) -> None:
+        """phicapctl writes ``sidecar`` for ``image``: keep that name the image's, as the writer
+        does for its own, unless the name is not one the rule can give the image, or it already
+        belongs to another image that is still there (then phicapctl named it without a claim
+        that appeared meanwhile; the journal's claim stands)."""
+        extension = self.settings.sidecar.extension
+        base = sidecar[: -len(extension)] if sidecar.endswith(extension) else None
+        if base is None or not is_rule_base(image.name, base):
+            log.warning("sidecar name not recorded", path=str(image), sidecar=sidecar)
+            return
+        claims = Claims(self.store.claims_near(image), image.parent)
+        if image.name in claims.by_image or claims.holder(base, ()) not in (None, image.name):
+            return
+        self.store.claim_sidecars([(image, base)])
 
     def status(self) -> dict[str, Any]:
         sched = self.scheduler

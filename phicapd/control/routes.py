@@ -161,6 +161,7 @@ class Router:
             max_new_tokens=params.max_new_tokens,
             timeout=timeout,
             path=Path(params.path) if params.path else None,
+            sidecar=params.sidecar,
         )
         return _caption_response(_caption_result(reply))
 

@@ -48,7 +48,7 @@ from phicapd.errors import CaptionError, PhicapError
 from phicapd.log import get_logger
 from phicapd.pipeline.decode import DecodeBytes, Decoded, DecodeFile
 from phicapd.pipeline.jobs import Job, JobStore
-from phicapd.pipeline.sidecar import policy_keeps, sidecar_for, sidecar_may_exist
+from phicapd.pipeline.sidecar import Claims, SiblingIndex, policy_keeps, sidecar_may_exist
 from phicapd.pipeline.writer import Finished, SidecarWriter
 
 log = get_logger(__name__)
@@ -337,13 +337,14 @@ class Scheduler:
         try:
             if root is None:
                 raise PhicapError(f"{job.path}: its watch root {job.root} is no longer configured", code="root_removed")
-            if self._already_captioned(job, root):
+            kept = self._already_captioned(job, root)
+            if kept is not None:
                 # Its sidecar appeared while it waited (phicapctl, a hand-written caption) or was
                 # written just before a crash: done, not captioned twice. Recorded by the writer,
                 # which retries a journal that fails.
                 with self._cond:
                     self._decoding -= 1
-                self.writer.submit([Finished(job, root, None, "", time.monotonic(), skipped=True)])
+                self.writer.submit([Finished(job, root, None, "", time.monotonic(), skipped=True, claim=kept)])
                 self._wake_feeder.set()
                 return
             if job.attempts >= self.store.max_attempts:
@@ -583,20 +584,22 @@ class Scheduler:
         worker = next((t for t in self._threads if t.name == "phicapd-gpu"), None)
         return worker is None or worker.is_alive() or self._stopping.is_set()
 
-    def _already_captioned(self, job: Job, root: WatchRoot) -> bool:
-        """Whether the job's sidecar, there now, is one its root's policy keeps (never when forced)."""
+    def _already_captioned(self, job: Job, root: WatchRoot) -> str | None:
+        """The sidecar base of the job's image when the sidecar, there now, is one its root's
+        policy keeps (never when forced); None when the image needs its caption."""
         policy = self.settings.existing_policy(root)
         if job.force or policy == "overwrite":
-            return False
+            return None
         extension = self.settings.sidecar.extension
-        if not sidecar_may_exist(job.path, extension):
-            return False  # the usual case, known without listing the directory
+        claims = Claims(self.store.claims_near(job.path), job.path.parent)
+        if job.path.name not in claims.by_image and not sidecar_may_exist(job.path, extension):
+            return None  # the usual case, known without listing the directory
         try:
             st = job.path.stat()
         except OSError:
-            return False
-        sidecar = sidecar_for(job.path, self._list_images(job.path.parent, root), extension)
-        return policy_keeps(policy, st.st_mtime_ns, sidecar)
+            return None
+        base = SiblingIndex(self._list_images(job.path.parent, root)).base_for(job.path.name, claims)
+        return base if policy_keeps(policy, st.st_mtime_ns, job.path.with_name(base + extension)) else None
 
 
 def _suspect(job: Job | None) -> bool:

@@ -22,6 +22,7 @@ class FakeBackend:
         self.ready.set()
         self.received: list[tuple[str, bytes]] = []
         self.paths: list[Path | None] = []
+        self.sidecars: list[str | None] = []
         self.root: str | None = None  # reported as the applied watch root when a path is sent
         self.paused = False
         self.rescans = 0
@@ -50,10 +51,12 @@ class FakeBackend:
         max_new_tokens: int | None,
         timeout: float,
         path: Path | None = None,
+        sidecar: str | None = None,
     ) -> CaptionReply:
         with self._lock:
             self.received.append((name, data))
             self.paths.append(path)
+            self.sidecars.append(sidecar)
         if self.delay:
             time.sleep(self.delay)
         if data.startswith(b"BAD"):
