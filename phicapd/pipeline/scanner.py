@@ -90,7 +90,12 @@ class Reconciler:
                 base = index.base_for(name, claims)
                 sidecar = directory / (base + self.extension)
                 if name not in claims.by_image and sidecar.exists():
-                    found.append((path, base))
+                    owner = _owner_of_found(index, claims, directory, name, base, st, sidecar)
+                    found.append((directory / owner, base))
+                    claims.add(owner, base)
+                    if owner != name:
+                        base = index.base_for(name, claims)
+                        sidecar = directory / (base + self.extension)
             else:  # missing under either name: stale whichever the rule picks
                 sidecar = directory / (os.path.splitext(name)[0] + self.extension)
             candidates.append((path, st, sidecar))
@@ -186,6 +191,33 @@ class Reconciler:
             seconds=round(report.seconds, 3),
         )
         return report
+
+
+def _owner_of_found(
+    index: SiblingIndex, claims: Claims, directory: Path, name: str, base: str, st: os.stat_result, sidecar: Path
+) -> str:
+    """Whose is an unclaimed sidecar that the rule gives the image ``name``?
+
+    Usually that image's. But when ``name`` is newer than the sidecar and a same-stem image
+    without a claim is not, the sidecar was written for that one before ``name`` arrived (while
+    the daemon was down, or before phicapd ran): it stays that image's, and ``name`` is named
+    around it.
+    """
+    try:
+        written = sidecar.stat().st_mtime_ns
+    except OSError:
+        return name
+    if base != os.path.splitext(name)[0] or st.st_mtime_ns <= written:
+        return name
+    for other in index.same_stem(base):
+        if other == name or other in claims.by_image:
+            continue
+        try:
+            if (directory / other).stat().st_mtime_ns <= written:
+                return other
+        except OSError:
+            continue
+    return name
 
 
 def _claims_for(store: JobStore, directory: Path, names: set[str]) -> dict[str, str]:

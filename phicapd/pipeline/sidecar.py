@@ -57,6 +57,10 @@ class Claims:
         self._directory = directory
         self._on_disk: dict[str, bool] = {}
 
+    def add(self, image: str, base: str) -> None:
+        self.by_image[image] = base
+        self.by_base[base] = image
+
     def holder(self, base: str, listed: Collection[str]) -> str | None:
         """The image whose claim on ``base`` binds, if any."""
         image = self.by_base.get(base)
@@ -92,6 +96,10 @@ class SiblingIndex:
         for group in by_stem.values():
             group.sort()
         self._by_stem = by_stem
+
+    def same_stem(self, stem: str) -> Sequence[str]:
+        """The listed images whose stem is ``stem``, sorted."""
+        return self._by_stem.get(stem, ())
 
     def sidecar_for(self, image: Path, extension: str = ".txt", claims: Claims = NO_CLAIMS) -> Path:
         return image.with_name(self.base_for(image.name, claims) + extension)

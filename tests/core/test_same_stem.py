@@ -153,3 +153,21 @@ def test_the_claims_survive_a_restart(tmp_path: Path) -> None:
         wait_for(lambda: is_settled(daemon) and _captioned(root / "photo.jpg.txt", jpg), 30, "the catch-up")
     assert (root / "photo.txt").read_text() == HAND
     assert fake.calls[png] == 1
+
+
+def test_an_image_that_arrived_while_the_daemon_was_down_does_not_take_an_older_images_sidecar(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    png = write_unique_png(root / "photo.png", 1)
+    (root / "photo.txt").write_text(HAND)  # photo.png's caption, from before phicapd ran
+    hour_ago, half_hour_ago = time.time() - 3600, time.time() - 1800
+    os.utime(root / "photo.png", (hour_ago, hour_ago))
+    os.utime(root / "photo.txt", (half_hour_ago, half_hour_ago))
+    jpg = write_unique_png(root / "photo.jpg", 2)  # newer than the caption: it cannot be its
+    fake = FakeCaptioner()
+    with running_daemon(_settings(tmp_path, root, "skip"), fake) as daemon:
+        wait_for(lambda: is_settled(daemon) and _captioned(root / "photo.jpg.txt", jpg), 30, "the catch-up")
+    assert (root / "photo.txt").read_text() == HAND
+    assert fake.calls[png] == 0 and fake.calls[jpg] == 1
