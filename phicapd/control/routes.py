@@ -64,6 +64,9 @@ def _json_body(req: Request) -> dict[str, Any]:
         data = json.loads(req.body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HttpError(400, p.BAD_REQUEST, f"body is not valid JSON: {e}", close=False) from None
+    except RecursionError:
+        # The C decoder recurses per level; "[" * 100_000 must be the client's error, not a 500.
+        raise HttpError(400, p.BAD_REQUEST, "body is not valid JSON: nested too deeply", close=False) from None
     if not isinstance(data, dict):
         raise HttpError(400, p.BAD_REQUEST, "body must be a JSON object", close=False)
     return data
