@@ -44,7 +44,7 @@ from PIL import Image
 
 from phicapd.captioner import Caption, Captioner, CaptionRequest, preparer, streamer
 from phicapd.config import Settings, WatchRoot
-from phicapd.errors import CaptionError, PhicapError
+from phicapd.errors import CAPTION_EMPTY, CaptionError, PhicapError
 from phicapd.log import get_logger
 from phicapd.pipeline.decode import DecodeBytes, Decoded, DecodeFile
 from phicapd.pipeline.jobs import Job, JobStore
@@ -480,6 +480,9 @@ class Scheduler:
         self.last_progress = self.busy_since = time.monotonic()
         with self._cond:
             item = self._in_flight.pop(id(request))
+        if isinstance(outcome, Caption) and not outcome.text.strip():
+            # Before any prefix/suffix: a blank model text is a failure however it would be decorated.
+            outcome = _empty_caption(item)
         if not isinstance(outcome, PhicapError):
             self._failures_in_a_row = 0
         result = _Outcome(item, error=outcome) if isinstance(outcome, PhicapError) else _Outcome(item, caption=outcome)
@@ -607,6 +610,14 @@ def _suspect(job: Job | None) -> bool:
 def _is_model_fault(e: BaseException) -> bool:
     """A fault of the model or device itself (a sticky CUDA error), not of the images on it."""
     return isinstance(e, PhicapError) and e.code == "model_broken"
+
+
+def _empty_caption(item: _Item) -> CaptionError:
+    """A blank caption is a failed one: retried (sampling may differ, a later model may not), then
+    parked and listed like any other failure, and never written as a sidecar the ``skip`` policy
+    would keep for ever."""
+    name = str(item.job.path) if item.job is not None else "request"
+    return CaptionError(f"{name}: the model returned an empty caption", code=CAPTION_EMPTY, retryable=True)
 
 
 def _as_phicap_error(e: Exception, item: _Item | None) -> PhicapError:
