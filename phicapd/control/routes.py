@@ -126,6 +126,11 @@ class Router:
             raise HttpError(405, p.METHOD_NOT_ALLOWED, f"{req.path} accepts {allowed}", close=False)
         return methods[req.method][1]
 
+    def endpoint(self, path: str) -> str:
+        """``path`` if it is an endpoint, else "other": a metrics label must not take any client's path."""
+        path = path.rstrip("/") or "/"
+        return path if path in self._routes else "other"
+
     def allow_header(self, path: str) -> tuple[tuple[str, str], ...]:
         methods = self._routes.get(path.rstrip("/") or "/")
         return (("Allow", ", ".join(sorted(methods))),) if methods else ()

@@ -436,6 +436,16 @@ class JobStore:
             ).fetchall()
         return [_row_to_job(r) for r in rows]
 
+    def failure_counts(self) -> list[tuple[str, str, int]]:
+        """(state, code, jobs) for what ``failures`` lists: parked, and waiting to be retried."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT state, COALESCE(error_code, 'unknown') AS code, COUNT(*) AS n FROM jobs"
+                " WHERE state = 'failed' OR (state = 'pending' AND attempts > 0)"
+                " GROUP BY state, code ORDER BY state, code"
+            ).fetchall()
+        return [(r["state"], r["code"], r["n"]) for r in rows]
+
     def integrity_check(self) -> str:
         with self._read() as db:
             return db.execute("PRAGMA integrity_check").fetchone()[0]
