@@ -41,7 +41,7 @@ class BlankStreamingFake(_Blank, StreamingFakeCaptioner):
     pass
 
 
-def _blank(kind: type[_Blank], text: str, keys: set[str]) -> _Blank:
+def blank_captioner(kind: type[_Blank], text: str, keys: set[str]) -> _Blank:
     fake = kind(steps=2) if kind is BlankStreamingFake else kind()  # type: ignore[call-arg]
     fake.text, fake.blank_keys = text, keys
     return fake
@@ -62,7 +62,7 @@ def test_a_blank_caption_is_retried_then_parked_and_never_a_sidecar(
     root.mkdir()
     blank_key = write_unique_png(root / "blank.png", 1)
     write_unique_png(root / "fine.png", 2)
-    fake = _blank(kind, text, {blank_key})
+    fake = blank_captioner(kind, text, {blank_key})
     settings = settings_for(tmp_path, [root])
     assert settings.scheduler.max_attempts == MAX_ATTEMPTS  # the default; back-off 0.2 s in tests
     with running_daemon(settings, fake) as daemon:
@@ -94,7 +94,7 @@ def test_a_blank_caption_over_the_socket_is_a_retryable_error(tmp_path: Path, te
     settings = settings_for(tmp_path, [root], extra=extra)
     assert settings.watch[0].prefix == "Photo: "
     try:
-        with running_daemon(settings, _blank(BlankFake, text, {image_key(image)})):
+        with running_daemon(settings, blank_captioner(BlankFake, text, {image_key(image)})):
             client = ControlClient(settings.control.socket, timeout=30)
             with pytest.raises(RequestFailed) as upload:
                 client.caption_bytes(_png(image), name="blank.png", path=str(root / "blank.png"))

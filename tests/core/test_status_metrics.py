@@ -11,7 +11,7 @@ from PIL import Image
 from phicapd.control.client import ControlClient, RequestFailed
 from phicapd.pipeline.jobs import Fingerprint, NewWork
 from phicapd.service import Daemon
-from tests.core.test_blank_caption import BlankFake, _blank
+from tests.core.test_blank_caption import BlankFake, blank_captioner
 from tests.support.daemon import running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, image_key, unique_image, write_unique_png
 from tests.support.metrics import sample, samples
@@ -31,8 +31,8 @@ def _roots(tmp_path: Path, n: int) -> tuple[Path, list[str]]:
 
 def test_progress_gives_backlog_rate_eta_and_failures_by_code(tmp_path: Path) -> None:
     root, keys = _roots(tmp_path, 40)
-    fake = _blank(BlankFake, "", {keys[0]})
-    fake.max_batch, fake.latency = 2, 0.02  # type: ignore[attr-defined]
+    fake = blank_captioner(BlankFake, "", {keys[0]})
+    fake.max_batch, fake.latency = 2, 0.05  # type: ignore[attr-defined]
     settings = settings_for(tmp_path, [root], extra="[model]\nmax_batch = 2\n")
     with running_daemon(settings, fake) as daemon:
         wait_for(lambda: daemon.store.counts()["done"] >= 6, 20, "some captions")
@@ -45,7 +45,7 @@ def test_progress_gives_backlog_rate_eta_and_failures_by_code(tmp_path: Path) ->
         )
         done = ControlClient(settings.control.socket, timeout=10).status().model_dump()["progress"]
     assert 0 < paused["backlog"] < 40 and paused["images_per_second"] > 0
-    assert paused["eta_seconds"] == pytest.approx(paused["backlog"] / paused["images_per_second"], rel=0.02)
+    assert paused["eta_seconds"] == pytest.approx(paused["backlog"] / paused["images_per_second"], rel=0.02, abs=0.1)
     assert 0 < paused["rate_window_seconds"] <= 300
     assert done["backlog"] == 0 and done["eta_seconds"] == 0
     assert done["failures_by_code"] == {"caption_empty": 1}
@@ -68,7 +68,7 @@ def test_progress_before_anything_was_captioned_has_no_eta(tmp_path: Path) -> No
 def test_metrics_are_prometheus_text_with_histograms_failures_and_the_old_names(tmp_path: Path) -> None:
     root, keys = _roots(tmp_path, 5)
     blank = unique_image(99, (16, 16))
-    fake = _blank(BlankFake, " ", {keys[0], image_key(blank)})
+    fake = blank_captioner(BlankFake, " ", {keys[0], image_key(blank)})
     settings = settings_for(tmp_path, [root])
     with running_daemon(settings, fake) as daemon:
         wait_for(lambda: daemon.store.counts()["failed"] == 1 and daemon.store.counts()["done"] == 4, 30, "the root")
@@ -77,6 +77,17 @@ def test_metrics_are_prometheus_text_with_histograms_failures_and_the_old_names(
         with pytest.raises(RequestFailed):
             client.caption_bytes(_png(blank), name="blank.png")
         client.status()
+
+        def observed() -> bool:
+            # A reply can reach the client a moment before the server and scheduler count it.
+            text = client.metrics()
+            captions = sample(text, "phicapd_captions_total")
+            requests = [
+                sample(text, "phicapd_control_request_seconds_count", endpoint=e) for e in ("/v1/caption", "/v1/status")
+            ]
+            return captions == 5 and requests == [2, 1]
+
+        wait_for(observed, 10, "the requests to be counted")
         text = client.metrics()
     samples(text)  # the whole answer (the daemon's and the server's registries) parses as the text format
     # The names dashboards already use.
