@@ -645,9 +645,8 @@ def _is_model_fault(e: BaseException) -> bool:
 
 
 def _empty_caption(item: _Item) -> CaptionError:
-    """A blank caption is a failed one: retried (sampling may differ, a later model may not), then
-    parked and listed like any other failure, and never written as a sidecar the ``skip`` policy
-    would keep for ever."""
+    """A blank caption is a failed one: retried (a sampling model may answer the next time), then
+    parked and listed like any other failure; never a sidecar, which ``skip`` would keep for ever."""
     name = str(item.job.path) if item.job is not None else "request"
     return CaptionError(f"{name}: the model returned an empty caption", code=CAPTION_EMPTY, retryable=True)
 
