@@ -23,6 +23,7 @@ from phicapd.control.backend import CaptionReply
 from phicapd.control.protocol import CAPTION_TIMEOUT
 from phicapd.errors import ModelUnavailable, PhicapError
 from phicapd.log import get_logger
+from phicapd.metrics import DaemonMetrics
 from phicapd.pipeline.decode import make_decoders
 from phicapd.pipeline.intake import Intake
 from phicapd.pipeline.jobs import JobStore
@@ -76,6 +77,7 @@ class Daemon:
         self.intake = Intake(self.reconciler, self._work_queued)
         self.watcher: Watcher | None = None
         self.server: Any = None
+        self.prometheus = DaemonMetrics(self.status, self.is_ready)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -151,6 +153,7 @@ class Daemon:
             decode_file=decode_file,
             decode_bytes=decode_bytes,
             list_images=list_images,
+            metrics=self.prometheus,
         )
         self.scheduler.start()
         self.intake.start()
@@ -355,6 +358,7 @@ class Daemon:
             model["identity"] = self.captioner.identity
             model["max_batch"] = sched.max_batch if sched else self.captioner.max_batch
         details = describe() if describe is not None else {}
+        counts = self.store.counts()
         return {
             "state": state,
             "version": __version__,
@@ -363,17 +367,35 @@ class Daemon:
             "model": {**model, **{k: v for k, v in details.items() if k != "gpu"}},
             "gpu": details.get("gpu"),
             "lanes": {**(sched.lanes() if sched else {}), **self.intake.backlog()},
-            "journal": self.store.counts(),
+            "journal": counts,
             "throughput": {
                 "images_per_second_1m": round(sched.throughput.rate(), 3) if sched else 0.0,
                 "captions_total": sched.throughput.total if sched else 0,
                 "batches_total": sched.batches if sched else 0,
             },
+            "progress": self._progress(counts),
             "recent_failures": list(sched.recent_failures) if sched else [],
             "watch": [str(r.path) for r in self.settings.watch],
             "watcher_pending": self.watcher.pending() if self.watcher else 0,
             "unresponsive_roots": self.watcher.unresponsive_roots() if self.watcher else [],
             "sidecar": {"extension": self.settings.sidecar.extension, "existing": self.settings.sidecar.existing},
+        }
+
+    def _progress(self, counts: dict[str, int]) -> dict[str, Any]:
+        """How much is left and when it will be done: what a person asks first."""
+        backlog = counts["pending"] + counts["running"]
+        rate, window = self.scheduler.backlog_rate.recent() if self.scheduler is not None else (0.0, 0.0)
+        # Parked and waiting to be retried, as ``phicapctl failures`` lists them.
+        by_code: dict[str, int] = {}
+        for _, code, jobs in self.store.failure_counts():
+            by_code[code] = by_code.get(code, 0) + jobs
+        return {
+            "backlog": backlog,
+            "images_per_second": round(rate, 3),
+            "rate_window_seconds": round(window, 1),
+            # None: nothing captioned in the window yet, so no estimate (not "never").
+            "eta_seconds": 0.0 if backlog == 0 else round(backlog / rate, 1) if rate > 0 else None,
+            "failures_by_code": dict(sorted(by_code.items(), key=lambda kv: (-kv[1], kv[0]))),
         }
 
     def failures(self, limit: int) -> list[dict[str, Any]]:
@@ -407,35 +429,7 @@ class Daemon:
             self.intake.rescan(root, root.path, "request")
 
     def metrics(self) -> str:
-        status = self.status()
-        lines = [
-            "# HELP phicapd_up 1 when the model is loaded and the daemon serves captions.",
-            "# TYPE phicapd_up gauge",
-            f"phicapd_up {int(self.is_ready())}",
-            "# HELP phicapd_jobs Background jobs in the journal by state.",
-            "# TYPE phicapd_jobs gauge",
-        ]
-        lines += [f'phicapd_jobs{{state="{k}"}} {v}' for k, v in status["journal"].items()]
-        lines += ["# HELP phicapd_queue_depth Items waiting in memory by lane.", "# TYPE phicapd_queue_depth gauge"]
-        lines += [f'phicapd_queue_depth{{lane="{k}"}} {v}' for k, v in status["lanes"].items()]
-        tp = status["throughput"]
-        lines += [
-            "# HELP phicapd_captions_total Captions produced since start.",
-            "# TYPE phicapd_captions_total counter",
-            f"phicapd_captions_total {tp['captions_total']}",
-            "# HELP phicapd_batches_total Model batches run since start.",
-            "# TYPE phicapd_batches_total counter",
-            f"phicapd_batches_total {tp['batches_total']}",
-            "# HELP phicapd_images_per_second Captions per second over the last minute.",
-            "# TYPE phicapd_images_per_second gauge",
-            f"phicapd_images_per_second {tp['images_per_second_1m']}",
-        ]
-        gpu = status.get("gpu")
-        gpu = gpu if isinstance(gpu, dict) else {}
-        for key in ("memory_allocated_bytes", "memory_reserved_bytes", "memory_total_bytes"):
-            if isinstance(gpu.get(key), int | float):
-                lines += [f"# TYPE phicapd_gpu_{key} gauge", f"phicapd_gpu_{key} {gpu[key]}"]
-        return "\n".join(lines) + "\n"
+        return self.prometheus.render()
 
 
 class _StopWhileLoading(BaseException):

@@ -266,13 +266,47 @@ def _flatten(value: Any, key: str = "") -> str:
     return str(value)
 
 
+def _duration(seconds: float) -> str:
+    """A time a person reads at a glance: 40 s, 12 min, 3 h 05 min, 2.5 days."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        hours, minutes = divmod(round(seconds / 60), 60)
+        return f"{hours} h {minutes:02} min"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _progress_lines(status: dict[str, Any]) -> list[tuple[str, str]]:
+    """What is left and when it will be done, from ``progress`` (absent from older daemons)."""
+    progress = status.get("progress")
+    if not isinstance(progress, dict):
+        return []
+    backlog, rate, eta = progress.get("backlog", 0), progress.get("images_per_second", 0), progress.get("eta_seconds")
+    window = _duration(progress.get("rate_window_seconds") or 0)
+    if not backlog:
+        left = "nothing queued"
+    elif eta is None:
+        left = f"{backlog:,} images; no estimate yet (nothing captioned in the last {window})"
+    else:
+        left = f"{backlog:,} images, done in about {_duration(eta)} at {rate:.3g} images/s (last {window})"
+    if status.get("state") == "paused" and backlog:
+        left += "; paused"
+    failures = progress.get("failures_by_code") or {}
+    failed = "  ".join(f"{code}={n:,}" for code, n in failures.items()) or "none"
+    return [("left", left), ("failures", failed)]
+
+
 def cmd_status(client: ControlClient, args: argparse.Namespace) -> int:
     status = client.status().model_dump()
     if args.json:
         _print_json(status)
         return batch.EX_OK
+    # First what a person asks (how much is left, when, what failed), then the raw counters.
+    lines: list[tuple[str, Any]] = [("state", status.pop("state")), *_progress_lines(status)]
+    status.pop("progress", None)
     # Nested sections (the model's engine counters) get lines of their own.
-    lines: list[tuple[str, Any]] = []
     for key, value in status.items():
         if isinstance(value, dict):
             nested = {k: v for k, v in value.items() if isinstance(v, dict)}

@@ -50,6 +50,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at      REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_runnable ON jobs (state, next_attempt_at, id);
+-- Failures by code for status: a 100,000-job backlog is not scanned on every status call.
+CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (state, error_code) WHERE state = 'failed' OR attempts > 0;
 CREATE TABLE IF NOT EXISTS sidecars (
     dir     TEXT NOT NULL,
     base    TEXT NOT NULL,
@@ -501,6 +503,16 @@ class JobStore:
                 (limit,),
             ).fetchall()
         return [_row_to_job(r) for r in rows]
+
+    def failure_counts(self) -> list[tuple[str, str, int]]:
+        """(state, code, jobs) for what ``failures`` lists: parked, and waiting to be retried."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT state, COALESCE(error_code, 'unknown') AS code, COUNT(*) AS n FROM jobs"
+                " WHERE (state = 'failed' OR attempts > 0) AND state IN ('failed', 'pending')"
+                " GROUP BY state, code ORDER BY state, code"
+            ).fetchall()
+        return [(r["state"], r["code"], r["n"]) for r in rows]
 
     def integrity_check(self) -> str:
         with self._read() as db:

@@ -321,3 +321,38 @@ def test_status_for_humans_splits_sections_rounds_and_shows_times(
     assert lines[model].split() == ["model", "id=fake"]
     assert lines[model + 1].split() == ["engine", "decode=cuda-graphs", "prefill_s=0.116"]
     assert any("at=2026-11-29 10:50:25" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("progress", "left"),
+    [
+        (
+            {"backlog": 1234, "images_per_second": 1.71, "rate_window_seconds": 300.0, "eta_seconds": 721.6},
+            "1,234 images, done in about 12 min at 1.71 images/s (last 5 min)",
+        ),
+        (
+            {"backlog": 50, "images_per_second": 0.0, "rate_window_seconds": 45.0, "eta_seconds": None},
+            "50 images; no estimate yet (nothing captioned in the last 45 s)",
+        ),
+        (
+            {"backlog": 100_000, "images_per_second": 0.5, "rate_window_seconds": 300.0, "eta_seconds": 200_000.0},
+            "100,000 images, done in about 2.3 days at 0.5 images/s (last 5 min)",
+        ),
+        ({"backlog": 0, "images_per_second": 2.0, "rate_window_seconds": 300.0, "eta_seconds": 0.0}, "nothing queued"),
+    ],
+)
+def test_status_says_what_is_left_and_when_before_the_counters(
+    sock: Path, backend: FakeBackend, capsys, monkeypatch: pytest.MonkeyPatch, progress: dict, left: str
+) -> None:
+    status = backend.status
+    failures = {"caption_empty": 3, "image_truncated": 1} if progress["backlog"] else {}
+    monkeypatch.setattr(backend, "status", lambda: {**status(), "progress": {**progress, "failures_by_code": failures}})
+    assert ctl(sock, "status") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["state", "ready"]
+    assert lines[1].split(None, 1) == ["left", left]
+    assert (
+        lines[2].split() == ["failures", "caption_empty=3", "image_truncated=1"] if failures else ["failures", "none"]
+    )
+    assert any(line.startswith("journal ") for line in lines[3:])  # the raw counters follow
+    assert not any(line.startswith("progress") for line in lines)  # shown above, not twice

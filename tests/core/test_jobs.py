@@ -160,3 +160,23 @@ def test_a_version_1_journal_gains_the_claims_table(tmp_path: Path) -> None:
     assert store.get(tmp_path / "a.jpg") is not None
     store.claim_sidecars([(tmp_path / "a.jpg", "a")])
     assert store.claims_in(tmp_path) == {"a.jpg": "a"}
+
+
+def test_failure_counts_by_state_and_code_match_what_failures_lists(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.enqueue_many([_work(n) for n in "abcde"])
+    a, b, c, _d, e = store.claim(10)
+    store.finish_many(
+        [Success(e.id, "sha", "m", "p", "/r/e.txt", e.fingerprint)],  # type: ignore[arg-type]
+        [
+            Failure(a.id, "caption_empty", "a: blank", retryable=True),  # waits to be retried
+            Failure(b.id, "caption_empty", "b: blank", retryable=False),
+            Failure(c.id, "image_corrupt", "c: broken", retryable=False),
+        ],
+    )
+    assert store.failure_counts() == [
+        ("failed", "caption_empty", 1),
+        ("failed", "image_corrupt", 1),
+        ("pending", "caption_empty", 1),
+    ]
+    assert sum(n for _, _, n in store.failure_counts()) == len(store.failures())
