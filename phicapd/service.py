@@ -451,9 +451,11 @@ class _ExtendTimeout:
 
 def run(settings: Settings, captioner_factory: CaptionerFactory = load_model_captioner) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    from phicapd.preflight import check_state_paths
     from phicapd.systemd import check_roots_writable, listen_fds
 
     check_roots_writable(settings)
     sockets = listen_fds()
+    check_state_paths(settings, socket_inherited=bool(sockets))
     daemon = Daemon(settings, captioner_factory)
     return daemon.run(listen_socket=sockets[0] if sockets else None)

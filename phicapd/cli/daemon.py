@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from phicapd import __version__
-from phicapd.config import DEFAULT_CONFIG_PATH, Settings, load_settings, redact_userinfo
+from phicapd.config import DEFAULT_CONFIG_PATH, SYSTEM_SOCKET_PATH, Settings, load_settings, redact_userinfo
 from phicapd.errors import EX_CONFIG, EX_TEMPFAIL, ConfigError, ModelUnavailable, PhicapError
 from phicapd.log import configure_logging, get_logger, is_journal_stream
 
@@ -66,6 +66,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    # What ``run`` refuses before it starts, tried as this user: the watched roots, the state and
+    # socket directories (not the system socket's: phicapd.socket makes and owns that one).
+    from phicapd.preflight import check_state_paths
+    from phicapd.systemd import check_roots_writable
+
+    check_roots_writable(settings)
+    check_state_paths(settings, socket_inherited=settings.control.socket == SYSTEM_SOCKET_PATH)
     effective = settings.model_dump(mode="json")
     if effective["fetch"]["proxy"]:  # may hold a password; the output ends up in tickets
         effective["fetch"]["proxy"] = redact_userinfo(effective["fetch"]["proxy"])
