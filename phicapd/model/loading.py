@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -397,6 +398,16 @@ def _restore_buffers(model: Phi3VForCausalLM, device: torch.device) -> None:
     model.use_rowwise_rope()
 
 
+def _open_shard(path: Path, device: torch.device) -> Any:
+    """``safe_open``, with a refused read said as such (safetensors says "No such file")."""
+    try:
+        return safe_open(str(path), framework="pt", device=str(device))
+    except OSError as e:
+        if not os.access(path, os.R_OK):
+            raise CheckpointError(f"{path}: permission denied for uid {os.geteuid()}") from None
+        raise CheckpointError(f"{path}: {e.strerror or e}") from None
+
+
 def load_model(
     model_dir: Path,
     *,
@@ -416,7 +427,7 @@ def load_model(
     state: dict[str, torch.Tensor] = {}
     bad_shapes: list[str] = []
     for path, keys in by_file.items():
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with _open_shard(path, device) as f:
             for key in keys:
                 tensor = f.get_tensor(key)
                 target = plan[key]
