@@ -361,11 +361,19 @@ def _flatten(value: Any, key: str = "") -> str:
     return str(value)
 
 
+def _loading_reason(status: dict[str, Any]) -> str | None:
+    """Why the model is not ready yet (taken out of the table: it is a sentence, not a counter)."""
+    model = status.get("model")
+    return model.pop("loading", None) if isinstance(model, dict) else None
+
+
 def cmd_status(client: ControlClient, args: argparse.Namespace) -> int:
     status = client.status().model_dump()
     if args.json:
         _print_json(status)
         return batch.EX_OK
+    if reason := _loading_reason(status):
+        print(f"not ready: {reason}")
     # Nested sections (the model's engine counters) get lines of their own.
     lines: list[tuple[str, Any]] = []
     for key, value in status.items():

@@ -94,6 +94,19 @@ def download_model(settings: ModelSettings, *, progress: bool = True) -> Path:
     return _check_dir(Path(path))
 
 
+# The first run without the weights: what a new user can do about it, in one line.
+_LOCAL_WAYS = (
+    "set [model] path to a local checkpoint, or try phicapd out with `phicapd make-test-model DIR` "
+    "and [model] path = DIR"
+)
+WAYS_FORWARD = f"to go on, let phicapd reach huggingface.co to download it, or {_LOCAL_WAYS}"
+
+
+def _first_line(e: Exception) -> str:
+    """The hub's errors run to several lines of advice; the first one says what happened."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
 def _fetch_error(e: Exception, settings: ModelSettings) -> PhicapError:
     """What a failed ``snapshot_download`` means for the daemon: a setting to fix (exit 78), or
     the hub or the network failing now (``ModelUnavailable``, exit 75, restarted by systemd).
@@ -107,7 +120,10 @@ def _fetch_error(e: Exception, settings: ModelSettings) -> PhicapError:
 
     what = f"model {settings.id}@{settings.revision}"
     if _offline():
-        return ConfigError(f"cannot fetch {what} (offline mode is on: the model must already be in the cache): {e}")
+        return ConfigError(
+            f"cannot fetch {what} (offline mode is on: the model must already be in the cache): "
+            f"{_first_line(e)}; {WAYS_FORWARD}"
+        )
     permanent: tuple[type[BaseException], ...] = (
         hub.RepositoryNotFoundError,  # also GatedRepoError
         hub.RevisionNotFoundError,
@@ -119,8 +135,10 @@ def _fetch_error(e: Exception, settings: ModelSettings) -> PhicapError:
     status = getattr(getattr(e, "response", None), "status_code", None)
     client_error = isinstance(e, hub.HfHubHTTPError) and isinstance(status, int) and 400 <= status < 500
     if isinstance(e, permanent) or (client_error and status not in (408, 429)):
-        return ConfigError(f"cannot fetch {what}: {type(e).__name__}: {e}")
-    return ModelUnavailable(f"cannot fetch {what} now (the hub or the network failed; try again later): {e}")
+        return ConfigError(f"cannot fetch {what}: {type(e).__name__}: {_first_line(e)}")
+    return ModelUnavailable(
+        f"cannot fetch {what} now (the hub or the network failed: {_first_line(e)}); {WAYS_FORWARD}"
+    )
 
 
 def resolve_model_dir(settings: ModelSettings) -> Path:
@@ -138,7 +156,7 @@ def resolve_model_dir(settings: ModelSettings) -> Path:
         if _offline():
             raise ConfigError(
                 f"model {settings.id}@{settings.revision} is not in the Hugging Face cache and offline "
-                "mode is on; run `phicapd download-model` first"
+                f"mode is on; to go on, run `phicapd download-model` where the network is allowed, or {_LOCAL_WAYS}"
             ) from None
     log.info("model %s@%s not cached; downloading", settings.id, settings.revision)
     return download_model(settings)
