@@ -25,6 +25,7 @@ from typing import Any, NoReturn, TextIO
 from pydantic import ValidationError
 
 from phicapd import __version__
+from phicapd.cli.helpformat import HelpFormatter
 from phicapd.config import SYSTEM_SOCKET_PATH, user_socket_path
 from phicapd.control import batch
 from phicapd.control.batch import BatchCaptioner, Options, Outcome
@@ -70,24 +71,9 @@ def resolve_socket(explicit: str | None) -> Path:
     return user_socket_path()
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the epilog's layout and appends "(default: X)" to options that have a real default."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help or ""
-        if (
-            action.option_strings
-            and action.default not in (None, False, argparse.SUPPRESS)
-            and "%(default)" not in text
-            and "default" not in text
-        ):
-            text += " (default: %(default)s)"
-        return text
-
-
 class _Parser(argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("formatter_class", _Formatter)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
