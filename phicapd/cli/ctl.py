@@ -255,7 +255,11 @@ class InOrder:
         self._emit = emit
 
     def add(self, outcome: Outcome) -> None:
-        self._done[self._waiting[outcome.image].pop(0)] = outcome
+        slots = self._waiting.get(outcome.image)
+        if not slots:  # not one of ``images`` as given: nothing to keep it in order with
+            self._emit(outcome)
+            return
+        self._done[slots.pop(0)] = outcome
         while self._next in self._done:
             self._emit(self._done.pop(self._next))
             self._next += 1
