@@ -114,7 +114,11 @@ def _download_model(args: argparse.Namespace) -> int:
 def _make_test_model(args: argparse.Namespace) -> int:
     from phicapd.model.testmodel import make_test_model
 
-    print(make_test_model(args.directory, seed=args.seed))
+    try:
+        print(make_test_model(args.directory, seed=args.seed))
+    except OSError as e:
+        where = e.filename or args.directory
+        raise PhicapError(f"cannot write {where}: {e.strerror or e}", code="output_unwritable") from None
     return 0
 
 

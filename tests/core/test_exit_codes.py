@@ -111,3 +111,11 @@ def test_every_command_and_option_is_described_and_the_exit_codes_listed(
     assert "--seed SEED  seed of the random weights (default: 0)" in out
     for code in (0, 1, 70, 75, 78):
         assert f"\n  {code} " in out
+
+
+def test_make_test_model_where_nothing_can_be_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("")
+    assert main(["make-test-model", str(tmp_path / "file" / "model")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.endswith(f"phicapd: cannot write {tmp_path / 'file' / 'model'}: Not a directory\n")
