@@ -68,6 +68,8 @@ class Daemon:
         self._keepalive: _ExtendTimeout | None = None
         self.captioner: Captioner | None = None
         self.scheduler: Scheduler | None = None
+        # Why the model is not ready yet, for ``phicapctl status``; None once it is loaded.
+        self.loading: str | None = f"loading the model from {settings.model.source}"
         self.store = JobStore(
             settings.state.dir / "journal.sqlite3",
             max_attempts=settings.scheduler.max_attempts,
@@ -201,6 +203,7 @@ class Daemon:
                 if e.code == "gpu_unavailable" or time.monotonic() + delay > deadline:
                     raise  # torch never sees a driver that comes up later: a restart will
                 log.warning("the model is not available yet; trying again", error=str(e), seconds=delay)
+                self.loading = f"waiting for the model, trying again every {delay:.0f} s or more: {e}"
                 notifier.status(f"waiting for the model, again in {delay:.0f} s: {e}")
                 if self._stop.wait(delay):
                     raise _StopWhileLoading from None
@@ -354,6 +357,8 @@ class Daemon:
             state = "paused"
         describe = getattr(self.captioner, "describe", None)
         model: dict[str, Any] = {"source": self.settings.model.source, "loaded": self.captioner is not None}
+        if self.captioner is None and self.loading is not None:
+            model["loading"] = self.loading
         if self.captioner is not None:
             model["identity"] = self.captioner.identity
             model["max_batch"] = sched.max_batch if sched else self.captioner.max_batch
@@ -466,9 +471,11 @@ class _ExtendTimeout:
 
 def run(settings: Settings, captioner_factory: CaptionerFactory = load_model_captioner) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    from phicapd.preflight import check_state_paths
     from phicapd.systemd import check_roots_writable, listen_fds
 
     check_roots_writable(settings)
     sockets = listen_fds()
+    check_state_paths(settings, socket_inherited=bool(sockets))
     daemon = Daemon(settings, captioner_factory)
     return daemon.run(listen_socket=sockets[0] if sockets else None)

@@ -205,7 +205,9 @@ class BatchCaptioner:
             self._unreachable.set()
             return _failed(image, sidecar, e.code, e.message, EX_UNAVAILABLE)
         code = EX_DATAERR if isinstance(e, RequestRejected) else EX_SOFTWARE
-        return _failed(image, sidecar, e.code, f"{image}: {e.message}", code)
+        # The daemon names the file it was sent ("photo.jpg: ..."); say the path once instead.
+        detail = e.message.removeprefix(f"{image.name}: ")
+        return _failed(image, sidecar, e.code, f"{image}: {detail}", code)
 
     def _caption(self, image: Path, sidecar: Path | None) -> Outcome:
         if self._unreachable.is_set():
