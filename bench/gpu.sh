@@ -5,7 +5,8 @@
 #   bash bench/gpu.sh run     # there: install them, then the stages below, logs in $OUT
 #
 # The GPU image already has torch, transformers, safetensors, tokenizers, Pillow and requests;
-# it lacks pydantic(-settings), structlog and watchdog (and may have an older typing_extensions).
+# it lacks pydantic(-settings), structlog, watchdog and prometheus_client (and may have an older
+# typing_extensions).
 # `run` fits one 600 s device command (about 560 s in all), each stage under its own timeout,
 # each one run whatever happened to the one before; every log is written as it goes, so a stage
 # that is cut short keeps what it printed:
@@ -22,7 +23,7 @@ fetch)
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
         -d .whl pydantic pydantic-core pydantic-settings annotated-types typing-inspection python-dotenv \
-        structlog watchdog typing-extensions || exit 1
+        structlog watchdog prometheus_client typing-extensions || exit 1
     ls .whl
     ;;
 run)

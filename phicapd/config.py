@@ -44,8 +44,13 @@ def default_state_dir() -> Path:
         return Path(env.split(":")[0])
     if _is_root():
         return Path("/var/lib/phicapd")
-    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(xdg) / "phicapd"
+    if xdg := os.environ.get("XDG_STATE_HOME"):
+        return Path(xdg) / "phicapd"
+    try:
+        home = Path.home()
+    except RuntimeError:  # no $HOME and no passwd entry (a bare uid in a container)
+        raise ConfigError("[state] dir: this user has no home directory for the default; set it") from None
+    return home / ".local" / "state" / "phicapd"
 
 
 def user_socket_path() -> Path:
@@ -252,8 +257,9 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = SchedulerSettings()
     imaging: ImagingSettings = ImagingSettings()
     fetch: FetchSettings = FetchSettings()
-    control: ControlSettings = ControlSettings()
-    state: StateSettings = StateSettings()
+    # Made per load, not at import: their defaults depend on the user and the environment.
+    control: ControlSettings = Field(default_factory=ControlSettings)
+    state: StateSettings = Field(default_factory=StateSettings)
     log: LogSettings = LogSettings()
 
     @model_validator(mode="after")

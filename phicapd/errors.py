@@ -61,5 +61,8 @@ class CaptionError(PhicapError):
     retryable = True
 
 
+#: The model's text was empty or only whitespace (retryable; see the scheduler's delivery).
+CAPTION_EMPTY = "caption_empty"
+
 EX_TEMPFAIL = 75
 EX_CONFIG = 78

@@ -107,6 +107,36 @@ def _fail(url: str, code: str, detail: str, *, retryable: bool = False) -> Fetch
     return FetchError(f"{_shown(url)}: {detail}", code=code, retryable=retryable)
 
 
+_PLAIN_REASONS: tuple[tuple[type[BaseException], str], ...] = (
+    (ConnectionRefusedError, "connection refused"),
+    (ConnectionResetError, "connection reset"),
+    (ConnectionAbortedError, "connection aborted"),
+    (TimeoutError, "timed out"),
+)
+
+
+def _plain_reason(error: BaseException) -> str:
+    """The root cause of a requests/urllib3 error in a few words ("connection refused").
+
+    Their own messages nest pool and connection reprs ("_HTTPPool(host=...): Max retries exceeded
+    ... Caused by NewConnectionError(...)"), which mean nothing to the user who sent a URL."""
+    chain: list[BaseException] = []
+    cause: BaseException | None = error
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        reason = getattr(cause, "reason", None)
+        wrapped = next((a for a in cause.args if isinstance(a, BaseException)), None)
+        cause = reason if isinstance(reason, BaseException) else cause.__cause__ or wrapped or cause.__context__
+    for e in reversed(chain):
+        if isinstance(e, OSError) and isinstance(e.strerror, str) and e.strerror:
+            return e.strerror[0].lower() + e.strerror[1:]
+        phrase = next((text for kind, text in _PLAIN_REASONS if isinstance(e, kind)), None)
+        if phrase is not None:
+            return phrase
+    root = chain[-1]
+    return str(root) if type(root).__module__.split(".")[0] not in ("urllib3", "requests") else type(root).__name__
+
+
 # --- addresses ----------------------------------------------------------------------------------
 
 
@@ -298,8 +328,12 @@ def _checked_addresses(target: _Target, policy: AddressPolicy, resolver: Resolve
     for ip in addresses:
         reason = policy.refusal(ip)
         if reason is not None:
-            raise _fail(target.url, "url_address_refused", f"{target.host} is {ip}: {reason}")
+            host = target.host if target.host == str(ip) else f"{target.host} is {ip}"
+            raise _fail(target.url, "url_address_refused", f"{host}: {reason}, refused; {_ALLOW_HINT}")
     return addresses
+
+
+_ALLOW_HINT = "[fetch] allow_networks lists the networks to allow besides the public internet"
 
 
 # --- deadline -----------------------------------------------------------------------------------
@@ -448,15 +482,18 @@ def _request_error(e: requests.RequestException, target: _Target, deadline: _Dea
     url = target.url
     if deadline.expired:
         return _fail(url, "url_timeout", "the total deadline passed", retryable=True)
-    if isinstance(e, requests.exceptions.ConnectTimeout | requests.exceptions.ReadTimeout):
-        return _fail(url, "url_timeout", f"timed out ({e})", retryable=True)
+    reason = _plain_reason(e)
+    if isinstance(e, requests.exceptions.ConnectTimeout):
+        return _fail(url, "url_timeout", f"{target.host}: connecting timed out", retryable=True)
+    if isinstance(e, requests.exceptions.ReadTimeout):
+        return _fail(url, "url_timeout", f"{target.host}: no answer in time", retryable=True)
     if isinstance(e, requests.exceptions.ProxyError):
-        return _fail(url, "url_proxy_failed", f"proxy failed ({e})", retryable=True)
+        return _fail(url, "url_proxy_failed", f"the proxy failed: {reason}", retryable=True)
     if isinstance(e, requests.exceptions.SSLError):
-        return _fail(url, "url_tls_failed", f"TLS failed ({e})")
+        return _fail(url, "url_tls_failed", f"{target.host}: TLS failed: {reason}")
     if _is_connect_failure(e):
-        return _fail(url, "url_connect_failed", f"cannot connect to {target.host} ({e})", retryable=True)
-    return _fail(url, "url_read_failed", f"request failed ({e})", retryable=True)
+        return _fail(url, "url_connect_failed", f"{target.host}: {reason}", retryable=True)
+    return _fail(url, "url_read_failed", f"{target.host}: {reason}", retryable=True)
 
 
 def _send(
@@ -541,8 +578,9 @@ def _read_body(response: requests.Response, target: _Target, max_bytes: int, dea
         if deadline.expired:
             raise _fail(url, "url_timeout", "the total deadline passed while reading", retryable=True) from None
         if isinstance(e, ReadTimeoutError):
-            raise _fail(url, "url_timeout", f"read timed out ({e})", retryable=True) from None
-        raise _fail(url, "url_read_failed", f"the connection broke ({e})", retryable=True) from None
+            raise _fail(url, "url_timeout", "reading the body timed out", retryable=True) from None
+        detail = f"the connection broke: {_plain_reason(e)}"
+        raise _fail(url, "url_read_failed", detail, retryable=True) from None
     if deadline.expired:  # the watchdog's shutdown looks like a clean end of a close-delimited body
         raise _fail(url, "url_timeout", "the total deadline passed while reading", retryable=True)
     return bytes(body)

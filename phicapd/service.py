@@ -23,12 +23,14 @@ from phicapd.control.backend import CaptionReply
 from phicapd.control.protocol import CAPTION_TIMEOUT
 from phicapd.errors import ModelUnavailable, PhicapError
 from phicapd.log import get_logger
+from phicapd.metrics import DaemonMetrics
 from phicapd.pipeline.decode import make_decoders
 from phicapd.pipeline.intake import Intake
 from phicapd.pipeline.jobs import JobStore
-from phicapd.pipeline.paths import is_watched_dir, list_images, owning_root
+from phicapd.pipeline.paths import is_watched_dir, journal_path, list_images, owning_root
 from phicapd.pipeline.scanner import Reconciler
 from phicapd.pipeline.scheduler import Scheduler
+from phicapd.pipeline.sidecar import Claims, is_rule_base
 from phicapd.pipeline.watcher import Watcher
 
 log = get_logger(__name__)
@@ -66,6 +68,8 @@ class Daemon:
         self._keepalive: _ExtendTimeout | None = None
         self.captioner: Captioner | None = None
         self.scheduler: Scheduler | None = None
+        # Why the model is not ready yet, for ``phicapctl status``; None once it is loaded.
+        self.loading: str | None = f"loading the model from {settings.model.source}"
         self.store = JobStore(
             settings.state.dir / "journal.sqlite3",
             max_attempts=settings.scheduler.max_attempts,
@@ -75,6 +79,7 @@ class Daemon:
         self.intake = Intake(self.reconciler, self._work_queued)
         self.watcher: Watcher | None = None
         self.server: Any = None
+        self.prometheus = DaemonMetrics(self.status, self.is_ready)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -150,6 +155,7 @@ class Daemon:
             decode_file=decode_file,
             decode_bytes=decode_bytes,
             list_images=list_images,
+            metrics=self.prometheus,
         )
         self.scheduler.start()
         self.intake.start()
@@ -197,6 +203,7 @@ class Daemon:
                 if e.code == "gpu_unavailable" or time.monotonic() + delay > deadline:
                     raise  # torch never sees a driver that comes up later: a restart will
                 log.warning("the model is not available yet; trying again", error=str(e), seconds=delay)
+                self.loading = f"waiting for the model, trying again every {delay:.0f} s or more: {e}"
                 notifier.status(f"waiting for the model, again in {delay:.0f} s: {e}")
                 if self._stop.wait(delay):
                     raise _StopWhileLoading from None
@@ -257,6 +264,7 @@ class Daemon:
         max_new_tokens: int | None,
         timeout: float,
         path: Path | None = None,
+        sidecar: str | None = None,
     ) -> CaptionReply:
         started = time.monotonic()
         if not self.wait_ready(timeout) or self.scheduler is None:
@@ -278,6 +286,8 @@ class Daemon:
             raise PhicapError(message, code=CAPTION_TIMEOUT, retryable=True) from None
         assert self.captioner is not None
         text = decorate(caption.text, root.prefix, root.suffix) if root is not None else caption.text
+        if root is not None and path is not None and sidecar is not None:
+            self._claim_client_sidecar(journal_path(path, root), sidecar)
         return CaptionReply(
             text,
             caption.new_tokens,
@@ -305,11 +315,13 @@ class Daemon:
             "extension": self.settings.sidecar.extension,
             "existing": self.settings.sidecar.existing,
             "root": None,
+            "claims": {},
         }
         root = owning_root(path, self.settings.watch)
         if root is None:
             return policy
         policy["existing"] = self.settings.existing_policy(root)
+        policy["claims"] = self.store.claims_in(journal_path(path, root).parent)
         # The client's directory is resolved; a symlinked root matches it by its resolved form,
         # and list_images relates the directory to the root, so report the form that matched.
         base = root.path
@@ -323,6 +335,21 @@ class Daemon:
         }
         return policy
 
+    def _claim_client_sidecar(self, image: Path, sidecar: str) -> None:
+        """phicapctl writes ``sidecar`` for ``image``: keep that name the image's, as the writer
+        does for its own, unless the name is not one the rule can give the image, or it already
+        belongs to another image that is still there (then phicapctl named it without a claim
+        that appeared meanwhile; the journal's claim stands)."""
+        extension = self.settings.sidecar.extension
+        base = sidecar[: -len(extension)] if sidecar.endswith(extension) else None
+        if base is None or not is_rule_base(image.name, base):
+            log.warning("sidecar name not recorded", path=str(image), sidecar=sidecar)
+            return
+        claims = Claims(self.store.claims_near(image), image.parent)
+        if image.name in claims.by_image or claims.holder(base, ()) not in (None, image.name):
+            return
+        self.store.claim_sidecars([(image, base)])
+
     def status(self) -> dict[str, Any]:
         sched = self.scheduler
         state = self.state
@@ -330,10 +357,13 @@ class Daemon:
             state = "paused"
         describe = getattr(self.captioner, "describe", None)
         model: dict[str, Any] = {"source": self.settings.model.source, "loaded": self.captioner is not None}
+        if self.captioner is None and self.loading is not None:
+            model["loading"] = self.loading
         if self.captioner is not None:
             model["identity"] = self.captioner.identity
             model["max_batch"] = sched.max_batch if sched else self.captioner.max_batch
         details = describe() if describe is not None else {}
+        counts = self.store.counts()
         return {
             "state": state,
             "version": __version__,
@@ -342,17 +372,35 @@ class Daemon:
             "model": {**model, **{k: v for k, v in details.items() if k != "gpu"}},
             "gpu": details.get("gpu"),
             "lanes": {**(sched.lanes() if sched else {}), **self.intake.backlog()},
-            "journal": self.store.counts(),
+            "journal": counts,
             "throughput": {
                 "images_per_second_1m": round(sched.throughput.rate(), 3) if sched else 0.0,
                 "captions_total": sched.throughput.total if sched else 0,
                 "batches_total": sched.batches if sched else 0,
             },
+            "progress": self._progress(counts),
             "recent_failures": list(sched.recent_failures) if sched else [],
             "watch": [str(r.path) for r in self.settings.watch],
             "watcher_pending": self.watcher.pending() if self.watcher else 0,
             "unresponsive_roots": self.watcher.unresponsive_roots() if self.watcher else [],
             "sidecar": {"extension": self.settings.sidecar.extension, "existing": self.settings.sidecar.existing},
+        }
+
+    def _progress(self, counts: dict[str, int]) -> dict[str, Any]:
+        """How much is left and when it will be done: what a person asks first."""
+        backlog = counts["pending"] + counts["running"]
+        rate, window = self.scheduler.backlog_rate.recent() if self.scheduler is not None else (0.0, 0.0)
+        # Parked and waiting to be retried, as ``phicapctl failures`` lists them.
+        by_code: dict[str, int] = {}
+        for _, code, jobs in self.store.failure_counts():
+            by_code[code] = by_code.get(code, 0) + jobs
+        return {
+            "backlog": backlog,
+            "images_per_second": round(rate, 3),
+            "rate_window_seconds": round(window, 1),
+            # None: nothing captioned in the window yet, so no estimate (not "never").
+            "eta_seconds": 0.0 if backlog == 0 else round(backlog / rate, 1) if rate > 0 else None,
+            "failures_by_code": dict(sorted(by_code.items(), key=lambda kv: (-kv[1], kv[0]))),
         }
 
     def failures(self, limit: int) -> list[dict[str, Any]]:
@@ -386,35 +434,7 @@ class Daemon:
             self.intake.rescan(root, root.path, "request")
 
     def metrics(self) -> str:
-        status = self.status()
-        lines = [
-            "# HELP phicapd_up 1 when the model is loaded and the daemon serves captions.",
-            "# TYPE phicapd_up gauge",
-            f"phicapd_up {int(self.is_ready())}",
-            "# HELP phicapd_jobs Background jobs in the journal by state.",
-            "# TYPE phicapd_jobs gauge",
-        ]
-        lines += [f'phicapd_jobs{{state="{k}"}} {v}' for k, v in status["journal"].items()]
-        lines += ["# HELP phicapd_queue_depth Items waiting in memory by lane.", "# TYPE phicapd_queue_depth gauge"]
-        lines += [f'phicapd_queue_depth{{lane="{k}"}} {v}' for k, v in status["lanes"].items()]
-        tp = status["throughput"]
-        lines += [
-            "# HELP phicapd_captions_total Captions produced since start.",
-            "# TYPE phicapd_captions_total counter",
-            f"phicapd_captions_total {tp['captions_total']}",
-            "# HELP phicapd_batches_total Model batches run since start.",
-            "# TYPE phicapd_batches_total counter",
-            f"phicapd_batches_total {tp['batches_total']}",
-            "# HELP phicapd_images_per_second Captions per second over the last minute.",
-            "# TYPE phicapd_images_per_second gauge",
-            f"phicapd_images_per_second {tp['images_per_second_1m']}",
-        ]
-        gpu = status.get("gpu")
-        gpu = gpu if isinstance(gpu, dict) else {}
-        for key in ("memory_allocated_bytes", "memory_reserved_bytes", "memory_total_bytes"):
-            if isinstance(gpu.get(key), int | float):
-                lines += [f"# TYPE phicapd_gpu_{key} gauge", f"phicapd_gpu_{key} {gpu[key]}"]
-        return "\n".join(lines) + "\n"
+        return self.prometheus.render()
 
 
 class _StopWhileLoading(BaseException):
@@ -451,9 +471,11 @@ class _ExtendTimeout:
 
 def run(settings: Settings, captioner_factory: CaptionerFactory = load_model_captioner) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    from phicapd.preflight import check_state_paths
     from phicapd.systemd import check_roots_writable, listen_fds
 
     check_roots_writable(settings)
     sockets = listen_fds()
+    check_state_paths(settings, socket_inherited=bool(sockets))
     daemon = Daemon(settings, captioner_factory)
     return daemon.run(listen_socket=sockets[0] if sockets else None)

@@ -8,15 +8,7 @@ root gets that root's prompt, prefix and suffix, as if the daemon had captioned 
 Socket: ``--socket`` > ``$PHICAPD_SOCKET`` > /run/phicapd/phicapd.sock if it exists > the
 per-user socket (``$XDG_RUNTIME_DIR/phicapd.sock``).
 
-Exit codes (sysexits):
-  0   success (for batches: every file captioned or skipped as up to date)
-  64  usage error (EX_USAGE)
-  65  input rejected by the daemon, a 4xx answer: not an image, URL refused (EX_DATAERR)
-  66  an input file could not be read (EX_NOINPUT)
-  69  daemon unreachable: no socket, nobody listening, no permission; ``health``: not ready (EX_UNAVAILABLE)
-  70  caption failed in the daemon, a 5xx answer or no answer in time (EX_SOFTWARE)
-  73  the sidecar or ``--output`` file could not be written (EX_CANTCREAT)
-When files of one batch fail differently, the first of 69, 70, 73, 66, 65 that occurred wins.
+Exit codes: see ``EXIT_CODES`` below (also printed by ``phicapctl --help``).
 """
 
 from __future__ import annotations
@@ -33,6 +25,7 @@ from typing import Any, NoReturn, TextIO
 from pydantic import ValidationError
 
 from phicapd import __version__
+from phicapd.cli.helpformat import HelpFormatter
 from phicapd.config import SYSTEM_SOCKET_PATH, user_socket_path
 from phicapd.control import batch
 from phicapd.control.batch import BatchCaptioner, Options, Outcome
@@ -47,7 +40,23 @@ from phicapd.control.client import (
 from phicapd.pipeline.sidecar import write_sidecar
 
 EX_USAGE = 64
+EX_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 SOCKET_ENV = "PHICAPD_SOCKET"
+
+EXIT_CODES = """\
+exit codes (sysexits):
+  0    success (for batches: every file captioned or skipped as up to date)
+  64   usage error (EX_USAGE)
+  65   input rejected by the daemon, a 4xx answer: not an image, URL refused;
+       retry: a PATH that is not a failed image (EX_DATAERR)
+  66   an input file or directory could not be read (EX_NOINPUT)
+  69   daemon unreachable: no socket, nobody listening, no permission;
+       health: not ready (EX_UNAVAILABLE)
+  70   caption failed in the daemon, a 5xx answer or no answer in time (EX_SOFTWARE)
+  73   the sidecar or --output file could not be written (EX_CANTCREAT)
+  141  standard output was closed early (`phicapctl status | head -1`); nothing is printed
+When files of one batch fail differently, the first of 69, 70, 73, 66, 65 that occurred wins.
+"""
 
 
 def resolve_socket(explicit: str | None) -> Path:
@@ -63,77 +72,112 @@ def resolve_socket(explicit: str | None) -> Path:
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(EX_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A timeout: a finite number of seconds above zero (a socket refuses the rest)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0, got {text}")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="phicapctl", description="Control a running phicapd.")
-    parser.add_argument("--socket", help=f"control socket (default: ${SOCKET_ENV}, then the system socket)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds for non-caption calls")
+    parser = _Parser(prog="phicapctl", description="Control a running phicapd.", epilog=EXIT_CODES)
+    parser.add_argument(
+        "--socket",
+        help=f"control socket (default: ${SOCKET_ENV}, then {SYSTEM_SOCKET_PATH} if it exists, "
+        "then $XDG_RUNTIME_DIR/phicapd.sock)",
+    )
+    parser.add_argument(
+        "--timeout", type=_seconds, default=DEFAULT_TIMEOUT, help="seconds to wait for a non-caption answer"
+    )
     parser.add_argument("--version", action="version", version=f"phicapctl {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        """A subcommand whose one-line description shows both in the list and in its own --help."""
+        return sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}.", epilog=EXIT_CODES)
+
+    def json_flag(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--json", action="store_true", help=what)
 
     def captioning(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--prompt", help="prompt instead of the daemon's (or the file's watch root's) default")
-        p.add_argument("--max-new-tokens", type=_positive)
-        p.add_argument("--json", action="store_true", help="one JSON object per line")
-        p.add_argument("--caption-timeout", type=float, default=DEFAULT_CAPTION_TIMEOUT)
+        p.add_argument("--prompt", help="prompt to use (default: the daemon's, or the file's watch root's, prompt)")
+        p.add_argument(
+            "--max-new-tokens", type=_positive, help="longest caption in tokens (default: the daemon's setting)"
+        )
+        json_flag(p, "print one JSON object per image, errors included")
+        p.add_argument(
+            "--caption-timeout", type=_seconds, default=DEFAULT_CAPTION_TIMEOUT, help="seconds to wait for a caption"
+        )
 
     def files(p: argparse.ArgumentParser) -> None:
         captioning(p)
         p.add_argument("--force", action="store_true", help="caption and replace sidecars the existing policy keeps")
         p.add_argument("--stdout", action="store_true", help="print captions only; write no sidecars")
-        p.add_argument("-j", "--jobs", type=_positive, default=16, help="requests in flight (default 16)")
+        p.add_argument("-j", "--jobs", type=_positive, default=16, help="requests in flight")
 
-    p = sub.add_parser("caption-file", help="caption files; write their sidecars")
-    p.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    p = command("caption-file", "caption files and write their sidecars")
+    p.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files (results in this order)")
     files(p)
     p.set_defaults(func=cmd_caption_file)
 
-    p = sub.add_parser("caption-dir", help="caption every image of a directory")
-    p.add_argument("directory", type=Path, metavar="DIR")
-    p.add_argument("-r", "--recursive", action="store_true")
+    p = command("caption-dir", "caption every image of a directory and write their sidecars")
+    p.add_argument("directory", type=Path, metavar="DIR", help="the directory")
+    p.add_argument("-r", "--recursive", action="store_true", help="include subdirectories")
     files(p)
     p.set_defaults(func=cmd_caption_dir)
 
-    p = sub.add_parser("caption-url", help="download an image (in the daemon) and print its caption")
-    p.add_argument("url")
-    p.add_argument("-o", "--output", type=Path, help="write the caption to this file (atomically)")
+    p = command("caption-url", "download an image (in the daemon) and print its caption")
+    p.add_argument("url", help="http or https URL")
+    p.add_argument("-o", "--output", type=Path, help="write the caption to this file, atomically (default: stdout)")
     captioning(p)
     p.set_defaults(func=cmd_caption_url)
 
-    p = sub.add_parser("status", help="model, queues, throughput, failures")
-    p.add_argument("--json", action="store_true")
+    p = command("status", "show the model, queues, throughput and failures")
+    json_flag(p, "print the daemon's status as one JSON object")
     p.set_defaults(func=cmd_status)
 
-    sub.add_parser("health", help="exit 0 when the model is ready, 69 otherwise").set_defaults(func=cmd_health)
+    command("health", "exit 0 when the model is ready, 69 otherwise").set_defaults(func=cmd_health)
 
-    p = sub.add_parser("failures", help="list failed images")
-    p.add_argument("--limit", type=_positive, default=50)
-    p.add_argument("--json", action="store_true")
+    p = command("failures", "list the images whose captioning failed")
+    p.add_argument("--limit", type=_positive, default=50, help="list at most this many")
+    json_flag(p, "print the list as one JSON array")
     p.set_defaults(func=cmd_failures)
 
-    p = sub.add_parser("retry", help="re-queue failed images (all of them without PATH)")
-    p.add_argument("paths", nargs="*", metavar="PATH")
+    p = command("retry", "re-queue failed images (all of them without PATH)")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="failed images to re-queue (exit 65 if one is not failed)")
     p.set_defaults(func=cmd_retry)
 
-    for name, help_text in (
-        ("pause", "stop background captioning"),
-        ("resume", "resume background captioning"),
-        ("rescan", "rescan the watched directories"),
+    for name, text in (
+        ("pause", "stop captioning the watched directories"),
+        ("resume", "resume captioning the watched directories"),
+        ("rescan", "rescan the watched directories for images without a sidecar"),
     ):
-        sub.add_parser(name, help=help_text).set_defaults(func=cmd_simple)
-    sub.add_parser("metrics", help="Prometheus metrics").set_defaults(func=cmd_metrics)
-    sub.add_parser("version", help="client and daemon versions").set_defaults(func=cmd_version)
+        command(name, text).set_defaults(func=cmd_simple)
+    command("metrics", "print the daemon's Prometheus metrics").set_defaults(func=cmd_metrics)
+    command("version", "print the client and daemon versions").set_defaults(func=cmd_version)
     return parser
 
 
@@ -199,6 +243,28 @@ def _batch_captioner(client: ControlClient, args: argparse.Namespace) -> BatchCa
     return BatchCaptioner(client, options, fallback=client.status().sidecar)
 
 
+class InOrder:
+    """Passes outcomes on in the order of ``images``, though they finish in any order (``-j``)."""
+
+    def __init__(self, images: list[Path], emit: Callable[[Outcome], None]) -> None:
+        self._waiting: dict[Path, list[int]] = {}
+        for index, path in enumerate(images):
+            self._waiting.setdefault(path, []).append(index)
+        self._done: dict[int, Outcome] = {}
+        self._next = 0
+        self._emit = emit
+
+    def add(self, outcome: Outcome) -> None:
+        slots = self._waiting.get(outcome.image)
+        if not slots:  # not one of ``images`` as given: nothing to keep it in order with
+            self._emit(outcome)
+            return
+        self._done[slots.pop(0)] = outcome
+        while self._next in self._done:
+            self._emit(self._done.pop(self._next))
+            self._next += 1
+
+
 def _caption_paths(captioner: BatchCaptioner, args: argparse.Namespace, images: list[Path]) -> int:
     progress = Progress(len(images))
     many = len(images) > 1
@@ -213,9 +279,14 @@ def _caption_paths(captioner: BatchCaptioner, args: argparse.Namespace, images: 
             _err(f"{o.image}: skipped, the existing-sidecar policy keeps {o.sidecar} (--force to caption again)")
         elif o.result is not None:
             print(f"{o.image}: {o.result.caption}" if many else o.result.caption, flush=True)
-        progress.update(o)
 
-    outcomes = captioner.run(images, report)
+    in_order = InOrder(images, report)
+
+    def done(o: Outcome) -> None:
+        progress.update(o)
+        in_order.add(o)
+
+    outcomes = captioner.run(images, done)
     progress.finish()
     return batch.exit_code(outcomes)
 
@@ -226,7 +297,7 @@ def cmd_caption_file(client: ControlClient, args: argparse.Namespace) -> int:
 
 def cmd_caption_dir(client: ControlClient, args: argparse.Namespace) -> int:
     if not args.directory.is_dir():
-        _err(f"{args.directory}: not a directory")
+        _err(f"{args.directory}: {'not a directory' if args.directory.exists() else 'no such directory'}")
         return batch.EX_NOINPUT
     captioner = _batch_captioner(client, args)
     images = captioner.images_in(args.directory, recursive=args.recursive)
@@ -236,15 +307,29 @@ def cmd_caption_dir(client: ControlClient, args: argparse.Namespace) -> int:
     return _caption_paths(captioner, args, images)
 
 
+def _url_failed(args: argparse.Namespace, code: str, message: str, exit_code: int) -> int:
+    """One error line on stderr; with ``--json`` also the error object on stdout, as for files."""
+    if args.json:
+        _print_json({"url": args.url, "state": "failed", "error": {"code": code, "message": message}})
+    _err(message)
+    return exit_code
+
+
 def cmd_caption_url(client: ControlClient, args: argparse.Namespace) -> int:
     client.caption_timeout = args.caption_timeout
-    result = client.caption_url(args.url, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+    try:
+        result = client.caption_url(args.url, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
+    except ControlClientError as e:
+        if not args.json:
+            raise  # main() reports it with the exit code of its kind
+        return _url_failed(args, e.code, e.message, _exit_code_of(e))
     if args.output is not None:
         try:
             write_sidecar(args.output, result.caption)
         except OSError as e:
-            _err(f"cannot write {args.output}: {e.strerror or e}")
-            return batch.EX_CANTCREAT
+            return _url_failed(
+                args, "output_unwritable", f"cannot write {args.output}: {e.strerror or e}", batch.EX_CANTCREAT
+            )
     if args.json:
         _print_json(result.model_dump())
     elif args.output is None:
@@ -266,13 +351,55 @@ def _flatten(value: Any, key: str = "") -> str:
     return str(value)
 
 
+def _duration(seconds: float) -> str:
+    """A time a person reads at a glance: 40 s, 12 min, 3 h 05 min, 2.5 days."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        hours, minutes = divmod(round(seconds / 60), 60)
+        return f"{hours} h {minutes:02} min"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _progress_lines(status: dict[str, Any]) -> list[tuple[str, str]]:
+    """What is left and when it will be done, from ``progress`` (absent from older daemons)."""
+    progress = status.get("progress")
+    if not isinstance(progress, dict):
+        return []
+    backlog, rate, eta = progress.get("backlog", 0), progress.get("images_per_second", 0), progress.get("eta_seconds")
+    window = _duration(progress.get("rate_window_seconds") or 0)
+    if not backlog:
+        left = "nothing queued"
+    elif eta is None:
+        left = f"{backlog:,} images; no estimate yet (nothing captioned in the last {window})"
+    else:
+        left = f"{backlog:,} images, done in about {_duration(eta)} at {rate:.3g} images/s (last {window})"
+    if status.get("state") == "paused" and backlog:
+        left += "; paused"
+    failures = progress.get("failures_by_code") or {}
+    failed = "  ".join(f"{code}={n:,}" for code, n in failures.items()) or "none"
+    return [("left", left), ("failures", failed)]
+
+
+def _loading_reason(status: dict[str, Any]) -> str | None:
+    """Why the model is not ready yet (taken out of the table: it is a sentence, not a counter)."""
+    model = status.get("model")
+    return model.pop("loading", None) if isinstance(model, dict) else None
+
+
 def cmd_status(client: ControlClient, args: argparse.Namespace) -> int:
     status = client.status().model_dump()
     if args.json:
         _print_json(status)
         return batch.EX_OK
+    if reason := _loading_reason(status):
+        print(f"not ready: {reason}")
+    # First what a person asks (how much is left, when, what failed), then the raw counters.
+    lines: list[tuple[str, Any]] = [("state", status.pop("state")), *_progress_lines(status)]
+    status.pop("progress", None)
     # Nested sections (the model's engine counters) get lines of their own.
-    lines: list[tuple[str, Any]] = []
     for key, value in status.items():
         if isinstance(value, dict):
             nested = {k: v for k, v in value.items() if isinstance(v, dict)}
@@ -310,8 +437,14 @@ def cmd_failures(client: ControlClient, args: argparse.Namespace) -> int:
 
 def cmd_retry(client: ControlClient, args: argparse.Namespace) -> int:
     # The daemon records absolute paths; make relative ones match.
-    paths = [os.path.abspath(p) for p in args.paths] or None
-    print(f"re-queued {client.retry(paths)}")
+    paths = list(dict.fromkeys(os.path.abspath(p) for p in args.paths))
+    requeued = client.retry(paths or None)
+    print(f"re-queued {requeued}")
+    if paths and requeued < len(paths):
+        # The daemon answers with a count only: name the path when there is just one.
+        which = paths[0] if len(paths) == 1 else f"{len(paths) - requeued} of the {len(paths)} paths"
+        _err(f"{which}: not a failed image (phicapctl failures lists them)")
+        return batch.EX_DATAERR
     return batch.EX_OK
 
 
@@ -334,7 +467,32 @@ def cmd_version(client: ControlClient, args: argparse.Namespace) -> int:
     return batch.EX_OK
 
 
+def _exit_code_of(e: ControlClientError) -> int:
+    if isinstance(e, DaemonUnreachable):
+        return batch.EX_UNAVAILABLE
+    return batch.EX_DATAERR if isinstance(e, RequestRejected) else batch.EX_SOFTWARE
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of stdout went away (``| head -1``): stop without a word, like a tool SIGPIPE kills.
+
+    stdout is pointed at /dev/null so that the interpreter's last flush fails no more."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EX_BROKEN_PIPE
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # here, so that a closed pipe is seen while we can still handle it
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

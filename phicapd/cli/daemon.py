@@ -21,15 +21,36 @@ import sys
 from pathlib import Path
 
 from phicapd import __version__
-from phicapd.config import DEFAULT_CONFIG_PATH, Settings, load_settings, redact_userinfo
+from phicapd.cli.helpformat import HelpFormatter
+from phicapd.config import DEFAULT_CONFIG_PATH, SYSTEM_SOCKET_PATH, Settings, load_settings, redact_userinfo
 from phicapd.errors import EX_CONFIG, EX_TEMPFAIL, ConfigError, ModelUnavailable, PhicapError
 from phicapd.log import configure_logging, get_logger, is_journal_stream
 
+EXIT_CODES = """\
+exit codes:
+  0   success
+  1   another failure: a model load that failed, missing or mismatched weights
+  70  the model broke while running (a CUDA fault); systemd restarts with a fresh context
+  75  the model cannot be loaded yet (hub or network down for an hour, GPU not usable)
+  78  a configuration problem, named in one line; systemd does not restart (EX_CONFIG)
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="phicapd", description="Image-captioning daemon (Phi-3.5-vision).")
+    parser = argparse.ArgumentParser(
+        prog="phicapd",
+        description="Image-captioning daemon (Phi-3.5-vision).",
+        epilog=EXIT_CODES,
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"phicapd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        description = f"{text[0].upper()}{text[1:]}."
+        return sub.add_parser(
+            name, help=text, description=description, epilog=EXIT_CODES, formatter_class=HelpFormatter
+        )
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument(
@@ -40,14 +61,14 @@ def _parser() -> argparse.ArgumentParser:
         )
         return p
 
-    with_config(sub.add_parser("run", help="run the daemon in the foreground"))
-    with_config(sub.add_parser("check-config", help="validate and print the effective configuration"))
-    with_config(sub.add_parser("download-model", help="pre-fetch the model into the Hugging Face cache"))
-    p = sub.add_parser("make-test-model", help="write a tiny random-weight checkpoint in Microsoft's layout")
-    p.add_argument("directory", type=Path)
-    p.add_argument("--seed", type=int, default=0)
-    p = with_config(sub.add_parser("install-unit", help="install systemd units and the watched-paths drop-in"))
-    p.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"))
+    with_config(command("run", "run the daemon in the foreground (what systemd starts)"))
+    with_config(command("check-config", "validate the configuration and the paths it names; print the effective one"))
+    with_config(command("download-model", "pre-fetch the model into the Hugging Face cache"))
+    p = command("make-test-model", "write a tiny random-weight checkpoint in Microsoft's layout, to try phicapd out")
+    p.add_argument("directory", type=Path, help="where to write it (created if missing); then set [model] path")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p = with_config(command("install-unit", "install the systemd units and the watched-paths drop-in"))
+    p.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"), help="where the units go")
     p.add_argument("--dropin-only", action="store_true", help="write only the ReadWritePaths= drop-in")
     return parser
 
@@ -66,6 +87,13 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    # What ``run`` refuses before it starts, tried as this user: the watched roots, the state and
+    # socket directories (not the system socket's: phicapd.socket makes and owns that one).
+    from phicapd.preflight import check_state_paths
+    from phicapd.systemd import check_roots_writable
+
+    check_roots_writable(settings)
+    check_state_paths(settings, socket_inherited=settings.control.socket == SYSTEM_SOCKET_PATH)
     effective = settings.model_dump(mode="json")
     if effective["fetch"]["proxy"]:  # may hold a password; the output ends up in tickets
         effective["fetch"]["proxy"] = redact_userinfo(effective["fetch"]["proxy"])
@@ -86,7 +114,11 @@ def _download_model(args: argparse.Namespace) -> int:
 def _make_test_model(args: argparse.Namespace) -> int:
     from phicapd.model.testmodel import make_test_model
 
-    print(make_test_model(args.directory, seed=args.seed))
+    try:
+        print(make_test_model(args.directory, seed=args.seed))
+    except OSError as e:
+        where = e.filename or args.directory
+        raise PhicapError(f"cannot write {where}: {e.strerror or e}", code="output_unwritable") from None
     return 0
 
 

@@ -38,11 +38,13 @@ class ControlBackend(Protocol):
         max_new_tokens: int | None,
         timeout: float,
         path: Path | None = None,
+        sidecar: str | None = None,
     ) -> CaptionReply:
         """Block until the caption is done; raise ``PhicapError`` (decode errors, timeouts, model errors).
 
         ``path`` (where the client read ``data``) only selects the watch root whose prompt and
-        prefix/suffix apply; it is never opened."""
+        prefix/suffix apply; it is never opened. ``sidecar`` is the file name the client writes
+        the caption to beside ``path``: the journal then keeps that name the image's."""
         ...
 
     def caption_url(
@@ -51,8 +53,9 @@ class ControlBackend(Protocol):
 
     def sidecar_policy(self, path: Path) -> dict[str, Any]:
         """How the sidecar of the image at ``path`` is named and kept, as the watcher would:
-        {"extension", "existing", "root": None | {"path", "recursive", "include", "ignore"}}
-        (``protocol.SidecarPolicy``). ``path`` is a configuration key; it is never opened."""
+        {"extension", "existing", "root": None | {"path", "recursive", "include", "ignore"},
+        "claims": {image name: sidecar base}} (``protocol.SidecarPolicy``). ``path`` is a
+        configuration key; it is never opened."""
         ...
 
     def status(self) -> dict[str, Any]:

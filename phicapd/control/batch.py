@@ -23,7 +23,7 @@ from phicapd.config import ExistingPolicy, WatchRoot
 from phicapd.control.client import ControlClient, ControlClientError, DaemonUnreachable, RequestRejected
 from phicapd.control.protocol import CaptionResult, SidecarInfo, SidecarPolicy
 from phicapd.pipeline import paths
-from phicapd.pipeline.sidecar import SiblingIndex, changed_ns, policy_keeps, sidecar_for, write_sidecar
+from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, policy_keeps, write_sidecar
 
 # sysexits(3), shared with phicapctl.
 EX_OK = 0
@@ -79,12 +79,23 @@ class Naming:
     itself, whose include patterns are the default image extensions.
     """
 
-    def __init__(self, directory: Path, extension: str, existing: ExistingPolicy, root: WatchRoot | None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        extension: str,
+        existing: ExistingPolicy,
+        root: WatchRoot | None,
+        claims: dict[str, str] | None = None,
+    ) -> None:
         self.extension = extension
         self.existing = existing
         naming_root = root if root is not None else WatchRoot(path=directory, recursive=False)
         self.names = frozenset(paths.list_images(directory, naming_root))
         self._index = SiblingIndex(self.names)
+        self._claims = Claims(claims, directory)
+        # Tell the daemon which sidecar we write, so it stays that image's (a daemon that
+        # reports no claims predates them and would refuse the parameter).
+        self.reports_sidecar = root is not None and claims is not None
         self._taken: frozenset[str] | None = None
 
     @classmethod
@@ -93,7 +104,7 @@ class Naming:
         if policy.root is not None:
             r = policy.root
             root = WatchRoot(path=Path(r.path), recursive=r.recursive, include=r.include, ignore=r.ignore)
-        return cls(directory, policy.extension, policy.existing, root)
+        return cls(directory, policy.extension, policy.existing, root, policy.claims)
 
     def keeps(self, image_stat: os.stat_result, sidecar: Path) -> bool:
         """Whether the ``existing`` policy keeps ``sidecar`` as it is (``--force`` aside): under
@@ -104,13 +115,15 @@ class Naming:
     def sidecar_for(self, image: Path) -> Path:
         """Where the sidecar of ``image`` (in this directory, maybe through a symlink) goes."""
         if image.name in self.names:
-            return self._index.sidecar_for(image, self.extension)
+            return self._index.sidecar_for(image, self.extension, self._claims)
         # An image its root does not caption (its patterns leave it out): the daemon never writes
         # its sidecar, so it must not take a name the daemon gives one of the root's images.
-        sidecar = sidecar_for(image, [*self.names, image.name], self.extension)
+        sidecar = SiblingIndex([*self.names, image.name]).sidecar_for(image, self.extension, self._claims)
+        if image.name in self._claims.by_image:
+            return sidecar
         if self._taken is None:
             self._taken = frozenset(
-                self._index.sidecar_for(image.with_name(n), self.extension).name for n in self.names
+                self._index.sidecar_for(image.with_name(n), self.extension, self._claims).name for n in self.names
             )
         return image.with_name(image.name + self.extension) if sidecar.name in self._taken else sidecar
 
@@ -192,7 +205,9 @@ class BatchCaptioner:
             self._unreachable.set()
             return _failed(image, sidecar, e.code, e.message, EX_UNAVAILABLE)
         code = EX_DATAERR if isinstance(e, RequestRejected) else EX_SOFTWARE
-        return _failed(image, sidecar, e.code, f"{image}: {e.message}", code)
+        # The daemon names the file it was sent ("photo.jpg: ..."); say the path once instead.
+        detail = e.message.removeprefix(f"{image.name}: ")
+        return _failed(image, sidecar, e.code, f"{image}: {detail}", code)
 
     def _caption(self, image: Path, sidecar: Path | None) -> Outcome:
         if self._unreachable.is_set():
@@ -203,13 +218,17 @@ class BatchCaptioner:
             data = image.read_bytes()
         except OSError as e:
             return _failed(image, sidecar, "input_unreadable", f"{image}: {e.strerror}", EX_NOINPUT)
+        key = config_key(image)
+        naming = self._naming.get(Path(key).parent)
+        report = sidecar is not None and naming is not None and naming.reports_sidecar
         try:
             result = self.client.caption_bytes(
                 data,
                 name=image.name,
                 prompt=self.options.prompt,
                 max_new_tokens=self.options.max_new_tokens,
-                path=config_key(image),
+                path=key,
+                sidecar=sidecar.name if report and sidecar is not None else None,
             )
         except ControlClientError as e:
             return self._client_failed(image, sidecar, e)

@@ -58,11 +58,21 @@ class CaptionParams(_Model):
     # Where the client read the image: absolute, directory resolved. Only a key for the watch
     # root's prompt, prefix and suffix; the daemon never opens it (the bytes are the body).
     path: str | None = Field(None, min_length=1, max_length=4096)
+    # The sidecar file name the client writes beside ``path`` (its own naming, from
+    # ``/v1/sidecar``): once captioned, the journal keeps that name the image's.
+    sidecar: str | None = Field(None, min_length=1, max_length=4096)
 
     @field_validator("path")
     @classmethod
     def _plain_absolute(cls, value: str | None) -> str | None:
         return _plain_absolute_path(value)
+
+    @field_validator("sidecar")
+    @classmethod
+    def _file_name(cls, value: str | None) -> str | None:
+        if value is not None and ("/" in value or "\0" in value or value in (".", "..")):
+            raise ValueError("must be a file name without '/'")
+        return value
 
 
 def _plain_absolute_path(value: str | None) -> str | None:
@@ -166,6 +176,10 @@ class SidecarPolicy(BaseModel):
     extension: str = ".txt"
     existing: ExistingPolicy = "skip"
     root: RootNaming | None = None
+    # Sidecars already given to images of the path's directory: image name -> sidecar name
+    # without the extension (``pipeline.sidecar.Claims``). Empty outside every root; None from a
+    # daemon that predates claims (it also refuses ``CaptionParams.sidecar``).
+    claims: dict[str, str] | None = None
 
 
 class StatusReply(BaseModel):

@@ -64,6 +64,9 @@ def _json_body(req: Request) -> dict[str, Any]:
         data = json.loads(req.body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise HttpError(400, p.BAD_REQUEST, f"body is not valid JSON: {e}", close=False) from None
+    except RecursionError:
+        # The C decoder recurses per level; "[" * 100_000 must be the client's error, not a 500.
+        raise HttpError(400, p.BAD_REQUEST, "body is not valid JSON: nested too deeply", close=False) from None
     if not isinstance(data, dict):
         raise HttpError(400, p.BAD_REQUEST, "body must be a JSON object", close=False)
     return data
@@ -123,6 +126,11 @@ class Router:
             raise HttpError(405, p.METHOD_NOT_ALLOWED, f"{req.path} accepts {allowed}", close=False)
         return methods[req.method][1]
 
+    def endpoint(self, path: str) -> str:
+        """``path`` if it is an endpoint, else "other": a metrics label must not take any client's path."""
+        path = path.rstrip("/") or "/"
+        return path if path in self._routes else "other"
+
     def allow_header(self, path: str) -> tuple[tuple[str, str], ...]:
         methods = self._routes.get(path.rstrip("/") or "/")
         return (("Allow", ", ".join(sorted(methods))),) if methods else ()
@@ -161,6 +169,7 @@ class Router:
             max_new_tokens=params.max_new_tokens,
             timeout=timeout,
             path=Path(params.path) if params.path else None,
+            sidecar=params.sidecar,
         )
         return _caption_response(_caption_result(reply))
 

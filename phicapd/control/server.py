@@ -22,9 +22,13 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import structlog
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from phicapd.config import ControlSettings
 from phicapd.control import protocol as p
@@ -38,6 +42,7 @@ from phicapd.control.listener import (
 )
 from phicapd.control.routes import Response, Router, error_response
 from phicapd.control.wire import CONTINUE, Connection, HttpError, Request, render_response
+from phicapd.metrics import REQUEST_BUCKETS, render
 
 log = structlog.get_logger(__name__)
 
@@ -121,6 +126,16 @@ class ControlServer:
         self._rejected_bodies = 0
         limit = body_budget_bytes or max(MAX_BODY_BYTES_HELD, settings.max_body_bytes)
         self.body_budget = BodyBudget(limit)
+        # The server's own registry (not the global one): several servers may share a process.
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._latency = Histogram(
+            "phicapd_control_request_seconds",
+            "Seconds from a request's head to its reply, by endpoint (caption requests include the caption).",
+            ["endpoint"],
+            buckets=REQUEST_BUCKETS,
+            registry=self._registry,
+        )
+        self._registry.register(_ServerCollector(self))
 
     @property
     def socket_path(self) -> Path | None:
@@ -299,12 +314,14 @@ class ControlServer:
                 req.body = b""
             self.body_budget.release(reserved)
         self._count(resp.status)
+        duration = time.monotonic() - started
+        self._latency.labels(endpoint=self._router.endpoint(req.path) if req else "none").observe(duration)
         log.info(
             "control request",
             method=req.method if req else None,
             path=req.path if req else None,
             status=resp.status,
-            duration_ms=round((time.monotonic() - started) * 1000, 1),
+            duration_ms=round(duration * 1000, 1),
             bytes_in=req.content_length if req else None,
             pid=peer.pid,
             uid=peer.uid,
@@ -359,32 +376,43 @@ class ControlServer:
             self._statuses[status] += 1
 
     def _metrics_text(self) -> str:
-        with self._lock:
-            open_conns = len(self._conns)
-            statuses = sorted(self._statuses.items())
-            rejected = self._rejected
-            rejected_bodies = self._rejected_bodies
-        lines = [
-            "# HELP phicapd_control_connections Open control-socket connections.",
-            "# TYPE phicapd_control_connections gauge",
-            f"phicapd_control_connections {open_conns}",
-            "# HELP phicapd_control_rejected_connections_total Connections refused at max_connections.",
-            "# TYPE phicapd_control_rejected_connections_total counter",
-            f"phicapd_control_rejected_connections_total {rejected}",
-            "# HELP phicapd_control_body_bytes Request-body bytes reserved by requests in progress.",
-            "# TYPE phicapd_control_body_bytes gauge",
-            f"phicapd_control_body_bytes {self.body_budget.held}",
-            "# HELP phicapd_control_body_bytes_limit Request-body bytes the server holds at most at once.",
-            "# TYPE phicapd_control_body_bytes_limit gauge",
-            f"phicapd_control_body_bytes_limit {self.body_budget.limit}",
-            "# HELP phicapd_control_rejected_bodies_total Requests refused (503 busy) for the body budget.",
-            "# TYPE phicapd_control_rejected_bodies_total counter",
-            f"phicapd_control_rejected_bodies_total {rejected_bodies}",
-            "# HELP phicapd_control_requests_total Control requests answered, by HTTP status.",
-            "# TYPE phicapd_control_requests_total counter",
-            *(f'phicapd_control_requests_total{{status="{s}"}} {n}' for s, n in statuses),
-        ]
-        return "\n".join(lines) + "\n"
+        return render(self._registry)
+
+
+class _ServerCollector(Collector):
+    """The server's gauges and totals, read at scrape time (names as before prometheus_client)."""
+
+    def __init__(self, server: ControlServer) -> None:
+        self._server = server
+
+    def collect(self) -> Iterator[Metric]:
+        srv = self._server
+        with srv._lock:
+            open_conns = len(srv._conns)
+            statuses = sorted(srv._statuses.items())
+            rejected = srv._rejected
+            rejected_bodies = srv._rejected_bodies
+        yield GaugeMetricFamily("phicapd_control_connections", "Open control-socket connections.", value=open_conns)
+        yield CounterMetricFamily(
+            "phicapd_control_rejected_connections", "Connections refused at max_connections.", value=rejected
+        )
+        yield GaugeMetricFamily(
+            "phicapd_control_body_bytes", "Request-body bytes reserved by requests in progress.", srv.body_budget.held
+        )
+        yield GaugeMetricFamily(
+            "phicapd_control_body_bytes_limit",
+            "Request-body bytes the server holds at most at once.",
+            srv.body_budget.limit,
+        )
+        yield CounterMetricFamily(
+            "phicapd_control_rejected_bodies", "Requests refused (503 busy) for the body budget.", rejected_bodies
+        )
+        requests = CounterMetricFamily(
+            "phicapd_control_requests", "Control requests answered, by HTTP status.", labels=["status"]
+        )
+        for status, n in statuses:
+            requests.add_metric([str(status)], n)
+        yield requests
 
 
 def _peer(conn: socket.socket) -> PeerCred:

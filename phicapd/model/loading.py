@@ -16,6 +16,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -93,6 +94,19 @@ def download_model(settings: ModelSettings, *, progress: bool = True) -> Path:
     return _check_dir(Path(path))
 
 
+# The first run without the weights: what a new user can do about it, in one line.
+_LOCAL_WAYS = (
+    "set [model] path to a local checkpoint, or try phicapd out with `phicapd make-test-model DIR` "
+    "and [model] path = DIR"
+)
+WAYS_FORWARD = f"to go on, let phicapd reach huggingface.co to download it, or {_LOCAL_WAYS}"
+
+
+def _first_line(e: Exception) -> str:
+    """The hub's errors run to several lines of advice; the first one says what happened."""
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
 def _fetch_error(e: Exception, settings: ModelSettings) -> PhicapError:
     """What a failed ``snapshot_download`` means for the daemon: a setting to fix (exit 78), or
     the hub or the network failing now (``ModelUnavailable``, exit 75, restarted by systemd).
@@ -106,7 +120,10 @@ def _fetch_error(e: Exception, settings: ModelSettings) -> PhicapError:
 
     what = f"model {settings.id}@{settings.revision}"
     if _offline():
-        return ConfigError(f"cannot fetch {what} (offline mode is on: the model must already be in the cache): {e}")
+        return ConfigError(
+            f"cannot fetch {what} (offline mode is on: the model must already be in the cache): "
+            f"{_first_line(e)}; {WAYS_FORWARD}"
+        )
     permanent: tuple[type[BaseException], ...] = (
         hub.RepositoryNotFoundError,  # also GatedRepoError
         hub.RevisionNotFoundError,
@@ -118,8 +135,10 @@ def _fetch_error(e: Exception, settings: ModelSettings) -> PhicapError:
     status = getattr(getattr(e, "response", None), "status_code", None)
     client_error = isinstance(e, hub.HfHubHTTPError) and isinstance(status, int) and 400 <= status < 500
     if isinstance(e, permanent) or (client_error and status not in (408, 429)):
-        return ConfigError(f"cannot fetch {what}: {type(e).__name__}: {e}")
-    return ModelUnavailable(f"cannot fetch {what} now (the hub or the network failed; try again later): {e}")
+        return ConfigError(f"cannot fetch {what}: {type(e).__name__}: {_first_line(e)}")
+    return ModelUnavailable(
+        f"cannot fetch {what} now (the hub or the network failed: {_first_line(e)}); {WAYS_FORWARD}"
+    )
 
 
 def resolve_model_dir(settings: ModelSettings) -> Path:
@@ -137,7 +156,7 @@ def resolve_model_dir(settings: ModelSettings) -> Path:
         if _offline():
             raise ConfigError(
                 f"model {settings.id}@{settings.revision} is not in the Hugging Face cache and offline "
-                "mode is on; run `phicapd download-model` first"
+                f"mode is on; to go on, run `phicapd download-model` where the network is allowed, or {_LOCAL_WAYS}"
             ) from None
     log.info("model %s@%s not cached; downloading", settings.id, settings.revision)
     return download_model(settings)
@@ -397,6 +416,16 @@ def _restore_buffers(model: Phi3VForCausalLM, device: torch.device) -> None:
     model.use_rowwise_rope()
 
 
+def _open_shard(path: Path, device: torch.device) -> Any:
+    """``safe_open``, with a refused read said as such (safetensors says "No such file")."""
+    try:
+        return safe_open(str(path), framework="pt", device=str(device))
+    except OSError as e:
+        if not os.access(path, os.R_OK):
+            raise CheckpointError(f"{path}: permission denied for uid {os.geteuid()}") from None
+        raise CheckpointError(f"{path}: {e.strerror or e}") from None
+
+
 def load_model(
     model_dir: Path,
     *,
@@ -416,7 +445,7 @@ def load_model(
     state: dict[str, torch.Tensor] = {}
     bad_shapes: list[str] = []
     for path, keys in by_file.items():
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with _open_shard(path, device) as f:
             for key in keys:
                 tensor = f.get_tensor(key)
                 target = plan[key]

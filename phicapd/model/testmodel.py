@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -249,8 +250,12 @@ def _write_shards(out_dir: Path, weights: dict[str, torch.Tensor]) -> None:
     names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     shards = [first, {k: v for k, v in weights.items() if k not in first}]
     weight_map = {}
+    # safetensors creates its files 0600; give them the mode (umask) of the JSON files beside them,
+    # or a daemon running as another user cannot read the checkpoint it was pointed at.
+    mode = stat.S_IMODE((out_dir / "config.json").stat().st_mode)
     for name, shard in zip(names, shards, strict=True):
         save_file({k: v.contiguous() for k, v in shard.items()}, str(out_dir / name), metadata={"format": "pt"})
+        (out_dir / name).chmod(mode)
         weight_map.update(dict.fromkeys(shard, name))
     total = sum(v.numel() * v.element_size() for v in weights.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}

@@ -4,6 +4,11 @@ A job is one image under a watched root: ``pending -> running -> done | failed``
 on disk is the truth for "done"; the journal holds what is accepted but not yet done, how
 often it failed and why, and what produced each caption (image fingerprint, model, prompt).
 
+The ``sidecars`` table holds which image each sidecar name belongs to (``pipeline.sidecar``'s
+claims). Once a sidecar is an image's, through a caption of ours, phicapctl's, or one a scan
+found beside it, it stays that image's: a same-stem image that arrives later and sorts first
+gets the other name instead of taking over a caption that may have been edited by hand.
+
 SQLite in WAL mode with ``synchronous=FULL``: a committed enqueue or result survives power
 loss (only the ``running`` mark, taken on the GPU thread, skips its fsync). All writes are
 grouped into few transactions (``enqueue_many``, ``finish_many``) because one fsync per image
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -45,6 +50,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at      REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_runnable ON jobs (state, next_attempt_at, id);
+-- Failures by code for status: a 100,000-job backlog is not scanned on every status call.
+CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (state, error_code) WHERE state = 'failed' OR attempts > 0;
+CREATE TABLE IF NOT EXISTS sidecars (
+    dir     TEXT NOT NULL,
+    base    TEXT NOT NULL,
+    image   TEXT NOT NULL,
+    PRIMARY KEY (dir, base),
+    UNIQUE (dir, image)
+) WITHOUT ROWID;
 """
 
 
@@ -159,7 +173,7 @@ class JobStore:
                 if statement.strip():
                     self._db.execute(statement)
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
+            if version in (0, 1):  # 1 -> 2 added the sidecars table; start-up scans fill it
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 raise RuntimeError(f"journal {path} has schema {version}, this phicapd knows {SCHEMA_VERSION}")
@@ -299,15 +313,24 @@ class JobStore:
             )
 
     def finish_many(
-        self, successes: Sequence[Success] = (), failures: Sequence[Failure] = (), skipped: Sequence[int] = ()
+        self,
+        successes: Sequence[Success] = (),
+        failures: Sequence[Failure] = (),
+        skipped: Sequence[int] = (),
+        claims: Sequence[tuple[Path, str]] = (),
     ) -> list[Job]:
         """Record finished jobs in one transaction; returns the jobs that are now parked as failed.
 
         ``skipped`` jobs are done without a new caption (their sidecar was already up to date).
+        ``claims`` are the sidecars written or kept for them (see ``claim_sidecars``).
         """
         now = self._clock()
         parked: list[Job] = []
         with self._tx() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO sidecars (dir, base, image) VALUES (?, ?, ?)",
+                [(str(image.parent), base, image.name) for image, base in claims],
+            )
             db.executemany(
                 "UPDATE jobs SET state = 'done', force = 0, error_code = NULL, error_message = NULL, updated_at = ?"
                 " WHERE id = ?",
@@ -366,6 +389,51 @@ class JobStore:
         """The image is gone: drop its job unless it is being captioned right now."""
         with self._tx() as db:
             db.execute("DELETE FROM jobs WHERE path = ? AND state != 'running'", (str(path),))
+            db.execute("DELETE FROM sidecars WHERE dir = ? AND image = ?", (str(path.parent), path.name))
+
+    # -- sidecar claims ------------------------------------------------------------------------
+
+    def claim_sidecars(self, claims: Iterable[tuple[Path, str]], *, displace: bool = True) -> None:
+        """Record that the sidecar base ``base`` belongs to ``image``, for each (image, base).
+
+        The callers named the sidecar with the claims they read (``SiblingIndex``), so a claim
+        they displace is one that no longer binds (its image is gone); ``displace=False`` keeps
+        every existing claim on the base or the image instead.
+        """
+        rows = [(str(image.parent), base, image.name) for image, base in claims]
+        if not rows:
+            return
+        verb = "INSERT OR REPLACE" if displace else "INSERT OR IGNORE"
+        with self._tx() as db:
+            db.executemany(f"{verb} INTO sidecars (dir, base, image) VALUES (?, ?, ?)", rows)
+
+    def drop_claims(self, directory: Path, images: Iterable[str]) -> None:
+        """Forget the claims of images that are gone from ``directory``."""
+        rows = [(str(directory), name) for name in images]
+        if rows:
+            with self._tx() as db:
+                db.executemany("DELETE FROM sidecars WHERE dir = ? AND image = ?", rows)
+
+    def claims_in(self, directory: Path) -> dict[str, str]:
+        """Every claim in ``directory``: image name -> sidecar base."""
+        with self._read() as db:
+            rows = db.execute("SELECT image, base FROM sidecars WHERE dir = ?", (str(directory),)).fetchall()
+        return {r["image"]: r["base"] for r in rows}
+
+    def claims_near(self, image: Path) -> dict[str, str]:
+        """The claims that can bear on ``image``'s sidecar name: image name -> base.
+
+        Every name the rule relates to an image (its stem chain and their plain, full and
+        ``name.N`` bases) starts with the image name's first dot-separated part, and so does
+        every claim's image and base; one range on the index finds them in a huge directory.
+        """
+        prefix = image.name.split(".", 1)[0]
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT image, base FROM sidecars WHERE dir = ? AND image >= ? AND image < ?",
+                (str(image.parent), prefix, prefix + "\U0010ffff"),
+            ).fetchall()
+        return {r["image"]: r["base"] for r in rows}
 
     # -- operator actions ----------------------------------------------------------------------
 
@@ -435,6 +503,16 @@ class JobStore:
                 (limit,),
             ).fetchall()
         return [_row_to_job(r) for r in rows]
+
+    def failure_counts(self) -> list[tuple[str, str, int]]:
+        """(state, code, jobs) for what ``failures`` lists: parked, and waiting to be retried."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT state, COALESCE(error_code, 'unknown') AS code, COUNT(*) AS n FROM jobs"
+                " WHERE (state = 'failed' OR attempts > 0) AND state IN ('failed', 'pending')"
+                " GROUP BY state, code ORDER BY state, code"
+            ).fetchall()
+        return [(r["state"], r["code"], r["n"]) for r in rows]
 
     def integrity_check(self) -> str:
         with self._read() as db:

@@ -97,6 +97,18 @@ def list_images(directory: Path, root: WatchRoot) -> list[str]:
         return []
 
 
+def journal_path(path: Path, root: WatchRoot) -> Path:
+    """``path``, which ``root`` owns (``owning_root``), in the form the watcher and the journal
+    give it: below the root as configured. A client resolves the directory, so a file under a
+    symlinked root arrives in its resolved form."""
+    if is_watched_dir(path.parent, root):
+        return path
+    try:
+        return root.path / path.relative_to(os.path.realpath(root.path))
+    except ValueError:
+        return path
+
+
 def owning_root(path: Path, roots: Iterable[WatchRoot]) -> WatchRoot | None:
     """The root whose configuration applies to the image ``path``, or None.
 

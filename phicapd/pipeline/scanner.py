@@ -23,6 +23,7 @@ from phicapd.log import get_logger
 from phicapd.pipeline.jobs import Fingerprint, JobStore, NewWork
 from phicapd.pipeline.paths import is_candidate_name, is_watched_dir, list_images
 from phicapd.pipeline.sidecar import (
+    Claims,
     SiblingIndex,
     changed_ns,
     policy_keeps,
@@ -66,17 +67,21 @@ class Reconciler:
         names: Iterable[str],
         siblings: Callable[[], SiblingIndex],
         young_after: float | None,
-    ) -> tuple[list[NewWork], list[Path]]:
-        """Of the image ``names`` in ``directory``: those whose sidecar is missing or stale, and
-        those modified after ``young_after`` (wall clock), which may still be being written and
-        must settle first.
+        claims: Claims,
+    ) -> tuple[list[NewWork], list[Path], list[tuple[Path, str]]]:
+        """Of the image ``names`` in ``directory``: those whose sidecar is missing or stale; those
+        modified after ``young_after`` (wall clock), which may still be being written and must
+        settle first; and the sidecars found beside images that hold no claim on them yet.
 
+        Claiming a sidecar found on disk makes it its image's for good: a same-stem image that
+        arrives later and sorts first then gets the other name instead of this caption.
         ``siblings`` (the directory's naming index) is asked for only when a file that could be
         the sidecar exists; a new image usually has none, so no directory listing is needed.
         """
         policy = self.settings.existing_policy(root)
         seen_at = time.time()  # before any sidecar is looked at: a job done after this was not seen
         candidates: list[tuple[Path, os.stat_result, Path]] = []
+        found: list[tuple[Path, str]] = []
         young: list[Path] = []
         index: SiblingIndex | None = None
         for name in names:
@@ -87,9 +92,17 @@ class Reconciler:
                 continue
             if not stat.S_ISREG(st.st_mode):
                 continue
-            if sidecar_may_exist(path, self.extension):
+            if name in claims.by_image or sidecar_may_exist(path, self.extension):
                 index = index or siblings()
-                sidecar = index.sidecar_for(path, self.extension)
+                base = index.base_for(name, claims)
+                sidecar = directory / (base + self.extension)
+                if name not in claims.by_image and sidecar.exists():
+                    owner = _owner_of_found(index, claims, directory, name, base, st, sidecar)
+                    found.append((directory / owner, base))
+                    claims.add(owner, base)
+                    if owner != name:
+                        base = index.base_for(name, claims)
+                        sidecar = directory / (base + self.extension)
             else:  # missing under either name: stale whichever the rule picks
                 sidecar = directory / (os.path.splitext(name)[0] + self.extension)
             candidates.append((path, st, sidecar))
@@ -109,7 +122,7 @@ class Reconciler:
                 young.append(path)
             else:
                 work.append(NewWork(path, root.path, fingerprint(st), seen_at=seen_at))
-        return work, young
+        return work, young, found
 
     # -- watcher intake ------------------------------------------------------------------------
 
@@ -124,7 +137,16 @@ class Reconciler:
             by_dir.setdefault((path.parent, root.path), (root, set()))[1].add(path.name)
         work: list[NewWork] = []
         for (directory, _), (root, names) in by_dir.items():
-            work.extend(self._needing(root, directory, sorted(names), partial(_listed_index, directory, root), None)[0])
+            queued, _, found = self._needing(
+                root,
+                directory,
+                sorted(names),
+                partial(_listed_index, directory, root),
+                None,
+                Claims(_claims_for(self.store, directory, names), directory),
+            )
+            self.store.claim_sidecars(found)
+            work.extend(queued)
         return self.store.enqueue_many(work) if work else 0
 
     # -- scans ---------------------------------------------------------------------------------
@@ -145,7 +167,14 @@ class Reconciler:
         for current, names in _walk(directory, root):
             temps += remove_stale_temps(current)
             images += len(names)
-            work, young = self._needing(root, current, names, partial(SiblingIndex, names), young_after)
+            claims = self.store.claims_in(current)
+            work, young, found = self._needing(
+                root, current, names, partial(SiblingIndex, names), young_after, Claims(claims, current)
+            )
+            self.store.claim_sidecars(found)
+            # Claims of images that are gone bind nothing; drop them so they do not pile up.
+            listed = set(names)
+            self.store.drop_claims(current, [i for i in claims if i not in listed and not (current / i).exists()])
             pending.extend(work)
             deferred.extend(young)
             if len(pending) >= _CHUNK:
@@ -166,6 +195,44 @@ class Reconciler:
             seconds=round(report.seconds, 3),
         )
         return report
+
+
+def _owner_of_found(
+    index: SiblingIndex, claims: Claims, directory: Path, name: str, base: str, st: os.stat_result, sidecar: Path
+) -> str:
+    """Whose is an unclaimed sidecar that the rule gives the image ``name``?
+
+    Usually that image's. But when ``name`` is newer than the sidecar and a same-stem image
+    without a claim is not, the sidecar was written for that one before ``name`` arrived (while
+    the daemon was down, or before phicapd ran): it stays that image's, and ``name`` is named
+    around it.
+    """
+    try:
+        written = sidecar.stat().st_mtime_ns
+    except OSError:
+        return name
+    if base != os.path.splitext(name)[0] or st.st_mtime_ns <= written:
+        return name
+    for other in index.same_stem(base):
+        if other == name or other in claims.by_image:
+            continue
+        try:
+            if (directory / other).stat().st_mtime_ns <= written:
+                return other
+        except OSError:
+            continue
+    return name
+
+
+def _claims_for(store: JobStore, directory: Path, names: set[str]) -> dict[str, str]:
+    """The claims that bear on ``names``: a few files settle at a time in what may be a huge
+    directory, so ask for each one's neighbourhood rather than for the whole directory."""
+    if len(names) > 32:
+        return store.claims_in(directory)
+    claims: dict[str, str] = {}
+    for name in names:
+        claims.update(store.claims_near(directory / name))
+    return claims
 
 
 def _listed_index(directory: Path, root: WatchRoot) -> SiblingIndex:

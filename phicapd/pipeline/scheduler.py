@@ -44,11 +44,12 @@ from PIL import Image
 
 from phicapd.captioner import Caption, Captioner, CaptionRequest, preparer, streamer
 from phicapd.config import Settings, WatchRoot
-from phicapd.errors import CaptionError, PhicapError
+from phicapd.errors import CAPTION_EMPTY, CaptionError, PhicapError
 from phicapd.log import get_logger
+from phicapd.metrics import DaemonMetrics
 from phicapd.pipeline.decode import DecodeBytes, Decoded, DecodeFile
 from phicapd.pipeline.jobs import Job, JobStore
-from phicapd.pipeline.sidecar import changed_ns, policy_keeps, sidecar_for, sidecar_may_exist
+from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, policy_keeps, sidecar_may_exist
 from phicapd.pipeline.writer import Finished, SidecarWriter
 
 log = get_logger(__name__)
@@ -64,6 +65,8 @@ INTERACTIVE_DECODERS = 4
 #: Once the backend has its crops, a held image is cut down to at most this longest side: it is only
 #: needed again for a retry with fewer crops, and 64 MP photos x ``prefetch`` would be gigabytes.
 KEPT_IMAGE_SIDE = 2048
+#: The window of the background caption rate behind the backlog's ETA (``Daemon.status()["progress"]``).
+PROGRESS_WINDOW_SECONDS = 300.0
 
 
 @dataclass(slots=True)
@@ -110,6 +113,7 @@ class Throughput:
         self._events: collections.deque[float] = collections.deque()
         self.total = 0
         self._lock = threading.Lock()
+        self._started = time.monotonic()
 
     def add(self, n: int = 1) -> None:
         now = time.monotonic()
@@ -130,6 +134,15 @@ class Throughput:
                 return 0.0
             return len(self._events) / self.window
 
+    def recent(self) -> tuple[float, float]:
+        """(per second, over how many seconds): the window, or the time since start if shorter,
+        so that an ETA is right from the first minute on rather than low by the missing part."""
+        now = time.monotonic()
+        with self._lock:
+            self._trim(now)
+            seconds = min(self.window, max(1.0, now - self._started))
+            return len(self._events) / seconds, seconds
+
 
 class Scheduler:
     def __init__(
@@ -141,8 +154,11 @@ class Scheduler:
         decode_file: DecodeFile,
         decode_bytes: DecodeBytes,
         list_images: ListImages,
+        metrics: DaemonMetrics | None = None,
     ) -> None:
+        """``metrics``: where caption latencies and failures are observed (none in bare tests)."""
         self.settings = settings
+        self._metrics = metrics
         self.captioner = captioner
         self.store = store
         self._decode_file = decode_file
@@ -181,6 +197,8 @@ class Scheduler:
         self._threads: list[threading.Thread] = []
 
         self.throughput = Throughput()
+        #: Background captions only, over a longer window: the rate the backlog's ETA is based on.
+        self.backlog_rate = Throughput(PROGRESS_WINDOW_SECONDS)
         self.batches = 0
         self.busy_since: float | None = None
         self.last_progress = time.monotonic()
@@ -266,11 +284,14 @@ class Scheduler:
             try:
                 item = _Item(self._request(self._decode_bytes(data, name), request_prompt, tokens), future=future)
             except PhicapError as e:
+                self._observe_failure("interactive", e)
                 future.set_exception(e)
                 return
             except Exception as e:  # a decoder bug must not take the request down silently
                 log.exception("decoder crashed", input=name)
-                future.set_exception(PhicapError(f"{name}: cannot decode image: {e}", code="image_corrupt"))
+                error = PhicapError(f"{name}: cannot decode image: {e}", code="image_corrupt")
+                self._observe_failure("interactive", error)
+                future.set_exception(error)
                 return
             with self._cond:
                 self._interactive.append(item)
@@ -337,13 +358,14 @@ class Scheduler:
         try:
             if root is None:
                 raise PhicapError(f"{job.path}: its watch root {job.root} is no longer configured", code="root_removed")
-            if self._already_captioned(job, root):
+            kept = self._already_captioned(job, root)
+            if kept is not None:
                 # Its sidecar appeared while it waited (phicapctl, a hand-written caption) or was
                 # written just before a crash: done, not captioned twice. Recorded by the writer,
                 # which retries a journal that fails.
                 with self._cond:
                     self._decoding -= 1
-                self.writer.submit([Finished(job, root, None, "", time.monotonic(), skipped=True)])
+                self.writer.submit([Finished(job, root, None, "", time.monotonic(), skipped=True, claim=kept)])
                 self._wake_feeder.set()
                 return
             if job.attempts >= self.store.max_attempts:
@@ -375,6 +397,7 @@ class Scheduler:
                 self._claimed.discard(job.id)
             log.info("job", path=str(job.path), outcome="gone")
         elif error is not None:
+            self._observe_failure("background", error)
             self.writer.submit([Finished(job, root, None, "", time.monotonic(), error=error)])
         self._wake_feeder.set()
 
@@ -480,8 +503,16 @@ class Scheduler:
         self.last_progress = self.busy_since = time.monotonic()
         with self._cond:
             item = self._in_flight.pop(id(request))
+        if isinstance(outcome, Caption) and not outcome.text.strip():
+            # Before any prefix/suffix: a blank model text is a failure however it would be decorated.
+            outcome = _empty_caption(item)
         if not isinstance(outcome, PhicapError):
             self._failures_in_a_row = 0
+        lane = "interactive" if item.future is not None else "background"
+        if isinstance(outcome, PhicapError):
+            self._observe_failure(lane, outcome)
+        elif self._metrics is not None:
+            self._metrics.observe_caption(lane, time.monotonic() - item.accepted)
         result = _Outcome(item, error=outcome) if isinstance(outcome, PhicapError) else _Outcome(item, caption=outcome)
         if item.future is not None:
             try:
@@ -555,7 +586,12 @@ class Scheduler:
         with self._cond:
             self._claimed.difference_update(job_ids)
         self.throughput.add(captioned)
+        self.backlog_rate.add(captioned)
         self._wake_feeder.set()
+
+    def _observe_failure(self, lane: str, error: PhicapError) -> None:
+        if self._metrics is not None:
+            self._metrics.observe_failure(lane, error.code)
 
     @property
     def recent_failures(self) -> collections.deque[dict[str, Any]]:
@@ -583,20 +619,22 @@ class Scheduler:
         worker = next((t for t in self._threads if t.name == "phicapd-gpu"), None)
         return worker is None or worker.is_alive() or self._stopping.is_set()
 
-    def _already_captioned(self, job: Job, root: WatchRoot) -> bool:
-        """Whether the job's sidecar, there now, is one its root's policy keeps (never when forced)."""
+    def _already_captioned(self, job: Job, root: WatchRoot) -> str | None:
+        """The sidecar base of the job's image when the sidecar, there now, is one its root's
+        policy keeps (never when forced); None when the image needs its caption."""
         policy = self.settings.existing_policy(root)
         if job.force or policy == "overwrite":
-            return False
+            return None
         extension = self.settings.sidecar.extension
-        if not sidecar_may_exist(job.path, extension):
-            return False  # the usual case, known without listing the directory
+        claims = Claims(self.store.claims_near(job.path), job.path.parent)
+        if job.path.name not in claims.by_image and not sidecar_may_exist(job.path, extension):
+            return None  # the usual case, known without listing the directory
         try:
             st = job.path.stat()
         except OSError:
-            return False
-        sidecar = sidecar_for(job.path, self._list_images(job.path.parent, root), extension)
-        return policy_keeps(policy, changed_ns(st), sidecar)
+            return None
+        base = SiblingIndex(self._list_images(job.path.parent, root)).base_for(job.path.name, claims)
+        return base if policy_keeps(policy, changed_ns(st), job.path.with_name(base + extension)) else None
 
 
 def _suspect(job: Job | None) -> bool:
@@ -607,6 +645,13 @@ def _suspect(job: Job | None) -> bool:
 def _is_model_fault(e: BaseException) -> bool:
     """A fault of the model or device itself (a sticky CUDA error), not of the images on it."""
     return isinstance(e, PhicapError) and e.code == "model_broken"
+
+
+def _empty_caption(item: _Item) -> CaptionError:
+    """A blank caption is a failed one: retried (a sampling model may answer the next time), then
+    parked and listed like any other failure; never a sidecar, which ``skip`` would keep for ever."""
+    name = str(item.job.path) if item.job is not None else "request"
+    return CaptionError(f"{name}: the model returned an empty caption", code=CAPTION_EMPTY, retryable=True)
 
 
 def _as_phicap_error(e: Exception, item: _Item | None) -> PhicapError:

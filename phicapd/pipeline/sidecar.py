@@ -16,6 +16,12 @@ plain names would need the same stem, where only the first image is plain; and a
 rule turns into a full name. The last rule changes nothing in a directory where the first two
 alone give distinct names.
 
+Names are kept (``Claims``, stored in the journal): once a sidecar is an image's, because we or
+phicapctl wrote it or a scan found it beside the image, it stays that image's. The rule above
+names only images without a claim, and skips names other images hold: ``photo.png`` captioned
+into ``photo.txt``, a later ``photo.jpg`` gets ``photo.jpg.txt`` though it sorts first, so a
+caption (perhaps edited by hand) never changes hands.
+
 The sidecar on disk is the truth for "done": it is written to a hidden temp file in the same
 directory, fsynced, renamed over the target and the directory is fsynced, so a crash leaves
 either the old caption or the new one, never half a file.
@@ -27,7 +33,7 @@ import collections
 import contextlib
 import errno
 import os
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
@@ -36,41 +42,110 @@ TEMP_MARKER = ".phicapd-"
 TEMP_SUFFIX = ".tmp"
 
 
-class SiblingIndex:
-    """The naming rule over one directory listing, computed once: O(1) per image.
+class Claims:
+    """Sidecar names the journal has given to images of one directory: image name -> base.
 
-    It keeps the first name of each stem and the (usually few) names that use their full form.
-    ``sidecar_for`` also answers for an image missing from the listing, as if it were listed:
-    adding it cannot change the form of its stem's image, whose name is a prefix of its own.
+    A *base* is a sidecar name without the extension (``photo`` for ``photo.txt``), so a changed
+    ``[sidecar] extension`` keeps every image's name. A claim binds only while its image exists:
+    one listed by the caller's ``SiblingIndex``, or, for an image the listing leaves out (a file
+    the root's patterns skip, captioned with phicapctl), one still on disk in ``directory``.
+    """
+
+    def __init__(self, by_image: Mapping[str, str] | None = None, directory: Path | None = None) -> None:
+        self.by_image: dict[str, str] = dict(by_image or {})
+        self.by_base: dict[str, str] = {base: image for image, base in self.by_image.items()}
+        self._directory = directory
+        self._on_disk: dict[str, bool] = {}
+
+    def add(self, image: str, base: str) -> None:
+        self.by_image[image] = base
+        self.by_base[base] = image
+
+    def holder(self, base: str, listed: Collection[str]) -> str | None:
+        """The image whose claim on ``base`` binds, if any."""
+        image = self.by_base.get(base)
+        if image is None or image in listed:
+            return image
+        if self._directory is None:
+            return None
+        alive = self._on_disk.get(image)
+        if alive is None:
+            alive = self._on_disk[image] = os.path.lexists(self._directory / image)
+        return image if alive else None
+
+
+NO_CLAIMS = Claims()
+
+
+class SiblingIndex:
+    """The naming rule over one directory listing: which sidecar each image gets.
+
+    Built once per listing (O(n)); each lookup walks only the image's own stem chain. Claims are
+    passed per lookup, since the journal's change while a listing stays valid. Without claims the
+    result is the plain rule of the module docstring. With claims, an image that has one keeps
+    it; every other image takes the rule's name unless a claim holds it, then its full name, then
+    the first free ``name.N`` (N = 2, 3, ...), a base no listed image's plain or full name can be.
+    An image missing from the listing is named as if it were listed.
     """
 
     def __init__(self, names: Iterable[str]) -> None:
-        listed = set(names)
-        stems = [(name, _stem(name)) for name in listed]
-        self._first: dict[str, str] = {}
-        for name, stem in stems:
-            current = self._first.get(stem)
-            if current is None or name < current:
-                self._first[stem] = name
-        self._full: set[str] = set()
-        chained: list[tuple[str, str]] = []  # first of their stem, and the stem is an image
-        for name, stem in stems:
-            if self._first[stem] != name:
-                self._full.add(name)
-            elif stem != name and stem in listed:
-                chained.append((name, stem))
-        # A stem is shorter than its name: shortest first, each stem's form is final when read.
-        for name, stem in sorted(chained, key=lambda pair: len(pair[0])):
-            if stem in self._full:
-                self._full.add(name)
+        self._listed = frozenset(names)
+        by_stem: dict[str, list[str]] = {}
+        for name in self._listed:
+            by_stem.setdefault(_stem(name), []).append(name)
+        for group in by_stem.values():
+            group.sort()
+        self._by_stem = by_stem
 
-    def sidecar_for(self, image: Path, extension: str = ".txt") -> Path:
-        name = image.name
+    def same_stem(self, stem: str) -> Sequence[str]:
+        """The listed images whose stem is ``stem``, sorted."""
+        return self._by_stem.get(stem, ())
+
+    def sidecar_for(self, image: Path, extension: str = ".txt", claims: Claims = NO_CLAIMS) -> Path:
+        return image.with_name(self.base_for(image.name, claims) + extension)
+
+    def base_for(self, name: str, claims: Claims = NO_CLAIMS) -> str:
+        """The sidecar base of the image ``name``: its claim, else the rule's name, free of claims."""
+        own = claims.by_image.get(name)
+        if own is not None:
+            return own
         stem = _stem(name)
-        first = self._first.get(stem, name)
-        if first < name or (stem != name and stem in self._full):
-            return image.with_name(name + extension)
-        return image.with_name(stem + extension)
+        if stem != name and self._takes_stem(name, stem, claims):
+            return stem
+        if self._free(name, name, claims):
+            return name
+        n = 2
+        while True:
+            base = f"{name}.{n}"
+            if base not in self._listed and base not in self._by_stem and self._free(base, name, claims):
+                return base
+            n += 1
+
+    def _free(self, base: str, name: str, claims: Claims) -> bool:
+        holder = claims.holder(base, self._listed)
+        return holder is None or holder == name
+
+    def _takes_stem(self, name: str, stem: str, claims: Claims) -> bool:
+        """Whether ``name`` gets the plain base ``stem``: it is free, ``name`` is the first of the
+        stem's unclaimed images, and no image named ``stem`` holds it in its full form."""
+        if not self._free(stem, name, claims):
+            return False
+        for other in self._by_stem.get(stem, ()):
+            if other >= name:
+                break
+            if other not in claims.by_image:
+                return False
+        # The chain rule: an unclaimed image named ``stem`` in its full form holds the base.
+        return not (stem in self._listed and stem not in claims.by_image and self.base_for(stem, claims) == stem)
+
+
+def is_rule_base(name: str, base: str) -> bool:
+    """Whether the naming rule can give the image ``name`` the sidecar base ``base``: its stem,
+    its full name, or ``name.N`` (N >= 2)."""
+    if base in (_stem(name), name):
+        return True
+    head, _, n = base.rpartition(".")
+    return head == name and n.isascii() and n.isdigit() and n[0] != "0" and int(n) >= 2
 
 
 def _stem(name: str) -> str:

@@ -5,8 +5,11 @@ atomically first (parallel temp-file fsyncs, renames, one fsync per directory), 
 is the group recorded in one journal transaction. A crash in between leaves a sidecar whose job
 is still open; the job is then recognised as already captioned instead of being captioned twice.
 
-A sidecar that the ``existing`` policy keeps and that appeared while its image was on the
-model (phicapctl, a person) is not replaced: the job is done without it. A group whose journal
+Each image is named with the journal's claims (``pipeline.sidecar.Claims``), and the sidecar
+it gets, written or kept, is claimed for it in the group's transaction: a sidecar that is
+another image's is never written over. A sidecar that the ``existing`` policy keeps and that
+appeared while its image was on the model (phicapctl, a person) is not replaced: the job is
+done without it. A group whose journal
 transaction fails stays claimed and is written again after a back-off, so a full disk neither
 loses it nor sends its images round the model again.
 """
@@ -28,7 +31,7 @@ from phicapd.errors import PhicapError
 from phicapd.log import get_logger
 from phicapd.pipeline.decode import Decoded, fingerprint_of
 from phicapd.pipeline.jobs import Failure, Job, JobStore, Success
-from phicapd.pipeline.sidecar import SiblingCache, policy_keeps, write_sidecars
+from phicapd.pipeline.sidecar import Claims, SiblingCache, policy_keeps, write_sidecars
 
 log = get_logger(__name__)
 
@@ -53,6 +56,7 @@ class Finished:
     caption: Caption | None = None
     error: PhicapError | None = None
     skipped: bool = False  # its sidecar is kept as it is (the policy): done without a caption
+    claim: str | None = None  # the sidecar base named for it (``pipeline.sidecar.Claims``)
 
 
 class SidecarWriter:
@@ -142,7 +146,8 @@ class SidecarWriter:
             else:
                 f.error = f.error or PhicapError(f"{f.job.path}: no caption", code="caption_failed")
                 failures.append(Failure(f.job.id, f.error.code, str(f.error), f.error.retryable))
-        parked = {j.id for j in self.store.finish_many(successes, failures, skipped)}
+        claims = [(f.job.path, f.claim) for f in group if f.claim is not None and (f.skipped or id(f) in written)]
+        parked = {j.id for j in self.store.finish_many(successes, failures, skipped, claims)}
         self._on_recorded([f.job.id for f in group], len(successes))
         self._log(group, parked)
 
@@ -157,8 +162,11 @@ class SidecarWriter:
                     f"{f.job.path}: the image changed while it was captioned", code="image_changed", retryable=True
                 )
                 continue
-            index = self._siblings.get(f.job.path.parent, f.root)
-            sidecar = index.sidecar_for(f.job.path, self.settings.sidecar.extension)
+            directory = f.job.path.parent
+            claims = Claims(self.store.claims_near(f.job.path), directory)
+            base = self._siblings.get(directory, f.root).base_for(f.job.path.name, claims)
+            sidecar = directory / (base + self.settings.sidecar.extension)
+            f.claim = base
             if self._kept(f, sidecar):
                 f.skipped = True
                 continue

@@ -22,6 +22,7 @@ class FakeBackend:
         self.ready.set()
         self.received: list[tuple[str, bytes]] = []
         self.paths: list[Path | None] = []
+        self.sidecars: list[str | None] = []
         self.root: str | None = None  # reported as the applied watch root when a path is sent
         self.paused = False
         self.rescans = 0
@@ -33,7 +34,11 @@ class FakeBackend:
         self.root_existing: str | None = None
         self.policy_paths: list[Path] = []
         self.delay = 0.0
+        # name -> the name whose caption must be done first (finish out of order, without sleeps)
+        self.waits_for: dict[str, str] = {}
+        self._captioned: set[str] = set()
         self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
 
     def is_ready(self) -> bool:
         return self.ready.is_set()
@@ -50,12 +55,27 @@ class FakeBackend:
         max_new_tokens: int | None,
         timeout: float,
         path: Path | None = None,
+        sidecar: str | None = None,
     ) -> CaptionReply:
         with self._lock:
             self.received.append((name, data))
             self.paths.append(path)
+            self.sidecars.append(sidecar)
         if self.delay:
             time.sleep(self.delay)
+        if (first := self.waits_for.get(name)) is not None:
+            with self._done:
+                assert self._done.wait_for(lambda: first in self._captioned, timeout=30), f"{first} never came"
+        try:
+            return self._caption(data, name, prompt, max_new_tokens, path)
+        finally:
+            with self._done:
+                self._captioned.add(name)
+                self._done.notify_all()
+
+    def _caption(
+        self, data: bytes, name: str, prompt: str | None, max_new_tokens: int | None, path: Path | None
+    ) -> CaptionReply:
         if data.startswith(b"BAD"):
             raise ImageError(f"{name}: not an image", code="image_unsupported")
         if data.startswith(b"FAIL"):
@@ -97,7 +117,7 @@ class FakeBackend:
 
     def retry(self, paths: list[str] | None) -> int:
         self.retried.append(paths)
-        return 3 if paths is None else len(paths)
+        return 3 if paths is None else sum("not-failed" not in p for p in paths)
 
     def pause(self) -> None:
         self.paused = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from phicapd.cli.ctl import Progress, main, resolve_socket
+from phicapd.cli.ctl import Progress, build_parser, main, resolve_socket
 from phicapd.config import ControlSettings
 from phicapd.control.batch import Outcome
 from phicapd.control.server import ControlServer
@@ -201,8 +202,25 @@ def test_caption_dir_is_concurrent_and_filters_names(sock: Path, tmp_path: Path,
     assert (tmp_path / "sub" / "deep.txt").exists()
 
 
-def test_caption_dir_of_a_missing_directory(sock: Path, tmp_path: Path) -> None:
+def test_caption_dir_of_a_missing_directory(sock: Path, tmp_path: Path, capsys) -> None:
     assert ctl(sock, "caption-dir", str(tmp_path / "nope")) == 66
+    assert capsys.readouterr().err == f"phicapctl: {tmp_path / 'nope'}: no such directory\n"
+    assert ctl(sock, "caption-dir", str(image(tmp_path / "a.jpg"))) == 66
+    assert "a.jpg: not a directory" in capsys.readouterr().err
+
+
+def test_results_come_in_argument_order(sock: Path, tmp_path: Path, backend: FakeBackend, capsys) -> None:
+    a, b, c = (image(tmp_path / name) for name in ("a.jpg", "b.jpg", "c.jpg"))
+    backend.waits_for = {"a.jpg": "b.jpg", "b.jpg": "c.jpg"}  # they finish c, b, a
+    assert ctl(sock, "caption-file", "--stdout", "-j", "3", str(a), str(b), str(c)) == 0
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == [str(a), str(b), str(c)]
+
+
+def test_the_file_is_named_once_in_an_error(sock: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "photo.jpg"
+    bad.write_bytes(b"BAD")
+    assert ctl(sock, "caption-file", str(bad)) == 65
+    assert capsys.readouterr().err == f"phicapctl: {bad}: not an image\n"
 
 
 # -- caption-url and the small commands ---------------------------------------------------------
@@ -215,6 +233,24 @@ def test_caption_url_output_and_json(sock: Path, tmp_path: Path, capsys) -> None
     assert capsys.readouterr().out == ""
     assert ctl(sock, "caption-url", "--json", "https://example.com/b.jpg") == 0
     assert json.loads(capsys.readouterr().out)["url"] == "https://example.com/b.jpg"
+
+
+def test_caption_url_json_failure_prints_one_error_object(sock: Path, capsys) -> None:
+    assert ctl(sock, "caption-url", "--json", "http://refused.example/x.jpg") == 65
+    out = capsys.readouterr().out
+    assert json.loads(out) == {
+        "url": "http://refused.example/x.jpg",
+        "state": "failed",
+        "error": {"code": "url_address_refused", "message": "http://refused.example/x.jpg: address not allowed"},
+    }
+
+
+def test_retry_of_a_path_that_is_not_failed(sock: Path, capsys) -> None:
+    assert ctl(sock, "retry", "/srv/not-failed.jpg") == 65
+    assert "/srv/not-failed.jpg: not a failed image" in capsys.readouterr().err
+    assert ctl(sock, "retry", "/srv/a.jpg", "/srv/not-failed.jpg") == 65
+    assert "1 of the 2 paths: not a failed image" in capsys.readouterr().err
+    assert ctl(sock, "retry", "/srv/a.jpg") == 0
 
 
 def test_status_health_and_friends(sock: Path, backend: FakeBackend, capsys) -> None:
@@ -264,6 +300,69 @@ def test_exit_code_usage(capsys) -> None:
     assert main(["caption-file"]) == 64
     assert main(["frobnicate"]) == 64
     assert main(["caption-file", "--max-new-tokens", "0", "x.jpg"]) == 64
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "soon"])
+def test_a_timeout_must_be_some_seconds(value: str, capsys) -> None:
+    assert main(["--timeout", value, "status"]) == 64
+    assert "argument --timeout: expected a number of seconds" in capsys.readouterr().err
+    assert main(["caption-url", "--caption-timeout", value, "http://x/"]) == 64
+
+
+def test_a_bad_count_names_the_type(capsys) -> None:
+    assert main(["failures", "--limit", "abc"]) == 64
+    err = capsys.readouterr().err
+    assert "expected a positive integer, got 'abc'" in err and "_positive" not in err
+
+
+def _options_of(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.Action]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from ((f"{name} {o}", a) for o, a in _options_of(sub))
+        elif not isinstance(action, argparse._HelpAction | argparse._VersionAction):
+            yield "/".join(action.option_strings) or action.dest, action
+
+
+def test_every_command_and_option_is_described(capsys) -> None:
+    parser = build_parser()
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        assert sub.description, name
+    for name, action in _options_of(parser):
+        assert action.help, f"{name} has no help"
+    assert main(["caption-file", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "-j JOBS, --jobs JOBS  requests in flight (default: 16)" in out
+    assert "(default: 900.0)" in out and "141" in out
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for code in (0, 64, 65, 66, 69, 70, 73, 141):
+        assert f"\n  {code} " in out
+
+
+# The reader of stdout is gone before phicapctl writes a byte: its write fails with EPIPE.
+_CLOSED_STDOUT = """
+import os, sys
+import phicapd.cli.ctl as ctl
+read, write = os.pipe()
+os.close(read)
+os.dup2(write, 1)
+sys.exit(ctl.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("command", [["status"], ["failures"], ["metrics"], ["status", "--json"]])
+def test_a_closed_stdout_ends_quietly(sock: Path, command: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _CLOSED_STDOUT, "--socket", str(sock), *command],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (done.returncode, done.stderr) == (141, "")
 
 
 def test_socket_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -321,3 +420,38 @@ def test_status_for_humans_splits_sections_rounds_and_shows_times(
     assert lines[model].split() == ["model", "id=fake"]
     assert lines[model + 1].split() == ["engine", "decode=cuda-graphs", "prefill_s=0.116"]
     assert any("at=2026-11-29 10:50:25" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("progress", "left"),
+    [
+        (
+            {"backlog": 1234, "images_per_second": 1.71, "rate_window_seconds": 300.0, "eta_seconds": 721.6},
+            "1,234 images, done in about 12 min at 1.71 images/s (last 5 min)",
+        ),
+        (
+            {"backlog": 50, "images_per_second": 0.0, "rate_window_seconds": 45.0, "eta_seconds": None},
+            "50 images; no estimate yet (nothing captioned in the last 45 s)",
+        ),
+        (
+            {"backlog": 100_000, "images_per_second": 0.5, "rate_window_seconds": 300.0, "eta_seconds": 200_000.0},
+            "100,000 images, done in about 2.3 days at 0.5 images/s (last 5 min)",
+        ),
+        ({"backlog": 0, "images_per_second": 2.0, "rate_window_seconds": 300.0, "eta_seconds": 0.0}, "nothing queued"),
+    ],
+)
+def test_status_says_what_is_left_and_when_before_the_counters(
+    sock: Path, backend: FakeBackend, capsys, monkeypatch: pytest.MonkeyPatch, progress: dict, left: str
+) -> None:
+    status = backend.status
+    failures = {"caption_empty": 3, "image_truncated": 1} if progress["backlog"] else {}
+    monkeypatch.setattr(backend, "status", lambda: {**status(), "progress": {**progress, "failures_by_code": failures}})
+    assert ctl(sock, "status") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["state", "ready"]
+    assert lines[1].split(None, 1) == ["left", left]
+    assert (
+        lines[2].split() == ["failures", "caption_empty=3", "image_truncated=1"] if failures else ["failures", "none"]
+    )
+    assert any(line.startswith("journal ") for line in lines[3:])  # the raw counters follow
+    assert not any(line.startswith("progress") for line in lines)  # shown above, not twice

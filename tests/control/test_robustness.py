@@ -243,3 +243,20 @@ def test_a_chunked_body_over_the_limit_is_refused(backend: FakeBackend, sock_dir
         assert status_line(reply).split(" ")[1] == "413" and error_code(reply) == "payload_too_large"
         assert server.body_budget.held == 0
         assert_serving(small.socket)
+
+
+# Every endpoint that reads a JSON body (the others take raw bytes or ignore their body).
+JSON_ENDPOINTS = ["/v1/caption-url", "/v1/failures/retry"]
+
+
+@pytest.mark.parametrize("path", JSON_ENDPOINTS)
+@pytest.mark.parametrize("body", [b"[" * 100_000, b'{"a":' * 100_000, b"[" * 100_000 + b"]" * 100_000])
+def test_deeply_nested_json_is_a_400_not_an_internal_error(
+    server: ControlServer, settings: ControlSettings, path: str, body: bytes
+) -> None:
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    reply = raw_exchange(settings.socket, head.encode() + body)
+    assert status_line(reply) == "HTTP/1.1 400 Bad Request"
+    detail = json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"]
+    assert detail["code"] == "bad_request" and "nested too deeply" in detail["message"]
+    assert_serving(settings.socket)

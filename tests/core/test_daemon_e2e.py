@@ -307,11 +307,11 @@ def test_a_failing_journal_is_retried_and_captions_nothing_twice(
         finish_many = daemon.store.finish_many
         failed: list[int] = []
 
-        def flaky(successes=(), failures=(), skipped=()):
+        def flaky(successes=(), failures=(), skipped=(), claims=()):
             if len(failed) < 5 and (successes or skipped):
                 failed.append(len(successes) + len(skipped))
                 raise sqlite3.OperationalError("disk I/O error")
-            return finish_many(successes, failures, skipped)
+            return finish_many(successes, failures, skipped, claims)
 
         daemon.store.finish_many = flaky
         daemon.scheduler.pause()

@@ -90,3 +90,32 @@ def test_run_exits_78_for_a_malformed_checkpoint(tmp_path: Path, capsys: pytest.
     cfg = _config(tmp_path, f'[model]\npath = "{model}"\ndevice = "cpu"\n')
     assert main(["run", "--config", str(cfg)]) == EX_CONFIG
     assert "phi3_v" in capsys.readouterr().err
+
+
+def test_every_command_and_option_is_described_and_the_exit_codes_listed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import argparse
+
+    from phicapd.cli.daemon import _parser
+
+    parser = _parser()
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        assert sub.description, name
+        for action in sub._actions:
+            assert action.help, f"{name} {action.dest} has no help"
+    with pytest.raises(SystemExit):
+        main(["make-test-model", "--help"])
+    out = capsys.readouterr().out
+    assert "--seed SEED  seed of the random weights (default: 0)" in out
+    for code in (0, 1, 70, 75, 78):
+        assert f"\n  {code} " in out
+
+
+def test_make_test_model_where_nothing_can_be_written(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("")
+    assert main(["make-test-model", str(tmp_path / "file" / "model")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.endswith(f"phicapd: cannot write {tmp_path / 'file' / 'model'}: Not a directory\n")

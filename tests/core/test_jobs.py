@@ -128,3 +128,55 @@ def test_journal_survives_reopen_and_passes_integrity_check(tmp_path: Path) -> N
     assert again.counts() == {"pending": 90, "running": 10, "done": 0, "failed": 0}
     assert again.recover() == 10
     assert again.integrity_check() == "ok"
+
+
+def test_sidecar_claims_bind_one_name_to_one_image_and_go_with_it(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "j.db")
+    d = tmp_path / "photos"
+    store.claim_sidecars([(d / "photo.png", "photo")])
+    # Without displacing, neither the name nor the image changes hands.
+    store.claim_sidecars([(d / "photo.jpg", "photo"), (d / "photo.png", "photo.png")], displace=False)
+    assert store.claims_in(d) == {"photo.png": "photo"}
+    store.claim_sidecars([(d / "photo.jpg", "photo.jpg"), (d / "other.jpg", "other")])
+    assert store.claims_near(d / "photo.gif") == {"photo.png": "photo", "photo.jpg": "photo.jpg"}
+    assert store.claims_in(tmp_path) == {}
+    store.forget(d / "photo.png")  # the image is gone: its name is free again
+    assert store.claims_in(d) == {"photo.jpg": "photo.jpg", "other.jpg": "other"}
+
+
+def test_a_version_1_journal_gains_the_claims_table(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "j.db"
+    store = JobStore(path)
+    store.enqueue_many([NewWork(tmp_path / "a.jpg", tmp_path, Fingerprint(1, 5, 9))])
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE sidecars")
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    store = JobStore(path)
+    assert store.get(tmp_path / "a.jpg") is not None
+    store.claim_sidecars([(tmp_path / "a.jpg", "a")])
+    assert store.claims_in(tmp_path) == {"a.jpg": "a"}
+
+
+def test_failure_counts_by_state_and_code_match_what_failures_lists(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.enqueue_many([_work(n) for n in "abcde"])
+    a, b, c, _d, e = store.claim(10)
+    store.finish_many(
+        [Success(e.id, "sha", "m", "p", "/r/e.txt", e.fingerprint)],  # type: ignore[arg-type]
+        [
+            Failure(a.id, "caption_empty", "a: blank", retryable=True),  # waits to be retried
+            Failure(b.id, "caption_empty", "b: blank", retryable=False),
+            Failure(c.id, "image_corrupt", "c: broken", retryable=False),
+        ],
+    )
+    assert store.failure_counts() == [
+        ("failed", "caption_empty", 1),
+        ("failed", "image_corrupt", 1),
+        ("pending", "caption_empty", 1),
+    ]
+    assert sum(n for _, _, n in store.failure_counts()) == len(store.failures())

@@ -133,3 +133,14 @@ def test_write_sidecars_keeps_an_existing_target_it_was_told_to_keep(tmp_path: P
     assert kept.read_text() == "by hand\n"
     assert fresh.read_text() == "new\n" and replaced.read_text() == "new\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh.txt", "kept.txt", "replaced.txt"]  # no temps
+
+
+def test_the_rule_can_give_an_image_its_stem_its_name_or_name_dot_n() -> None:
+    from phicapd.pipeline.sidecar import is_rule_base
+
+    assert is_rule_base("photo.jpg", "photo")
+    assert is_rule_base("photo.jpg", "photo.jpg")
+    assert is_rule_base("photo.jpg", "photo.jpg.2")
+    assert is_rule_base("photo.jpg", "photo.jpg.12")
+    for base in ("other", "photo.jpg.1", "photo.jpg.02", "photo.jpg.²", "photo.jpg.x", "photo.j", "photo.jpg.2.3"):
+        assert not is_rule_base("photo.jpg", base), base

@@ -8,7 +8,7 @@ import os
 import random
 from pathlib import Path
 
-from phicapd.pipeline.sidecar import SiblingIndex, sidecar_for
+from phicapd.pipeline.sidecar import Claims, SiblingIndex, sidecar_for
 
 D = Path("/d")
 _EXTENSIONS = (".jpg", ".png", ".JPG")
@@ -81,3 +81,53 @@ def test_listing_order_and_duplicates_do_not_matter() -> None:
         rng.shuffle(shuffled)
         a, b = SiblingIndex(listing), SiblingIndex(shuffled)
         assert all(a.sidecar_for(D / n) == b.sidecar_for(D / n) for n in listing)
+
+
+def _random_claims(rng: random.Random, listing: tuple[str, ...]) -> dict[str, str]:
+    """Claims as the journal can hold them: each on a base the rule can give its image (plain,
+    full or ``name.N``), no base twice; some for images that have gone (not listed)."""
+    claims: dict[str, str] = {}
+    taken: set[str] = set()
+    for name in rng.sample(UNIVERSE, rng.randint(0, 4)):
+        base = rng.choice([os.path.splitext(name)[0], name, f"{name}.2"])
+        if base not in taken and name not in claims:
+            claims[name] = base
+            taken.add(base)
+    return claims
+
+
+def test_with_claims_naming_stays_injective_and_keeps_every_live_claim() -> None:
+    rng = random.Random(7)
+    checked = 0
+    for listing in _listings():
+        names = set(listing)
+        claims = Claims(_random_claims(rng, listing))
+        index = SiblingIndex(listing)
+        targets = {n: index.base_for(n, claims) for n in listing}
+        live_claims = {b for i, b in claims.by_image.items() if i in names}
+        assert len(set(targets.values())) == len(names), (listing, claims.by_image, targets)
+        for n, base in targets.items():
+            if n in claims.by_image:
+                assert base == claims.by_image[n]
+            else:
+                assert base not in live_claims, (listing, claims.by_image, n)
+        checked += bool(claims.by_image)
+    assert checked > 1000
+
+
+def test_a_claim_of_an_image_that_is_gone_binds_nothing() -> None:
+    index = SiblingIndex(["photo.jpg"])
+    assert index.base_for("photo.jpg", Claims({"photo.png": "photo"})) == "photo"
+    # ... unless the image is still on disk, left out of the listing by the root's patterns.
+    assert index.base_for("photo.jpg", Claims({"photo.png": "photo"}, D)) == "photo"  # /d/photo.png: none
+
+
+def test_a_newcomer_that_sorts_first_takes_the_other_name() -> None:
+    index = SiblingIndex(["photo.jpg", "photo.png"])
+    claims = Claims({"photo.png": "photo"})
+    assert index.base_for("photo.png", claims) == "photo"
+    assert index.base_for("photo.jpg", claims) == "photo.jpg"
+    # Both of the newcomer's names held: the first free name.N, which no plain or full name is.
+    index = SiblingIndex(["a.jpg", "a.png", "a.png.jpg", "a.png.2.gif"])
+    claims = Claims({"a.jpg": "a", "a.png.jpg": "a.png"})
+    assert index.base_for("a.png", claims) == "a.png.3"

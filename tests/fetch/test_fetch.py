@@ -254,6 +254,22 @@ def test_resolved_loopback_is_refused_without_the_allow_list(connects: list, ser
     assert connects == []
 
 
+def test_the_refusal_names_the_setting_that_allows_a_network(connects: list, server: LocalServer):
+    err = _refused(f"http://127.0.0.1:{server.port}/img")
+    assert str(err) == (
+        f"http://127.0.0.1:{server.port}/img: 127.0.0.1: loopback, refused; "
+        "[fetch] allow_networks lists the networks to allow besides the public internet"
+    )
+
+
+def test_a_refused_connection_is_one_plain_line(server: LocalServer):
+    with socket.socket() as bound:  # bound, never listening: connecting to it is refused
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        err = _refused(f"http://img.test:{port}/img", _allowed(), resolver=Resolver())
+    assert (err.code, str(err)) == ("url_connect_failed", f"http://img.test:{port}/img: img.test: connection refused")
+
+
 def test_one_bad_address_among_good_ones_refuses_the_host(connects: list):
     err = _refused("http://mixed.test/img", resolver=Resolver([PUBLIC_IP, "10.0.0.7"]))
     assert err.code == "url_address_refused"

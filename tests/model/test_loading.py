@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -421,3 +425,48 @@ def test_cuda_init_error_never_raises():
 
     result = _cuda_init_error()
     assert result is None or isinstance(result, str)
+
+
+# -- another user's daemon loads a checkpoint made by make-test-model ------------------------------
+
+NOBODY = 65534
+REPO = Path(__file__).resolve().parents[2]
+
+# Imports torch as root, then loads as nobody, with exactly an unprivileged user's file access.
+_LOAD_AS_NOBODY = f"""
+import os, sys
+from pathlib import Path
+import torch
+from phicapd.model.loading import load_model
+os.setgroups([]); os.setgid({NOBODY}); os.setuid({NOBODY})
+try:
+    load_model(Path(sys.argv[1]), device=torch.device("cpu"), dtype=torch.float32)
+except Exception as e:
+    print(f"{{type(e).__name__}}: {{e}}")
+"""
+
+
+def test_make_test_model_files_are_as_readable_as_each_other(tiny_checkpoint: Path) -> None:
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tiny_checkpoint.iterdir()}
+    assert set(modes.values()) == {modes["config.json"]}, modes
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_an_unreadable_shard_says_permission_denied(tiny_checkpoint: Path) -> None:
+    with tempfile.TemporaryDirectory() as top:
+        checkpoint = Path(shutil.copytree(tiny_checkpoint, Path(top) / "ckpt"))
+        for directory in (Path(top), checkpoint):
+            directory.chmod(0o755)
+        for path in checkpoint.iterdir():
+            path.chmod(0o644)
+        shard = checkpoint / "model-00002-of-00002.safetensors"
+        shard.chmod(0o600)
+        done = subprocess.run(
+            [sys.executable, "-c", _LOAD_AS_NOBODY, str(checkpoint)],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert done.stdout == f"CheckpointError: {shard}: permission denied for uid {NOBODY}\n"
