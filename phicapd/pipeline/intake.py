@@ -43,6 +43,9 @@ class Intake:
         self.scans_done = 0
         self.last_scan: ScanReport | None = None
         self._scanning: set[Path] = set()  # roots with a scan running
+        # Files taken off the queues and not yet in the journal: idle() must not say "nothing
+        # queued" while they are in neither place.
+        self._accepting = False
 
     def start(self) -> None:
         t = threading.Thread(target=self._files_loop, name="phicapd-intake", daemon=True)
@@ -92,7 +95,13 @@ class Intake:
     def idle(self) -> bool:
         """Nothing queued and no scan running (tests and benchmarks wait for this)."""
         with self._files_cond, self._scan_cond:
-            return not self._files and not self._deferred and not self._scans and not self._scanning
+            return (
+                not self._files
+                and not self._deferred
+                and not self._accepting
+                and not self._scans
+                and not self._scanning
+            )
 
     def backlog(self) -> dict[str, int]:
         with self._files_cond, self._scan_cond:
@@ -116,6 +125,7 @@ class Intake:
                 while self._due() and len(due) < _GROUP:
                     _, _, path, root = heapq.heappop(self._deferred)
                     due.append((path, root))
+                self._accepting = bool(group or due)
             try:
                 queued = 0
                 if group:
@@ -130,6 +140,9 @@ class Intake:
             except Exception:
                 # The files are not lost: the next reconcile scan finds them again.
                 log.exception("cannot record settled files", files=len(group) + len(due))
+            finally:
+                with self._files_cond:
+                    self._accepting = False
             self.last_progress = time.monotonic()
 
     def _due(self) -> bool:

@@ -53,3 +53,37 @@ def test_a_hung_scan_holds_up_only_its_own_root(tmp_path: Path) -> None:
     finally:
         reconciler.release.set()
         intake.stop()
+
+
+class SlowJournal(FakeReconciler):
+    """accept() blocks until released: a settled file that is in neither queue nor journal yet."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, hung=Path("/nonexistent"))
+        self.accepting = threading.Event()
+        self.accepted: list[Path] = []
+
+    def accept(self, settled, young_after=None):
+        self.accepting.set()
+        self.release.wait(10)
+        self.accepted += [path for path, _ in settled]
+        return len(self.accepted), []
+
+
+def test_a_file_on_its_way_into_the_journal_is_not_idle(tmp_path: Path) -> None:
+    # is_settled() in the tests (and anyone waiting for "nothing left") reads idle() and then the
+    # journal: a file in between must count, or a run is stopped before its work was recorded.
+    root = WatchRoot(path=tmp_path)
+    reconciler = SlowJournal(Settings(watch=[root]))
+    intake = Intake(reconciler, on_queued=lambda: None)  # type: ignore[arg-type]
+    intake.start()
+    try:
+        intake.file_ready(tmp_path / "a.jpg", root)
+        assert reconciler.accepting.wait(5)
+        assert not intake.idle()
+        reconciler.release.set()
+        _wait(intake.idle)
+        assert reconciler.accepted == [tmp_path / "a.jpg"]
+    finally:
+        reconciler.release.set()
+        intake.stop()
