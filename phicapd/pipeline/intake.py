@@ -66,6 +66,9 @@ class Intake:
         self._scanning: set[_ScanLane] = set()  # lanes with a scan running
         self._started = False
         self._lane_names = iter(range(1 << 62))
+        # Files taken off the queues and not yet in the journal: idle() must not say "nothing
+        # queued" while they are in neither place.
+        self._accepting = False
 
     def start(self) -> None:
         t = threading.Thread(target=self._files_loop, name="phicapd-intake", daemon=True)
@@ -166,7 +169,13 @@ class Intake:
     def idle(self) -> bool:
         """Nothing queued and no scan running (tests and benchmarks wait for this)."""
         with self._files_cond, self._scan_cond:
-            return not self._files and not self._settling and not self._scans and not self._scanning
+            return (
+                not self._files
+                and not self._settling
+                and not self._accepting
+                and not self._scans
+                and not self._scanning
+            )
 
     def backlog(self) -> dict[str, int]:
         with self._files_cond, self._scan_cond:
@@ -188,6 +197,7 @@ class Intake:
                     self._files_cond.wait(min(1.0, max(0.01, wait)))
                 group = [self._files.popleft() for _ in range(min(len(self._files), _GROUP))]
                 due = self._settling.due(time.monotonic(), _GROUP)
+                self._accepting = bool(group or due)
             try:
                 group += self._settle(due)
                 if group and self.reconciler.accept(group):
@@ -195,6 +205,9 @@ class Intake:
             except Exception:
                 # The files are not lost: the next reconcile scan finds them again.
                 log.exception("cannot record settled files", files=len(group))
+            finally:
+                with self._files_cond:
+                    self._accepting = False
             self.last_progress = time.monotonic()
 
     def _settled_due(self) -> bool:

@@ -171,6 +171,9 @@ class Watcher:
         # Guards the settle table and the rescan queue; never held while calling out.
         self._cond = threading.Condition(threading.Lock())
         self._table = SettleTable(settings.settle_seconds, MAX_PENDING)
+        # Ready files taken out of the table but not yet handed to on_ready: still pending, or a
+        # caller waiting for pending() == 0 could see nothing anywhere while one is in between.
+        self._handing_over = 0
         self._rescans: dict[tuple[int, Path], str] = {}  # insertion-ordered, deduplicated
         self._table_overflowed: set[int] = set()  # roots with an overflow rescan owed
         self._started = False
@@ -190,7 +193,7 @@ class Watcher:
 
     def pending(self) -> int:
         with self._cond:
-            return len(self._table)
+            return len(self._table) + self._handing_over
 
     def start(self) -> None:
         with self._observing:
@@ -480,13 +483,18 @@ class Watcher:
                     self._table.later(path, generation, now)
                 elif (root := self._table.check(path, generation, signature, now)) is not None:  # type: ignore[arg-type]
                     ready.append((path, root))
-        for path, root in ready:
-            if self._stopping:
-                return  # the start-up scan of the next run finds it
-            try:
-                self._on_ready(path, root)
-            except Exception:
-                log.exception("on_ready_failed", path=str(path))
+            self._handing_over += len(ready)
+        try:
+            for path, root in ready:
+                if self._stopping:
+                    return  # the start-up scan of the next run finds it
+                try:
+                    self._on_ready(path, root)
+                except Exception:
+                    log.exception("on_ready_failed", path=str(path))
+        finally:
+            with self._cond:
+                self._handing_over -= len(ready)
 
     def _signatures(self, paths: list[Path]) -> list[object]:
         """Each file's signature (``Signature | None``); files on polled roots are stated in a

@@ -129,3 +129,37 @@ def test_a_file_deferred_by_many_scans_is_held_once(tmp_path: Path) -> None:
     assert intake.backlog()["settling_files"] == 1
     intake.defer([(tmp_path / "gone.jpg", root)])  # vanished before it was deferred
     assert intake.backlog()["settling_files"] == 1
+
+
+class SlowJournal(FakeReconciler):
+    """accept() blocks until released: a settled file that is in neither queue nor journal yet."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings, hung=Path("/nonexistent"))
+        self.accepting = threading.Event()
+        self.accepted: list[Path] = []
+
+    def accept(self, settled):
+        self.accepting.set()
+        self.release.wait(10)
+        self.accepted += [path for path, _ in settled]
+        return len(self.accepted)
+
+
+def test_a_file_on_its_way_into_the_journal_is_not_idle(tmp_path: Path) -> None:
+    # is_settled() in the tests (and anyone waiting for "nothing left") reads idle() and then the
+    # journal: a file in between must count, or a run is stopped before its work was recorded.
+    root = WatchRoot(path=tmp_path)
+    reconciler = SlowJournal(Settings(watch=[root]))
+    intake = Intake(reconciler, on_queued=lambda: None)  # type: ignore[arg-type]
+    intake.start()
+    try:
+        intake.file_ready(tmp_path / "a.jpg", root)
+        assert reconciler.accepting.wait(5)
+        assert not intake.idle()
+        reconciler.release.set()
+        _wait(intake.idle)
+        assert reconciler.accepted == [tmp_path / "a.jpg"]
+    finally:
+        reconciler.release.set()
+        intake.stop()

@@ -153,6 +153,33 @@ def test_written_in_place_and_renamed_in_are_ready_once_after_settle(
     assert rec.ready_threads == {"phicapd-watcher"}
 
 
+def test_a_ready_file_counts_as_pending_until_on_ready_has_it(root_dir: Path) -> None:
+    # Between leaving the settle table and reaching on_ready a file is in neither place; a caller
+    # waiting for "pending() == 0 and the consumer is idle" must not see that gap as done.
+    entered, release = threading.Event(), threading.Event()
+
+    def on_ready(path: Path, root: WatchRoot) -> None:
+        entered.set()
+        release.wait(10)
+
+    w = Watcher(
+        [WatchRoot(path=root_dir, poll=False)],
+        WatcherSettings(settle_seconds=SETTLE, rescan_interval_seconds=0.0),
+        on_ready=on_ready,
+        on_rescan=lambda *_: None,
+    )
+    w.start()
+    try:
+        write(root_dir / "a.jpg")
+        assert entered.wait(TIMEOUT)
+        assert w.pending() == 1
+        release.set()
+        wait_until(lambda: w.pending() == 0)
+    finally:
+        release.set()
+        w.stop()
+
+
 def test_slow_writer_closing_and_reopening_is_ready_once_after_the_last_write(
     rec: Recorder, running: Watcher, root_dir: Path
 ) -> None:
