@@ -7,6 +7,7 @@ serves: it owns nothing but references and the daemon's state ("loading", "ready
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -21,7 +22,7 @@ from phicapd.captioner import Captioner, decorate
 from phicapd.config import Settings
 from phicapd.control.backend import CaptionReply
 from phicapd.control.protocol import CAPTION_TIMEOUT
-from phicapd.errors import ModelUnavailable, PhicapError
+from phicapd.errors import ConfigError, ModelUnavailable, PhicapError
 from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
 from phicapd.pipeline.decode import make_decoders
@@ -57,8 +58,16 @@ def load_model_captioner(settings: Settings) -> Captioner:
 
 
 class Daemon:
-    def __init__(self, settings: Settings, captioner_factory: CaptionerFactory = load_model_captioner) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        captioner_factory: CaptionerFactory = load_model_captioner,
+        settings_loader: Callable[[], Settings] | None = None,
+    ) -> None:
         self.settings = settings
+        self._settings_loader = settings_loader  # re-reads the configuration on SIGHUP
+        self._reload = threading.Event()
+        self._wake = threading.Event()
         self._captioner_factory = captioner_factory
         self.state = "starting"
         self.started_at = time.time()
@@ -85,9 +94,16 @@ class Daemon:
 
     def request_stop(self, *_: object) -> None:
         self._stop.set()
+        self._wake.set()
+
+    def request_reload(self, *_: object) -> None:
+        """Re-read the configuration (SIGHUP): done by the main loop, once the model is ready."""
+        self._reload.set()
+        self._wake.set()
 
     def _on_signal(self, *_: object) -> None:
         self._stop.set()
+        self._wake.set()
         if self._keepalive is not None:
             # During a stop EXTEND_TIMEOUT_USEC would extend the stop timeout: a download that
             # finishes its running files first must not hold systemctl stop beyond TimeoutStopSec.
@@ -106,6 +122,8 @@ class Daemon:
         if install_signals:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
+            # Reload, never die: the default action of SIGHUP (a closed terminal) is to exit.
+            signal.signal(signal.SIGHUP, self.request_reload)
 
         recovered = self.store.recover()
         if recovered:
@@ -179,7 +197,12 @@ class Daemon:
         feeder.start()
         rc = 0
         try:
-            while not self._stop.wait(1.0):
+            while not self._stop.is_set():
+                self._wake.wait(1.0)
+                self._wake.clear()
+                if self._reload.is_set() and not self._stop.is_set():
+                    self._reload.clear()
+                    self.reload(notifier)
                 if self.scheduler.broken is not None:
                     # A restart gets a fresh CUDA context; the images it was on are counted as
                     # interrupted, so one that breaks the GPU every time is parked in the end.
@@ -190,6 +213,53 @@ class Daemon:
             feeder.stop()
             self._shutdown(notifier)
         return rc
+
+    def reload(self, notifier: Any = None) -> bool:
+        """Apply the configuration file again without unloading the model (``phicapd.reload``
+        says what can change live). A file that does not load changes nothing. True if applied."""
+        from phicapd.reload import live_settings, restart_only_changes
+        from phicapd.systemd import Notifier, check_roots_writable
+
+        notifier = notifier or Notifier()
+        if self._settings_loader is None:
+            log.warning("reload asked, but this daemon was not started from a configuration file")
+            return False
+        notifier.reloading()
+        try:
+            try:
+                new = self._settings_loader()
+                # A root added now must pass the start-up check too (exists, writable).
+                known = {r.path for r in self.settings.watch}
+                check_roots_writable(new.model_copy(update={"watch": [r for r in new.watch if r.path not in known]}))
+            except (ConfigError, OSError) as e:
+                log.error("reload refused: the configuration is invalid; keeping the running one", reason=str(e))
+                return False
+            old = self.settings
+            needs_restart = restart_only_changes(old, new)
+            if needs_restart:
+                log.warning("reload: these settings need a restart and were not applied", keys=needs_restart)
+            settings = live_settings(old, new)
+            self._apply(settings)
+            log.info(
+                "configuration reloaded",
+                roots=[str(r.path) for r in settings.watch],
+                needs_restart=needs_restart,
+            )
+            return True
+        finally:
+            notifier.ready()
+            notifier.status(self.status_line())
+
+    def _apply(self, settings: Settings) -> None:
+        """Hand the new live settings to every part that holds them."""
+        self.settings = settings
+        self.reconciler.settings = settings
+        if self.scheduler is not None:
+            self.scheduler.set_settings(settings)
+        logging.getLogger().setLevel(settings.log.level.upper())
+        self.intake.set_roots(settings.watch)
+        if self.watcher is not None:
+            self.watcher.set_roots(settings.watch)
 
     def _load_captioner(self, notifier: Any) -> Captioner:
         """Load the model, waiting out a hub that is down or a GPU driver that is not up yet
@@ -469,13 +539,18 @@ class _ExtendTimeout:
             self._done.wait(self._every)
 
 
-def run(settings: Settings, captioner_factory: CaptionerFactory = load_model_captioner) -> int:
-    """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit code."""
+def run(
+    settings: Settings,
+    captioner_factory: CaptionerFactory = load_model_captioner,
+    settings_loader: Callable[[], Settings] | None = None,
+) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads the configuration
+    through ``settings_loader``); returns the exit code."""
     from phicapd.preflight import check_state_paths
     from phicapd.systemd import check_roots_writable, listen_fds
 
     check_roots_writable(settings)
     sockets = listen_fds()
     check_state_paths(settings, socket_inherited=bool(sockets))
-    daemon = Daemon(settings, captioner_factory)
+    daemon = Daemon(settings, captioner_factory, settings_loader)
     return daemon.run(listen_socket=sockets[0] if sockets else None)

@@ -18,6 +18,7 @@ import secrets
 import socket
 import stat
 import threading
+import time
 from collections.abc import Callable
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -60,6 +61,10 @@ class Notifier:
 
     def ready(self) -> bool:
         return self.send(READY=1)
+
+    def reloading(self) -> bool:
+        """A configuration reload starts; ``ready()`` ends it (systemd >= 253 wants the clock)."""
+        return self.send(RELOADING=1, MONOTONIC_USEC=time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000)
 
     def stopping(self) -> bool:
         return self.send(STOPPING=1)

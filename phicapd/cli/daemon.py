@@ -82,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(settings.log.format, settings.log.level)
     from phicapd.service import run
 
-    return run(settings)
+    return run(settings, settings_loader=lambda: _settings(args))
 
 
 def _check_config(args: argparse.Namespace) -> int:

@@ -609,6 +609,12 @@ class Scheduler:
                 "claimed": len(self._claimed),
             }
 
+    def set_settings(self, settings: Settings) -> None:
+        """A configuration reload: the live settings (roots, policies) for the jobs to come."""
+        self.settings = settings
+        self.writer.settings = settings
+        self._roots = {r.path: r for r in settings.watch}
+
     def healthy(self, stall_seconds: float) -> bool:
         """False when the model call has hung (a stuck CUDA kernel) or the worker thread died."""
         if self.broken is not None:

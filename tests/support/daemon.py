@@ -69,11 +69,18 @@ def is_settled(daemon: Daemon) -> bool:
 
 
 @contextmanager
-def running_daemon(settings: Settings, captioner: Any | None = None, *, rc: int = 0) -> Iterator[Daemon]:
+def running_daemon(
+    settings: Settings,
+    captioner: Any | None = None,
+    *,
+    rc: int = 0,
+    factory: Callable[[Settings], Any] | None = None,
+    settings_loader: Callable[[], Settings] | None = None,
+) -> Iterator[Daemon]:
     """The daemon in a thread until the block ends; then it must have stopped with ``rc``."""
     captioner = captioner or FakeCaptioner()
     configure_logging(settings.log.format, settings.log.level)
-    daemon = Daemon(settings, lambda _s: captioner)
+    daemon = Daemon(settings, factory or (lambda _s: captioner), settings_loader)
     result: dict[str, Any] = {}
 
     def target() -> None:

@@ -31,7 +31,7 @@ def main() -> int:
             time.sleep(linger)
         return FakeCaptioner(latency=latency, record=record)
 
-    return run(settings, load)
+    return run(settings, load, settings_loader=lambda: load_settings(Path(sys.argv[1])))
 
 
 if __name__ == "__main__":

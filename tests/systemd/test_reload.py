@@ -1,0 +1,138 @@
+"""Reload on SIGHUP (``systemctl reload phicapd``): the configuration is read again and what can
+change live is applied without unloading the model; what needs a restart is named and kept;
+an invalid file changes nothing; the process never dies of SIGHUP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from phicapd.captioner import Caption, CaptionRequest
+from phicapd.config import load_settings
+from phicapd.reload import live_settings, restart_only_changes
+from tests.support.daemon import (
+    is_settled,
+    running_daemon,
+    socket_ready,
+    spawn_fake_daemon,
+    wait_for,
+    write_config,
+)
+from tests.support.fakes import FakeCaptioner, write_unique_png
+from tests.systemd.conftest import NotifyReceiver
+
+NEW_PROMPT = "Write alt text for a blind reader."
+
+
+class PromptRecorder(FakeCaptioner):
+    def __init__(self) -> None:
+        super().__init__()
+        self.prompts: list[str] = []
+
+    def caption(self, batch: Sequence[CaptionRequest]) -> list[Caption]:
+        self.prompts += [r.prompt for r in batch]
+        return super().caption(batch)
+
+
+def _roots_toml(*roots: tuple[Path, str]) -> str:
+    return "".join(f'[[watch]]\npath = "{path}"\n{extra}\n' for path, extra in roots)
+
+
+def test_sighup_style_reload_adds_a_root_and_changes_a_prompt_with_the_model_loaded_once(
+    tmp_path: Path, path_notify_socket: NotifyReceiver
+) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    config = write_config(tmp_path, [old])
+    loads: list[object] = []
+    captioner = PromptRecorder()
+
+    def factory(settings: object) -> PromptRecorder:
+        loads.append(settings)
+        return captioner
+
+    settings = load_settings(config)
+    with running_daemon(settings, factory=factory, settings_loader=lambda: load_settings(config)) as daemon:
+        write_unique_png(old / "before.png", 1)
+        wait_for(lambda: is_settled(daemon) and (old / "before.txt").exists(), 30, "a caption before the reload")
+        path_notify_socket.drain(0.2)
+
+        base = config.read_text().split("[[watch]]")[0]
+        config.write_text(
+            base
+            + _roots_toml((old, f'prompt = "{NEW_PROMPT}"\nprefix = "alt: "'), (new, ""))
+            + "[model]\nmax_new_tokens = 7\n"  # needs a restart: named, not applied
+        )
+        daemon.request_reload()
+        wait_for(lambda: len(daemon.settings.watch) == 2, 30, "the reload")
+
+        write_unique_png(old / "after.png", 2)
+        write_unique_png(new / "fresh.png", 3)
+        wait_for(
+            lambda: is_settled(daemon) and (old / "after.txt").exists() and (new / "fresh.txt").exists(),
+            30,
+            "captions after the reload",
+        )
+        assert (old / "after.txt").read_text().startswith("alt: ")
+        assert not (old / "before.txt").read_text().startswith("alt: ")
+        assert captioner.prompts[0] != NEW_PROMPT and NEW_PROMPT in captioner.prompts
+        assert daemon.settings.model.max_new_tokens == settings.model.max_new_tokens
+        assert len(loads) == 1
+        messages = path_notify_socket.drain(1.0)
+        reloading = next(i for i, m in enumerate(messages) if m.get("RELOADING") == "1")
+        assert int(messages[reloading]["MONOTONIC_USEC"]) > 0
+        assert any(m.get("READY") == "1" for m in messages[reloading + 1 :])
+
+        # An invalid file changes nothing; the daemon carries on.
+        config.write_text(base + '[[watch]]\ncolour = "blue"\n')
+        assert daemon.reload() is False
+        assert [r.path for r in daemon.settings.watch] == [old, new]
+        config.write_text(base + _roots_toml((old, ""), (new, ""), (tmp_path / "missing", "")))
+        assert daemon.reload() is False  # a new root must pass the start-up check
+        assert daemon.is_ready()
+    assert len(loads) == 1
+
+
+def test_restart_only_settings_are_named_and_kept(tmp_path: Path) -> None:
+    config = write_config(tmp_path, [tmp_path])
+    old = load_settings(config)
+    config.write_text(
+        config.read_text()
+        + '[model]\nmax_new_tokens = 9\n[sidecar]\nextension = ".caption"\nexisting = "only-missing"\n'
+        + "[fetch]\nmax_redirects = 1\n"
+    )
+    new = load_settings(config)
+    assert restart_only_changes(old, new) == ["model.max_new_tokens", "sidecar.extension"]
+    live = live_settings(old, new)
+    assert live.model == old.model and live.sidecar.extension == old.sidecar.extension
+    assert live.sidecar.existing == "only-missing" and live.fetch.max_redirects == 1
+
+
+def test_sighup_reloads_a_daemon_process_instead_of_killing_it(tmp_path: Path) -> None:
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    new.mkdir()
+    config = write_config(tmp_path, [old])
+    proc = spawn_fake_daemon(config, tmp_path / "record", tmp_path / "daemon.log")
+    try:
+        wait_for(lambda: socket_ready(tmp_path / "ctl.sock") or proc.poll() is not None, 60, "the daemon")
+        assert proc.poll() is None
+        config.write_text(config.read_text() + _roots_toml((new, "")))
+        os.kill(proc.pid, signal.SIGHUP)
+        write_unique_png(new / "fresh.png", 1)
+        wait_for(lambda: (new / "fresh.txt").exists() or proc.poll() is not None, 30, "a caption in the new root")
+        assert proc.poll() is None, (tmp_path / "daemon.log").read_text()[-2000:]
+        assert (new / "fresh.txt").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(45)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+    assert rc == 0
+    assert not (tmp_path / "ctl.sock").exists()
