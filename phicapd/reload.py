@@ -3,11 +3,11 @@
 Rules:
 
 * Live: the ``[[watch]]`` roots (added, removed, or changed: prompt, prefix, suffix, patterns,
-  ``existing``, ``recursive``, ``poll``), ``[sidecar] existing``, ``[fetch]`` and ``[log] level``.
-  The model stays loaded.
+  ``existing``, ``recursive``, ``poll``), ``[sidecar] existing``, ``[fetch]``, ``[log] level``
+  and ``[scheduler]`` but for ``decode_workers``. The model stays loaded.
 * Everything else needs a restart: ``[model]`` (the loaded weights and their prompt), the control
   socket, the journal's directory, the decoders' ``[imaging]`` limits, ``[watcher]`` timings,
-  ``[scheduler]`` (its pools and journal limits are sized at start), ``[sidecar] extension`` (every
+  ``[scheduler] decode_workers`` (the pools are sized at start), ``[sidecar] extension`` (every
   existing sidecar's name) and ``[log] format``. Such a change is kept out of the running
   settings and named in the log, so the file and the daemon differ only until that restart.
 * A file that does not load (syntax, unknown key, bad value) changes nothing at all.
@@ -18,7 +18,16 @@ from __future__ import annotations
 from phicapd.config import Settings
 
 #: Sections (or ``section.key``) that only a restart applies.
-RESTART_ONLY = ("model", "control", "state", "imaging", "watcher", "scheduler", "sidecar.extension", "log.format")
+RESTART_ONLY = (
+    "model",
+    "control",
+    "state",
+    "imaging",
+    "watcher",
+    "scheduler.decode_workers",
+    "sidecar.extension",
+    "log.format",
+)
 
 
 def restart_only_changes(old: Settings, new: Settings) -> list[str]:
@@ -46,7 +55,7 @@ def live_settings(old: Settings, new: Settings) -> Settings:
             "state": old.state,
             "imaging": old.imaging,
             "watcher": old.watcher,
-            "scheduler": old.scheduler,
+            "scheduler": new.scheduler.model_copy(update={"decode_workers": old.scheduler.decode_workers}),
             "sidecar": new.sidecar.model_copy(update={"extension": old.sidecar.extension}),
             "log": new.log.model_copy(update={"format": old.log.format}),
         }

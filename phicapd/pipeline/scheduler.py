@@ -614,6 +614,12 @@ class Scheduler:
         self.settings = settings
         self.writer.settings = settings
         self._roots = {r.path: r for r in settings.watch}
+        if self.streams:
+            self.reserve = min(settings.scheduler.interactive_slots, self.max_batch - 1)
+        self.prefetch = max(settings.scheduler.prefetch, self.max_batch)
+        self.window = settings.scheduler.batch_window_ms / 1000.0
+        self.store.max_attempts = settings.scheduler.max_attempts
+        self.store.backoff_seconds = settings.scheduler.retry_backoff_seconds
 
     def healthy(self, stall_seconds: float) -> bool:
         """False when the model call has hung (a stuck CUDA kernel) or the worker thread died."""

@@ -61,7 +61,7 @@ def test_sighup_style_reload_adds_a_root_and_changes_a_prompt_with_the_model_loa
         wait_for(lambda: is_settled(daemon) and (old / "before.txt").exists(), 30, "a caption before the reload")
         path_notify_socket.drain(0.2)
 
-        base = config.read_text().split("[[watch]]")[0]
+        base = config.read_text().split("[[watch]]")[0].replace("[scheduler]\n", "[scheduler]\nmax_attempts = 5\n")
         config.write_text(
             base
             + _roots_toml((old, f'prompt = "{NEW_PROMPT}"\nprefix = "alt: "'), (new, ""))
@@ -81,6 +81,7 @@ def test_sighup_style_reload_adds_a_root_and_changes_a_prompt_with_the_model_loa
         assert not (old / "before.txt").read_text().startswith("alt: ")
         assert captioner.prompts[0] != NEW_PROMPT and NEW_PROMPT in captioner.prompts
         assert daemon.settings.model.max_new_tokens == settings.model.max_new_tokens
+        assert daemon.store.max_attempts == 5
         assert len(loads) == 1
         messages = path_notify_socket.drain(1.0)
         reloading = next(i for i, m in enumerate(messages) if m.get("RELOADING") == "1")
@@ -101,14 +102,16 @@ def test_restart_only_settings_are_named_and_kept(tmp_path: Path) -> None:
     config = write_config(tmp_path, [tmp_path])
     old = load_settings(config)
     config.write_text(
-        config.read_text()
+        config.read_text().replace("[scheduler]\n", "[scheduler]\ndecode_workers = 7\ninteractive_slots = 3\n")
         + '[model]\nmax_new_tokens = 9\n[sidecar]\nextension = ".caption"\nexisting = "only-missing"\n'
         + "[fetch]\nmax_redirects = 1\n"
     )
     new = load_settings(config)
-    assert restart_only_changes(old, new) == ["model.max_new_tokens", "sidecar.extension"]
+    assert restart_only_changes(old, new) == ["model.max_new_tokens", "scheduler.decode_workers", "sidecar.extension"]
     live = live_settings(old, new)
     assert live.model == old.model and live.sidecar.extension == old.sidecar.extension
+    assert live.scheduler.decode_workers == old.scheduler.decode_workers
+    assert live.scheduler.interactive_slots == 3
     assert live.sidecar.existing == "only-missing" and live.fetch.max_redirects == 1
 
 
