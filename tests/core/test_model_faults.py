@@ -4,6 +4,7 @@ instead of parking its backlog as failed, and the images on the model count an a
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -62,10 +63,16 @@ def test_a_broken_model_exits_for_a_restart_without_failing_the_backlog(
 ) -> None:
     root = tmp_path / "in"
     root.mkdir()
+    settled = time.time() - 60
     for i in range(60):
         write_unique_png(root / f"b{i:02d}.png", i)
+        os.utime(root / f"b{i:02d}.png", (settled, settled))
     fake = BreaksAfter(10, failure, max_batch=4)
     settings = settings_for(tmp_path, [root], extra="[model]\nmax_batch = 4\n")
+    # The counts below need full batches of 4: every image is queued by the start-up scan at once
+    # (none is young enough to be deferred), and a batch waits for its decodes (not 5 ms of them:
+    # a busy CPU decodes slower, and a batch of 3 would break the model after 7 images, not 8).
+    settings.scheduler.batch_window_ms = 30_000
     with running_daemon(settings, fake, rc=EX_SOFTWARE) as daemon:
         wait_for(lambda: daemon.scheduler.broken is not None, 30, "the breaker")
         assert not daemon.healthy()
