@@ -122,6 +122,16 @@ class Failure:
     retryable: bool
 
 
+def _claim(db: sqlite3.Connection, claims: Iterable[tuple[Path, str]]) -> None:
+    """The callers named each sidecar with the claims they read (``SiblingIndex``), so a claim
+    this replaces, on the same base or for the same image, is one that no longer binds (its
+    image is gone)."""
+    db.executemany(
+        "INSERT OR REPLACE INTO sidecars (dir, base, image) VALUES (?, ?, ?)",
+        [(str(image.parent), base, image.name) for image, base in claims],
+    )
+
+
 def _row_to_job(row: sqlite3.Row) -> Job:
     fp = None
     if row["size"] is not None:
@@ -327,10 +337,7 @@ class JobStore:
         now = self._clock()
         parked: list[Job] = []
         with self._tx() as db:
-            db.executemany(
-                "INSERT OR REPLACE INTO sidecars (dir, base, image) VALUES (?, ?, ?)",
-                [(str(image.parent), base, image.name) for image, base in claims],
-            )
+            _claim(db, claims)
             db.executemany(
                 "UPDATE jobs SET state = 'done', force = 0, error_code = NULL, error_message = NULL, updated_at = ?"
                 " WHERE id = ?",
@@ -393,19 +400,11 @@ class JobStore:
 
     # -- sidecar claims ------------------------------------------------------------------------
 
-    def claim_sidecars(self, claims: Iterable[tuple[Path, str]], *, displace: bool = True) -> None:
-        """Record that the sidecar base ``base`` belongs to ``image``, for each (image, base).
-
-        The callers named the sidecar with the claims they read (``SiblingIndex``), so a claim
-        they displace is one that no longer binds (its image is gone); ``displace=False`` keeps
-        every existing claim on the base or the image instead.
-        """
-        rows = [(str(image.parent), base, image.name) for image, base in claims]
-        if not rows:
-            return
-        verb = "INSERT OR REPLACE" if displace else "INSERT OR IGNORE"
-        with self._tx() as db:
-            db.executemany(f"{verb} INTO sidecars (dir, base, image) VALUES (?, ?, ?)", rows)
+    def claim_sidecars(self, claims: Sequence[tuple[Path, str]]) -> None:
+        """Record that the sidecar base ``base`` belongs to ``image``, for each (image, base)."""
+        if claims:
+            with self._tx() as db:
+                _claim(db, claims)
 
     def drop_claims(self, directory: Path, images: Iterable[str]) -> None:
         """Forget the claims of images that are gone from ``directory``."""

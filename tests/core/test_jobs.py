@@ -134,14 +134,16 @@ def test_sidecar_claims_bind_one_name_to_one_image_and_go_with_it(tmp_path: Path
     store = JobStore(tmp_path / "j.db")
     d = tmp_path / "photos"
     store.claim_sidecars([(d / "photo.png", "photo")])
-    # Without displacing, neither the name nor the image changes hands.
-    store.claim_sidecars([(d / "photo.jpg", "photo"), (d / "photo.png", "photo.png")], displace=False)
     assert store.claims_in(d) == {"photo.png": "photo"}
     store.claim_sidecars([(d / "photo.jpg", "photo.jpg"), (d / "other.jpg", "other")])
     assert store.claims_near(d / "photo.gif") == {"photo.png": "photo", "photo.jpg": "photo.jpg"}
     assert store.claims_in(tmp_path) == {}
     store.forget(d / "photo.png")  # the image is gone: its name is free again
     assert store.claims_in(d) == {"photo.jpg": "photo.jpg", "other.jpg": "other"}
+    # One name, one image: a claim on a taken base or for a claimed image replaces the old one
+    # (callers claim only names that the claims they read left free).
+    store.claim_sidecars([(d / "new.jpg", "other"), (d / "photo.jpg", "photo")])
+    assert store.claims_in(d) == {"photo.jpg": "photo", "new.jpg": "other"}
 
 
 def test_a_version_1_journal_gains_the_claims_table(tmp_path: Path) -> None:
