@@ -21,6 +21,7 @@ from phicapd.errors import ConfigError
 IMAGE_TAG = re.compile(r"<\|image_(\d+)\|>")
 END_OF_TURN = "<|end|>"
 END_OF_TEXT = "<|endoftext|>"
+ASSISTANT = "<|assistant|>"
 
 
 def build_prompt(user_text: str, num_images: int = 1) -> str:
@@ -45,6 +46,7 @@ class Phi3VTokenizer:
         self.end_id = self._required(END_OF_TURN)
         self.eos_id = self._required(special.get("eos_token") or END_OF_TEXT)
         self.pad_id = self._required(special.get("pad_token") or special.get("eos_token") or END_OF_TEXT)
+        self.assistant_id = self._tok.token_to_id(ASSISTANT)
         self._add_bos = add_bos
         # Whether tokenizer.json's post-processor already adds BOS (the real one does).
         self._auto_bos = self._tok.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
@@ -74,8 +76,13 @@ class Phi3VTokenizer:
 
     @property
     def stop_ids(self) -> frozenset[int]:
-        """Generation ends on end-of-turn or end-of-text."""
-        return frozenset({self.end_id, self.eos_id})
+        """Generation ends on end-of-turn, end-of-text, or a new assistant turn (32007, 32000,
+        32001: the stop set of the reference harnesses, phi3v.md "Generation"); a model that
+        starts a second turn instead of ending its first must not caption the rest of it."""
+        ids = {self.end_id, self.eos_id}
+        if self.assistant_id is not None:
+            ids.add(self.assistant_id)
+        return frozenset(ids)
 
     def token_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

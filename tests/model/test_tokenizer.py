@@ -46,7 +46,7 @@ def test_image_tags_must_match_the_images_in_order(tiny_tokenizer: Phi3VTokenize
 def test_special_token_ids_come_from_the_tokenizer(tiny_checkpoint, tiny_tokenizer: Phi3VTokenizer):
     raw = json.loads((tiny_checkpoint / "tokenizer.json").read_text())
     added = {t["content"]: t["id"] for t in raw["added_tokens"]}
-    assert tiny_tokenizer.stop_ids == {added["<|end|>"], added["<|endoftext|>"]}
+    assert tiny_tokenizer.stop_ids == {added["<|end|>"], added["<|endoftext|>"], added["<|assistant|>"]}
     assert tiny_tokenizer.pad_id == added["<|endoftext|>"]
     assert tiny_tokenizer.bos_id == added["<s>"] == 1
     # The tiny vocabulary is small, so nothing may assume Microsoft's 32000+ ids.
