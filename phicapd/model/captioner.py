@@ -90,6 +90,7 @@ class Phi3VCaptioner:
         self._typical_ctx: int | None = None
         self._crop_dtype = model.vision_tower.dtype
         cuda = model.device.type == "cuda"
+        self._pin = cuda  # crops in page-locked memory: an asynchronous copy in the prefill
         self._max_batch = settings.max_batch or (GPU_MAX_BATCH if cuda else CPU_MAX_BATCH)
         self.engine = GenerationEngine(model, max_slots=self._max_batch, compile=cuda and settings.compile)
 
@@ -114,7 +115,7 @@ class Phi3VCaptioner:
         # The crops in the vision tower's dtype already: CLIP casts its input to its weights'
         # dtype first thing, so this is the same rounding, done off the GPU thread, and bf16
         # halves what the GPU thread concatenates and copies to the device.
-        return preprocess_image(image, num_crops, self._crop_dtype)
+        return preprocess_image(image, num_crops, self._crop_dtype, pin_memory=self._pin)
 
     def caption(self, batch: Sequence[CaptionRequest]) -> list[Caption]:
         if not batch:

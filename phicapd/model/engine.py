@@ -14,9 +14,15 @@ How one ``run`` goes (``generate`` is ``run`` over a fixed list):
    directly in their slots.
 3. Decode: one token for every active row per step. Rows keep their own positions (no left
    padding); the step writes each row's new key/value at its position and attends over its slot
-   with a ``position >= key index`` mask, so the shapes never change. On CUDA the step is
-   captured once per (rows, ctx) into a CUDA graph (optionally ``torch.compile``d first) and
-   replayed; on the CPU it runs eagerly.
+   with a ``position >= key index`` mask (``decode_attention``: FlexAttention reading only each
+   row's own blocks when compiled, masked SDPA over a span otherwise), so the shapes never
+   change. The step also takes the greedy argmax, so the host copies B ids, not B x vocab logits.
+   On CUDA the step is captured once per (rows, ctx) into a CUDA graph and replayed; on the CPU
+   it runs eagerly.
+   ``torch.compile`` (the CUDA default) compiles the step once, before the first caption, with
+   the rows and cache-length dimensions symbolic: every bucket and every context length the run
+   can take reuse that code, so nothing compiles while rows are waiting, and each captured
+   bucket is checked against the eager step once.
 4. A row that stops (stop token or budget) is handed to ``Feed.done`` at once and leaves; the
    last active row moves into its slot so the active rows stay a prefix and the step runs on
    the smallest captured bucket.
@@ -45,8 +51,9 @@ import torch
 import torch.nn.functional as F
 from transformers import Phi3Config, Phi3ForCausalLM
 
+from phicapd.model import decode_attention
 from phicapd.model.generation import SamplingConfig, select_next
-from phicapd.model.modeling import Phi3VForCausalLM
+from phicapd.model.modeling import Phi3VForCausalLM, upload
 from phicapd.model.processing import ProcessedImage
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,10 @@ SPANS = 4  # a decode step attends over the first 1/4, 2/4, 3/4 or all of the ca
 CUDA_WORKSPACE = 3 << 30  # bytes left free beside the KV pool for prefill, CLIP and graph pools
 CUDA_MEMORY_FRACTION = 0.92  # of the free memory the pool + workspace may use
 COMPILED_AGREEMENT = 0.999  # least cosine similarity of compiled and eager logits, per row
+# Graphs dynamo may keep for the decode step. With symbolic rows and ctx the daemon's shapes need
+# two (one row is always specialised, "0/1 specialisation"); the margin keeps a guard we did not
+# foresee from hitting torch's default of 8, after which it silently stops compiling for good.
+RECOMPILE_LIMIT = 64
 REGROW_SECONDS = 600.0  # after this long without another out-of-memory error, shrunk limits are restored
 
 
@@ -129,6 +140,7 @@ class _Graph:
     positions: torch.Tensor
     long_rope: torch.Tensor
     logits: torch.Tensor
+    greedy: torch.Tensor  # argmax of ``logits``, computed inside the graph
 
 
 class KVPool:
@@ -179,12 +191,17 @@ class GenerationEngine:
         compile: bool = False,
         compile_backend: str | Callable[..., Any] = "inductor",
         pool_tokens: int | None = None,
+        attention: str | None = None,
+        dynamic_rows: bool | None = None,
     ) -> None:
         """``cuda_graphs`` defaults to "on a CUDA device"; ``pad_to_bucket`` (default: with graphs)
         runs decode steps at the bucket sizes graphs are captured for; ``compile`` wraps the decode step in
         ``torch.compile`` (on CUDA before capture; the CPU accepts it too, for testing the trace).
         ``pool_tokens`` fixes the KV pool size; by default it is sized from free memory on CUDA
-        and grown on demand on the CPU."""
+        and grown on demand on the CPU. ``attention`` is the decode attention
+        (``decode_attention.KINDS``); by default ``flex`` when compiling, ``sdpa`` otherwise.
+        ``dynamic_rows`` compiles one step for every row count (default: on CUDA); without it,
+        each bucket compiles on its own and decode steps run at bucket sizes."""
         self.model = model
         self.lm: Phi3ForCausalLM = model.language_model
         c = self.lm.config
@@ -204,12 +221,20 @@ class GenerationEngine:
         self.pad_to_bucket = self.cuda_graphs if pad_to_bucket is None else pad_to_bucket
         self.compile = compile
         self.compile_backend = compile_backend
+        self.attention = attention or ("flex" if compile else "sdpa")
+        if self.attention not in decode_attention.KINDS:
+            raise ValueError(f"attention must be one of {decode_attention.KINDS}, not {self.attention!r}")
+        self.dynamic_rows = self.device.type == "cuda" if dynamic_rows is None else dynamic_rows
+        if compile and not self.dynamic_rows:
+            self.pad_to_bucket = True  # a compile per bucket, not per row count
         self._pool_tokens = pool_tokens
         self.pool: KVPool | None = None
         self._tables: dict[int, tuple[torch.Tensor, ...]] = {}
         self._graphs: collections.OrderedDict[tuple[int, int, int], _Graph] = collections.OrderedDict()
-        self._step: Callable[..., torch.Tensor] = self._decode_step
+        self._step: Callable[..., tuple[torch.Tensor, torch.Tensor]] = self._decode_step
         if compile:
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
             self._step = torch.compile(self._decode_step, backend=compile_backend, fullgraph=True)
         self.stats: dict[str, Any] = {}
         self.reset_stats()
@@ -376,7 +401,7 @@ class GenerationEngine:
         """
         g, t, _ = embeds.shape
         cos_s, sin_s, cos_l, sin_l = self.tables(kv.shape[4])
-        use_long = torch.tensor(long_rope, device=self.device)[:, None, None]
+        use_long = upload(torch.tensor(long_rope), self.device)[:, None, None]
         cos = torch.where(use_long, cos_l[:t], cos_s[:t])[:, None]  # [G, 1, T, D]
         sin = torch.where(use_long, sin_l[:t], sin_s[:t])[:, None]
         x = embeds
@@ -386,7 +411,7 @@ class GenerationEngine:
             kv[i, 0, slots, :, :t] = k
             kv[i, 1, slots, :, :t] = v
             x = self._finish_layer(layer, x, F.scaled_dot_product_attention(q, k, v, is_causal=True))
-        last = torch.tensor([n - 1 for n in lengths], device=self.device)
+        last = upload(torch.tensor([n - 1 for n in lengths]), self.device)
         return self._logits(x[torch.arange(g, device=self.device), last])
 
     def _decode_step(
@@ -399,9 +424,9 @@ class GenerationEngine:
         sin_s: torch.Tensor,
         cos_l: torch.Tensor,
         sin_l: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per slot: tokens/positions/long_rope [B]; ``caches`` K, V, K, V, ... per layer,
-        each [B, heads, span, D] (``_caches``).
+        each [B, heads, span, D] (``_caches``). Returns the logits [B, V] and their argmax [B].
 
         Each layer's K and V come as tensors of their own, not as views of one pool tensor:
         torch.compile then writes the new entries in place, where views of a single input made
@@ -412,11 +437,10 @@ class GenerationEngine:
         pick = long_rope[:, None]
         cos = torch.where(pick, cos_l[positions], cos_s[positions])[:, None, None]  # [B, 1, 1, D]
         sin = torch.where(pick, sin_l[positions], sin_s[positions])[:, None, None]
-        visible = torch.arange(ctx, device=tokens.device)[None] <= positions[:, None]  # [B, ctx]
-        # Additive, in the activations' dtype, once per step: SDPA would convert a bool mask
-        # to this in each of the layers.
-        mask = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill(~visible, float("-inf"))
-        mask = mask[:, None, None]  # [B, 1, 1, ctx]
+        if self.attention == "flex":
+            mask: Any = decode_attention.flex_mask(positions, ctx)
+        else:
+            mask = decode_attention.sdpa_mask(positions, ctx, x.dtype)
         rows = torch.arange(b, device=tokens.device)
         for i, layer in enumerate(self.lm.model.layers):
             q, k, v = self._qkv(layer, x)
@@ -424,43 +448,102 @@ class GenerationEngine:
             k_cache, v_cache = caches[2 * i], caches[2 * i + 1]
             k_cache[rows, :, positions] = k[:, :, 0]
             v_cache[rows, :, positions] = v[:, :, 0]
-            x = self._finish_layer(layer, x, F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask))
-        return self._logits(x[:, 0])
+            x = self._finish_layer(layer, x, decode_attention.attend(q, k_cache, v_cache, mask))
+        logits = self._logits(x[:, 0])
+        return logits, logits.argmax(-1)
 
     # -- CUDA graphs ------------------------------------------------------------------------
 
     def _graph(self, rows: int, ctx: int, span: int) -> _Graph:
+        """The captured step for (rows, ctx, span), captured (and, compiled, checked) on first use.
+
+        A compiled step that fails to capture or disagrees with the eager one degrades the
+        compile (``_degrade``) and is captured again. Out of memory while capturing is raised
+        like any other out-of-memory error, so the caller retries with fewer rows (then fewer
+        crops); it says nothing about the compiler.
+        """
         key = (rows, ctx, span)
         if key in self._graphs:
             self._graphs.move_to_end(key)
             return self._graphs[key]
-        failed = False
-        try:
-            entry = self._capture(rows, ctx, span)
-        except Exception as e:
-            if not self.compile:
+        while True:
+            compiled = self.compile
+            entry: _Graph | None = None
+            try:
+                entry = self._capture(rows, ctx, span)
+            except torch.OutOfMemoryError:
                 raise
-            # A compiler failure (or a compiled graph too big for the memory left) must not take
-            # the daemon down: capture the eager step instead, whose graphs need a few MB.
-            log.exception(
-                "compiling the decode step failed%s; using CUDA graphs of the eager step",
-                " (out of memory)" if isinstance(e, torch.OutOfMemoryError) else "",
-            )
-            failed = True
-        if failed:
-            # Outside the handler: its traceback would keep the failed capture's memory alive.
-            self._stop_compiling()
-            torch.cuda.empty_cache()
-            entry = self._capture(rows, ctx, span)
+            except Exception:
+                if not compiled:
+                    raise
+                log.exception("capturing the compiled decode step failed")
+            if entry is not None and compiled:
+                entry = self._checked(entry, rows, ctx, span)
+            elif entry is None:
+                self._degrade()
+                torch.cuda.empty_cache()  # outside the handler: its traceback held the failed capture
+            if entry is not None:
+                break
         self._graphs[key] = entry
         while len(self._graphs) > GRAPH_CACHE:
             self._graphs.popitem(last=False)
         return entry
 
-    def _stop_compiling(self) -> None:
-        """Decode with the eager step from now on; graphs captured from the compiled one go."""
-        self.compile, self._step = False, self._decode_step
+    def _checked(self, entry: _Graph, rows: int, ctx: int, span: int) -> _Graph | None:
+        """``entry`` if its replay gives the eager step's logits, else None (compile degraded)."""
+
+        def replay(tokens: torch.Tensor, positions: torch.Tensor, long_rope: torch.Tensor, *_: Any) -> Any:
+            entry.tokens.copy_(tokens)
+            entry.positions.copy_(positions)
+            entry.long_rope.copy_(long_rope)
+            entry.graph.replay()
+            return entry.logits, entry.greedy
+
+        return entry if self._agrees(replay, rows, ctx, span, what=f"the captured {rows}-row step") else None
+
+    def _degrade(self) -> None:
+        """After a compiled step failed or disagreed: one step down, never a crash.
+
+        Symbolic rows -> one compile per row bucket (a compiler may not handle a symbolic batch
+        in every kernel; torch's CPU FlexAttention template does not) -> the eager step, which
+        attends with SDPA (eager FlexAttention materialises every score).
+        """
+        if self.compile and self.dynamic_rows:
+            log.warning("compiling the decode step for any row count failed; compiling each row bucket instead")
+            self.dynamic_rows, self.pad_to_bucket = False, True
+            return
+        log.warning("decoding without torch.compile")
+        self.compile, self._step, self.attention = False, self._decode_step, "sdpa"
         self._graphs.clear()
+
+    def _step_args(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        long_rope: torch.Tensor,
+        caches: list[torch.Tensor],
+        ctx: int,
+    ) -> tuple[Any, ...]:
+        """The decode step's arguments; compiled, with the cache length (and rows) marked symbolic.
+
+        One compiled step then serves every context length the run can take, and every bucket
+        with ``dynamic_rows`` (one row is specialised by torch anyway; without it, one compile per
+        bucket, all in ``warm_up``): a new shape during a run replays a graph capture, never a
+        compile, and torch's recompile limit is never in reach.
+        """
+        tables = self.tables(ctx)
+        if self.compile:
+            # Rows: symbolic, or pinned per bucket so dynamo's automatic dynamic shapes cannot
+            # make them symbolic behind our back.
+            rows = torch._dynamo.maybe_mark_dynamic if self.dynamic_rows else torch._dynamo.mark_static
+            for t in (tokens, positions, long_rope, *caches):
+                if t.shape[0] > 1:
+                    rows(t, 0)
+            for t in caches:
+                torch._dynamo.maybe_mark_dynamic(t, 2)
+            for t in tables:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        return (tokens, positions, long_rope, caches, *tables)
 
     def _probe_inputs(self, rows: int, ctx: int, span: int, tokens: torch.Tensor) -> tuple[Any, ...]:
         """Decode-step arguments for a step outside the generation loop (capture, checks).
@@ -473,7 +556,7 @@ class GenerationEngine:
         positions = torch.full((rows,), span - 1, dtype=torch.long, device=self.device)
         long_rope = torch.zeros(rows, dtype=torch.bool, device=self.device)
         caches = self._caches(self.pool.view(rows, ctx), rows, span)
-        return (tokens, positions, long_rope, caches, *self.tables(ctx))
+        return self._step_args(tokens, positions, long_rope, caches, ctx)
 
     def _capture(self, rows: int, ctx: int, span: int) -> _Graph:
         args = self._probe_inputs(rows, ctx, span, torch.zeros(rows, dtype=torch.long, device=self.device))
@@ -488,8 +571,8 @@ class GenerationEngine:
         # thread_local: the decode pool and the socket threads may touch CUDA (pinned memory)
         # while a graph is captured mid-run; only this thread's calls must be capturable.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            logits = self._step(*args)
-        return _Graph(graph, tokens, positions, long_rope, logits)
+            logits, greedy = self._step(*args)
+        return _Graph(graph, tokens, positions, long_rope, logits, greedy)
 
     def _caches(self, kv: torch.Tensor, rows: int, span: int) -> list[torch.Tensor]:
         """The decode step's K, V, K, V, ... per layer: the first ``rows`` slots, ``span`` positions."""
@@ -503,9 +586,13 @@ class GenerationEngine:
     def span_for(self, longest: int, ctx: int) -> int:
         """The shortest span that holds a row of ``longest`` tokens plus the one it feeds next.
 
-        A step reads every row's keys up to the span, so rows much shorter than ``ctx`` (a cache
-        sized for the largest image, holding smaller ones) read that much less memory.
+        A masked-SDPA step reads every row's keys up to the span, so rows much shorter than
+        ``ctx`` (a cache sized for the largest image, holding smaller ones) read that much less
+        memory. FlexAttention reads each row's own blocks only: it always takes the whole cache,
+        one shape fewer per bucket.
         """
+        if self.attention == "flex":
+            return ctx
         return next(s for s in self.spans(ctx) if s > longest)
 
     def buckets(self, slots: int) -> list[int]:
@@ -516,8 +603,8 @@ class GenerationEngine:
             n *= 2
         return [*out, slots]
 
-    def _decode(self, rows: list[_Row], tokens: list[int], kv_all: torch.Tensor) -> torch.Tensor:
-        """Next logits [len(rows), V] after feeding ``tokens`` to the active prefix of slots."""
+    def _decode(self, rows: list[_Row], tokens: list[int], kv_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next logits [len(rows), V] and their argmax after feeding ``tokens`` to the active prefix."""
         n, ctx = len(rows), kv_all.shape[4]
         bucket = next(b for b in self.buckets(kv_all.shape[2]) if b >= n) if self.pad_to_bucket else n
         span = self.span_for(max(r.length for r in rows), ctx)
@@ -527,53 +614,80 @@ class GenerationEngine:
         long_rope = [r.long_rope for r in rows] + [False] * pad
         if self.cuda_graphs:
             g = self._graph(bucket, ctx, span)
-            g.tokens.copy_(torch.tensor(tokens))
-            g.positions.copy_(torch.tensor(positions))
-            g.long_rope.copy_(torch.tensor(long_rope))
+            g.tokens.copy_(upload(torch.tensor(tokens), self.device))
+            g.positions.copy_(upload(torch.tensor(positions), self.device))
+            g.long_rope.copy_(upload(torch.tensor(long_rope), self.device))
             g.graph.replay()
-            return g.logits[:n]
-        args = [torch.tensor(x, device=self.device) for x in (tokens, positions, long_rope)]
-        return self._step(*args, self._caches(kv_all, bucket, span), *self.tables(ctx))[:n]
+            return g.logits[:n], g.greedy[:n]
+        inputs = [upload(torch.tensor(x), self.device) for x in (tokens, positions, long_rope)]
+        logits, greedy = self._step(*self._step_args(*inputs, self._caches(kv_all, bucket, span), ctx))
+        return logits[:n], greedy[:n]
 
     def warm_up(self, ctx: int, slots: int) -> None:
-        """Allocate the pool and capture the decode graphs of every bucket and span for ``ctx``
-        ahead of time (with ``compile``, that is also when it compiles)."""
+        """Before the first caption: allocate the pool and, for ``ctx``, compile the decode step
+        (checking every bucket against the eager step) and capture the graph of every bucket.
+
+        Out of memory on the way shrinks the rows, as it would in a run, and starts again.
+        """
+        while True:
+            try:
+                self._warm_up(ctx, slots)
+                return
+            except torch.OutOfMemoryError:
+                self._note_oom("capture", self.max_slots)
+            # Outside the handler: its traceback would keep what failed to fit alive.
+            if not self.shrink():
+                raise torch.OutOfMemoryError(f"out of memory warming up one row of {ctx} tokens")
+            assert self.last_oom is not None
+            self.last_oom.action = f"warming up with at most {self.max_slots} rows"
+            log.warning("out of memory warming up the decode step; %s", self.last_oom.action)
+
+    def _warm_up(self, ctx: int, slots: int) -> None:
         pool = self.ensure_pool(ctx, slots, ctx)
         slots = max(1, min(slots, self.max_slots, pool.tokens // ctx))
-        if self.compile:
-            self._check_compiled(ctx, min(slots, 4))
-        if not self.cuda_graphs:
+        buckets = self.buckets(slots)
+        if self.cuda_graphs:
+            for span in reversed([ctx] if self.attention == "flex" else self.spans(ctx)):
+                for rows in buckets:
+                    self._graph(rows, ctx, span)
             return
-        for span in reversed(self.spans(ctx)):
-            for rows in self.buckets(slots):
-                self._graph(rows, ctx, span)
+        for rows in buckets:  # compiled on the CPU (tests): compile and check what the run will take
+            while self.compile and not self._agrees(self._step, rows, ctx, ctx, what=f"the compiled {rows}-row step"):
+                pass  # degraded one step: try again, until it agrees or compiling is off
 
-    def _check_compiled(self, ctx: int, rows: int) -> None:
-        """Run the compiled step and the eager one on the same inputs before any caption does.
+    def _agrees(self, candidate: Callable[..., Any], rows: int, ctx: int, span: int, *, what: str) -> bool:
+        """Whether ``candidate`` (the compiled step, or a graph of it) gives the eager step's logits.
 
-        A compiler failure, or logits that disagree (a miscompile would caption garbage without
-        an error), turn ``compile`` off: the eager step, captured in CUDA graphs, is slower but
-        right.
+        Run once per bucket before any caption does: a compiler failure, or logits that disagree
+        (a miscompile would caption garbage without an error), ``_degrade`` the compile, down to
+        the eager step, captured in CUDA graphs, slower but right. Out of memory is raised.
         """
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator().manual_seed(rows)
         tokens = torch.randint(0, self.lm.config.vocab_size, (rows,), generator=generator).to(self.device)
-        args = self._probe_inputs(rows, ctx, self.spans(ctx)[-1], tokens)
+        args = self._probe_inputs(rows, ctx, span, tokens)
         try:
-            compiled = self._step(*args).float()
+            compiled = candidate(*args)[0].float()
+        except torch.OutOfMemoryError:
+            raise
         except Exception:
-            log.exception("compiling the decode step failed; decoding without torch.compile")
-            self._stop_compiling()
-            return
-        eager = self._decode_step(*args).float()
+            log.exception("compiling the decode step failed")
+            self._degrade()
+            return False
+        eager = self._reference_step(*args)[0].float()
         agreement = F.cosine_similarity(compiled, eager, dim=-1).min().item()
         if not agreement >= COMPILED_AGREEMENT:  # also catches NaN
-            log.error(
-                "the compiled decode step disagrees with the eager one (cosine %.4f < %.4f); "
-                "decoding without torch.compile",
-                agreement,
-                COMPILED_AGREEMENT,
-            )
-            self._stop_compiling()
+            log.error("%s disagrees with the eager one (cosine %.4f < %.4f)", what, agreement, COMPILED_AGREEMENT)
+            self._degrade()
+            return False
+        return True
+
+    def _reference_step(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The eager decode step with masked SDPA: what compiled steps and their graphs must match."""
+        attention, self.attention = self.attention, "sdpa"
+        try:
+            return self._decode_step(*args)
+        finally:
+            self.attention = attention
 
     # -- the generation loop ----------------------------------------------------------------
 
@@ -679,17 +793,21 @@ class GenerationEngine:
                 retire({first + j for j, (r, t) in enumerate(zip(rows, tokens, strict=True)) if record(r, t)})
                 continue
             try:
-                logits = self._decode(active, pending, kv_all)
+                logits, greedy = self._decode(active, pending, kv_all)
             except torch.OutOfMemoryError:
                 self._note_oom("decode", len(active))
                 raise
             self.stats["decode_steps"] += 1
             self.stats["decode_rows"] += len(active)
+            recomputed = False
             for j, row in enumerate(active):
                 row.length += 1
                 if not row.long_rope and row.length > self.limit:
                     logits[j] = self._recompute(row, kv_all, j)
-            tokens = select_next(logits, sampling).tolist()
+                    recomputed = True
+            # Greedy: the step's own argmax, so the host copies B ids rather than B x vocab logits.
+            chosen = greedy if not sampling.do_sample and not recomputed else select_next(logits, sampling)
+            tokens = chosen.tolist()
             self.stats["decode_s"] += time.perf_counter() - started
             pending = tokens
             retire({j for j, (r, t) in enumerate(zip(active, tokens, strict=True)) if record(r, t)})
@@ -714,7 +832,7 @@ class GenerationEngine:
         ids = torch.zeros((len(reqs), width), dtype=torch.long)
         for j, r in enumerate(reqs):
             ids[j, : lengths[j]] = torch.tensor(list(r.input_ids))
-        embeds = self.model.embed_images(ids.to(self.device), [r.image for r in reqs])
+        embeds = self.model.embed_images(ids, [r.image for r in reqs])  # host ids: no sync there
         long_rope = [n > self.limit for n in lengths]
         slots = torch.arange(first, first + len(reqs), device=self.device)
         logits = self._prefill(embeds, lengths, long_rope, slots, kv_all)

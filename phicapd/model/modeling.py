@@ -55,6 +55,14 @@ def vision_tower_config(config: Phi3VConfig):
     return vision
 
 
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device``: through pinned memory on CUDA, so the copy is queued
+    on the stream instead of making the host wait for it (a pageable copy does)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class Phi3VForCausalLM(nn.Module):
     """Phi-3.5-vision for generation: ``embed`` builds input embeddings, the LM does the rest."""
 
@@ -152,15 +160,23 @@ class Phi3VForCausalLM(nn.Module):
         return self.scatter_features(embeds, image_mask, self.image_features(pixel_values, image_sizes))
 
     def embed_images(self, input_ids: torch.Tensor, images: Sequence[ProcessedImage]) -> torch.Tensor:
-        """``embed`` for preprocessed images, without building the zero-padded pixel tensor."""
-        image_mask = input_ids < 0
-        embeds = self.embed_tokens(input_ids.clamp(min=0))
+        """``embed`` for preprocessed images, without building the zero-padded pixel tensor.
+
+        ``input_ids`` are best given on the host: the placeholder positions are found there, so
+        the GPU thread queues the whole prefill without waiting for the device (a boolean-mask
+        scatter on the device makes the host wait for the mask's count).
+        """
+        ids = input_ids.cpu()
+        where = (ids < 0).nonzero(as_tuple=True)
+        embeds = self.embed_tokens(upload(ids.clamp(min=0), self.device))
         if not images:
             return embeds
-        # Each image to the device, then one concatenation there: no big host-side copy first.
+        # Each image to the device (asynchronously when pinned), then one concatenation there.
         crops = torch.cat([im.crops.to(self.device, non_blocking=True) for im in images])
         features = self.crop_features(crops, [im.grid for im in images])
-        return self.scatter_features(embeds, image_mask, features)
+        if features.shape[0] != where[0].numel():
+            raise ValueError(f"{where[0].numel()} image placeholder tokens but {features.shape[0]} image features")
+        return embeds.index_put(tuple(upload(w, self.device) for w in where), features.to(embeds.dtype))
 
     @staticmethod
     def scatter_features(embeds: torch.Tensor, image_mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:

@@ -110,18 +110,22 @@ def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
     return tensor.div_(255).sub_(mean).div_(std)
 
 
-def preprocess_image(image: Image.Image, num_crops: int, dtype: torch.dtype = torch.float32) -> ProcessedImage:
+def preprocess_image(
+    image: Image.Image, num_crops: int, dtype: torch.dtype = torch.float32, *, pin_memory: bool = False
+) -> ProcessedImage:
     """One image -> global view + tiles (no zero padding slots; ``collate_images`` adds those).
 
     The arithmetic is float32 throughout; ``dtype`` is what the crops are stored in (the vision
-    tower's own, so the one rounding happens here, off the GPU thread).
+    tower's own, so the one rounding happens here, off the GPU thread). ``pin_memory`` (CUDA
+    only) puts them in page-locked memory, so the prefill's copy to the GPU is asynchronous and
+    at full bus speed; torch's caching host allocator reuses those pages image after image.
     """
     if num_crops < 1:
         raise ValueError(f"num_crops must be >= 1, got {num_crops}")
     hd = to_normalized_tensor(hd_transform(image.convert("RGB"), num_crops))
     _, p, q = hd.shape
     h, w = p // CROP, q // CROP
-    crops = torch.empty(1 + h * w, 3, CROP, CROP, dtype=dtype)
+    crops = torch.empty(1 + h * w, 3, CROP, CROP, dtype=dtype, pin_memory=pin_memory)
     # The global view is taken from the normalised, padded HD tensor: bicubic, no antialias, fp32.
     crops[0] = F.interpolate(hd[None], size=(CROP, CROP), mode="bicubic", align_corners=False)[0]
     # Row-major tiles, written straight into place (no intermediate copy).

@@ -269,13 +269,14 @@ def test_warm_up_checks_the_compiled_step_against_the_eager_one(captioner, refer
     compiled = wrong._step
 
     def miscompiled(*args):
-        logits = compiled(*args)
-        return logits.flip(-1)  # plausible-looking numbers, wrong ones
+        logits, _ = compiled(*args)
+        wrong = logits.flip(-1)  # plausible-looking numbers, wrong ones
+        return wrong, wrong.argmax(-1)
 
     wrong._step = miscompiled
     with torch.inference_mode():
         wrong.warm_up(wrong.ctx_for(1000), 4)
-    assert not wrong.compile and wrong._step == wrong._decode_step
+    assert not wrong.compile and wrong._step == wrong._decode_step and wrong.attention == "sdpa"
     assert _run(wrong, requests[:2]) == expected[:2]
 
     def crashing_backend(graph, example_inputs):
