@@ -102,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--batches", default=None, help="comma-separated; default 1,4,8,16,32 (cpu) / 1,8,16,32,48")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step before CUDA-graph capture")
+    ap.add_argument(
+        "--attention",
+        choices=["flex", "sdpa"],
+        default=None,
+        help="decode attention (default: flex when compiling, sdpa otherwise)",
+    )
     ap.add_argument("--baseline-images", type=int, default=None, help="images per batch-1 baseline (default 4/2)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, one per core)")
     ap.add_argument(
@@ -142,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {new} new tokens per image, stop tokens ignored; preprocessing done once, outside the timings")
 
     def embeds() -> tuple[torch.Tensor, torch.Tensor]:
-        input_ids = torch.tensor([ids], device=device)
-        return model.embed_images(input_ids, [image]), torch.ones_like(input_ids)
+        input_ids = torch.tensor([ids])  # on the host, as the engine passes them
+        return model.embed_images(input_ids, [image]), torch.ones_like(input_ids, device=device)
 
     def loop_b1() -> None:
         for _ in range(n_base):
@@ -167,7 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[str] = []
     ctx = GenerationEngine.ctx_for(len(ids) + new)
     engine = GenerationEngine(
-        model, max_slots=max(batches), compile=args.compile, pool_tokens=max(batches) * ctx, prefill_tokens=8192
+        model,
+        max_slots=max(batches),
+        compile=args.compile,
+        attention=args.attention,
+        pool_tokens=max(batches) * ctx,
+        prefill_tokens=8192,
     )
     header = (
         f"{'config':<16} {'images':>6} {'img/s':>9} {'ms/img':>9} {'decode ms/step':>15} {'rows/step':>9}"
@@ -209,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         engine.warm_up(ctx, max(batches))
         engine.generate([request], no_stops)
-        print(f"# warm-up (b{max(batches)}, compile {'on' if args.compile else 'off'}):", end=" ")
+        print(f"# warm-up (b{max(batches)}, {engine.describe()['decode']}, {engine.attention}):", end=" ")
         print(f"{time.perf_counter() - started:.1f} s", flush=True)
         print(header)
         print("-" * len(header), flush=True)
@@ -252,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                 failure(f"engine b{batch}", e)
 
     print()
-    print(f"decode: {engine.describe()['decode']}; KV cache {engine.bytes_per_token} bytes/token, ctx {ctx}")
+    info = engine.describe()
+    kv = f"KV cache {engine.bytes_per_token} bytes/token, ctx {ctx}"
+    print(f"decode: {info['decode']}, {engine.attention} attention; {kv}")
     print(header)
     print("-" * len(header))
     for r in results:

@@ -7,13 +7,15 @@
 # The GPU image already has torch, transformers, safetensors, tokenizers, Pillow and requests;
 # it lacks pydantic(-settings), structlog, watchdog and prometheus_client (and may have an older
 # typing_extensions).
-# `run` fits one 600 s device command (about 560 s in all), each stage under its own timeout,
-# each one run whatever happened to the one before; every log is written as it goes, so a stage
-# that is cut short keeps what it printed:
-#   setup        wheels into /tmp/site, nvidia-smi, the import check   -> $OUT/gpu.txt
-#   engine       engine sweep, full-size random, compile off (200 s)   -> $OUT/engine.txt, engine.json
-#   latency      the daemon's socket latency under a backlog (170 s)   -> $OUT/latency.txt
-#   compile      engine with --compile, if time is left                -> $OUT/engine_compile.txt, .json
+# `run` fits one 600 s device command (about 540 s in all, room to spare), each stage under its
+# own timeout, each one run whatever happened to the one before; every log is written as it goes,
+# so a stage that is cut short keeps what it printed. The decisive figures come first:
+#   setup        wheels into /tmp/site, nvidia-smi, the import check         -> $OUT/gpu.txt
+#   default      the daemon's defaults: compiled, flex attention, batch 32
+#                then 48, beside batch 1 and HF generate (230 s)             -> $OUT/engine_default.txt, .json
+#   eager        the uncompiled sweep, masked SDPA (110 s)                   -> $OUT/engine_eager.txt, .json
+#   latency      caption-file latency idle and under a 400-image backlog,
+#                daemon defaults (compiled), the rest of the time            -> $OUT/latency.txt
 set -u
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -29,7 +31,7 @@ fetch)
 run)
     out=${OUT:-/tmp/phicapd-gpu}
     mkdir -p "$out"
-    total=560 # seconds this script may take in all (the device command's limit is 600)
+    total=540 # seconds this script may take in all (the device command's limit is 600)
     set -o pipefail
     stage() { printf '\n=== [%3d s] %s\n' "$SECONDS" "$*" | tee -a "$out/gpu.txt"; }
     stage "setup: wheels into /tmp/site"
@@ -49,29 +51,24 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee
         exit 3
     fi
 
-    stage "engine: sweep, full-size random, compile off (timeout 200 s)"
-    timeout 200 python3 bench/engine.py --device cuda --full-size-random --json "$out/engine.json" 2>&1 |
-        tee "$out/engine.txt"
-    stage "engine: exit status $?"
+    stage "default: engine compiled, flex attention, batches 1,32,48 + baselines (timeout 230 s)"
+    timeout 230 python3 bench/engine.py --device cuda --full-size-random --compile --batches 1,32,48 \
+        --json "$out/engine_default.json" 2>&1 | tee "$out/engine_default.txt"
+    stage "default: exit status $?"
 
-    stage "latency: daemon under a backlog, compile off (timeout 170 s)"
-    timeout 170 python3 bench/latency.py --full-size-random --device cuda --num-crops 16 --new-tokens 128 \
-        --max-batch 32 --backlog 200 --requests 20 --phase-seconds 45 --no-compile 2>&1 |
-        tee "$out/latency.txt"
-    stage "latency: exit status $?"
+    stage "eager: engine uncompiled, masked SDPA, batches 8,16,32 (timeout 110 s)"
+    timeout 110 python3 bench/engine.py --device cuda --full-size-random --batches 8,16,32 --no-baselines \
+        --json "$out/engine_eager.json" 2>&1 | tee "$out/engine_eager.txt"
+    stage "eager: exit status $?"
 
-    left=$((total - SECONDS - 20))
-    if [ "$left" -ge 90 ]; then
-        # Warm-up compiles one decode graph per bucket (1, 2, 4, ... up to the largest batch),
-        # 45-90 s each at full size: with less than 5 minutes left only batch 1 can finish.
-        batches=1
-        [ "$left" -ge 300 ] && batches=1,32
-        stage "compile: engine --compile --batches $batches (timeout $left s)"
-        timeout "$left" python3 bench/engine.py --device cuda --full-size-random --compile --batches "$batches" \
-            --no-baselines --json "$out/engine_compile.json" 2>&1 | tee "$out/engine_compile.txt"
-        stage "compile: exit status $?"
+    left=$((total - SECONDS - 10))
+    if [ "$left" -ge 100 ]; then
+        stage "latency: daemon defaults (compiled), 400-image backlog (timeout $left s)"
+        timeout "$left" python3 bench/latency.py --full-size-random --device cuda --num-crops 16 --new-tokens 128 \
+            --max-batch 32 --backlog 400 --requests 20 --phase-seconds 40 --compile 2>&1 | tee "$out/latency.txt"
+        stage "latency: exit status $?"
     else
-        stage "compile: skipped, only $left s left"
+        stage "latency: skipped, only $left s left"
     fi
     stage "done"
     ;;

@@ -114,7 +114,7 @@ class _ListFeed:
 @dataclass
 class OomEvent:
     when: float  # time.time()
-    phase: str  # "prefill" / "decode" / "allocate"
+    phase: str  # "prefill" / "decode" / "capture" / "allocate"
     rows: int  # active rows or rows being prefilled
     action: str  # what the captioner did about it
 
@@ -858,6 +858,7 @@ class GenerationEngine:
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {
             "decode": ("cuda-graphs" if self.cuda_graphs else "eager") + ("+compile" if self.compile else ""),
+            "attention": self.attention,
             "max_slots": self.max_slots,
             "kv_bytes_per_token": self.bytes_per_token,
             "kv_pool_tokens": self.pool.tokens if self.pool else 0,
