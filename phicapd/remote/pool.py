@@ -1,8 +1,8 @@
 """The endpoints: each one's adaptive in-flight limit, its circuit breaker and its counters.
 
 * Limit: starts at ``initial_in_flight``; while the endpoint is kept busy and its latency holds
-  (a running average within ``GROW_WHILE`` of the best seen lately) it grows by one per limit's
-  worth of successes, up to ``max_in_flight``. A 429 or 503 halves it and pauses the endpoint
+  (a running average within ``GROW_WHILE`` of the best seen lately) it grows by ``GROW_STEP`` per
+  limit's worth of successes, up to ``max_in_flight``. A 429 or 503 halves it and pauses the endpoint
   for the ``Retry-After`` it gave.
 * Breaker: a refused or dropped connection, or ``failures_to_trip`` server errors in a row, or a
   refused API key, take the endpoint out ("down"); the prober asks ``GET /v1/models`` every
@@ -26,8 +26,12 @@ from phicapd.remote.wire import Http, Kind, RemoteFailure, Target, classify, ser
 
 log = get_logger(__name__)
 
-#: Latency "holds" while the running average is within this factor of the best seen lately.
+#: Latency "holds" while the running average is within this factor of the best seen lately
+#: (plus ``LATENCY_SLACK`` seconds, so that a few milliseconds of jitter on a fast reply do not count).
 GROW_WHILE = 1.5
+LATENCY_SLACK = 0.02
+#: The limit grows by this much per limit's worth of successes at the limit (about two per round trip).
+GROW_STEP = 2.0
 #: Latency samples the "best seen lately" is taken over.
 LATENCY_WINDOW = 64
 
@@ -142,8 +146,9 @@ class Pool:
             avg = seconds if endpoint.latency_avg is None else 0.8 * endpoint.latency_avg + 0.2 * seconds
             endpoint.latency_avg = avg
             endpoint.recent.append(seconds)
-            if saturated and avg <= GROW_WHILE * min(endpoint.recent) and endpoint.limit < self.maximum:
-                endpoint.limit = min(float(self.maximum), endpoint.limit + 1.0 / endpoint.limit)
+            holds = avg <= GROW_WHILE * min(endpoint.recent) + LATENCY_SLACK
+            if saturated and holds and endpoint.limit < self.maximum:
+                endpoint.limit = min(float(self.maximum), endpoint.limit + GROW_STEP / endpoint.limit)
             self.cond.notify_all()
 
     def failed(self, endpoint: Endpoint, failure: RemoteFailure) -> None:
