@@ -383,6 +383,10 @@ def _progress_lines(status: dict[str, Any]) -> list[tuple[str, str]]:
     return [("left", left), ("failures", failed)]
 
 
+def _records(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
 def _loading_reason(status: dict[str, Any]) -> str | None:
     """Why the model is not ready yet (taken out of the table: it is a sentence, not a counter)."""
     model = status.get("model")
@@ -402,7 +406,8 @@ def cmd_status(client: ControlClient, args: argparse.Namespace) -> int:
     # Nested sections (the model's engine counters) get lines of their own.
     for key, value in status.items():
         if isinstance(value, dict):
-            nested = {k: v for k, v in value.items() if isinstance(v, dict)}
+            # ... and so do lists of records (the remote backend's endpoints), one line each.
+            nested = {k: v for k, v in value.items() if isinstance(v, dict) or _records(v)}
             lines.append((key, {k: v for k, v in value.items() if k not in nested}))
             lines += [(f"  {k}", v) for k, v in nested.items()]
         else:
