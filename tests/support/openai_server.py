@@ -23,11 +23,14 @@ import collections
 import contextlib
 import io
 import json
+import os
 import socket
+import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -255,6 +258,20 @@ class _Handler(BaseHTTPRequestHandler):
             "prompt_logprobs": None,
         }
         self._send(200, reply)
+
+
+def spawn(*args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """This server in a process of its own (one a test can kill -9): (process, base URL)."""
+    repo = Path(__file__).resolve().parents[2]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.support.openai_server", *args],
+        cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    port = int(process.stdout.readline())
+    return process, f"http://127.0.0.1:{port}/v1"
 
 
 def main() -> None:
