@@ -422,6 +422,25 @@ def test_status_for_humans_splits_sections_rounds_and_shows_times(
     assert any("at=2026-11-29 10:50:25" in line for line in lines)
 
 
+def test_status_lists_remote_endpoints_one_per_line(
+    sock: Path, backend: FakeBackend, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    status = backend.status
+    endpoints = [
+        {"url": "http://gpu1:8000/v1", "up": True, "in_flight": 7, "limit": 8, "latency_ms": 812.5, "errors": 0},
+        {"url": "http://gpu2:8000/v1", "up": False, "reason": "cannot connect: Connection refused", "errors": 3},
+    ]
+    model = {"backend": "openai", "identity": "openai:phi", "endpoints": endpoints}
+    monkeypatch.setattr(backend, "status", lambda: {**status(), "model": model})
+    assert ctl(sock, "status") == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("model "))
+    assert lines[at].split() == ["model", "backend=openai", "identity=openai:phi"]
+    assert lines[at + 1].split() == ["endpoints", "2", "entries"]
+    assert "url=http://gpu1:8000/v1  up=True  in_flight=7  limit=8  latency_ms=812" in lines[at + 2]
+    assert "up=False  reason=cannot connect: Connection refused  errors=3" in lines[at + 3]
+
+
 @pytest.mark.parametrize(
     ("progress", "left"),
     [
