@@ -103,6 +103,11 @@ def streamer(captioner: Captioner) -> Stream:
     return batches
 
 
+# A backend may also offer ``stopping()``: the scheduler calls it when the daemon stops, so that a
+# stream holding requests it cannot run now (every remote endpoint down) returns them undelivered
+# at once instead of after the drain grace; the scheduler hands their jobs back to the journal.
+
+
 def preparer(captioner: Captioner) -> Callable[[Image.Image], Any] | None:
     """The backend's CPU-side ``prepare(image)`` step (e.g. HD crops), if it has one."""
     prepare = getattr(captioner, "prepare", None)

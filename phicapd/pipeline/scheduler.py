@@ -220,6 +220,9 @@ class Scheduler:
     def stop(self, grace: float = 30.0) -> None:
         """Stop taking work, let the batch on the GPU finish (up to ``grace`` s), hand the rest back."""
         self._stopping.set()
+        stopping = getattr(self.captioner, "stopping", None)
+        if callable(stopping):
+            stopping()  # a backend holding requests it cannot run now (no endpoint up) lets them go
         self._wake_feeder.set()
         with self._cond:
             self._cond.notify_all()

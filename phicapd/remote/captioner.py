@@ -78,6 +78,7 @@ class RemoteCaptioner:
         self._threads = ThreadPoolExecutor(self._max_batch, thread_name_prefix="phicapd-remote")
         self._done: collections.deque[_Done] = collections.deque()
         self._closed = False
+        self._stopping = False
 
     # -- the Captioner seam --------------------------------------------------------------------
 
@@ -107,8 +108,8 @@ class RemoteCaptioner:
             results[id(request)] = outcome
 
         while len(results) < len(batch):
-            if self._closed:
-                raise PhicapError("the remote backend is closed", code="shutting_down", retryable=True)
+            if self._closed or self._stopping:
+                raise PhicapError("the daemon is shutting down", code="shutting_down", retryable=True)
             self.stream(take, deliver)
         outcomes = [results[id(r)] for r in batch]
         for outcome in outcomes:
@@ -141,6 +142,8 @@ class RemoteCaptioner:
                 if self.pool.free() == 0:
                     return
                 continue
+            if self._stopping and in_flight == 0:
+                return  # the daemon stops and nothing is on the wire: what waits goes back to the journal
             new = take(room, idle) if room > 0 else take(0, False)  # room 0: the scheduler's heartbeat
             if idle and not new:
                 return
@@ -231,6 +234,12 @@ class RemoteCaptioner:
         if (reason := self.pool.waiting_reason()) is not None:
             info["waiting"] = reason
         return info
+
+    def stopping(self) -> None:
+        """The daemon stops: requests in flight may finish, those waiting for an endpoint are let go."""
+        self._stopping = True
+        with self.pool.cond:
+            self.pool.cond.notify_all()
 
     def close(self) -> None:
         self._closed = True

@@ -208,3 +208,24 @@ def test_a_wrong_key_stops_the_daemon_with_a_config_error(tmp_path: Path, server
     err = result.stderr.decode()
     assert "the API key was refused" in err and "check api_key_file" in err
     assert "sk-wrong-1234" not in err
+
+
+def test_a_stop_while_every_server_is_down_is_prompt_and_hands_the_jobs_back(
+    tmp_path: Path, servers: list[FakeVLLM]
+) -> None:
+    servers.append(FakeVLLM(latency=0.05).start())
+    root = tmp_path / "inbox"
+    root.mkdir()
+    settings = settings_for(tmp_path, [root], extra=_remote(servers[0].url))
+    with running_daemon(settings, factory=load_model_captioner) as daemon:
+        _drop(root, 60)
+        wait_for(lambda: len(_sidecars(root)) >= 5, 30, "5 sidecars")
+        servers.pop().stop()
+        wait_for(lambda: daemon.status()["state"] == "waiting", 10, "the daemon to say it waits")
+        stopping = time.monotonic()
+    stopped_in = time.monotonic() - stopping
+    rows = _journal(daemon)
+    assert stopped_in < 5  # not the 30 s drain grace
+    assert {r["state"] for r in rows} <= {"done", "pending"}  # nothing left running, nothing failed
+    assert sum(r["state"] == "pending" for r in rows) == 60 - len(_sidecars(root)) > 0
+    assert all(r["attempts"] == 0 for r in rows)
