@@ -309,6 +309,8 @@ def load_remote_captioner(settings: Settings) -> RemoteCaptioner:
         except RemoteFailure as e:
             if e.kind is Kind.AUTH:
                 raise ConfigError(f"[remote] {endpoint.url}: {e}; check api_key_file") from None
+            if e.kind is Kind.TLS:
+                raise ConfigError(f"[remote] {endpoint.url}: {e}; set ca_file, or tls_verify = false") from None
             if e.kind is Kind.MODEL:
                 raise ConfigError(f"[remote] {endpoint.url} {e}: set [remote] model to the served name") from None
             pool.mark_down(endpoint, str(e))

@@ -160,7 +160,7 @@ class Pool:
                 endpoint.limit = max(1.0, endpoint.limit / 2)
                 if failure.retry_after:
                     endpoint.paused_until = max(endpoint.paused_until, time.monotonic() + failure.retry_after)
-            elif failure.kind in (Kind.CONNECT, Kind.AUTH, Kind.MODEL):
+            elif failure.kind in (Kind.CONNECT, Kind.TLS, Kind.AUTH, Kind.MODEL):
                 self._trip(endpoint, str(failure))
             elif failure.kind is Kind.SERVER:
                 endpoint.failures_in_a_row += 1

@@ -36,6 +36,7 @@ class Kind(StrEnum):
     MODEL = "model"  # 404 naming the model: the endpoint serves another one
     SERVER = "server"  # 5xx, a malformed reply, a timeout: counted against endpoint and request
     CONNECT = "connect"  # refused, unreachable, dropped: the endpoint's, the request goes elsewhere
+    TLS = "tls"  # the endpoint's certificate is not trusted: out until it is (ca_file, tls_verify)
 
 
 class RemoteFailure(Exception):
@@ -215,6 +216,9 @@ class Http:
             conn = http.client.HTTPConnection(target.host, target.port, timeout=self.connect_timeout)
         try:
             conn.connect()
+        except ssl.SSLCertVerificationError as e:
+            conn.close()
+            raise RemoteFailure(Kind.TLS, f"its TLS certificate is not trusted: {e.verify_message}") from None
         except ssl.SSLError as e:
             conn.close()
             raise RemoteFailure(Kind.CONNECT, f"TLS handshake failed: {e}") from None

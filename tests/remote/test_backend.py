@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -279,3 +280,31 @@ def test_all_endpoints_down_requests_wait_then_resume(
     worker.join(10)
     assert [x.text for x in results] == [_expected(r) for r in requests]
     assert "waiting" not in c.describe()
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost (openssl), and its key."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    result = subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        capture_output=True,
+    )  # fmt: skip
+    if result.returncode != 0:
+        pytest.skip(f"openssl cannot make a certificate: {result.stderr.decode()[-200:]}")
+    return cert, key
+
+
+def test_tls_is_verified_by_default(
+    servers: list[FakeVLLM], captioners: list[RemoteCaptioner], certificate: tuple[Path, Path]
+) -> None:
+    s = _server(servers, tls=certificate)
+    assert s.url.startswith("https://localhost:")
+    with pytest.raises(ConfigError) as info:
+        load_remote_captioner(_settings(s.url))
+    assert "TLS certificate is not trusted" in str(info.value) and "ca_file" in str(info.value)
+    trusted = _load(captioners, _settings(s.url, ca_file=certificate[0]))
+    assert len(trusted.caption(_requests(2))) == 2
+    unverified = _load(captioners, _settings(s.url, tls_verify=False))
+    assert len(unverified.caption(_requests(2, 5))) == 2

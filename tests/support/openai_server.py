@@ -25,6 +25,7 @@ import io
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -53,6 +54,7 @@ class FakeVLLM:
         api_key: str | None = None,
         retry_after: str = "1",
         slow_seconds: float = 5.0,
+        tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.model = model
         self.latency = latency
@@ -70,6 +72,12 @@ class FakeVLLM:
         self._connections: set[socket.socket] = set()
         self.httpd = _Server(("127.0.0.1", port), _Handler)
         self.httpd.fake = self
+        self.scheme = "http"
+        if tls is not None:  # (certificate, key): https on the same port
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+            self.scheme = "https"
         self._thread: threading.Thread | None = None
 
     @property
@@ -78,7 +86,11 @@ class FakeVLLM:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return (
+            f"{self.scheme}://localhost:{self.port}/v1"
+            if self.scheme == "https"
+            else f"http://127.0.0.1:{self.port}/v1"
+        )
 
     def start(self) -> FakeVLLM:
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
