@@ -229,3 +229,25 @@ def test_a_stop_while_every_server_is_down_is_prompt_and_hands_the_jobs_back(
     assert {r["state"] for r in rows} <= {"done", "pending"}  # nothing left running, nothing failed
     assert sum(r["state"] == "pending" for r in rows) == 60 - len(_sidecars(root)) > 0
     assert all(r["attempts"] == 0 for r in rows)
+
+
+def test_a_socket_request_goes_ahead_of_the_backlog(tmp_path: Path, servers: list[FakeVLLM]) -> None:
+    servers.append(FakeVLLM(latency=0.2).start())
+    root = tmp_path / "inbox"
+    root.mkdir()
+    extra = _remote(servers[0].url).replace(
+        "initial_in_flight = 4\nmax_in_flight = 8", "initial_in_flight = 4\nmax_in_flight = 4"
+    )
+    settings = settings_for(tmp_path, [root], extra=extra)
+    with running_daemon(settings, factory=load_model_captioner) as daemon:
+        _drop(root, 120)  # 3 rows for the backlog at 0.2 s each: about 8 s of work
+        wait_for(lambda: len(_sidecars(root)) >= 6, 30, "the backlog to be under way")
+        png = io.BytesIO()
+        unique_image(999, (20, 10)).save(png, format="PNG")
+        started = time.monotonic()
+        reply = daemon.caption_bytes(png.getvalue(), name="socket.png", prompt=None, max_new_tokens=None, timeout=10)
+        waited = time.monotonic() - started
+        backlog = daemon.status()["progress"]["backlog"]
+    assert reply.text.startswith("A 20x10 test image")
+    assert backlog > 30  # the backlog was still there
+    assert waited < 0.2 + 0.5  # its own request, not the backlog's 3 s+
