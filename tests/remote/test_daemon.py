@@ -25,12 +25,12 @@ from tests.support.fakes import unique_image, write_unique_png
 from tests.support.openai_server import MODEL, FakeVLLM, spawn
 
 
-def _remote(*urls: str, extra: str = "") -> str:
+def _remote(*urls: str, extra: str = "", limit: int = 8) -> str:
     endpoints = ", ".join(f'"{u}"' for u in urls)
     return (
         '[model]\nbackend = "openai"\n'
         f"[remote]\nendpoints = [{endpoints}]\n"
-        'image_format = "png"\nprobe_interval_seconds = 0.2\ninitial_in_flight = 4\nmax_in_flight = 8\n' + extra
+        f'image_format = "png"\nprobe_interval_seconds = 0.2\ninitial_in_flight = 4\nmax_in_flight = {limit}\n' + extra
     )
 
 
@@ -235,10 +235,7 @@ def test_a_socket_request_goes_ahead_of_the_backlog(tmp_path: Path, servers: lis
     servers.append(FakeVLLM(latency=0.2).start())
     root = tmp_path / "inbox"
     root.mkdir()
-    extra = _remote(servers[0].url).replace(
-        "initial_in_flight = 4\nmax_in_flight = 8", "initial_in_flight = 4\nmax_in_flight = 4"
-    )
-    settings = settings_for(tmp_path, [root], extra=extra)
+    settings = settings_for(tmp_path, [root], extra=_remote(servers[0].url, limit=4))
     with running_daemon(settings, factory=load_model_captioner) as daemon:
         _drop(root, 120)  # 3 rows for the backlog at 0.2 s each: about 8 s of work
         wait_for(lambda: len(_sidecars(root)) >= 6, 30, "the backlog to be under way")
