@@ -350,6 +350,10 @@ class Daemon:
         # never opened or read here (the daemon's user may not even be allowed to). A file under
         # a root gets what the watcher would give it: the root's prompt unless the request names
         # one, and the root's prefix/suffix.
+        waiting = getattr(self.captioner, "waiting", None)
+        if isinstance(waiting, str):
+            # Every remote endpoint is down: say so now rather than after the caption timeout.
+            raise PhicapError(f"no caption can be made now: {waiting}", code="remote_unavailable", retryable=True)
         root = owning_root(path, self.settings.watch) if path is not None else None
         if root is not None and not prompt:
             prompt = self.settings.prompt_for(root)

@@ -52,6 +52,8 @@ IDLE_WAIT_SECONDS = 0.5
 IMAGE_REJECTED = "image_rejected"
 REMOTE_FAILED = "remote_failed"
 REMOTE_REJECTED = "remote_rejected"
+#: A socket request while every endpoint is down: answered at once instead of after the caption timeout.
+REMOTE_UNAVAILABLE = "remote_unavailable"
 
 
 @dataclass(slots=True)
@@ -231,9 +233,14 @@ class RemoteCaptioner:
             "endpoints_up": sum(1 for e in endpoints if e["up"]),
             "endpoints": endpoints,
         }
-        if (reason := self.pool.waiting_reason()) is not None:
+        if (reason := self.waiting) is not None:
             info["waiting"] = reason
         return info
+
+    @property
+    def waiting(self) -> str | None:
+        """Why no request can be sent now (every endpoint down), or None."""
+        return self.pool.waiting_reason()
 
     def stopping(self) -> None:
         """The daemon stops: requests in flight may finish, those waiting for an endpoint are let go."""

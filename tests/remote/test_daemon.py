@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from phicapd.errors import PhicapError
 from phicapd.service import Daemon, load_model_captioner
 from tests.support.daemon import REPO, is_settled, running_daemon, settings_for, wait_for, write_config
 from tests.support.fakes import unique_image, write_unique_png
@@ -142,6 +143,12 @@ def test_all_servers_down_then_back_every_image_captioned_none_parked(tmp_path: 
         servers.clear()
         wait_for(lambda: daemon.status()["state"] == "waiting", 10, "the daemon to say it waits")
         down_at = len(_sidecars(root))
+        png = io.BytesIO()
+        unique_image(999, (20, 10)).save(png, format="PNG")
+        with pytest.raises(PhicapError) as info:  # a socket request is told at once
+            daemon.caption_bytes(png.getvalue(), name="socket.png", prompt=None, max_new_tokens=None, timeout=10)
+        assert info.value.code == "remote_unavailable" and info.value.retryable
+        assert "all endpoints are down" in str(info.value)
         started = time.monotonic()
         while time.monotonic() - started < outage:
             status = daemon.status()
