@@ -4,8 +4,9 @@
   (a running average within ``GROW_WHILE`` of the best seen lately) it grows by ``GROW_STEP`` per
   limit's worth of successes, up to ``max_in_flight``. A 429 or 503 halves it and pauses the endpoint
   for the ``Retry-After`` it gave.
-* Breaker: a refused or dropped connection, or ``failures_to_trip`` server errors in a row, or a
-  refused API key, take the endpoint out ("down"); the prober asks ``GET /v1/models`` every
+* Breaker: a refused connection, an untrusted certificate, a refused API key or another served
+  model, or ``failures_to_trip`` server errors or dropped connections in a row, take the endpoint
+  out ("down"); the prober asks ``GET /v1/models`` every
   ``probe_interval_seconds`` and lets it back in, with its limit starting over, once it answers
   and serves the configured model.
 
@@ -93,6 +94,7 @@ class Pool:
 
     def close(self) -> None:
         self._closed.set()
+        self.http.abort()
         with self.cond:
             self.cond.notify_all()
 
@@ -162,10 +164,10 @@ class Pool:
                     endpoint.paused_until = max(endpoint.paused_until, time.monotonic() + failure.retry_after)
             elif failure.kind in (Kind.CONNECT, Kind.TLS, Kind.AUTH, Kind.MODEL):
                 self._trip(endpoint, str(failure))
-            elif failure.kind is Kind.SERVER:
+            elif failure.kind in (Kind.SERVER, Kind.DROPPED):
                 endpoint.failures_in_a_row += 1
                 if endpoint.failures_in_a_row >= self.failures_to_trip:
-                    self._trip(endpoint, f"{endpoint.failures_in_a_row} server errors in a row, the last: {failure}")
+                    self._trip(endpoint, f"{endpoint.failures_in_a_row} failures in a row, the last: {failure}")
             else:
                 endpoint.failures_in_a_row = 0  # a 4xx is an answer: the server is up
             self.cond.notify_all()

@@ -10,6 +10,7 @@ error, never a "bad image").
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import http.client
 import json
@@ -35,7 +36,8 @@ class Kind(StrEnum):
     AUTH = "auth"  # 401 / 403: the API key; the endpoint is out until it takes it
     MODEL = "model"  # 404 naming the model: the endpoint serves another one
     SERVER = "server"  # 5xx, a malformed reply, a timeout: counted against endpoint and request
-    CONNECT = "connect"  # refused, unreachable, dropped: the endpoint's, the request goes elsewhere
+    CONNECT = "connect"  # refused, unreachable: the endpoint's, the request goes elsewhere
+    DROPPED = "dropped"  # the connection broke before the reply: the endpoint's, sent again
     TLS = "tls"  # the endpoint's certificate is not trusted: out until it is (ca_file, tls_verify)
 
 
@@ -201,6 +203,8 @@ class Http:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._ssl = ssl_context
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: set[http.client.HTTPConnection] = set()  # every thread's, for abort()
 
     def _connection(self, target: Target) -> tuple[http.client.HTTPConnection, bool]:
         """(connection, reused)."""
@@ -228,18 +232,20 @@ class Http:
         assert conn.sock is not None
         conn.sock.settimeout(self.timeout)  # every read after the connect: the server's answer
         conns[target.url] = conn
+        with self._lock:
+            self._open.add(conn)
         return conn, False
 
     def _drop(self, target: Target) -> None:
         conns: dict[str, http.client.HTTPConnection] = self._local.__dict__.setdefault("conns", {})
         conn = conns.pop(target.url, None)
         if conn is not None:
-            conn.close()
+            self._forget(conn)
 
     def request(
         self, target: Target, method: str, path: str, body: bytes | None = None
     ) -> tuple[int, http.client.HTTPMessage, bytes]:
-        """(status, headers, body). Raises ``RemoteFailure`` (CONNECT or SERVER) when no reply came."""
+        """(status, headers, body). Raises ``RemoteFailure`` (CONNECT, TLS, DROPPED or SERVER) when no reply came."""
         for attempt in (0, 1):
             conn, reused = self._connection(target)
             sent = False
@@ -260,16 +266,33 @@ class Http:
                 ):
                     continue  # the server closed an idle keep-alive connection: once more on a fresh one
                 what = "connection dropped" if sent else "cannot send"
-                raise RemoteFailure(Kind.CONNECT, f"{what}: {_reason(e)}") from None
+                raise RemoteFailure(Kind.DROPPED, f"{what}: {_reason(e)}") from None
             if response.will_close:
                 self._drop(target)
             return response.status, response.headers, data
         raise AssertionError("unreachable")
 
+    def _forget(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._open.discard(conn)
+        conn.close()
+
     def close(self) -> None:
         """Close this thread's connections."""
         for conn in self._local.__dict__.pop("conns", {}).values():
-            conn.close()
+            self._forget(conn)
+
+    def abort(self) -> None:
+        """Shut every thread's connections: a request waiting for its reply fails at once, so that
+        the process can exit without waiting out ``timeout``."""
+        with self._lock:
+            conns = list(self._open)
+            self._open.clear()
+        for conn in conns:
+            sock = conn.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 def _reason(e: BaseException) -> str:

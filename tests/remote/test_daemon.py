@@ -255,3 +255,16 @@ def test_a_socket_request_goes_ahead_of_the_backlog(tmp_path: Path, servers: lis
     assert reply.text.startswith("A 20x10 test image")
     assert backlog > 30  # the backlog was still there
     assert waited < 0.2 + 0.5  # its own request, not the backlog's 3 s+
+
+
+def test_the_native_backend_records_itself_too(tmp_path: Path) -> None:
+    root = tmp_path / "inbox"
+    root.mkdir()
+    with running_daemon(settings_for(tmp_path, [root])) as daemon:  # the fake stands for the native model
+        _drop(root, 3)
+        wait_for(lambda: is_settled(daemon) and len(_sidecars(root)) == 3, 30, "3 sidecars")
+        status = daemon.status()
+    assert {(r["backend"], r["endpoint"], r["model"]) for r in _journal(daemon)} == {("native", None, "fake@test")}
+    assert status["captions_by_source"] == [
+        {"backend": "native", "endpoint": None, "model": "fake@test", "captions": 3}
+    ]
