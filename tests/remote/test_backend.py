@@ -308,3 +308,26 @@ def test_tls_is_verified_by_default(
     assert len(trusted.caption(_requests(2))) == 2
     unverified = _load(captioners, _settings(s.url, tls_verify=False))
     assert len(unverified.caption(_requests(2, 5))) == 2
+
+
+def test_close_aborts_requests_in_flight(servers: list[FakeVLLM]) -> None:
+    s = _server(servers, slow_seconds=10.0)
+    c = load_remote_captioner(_settings(s.url, timeout_seconds=60))
+    s.fail("slow", 1)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            c.caption(_requests(1))
+        except PhicapError as e:
+            errors.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    wait_for(lambda: s.active == 1, 5, "the request to be on the server")
+    started = time.monotonic()
+    c.close()
+    worker.join(5)
+    c._threads.shutdown(wait=True)  # the request's own thread: what the interpreter waits for at exit
+    assert time.monotonic() - started < 2  # not the 10 s the server takes, nor the 60 s timeout
+    assert [e.code for e in errors] == ["shutting_down"]  # type: ignore[attr-defined]
