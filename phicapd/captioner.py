@@ -103,6 +103,8 @@ def streamer(captioner: Captioner) -> Stream:
     return batches
 
 
+# A backend with ``prepare`` may set ``kept_image_side``: the longest side of the image the scheduler
+# keeps beside the prepared form (default 2048, for the native model's retry with fewer crops).
 # A backend may also offer ``stopping()``: the scheduler calls it when the daemon stops, so that a
 # stream holding requests it cannot run now (every remote endpoint down) returns them undelivered
 # at once instead of after the drain grace; the scheduler hands their jobs back to the journal.

@@ -82,6 +82,10 @@ class RemoteCaptioner:
         self._closed = False
         self._stopping = False
 
+    #: Once ``prepare`` made the data URL, the scheduler need keep only a thumbnail of the image:
+    #: with a fleet, hundreds of images are held at once (``max_batch`` is every endpoint's slots).
+    kept_image_side = 64
+
     # -- the Captioner seam --------------------------------------------------------------------
 
     @property

@@ -331,3 +331,25 @@ def test_close_aborts_requests_in_flight(servers: list[FakeVLLM]) -> None:
     c._threads.shutdown(wait=True)  # the request's own thread: what the interpreter waits for at exit
     assert time.monotonic() - started < 2  # not the 10 s the server takes, nor the 60 s timeout
     assert [e.code for e in errors] == ["shutting_down"]  # type: ignore[attr-defined]
+
+
+def test_the_scheduler_keeps_only_a_thumbnail_beside_the_data_url(
+    servers: list[FakeVLLM], captioners: list[RemoteCaptioner], tmp_path: Path
+) -> None:
+    from phicapd.pipeline.decode import make_decoders
+    from phicapd.pipeline.jobs import JobStore
+    from phicapd.pipeline.scheduler import Scheduler
+
+    s = _server(servers)
+    settings = _settings(s.url)
+    c = _load(captioners, settings)
+    decode_file, decode_bytes = make_decoders(settings.imaging)
+    store = JobStore(tmp_path / "j.db")
+    scheduler = Scheduler(
+        settings, c, store, decode_file=decode_file, decode_bytes=decode_bytes, list_images=lambda *_: []
+    )
+    request = scheduler._request(Image.new("RGB", (3000, 2000), (1, 2, 3)), "Describe it.", 40)
+    store.close()
+    assert max(request.image.size) <= 64
+    sent = Image.open(io.BytesIO(base64.b64decode(request.prepared.partition(",")[2])))
+    assert sent.width > 1000 and sent.width * sent.height <= 1344 * 1344  # the full image, capped, was sent
