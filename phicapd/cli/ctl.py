@@ -378,6 +378,8 @@ def _progress_lines(status: dict[str, Any]) -> list[tuple[str, str]]:
         left = f"{backlog:,} images, done in about {_duration(eta)} at {rate:.3g} images/s (last {window})"
     if status.get("state") == "paused" and backlog:
         left += "; paused"
+    if status.get("state") == "waiting" and backlog:
+        left += "; waiting for a remote endpoint (model.waiting says why)"
     failures = progress.get("failures_by_code") or {}
     failed = "  ".join(f"{code}={n:,}" for code, n in failures.items()) or "none"
     return [("left", left), ("failures", failed)]
@@ -401,7 +403,8 @@ def cmd_status(client: ControlClient, args: argparse.Namespace) -> int:
     if reason := _loading_reason(status):
         print(f"not ready: {reason}")
     # First what a person asks (how much is left, when, what failed), then the raw counters.
-    lines: list[tuple[str, Any]] = [("state", status.pop("state")), *_progress_lines(status)]
+    progress = _progress_lines(status)  # before the state is taken out: it reads it (paused, waiting)
+    lines: list[tuple[str, Any]] = [("state", status.pop("state")), *progress]
     status.pop("progress", None)
     # Nested sections (the model's engine counters) get lines of their own.
     for key, value in status.items():
