@@ -319,8 +319,14 @@ class Daemon:
         if self.scheduler is None:
             return self.state
         counts = self.store.counts()
+        waiting = getattr(self.captioner, "waiting", None)
+        state = (
+            "waiting: every remote endpoint is down"
+            if self.state == "ready" and isinstance(waiting, str)
+            else self.state
+        )
         return (
-            f"{self.state}: {counts['pending'] + counts['running']} queued, {counts['done']} done, "
+            f"{state}: {counts['pending'] + counts['running']} queued, {counts['done']} done, "
             f"{counts['failed']} failed, {self.scheduler.throughput.rate():.2f} img/s"
         )
 

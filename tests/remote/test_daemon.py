@@ -154,6 +154,7 @@ def test_all_servers_down_then_back_every_image_captioned_none_parked(tmp_path: 
             status = daemon.status()
             assert status["state"] == "waiting" and "all endpoints are down" in status["model"]["waiting"]
             assert status["journal"]["failed"] == 0 and not status["progress"]["failures_by_code"]
+            assert daemon.status_line().startswith("waiting: every remote endpoint is down")  # systemd's STATUS=
             time.sleep(0.5)
         servers += [FakeVLLM(port=p, latency=0.05).start() for p in ports]
         wait_for(lambda: is_settled(daemon) and len(_sidecars(root)) == 300, 120, "300 sidecars", 0.2)
