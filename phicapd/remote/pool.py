@@ -122,13 +122,6 @@ class Pool:
             best.requests += 1
             return best
 
-    def next_change(self) -> float | None:
-        """Seconds until a paused endpoint may take requests again (None: none is paused)."""
-        now = time.monotonic()
-        with self.cond:
-            waits = [e.paused_until - now for e in self.endpoints if e.up and e.paused_until > now]
-        return min(waits) if waits else None
-
     def waiting_reason(self) -> str | None:
         """Why nothing can be sent, when no endpoint is up; None while one is."""
         with self.cond:
