@@ -353,3 +353,16 @@ def test_the_scheduler_keeps_only_a_thumbnail_beside_the_data_url(
     assert max(request.image.size) <= 64
     sent = Image.open(io.BytesIO(base64.b64decode(request.prepared.partition(",")[2])))
     assert sent.width > 1000 and sent.width * sent.height <= 1344 * 1344  # the full image, capped, was sent
+
+
+def test_the_limit_settles_near_what_a_saturated_server_takes(
+    servers: list[FakeVLLM], captioners: list[RemoteCaptioner]
+) -> None:
+    s = _server(servers, latency=0.03, limit=3, retry_after="0")  # refuses a 4th request at once with a 429
+    c = _load(captioners, _settings(s.url, initial_in_flight=2, max_in_flight=16))
+    requests = _requests(150)
+    assert [x.text for x in c.caption(requests)] == [_expected(r) for r in requests]  # every one, despite the 429s
+    endpoint = c.pool.endpoints[0]
+    assert s.statuses[429] > 0 and endpoint.errors["overload"] == s.statuses[429]
+    assert endpoint.limit < 8  # halved back each time it went past what the server takes
+    assert endpoint.up
