@@ -1,8 +1,8 @@
 """The seam between the pipeline and a captioning backend.
 
 The scheduler hands a ``Captioner`` batches of decoded images; the native Phi-3.5-vision model
-(``phicapd.model``) implements it, tests use a deterministic fake, and a remote serving engine
-could implement it later. Everything here is plain data: no torch import.
+(``phicapd.model``) implements it, a fleet of OpenAI-compatible servers such as vLLM does too
+(``phicapd.remote``), and tests use a deterministic fake. Everything here is plain data: no torch import.
 
 A backend that batches continuously also offers ``stream(take, deliver)``: it asks ``take`` for
 more work before every step and hands each caption to ``deliver`` the moment it is done, so a
@@ -37,10 +37,18 @@ class CaptionRequest:
 
 @dataclass(frozen=True, slots=True)
 class Caption:
-    """A finished caption: cleaned text and how many tokens the model generated for it."""
+    """A finished caption: cleaned text and how many tokens the model generated for it.
+
+    A backend that is more than one model (a fleet of servers) says which made this caption:
+    ``backend`` ("native", "openai"), the ``endpoint`` it came from and the ``model`` the server
+    reported. Unset, the journal records the backend's ``identity``.
+    """
 
     text: str
     new_tokens: int
+    backend: str | None = None
+    endpoint: str | None = None
+    model: str | None = None
 
 
 @runtime_checkable
@@ -93,6 +101,13 @@ def streamer(captioner: Captioner) -> Stream:
                 deliver(request, caption)
 
     return batches
+
+
+# A backend with ``prepare`` may set ``kept_image_side``: the longest side of the image the scheduler
+# keeps beside the prepared form (default 2048, for the native model's retry with fewer crops).
+# A backend may also offer ``stopping()``: the scheduler calls it when the daemon stops, so that a
+# stream holding requests it cannot run now (every remote endpoint down) returns them undelivered
+# at once instead of after the drain grace; the scheduler hands their jobs back to the journal.
 
 
 def preparer(captioner: Captioner) -> Callable[[Image.Image], Any] | None:

@@ -90,6 +90,9 @@ class _Section(BaseModel):
 
 
 class ModelSettings(_Section):
+    # "native": the model in this process (phicapd.model); "openai": a fleet of OpenAI-compatible
+    # servers such as vLLM, configured in [remote] (phicapd.remote). The names are public API.
+    backend: Literal["native", "openai"] = "native"
     id: str = "microsoft/Phi-3.5-vision-instruct"
     path: Path | None = None
     revision: str = "main"
@@ -113,6 +116,65 @@ class ModelSettings(_Section):
     def source(self) -> str:
         """What to load: the local directory if one is set, else the hub id."""
         return str(self.path) if self.path else self.id
+
+
+class RemoteSettings(_Section):
+    """``[remote]``: the OpenAI-compatible servers of ``[model] backend = "openai"``.
+
+    The prompt, ``max_new_tokens``, ``num_crops`` and sampling come from ``[model]`` as for the
+    native model, so switching backends keeps the captions' settings.
+    """
+
+    endpoints: list[str] = []  # base URLs ending in /v1, e.g. "http://gpu1:8000/v1"
+    model: str = "microsoft/Phi-3.5-vision-instruct"  # the served model name (vllm --served-model-name)
+    # A file holding the API key (systemd's LoadCredential=); never the key itself, never logged.
+    api_key_file: Path | None = None
+    tls_verify: bool = True
+    ca_file: Path | None = None  # a private CA bundle for https:// endpoints
+    timeout_seconds: float = Field(120.0, gt=0)  # one request, connect to last byte
+    connect_timeout_seconds: float = Field(5.0, gt=0)
+    # Adaptive in-flight limit per endpoint: starts at initial, grows while latency holds, halves
+    # on 429/503, never above max.
+    initial_in_flight: int = Field(4, ge=1, le=1024)
+    max_in_flight: int = Field(32, ge=1, le=1024)
+    probe_interval_seconds: float = Field(5.0, gt=0)  # how often a down endpoint is tried again
+    failures_to_trip: int = Field(3, ge=1)  # server errors in a row that take an endpoint out
+    # Pass [model] num_crops as vLLM's mm_processor_kwargs (a server that refuses them: false).
+    send_num_crops: bool = True
+    image_format: Literal["jpeg", "png"] = "jpeg"
+    jpeg_quality: int = Field(95, ge=50, le=100)
+    # Images are scaled down to at most this many pixels before they are sent: with 16 crops
+    # Phi-3.5-vision sees at most 1344 x 1344, and a request must stay under the server's limits.
+    max_pixels: int = Field(1344 * 1344, ge=64 * 64)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _urls(cls, value: list[str]) -> list[str]:
+        from urllib.parse import urlsplit
+
+        out: list[str] = []
+        for raw in value:
+            url = raw.strip().rstrip("/")
+            shown = redact_userinfo(url)
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{shown!r} is not an http:// or https:// URL such as 'http://gpu1:8000/v1'")
+            if parts.username or parts.password:
+                raise ValueError(f"{shown!r}: put the API key in api_key_file, not in the URL")
+            if not parts.path.endswith("/v1") or parts.query or parts.fragment:
+                raise ValueError(f"{shown!r} must end in /v1 (the OpenAI API's base URL, e.g. 'http://gpu1:8000/v1')")
+            if url in out:
+                raise ValueError(f"{shown!r} is listed twice")
+            out.append(url)
+        return out
+
+    @model_validator(mode="after")
+    def _limits(self) -> RemoteSettings:
+        if self.initial_in_flight > self.max_in_flight:
+            raise ValueError(
+                f"initial_in_flight ({self.initial_in_flight}) is above max_in_flight ({self.max_in_flight})"
+            )
+        return self
 
 
 class WatchRoot(_Section):
@@ -251,6 +313,7 @@ class Settings(BaseSettings):
     )
 
     model: ModelSettings = ModelSettings()
+    remote: RemoteSettings = RemoteSettings()
     watch: list[WatchRoot] = []
     watcher: WatcherSettings = WatcherSettings()
     sidecar: SidecarSettings = SidecarSettings()
@@ -261,6 +324,12 @@ class Settings(BaseSettings):
     control: ControlSettings = Field(default_factory=ControlSettings)
     state: StateSettings = Field(default_factory=StateSettings)
     log: LogSettings = LogSettings()
+
+    @model_validator(mode="after")
+    def _remote_complete(self) -> Settings:
+        if self.model.backend == "openai" and not self.remote.endpoints:
+            raise ValueError('[model] backend = "openai" needs [remote] endpoints, e.g. ["http://gpu1:8000/v1"]')
+        return self
 
     @model_validator(mode="after")
     def _distinct_roots(self) -> Settings:

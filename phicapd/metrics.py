@@ -110,10 +110,41 @@ class _StatusCollector(Collector):
             if _number(value):
                 yield _gauge(f"phicapd_engine_{_name(key)}", f"The generation engine's {key}.", value)
 
+        yield from _endpoint_metrics(model.get("endpoints"))
+
         gpu = status.get("gpu")
         for key in ("memory_allocated_bytes", "memory_reserved_bytes", "memory_total_bytes"):
             if isinstance(gpu, dict) and _number(gpu.get(key)):
                 yield _gauge(f"phicapd_gpu_{key}", f"GPU {key.replace('_', ' ')}.", gpu[key])
+
+
+#: Per remote endpoint: (status key, metric name, help). Counters end in _total in the exposition.
+_ENDPOINT_GAUGES = (
+    ("up", "phicapd_endpoint_up", "1 while the remote endpoint takes requests, 0 while it is out (circuit open)."),
+    ("in_flight", "phicapd_endpoint_in_flight", "Requests on the remote endpoint now."),
+    ("limit", "phicapd_endpoint_limit", "The remote endpoint's adaptive in-flight limit."),
+    ("latency_ms", "phicapd_endpoint_latency_ms", "The remote endpoint's recent request latency (running average)."),
+)
+_ENDPOINT_COUNTERS = (
+    ("requests", "phicapd_endpoint_requests", "Requests sent to the remote endpoint since start."),
+    ("errors", "phicapd_endpoint_errors", "Failed requests to the remote endpoint since start."),
+)
+
+
+def _endpoint_metrics(endpoints: object) -> Iterator[Metric]:
+    if not isinstance(endpoints, list) or not endpoints:
+        return
+    for key, name, doc in _ENDPOINT_GAUGES:
+        family = GaugeMetricFamily(name, doc, labels=["endpoint"])
+        for e in endpoints:
+            value = int(e[key]) if isinstance(e.get(key), bool) else e.get(key)
+            family.add_metric([str(e["url"])], value if _number(value) else math.nan)
+        yield family
+    for key, name, doc in _ENDPOINT_COUNTERS:
+        counter = CounterMetricFamily(name, doc, labels=["endpoint"])
+        for e in endpoints:
+            counter.add_metric([str(e["url"])], e.get(key) or 0)
+        yield counter
 
 
 def _number(value: object) -> bool:

@@ -5,7 +5,8 @@ Rules:
 * Live: the ``[[watch]]`` roots (added, removed, or changed: prompt, prefix, suffix, patterns,
   ``existing``, ``recursive``, ``poll``), ``[sidecar] existing``, ``[fetch]``, ``[log] level``
   and ``[scheduler]`` but for ``decode_workers``. The model stays loaded.
-* Everything else needs a restart: ``[model]`` (the loaded weights and their prompt), the control
+* Everything else needs a restart: ``[model]`` (the loaded weights and their prompt, the
+  backend), ``[remote]`` (the endpoint pool is built at start), the control
   socket, the journal's directory, the decoders' ``[imaging]`` limits, ``[watcher]`` timings,
   ``[scheduler] decode_workers`` (the pools are sized at start), ``[sidecar] extension`` (every
   existing sidecar's name) and ``[log] format``. Such a change is kept out of the running
@@ -20,6 +21,7 @@ from phicapd.config import Settings
 #: Sections (or ``section.key``) that only a restart applies.
 RESTART_ONLY = (
     "model",
+    "remote",
     "control",
     "state",
     "imaging",
@@ -51,6 +53,7 @@ def live_settings(old: Settings, new: Settings) -> Settings:
     return new.model_copy(
         update={
             "model": old.model,
+            "remote": old.remote,
             "control": old.control,
             "state": old.state,
             "imaging": old.imaging,

@@ -50,6 +50,13 @@ STALL_SECONDS = 300.0
 
 
 def load_model_captioner(settings: Settings) -> Captioner:
+    """The configured backend. Each is imported only when chosen: a remote-only daemon never
+    imports torch or transformers."""
+    if settings.model.backend == "openai":
+        from phicapd.remote.captioner import load_remote_captioner
+
+        return load_remote_captioner(settings)
+
     from phicapd.log import adopt_transformers_logging
     from phicapd.model.captioner import load_captioner
 
@@ -78,7 +85,7 @@ class Daemon:
         self.captioner: Captioner | None = None
         self.scheduler: Scheduler | None = None
         # Why the model is not ready yet, for ``phicapctl status``; None once it is loaded.
-        self.loading: str | None = f"loading the model from {settings.model.source}"
+        self.loading: str | None = f"loading the model from {model_source(settings)}"
         self.store = JobStore(
             settings.state.dir / "journal.sqlite3",
             max_attempts=settings.scheduler.max_attempts,
@@ -134,7 +141,7 @@ class Daemon:
         self.server.start()
         log.info("control socket listening", socket=str(self.settings.control.socket))
 
-        notifier.status(f"loading model {self.settings.model.source}")
+        notifier.status(f"loading model {model_source(self.settings)}")
         keepalive = self._keepalive = _ExtendTimeout(notifier)
         keepalive.start()
         try:
@@ -156,9 +163,9 @@ class Daemon:
             self._shutdown(notifier)
             if isinstance(e, PhicapError):
                 raise
-            log.exception("cannot load the model", source=self.settings.model.source)
+            log.exception("cannot load the model", source=model_source(self.settings))
             raise PhicapError(
-                f"cannot load the model from {self.settings.model.source}: {type(e).__name__}: {e}",
+                f"cannot load the model from {model_source(self.settings)}: {type(e).__name__}: {e}",
                 code="model_load_failed",
             ) from e
         if self._stop.is_set():
@@ -312,8 +319,14 @@ class Daemon:
         if self.scheduler is None:
             return self.state
         counts = self.store.counts()
+        waiting = getattr(self.captioner, "waiting", None)
+        state = (
+            "waiting: every remote endpoint is down"
+            if self.state == "ready" and isinstance(waiting, str)
+            else self.state
+        )
         return (
-            f"{self.state}: {counts['pending'] + counts['running']} queued, {counts['done']} done, "
+            f"{state}: {counts['pending'] + counts['running']} queued, {counts['done']} done, "
             f"{counts['failed']} failed, {self.scheduler.throughput.rate():.2f} img/s"
         )
 
@@ -343,6 +356,10 @@ class Daemon:
         # never opened or read here (the daemon's user may not even be allowed to). A file under
         # a root gets what the watcher would give it: the root's prompt unless the request names
         # one, and the root's prefix/suffix.
+        waiting = getattr(self.captioner, "waiting", None)
+        if isinstance(waiting, str):
+            # Every remote endpoint is down: say so now rather than after the caption timeout.
+            raise PhicapError(f"no caption can be made now: {waiting}", code="remote_unavailable", retryable=True)
         root = owning_root(path, self.settings.watch) if path is not None else None
         if root is not None and not prompt:
             prompt = self.settings.prompt_for(root)
@@ -426,13 +443,17 @@ class Daemon:
         if state == "ready" and sched is not None and sched.paused:
             state = "paused"
         describe = getattr(self.captioner, "describe", None)
-        model: dict[str, Any] = {"source": self.settings.model.source, "loaded": self.captioner is not None}
+        details = describe() if describe is not None else {}
+        if state == "ready" and details.get("waiting"):
+            state = (
+                "waiting"  # the backend cannot take work now (every remote endpoint is down): why is in model.waiting
+            )
+        model: dict[str, Any] = {"source": model_source(self.settings), "loaded": self.captioner is not None}
         if self.captioner is None and self.loading is not None:
             model["loading"] = self.loading
         if self.captioner is not None:
             model["identity"] = self.captioner.identity
             model["max_batch"] = sched.max_batch if sched else self.captioner.max_batch
-        details = describe() if describe is not None else {}
         counts = self.store.counts()
         return {
             "state": state,
@@ -450,6 +471,11 @@ class Daemon:
             },
             "progress": self._progress(counts),
             "recent_failures": list(sched.recent_failures) if sched else [],
+            # Which backend, endpoint and server-reported model made the captions since start.
+            "captions_by_source": [
+                {"backend": b, "endpoint": e, "model": m, "captions": n}
+                for (b, e, m), n in sorted((sched.writer.by_source if sched else {}).items(), key=lambda kv: str(kv[0]))
+            ],
             "watch": [str(r.path) for r in self.settings.watch],
             "watcher_pending": self.watcher.pending() if self.watcher else 0,
             "unresponsive_roots": self.watcher.unresponsive_roots() if self.watcher else [],
@@ -505,6 +531,13 @@ class Daemon:
 
     def metrics(self) -> str:
         return self.prometheus.render()
+
+
+def model_source(settings: Settings) -> str:
+    """Where the captions come from, for messages: the native model's source or the endpoints."""
+    if settings.model.backend == "openai":
+        return f"{settings.remote.model} at {', '.join(settings.remote.endpoints)}"
+    return settings.model.source
 
 
 class _StopWhileLoading(BaseException):

@@ -378,9 +378,15 @@ def _progress_lines(status: dict[str, Any]) -> list[tuple[str, str]]:
         left = f"{backlog:,} images, done in about {_duration(eta)} at {rate:.3g} images/s (last {window})"
     if status.get("state") == "paused" and backlog:
         left += "; paused"
+    if status.get("state") == "waiting" and backlog:
+        left += "; waiting for a remote endpoint (model.waiting says why)"
     failures = progress.get("failures_by_code") or {}
     failed = "  ".join(f"{code}={n:,}" for code, n in failures.items()) or "none"
     return [("left", left), ("failures", failed)]
+
+
+def _records(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
 def _loading_reason(status: dict[str, Any]) -> str | None:
@@ -397,12 +403,14 @@ def cmd_status(client: ControlClient, args: argparse.Namespace) -> int:
     if reason := _loading_reason(status):
         print(f"not ready: {reason}")
     # First what a person asks (how much is left, when, what failed), then the raw counters.
-    lines: list[tuple[str, Any]] = [("state", status.pop("state")), *_progress_lines(status)]
+    progress = _progress_lines(status)  # before the state is taken out: it reads it (paused, waiting)
+    lines: list[tuple[str, Any]] = [("state", status.pop("state")), *progress]
     status.pop("progress", None)
     # Nested sections (the model's engine counters) get lines of their own.
     for key, value in status.items():
         if isinstance(value, dict):
-            nested = {k: v for k, v in value.items() if isinstance(v, dict)}
+            # ... and so do lists of records (the remote backend's endpoints), one line each.
+            nested = {k: v for k, v in value.items() if isinstance(v, dict) or _records(v)}
             lines.append((key, {k: v for k, v in value.items() if k not in nested}))
             lines += [(f"  {k}", v) for k, v in nested.items()]
         else:

@@ -94,6 +94,10 @@ def _check_config(args: argparse.Namespace) -> int:
 
     check_roots_writable(settings)
     check_state_paths(settings, socket_inherited=settings.control.socket == SYSTEM_SOCKET_PATH)
+    if settings.model.backend == "openai":
+        from phicapd.remote.captioner import read_api_key
+
+        read_api_key(settings.remote.api_key_file)  # readable and not empty; the key is never printed
     effective = settings.model_dump(mode="json")
     if effective["fetch"]["proxy"]:  # may hold a password; the output ends up in tickets
         effective["fetch"]["proxy"] = redact_userinfo(effective["fetch"]["proxy"])

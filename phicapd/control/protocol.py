@@ -187,7 +187,8 @@ class StatusReply(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    state: Literal["loading", "ready", "paused", "stopping"]
+    # "waiting": ready, but the backend cannot take work now (every remote endpoint is down).
+    state: Literal["loading", "ready", "paused", "waiting", "stopping"]
     sidecar: SidecarInfo = SidecarInfo()
 
 

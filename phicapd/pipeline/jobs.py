@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -42,6 +42,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     inode           INTEGER,
     sha256          TEXT,
     model           TEXT,
+    backend         TEXT,
+    endpoint        TEXT,
     prompt          TEXT,
     sidecar         TEXT,
     error_code      TEXT,
@@ -91,6 +93,9 @@ class Job:
     error_message: str | None = None
     sidecar: str | None = None
     updated_at: float = 0.0
+    model: str | None = None
+    backend: str | None = None
+    endpoint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +117,8 @@ class Success:
     prompt: str
     sidecar: str
     fingerprint: Fingerprint
+    backend: str | None = None  # "native", "openai"
+    endpoint: str | None = None  # the remote endpoint that made the caption
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +155,9 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         error_message=row["error_message"],
         sidecar=row["sidecar"],
         updated_at=row["updated_at"],
+        model=row["model"],
+        backend=row["backend"],
+        endpoint=row["endpoint"],
     )
 
 
@@ -183,7 +193,13 @@ class JobStore:
                 if statement.strip():
                     self._db.execute(statement)
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version in (0, 1):  # 1 -> 2 added the sidecars table; start-up scans fill it
+            if version in (0, 1, 2):
+                # 1 -> 2 added the sidecars table (start-up scans fill it); 2 -> 3 added which
+                # backend and endpoint made each caption (NULL for the older ones).
+                columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
+                for column in ("backend", "endpoint"):
+                    if column not in columns:
+                        self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 raise RuntimeError(f"journal {path} has schema {version}, this phicapd knows {SCHEMA_VERSION}")
@@ -345,12 +361,14 @@ class JobStore:
             )
             for s in successes:
                 db.execute(
-                    "UPDATE jobs SET state = 'done', force = 0, sha256 = ?, model = ?, prompt = ?, sidecar = ?,"
-                    " size = ?, mtime_ns = ?, inode = ?, error_code = NULL, error_message = NULL,"
-                    " updated_at = ? WHERE id = ?",
+                    "UPDATE jobs SET state = 'done', force = 0, sha256 = ?, model = ?, backend = ?, endpoint = ?,"
+                    " prompt = ?, sidecar = ?, size = ?, mtime_ns = ?, inode = ?, error_code = NULL,"
+                    " error_message = NULL, updated_at = ? WHERE id = ?",
                     (
                         s.sha256,
                         s.model,
+                        s.backend,
+                        s.endpoint,
                         s.prompt,
                         s.sidecar,
                         s.fingerprint.size,

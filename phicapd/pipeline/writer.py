@@ -73,6 +73,7 @@ class SidecarWriter:
         self.settings = settings
         self.store = store
         self.model_identity = model_identity
+        self.backend = settings.model.backend
         self._on_recorded = on_recorded
         self._siblings = SiblingCache(list_images)
         self._io_pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="phicapd-write")
@@ -81,6 +82,8 @@ class SidecarWriter:
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="phicapd-writer", daemon=True)
         self.recent_failures: collections.deque[dict[str, Any]] = collections.deque(maxlen=20)
+        #: Captions written since start by (backend, endpoint, model), for status.
+        self.by_source: collections.Counter[tuple[str, str | None, str]] = collections.Counter()
 
     def start(self) -> None:
         self._thread.start()
@@ -133,14 +136,17 @@ class SidecarWriter:
                 f.error = None  # a write that failed on an earlier try made it after all
                 skipped.append(f.job.id)
             elif id(f) in written and f.decoded is not None:
+                caption = f.caption
                 successes.append(
                     Success(
                         f.job.id,
                         f.decoded.sha256,
-                        self.model_identity,
+                        (caption.model if caption is not None else None) or self.model_identity,
                         f.prompt,
                         str(written[id(f)]),
                         f.decoded.fingerprint,
+                        backend=(caption.backend if caption is not None else None) or self.backend,
+                        endpoint=caption.endpoint if caption is not None else None,
                     )
                 )
             else:
@@ -148,6 +154,7 @@ class SidecarWriter:
                 failures.append(Failure(f.job.id, f.error.code, str(f.error), f.error.retryable))
         claims = [(f.job.path, f.claim) for f in group if f.claim is not None and (f.skipped or id(f) in written)]
         parked = {j.id for j in self.store.finish_many(successes, failures, skipped, claims)}
+        self.by_source.update((s.backend or "", s.endpoint, s.model) for s in successes)
         self._on_recorded([f.job.id for f in group], len(successes))
         self._log(group, parked)
 
@@ -214,6 +221,8 @@ class SidecarWriter:
             }
             if f.caption is not None:
                 fields["tokens"] = f.caption.new_tokens
+                if f.caption.endpoint is not None:
+                    fields["endpoint"] = f.caption.endpoint
             if f.error is None:
                 log.info("job", **fields)
                 continue

@@ -422,6 +422,51 @@ def test_status_for_humans_splits_sections_rounds_and_shows_times(
     assert any("at=2026-11-29 10:50:25" in line for line in lines)
 
 
+def test_status_lists_remote_endpoints_one_per_line(
+    sock: Path, backend: FakeBackend, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    status = backend.status
+    endpoints = [
+        {"url": "http://gpu1:8000/v1", "up": True, "in_flight": 7, "limit": 8, "latency_ms": 812.5, "errors": 0},
+        {"url": "http://gpu2:8000/v1", "up": False, "reason": "cannot connect: Connection refused", "errors": 3},
+    ]
+    model = {"backend": "openai", "identity": "openai:phi", "endpoints": endpoints}
+    monkeypatch.setattr(backend, "status", lambda: {**status(), "model": model})
+    assert ctl(sock, "status") == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("model "))
+    assert lines[at].split() == ["model", "backend=openai", "identity=openai:phi"]
+    assert lines[at + 1].split() == ["endpoints", "2", "entries"]
+    assert "url=http://gpu1:8000/v1  up=True  in_flight=7  limit=8  latency_ms=812" in lines[at + 2]
+    assert "up=False  reason=cannot connect: Connection refused  errors=3" in lines[at + 3]
+
+
+def test_status_says_when_it_waits_for_a_remote_endpoint(
+    sock: Path, backend: FakeBackend, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    status = backend.status
+    waiting = "all endpoints are down: http://gpu1:8000/v1: cannot connect: Connection refused"
+    progress = {"backlog": 40, "images_per_second": 0.0, "rate_window_seconds": 60.0, "eta_seconds": None}
+    monkeypatch.setattr(
+        backend,
+        "status",
+        lambda: {
+            **status(),
+            "state": "waiting",
+            "progress": progress,
+            "model": {"backend": "openai", "waiting": waiting},
+        },
+    )
+    assert ctl(sock, "status") == 0
+    out = capsys.readouterr().out
+    assert "waiting for a remote endpoint" in out and waiting in out
+    assert ctl(sock, "status", "--json") == 0
+    assert json.loads(capsys.readouterr().out)["state"] == "waiting"
+    monkeypatch.setattr(backend, "status", lambda: {**status(), "state": "paused", "progress": progress})
+    assert ctl(sock, "status") == 0
+    assert "; paused" in capsys.readouterr().out  # read before the state line took it out
+
+
 @pytest.mark.parametrize(
     ("progress", "left"),
     [

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from phicapd.pipeline.jobs import Failure, Fingerprint, JobStore, NewWork, State, Success
 
 
@@ -162,6 +164,43 @@ def test_a_version_1_journal_gains_the_claims_table(tmp_path: Path) -> None:
     assert store.get(tmp_path / "a.jpg") is not None
     store.claim_sidecars([(tmp_path / "a.jpg", "a")])
     assert store.claims_in(tmp_path) == {"a.jpg": "a"}
+
+
+def test_a_version_2_journal_gains_the_provenance_columns_and_keeps_its_jobs(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "j.db"
+    db = sqlite3.connect(path)  # schema 2 as phicapd 2 wrote it: no backend, no endpoint
+    db.executescript(
+        "CREATE TABLE jobs (id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE, root TEXT NOT NULL,"
+        " state TEXT NOT NULL, force INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0,"
+        " next_attempt_at REAL NOT NULL DEFAULT 0, size INTEGER, mtime_ns INTEGER, inode INTEGER, sha256 TEXT,"
+        " model TEXT, prompt TEXT, sidecar TEXT, error_code TEXT, error_message TEXT, created_at REAL NOT NULL,"
+        " updated_at REAL NOT NULL);"
+        f"INSERT INTO jobs (path, root, state, model, size, mtime_ns, inode, created_at, updated_at)"
+        f" VALUES ('{tmp_path / 'old.jpg'}', '{tmp_path}', 'done', 'm@main', 1, 2, 3, 0, 0);"
+        "PRAGMA user_version=2;"
+    )
+    db.close()
+    store = JobStore(path)
+    old = store.get(tmp_path / "old.jpg")
+    assert old is not None and old.model == "m@main" and old.backend is None and old.endpoint is None
+    store.enqueue_many([NewWork(tmp_path / "new.jpg", tmp_path, Fingerprint(1, 5, 9))])
+    [job] = store.claim(1)
+    assert job.fingerprint is not None
+    store.finish_many(
+        [Success(job.id, "sha", "phi35v", "p", "/r/new.txt", job.fingerprint, "openai", "http://gpu1:8000/v1")]
+    )
+    done = store.get(tmp_path / "new.jpg")
+    assert done is not None and (done.backend, done.endpoint, done.model) == ("openai", "http://gpu1:8000/v1", "phi35v")
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    db.execute("PRAGMA user_version=4")
+    db.commit()
+    db.close()
+    with pytest.raises(RuntimeError, match="has schema 4, this phicapd knows 3"):
+        JobStore(path)
 
 
 def test_failure_counts_by_state_and_code_match_what_failures_lists(tmp_path: Path) -> None:

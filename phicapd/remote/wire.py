@@ -1,0 +1,303 @@
+"""OpenAI chat-completions over HTTP, as vLLM serves it: the request, the reply, the failures.
+
+Plain ``http.client`` with one keep-alive connection per thread and endpoint: a fleet of
+requests in flight costs a thread each and no per-request connection set-up. Every failure
+becomes a ``RemoteFailure`` whose ``kind`` says whose fault it is, which is what the pool and
+the journal need: the endpoint's (take it out, send the request elsewhere), the image's (a 400
+naming it: that image's own failure) or the request's (retried a few times, then a retryable
+error, never a "bad image").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import http.client
+import json
+import socket
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+from urllib.parse import urlsplit
+
+#: Longest Retry-After honoured; a server asking for more is probed again before then anyway.
+MAX_RETRY_AFTER = 300.0
+#: A 400 whose message says one of these is about the image (too large, undecodable, too many tokens).
+_IMAGE_WORDS = ("image", "multimodal", "multi-modal", "pixel", "too long", "context length", "decode")
+
+
+class Kind(StrEnum):
+    IMAGE = "image"  # a 400 naming the image: that image's own failure
+    REJECTED = "rejected"  # another 4xx: the request as we build it; not the image, not the server
+    OVERLOAD = "overload"  # 429 / 503: fewer in flight, Retry-After honoured, sent again
+    AUTH = "auth"  # 401 / 403: the API key; the endpoint is out until it takes it
+    MODEL = "model"  # 404 naming the model: the endpoint serves another one
+    SERVER = "server"  # 5xx, a malformed reply, a timeout: counted against endpoint and request
+    CONNECT = "connect"  # refused, unreachable: the endpoint's, the request goes elsewhere
+    DROPPED = "dropped"  # the connection broke before the reply: the endpoint's, sent again
+    TLS = "tls"  # the endpoint's certificate is not trusted: out until it is (ca_file, tls_verify)
+
+
+class RemoteFailure(Exception):
+    def __init__(self, kind: Kind, message: str, *, status: int | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    text: str
+    completion_tokens: int
+    model: str
+    finish_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A parsed endpoint base URL (``http://host:port/v1``)."""
+
+    url: str
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+    @classmethod
+    def parse(cls, url: str) -> Target:
+        parts = urlsplit(url)
+        assert parts.hostname is not None
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        return cls(url, parts.scheme, parts.hostname, port, parts.path.rstrip("/"))
+
+
+def chat_body(
+    *,
+    model: str,
+    prompt: str,
+    image_url: str,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    num_crops: int | None,
+) -> bytes:
+    """The JSON of one chat-completions request: one user turn with the text and the image."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": prompt},
+                    {"type": "image_url", "image_url": {"url": image_url}},
+                ],
+            }
+        ],
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "n": 1,
+        "stream": False,
+    }
+    if num_crops is not None:
+        # vLLM's extension to the request: passed to the model's HF processor (Phi-3.5-vision's crops).
+        body["mm_processor_kwargs"] = {"num_crops": num_crops}
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def parse_completion(data: bytes) -> Completion:
+    """The first choice of a chat-completions reply; ``RemoteFailure(SERVER)`` if it is not one."""
+    try:
+        reply = json.loads(data)
+        choice = reply["choices"][0]
+        text = choice["message"]["content"]
+        if not isinstance(text, str):
+            raise TypeError(f"content is {type(text).__name__}")
+        usage = reply.get("usage") or {}
+        tokens = usage.get("completion_tokens")
+        return Completion(
+            text,
+            int(tokens) if isinstance(tokens, int) else 0,
+            str(reply.get("model") or ""),
+            choice.get("finish_reason"),
+        )
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise RemoteFailure(Kind.SERVER, f"malformed chat-completions reply: {type(e).__name__}: {e}") from None
+
+
+def served_models(data: bytes) -> list[str]:
+    """The ids in a ``GET /v1/models`` reply."""
+    try:
+        return [str(m["id"]) for m in json.loads(data)["data"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RemoteFailure(Kind.SERVER, f"malformed /models reply: {type(e).__name__}: {e}") from None
+
+
+def error_message(data: bytes) -> str:
+    """The message of an error body: vLLM's ``{"object": "error", "message": ...}`` or OpenAI's
+    ``{"error": {"message": ...}}``; else the start of the body."""
+    try:
+        body = json.loads(data)
+        if isinstance(body, dict):
+            inner = body.get("error") if isinstance(body.get("error"), dict) else body
+            if isinstance(inner.get("message"), str):
+                return inner["message"][:500]
+    except ValueError:
+        pass
+    return data[:200].decode("utf-8", "replace").strip() or "(empty body)"
+
+
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date), capped."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (now if now is not None else time.time())
+    return min(MAX_RETRY_AFTER, max(0.0, seconds))
+
+
+def classify(status: int, data: bytes, headers: http.client.HTTPMessage | None = None) -> RemoteFailure:
+    """The failure an HTTP error status stands for."""
+    message = error_message(data)
+    text = f"HTTP {status}: {message}"
+    if status in (429, 503):
+        wait = retry_after(headers.get("Retry-After")) if headers is not None else None
+        return RemoteFailure(Kind.OVERLOAD, text, status=status, retry_after=wait)
+    if status in (401, 403):
+        return RemoteFailure(Kind.AUTH, f"the API key was refused ({text})", status=status)
+    if status == 404 and "model" in message.lower():
+        return RemoteFailure(Kind.MODEL, text, status=status)
+    if status in (400, 413, 422) and any(w in message.lower() for w in _IMAGE_WORDS):
+        return RemoteFailure(Kind.IMAGE, text, status=status)
+    if 400 <= status < 500:
+        return RemoteFailure(Kind.REJECTED, text, status=status)
+    return RemoteFailure(Kind.SERVER, text, status=status)
+
+
+class Http:
+    """Keep-alive HTTP(S) connections, one per thread and endpoint."""
+
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        connect_timeout: float,
+        api_key: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "phicapd"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._ssl = ssl_context
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: set[http.client.HTTPConnection] = set()  # every thread's, for abort()
+
+    def _connection(self, target: Target) -> tuple[http.client.HTTPConnection, bool]:
+        """(connection, reused)."""
+        conns: dict[str, http.client.HTTPConnection] = self._local.__dict__.setdefault("conns", {})
+        conn = conns.get(target.url)
+        if conn is not None and conn.sock is not None:
+            return conn, True
+        if target.scheme == "https":
+            conn = http.client.HTTPSConnection(
+                target.host, target.port, timeout=self.connect_timeout, context=self._ssl
+            )
+        else:
+            conn = http.client.HTTPConnection(target.host, target.port, timeout=self.connect_timeout)
+        try:
+            conn.connect()
+        except ssl.SSLCertVerificationError as e:
+            conn.close()
+            raise RemoteFailure(Kind.TLS, f"its TLS certificate is not trusted: {e.verify_message}") from None
+        except ssl.SSLError as e:
+            conn.close()
+            raise RemoteFailure(Kind.CONNECT, f"TLS handshake failed: {e}") from None
+        except (TimeoutError, OSError) as e:
+            conn.close()
+            raise RemoteFailure(Kind.CONNECT, f"cannot connect: {_reason(e)}") from None
+        assert conn.sock is not None
+        conn.sock.settimeout(self.timeout)  # every read after the connect: the server's answer
+        conns[target.url] = conn
+        with self._lock:
+            self._open.add(conn)
+        return conn, False
+
+    def _drop(self, target: Target) -> None:
+        conns: dict[str, http.client.HTTPConnection] = self._local.__dict__.setdefault("conns", {})
+        conn = conns.pop(target.url, None)
+        if conn is not None:
+            self._forget(conn)
+
+    def request(
+        self, target: Target, method: str, path: str, body: bytes | None = None
+    ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """(status, headers, body). Raises ``RemoteFailure`` (CONNECT, TLS, DROPPED or SERVER) when no reply came."""
+        for attempt in (0, 1):
+            conn, reused = self._connection(target)
+            sent = False
+            try:
+                conn.request(method, target.path + path, body=body, headers=self._headers)
+                sent = True
+                response = conn.getresponse()
+                data = response.read()
+            except TimeoutError:
+                self._drop(target)
+                raise RemoteFailure(Kind.SERVER, f"no reply within {self.timeout:.0f} s") from None
+            except (http.client.HTTPException, OSError) as e:
+                self._drop(target)
+                if (
+                    reused
+                    and attempt == 0
+                    and isinstance(e, http.client.RemoteDisconnected | BrokenPipeError | ConnectionResetError)
+                ):
+                    continue  # the server closed an idle keep-alive connection: once more on a fresh one
+                what = "connection dropped" if sent else "cannot send"
+                raise RemoteFailure(Kind.DROPPED, f"{what}: {_reason(e)}") from None
+            if response.will_close:
+                self._drop(target)
+            return response.status, response.headers, data
+        raise AssertionError("unreachable")
+
+    def _forget(self, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._open.discard(conn)
+        conn.close()
+
+    def close(self) -> None:
+        """Close this thread's connections."""
+        for conn in self._local.__dict__.pop("conns", {}).values():
+            self._forget(conn)
+
+    def abort(self) -> None:
+        """Shut every thread's connections: a request waiting for its reply fails at once, so that
+        the process can exit without waiting out ``timeout``."""
+        with self._lock:
+            conns = list(self._open)
+            self._open.clear()
+        for conn in conns:
+            sock = conn.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+def _reason(e: BaseException) -> str:
+    if isinstance(e, socket.gaierror):
+        return f"name does not resolve ({e.strerror})"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
