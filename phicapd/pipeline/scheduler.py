@@ -47,7 +47,7 @@ from phicapd.config import Settings, WatchRoot
 from phicapd.errors import CAPTION_EMPTY, CaptionError, PhicapError
 from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
-from phicapd.pipeline.decode import DecodeBytes, Decoded, DecodeFile
+from phicapd.pipeline.decode import DecodeBytes, Decoded, DecodeFile, fingerprint_of
 from phicapd.pipeline.jobs import Job, JobStore
 from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, policy_keeps, sidecar_may_exist
 from phicapd.pipeline.writer import Finished, SidecarWriter
@@ -363,6 +363,18 @@ class Scheduler:
         try:
             if root is None:
                 raise PhicapError(f"{job.path}: its watch root {job.root} is no longer configured", code="root_removed")
+            if job.staged and job.caption is not None and job.sha256 and job.fingerprint == fingerprint_of(job.path):
+                # Its caption was made and staged, and the daemon stopped while its files were
+                # written: finish them from the journal rather than caption it again.
+                with self._cond:
+                    self._decoding -= 1
+                caption = Caption(job.caption, 0, backend=job.backend, endpoint=job.endpoint, model=job.model)
+                decoded = Decoded(None, job.sha256, job.fingerprint)  # type: ignore[arg-type]  # no pixels needed
+                self.writer.submit(
+                    [Finished(job, root, decoded, job.prompt or "", time.monotonic(), caption=caption, staged=True)]
+                )
+                self._wake_feeder.set()
+                return
             kept = self._already_captioned(job, root)
             if kept is not None:
                 # Its sidecar appeared while it waited (phicapctl, a hand-written caption) or was
@@ -642,7 +654,7 @@ class Scheduler:
         policy = self.settings.existing_policy(root)
         if job.force or policy == "overwrite":
             return None
-        extension = self.settings.sidecar.extension
+        extension = self.settings.primary_extension(root)
         claims = Claims(self.store.claims_near(job.path), job.path.parent)
         if job.path.name not in claims.by_image and not sidecar_may_exist(job.path, extension):
             return None  # the usual case, known without listing the directory

@@ -195,7 +195,7 @@ def test_a_version_2_journal_gains_the_provenance_columns_and_keeps_its_jobs(tmp
     assert done is not None and (done.backend, done.endpoint, done.model) == ("openai", "http://gpu1:8000/v1", "phi35v")
     store.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
     db.execute("PRAGMA user_version=4")
     db.commit()
     db.close()
