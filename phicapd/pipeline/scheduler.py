@@ -663,7 +663,9 @@ class Scheduler:
         except OSError:
             return None
         base = SiblingIndex(self._list_images(job.path.parent, root)).base_for(job.path.name, claims)
-        return base if policy_keeps(policy, changed_ns(st), job.path.with_name(base + extension)) else None
+        extensions = self.settings.per_image_extensions(root)
+        kept = all(policy_keeps(policy, changed_ns(st), job.path.with_name(base + e)) for e in extensions)
+        return base if kept else None
 
 
 def _suspect(job: Job | None) -> bool:
