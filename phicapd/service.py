@@ -19,15 +19,16 @@ from typing import Any
 
 from phicapd import __version__
 from phicapd.captioner import Captioner, decorate
-from phicapd.config import Settings
+from phicapd.config import Settings, WatchRoot
 from phicapd.control.backend import CaptionReply
-from phicapd.control.protocol import CAPTION_TIMEOUT
+from phicapd.control.protocol import CAPTION_TIMEOUT, NOT_WATCHED
 from phicapd.errors import ConfigError, ModelUnavailable, PhicapError
 from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
+from phicapd.pipeline import staleness
 from phicapd.pipeline.decode import make_decoders
 from phicapd.pipeline.intake import Intake
-from phicapd.pipeline.jobs import JobStore
+from phicapd.pipeline.jobs import Job, JobStore
 from phicapd.pipeline.paths import is_watched_dir, journal_path, list_images, owning_root
 from phicapd.pipeline.scanner import Reconciler
 from phicapd.pipeline.scheduler import Scheduler
@@ -193,6 +194,7 @@ class Daemon:
         self.watcher.start()
         for root in self.settings.watch:
             self.intake.rescan(root, root.path, "startup")
+        self._restale_auto()
         self.scheduler.notify_work()
 
         self.state = "ready"
@@ -267,6 +269,7 @@ class Daemon:
         self.intake.set_roots(settings.watch)
         if self.watcher is not None:
             self.watcher.set_roots(settings.watch)
+        self._restale_auto()
 
     def _load_captioner(self, notifier: Any) -> Captioner:
         """Load the model, waiting out a hub that is down or a GPU driver that is not up yet
@@ -516,6 +519,42 @@ class Daemon:
         n = self.store.retry(paths)
         self._work_queued()
         return n
+
+    def _stale_report(self, directory: Path | None) -> staleness.StaleReport:
+        if self.captioner is None:
+            raise PhicapError("the model is still loading", code="not_ready", retryable=True)
+        try:
+            return staleness.find_stale(self.settings, self.store, self.captioner.identity, directory)
+        except staleness.NotWatched as e:
+            raise PhicapError(str(e), code=NOT_WATCHED) from None
+
+    def stale(self, directory: Path | None) -> dict[str, list[dict[str, Any]]]:
+        report = self._stale_report(directory)
+
+        def entry(job: Job, root: WatchRoot) -> dict[str, Any]:
+            return {"path": str(job.path), "root": str(root.path), "model": job.model, "prompt": job.prompt}
+
+        return {"stale": [entry(*e) for e in report.stale], "edited": [entry(*e) for e in report.edited]}
+
+    def recaption_stale(self, directory: Path | None, force: bool) -> tuple[int, int]:
+        report = self._stale_report(directory)
+        chosen = report.stale + report.edited if force else report.stale
+        n = staleness.requeue(self.store, chosen)
+        self._work_queued()
+        log.info("recaption", requeued=n, edited_kept=0 if force else len(report.edited), dir=str(directory or ""))
+        return n, 0 if force else len(report.edited)
+
+    def _restale_auto(self) -> None:
+        """``restale = "auto"`` roots: redo their stale captions (at start, after a reload)."""
+        if self.captioner is None:
+            return
+        for root in self.settings.watch:
+            if self.settings.restale_for(root) == "auto":
+                report = staleness.find_stale(self.settings, self.store, self.captioner.identity, root.path)
+                if report.stale:
+                    n = staleness.requeue(self.store, report.stale)
+                    log.info("recaption", root=str(root.path), requeued=n, edited_kept=len(report.edited), auto=True)
+        self._work_queued()
 
     def pause(self) -> None:
         if self.scheduler is not None:

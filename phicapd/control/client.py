@@ -229,6 +229,14 @@ class ControlClient:
         reply = self._post_json("/v1/failures/retry", p.RetryRequest(paths=paths).model_dump())
         return p.RetryReply.model_validate(reply).requeued
 
+    def stale(self, directory: str | None = None) -> p.StaleReply:
+        query = {"dir": directory} if directory is not None else {}
+        return p.StaleReply.model_validate(self._get_json("/v1/stale", query))
+
+    def recaption_stale(self, directory: str | None = None, *, force: bool = False) -> p.RecaptionReply:
+        body = p.RecaptionRequest(stale=True, dir=directory, force=force).model_dump()
+        return p.RecaptionReply.model_validate(self._post_json("/v1/recaption", body))
+
     def pause(self) -> None:
         self._post_json("/v1/pause")
 

@@ -22,6 +22,7 @@ MAX_FAILURES_LIMIT = 1000
 
 # Codes the control layer itself produces. Backend errors keep their own ``PhicapError.code``.
 BAD_REQUEST = "bad_request"
+NOT_WATCHED = "not_watched"  # /v1/stale, /v1/recaption: a directory under no watch root
 NOT_FOUND = "not_found"
 METHOD_NOT_ALLOWED = "method_not_allowed"
 REQUEST_TIMEOUT = "request_timeout"
@@ -129,6 +130,41 @@ class RetryReply(_Model):
     requeued: int
 
 
+class StaleParams(_Model):
+    """``dir``: an absolute directory under a watch root (absent: every root)."""
+
+    dir: str | None = None
+
+
+class StaleEntry(_Model):
+    path: str
+    root: str
+    model: str | None = None
+    prompt: str | None = None
+
+
+class StaleReply(_Model):
+    # Captions made with other settings than their root's current ones, which
+    # ``POST /v1/recaption`` redoes; ``edited``: stale too, but their file was changed since the
+    # daemon wrote it (a person), so they are redone only with ``force``.
+    stale: list[StaleEntry]
+    edited: list[StaleEntry]
+
+
+class RecaptionRequest(_Model):
+    """Re-queue the stale captions under ``dir`` (every root when null); ``force``: the edited
+    ones too. ``stale`` must be true: it is the only selection there is so far."""
+
+    stale: bool
+    dir: str | None = None
+    force: bool = False
+
+
+class RecaptionReply(_Model):
+    requeued: int
+    edited_kept: int  # edited captions left alone (no ``force``)
+
+
 class OkReply(_Model):
     ok: bool = True
 
@@ -205,6 +241,8 @@ def error_status(exc: PhicapError) -> int:
         return 502 if exc.retryable else 422
     if exc.code == CAPTION_TIMEOUT:
         return 504
+    if exc.code == NOT_WATCHED:
+        return 422
     return 503 if exc.retryable else 500
 
 
