@@ -34,11 +34,18 @@ DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".
 ExistingPolicy = Literal["skip", "overwrite", "only-missing"]
 
 # What the daemon writes for each caption ([sidecar] formats, [[watch]] formats); the names are
-# public API (issue 11). ``txt``: ``photo.txt``; ``json``: ``photo.json``, the caption with its
-# provenance; ``jsonl``: the directory's ``metadata.jsonl`` (Hugging Face imagefolder).
+# public API. ``txt``: ``photo.txt``; ``json``: ``photo.json``, the caption with its provenance;
+# ``jsonl``: the directory's ``metadata.jsonl`` (Hugging Face imagefolder); ``xmp``: an XMP
+# sidecar's dc:description, merged into an existing one; ``embed``: the image's own XMP, EXIF and
+# IPTC (opt-in: it rewrites the image file, pixels untouched). xmp and embed need pyexiv2.
 OutputFormat = Literal["txt", "xmp", "embed", "json", "jsonl"]
-#: The formats this build writes; ``xmp`` and ``embed`` are named by the issue but not built yet.
-AVAILABLE_FORMATS = ("txt", "json", "jsonl")
+#: The formats this build writes.
+AVAILABLE_FORMATS = ("txt", "xmp", "embed", "json", "jsonl")
+#: Formats written through pyexiv2 (``pipeline.metadata``).
+METADATA_FORMATS = ("xmp", "embed")
+# The XMP sidecar's name: "stem" (photo.xmp, as Lightroom and digiKam; same-stem images get
+# photo.png.xmp by the .txt naming rule) or "full" (photo.jpg.xmp, as darktable).
+XmpNaming = Literal["stem", "full"]
 #: One file per image, beside it: what the scans look at to tell a captioned image.
 PER_IMAGE_FORMATS = ("txt", "json")
 JSON_EXTENSION = ".json"
@@ -65,7 +72,7 @@ def _check_formats(value: list[OutputFormat] | None) -> list[OutputFormat] | Non
             raise ValueError(f"format {name!r} is not available in this phicapd yet (it writes: {available})")
     if not seen.intersection(PER_IMAGE_FORMATS):
         # The scans tell a captioned image by a file beside it; a manifest alone cannot say so.
-        raise ValueError(f"formats {value!r} need a per-image format too: 'txt' or 'json'")
+        raise ValueError(f"formats {value!r} need 'txt' or 'json' too (what the scans tell a captioned image by)")
     return value
 
 
@@ -224,6 +231,7 @@ class WatchRoot(_Section):
     poll: bool | None = None
     formats: list[OutputFormat] | None = None  # None: [sidecar] formats
     restale: RestalePolicy | None = None  # None: [sidecar] restale
+    xmp_naming: XmpNaming | None = None  # None: [sidecar] xmp_naming
 
     @field_validator("formats")
     @classmethod
@@ -250,6 +258,7 @@ class SidecarSettings(_Section):
     existing: ExistingPolicy = "skip"
     formats: list[OutputFormat] = ["txt"]
     restale: RestalePolicy = "manual"
+    xmp_naming: XmpNaming = "stem"
 
     @field_validator("formats")
     @classmethod
@@ -404,9 +413,28 @@ class Settings(BaseSettings):
                 patterns.append(sidecar_ignore_pattern(JSON_EXTENSION))
             if "jsonl" in formats:
                 patterns.append(MANIFEST_NAME)
+            if "xmp" in formats:
+                patterns.append(sidecar_ignore_pattern(".xmp"))
             missing = [p for p in patterns if p not in root.ignore]
             if missing:
                 root.ignore = [*root.ignore, *missing]
+        return self
+
+    @model_validator(mode="after")
+    def _metadata_library(self) -> Settings:
+        # Only roots that ask for xmp/embed need pyexiv2; without it they fail the start, once.
+        wanting = [
+            f"watch[{i}].formats"
+            for i, root in enumerate(self.watch)
+            if set(self.formats_for(root)).intersection(METADATA_FORMATS)
+        ]
+        if wanting:
+            from phicapd.pipeline.metadata import MetadataUnavailable, require
+
+            try:
+                require()
+            except MetadataUnavailable as e:
+                raise ValueError(f"{', '.join(wanting)}: xmp and embed {e}") from None
         return self
 
     @classmethod
@@ -431,6 +459,9 @@ class Settings(BaseSettings):
     def formats_for(self, root: WatchRoot | None) -> list[OutputFormat]:
         """What is written for each caption under ``root``: its own ``formats``, else ``[sidecar]``'s."""
         return (root.formats if root is not None else None) or self.sidecar.formats
+
+    def xmp_naming_for(self, root: WatchRoot) -> XmpNaming:
+        return root.xmp_naming or self.sidecar.xmp_naming
 
     def restale_for(self, root: WatchRoot) -> RestalePolicy:
         return root.restale or self.sidecar.restale

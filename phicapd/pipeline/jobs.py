@@ -318,8 +318,8 @@ class JobStore:
                     if changed or w.force:
                         db.execute(
                             "UPDATE jobs SET size = ?, mtime_ns = ?, inode = ?, force = force | ?,"
-                            " staged = staged AND NOT ?, updated_at = ? WHERE id = ?",
-                            (fp.size, fp.mtime_ns, fp.inode, int(w.force), int(changed), now, row["id"]),
+                            " updated_at = ? WHERE id = ?",
+                            (fp.size, fp.mtime_ns, fp.inode, int(w.force), now, row["id"]),
                         )
                     continue
                 if state == "failed" and not changed and not w.force:

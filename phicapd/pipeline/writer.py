@@ -38,6 +38,7 @@ from phicapd.captioner import Caption, decorate
 from phicapd.config import JSON_EXTENSION, Settings, WatchRoot
 from phicapd.errors import PhicapError
 from phicapd.log import get_logger
+from phicapd.pipeline import metadata
 from phicapd.pipeline.decode import Decoded, fingerprint_of
 from phicapd.pipeline.formats import (
     Provenance,
@@ -86,6 +87,8 @@ class _Plan:
     files: list[tuple[Path, str]]  # per-image files to write, with their content
     primary: Path  # the file the scans judge the image by (``Settings.primary_extension``)
     manifest: bool  # the directory's metadata.jsonl lists it
+    xmp: Path | None = None  # the XMP sidecar to set (merged) ``dc:description`` in
+    embed: bool = False  # write the caption into the image file itself
 
 
 class SidecarWriter:
@@ -216,19 +219,66 @@ class SidecarWriter:
         primary = files[0][0]
         record = dataclasses.replace(record, sidecar=str(primary))
         files = [(path, content) for path, content in files if not self._kept(f, path)]
-        if not files:
+        xmp: Path | None = None
+        if "xmp" in formats:
+            xmp = metadata.xmp_sidecar_path(f.job.path, base, self.settings.xmp_naming_for(f.root))
+            if self._described(f, xmp):
+                xmp = None
+        embed = "embed" in formats and metadata.can_embed(f.job.path) and not self._described(f, f.job.path)
+        if not files and xmp is None and not embed:
             # Every file is one the policy keeps: it appeared while the image was on its way.
             f.skipped = True
             return None
-        return _Plan(f, record, files, primary, "jsonl" in formats)
+        return _Plan(f, record, files, primary, "jsonl" in formats, xmp, embed)
+
+    def _described(self, f: Finished, path: Path) -> bool:
+        """Does the policy keep the XMP description in ``path`` (a sidecar or the image)? An XMP
+        file without one is no caption (darktable writes a sidecar for every image it sees)."""
+        policy = self._policy(f)
+        if f.job.force or policy == "overwrite" or metadata.read_description(path) is None:
+            return False
+        if path == f.job.path:
+            # A description already in the image: someone else's caption (a camera, a person).
+            return True
+        assert f.decoded is not None
+        return policy == "only-missing" or policy_keeps(policy, f.decoded.fingerprint.mtime_ns, path)
+
+    def _write_metadata(self, plan: _Plan) -> None:
+        """Embed first, then the XMP sidecar: the other files, written after, are then newer than
+        the image, so ``skip`` sees the image's changed mtime as ours. Embedding changes the
+        image's bytes, mtime and inode; the journal records its new fingerprint, so neither the
+        scans nor ``overwrite`` take our own write for a changed image."""
+        f = plan.finished
+        path = f.job.path
+        try:
+            if plan.embed:
+                metadata.embed_caption(path, plan.record.caption or "")
+                fingerprint = fingerprint_of(path)
+                if fingerprint is not None:
+                    plan.record = dataclasses.replace(plan.record, fingerprint=fingerprint)
+            if plan.xmp is not None:
+                metadata.write_xmp_sidecar(plan.xmp, plan.record.caption or "")
+        except (OSError, RuntimeError) as e:
+            target = path if plan.embed else plan.xmp
+            f.error = PhicapError(
+                f"{path}: cannot write its caption into {target}: {e}", code="sidecar_write_failed", retryable=True
+            )
 
     def _write_outputs(self, group: list[Finished]) -> dict[int, Success]:
         """Write the group's files; returns id(finished) -> its journal record, for those written."""
         plans = [plan for f in group if (plan := self._plan(f)) is not None]
         # More than one file for an image: its caption goes to the journal first, so a crash
         # between the files is finished from there (``Finished.staged``), not captioned again.
-        staging = [p.record for p in plans if not p.finished.staged and len(p.files) + p.manifest > 1]
+        staging = [
+            p.record
+            for p in plans
+            if not p.finished.staged and len(p.files) + p.manifest + p.embed + (p.xmp is not None) > 1
+        ]
         self.store.stage_many(staging)
+        for p in plans:
+            if p.embed or p.xmp is not None:
+                self._write_metadata(p)
+        plans = [p for p in plans if p.finished.error is None]
         # only-missing: an existing file wins even if it appears while ours is being written.
         keep = {
             path
@@ -238,7 +288,7 @@ class SidecarWriter:
         }
         directories = {p.primary.parent: self._siblings.unchanged(p.primary.parent) for p in plans}
         items = [item for p in plans for item in p.files]
-        errors = iter(write_sidecars(items, self._io_pool, keep))
+        errors = iter(write_sidecars(items, self._io_pool, keep) if items else [])
         written: dict[int, Success] = {}
         manifests: dict[Path, dict[str, str | None]] = {}
         for p in plans:
@@ -257,7 +307,7 @@ class SidecarWriter:
                     code="sidecar_write_failed",
                     retryable=True,
                 )
-            elif placed == 0:
+            elif placed == 0 and p.files and not p.embed and p.xmp is None:
                 f.skipped = True  # only-missing: every file appeared while ours was being written
             else:
                 written[id(f)] = p.record
