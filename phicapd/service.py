@@ -19,7 +19,7 @@ from typing import Any
 
 from phicapd import __version__
 from phicapd.captioner import Captioner, decorate
-from phicapd.config import Settings, WatchRoot
+from phicapd.config import JSON_EXTENSION, Settings, WatchRoot
 from phicapd.control.backend import CaptionReply
 from phicapd.control.protocol import CAPTION_TIMEOUT, NOT_WATCHED
 from phicapd.errors import ConfigError, ModelUnavailable, PhicapError
@@ -27,6 +27,7 @@ from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
 from phicapd.pipeline import staleness
 from phicapd.pipeline.decode import make_decoders
+from phicapd.pipeline.formats import generation_settings, model_and_revision
 from phicapd.pipeline.intake import Intake
 from phicapd.pipeline.jobs import Job, JobStore
 from phicapd.pipeline.paths import is_watched_dir, journal_path, list_images, owning_root
@@ -378,12 +379,21 @@ class Daemon:
         text = decorate(caption.text, root.prefix, root.suffix) if root is not None else caption.text
         if root is not None and path is not None and sidecar is not None:
             self._claim_client_sidecar(journal_path(path, root), sidecar)
+        model, revision = model_and_revision(caption.model or self.captioner.identity)
+        provenance = {
+            "model": model,
+            "revision": revision,
+            "backend": caption.backend or self.settings.model.backend,
+            "prompt": prompt or self.settings.model.prompt,
+            "generation": generation_settings(self.settings),
+        }
         return CaptionReply(
             text,
             caption.new_tokens,
             self.captioner.identity,
             time.monotonic() - started,
             root=str(root.path) if root is not None else None,
+            provenance=provenance,
         )
 
     def caption_url(self, url: str, *, prompt: str | None, max_new_tokens: int | None, timeout: float) -> CaptionReply:
@@ -406,11 +416,13 @@ class Daemon:
             "existing": self.settings.sidecar.existing,
             "root": None,
             "claims": {},
+            "formats": list(self.settings.sidecar.formats),
         }
         root = owning_root(path, self.settings.watch)
         if root is None:
             return policy
         policy["existing"] = self.settings.existing_policy(root)
+        policy["formats"] = list(self.settings.formats_for(root))
         policy["claims"] = self.store.claims_in(journal_path(path, root).parent)
         # The client's directory is resolved; a symlinked root matches it by its resolved form,
         # and list_images relates the directory to the root, so report the form that matched.
@@ -430,8 +442,8 @@ class Daemon:
         does for its own, unless the name is not one the rule can give the image, or it already
         belongs to another image that is still there (then phicapctl named it without a claim
         that appeared meanwhile; the journal's claim stands)."""
-        extension = self.settings.sidecar.extension
-        base = sidecar[: -len(extension)] if sidecar.endswith(extension) else None
+        extension = next((e for e in (self.settings.sidecar.extension, JSON_EXTENSION) if sidecar.endswith(e)), "")
+        base = sidecar[: -len(extension)] if extension else None
         if base is None or not is_rule_base(image.name, base):
             log.warning("sidecar name not recorded", path=str(image), sidecar=sidecar)
             return

@@ -20,6 +20,7 @@ class CaptionReply:
     seconds: float  # time from accept to answer
     url: str | None = None  # final URL for caption-url
     root: str | None = None  # the watch root whose prompt and prefix/suffix were applied
+    provenance: dict[str, Any] | None = None  # ``protocol.CaptionResult.provenance``
 
 
 class ControlBackend(Protocol):

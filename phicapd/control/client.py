@@ -258,12 +258,15 @@ class ControlClient:
         max_new_tokens: int | None = None,
         path: str | None = None,
         sidecar: str | None = None,
+        provenance: bool = False,
     ) -> p.CaptionResult:
         """``path``: where ``data`` was read (absolute, directory resolved), so the daemon applies
         its watch root's prompt and prefix/suffix; ``sidecar``: the file name the caption is
         written to beside it, which the daemon's journal then keeps that image's; see
         ``p.CaptionParams``."""
         query = {"name": name, "prompt": prompt, "max_new_tokens": max_new_tokens, "path": path, "sidecar": sidecar}
+        if provenance:
+            query["provenance"] = "true"
         resp = self.request(
             "POST",
             "/v1/caption",

@@ -62,6 +62,9 @@ class CaptionParams(_Model):
     # The sidecar file name the client writes beside ``path`` (its own naming, from
     # ``/v1/sidecar``): once captioned, the journal keeps that name the image's.
     sidecar: str | None = Field(None, min_length=1, max_length=4096)
+    # Ask for ``CaptionResult.provenance`` (what phicapctl writes into photo.json). Only sent to
+    # a daemon whose ``/v1/sidecar`` reports formats, so an older one never sees it.
+    provenance: bool = False
 
     @field_validator("path")
     @classmethod
@@ -110,6 +113,9 @@ class CaptionResult(_Model):
     # The watch root whose prompt and prefix/suffix were applied (caption requests with a
     # ``path`` under a root). Left out of the JSON when None, so older clients still parse it.
     root: str | None = None
+    # With ``provenance=true``: {"model", "revision", "backend", "prompt", "generation"}, the
+    # JSON sidecar's keys that only the daemon knows. Left out of the JSON otherwise.
+    provenance: dict[str, Any] | None = None
 
 
 class FailuresParams(_Model):
@@ -212,6 +218,9 @@ class SidecarPolicy(BaseModel):
     extension: str = ".txt"
     existing: ExistingPolicy = "skip"
     root: RootNaming | None = None
+    # What is written for each caption (``[sidecar] formats``, the root's own): phicapctl writes
+    # the per-image ``txt`` and ``json``; ``xmp``, ``embed`` and ``jsonl`` are the daemon's.
+    formats: list[str] = ["txt"]
     # Sidecars already given to images of the path's directory: image name -> sidecar name
     # without the extension (``pipeline.sidecar.Claims``). Empty outside every root; None from a
     # daemon that predates claims (it also refuses ``CaptionParams.sidecar``).

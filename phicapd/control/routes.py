@@ -6,6 +6,7 @@ an oversized body is refused without reading it) and then calls ``handle``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -91,12 +92,13 @@ def _caption_result(reply: CaptionReply) -> p.CaptionResult:
         seconds=reply.seconds,
         url=reply.url,
         root=reply.root,
+        provenance=reply.provenance,
     )
 
 
 def _caption_response(result: p.CaptionResult) -> Response:
     # "root" only when a root applied: clients from before it existed reject unknown fields.
-    exclude = {"root"} if result.root is None else None
+    exclude = {name for name in ("root", "provenance") if getattr(result, name) is None}
     return Response(200, result.model_dump_json(exclude=exclude).encode())
 
 
@@ -184,6 +186,8 @@ class Router:
             path=Path(params.path) if params.path else None,
             sidecar=params.sidecar,
         )
+        if not params.provenance:
+            reply = dataclasses.replace(reply, provenance=None)
         return _caption_response(_caption_result(reply))
 
     def _caption_url(self, req: Request) -> Response:
