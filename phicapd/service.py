@@ -191,6 +191,7 @@ class Daemon:
             self.settings.watcher,
             on_ready=lambda path, root: self.intake.file_ready(path, root),
             on_rescan=lambda root, directory, reason: self.intake.rescan(root, directory, reason),
+            on_gone=self._file_gone,
         )
         self.watcher.start()
         for root in self.settings.watch:
@@ -308,6 +309,12 @@ class Daemon:
                 log.exception("closing the model failed")
         self.store.close()
         log.info("stopped")
+
+    def _file_gone(self, path: Path, root: WatchRoot) -> None:
+        """A watched file was deleted or moved away: its directory's manifest drops it."""
+        current = next((r for r in self.settings.watch if r.path == root.path), root)
+        if self.scheduler is not None and "jsonl" in self.settings.formats_for(current):
+            self.scheduler.writer.refresh_manifest(path.parent)
 
     def _work_queued(self) -> None:
         if self.scheduler is not None:

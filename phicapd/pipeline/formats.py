@@ -130,13 +130,14 @@ def update_manifest(directory: Path, captions: Mapping[str, str | None]) -> None
     Only the writer thread calls this, so read-merge-rewrite needs no lock of its own.
     """
     entries = read_manifest(directory)
+    before = dict(entries)
     for name, text in captions.items():
         if text is None:
             entries.pop(name, None)
         else:
             entries[name] = text
     kept = {name: text for name, text in entries.items() if os.path.lexists(directory / name)}
-    if not kept and not (directory / MANIFEST_NAME).exists():
-        return
+    if kept == before and (kept or not (directory / MANIFEST_NAME).exists()):
+        return  # nothing to change (a removal of a file the manifest never listed)
     lines = [json.dumps({"file_name": name, "text": kept[name]}, ensure_ascii=False) for name in sorted(kept)]
     write_atomic(directory / MANIFEST_NAME, "".join(line + "\n" for line in lines))

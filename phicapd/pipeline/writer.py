@@ -110,6 +110,7 @@ class SidecarWriter:
         self._siblings = SiblingCache(list_images)
         self._io_pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="phicapd-write")
         self._queue: collections.deque[Finished] = collections.deque()
+        self._refresh: set[Path] = set()  # directories whose manifest may list a removed image
         self._cond = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="phicapd-writer", daemon=True)
@@ -125,6 +126,20 @@ class SidecarWriter:
             self._queue.extend(finished)
             self._cond.notify()
 
+    def refresh_manifest(self, directory: Path) -> None:
+        """An image of ``directory`` is gone: its ``metadata.jsonl`` drops it at the next turn of
+        the writer (which owns the manifests), once for all the removals that arrived by then."""
+        with self._cond:
+            self._refresh.add(directory)
+            self._cond.notify()
+
+    def _refresh_manifests(self, directories: set[Path]) -> None:
+        for directory in sorted(directories):
+            try:
+                update_manifest(directory, {})
+            except OSError as e:  # the next write or removal in the directory tries again
+                log.warning("cannot update the manifest", directory=str(directory), error=str(e))
+
     def stop(self, timeout: float) -> None:
         """Write what was submitted (within ``timeout``), then stop."""
         with self._cond:
@@ -137,12 +152,16 @@ class SidecarWriter:
         delay = RETRY_SECONDS[0]
         while True:
             with self._cond:
-                while not self._queue:
+                while not self._queue and not self._refresh:
                     if self._closing:
                         return
                     self._cond.wait(0.5)
                 group = list(self._queue)
                 self._queue.clear()
+                refresh, self._refresh = self._refresh, set()
+            self._refresh_manifests(refresh)
+            if not group:
+                continue
             try:
                 self._write(group)
                 delay = RETRY_SECONDS[0]

@@ -181,6 +181,9 @@ def test_update_manifest_merges_drops_and_survives_junk(tmp_path: Path) -> None:
     assert read_manifest(tmp_path) == {"a.png": "new a", "b.png": "old b"}
     update_manifest(tmp_path, {"b.png": None})
     assert _manifest(tmp_path) == [{"file_name": "a.png", "text": "new a"}]
+    before = (tmp_path / "metadata.jsonl").stat()
+    update_manifest(tmp_path, {"notes.png": None})  # a removal it never listed: not rewritten
+    assert (tmp_path / "metadata.jsonl").stat().st_ino == before.st_ino
     empty = tmp_path / "empty"
     empty.mkdir()
     update_manifest(empty, {"nothing.png": "x"})  # no image, no manifest to keep in step: none made
@@ -243,3 +246,17 @@ def test_kill_dash_nine_between_two_formats_is_finished_from_the_journal(tmp_pat
             from phicapd.pipeline.metadata import read_description
 
             assert read_description(image) + "\n" == text
+
+
+def test_a_removed_image_drops_out_of_the_manifest_by_itself(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    settings = settings_for(tmp_path, [root], extra='formats = ["txt", "jsonl"]\n')
+    with running_daemon(settings, FakeCaptioner()) as daemon:
+        for i in range(3):
+            write_unique_png(root / f"p{i}.png", i)
+        wait_for(lambda: is_settled(daemon) and daemon.store.counts()["done"] == 3, 30, "three captions")
+        assert [e["file_name"] for e in _manifest(root)] == ["p0.png", "p1.png", "p2.png"]
+        (root / "p1.png").unlink()
+        (root / "p2.png").rename(tmp_path / "moved-away.png")
+        wait_for(lambda: [e["file_name"] for e in _manifest(root)] == ["p0.png"], 30, "the manifest to drop them")
