@@ -130,7 +130,10 @@ def test_every_format_is_written_from_one_caption_and_reads_back(tmp_path: Path)
     assert not list(root.rglob(".*"))  # no temp files left
 
 
-def test_imagefolder_loads_the_manifest(tmp_path: Path) -> None:
+def test_imagefolder_loads_the_manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its caches go to tmp_path, and it must not reach for the hub (read at import).
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     datasets = pytest.importorskip("datasets")
     root = tmp_path / "in"
     root.mkdir()
