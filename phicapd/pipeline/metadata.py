@@ -139,6 +139,17 @@ def can_embed(image: Path) -> bool:
 
 
 def embed_caption(image: Path, caption: str) -> None:
-    """Write ``caption`` into ``image`` itself (XMP, EXIF and IPTC as its type holds them)."""
+    """Write ``caption`` into ``image`` itself (XMP, EXIF and IPTC as its type holds them).
+
+    The file keeps its modification time, as ``exiftool -P`` does: photo libraries sort by it,
+    and a caption the policy keeps beside the image (``skip``: one at least as new as the image)
+    must not look older than the image because of our own write.
+    """
     kinds = EMBED_KINDS[image.suffix.lower()]
-    _edit_copy(image, image, lambda tmp: _modify(tmp, kinds, caption))
+    st = image.stat()
+
+    def edit(tmp: Path) -> None:
+        _modify(tmp, kinds, caption)
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+    _edit_copy(image, image, edit)

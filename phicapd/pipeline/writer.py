@@ -254,19 +254,23 @@ class SidecarWriter:
         """Does the policy keep the XMP description in ``path`` (a sidecar or the image)? An XMP
         file without one is no caption (darktable writes a sidecar for every image it sees)."""
         policy = self._policy(f)
-        if f.job.force or policy == "overwrite" or metadata.read_description(path) is None:
+        description = metadata.read_description(path)
+        if f.job.force or policy == "overwrite" or description is None:
             return False
         if path == f.job.path:
-            # A description already in the image: someone else's caption (a camera, a person).
-            return True
+            # A description already in the image is someone else's caption (a camera, a person),
+            # unless it is the one we last wrote: that one is replaced with the image's new
+            # caption, or, finishing a staged write, it is this very caption, embedded already.
+            return f.staged if description == f.job.caption else True
         assert f.decoded is not None
         return policy == "only-missing" or policy_keeps(policy, f.decoded.fingerprint.mtime_ns, path)
 
     def _write_metadata(self, plan: _Plan) -> None:
-        """Embed first, then the XMP sidecar: the other files, written after, are then newer than
-        the image, so ``skip`` sees the image's changed mtime as ours. Embedding changes the
-        image's bytes, mtime and inode; the journal records its new fingerprint, so neither the
-        scans nor ``overwrite`` take our own write for a changed image."""
+        """Embed first, then the XMP sidecar, then (the caller) the other files. Embedding changes
+        the image's bytes and inode and keeps its mtime (``metadata.embed_caption``), so ``skip``
+        still sees the other files as at least as new as the image; the journal records its new
+        fingerprint, so neither the watcher's event for it, the scans nor ``overwrite`` take our
+        own write for a changed image."""
         f = plan.finished
         path = f.job.path
         try:

@@ -3,6 +3,7 @@ read back with pyexiv2's reader and, for sidecars, a plain XML parser."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -121,6 +122,7 @@ def test_embed_round_trip_keeps_pixels_and_tags_and_captions_once(tmp_path: Path
     root.mkdir()
     made = _make_images(staging)
     pixels = {kind: _pixels(path) for kind, path in made.items()}
+    mtimes = {kind: path.stat().st_mtime_ns for kind, path in made.items()}
     extra = f'formats = ["txt", "embed"]\nexisting = "{policy}"\n'
     settings = settings_for(tmp_path, [root], extra=extra, settle=0.2)
     fake = FakeCaptioner()
@@ -139,6 +141,7 @@ def test_embed_round_trip_keeps_pixels_and_tags_and_captions_once(tmp_path: Path
         path = Path(path)
         caption = path.with_suffix(".txt").read_text().rstrip("\n")
         assert _pixels(path) == pixels[kind], f"{kind}: decoded pixels changed"
+        assert path.stat().st_mtime_ns == mtimes[kind], f"{kind}: the embed changed the mtime"
         image = pyexiv2.Image(str(path))
         try:
             xmp, exif, iptc = image.read_xmp(), image.read_exif(), image.read_iptc()
@@ -166,3 +169,28 @@ def test_a_missing_pyexiv2_is_a_start_up_error_only_for_roots_that_ask(
     config.write_text(base + f'[[watch]]\npath = "{tmp_path / "b"}"\nformats = ["txt", "embed"]\n')
     with pytest.raises(ConfigError, match=r"watch\[1\]\.formats: xmp and embed needs the pyexiv2 package"):
         load_settings(config)
+
+
+def test_embed_replaces_its_own_last_caption_but_never_someone_elses(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    ours, theirs = root / "ours.png", root / "theirs.png"
+    write_unique_png(ours, 1)
+    write_unique_png(theirs, 2)
+    image = pyexiv2.Image(str(theirs))
+    image.modify_xmp({"Xmp.dc.description": {'lang="x-default"': "from the camera club"}})
+    image.close()
+    fake = FakeCaptioner()
+    for prefix in ("one: ", "two: "):
+        settings = settings_for(tmp_path, [root], extra=f'formats = ["txt", "embed"]\nprefix = "{prefix}"\n')
+        with running_daemon(settings, fake) as daemon:
+            wait_for(lambda p=prefix: is_settled(daemon) and (root / "ours.txt").read_text().startswith(p), 30, prefix)
+            wait_for(lambda p=prefix: (root / "theirs.txt").read_text().startswith(p), 30, prefix)
+        mtime = ours.stat().st_mtime_ns
+        assert _xmp(ours)["Xmp.dc.description"] == {'lang="x-default"': (root / "ours.txt").read_text().rstrip()}
+        assert _xmp(theirs)["Xmp.dc.description"] == {'lang="x-default"': "from the camera club"}
+        # Saved again (in an editor that keeps the metadata): skip captions both again next time.
+        later = mtime + 5_000_000_000
+        for path in (ours, theirs):
+            os.utime(path, ns=(later, later))
+    assert sum(fake.calls.values()) == 4
