@@ -122,3 +122,24 @@ def test_stale_outside_every_root_and_bad_requests_are_refused(tmp_path: Path) -
 def test_recaption_without_stale_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert ctl.main(["--socket", "/nonexistent/ctl.sock", "recaption"]) == 64
     assert "--stale" in capsys.readouterr().err
+
+
+def test_restale_auto_redoes_stale_captions_after_a_reload(tmp_path: Path) -> None:
+    from phicapd.config import load_settings
+    from tests.support.daemon import write_config
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(3):
+        write_unique_png(root / f"p{i}.png", i)
+    lines = 'restale = "auto"\nformats = ["txt", "json"]\n'
+    config = write_config(tmp_path, [root], extra=lines + 'prompt = "Describe it."\n')
+    fake = FakeCaptioner()
+    with running_daemon(load_settings(config), fake, settings_loader=lambda: load_settings(config)) as daemon:
+        wait_for(lambda: is_settled(daemon) and daemon.store.counts()["done"] == 3, 30, "three captions")
+        (root / "p0.txt").write_text("mine\n")
+        write_config(tmp_path, [root], extra=lines + 'prompt = "Write alt text."\n')
+        assert daemon.reload() is True
+        wait_for(lambda: is_settled(daemon) and sum(fake.calls.values()) == 5, 30, "two automatic captions")
+    assert (root / "p0.txt").read_text() == "mine\n"
+    assert [json.loads((root / f"p{i}.json").read_text())["prompt"] for i in (1, 2)] == ["Write alt text."] * 2
