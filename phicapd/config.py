@@ -33,6 +33,48 @@ DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".
 # phicapctl --force and forced retries caption and replace under every policy.
 ExistingPolicy = Literal["skip", "overwrite", "only-missing"]
 
+# What the daemon writes for each caption ([sidecar] formats, [[watch]] formats); the names are
+# public API. ``txt``: ``photo.txt``; ``json``: ``photo.json``, the caption with its provenance;
+# ``jsonl``: the directory's ``metadata.jsonl`` (Hugging Face imagefolder); ``xmp``: an XMP
+# sidecar's dc:description, merged into an existing one; ``embed``: the image's own XMP, EXIF and
+# IPTC (opt-in: it rewrites the image file, pixels untouched). xmp and embed need pyexiv2.
+OutputFormat = Literal["txt", "xmp", "embed", "json", "jsonl"]
+#: The formats this build writes.
+AVAILABLE_FORMATS = ("txt", "xmp", "embed", "json", "jsonl")
+#: Formats written through pyexiv2 (``pipeline.metadata``).
+METADATA_FORMATS = ("xmp", "embed")
+# The XMP sidecar's name: "stem" (photo.xmp, as Lightroom and digiKam; same-stem images get
+# photo.png.xmp by the .txt naming rule) or "full" (photo.jpg.xmp, as darktable).
+XmpNaming = Literal["stem", "full"]
+#: One file per image, beside it: what the scans look at to tell a captioned image.
+PER_IMAGE_FORMATS = ("txt", "json")
+JSON_EXTENSION = ".json"
+MANIFEST_NAME = "metadata.jsonl"
+# What happens to captions made with other settings than the root's current ones: "manual"
+# (listed by `phicapctl stale`, redone by `phicapctl recaption --stale`) or "auto" (redone at
+# start and after a reload, as if `recaption --stale` had been run). Hand-edited captions are
+# never redone by either.
+RestalePolicy = Literal["manual", "auto"]
+
+
+def _check_formats(value: list[OutputFormat] | None) -> list[OutputFormat] | None:
+    if value is None:
+        return None
+    if not value:
+        raise ValueError('formats must name at least one format, e.g. ["txt"]')
+    seen: set[str] = set()
+    for name in value:
+        if name in seen:
+            raise ValueError(f"format {name!r} is listed twice")
+        seen.add(name)
+        if name not in AVAILABLE_FORMATS:
+            available = ", ".join(AVAILABLE_FORMATS)
+            raise ValueError(f"format {name!r} is not available in this phicapd yet (it writes: {available})")
+    if not seen.intersection(PER_IMAGE_FORMATS):
+        # The scans tell a captioned image by a file beside it; a manifest alone cannot say so.
+        raise ValueError(f"formats {value!r} need 'txt' or 'json' too (what the scans tell a captioned image by)")
+    return value
+
 
 def _is_root() -> bool:
     return os.geteuid() == 0
@@ -187,6 +229,14 @@ class WatchRoot(_Section):
     include: list[str] = Field(default_factory=lambda: [f"*{e}" for e in DEFAULT_IMAGE_EXTENSIONS])
     ignore: list[str] = []
     poll: bool | None = None
+    formats: list[OutputFormat] | None = None  # None: [sidecar] formats
+    restale: RestalePolicy | None = None  # None: [sidecar] restale
+    xmp_naming: XmpNaming | None = None  # None: [sidecar] xmp_naming
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, value: list[OutputFormat] | None) -> list[OutputFormat] | None:
+        return _check_formats(value)
 
     @field_validator("path")
     @classmethod
@@ -206,6 +256,16 @@ class WatcherSettings(_Section):
 class SidecarSettings(_Section):
     extension: str = ".txt"
     existing: ExistingPolicy = "skip"
+    formats: list[OutputFormat] = ["txt"]
+    restale: RestalePolicy = "manual"
+    xmp_naming: XmpNaming = "stem"
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, value: list[OutputFormat]) -> list[OutputFormat]:
+        checked = _check_formats(value)
+        assert checked is not None
+        return checked
 
     @field_validator("extension")
     @classmethod
@@ -347,8 +407,34 @@ class Settings(BaseSettings):
         # the scans, list_images behind the naming rule, phicapctl through /v1/sidecar) agrees.
         pattern = sidecar_ignore_pattern(self.sidecar.extension)
         for root in self.watch:
-            if pattern not in root.ignore:
-                root.ignore = [*root.ignore, pattern]
+            formats = self.formats_for(root)
+            patterns = [pattern]
+            if "json" in formats:
+                patterns.append(sidecar_ignore_pattern(JSON_EXTENSION))
+            if "jsonl" in formats:
+                patterns.append(MANIFEST_NAME)
+            if "xmp" in formats:
+                patterns.append(sidecar_ignore_pattern(".xmp"))
+            missing = [p for p in patterns if p not in root.ignore]
+            if missing:
+                root.ignore = [*root.ignore, *missing]
+        return self
+
+    @model_validator(mode="after")
+    def _metadata_library(self) -> Settings:
+        # Only roots that ask for xmp/embed need pyexiv2; without it they fail the start, once.
+        wanting = [
+            f"watch[{i}].formats"
+            for i, root in enumerate(self.watch)
+            if set(self.formats_for(root)).intersection(METADATA_FORMATS)
+        ]
+        if wanting:
+            from phicapd.pipeline.metadata import MetadataUnavailable, require
+
+            try:
+                require()
+            except MetadataUnavailable as e:
+                raise ValueError(f"{', '.join(wanting)}: xmp and embed {e}") from None
         return self
 
     @classmethod
@@ -369,6 +455,27 @@ class Settings(BaseSettings):
 
     def prompt_for(self, root: WatchRoot) -> str:
         return root.prompt or self.model.prompt
+
+    def formats_for(self, root: WatchRoot | None) -> list[OutputFormat]:
+        """What is written for each caption under ``root``: its own ``formats``, else ``[sidecar]``'s."""
+        return (root.formats if root is not None else None) or self.sidecar.formats
+
+    def xmp_naming_for(self, root: WatchRoot) -> XmpNaming:
+        return root.xmp_naming or self.sidecar.xmp_naming
+
+    def restale_for(self, root: WatchRoot) -> RestalePolicy:
+        return root.restale or self.sidecar.restale
+
+    def per_image_extensions(self, root: WatchRoot | None) -> list[str]:
+        """The extensions of the files written beside each image under ``root``, primary first."""
+        formats = self.formats_for(root)
+        out = [self.sidecar.extension] if "txt" in formats else []
+        return [*out, JSON_EXTENSION] if "json" in formats else out
+
+    def primary_extension(self, root: WatchRoot | None) -> str:
+        """The per-image file the scans and policies judge an image by: the ``.txt`` sidecar when
+        the root writes one, else the ``.json`` one."""
+        return self.sidecar.extension if "txt" in self.formats_for(root) else JSON_EXTENSION
 
 
 def _format_location(loc: tuple[Any, ...]) -> str:

@@ -19,15 +19,17 @@ from typing import Any
 
 from phicapd import __version__
 from phicapd.captioner import Captioner, decorate
-from phicapd.config import Settings
+from phicapd.config import JSON_EXTENSION, Settings, WatchRoot
 from phicapd.control.backend import CaptionReply
-from phicapd.control.protocol import CAPTION_TIMEOUT
+from phicapd.control.protocol import CAPTION_TIMEOUT, NOT_WATCHED
 from phicapd.errors import ConfigError, ModelUnavailable, PhicapError
 from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
+from phicapd.pipeline import staleness
 from phicapd.pipeline.decode import make_decoders
+from phicapd.pipeline.formats import generation_settings, model_and_revision
 from phicapd.pipeline.intake import Intake
-from phicapd.pipeline.jobs import JobStore
+from phicapd.pipeline.jobs import Job, JobStore
 from phicapd.pipeline.paths import is_watched_dir, journal_path, list_images, owning_root
 from phicapd.pipeline.scanner import Reconciler
 from phicapd.pipeline.scheduler import Scheduler
@@ -189,10 +191,12 @@ class Daemon:
             self.settings.watcher,
             on_ready=lambda path, root: self.intake.file_ready(path, root),
             on_rescan=lambda root, directory, reason: self.intake.rescan(root, directory, reason),
+            on_gone=self._file_gone,
         )
         self.watcher.start()
         for root in self.settings.watch:
             self.intake.rescan(root, root.path, "startup")
+        self._restale_auto()
         self.scheduler.notify_work()
 
         self.state = "ready"
@@ -267,6 +271,7 @@ class Daemon:
         self.intake.set_roots(settings.watch)
         if self.watcher is not None:
             self.watcher.set_roots(settings.watch)
+        self._restale_auto()
 
     def _load_captioner(self, notifier: Any) -> Captioner:
         """Load the model, waiting out a hub that is down or a GPU driver that is not up yet
@@ -304,6 +309,12 @@ class Daemon:
                 log.exception("closing the model failed")
         self.store.close()
         log.info("stopped")
+
+    def _file_gone(self, path: Path, root: WatchRoot) -> None:
+        """A watched file was deleted or moved away: its directory's manifest drops it."""
+        current = next((r for r in self.settings.watch if r.path == root.path), root)
+        if self.scheduler is not None and "jsonl" in self.settings.formats_for(current):
+            self.scheduler.writer.refresh_manifest(path.parent)
 
     def _work_queued(self) -> None:
         if self.scheduler is not None:
@@ -375,12 +386,21 @@ class Daemon:
         text = decorate(caption.text, root.prefix, root.suffix) if root is not None else caption.text
         if root is not None and path is not None and sidecar is not None:
             self._claim_client_sidecar(journal_path(path, root), sidecar)
+        model, revision = model_and_revision(caption.model or self.captioner.identity)
+        provenance = {
+            "model": model,
+            "revision": revision,
+            "backend": caption.backend or self.settings.model.backend,
+            "prompt": prompt or self.settings.model.prompt,
+            "generation": generation_settings(self.settings),
+        }
         return CaptionReply(
             text,
             caption.new_tokens,
             self.captioner.identity,
             time.monotonic() - started,
             root=str(root.path) if root is not None else None,
+            provenance=provenance,
         )
 
     def caption_url(self, url: str, *, prompt: str | None, max_new_tokens: int | None, timeout: float) -> CaptionReply:
@@ -403,11 +423,13 @@ class Daemon:
             "existing": self.settings.sidecar.existing,
             "root": None,
             "claims": {},
+            "formats": list(self.settings.sidecar.formats),
         }
         root = owning_root(path, self.settings.watch)
         if root is None:
             return policy
         policy["existing"] = self.settings.existing_policy(root)
+        policy["formats"] = list(self.settings.formats_for(root))
         policy["claims"] = self.store.claims_in(journal_path(path, root).parent)
         # The client's directory is resolved; a symlinked root matches it by its resolved form,
         # and list_images relates the directory to the root, so report the form that matched.
@@ -427,8 +449,8 @@ class Daemon:
         does for its own, unless the name is not one the rule can give the image, or it already
         belongs to another image that is still there (then phicapctl named it without a claim
         that appeared meanwhile; the journal's claim stands)."""
-        extension = self.settings.sidecar.extension
-        base = sidecar[: -len(extension)] if sidecar.endswith(extension) else None
+        extension = next((e for e in (self.settings.sidecar.extension, JSON_EXTENSION) if sidecar.endswith(e)), "")
+        base = sidecar[: -len(extension)] if extension else None
         if base is None or not is_rule_base(image.name, base):
             log.warning("sidecar name not recorded", path=str(image), sidecar=sidecar)
             return
@@ -516,6 +538,42 @@ class Daemon:
         n = self.store.retry(paths)
         self._work_queued()
         return n
+
+    def _stale_report(self, directory: Path | None) -> staleness.StaleReport:
+        if self.captioner is None:
+            raise PhicapError("the model is still loading", code="not_ready", retryable=True)
+        try:
+            return staleness.find_stale(self.settings, self.store, self.captioner.identity, directory)
+        except staleness.NotWatched as e:
+            raise PhicapError(str(e), code=NOT_WATCHED) from None
+
+    def stale(self, directory: Path | None) -> dict[str, list[dict[str, Any]]]:
+        report = self._stale_report(directory)
+
+        def entry(job: Job, root: WatchRoot) -> dict[str, Any]:
+            return {"path": str(job.path), "root": str(root.path), "model": job.model, "prompt": job.prompt}
+
+        return {"stale": [entry(*e) for e in report.stale], "edited": [entry(*e) for e in report.edited]}
+
+    def recaption_stale(self, directory: Path | None, force: bool) -> tuple[int, int]:
+        report = self._stale_report(directory)
+        chosen = report.stale + report.edited if force else report.stale
+        n = staleness.requeue(self.store, chosen)
+        self._work_queued()
+        log.info("recaption", requeued=n, edited_kept=0 if force else len(report.edited), dir=str(directory or ""))
+        return n, 0 if force else len(report.edited)
+
+    def _restale_auto(self) -> None:
+        """``restale = "auto"`` roots: redo their stale captions (at start, after a reload)."""
+        if self.captioner is None:
+            return
+        for root in self.settings.watch:
+            if self.settings.restale_for(root) == "auto":
+                report = staleness.find_stale(self.settings, self.store, self.captioner.identity, root.path)
+                if report.stale:
+                    n = staleness.requeue(self.store, report.stale)
+                    log.info("recaption", root=str(root.path), requeued=n, edited_kept=len(report.edited), auto=True)
+        self._work_queued()
 
     def pause(self) -> None:
         if self.scheduler is not None:

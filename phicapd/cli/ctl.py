@@ -1,7 +1,7 @@
 """phicapctl: drive a running phicapd over its control socket.
 
-Commands: caption-file, caption-dir, caption-url, status, health, failures, retry, pause,
-resume, rescan, metrics, version. ``caption-file`` and ``caption-dir`` read images with the
+Commands: caption-file, caption-dir, caption-url, status, health, failures, stale, recaption,
+retry, pause, resume, rescan, metrics, version. ``caption-file`` and ``caption-dir`` read images with the
 caller's permissions, send the bytes and write the sidecars themselves. A file under a watched
 root gets that root's prompt, prefix and suffix, as if the daemon had captioned it from there.
 
@@ -165,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive, default=50, help="list at most this many")
     json_flag(p, "print the list as one JSON array")
     p.set_defaults(func=cmd_failures)
+
+    p = command("stale", "list images whose caption was made with other settings than their root's current ones")
+    p.add_argument("directory", nargs="?", metavar="DIR", help="only images under this directory (default: every root)")
+    json_flag(p, 'print {"stale": [...], "edited": [...]} as one JSON object')
+    p.set_defaults(func=cmd_stale)
+
+    p = command("recaption", "caption stale images again (see stale)")
+    p.add_argument("directory", nargs="?", metavar="DIR", help="only images under this directory (default: every root)")
+    p.add_argument("--stale", action="store_true", required=True, help="the images `phicapctl stale` lists")
+    p.add_argument("--force", action="store_true", help="also replace captions edited since the daemon wrote them")
+    p.set_defaults(func=cmd_recaption)
 
     p = command("retry", "re-queue failed images (all of them without PATH)")
     p.add_argument("paths", nargs="*", metavar="PATH", help="failed images to re-queue (exit 65 if one is not failed)")
@@ -440,6 +451,31 @@ def cmd_failures(client: ControlClient, args: argparse.Namespace) -> int:
     for row in rows:
         rest = {k: v for k, v in row.items() if k not in ("path", "code")}
         print(f"{row.get('path', '?')}  {row.get('code', '?')}  {_flatten(rest)}")
+    return batch.EX_OK
+
+
+def _directory_arg(args: argparse.Namespace) -> str | None:
+    # The daemon keeps absolute paths; make a relative one match.
+    return os.path.abspath(args.directory) if args.directory is not None else None
+
+
+def cmd_stale(client: ControlClient, args: argparse.Namespace) -> int:
+    reply = client.stale(_directory_arg(args))
+    if args.json:
+        _print_json(reply.model_dump())
+        return batch.EX_OK
+    for entry in reply.stale:
+        print(entry.path)
+    if reply.edited:
+        n = len(reply.edited)
+        _err(f"{n} more edited since the daemon wrote them, kept (recaption --stale --force redoes them)")
+    return batch.EX_OK
+
+
+def cmd_recaption(client: ControlClient, args: argparse.Namespace) -> int:
+    reply = client.recaption_stale(_directory_arg(args), force=args.force)
+    kept = f" ({reply.edited_kept} edited by hand kept)" if reply.edited_kept else ""
+    print(f"re-queued {reply.requeued}{kept}")
     return batch.EX_OK
 
 

@@ -20,6 +20,7 @@ class CaptionReply:
     seconds: float  # time from accept to answer
     url: str | None = None  # final URL for caption-url
     root: str | None = None  # the watch root whose prompt and prefix/suffix were applied
+    provenance: dict[str, Any] | None = None  # ``protocol.CaptionResult.provenance``
 
 
 class ControlBackend(Protocol):
@@ -67,6 +68,15 @@ class ControlBackend(Protocol):
 
     def retry(self, paths: list[str] | None) -> int:
         """Re-queue failed jobs (``None`` = all of them); return how many were re-queued."""
+        ...
+
+    def stale(self, directory: Path | None) -> dict[str, list[dict[str, Any]]]:
+        """{"stale": [...], "edited": [...]} of ``protocol.StaleEntry``; raises ``PhicapError``
+        ``not_watched`` when ``directory`` is under no root."""
+        ...
+
+    def recaption_stale(self, directory: Path | None, force: bool) -> tuple[int, int]:
+        """Re-queue the stale captions under ``directory``; returns (re-queued, edited kept)."""
         ...
 
     def pause(self) -> None: ...

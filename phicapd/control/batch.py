@@ -11,19 +11,22 @@ watcher captioned, under the same name.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from phicapd.config import ExistingPolicy, WatchRoot
+from phicapd.config import JSON_EXTENSION, ExistingPolicy, WatchRoot
 from phicapd.control.client import ControlClient, ControlClientError, DaemonUnreachable, RequestRejected
 from phicapd.control.protocol import CaptionResult, SidecarInfo, SidecarPolicy
 from phicapd.pipeline import paths
-from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, policy_keeps, write_sidecar
+from phicapd.pipeline.formats import Provenance, json_sidecar_text, model_and_revision
+from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, policy_keeps, write_atomic, write_sidecar
 
 # sysexits(3), shared with phicapctl.
 EX_OK = 0
@@ -86,8 +89,15 @@ class Naming:
         existing: ExistingPolicy,
         root: WatchRoot | None,
         claims: dict[str, str] | None = None,
+        formats: Iterable[str] = ("txt",),
     ) -> None:
-        self.extension = extension
+        # phicapctl writes the per-image formats; the first is what the policy and the naming
+        # are judged by, as in the daemon (``Settings.primary_extension``).
+        self.extensions = [extension] if "txt" in formats else []
+        if "json" in formats:
+            self.extensions.append(JSON_EXTENSION)
+        self.extensions = self.extensions or [extension]
+        self.extension = self.extensions[0]
         self.existing = existing
         naming_root = root if root is not None else WatchRoot(path=directory, recursive=False)
         self.names = frozenset(paths.list_images(directory, naming_root))
@@ -104,13 +114,22 @@ class Naming:
         if policy.root is not None:
             r = policy.root
             root = WatchRoot(path=Path(r.path), recursive=r.recursive, include=r.include, ignore=r.ignore)
-        return cls(directory, policy.extension, policy.existing, root, policy.claims)
+        return cls(directory, policy.extension, policy.existing, root, policy.claims, policy.formats)
 
     def keeps(self, image_stat: os.stat_result, sidecar: Path) -> bool:
         """Whether the ``existing`` policy keeps ``sidecar`` as it is (``--force`` aside): under
         ``skip`` while it is at least as new as the image, under ``only-missing`` whenever it exists,
         under ``overwrite`` never."""
-        return policy_keeps(self.existing, changed_ns(image_stat), sidecar)
+        return not self.to_write(image_stat, sidecar)
+
+    def to_write(self, image_stat: os.stat_result, sidecar: Path) -> list[str]:
+        """The extensions of the files the policy does not keep: each format is judged alone."""
+        changed = changed_ns(image_stat)
+        return [e for e in self.extensions if not policy_keeps(self.existing, changed, self.file_of(sidecar, e))]
+
+    def file_of(self, sidecar: Path, extension: str) -> Path:
+        """The file with ``extension`` beside ``sidecar`` (the same base)."""
+        return sidecar.with_name(sidecar.name[: -len(self.extension)] + extension)
 
     def sidecar_for(self, image: Path) -> Path:
         """Where the sidecar of ``image`` (in this directory, maybe through a symlink) goes."""
@@ -126,6 +145,21 @@ class Naming:
                 self._index.sidecar_for(image.with_name(n), self.extension, self._claims).name for n in self.names
             )
         return image.with_name(image.name + self.extension) if sidecar.name in self._taken else sidecar
+
+
+def _json_text(result: CaptionResult, data: bytes) -> str:
+    """The JSON sidecar of a caption phicapctl got (``pipeline.formats``), with the daemon's
+    provenance; a reply without one (it should not happen: it is asked for) keeps the model."""
+    given = result.provenance or {}
+    model, revision = model_and_revision(result.model)
+    provenance = Provenance(
+        str(given.get("model", model)),
+        given.get("revision", revision),
+        str(given.get("backend", "")),
+        str(given.get("prompt", "")),
+        dict(given.get("generation", {})),
+    )
+    return json_sidecar_text(result.caption, provenance, hashlib.sha256(data).hexdigest(), time.time())
 
 
 def _failed(image: Path, sidecar: Path | None, code: str, message: str, exit_code: int) -> Outcome:
@@ -229,12 +263,22 @@ class BatchCaptioner:
                 max_new_tokens=self.options.max_new_tokens,
                 path=key,
                 sidecar=sidecar.name if report and sidecar is not None else None,
+                provenance=sidecar is not None and naming is not None and JSON_EXTENSION in naming.extensions,
             )
         except ControlClientError as e:
             return self._client_failed(image, sidecar, e)
         if sidecar is not None:
+            assert naming is not None
             try:
-                write_sidecar(sidecar, result.caption)
+                extensions = naming.extensions
+                if not self.options.force:
+                    extensions = naming.to_write(os.stat(image), sidecar) or extensions
+                for extension in extensions:
+                    target = naming.file_of(sidecar, extension)
+                    if extension == JSON_EXTENSION:
+                        write_atomic(target, _json_text(result, data) + "\n")
+                    else:
+                        write_sidecar(target, result.caption)
             except OSError as e:
                 return Outcome(
                     image,

@@ -229,6 +229,14 @@ class ControlClient:
         reply = self._post_json("/v1/failures/retry", p.RetryRequest(paths=paths).model_dump())
         return p.RetryReply.model_validate(reply).requeued
 
+    def stale(self, directory: str | None = None) -> p.StaleReply:
+        query = {"dir": directory} if directory is not None else {}
+        return p.StaleReply.model_validate(self._get_json("/v1/stale", query))
+
+    def recaption_stale(self, directory: str | None = None, *, force: bool = False) -> p.RecaptionReply:
+        body = p.RecaptionRequest(stale=True, dir=directory, force=force).model_dump()
+        return p.RecaptionReply.model_validate(self._post_json("/v1/recaption", body))
+
     def pause(self) -> None:
         self._post_json("/v1/pause")
 
@@ -250,12 +258,15 @@ class ControlClient:
         max_new_tokens: int | None = None,
         path: str | None = None,
         sidecar: str | None = None,
+        provenance: bool = False,
     ) -> p.CaptionResult:
         """``path``: where ``data`` was read (absolute, directory resolved), so the daemon applies
         its watch root's prompt and prefix/suffix; ``sidecar``: the file name the caption is
         written to beside it, which the daemon's journal then keeps that image's; see
         ``p.CaptionParams``."""
         query = {"name": name, "prompt": prompt, "max_new_tokens": max_new_tokens, "path": path, "sidecar": sidecar}
+        if provenance:
+            query["provenance"] = "true"
         resp = self.request(
             "POST",
             "/v1/caption",

@@ -22,6 +22,7 @@ MAX_FAILURES_LIMIT = 1000
 
 # Codes the control layer itself produces. Backend errors keep their own ``PhicapError.code``.
 BAD_REQUEST = "bad_request"
+NOT_WATCHED = "not_watched"  # /v1/stale, /v1/recaption: a directory under no watch root
 NOT_FOUND = "not_found"
 METHOD_NOT_ALLOWED = "method_not_allowed"
 REQUEST_TIMEOUT = "request_timeout"
@@ -61,6 +62,9 @@ class CaptionParams(_Model):
     # The sidecar file name the client writes beside ``path`` (its own naming, from
     # ``/v1/sidecar``): once captioned, the journal keeps that name the image's.
     sidecar: str | None = Field(None, min_length=1, max_length=4096)
+    # Ask for ``CaptionResult.provenance`` (what phicapctl writes into photo.json). Only sent to
+    # a daemon whose ``/v1/sidecar`` reports formats, so an older one never sees it.
+    provenance: bool = False
 
     @field_validator("path")
     @classmethod
@@ -109,6 +113,9 @@ class CaptionResult(_Model):
     # The watch root whose prompt and prefix/suffix were applied (caption requests with a
     # ``path`` under a root). Left out of the JSON when None, so older clients still parse it.
     root: str | None = None
+    # With ``provenance=true``: {"model", "revision", "backend", "prompt", "generation"}, the
+    # JSON sidecar's keys that only the daemon knows. Left out of the JSON otherwise.
+    provenance: dict[str, Any] | None = None
 
 
 class FailuresParams(_Model):
@@ -127,6 +134,41 @@ class RetryRequest(_Model):
 
 class RetryReply(_Model):
     requeued: int
+
+
+class StaleParams(_Model):
+    """``dir``: an absolute directory under a watch root (absent: every root)."""
+
+    dir: str | None = None
+
+
+class StaleEntry(_Model):
+    path: str
+    root: str
+    model: str | None = None
+    prompt: str | None = None
+
+
+class StaleReply(_Model):
+    # Captions made with other settings than their root's current ones, which
+    # ``POST /v1/recaption`` redoes; ``edited``: stale too, but their file was changed since the
+    # daemon wrote it (a person), so they are redone only with ``force``.
+    stale: list[StaleEntry]
+    edited: list[StaleEntry]
+
+
+class RecaptionRequest(_Model):
+    """Re-queue the stale captions under ``dir`` (every root when null); ``force``: the edited
+    ones too. ``stale`` must be true: it is the only selection there is so far."""
+
+    stale: bool
+    dir: str | None = None
+    force: bool = False
+
+
+class RecaptionReply(_Model):
+    requeued: int
+    edited_kept: int  # edited captions left alone (no ``force``)
 
 
 class OkReply(_Model):
@@ -176,6 +218,9 @@ class SidecarPolicy(BaseModel):
     extension: str = ".txt"
     existing: ExistingPolicy = "skip"
     root: RootNaming | None = None
+    # What is written for each caption (``[sidecar] formats``, the root's own): phicapctl writes
+    # the per-image ``txt`` and ``json``; ``xmp``, ``embed`` and ``jsonl`` are the daemon's.
+    formats: list[str] = ["txt"]
     # Sidecars already given to images of the path's directory: image name -> sidecar name
     # without the extension (``pipeline.sidecar.Claims``). Empty outside every root; None from a
     # daemon that predates claims (it also refuses ``CaptionParams.sidecar``).
@@ -205,6 +250,8 @@ def error_status(exc: PhicapError) -> int:
         return 502 if exc.retryable else 422
     if exc.code == CAPTION_TIMEOUT:
         return 504
+    if exc.code == NOT_WATCHED:
+        return 422
     return 503 if exc.retryable else 500
 
 

@@ -6,7 +6,9 @@ an oversized body is refused without reading it) and then calls ``handle``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +59,16 @@ def _parse(model: type[BaseModel], data: dict[str, Any]) -> Any:
         raise HttpError(400, p.BAD_REQUEST, problems, close=False) from None
 
 
+def _directory(value: str | None) -> Path | None:
+    """A ``dir`` parameter: an absolute path (the client resolves relative ones), or None."""
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_absolute() or "\0" in value:
+        raise HttpError(400, p.BAD_REQUEST, f"dir must be an absolute path, got {value[:200]!r}", close=False)
+    return Path(os.path.normpath(path))
+
+
 def _json_body(req: Request) -> dict[str, Any]:
     if not req.body.strip():
         return {}
@@ -80,12 +92,13 @@ def _caption_result(reply: CaptionReply) -> p.CaptionResult:
         seconds=reply.seconds,
         url=reply.url,
         root=reply.root,
+        provenance=reply.provenance,
     )
 
 
 def _caption_response(result: p.CaptionResult) -> Response:
     # "root" only when a root applied: clients from before it existed reject unknown fields.
-    exclude = {"root"} if result.root is None else None
+    exclude = {name for name in ("root", "provenance") if getattr(result, name) is None}
     return Response(200, result.model_dump_json(exclude=exclude).encode())
 
 
@@ -110,6 +123,8 @@ class Router:
             "/v1/version": {"GET": (self._version, _NO_BODY_LIMIT)},
             "/v1/failures": {"GET": (self._failures, _NO_BODY_LIMIT)},
             "/v1/failures/retry": {"POST": (self._retry, _JSON_BODY_LIMIT)},
+            "/v1/stale": {"GET": (self._stale, _NO_BODY_LIMIT)},
+            "/v1/recaption": {"POST": (self._recaption, _JSON_BODY_LIMIT)},
             "/v1/pause": {"POST": (self._pause, _NO_BODY_LIMIT)},
             "/v1/resume": {"POST": (self._resume, _NO_BODY_LIMIT)},
             "/v1/rescan": {"POST": (self._rescan, _NO_BODY_LIMIT)},
@@ -171,6 +186,8 @@ class Router:
             path=Path(params.path) if params.path else None,
             sidecar=params.sidecar,
         )
+        if not params.provenance:
+            reply = dataclasses.replace(reply, provenance=None)
         return _caption_response(_caption_result(reply))
 
     def _caption_url(self, req: Request) -> Response:
@@ -206,6 +223,18 @@ class Router:
     def _retry(self, req: Request) -> Response:
         body: p.RetryRequest = _parse(p.RetryRequest, _json_body(req))
         return json_response(200, p.RetryReply(requeued=self.backend.retry(body.paths)))
+
+    def _stale(self, req: Request) -> Response:
+        params: p.StaleParams = _parse(p.StaleParams, req.query)
+        reply = self.backend.stale(_directory(params.dir))
+        return json_response(200, p.StaleReply.model_validate(reply))
+
+    def _recaption(self, req: Request) -> Response:
+        body: p.RecaptionRequest = _parse(p.RecaptionRequest, _json_body(req))
+        if not body.stale:
+            return error_response(400, p.BAD_REQUEST, "recaption needs stale: true (the only selection so far)")
+        requeued, kept = self.backend.recaption_stale(_directory(body.dir), body.force)
+        return json_response(200, p.RecaptionReply(requeued=requeued, edited_kept=kept))
 
     def _pause(self, req: Request) -> Response:
         self.backend.pause()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -46,6 +46,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     endpoint        TEXT,
     prompt          TEXT,
     sidecar         TEXT,
+    caption         TEXT,
+    settings_key    TEXT,
+    staged          INTEGER NOT NULL DEFAULT 0,
     error_code      TEXT,
     error_message   TEXT,
     created_at      REAL NOT NULL,
@@ -96,6 +99,11 @@ class Job:
     model: str | None = None
     backend: str | None = None
     endpoint: str | None = None
+    sha256: str | None = None
+    prompt: str | None = None
+    caption: str | None = None  # the text last written (or staged) for it, prefix and suffix included
+    settings_key: str | None = None  # what made that caption (``pipeline.formats.settings_key``)
+    staged: bool = False  # its caption is in the journal and its files may be half written
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +127,8 @@ class Success:
     fingerprint: Fingerprint
     backend: str | None = None  # "native", "openai"
     endpoint: str | None = None  # the remote endpoint that made the caption
+    caption: str | None = None  # the text written, for staleness and for finishing a staged write
+    settings_key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +168,11 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         model=row["model"],
         backend=row["backend"],
         endpoint=row["endpoint"],
+        sha256=row["sha256"],
+        prompt=row["prompt"],
+        caption=row["caption"],
+        settings_key=row["settings_key"],
+        staged=bool(row["staged"]),
     )
 
 
@@ -193,13 +208,20 @@ class JobStore:
                 if statement.strip():
                     self._db.execute(statement)
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version in (0, 1, 2):
+            if version in (0, 1, 2, 3):
                 # 1 -> 2 added the sidecars table (start-up scans fill it); 2 -> 3 added which
-                # backend and endpoint made each caption (NULL for the older ones).
+                # backend and endpoint made each caption; 3 -> 4 the caption text, its settings
+                # key and the staged mark (NULL / 0 for the older ones: never called stale).
                 columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
-                for column in ("backend", "endpoint"):
+                for column, kind in (
+                    ("backend", "TEXT"),
+                    ("endpoint", "TEXT"),
+                    ("caption", "TEXT"),
+                    ("settings_key", "TEXT"),
+                    ("staged", "INTEGER NOT NULL DEFAULT 0"),
+                ):
                     if column not in columns:
-                        self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} TEXT")
+                        self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 raise RuntimeError(f"journal {path} has schema {version}, this phicapd knows {SCHEMA_VERSION}")
@@ -248,6 +270,13 @@ class JobStore:
         scheduler too: only it can see that the sidecar was written just before the crash."""
         now = self._clock()
         with self._tx() as db:
+            # A staged job's caption is already made: it only needs its files, now, and it did
+            # not bring the daemon down on the model.
+            db.execute(
+                "UPDATE jobs SET state = 'pending', next_attempt_at = 0, updated_at = ?"
+                " WHERE state = 'running' AND staged",
+                (now,),
+            )
             cur = db.execute(
                 "UPDATE jobs SET state = 'pending', attempts = attempts + 1, updated_at = ?,"
                 " next_attempt_at = ? * (1 << attempts) + ?, error_code = 'interrupted',"
@@ -302,7 +331,7 @@ class JobStore:
                     continue
                 db.execute(
                     "UPDATE jobs SET state = 'pending', root = ?, force = ?, attempts = 0, next_attempt_at = 0,"
-                    " size = ?, mtime_ns = ?, inode = ?, error_code = NULL, error_message = NULL,"
+                    " staged = 0, size = ?, mtime_ns = ?, inode = ?, error_code = NULL, error_message = NULL,"
                     " updated_at = ? WHERE id = ?",
                     (str(w.root), int(w.force), fp.size, fp.mtime_ns, fp.inode, now, row["id"]),
                 )
@@ -338,6 +367,22 @@ class JobStore:
                 [(now, i) for i in job_ids],
             )
 
+    def stage_many(self, staged: Sequence[Success]) -> None:
+        """Record captions before their files are written (more than one file per image): a crash
+        between two files is then finished from here at the next start, not captioned again."""
+        if not staged:
+            return
+        now = self._clock()
+        with self._tx() as db:
+            db.executemany(
+                "UPDATE jobs SET staged = 1, caption = ?, settings_key = ?, sha256 = ?, model = ?, backend = ?,"
+                " endpoint = ?, prompt = ?, updated_at = ? WHERE id = ?",
+                [
+                    (s.caption, s.settings_key, s.sha256, s.model, s.backend, s.endpoint, s.prompt, now, s.job_id)
+                    for s in staged
+                ],
+            )
+
     def finish_many(
         self,
         successes: Sequence[Success] = (),
@@ -355,15 +400,15 @@ class JobStore:
         with self._tx() as db:
             _claim(db, claims)
             db.executemany(
-                "UPDATE jobs SET state = 'done', force = 0, error_code = NULL, error_message = NULL, updated_at = ?"
-                " WHERE id = ?",
+                "UPDATE jobs SET state = 'done', force = 0, staged = 0, error_code = NULL, error_message = NULL,"
+                " updated_at = ? WHERE id = ?",
                 [(now, i) for i in skipped],
             )
             for s in successes:
                 db.execute(
-                    "UPDATE jobs SET state = 'done', force = 0, sha256 = ?, model = ?, backend = ?, endpoint = ?,"
-                    " prompt = ?, sidecar = ?, size = ?, mtime_ns = ?, inode = ?, error_code = NULL,"
-                    " error_message = NULL, updated_at = ? WHERE id = ?",
+                    "UPDATE jobs SET state = 'done', force = 0, staged = 0, sha256 = ?, model = ?, backend = ?,"
+                    " endpoint = ?, prompt = ?, sidecar = ?, caption = ?, settings_key = ?, size = ?, mtime_ns = ?,"
+                    " inode = ?, error_code = NULL, error_message = NULL, updated_at = ? WHERE id = ?",
                     (
                         s.sha256,
                         s.model,
@@ -371,6 +416,8 @@ class JobStore:
                         s.endpoint,
                         s.prompt,
                         s.sidecar,
+                        s.caption,
+                        s.settings_key,
                         s.fingerprint.size,
                         s.fingerprint.mtime_ns,
                         s.fingerprint.inode,
@@ -492,6 +539,17 @@ class JobStore:
                         row["sidecar"],
                     )
         return out
+
+    def captioned(self, root: Path, under: Path | None = None) -> list[Job]:
+        """Done jobs of ``root`` (below ``under``, if given) that hold a caption of ours."""
+        prefix = str(under or root).rstrip("/") + "/"
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT * FROM jobs WHERE root = ? AND state = 'done' AND settings_key IS NOT NULL"
+                " AND caption IS NOT NULL AND substr(path, 1, ?) = ? ORDER BY path",
+                (str(root), len(prefix), prefix),
+            ).fetchall()
+        return [_row_to_job(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
         with self._read() as db:

@@ -79,6 +79,7 @@ class Reconciler:
         the sidecar exists; a new image usually has none, so no directory listing is needed.
         """
         policy = self.settings.existing_policy(root)
+        extension = self.settings.primary_extension(root)
         seen_at = time.time()  # before any sidecar is looked at: a job done after this was not seen
         candidates: list[tuple[Path, os.stat_result, Path]] = []
         found: list[tuple[Path, str]] = []
@@ -92,22 +93,32 @@ class Reconciler:
                 continue
             if not stat.S_ISREG(st.st_mode):
                 continue
-            if name in claims.by_image or sidecar_may_exist(path, self.extension):
+            if name in claims.by_image or sidecar_may_exist(path, extension):
                 index = index or siblings()
                 base = index.base_for(name, claims)
-                sidecar = directory / (base + self.extension)
+                sidecar = directory / (base + extension)
                 if name not in claims.by_image and sidecar.exists():
                     owner = _owner_of_found(index, claims, directory, name, base, st, sidecar)
                     found.append((directory / owner, base))
                     claims.add(owner, base)
                     if owner != name:
                         base = index.base_for(name, claims)
-                        sidecar = directory / (base + self.extension)
+                        sidecar = directory / (base + extension)
             else:  # missing under either name: stale whichever the rule picks
-                sidecar = directory / (os.path.splitext(name)[0] + self.extension)
+                sidecar = directory / (os.path.splitext(name)[0] + extension)
             candidates.append((path, st, sidecar))
         if policy != "overwrite":
-            stale = [(p, st) for p, st, sidecar in candidates if not policy_keeps(policy, changed_ns(st), sidecar)]
+            # Each per-image format is judged on its own: a kept photo.txt with no photo.json
+            # beside it still needs its JSON sidecar.
+            others = [e for e in self.settings.per_image_extensions(root) if e != extension]
+            stale = [
+                (p, st)
+                for p, st, sidecar in candidates
+                if not all(
+                    policy_keeps(policy, changed_ns(st), sidecar.with_name(sidecar.name[: -len(extension)] + e))
+                    for e in (extension, *others)
+                )
+            ]
         else:
             # overwrite: whatever we did not caption ourselves, at this version, gets a fresh caption
             done = self.store.done_fingerprints([c[0] for c in candidates])

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -47,8 +48,9 @@ from phicapd.config import Settings, WatchRoot
 from phicapd.errors import CAPTION_EMPTY, CaptionError, PhicapError
 from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
-from phicapd.pipeline.decode import DecodeBytes, Decoded, DecodeFile
-from phicapd.pipeline.jobs import Job, JobStore
+from phicapd.pipeline import metadata
+from phicapd.pipeline.decode import DecodeBytes, Decoded, DecodeFile, fingerprint_of
+from phicapd.pipeline.jobs import Fingerprint, Job, JobStore
 from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, policy_keeps, sidecar_may_exist
 from phicapd.pipeline.writer import Finished, SidecarWriter
 
@@ -363,6 +365,19 @@ class Scheduler:
         try:
             if root is None:
                 raise PhicapError(f"{job.path}: its watch root {job.root} is no longer configured", code="root_removed")
+            now = self._staged_fingerprint(job, root)
+            if now is not None and job.caption is not None and job.sha256:
+                # Its caption was made and staged, and the daemon stopped while its files were
+                # written: finish them from the journal rather than caption it again.
+                with self._cond:
+                    self._decoding -= 1
+                caption = Caption(job.caption, 0, backend=job.backend, endpoint=job.endpoint, model=job.model)
+                decoded = Decoded(None, job.sha256, now)  # type: ignore[arg-type]  # no pixels needed
+                self.writer.submit(
+                    [Finished(job, root, decoded, job.prompt or "", time.monotonic(), caption=caption, staged=True)]
+                )
+                self._wake_feeder.set()
+                return
             kept = self._already_captioned(job, root)
             if kept is not None:
                 # Its sidecar appeared while it waited (phicapctl, a hand-written caption) or was
@@ -636,13 +651,34 @@ class Scheduler:
         worker = next((t for t in self._threads if t.name == "phicapd-gpu"), None)
         return worker is None or worker.is_alive() or self._stopping.is_set()
 
+    def _staged_fingerprint(self, job: Job, root: WatchRoot) -> Fingerprint | None:
+        """The image's fingerprint when the job's staged caption can still be written for it: the
+        image is as it was captioned, or it changed because that caption was embedded into it."""
+        if not job.staged or job.caption is None or job.sha256 is None:
+            return None
+        now = fingerprint_of(job.path)
+        if now is None:
+            return None
+        # The journal's fingerprint follows the file (a scan updates it), so the bytes decide; a
+        # rare path (a crash mid-write), so reading the image once more costs nothing that matters.
+        try:
+            with open(job.path, "rb") as fh:
+                same = hashlib.file_digest(fh, "sha256").hexdigest() == job.sha256
+        except OSError:
+            return None
+        if same:
+            return now
+        if "embed" in self.settings.formats_for(root) and metadata.read_description(job.path) == job.caption:
+            return now
+        return None
+
     def _already_captioned(self, job: Job, root: WatchRoot) -> str | None:
         """The sidecar base of the job's image when the sidecar, there now, is one its root's
         policy keeps (never when forced); None when the image needs its caption."""
         policy = self.settings.existing_policy(root)
         if job.force or policy == "overwrite":
             return None
-        extension = self.settings.sidecar.extension
+        extension = self.settings.primary_extension(root)
         claims = Claims(self.store.claims_near(job.path), job.path.parent)
         if job.path.name not in claims.by_image and not sidecar_may_exist(job.path, extension):
             return None  # the usual case, known without listing the directory
@@ -651,7 +687,9 @@ class Scheduler:
         except OSError:
             return None
         base = SiblingIndex(self._list_images(job.path.parent, root)).base_for(job.path.name, claims)
-        return base if policy_keeps(policy, changed_ns(st), job.path.with_name(base + extension)) else None
+        extensions = self.settings.per_image_extensions(root)
+        kept = all(policy_keeps(policy, changed_ns(st), job.path.with_name(base + e)) for e in extensions)
+        return base if kept else None
 
 
 def _suspect(job: Job | None) -> bool:

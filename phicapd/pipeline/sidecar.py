@@ -275,6 +275,11 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def temp_path(target: Path) -> Path:
+    """A hidden temp name beside ``target`` that the scans and the watcher skip (``is_temp_name``)."""
+    return _temp_path(target)
+
+
 def _temp_path(target: Path) -> Path:
     return target.parent / f".{target.name}{TEMP_MARKER}{os.getpid()}-{os.urandom(4).hex()}{TEMP_SUFFIX}"
 

@@ -149,11 +149,15 @@ class Watcher:
         *,
         on_ready: Callable[[Path, WatchRoot], None],
         on_rescan: Callable[[WatchRoot, Path, str], None],
+        on_gone: Callable[[Path, WatchRoot], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
         self._on_ready = on_ready
         self._on_rescan = on_rescan
+        # A file deleted or moved away (observer thread; it must return at once): the
+        # metadata.jsonl manifest drops it.
+        self._on_gone = on_gone
         self._clock = clock
         self._indexes = itertools.count()
         # By index. Changed under _cond; iterated by the settle thread under _cond or _observing.
@@ -323,12 +327,14 @@ class Watcher:
         if isinstance(event, FileMovedEvent):
             if src is not None:
                 self._forget(src)
+                self._gone(watch, src)
             if event.dest_path:
                 self._on_candidate(watch, Path(os.fsdecode(event.dest_path)))
         elif src is None:
             return
         elif isinstance(event, FileDeletedEvent):
             self._forget(src)
+            self._gone(watch, src)
         elif isinstance(event, FileClosedEvent):
             self._on_candidate(watch, src)
         elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
@@ -375,6 +381,10 @@ class Watcher:
                 self._table.discard(path)
             else:
                 self._table.refresh(path, signature, self._clock(), writing=writing)
+
+    def _gone(self, watch: _RootWatch, path: Path) -> None:
+        if self._on_gone is not None and not watch.removed:
+            self._on_gone(path, watch.root)
 
     def _forget(self, path: Path) -> None:
         with self._cond:

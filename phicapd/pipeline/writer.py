@@ -12,11 +12,20 @@ appeared while its image was on the model (phicapctl, a person) is not replaced:
 done without it. A group whose journal
 transaction fails stays claimed and is written again after a back-off, so a full disk neither
 loses it nor sends its images round the model again.
+
+A root may ask for several formats (``[sidecar] formats``: ``photo.txt``, ``photo.json``, the
+directory's ``metadata.jsonl``). All of them come from one caption: when an image gets more
+than one file, its caption is first *staged* in the journal (one transaction for the group),
+then every file is written, then the group is recorded as done. A crash in between leaves a
+staged job, which the scheduler hands straight back here with the journal's caption
+(``Finished.staged``) instead of to the model. Each format's file is judged by the root's
+``existing`` policy on its own, so a kept ``photo.txt`` does not stop a missing ``photo.json``.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -26,10 +35,19 @@ from pathlib import Path
 from typing import Any
 
 from phicapd.captioner import Caption, decorate
-from phicapd.config import Settings, WatchRoot
+from phicapd.config import JSON_EXTENSION, Settings, WatchRoot
 from phicapd.errors import PhicapError
 from phicapd.log import get_logger
+from phicapd.pipeline import metadata
 from phicapd.pipeline.decode import Decoded, fingerprint_of
+from phicapd.pipeline.formats import (
+    Provenance,
+    generation_settings,
+    json_sidecar_text,
+    model_and_revision,
+    settings_key,
+    update_manifest,
+)
 from phicapd.pipeline.jobs import Failure, Job, JobStore, Success
 from phicapd.pipeline.sidecar import Claims, SiblingCache, policy_keeps, write_sidecars
 
@@ -57,6 +75,20 @@ class Finished:
     error: PhicapError | None = None
     skipped: bool = False  # its sidecar is kept as it is (the policy): done without a caption
     claim: str | None = None  # the sidecar base named for it (``pipeline.sidecar.Claims``)
+    staged: bool = False  # ``caption`` is the journal's staged text (decorated): finish its files
+
+
+@dataclass(slots=True)
+class _Plan:
+    """What the writer does for one image of a group."""
+
+    finished: Finished
+    record: Success  # what the journal gets once every file is in place
+    files: list[tuple[Path, str]]  # per-image files to write, with their content
+    primary: Path  # the file the scans judge the image by (``Settings.primary_extension``)
+    manifest: bool  # the directory's metadata.jsonl lists it
+    xmp: Path | None = None  # the XMP sidecar to set (merged) ``dc:description`` in
+    embed: bool = False  # write the caption into the image file itself
 
 
 class SidecarWriter:
@@ -78,6 +110,7 @@ class SidecarWriter:
         self._siblings = SiblingCache(list_images)
         self._io_pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="phicapd-write")
         self._queue: collections.deque[Finished] = collections.deque()
+        self._refresh: set[Path] = set()  # directories whose manifest may list a removed image
         self._cond = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="phicapd-writer", daemon=True)
@@ -93,6 +126,20 @@ class SidecarWriter:
             self._queue.extend(finished)
             self._cond.notify()
 
+    def refresh_manifest(self, directory: Path) -> None:
+        """An image of ``directory`` is gone: its ``metadata.jsonl`` drops it at the next turn of
+        the writer (which owns the manifests), once for all the removals that arrived by then."""
+        with self._cond:
+            self._refresh.add(directory)
+            self._cond.notify()
+
+    def _refresh_manifests(self, directories: set[Path]) -> None:
+        for directory in sorted(directories):
+            try:
+                update_manifest(directory, {})
+            except OSError as e:  # the next write or removal in the directory tries again
+                log.warning("cannot update the manifest", directory=str(directory), error=str(e))
+
     def stop(self, timeout: float) -> None:
         """Write what was submitted (within ``timeout``), then stop."""
         with self._cond:
@@ -105,12 +152,16 @@ class SidecarWriter:
         delay = RETRY_SECONDS[0]
         while True:
             with self._cond:
-                while not self._queue:
+                while not self._queue and not self._refresh:
                     if self._closing:
                         return
                     self._cond.wait(0.5)
                 group = list(self._queue)
                 self._queue.clear()
+                refresh, self._refresh = self._refresh, set()
+            self._refresh_manifests(refresh)
+            if not group:
+                continue
             try:
                 self._write(group)
                 delay = RETRY_SECONDS[0]
@@ -127,7 +178,7 @@ class SidecarWriter:
                 delay = min(delay * 2, RETRY_SECONDS[1])
 
     def _write(self, group: list[Finished]) -> None:
-        written = self._write_sidecars(group)
+        written = self._write_outputs(group)
         successes: list[Success] = []
         failures: list[Failure] = []
         skipped: list[int] = []
@@ -135,20 +186,8 @@ class SidecarWriter:
             if f.skipped:
                 f.error = None  # a write that failed on an earlier try made it after all
                 skipped.append(f.job.id)
-            elif id(f) in written and f.decoded is not None:
-                caption = f.caption
-                successes.append(
-                    Success(
-                        f.job.id,
-                        f.decoded.sha256,
-                        (caption.model if caption is not None else None) or self.model_identity,
-                        f.prompt,
-                        str(written[id(f)]),
-                        f.decoded.fingerprint,
-                        backend=(caption.backend if caption is not None else None) or self.backend,
-                        endpoint=caption.endpoint if caption is not None else None,
-                    )
-                )
+            elif id(f) in written:
+                successes.append(written[id(f)])
             else:
                 f.error = f.error or PhicapError(f"{f.job.path}: no caption", code="caption_failed")
                 failures.append(Failure(f.job.id, f.error.code, str(f.error), f.error.retryable))
@@ -158,44 +197,160 @@ class SidecarWriter:
         self._on_recorded([f.job.id for f in group], len(successes))
         self._log(group, parked)
 
-    def _write_sidecars(self, group: list[Finished]) -> dict[int, Path]:
-        """Write the group's sidecars; returns id(finished) -> sidecar path for those written."""
-        planned: list[tuple[Finished, Path, str]] = []
-        for f in group:
-            if f.error is not None or f.caption is None or f.root is None or f.decoded is None:
-                continue
-            if fingerprint_of(f.job.path) != f.decoded.fingerprint:
-                f.error = PhicapError(
-                    f"{f.job.path}: the image changed while it was captioned", code="image_changed", retryable=True
-                )
-                continue
-            directory = f.job.path.parent
-            claims = Claims(self.store.claims_near(f.job.path), directory)
-            base = self._siblings.get(directory, f.root).base_for(f.job.path.name, claims)
-            sidecar = directory / (base + self.settings.sidecar.extension)
-            f.claim = base
-            if self._kept(f, sidecar):
-                f.skipped = True
-                continue
-            planned.append((f, sidecar, decorate(f.caption.text, f.root.prefix, f.root.suffix)))
-        # only-missing: an existing sidecar wins even if it appears while ours is being written.
-        keep = {path for f, path, _ in planned if not f.job.force and self._policy(f) == "only-missing"}
-        directories = {path.parent: self._siblings.unchanged(path.parent) for _, path, _ in planned}
-        errors = write_sidecars([(path, text) for _, path, text in planned], self._io_pool, keep)
-        for directory, unchanged in directories.items():
-            self._siblings.wrote(directory, unchanged_before=unchanged)
-        written: dict[int, Path] = {}
-        for (f, path, _), error in zip(planned, errors, strict=True):
-            if error is None:
-                written[id(f)] = path
-            elif isinstance(error, FileExistsError) and path in keep:
-                f.skipped = True
-            else:
+    def _plan(self, f: Finished) -> _Plan | None:
+        """The files ``f`` gets, or None when it gets none (an error, or every file kept)."""
+        if f.error is not None or f.caption is None or f.root is None or f.decoded is None:
+            return None
+        if fingerprint_of(f.job.path) != f.decoded.fingerprint:
+            f.error = PhicapError(
+                f"{f.job.path}: the image changed while it was captioned", code="image_changed", retryable=True
+            )
+            return None
+        directory = f.job.path.parent
+        claims = Claims(self.store.claims_near(f.job.path), directory)
+        base = self._siblings.get(directory, f.root).base_for(f.job.path.name, claims)
+        f.claim = base
+        caption = f.caption
+        text = caption.text if f.staged else decorate(caption.text, f.root.prefix, f.root.suffix)
+        model = caption.model or self.model_identity
+        key = f.job.settings_key if f.staged else settings_key(self.settings, f.root, self.model_identity)
+        record = Success(
+            f.job.id,
+            f.decoded.sha256,
+            model,
+            f.prompt,
+            "",
+            f.decoded.fingerprint,
+            backend=caption.backend or self.backend,
+            endpoint=caption.endpoint,
+            caption=text,
+            settings_key=key,
+        )
+        formats = self.settings.formats_for(f.root)
+        files: list[tuple[Path, str]] = []
+        if "txt" in formats:
+            files.append((directory / (base + self.settings.sidecar.extension), text))
+        if "json" in formats:
+            name, revision = model_and_revision(model)
+            provenance = Provenance(name, revision, record.backend or "", f.prompt, generation_settings(self.settings))
+            document = json_sidecar_text(text, provenance, record.sha256, time.time())
+            files.append((directory / (base + JSON_EXTENSION), document))
+        primary = files[0][0]
+        record = dataclasses.replace(record, sidecar=str(primary))
+        files = [(path, content) for path, content in files if not self._kept(f, path)]
+        xmp: Path | None = None
+        if "xmp" in formats:
+            xmp = metadata.xmp_sidecar_path(f.job.path, base, self.settings.xmp_naming_for(f.root))
+            if self._described(f, xmp):
+                xmp = None
+        embed = "embed" in formats and metadata.can_embed(f.job.path) and not self._described(f, f.job.path)
+        if not files and xmp is None and not embed:
+            # Every file is one the policy keeps: it appeared while the image was on its way.
+            f.skipped = True
+            return None
+        return _Plan(f, record, files, primary, "jsonl" in formats, xmp, embed)
+
+    def _described(self, f: Finished, path: Path) -> bool:
+        """Does the policy keep the XMP description in ``path`` (a sidecar or the image)? An XMP
+        file without one is no caption (darktable writes a sidecar for every image it sees)."""
+        policy = self._policy(f)
+        description = metadata.read_description(path)
+        if f.job.force or policy == "overwrite" or description is None:
+            return False
+        if path == f.job.path:
+            # A description already in the image is someone else's caption (a camera, a person),
+            # unless it is the one we last wrote: that one is replaced with the image's new
+            # caption, or, finishing a staged write, it is this very caption, embedded already.
+            return f.staged if description == f.job.caption else True
+        assert f.decoded is not None
+        return policy == "only-missing" or policy_keeps(policy, f.decoded.fingerprint.mtime_ns, path)
+
+    def _write_metadata(self, plan: _Plan) -> None:
+        """Embed first, then the XMP sidecar, then (the caller) the other files. Embedding changes
+        the image's bytes and inode and keeps its mtime (``metadata.embed_caption``), so ``skip``
+        still sees the other files as at least as new as the image; the journal records its new
+        fingerprint, so neither the watcher's event for it, the scans nor ``overwrite`` take our
+        own write for a changed image."""
+        f = plan.finished
+        path = f.job.path
+        try:
+            if plan.embed:
+                metadata.embed_caption(path, plan.record.caption or "")
+                fingerprint = fingerprint_of(path)
+                if fingerprint is not None:
+                    plan.record = dataclasses.replace(plan.record, fingerprint=fingerprint)
+            if plan.xmp is not None:
+                metadata.write_xmp_sidecar(plan.xmp, plan.record.caption or "")
+        except (OSError, RuntimeError) as e:
+            target = path if plan.embed else plan.xmp
+            f.error = PhicapError(
+                f"{path}: cannot write its caption into {target}: {e}", code="sidecar_write_failed", retryable=True
+            )
+
+    def _write_outputs(self, group: list[Finished]) -> dict[int, Success]:
+        """Write the group's files; returns id(finished) -> its journal record, for those written."""
+        plans = [plan for f in group if (plan := self._plan(f)) is not None]
+        # More than one file for an image: its caption goes to the journal first, so a crash
+        # between the files is finished from there (``Finished.staged``), not captioned again.
+        staging = [
+            p.record
+            for p in plans
+            if not p.finished.staged and len(p.files) + p.manifest + p.embed + (p.xmp is not None) > 1
+        ]
+        self.store.stage_many(staging)
+        for p in plans:
+            if p.embed or p.xmp is not None:
+                self._write_metadata(p)
+        plans = [p for p in plans if p.finished.error is None]
+        # only-missing: an existing file wins even if it appears while ours is being written.
+        keep = {
+            path
+            for p in plans
+            if not p.finished.job.force and self._policy(p.finished) == "only-missing"
+            for path, _ in p.files
+        }
+        directories = {p.primary.parent: self._siblings.unchanged(p.primary.parent) for p in plans}
+        items = [item for p in plans for item in p.files]
+        errors = iter(write_sidecars(items, self._io_pool, keep) if items else [])
+        written: dict[int, Success] = {}
+        manifests: dict[Path, dict[str, str | None]] = {}
+        for p in plans:
+            f = p.finished
+            failed: tuple[Path, OSError] | None = None
+            placed = 0
+            for (path, _), error in zip(p.files, errors, strict=False):
+                if error is None:
+                    placed += 1
+                elif not (isinstance(error, FileExistsError) and path in keep) and failed is None:
+                    failed = (path, error)
+            if failed is not None:
+                path, error = failed
                 f.error = PhicapError(
                     f"{f.job.path}: cannot write its sidecar {path}: {error.strerror or error}",
                     code="sidecar_write_failed",
                     retryable=True,
                 )
+            elif placed == 0 and p.files and not p.embed and p.xmp is None:
+                f.skipped = True  # only-missing: every file appeared while ours was being written
+            else:
+                written[id(f)] = p.record
+                if p.manifest:
+                    manifests.setdefault(f.job.path.parent, {})[f.job.path.name] = p.record.caption
+        for directory, captions in manifests.items():
+            try:
+                update_manifest(directory, captions)
+            except OSError as e:
+                # Its images stay staged in the journal: their retry rewrites the manifest from there.
+                for p in plans:
+                    if id(p.finished) in written and p.finished.job.path.parent == directory:
+                        del written[id(p.finished)]
+                        p.finished.error = PhicapError(
+                            f"{p.finished.job.path}: cannot write {directory}'s manifest: {e.strerror or e}",
+                            code="sidecar_write_failed",
+                            retryable=True,
+                        )
+        for directory, unchanged in directories.items():
+            self._siblings.wrote(directory, unchanged_before=unchanged)
         return written
 
     def _policy(self, f: Finished) -> str:

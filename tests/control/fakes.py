@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from phicapd.control.backend import CaptionReply
-from phicapd.errors import CaptionError, FetchError, ImageError
+from phicapd.errors import CaptionError, FetchError, ImageError, PhicapError
 
 # Images the fake accepts start with this; "BAD" bytes are rejected, "FAIL" bytes fail.
 GOOD_MAGIC = b"\x89PNG"
@@ -27,6 +27,8 @@ class FakeBackend:
         self.paused = False
         self.rescans = 0
         self.retried: list[list[str] | None] = []
+        self.stale_asked: list[Path | None] = []
+        self.recaptioned: list[tuple[Path | None, bool]] = []
         self.existing = "skip"
         # What GET /v1/sidecar reports for a path under ``naming_root["path"]``: its naming inputs
         # and ``root_existing`` (None: the global ``existing``). Asked paths land in ``policy_paths``.
@@ -118,6 +120,17 @@ class FakeBackend:
     def retry(self, paths: list[str] | None) -> int:
         self.retried.append(paths)
         return 3 if paths is None else sum("not-failed" not in p for p in paths)
+
+    def stale(self, directory: Path | None) -> dict[str, list[dict[str, Any]]]:
+        self.stale_asked.append(directory)
+        if directory is not None and not str(directory).startswith("/watched"):
+            raise PhicapError(f"{directory} is under no watch root", code="not_watched")
+        entry = {"path": "/watched/a.jpg", "root": "/watched", "model": "m@r", "prompt": "old"}
+        return {"stale": [entry], "edited": [{**entry, "path": "/watched/b.jpg"}]}
+
+    def recaption_stale(self, directory: Path | None, force: bool) -> tuple[int, int]:
+        self.recaptioned.append((directory, force))
+        return (2, 0) if force else (1, 1)
 
     def pause(self) -> None:
         self.paused = True

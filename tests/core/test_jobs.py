@@ -195,12 +195,54 @@ def test_a_version_2_journal_gains_the_provenance_columns_and_keeps_its_jobs(tmp
     assert done is not None and (done.backend, done.endpoint, done.model) == ("openai", "http://gpu1:8000/v1", "phi35v")
     store.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
-    db.execute("PRAGMA user_version=4")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
+    db.execute("PRAGMA user_version=5")
     db.commit()
     db.close()
-    with pytest.raises(RuntimeError, match="has schema 4, this phicapd knows 3"):
+    with pytest.raises(RuntimeError, match="has schema 5, this phicapd knows 4"):
         JobStore(path)
+
+
+def test_a_version_3_journal_gains_caption_settings_key_and_staged(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "j.db"
+    store = JobStore(path)
+    store.enqueue_many([_work("a")])
+    store.close()
+    db = sqlite3.connect(path)  # back to schema 3: the columns 4 added are gone
+    for column in ("caption", "settings_key", "staged"):
+        db.execute(f"ALTER TABLE jobs DROP COLUMN {column}")
+    db.execute("PRAGMA user_version=3")
+    db.commit()
+    db.close()
+    store = JobStore(path)
+    [job] = store.claim(1)
+    assert (job.caption, job.settings_key, job.staged) == (None, None, False)
+    assert job.fingerprint is not None
+    store.stage_many([Success(job.id, "sha", "m@r", "p", "", job.fingerprint, caption="c", settings_key="k")])
+    staged = store.get(job.path)
+    assert staged is not None and (staged.caption, staged.settings_key, staged.staged) == ("c", "k", True)
+    store.finish_many([Success(job.id, "sha", "m@r", "p", "/x.txt", job.fingerprint, caption="c", settings_key="k")])
+    done = store.get(job.path)
+    assert done is not None and done.staged is False and done.state.value == "done"
+    assert [j.path for j in store.captioned(job.root)] == [job.path]
+    store.close()
+
+
+def test_recover_returns_a_staged_job_at_once_without_counting_an_attempt(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.enqueue_many([_work("a"), _work("b")])
+    a, b = store.claim(2)
+    store.mark_running([a.id, b.id])
+    assert a.fingerprint is not None
+    store.stage_many([Success(a.id, "sha", "m", "p", "", a.fingerprint, caption="c", settings_key="k")])
+    assert store.recover() == 1  # b: interrupted on the model
+    ra, rb = store.get(a.path), store.get(b.path)
+    assert ra is not None and rb is not None
+    assert (ra.state.value, ra.attempts, ra.error_code) == ("pending", 0, None)
+    assert (rb.attempts, rb.error_code) == (1, "interrupted")
+    assert [j.id for j in store.claim(10)] == [a.id]  # b backs off; a is runnable now
 
 
 def test_failure_counts_by_state_and_code_match_what_failures_lists(tmp_path: Path) -> None:

@@ -31,7 +31,28 @@ def main() -> int:
             time.sleep(linger)
         return FakeCaptioner(latency=latency, record=record)
 
+    if marker := os.environ.get("FAKE_KILL_BETWEEN_FORMATS"):
+        _kill_between_formats(Path(marker))
     return run(settings, load, settings_loader=lambda: load_settings(Path(sys.argv[1])))
+
+
+def _kill_between_formats(marker: Path) -> None:
+    """``kill -9`` this process once (while ``marker`` does not exist), in the writer's first
+    multi-format group, after its ``.txt`` files are on disk and before anything else is."""
+    import signal
+
+    from phicapd.pipeline import writer
+
+    real = writer.write_sidecars
+
+    def write_then_die(items, pool=None, keep=()):  # type: ignore[no-untyped-def]
+        if marker.exists() or not any(str(path).endswith(".json") for path, _ in items):
+            return real(items, pool, keep)
+        real([item for item in items if str(item[0]).endswith(".txt")], pool, keep)
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    writer.write_sidecars = write_then_die  # type: ignore[assignment]
 
 
 if __name__ == "__main__":
