@@ -53,7 +53,7 @@ from transformers import Phi3Config, Phi3ForCausalLM
 
 from phicapd.model import decode_attention
 from phicapd.model.generation import SamplingConfig, select_next
-from phicapd.model.modeling import Phi3VForCausalLM, upload
+from phicapd.model.modeling import Phi3VForCausalLM, pinned, upload
 from phicapd.model.processing import ProcessedImage
 
 log = logging.getLogger(__name__)
@@ -424,9 +424,11 @@ class GenerationEngine:
         sin_s: torch.Tensor,
         cos_l: torch.Tensor,
         sin_l: torch.Tensor,
+        attention: str | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One token per slot: tokens/positions/long_rope [B]; ``caches`` K, V, K, V, ... per layer,
         each [B, heads, span, D] (``_caches``). Returns the logits [B, V] and their argmax [B].
+        ``attention`` overrides the engine's (the eager reference attends with SDPA).
 
         Each layer's K and V come as tensors of their own, not as views of one pool tensor:
         torch.compile then writes the new entries in place, where views of a single input made
@@ -437,7 +439,7 @@ class GenerationEngine:
         pick = long_rope[:, None]
         cos = torch.where(pick, cos_l[positions], cos_s[positions])[:, None, None]  # [B, 1, 1, D]
         sin = torch.where(pick, sin_l[positions], sin_s[positions])[:, None, None]
-        if self.attention == "flex":
+        if (attention or self.attention) == "flex":
             mask: Any = decode_attention.flex_mask(positions, ctx)
         else:
             mask = decode_attention.sdpa_mask(positions, ctx, x.dtype)
@@ -614,9 +616,9 @@ class GenerationEngine:
         long_rope = [r.long_rope for r in rows] + [False] * pad
         if self.cuda_graphs:
             g = self._graph(bucket, ctx, span)
-            g.tokens.copy_(upload(torch.tensor(tokens), self.device))
-            g.positions.copy_(upload(torch.tensor(positions), self.device))
-            g.long_rope.copy_(upload(torch.tensor(long_rope), self.device))
+            # Straight from pinned memory into the graph's buffers: queued, no device temporaries.
+            for buffer, values in ((g.tokens, tokens), (g.positions, positions), (g.long_rope, long_rope)):
+                buffer.copy_(pinned(torch.tensor(values), self.device), non_blocking=True)
             g.graph.replay()
             return g.logits[:n], g.greedy[:n]
         inputs = [upload(torch.tensor(x), self.device) for x in (tokens, positions, long_rope)]
@@ -673,21 +675,13 @@ class GenerationEngine:
             log.exception("compiling the decode step failed")
             self._degrade()
             return False
-        eager = self._reference_step(*args)[0].float()
+        eager = self._decode_step(*args, attention="sdpa")[0].float()  # the reference: eager, masked SDPA
         agreement = F.cosine_similarity(compiled, eager, dim=-1).min().item()
         if not agreement >= COMPILED_AGREEMENT:  # also catches NaN
             log.error("%s disagrees with the eager one (cosine %.4f < %.4f)", what, agreement, COMPILED_AGREEMENT)
             self._degrade()
             return False
         return True
-
-    def _reference_step(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The eager decode step with masked SDPA: what compiled steps and their graphs must match."""
-        attention, self.attention = self.attention, "sdpa"
-        try:
-            return self._decode_step(*args)
-        finally:
-            self.attention = attention
 
     # -- the generation loop ----------------------------------------------------------------
 

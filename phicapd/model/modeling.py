@@ -55,12 +55,15 @@ def vision_tower_config(config: Phi3VConfig):
     return vision
 
 
+def pinned(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor ready to copy to ``device``: in page-locked memory for CUDA, so the copy is
+    queued on the stream instead of making the host wait for it (a pageable copy does)."""
+    return tensor.pin_memory() if device.type == "cuda" else tensor
+
+
 def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on ``device``: through pinned memory on CUDA, so the copy is queued
-    on the stream instead of making the host wait for it (a pageable copy does)."""
-    if device.type != "cuda":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    """A small host tensor on ``device``, copied asynchronously where that is possible."""
+    return pinned(tensor, device).to(device, non_blocking=True)
 
 
 class Phi3VForCausalLM(nn.Module):
