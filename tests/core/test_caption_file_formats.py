@@ -12,20 +12,9 @@ from pathlib import Path
 import pytest
 
 from phicapd.cli.ctl import main
+from tests.core.test_formats import JSON_KEYS
 from tests.support.daemon import running_daemon, settings_for
 from tests.support.fakes import FakeCaptioner, write_unique_png
-
-JSON_KEYS = {
-    "caption",
-    "model",
-    "revision",
-    "backend",
-    "prompt",
-    "generation",
-    "image_sha256",
-    "phicapd_version",
-    "created_at",
-}
 
 
 def _ctl(socket: Path, *args: str) -> int:

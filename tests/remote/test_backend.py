@@ -25,14 +25,6 @@ from tests.support.fakes import image_key, unique_image
 from tests.support.openai_server import REFUSED_WIDTH, FakeVLLM
 
 
-@pytest.fixture
-def servers() -> Iterator[list[FakeVLLM]]:
-    made: list[FakeVLLM] = []
-    yield made
-    for s in made:
-        s.stop()
-
-
 def _server(servers: list[FakeVLLM], **kw: object) -> FakeVLLM:
     s = FakeVLLM(**kw).start()  # type: ignore[arg-type]
     servers.append(s)

@@ -14,7 +14,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,14 +54,6 @@ def _drop(root: Path, n: int) -> dict[str, str]:
         key = write_unique_png(root / f"img{i:04d}.png", i)
         expected[f"img{i:04d}.txt"] = f"A 8x8 test image {key}.\n"
     return expected
-
-
-@pytest.fixture
-def servers() -> Iterator[list[FakeVLLM]]:
-    made: list[FakeVLLM] = []
-    yield made
-    for s in made:
-        s.stop()
 
 
 def test_the_daemon_captions_through_remote_endpoints_and_records_who_made_each(
