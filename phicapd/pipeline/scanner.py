@@ -26,7 +26,7 @@ from phicapd.pipeline.sidecar import (
     Claims,
     SiblingIndex,
     changed_ns,
-    policy_keeps,
+    formats_kept,
     remove_stale_temps,
     sidecar_may_exist,
 )
@@ -108,15 +108,12 @@ class Reconciler:
                 sidecar = directory / (os.path.splitext(name)[0] + extension)
             candidates.append((path, st, sidecar))
         if policy != "overwrite":
-            # Each per-image format is judged on its own: a kept photo.txt with no photo.json
-            # beside it still needs its JSON sidecar.
-            others = [e for e in self.settings.per_image_extensions(root) if e != extension]
+            extensions = self.settings.per_image_extensions(root)
             stale = [
                 (p, st)
                 for p, st, sidecar in candidates
-                if not all(
-                    policy_keeps(policy, changed_ns(st), sidecar.with_name(sidecar.name[: -len(extension)] + e))
-                    for e in (extension, *others)
+                if not formats_kept(
+                    policy, changed_ns(st), sidecar.with_name(sidecar.name[: -len(extension)]), extensions
                 )
             ]
         else:

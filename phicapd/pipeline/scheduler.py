@@ -51,7 +51,7 @@ from phicapd.metrics import DaemonMetrics
 from phicapd.pipeline import metadata
 from phicapd.pipeline.decode import DecodeBytes, Decoded, DecodeFile, fingerprint_of
 from phicapd.pipeline.jobs import Fingerprint, Job, JobStore
-from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, policy_keeps, sidecar_may_exist
+from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, formats_kept, sidecar_may_exist
 from phicapd.pipeline.writer import Finished, SidecarWriter
 
 log = get_logger(__name__)
@@ -687,8 +687,7 @@ class Scheduler:
         except OSError:
             return None
         base = SiblingIndex(self._list_images(job.path.parent, root)).base_for(job.path.name, claims)
-        extensions = self.settings.per_image_extensions(root)
-        kept = all(policy_keeps(policy, changed_ns(st), job.path.with_name(base + e)) for e in extensions)
+        kept = formats_kept(policy, changed_ns(st), job.path.with_name(base), self.settings.per_image_extensions(root))
         return base if kept else None
 
 

@@ -249,6 +249,12 @@ def policy_keeps(policy: str, image_mtime_ns: int, sidecar: Path) -> bool:
     return False
 
 
+def formats_kept(policy: str, image_changed_ns: int, base: Path, extensions: Sequence[str]) -> bool:
+    """Whether the policy keeps every per-image file ``base`` + extension: each format is judged
+    on its own, so a kept ``photo.txt`` does not excuse a missing ``photo.json``."""
+    return all(policy_keeps(policy, image_changed_ns, base.with_name(base.name + e)) for e in extensions)
+
+
 def sidecar_may_exist(image: Path, extension: str) -> bool:
     """Whether a file stands under either name the naming rule can give ``image``'s sidecar.
 
@@ -277,16 +283,12 @@ def fsync_dir(directory: Path) -> None:
 
 def temp_path(target: Path) -> Path:
     """A hidden temp name beside ``target`` that the scans and the watcher skip (``is_temp_name``)."""
-    return _temp_path(target)
-
-
-def _temp_path(target: Path) -> Path:
     return target.parent / f".{target.name}{TEMP_MARKER}{os.getpid()}-{os.urandom(4).hex()}{TEMP_SUFFIX}"
 
 
 def _write_temp(target: Path, data: bytes, mode: int) -> Path:
     """Write ``data`` to a new temp file beside ``target`` and fsync it; returns the temp path."""
-    tmp = _temp_path(target)
+    tmp = temp_path(target)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
         view = memoryview(data)
