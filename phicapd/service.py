@@ -326,16 +326,16 @@ class Daemon:
             return False
         return self.watcher is None or time.monotonic() - self.watcher.last_progress < STALL_SECONDS
 
+    def _waiting(self) -> str | None:
+        """Why the backend cannot take work now (every remote endpoint is down), or None."""
+        waiting = getattr(self.captioner, "waiting", None)
+        return waiting if isinstance(waiting, str) else None
+
     def status_line(self) -> str:
         if self.scheduler is None:
             return self.state
         counts = self.store.counts()
-        waiting = getattr(self.captioner, "waiting", None)
-        state = (
-            "waiting: every remote endpoint is down"
-            if self.state == "ready" and isinstance(waiting, str)
-            else self.state
-        )
+        state = "waiting: every remote endpoint is down" if self.state == "ready" and self._waiting() else self.state
         return (
             f"{state}: {counts['pending'] + counts['running']} queued, {counts['done']} done, "
             f"{counts['failed']} failed, {self.scheduler.throughput.rate():.2f} img/s"
@@ -367,8 +367,7 @@ class Daemon:
         # never opened or read here (the daemon's user may not even be allowed to). A file under
         # a root gets what the watcher would give it: the root's prompt unless the request names
         # one, and the root's prefix/suffix.
-        waiting = getattr(self.captioner, "waiting", None)
-        if isinstance(waiting, str):
+        if (waiting := self._waiting()) is not None:
             # Every remote endpoint is down: say so now rather than after the caption timeout.
             raise PhicapError(f"no caption can be made now: {waiting}", code="remote_unavailable", retryable=True)
         root = owning_root(path, self.settings.watch) if path is not None else None
@@ -466,10 +465,8 @@ class Daemon:
             state = "paused"
         describe = getattr(self.captioner, "describe", None)
         details = describe() if describe is not None else {}
-        if state == "ready" and details.get("waiting"):
-            state = (
-                "waiting"  # the backend cannot take work now (every remote endpoint is down): why is in model.waiting
-            )
+        if state == "ready" and self._waiting():
+            state = "waiting"  # every remote endpoint is down; why is in model.waiting
         model: dict[str, Any] = {"source": model_source(self.settings), "loaded": self.captioner is not None}
         if self.captioner is None and self.loading is not None:
             model["loading"] = self.loading
