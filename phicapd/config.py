@@ -46,8 +46,6 @@ METADATA_FORMATS = ("xmp", "embed")
 # The XMP sidecar's name: "stem" (photo.xmp, as Lightroom and digiKam; same-stem images get
 # photo.png.xmp by the .txt naming rule) or "full" (photo.jpg.xmp, as darktable).
 XmpNaming = Literal["stem", "full"]
-#: One file per image, beside it: what the scans look at to tell a captioned image.
-PER_IMAGE_FORMATS = ("txt", "json")
 JSON_EXTENSION = ".json"
 MANIFEST_NAME = "metadata.jsonl"
 # What happens to captions made with other settings than the root's current ones: "manual"
@@ -70,9 +68,6 @@ def _check_formats(value: list[OutputFormat] | None) -> list[OutputFormat] | Non
         if name not in AVAILABLE_FORMATS:
             available = ", ".join(AVAILABLE_FORMATS)
             raise ValueError(f"format {name!r} is not available in this phicapd yet (it writes: {available})")
-    if not seen.intersection(PER_IMAGE_FORMATS):
-        # The scans tell a captioned image by a file beside it; a manifest alone cannot say so.
-        raise ValueError(f"formats {value!r} need 'txt' or 'json' too (what the scans tell a captioned image by)")
     return value
 
 
@@ -465,17 +460,6 @@ class Settings(BaseSettings):
 
     def restale_for(self, root: WatchRoot) -> RestalePolicy:
         return root.restale or self.sidecar.restale
-
-    def per_image_extensions(self, root: WatchRoot | None) -> list[str]:
-        """The extensions of the files written beside each image under ``root``, primary first."""
-        formats = self.formats_for(root)
-        out = [self.sidecar.extension] if "txt" in formats else []
-        return [*out, JSON_EXTENSION] if "json" in formats else out
-
-    def primary_extension(self, root: WatchRoot | None) -> str:
-        """The per-image file the scans and policies judge an image by: the ``.txt`` sidecar when
-        the root writes one, else the ``.json`` one."""
-        return self.sidecar.extension if "txt" in self.formats_for(root) else JSON_EXTENSION
 
 
 def _format_location(loc: tuple[Any, ...]) -> str:

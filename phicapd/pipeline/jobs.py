@@ -26,7 +26,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+#: ``jobs.staged``: 0 no, 1 its files are being written from the staged caption (finish them
+#: all), 2 a backfill (write only the outputs it lacks, from the caption it has).
+STAGED_WRITE = 1
+STAGED_BACKFILL = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -49,6 +53,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     caption         TEXT,
     settings_key    TEXT,
     staged          INTEGER NOT NULL DEFAULT 0,
+    formats         TEXT,
     error_code      TEXT,
     error_message   TEXT,
     created_at      REAL NOT NULL,
@@ -104,6 +109,8 @@ class Job:
     caption: str | None = None  # the text last written (or staged) for it, prefix and suffix included
     settings_key: str | None = None  # what made that caption (``pipeline.formats.settings_key``)
     staged: bool = False  # its caption is in the journal and its files may be half written
+    backfill: bool = False  # staged to add the outputs it lacks from its journal caption (no model)
+    formats: frozenset[str] | None = None  # what its caption was written in (None: not known)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +122,9 @@ class NewWork:
     fingerprint: Fingerprint
     force: bool = False
     seen_at: float | None = None  # wall clock when the caller found its sidecar missing or stale
+    # It lacks some outputs, and the journal's caption was made from its current bytes: write
+    # them from that caption (``Job.backfill``) rather than ask the model again.
+    backfill: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +139,7 @@ class Success:
     endpoint: str | None = None  # the remote endpoint that made the caption
     caption: str | None = None  # the text written, for staleness and for finishing a staged write
     settings_key: str | None = None
+    formats: tuple[str, ...] = ()  # the root's formats, all of which it now has
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +184,8 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         caption=row["caption"],
         settings_key=row["settings_key"],
         staged=bool(row["staged"]),
+        backfill=row["staged"] == STAGED_BACKFILL,
+        formats=frozenset(row["formats"].split(",")) if row["formats"] else None,
     )
 
 
@@ -208,10 +221,11 @@ class JobStore:
                 if statement.strip():
                     self._db.execute(statement)
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version in (0, 1, 2, 3):
+            if version in (0, 1, 2, 3, 4):
                 # 1 -> 2 added the sidecars table (start-up scans fill it); 2 -> 3 added which
                 # backend and endpoint made each caption; 3 -> 4 the caption text, its settings
-                # key and the staged mark (NULL / 0 for the older ones: never called stale).
+                # key and the staged mark (NULL / 0 for the older ones); 4 -> 5 the formats
+                # each caption was written in (NULL: unknown, so the scans look at the files).
                 columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
                 for column, kind in (
                     ("backend", "TEXT"),
@@ -219,6 +233,7 @@ class JobStore:
                     ("caption", "TEXT"),
                     ("settings_key", "TEXT"),
                     ("staged", "INTEGER NOT NULL DEFAULT 0"),
+                    ("formats", "TEXT"),
                 ):
                     if column not in columns:
                         self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
@@ -274,7 +289,7 @@ class JobStore:
             # not bring the daemon down on the model.
             db.execute(
                 "UPDATE jobs SET state = 'pending', next_attempt_at = 0, updated_at = ?"
-                " WHERE state = 'running' AND staged",
+                " WHERE state = 'running' AND staged != 0",
                 (now,),
             )
             cur = db.execute(
@@ -302,7 +317,8 @@ class JobStore:
             for w in items:
                 fp = w.fingerprint
                 row = db.execute(
-                    "SELECT id, state, size, mtime_ns, inode, updated_at FROM jobs WHERE path = ?", (str(w.path),)
+                    "SELECT id, state, size, mtime_ns, inode, caption, updated_at FROM jobs WHERE path = ?",
+                    (str(w.path),),
                 ).fetchone()
                 if row is None:
                     db.execute(
@@ -316,8 +332,10 @@ class JobStore:
                 changed = (row["size"], row["mtime_ns"], row["inode"]) != (fp.size, fp.mtime_ns, fp.inode)
                 if state in ("pending", "running"):
                     if changed or w.force:
+                        # Other bytes (or a forced caption): a backfill from the old caption is off.
                         db.execute(
                             "UPDATE jobs SET size = ?, mtime_ns = ?, inode = ?, force = force | ?,"
+                            f" staged = CASE staged WHEN {STAGED_BACKFILL} THEN 0 ELSE staged END,"
                             " updated_at = ? WHERE id = ?",
                             (fp.size, fp.mtime_ns, fp.inode, int(w.force), now, row["id"]),
                         )
@@ -329,11 +347,21 @@ class JobStore:
                     # Captioned after the caller looked (a scan racing the writer): the sidecar it
                     # found missing is there now, so this would be a second caption.
                     continue
+                backfill = w.backfill and state == "done" and not changed and not w.force and row["caption"] is not None
                 db.execute(
                     "UPDATE jobs SET state = 'pending', root = ?, force = ?, attempts = 0, next_attempt_at = 0,"
-                    " staged = 0, size = ?, mtime_ns = ?, inode = ?, error_code = NULL, error_message = NULL,"
+                    " staged = ?, size = ?, mtime_ns = ?, inode = ?, error_code = NULL, error_message = NULL,"
                     " updated_at = ? WHERE id = ?",
-                    (str(w.root), int(w.force), fp.size, fp.mtime_ns, fp.inode, now, row["id"]),
+                    (
+                        str(w.root),
+                        int(w.force),
+                        STAGED_BACKFILL if backfill else 0,
+                        fp.size,
+                        fp.mtime_ns,
+                        fp.inode,
+                        now,
+                        row["id"],
+                    ),
                 )
                 added += 1
         return added
@@ -375,8 +403,8 @@ class JobStore:
         now = self._clock()
         with self._tx() as db:
             db.executemany(
-                "UPDATE jobs SET staged = 1, caption = ?, settings_key = ?, sha256 = ?, model = ?, backend = ?,"
-                " endpoint = ?, prompt = ?, updated_at = ? WHERE id = ?",
+                f"UPDATE jobs SET staged = {STAGED_WRITE}, caption = ?, settings_key = ?, sha256 = ?, model = ?,"
+                " backend = ?, endpoint = ?, prompt = ?, updated_at = ? WHERE id = ?",
                 [
                     (s.caption, s.settings_key, s.sha256, s.model, s.backend, s.endpoint, s.prompt, now, s.job_id)
                     for s in staged
@@ -407,8 +435,8 @@ class JobStore:
             for s in successes:
                 db.execute(
                     "UPDATE jobs SET state = 'done', force = 0, staged = 0, sha256 = ?, model = ?, backend = ?,"
-                    " endpoint = ?, prompt = ?, sidecar = ?, caption = ?, settings_key = ?, size = ?, mtime_ns = ?,"
-                    " inode = ?, error_code = NULL, error_message = NULL, updated_at = ? WHERE id = ?",
+                    " endpoint = ?, prompt = ?, sidecar = ?, caption = ?, settings_key = ?, formats = ?, size = ?,"
+                    " mtime_ns = ?, inode = ?, error_code = NULL, error_message = NULL, updated_at = ? WHERE id = ?",
                     (
                         s.sha256,
                         s.model,
@@ -418,6 +446,7 @@ class JobStore:
                         s.sidecar,
                         s.caption,
                         s.settings_key,
+                        ",".join(s.formats) or None,
                         s.fingerprint.size,
                         s.fingerprint.mtime_ns,
                         s.fingerprint.inode,
@@ -523,30 +552,29 @@ class JobStore:
             row = db.execute("SELECT * FROM jobs WHERE path = ?", (str(path),)).fetchone()
         return _row_to_job(row) if row else None
 
-    def done_fingerprints(self, paths: Sequence[Path]) -> dict[Path, tuple[Fingerprint | None, str | None]]:
-        """For the ``overwrite`` policy: which of ``paths`` we captioned, at which version, into which file."""
-        out: dict[Path, tuple[Fingerprint | None, str | None]] = {}
+    def done_records(self, paths: Sequence[Path]) -> dict[Path, Job]:
+        """The done jobs of ``paths``: what this daemon captioned, from which bytes, into what."""
+        out: dict[Path, Job] = {}
         with self._read() as db:
             for chunk_start in range(0, len(paths), 500):
                 chunk = paths[chunk_start : chunk_start + 500]
                 marks = ",".join("?" * len(chunk))
                 for row in db.execute(
-                    f"SELECT path, size, mtime_ns, inode, sidecar FROM jobs WHERE state = 'done' AND path IN ({marks})",
-                    [str(p) for p in chunk],
+                    f"SELECT * FROM jobs WHERE state = 'done' AND path IN ({marks})", [str(p) for p in chunk]
                 ):
-                    out[Path(row["path"])] = (
-                        Fingerprint(row["size"], row["mtime_ns"], row["inode"]),
-                        row["sidecar"],
-                    )
+                    out[Path(row["path"])] = _row_to_job(row)
         return out
 
     def captioned(self, root: Path, under: Path | None = None) -> list[Job]:
-        """Done jobs of ``root`` (below ``under``, if given) that hold a caption of ours."""
+        """Done jobs of ``root`` (below ``under``, if given) that hold a caption of ours: with its
+        text and settings key, or from before they were kept (schema < 4) with its model."""
         prefix = str(under or root).rstrip("/") + "/"
         with self._read() as db:
             rows = db.execute(
-                "SELECT * FROM jobs WHERE root = ? AND state = 'done' AND settings_key IS NOT NULL"
-                " AND caption IS NOT NULL AND substr(path, 1, ?) = ? ORDER BY path",
+                "SELECT * FROM jobs WHERE root = ? AND state = 'done'"
+                " AND (settings_key IS NOT NULL AND caption IS NOT NULL"
+                " OR settings_key IS NULL AND model IS NOT NULL AND sidecar IS NOT NULL)"
+                " AND substr(path, 1, ?) = ? ORDER BY path",
                 (str(root), len(prefix), prefix),
             ).fetchall()
         return [_row_to_job(r) for r in rows]

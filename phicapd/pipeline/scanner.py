@@ -15,21 +15,15 @@ import stat
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 from phicapd.config import Settings, WatchRoot
 from phicapd.log import get_logger
-from phicapd.pipeline.jobs import Fingerprint, JobStore, NewWork
+from phicapd.pipeline.jobs import Fingerprint, Job, JobStore, NewWork
+from phicapd.pipeline.outputs import Known, Manifest, RootOutputs, sidecar_base
 from phicapd.pipeline.paths import is_candidate_name, is_watched_dir, list_images
-from phicapd.pipeline.sidecar import (
-    Claims,
-    SiblingIndex,
-    changed_ns,
-    formats_kept,
-    remove_stale_temps,
-    sidecar_may_exist,
-)
+from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, remove_stale_temps, sidecar_may_exist
 
 log = get_logger(__name__)
 
@@ -56,7 +50,6 @@ class Reconciler:
     def __init__(self, settings: Settings, store: JobStore) -> None:
         self.settings = settings
         self.store = store
-        self.extension = settings.sidecar.extension
 
     # -- the one decision ----------------------------------------------------------------------
 
@@ -69,19 +62,21 @@ class Reconciler:
         young_after: float | None,
         claims: Claims,
     ) -> tuple[list[NewWork], list[Path], list[tuple[Path, str]]]:
-        """Of the image ``names`` in ``directory``: those whose sidecar is missing or stale; those
-        modified after ``young_after`` (wall clock), which may still be being written and must
-        settle first; and the sidecars found beside images that hold no claim on them yet.
+        """Of the image ``names`` in ``directory``: those that lack an output their root writes
+        (``pipeline.outputs``), as work for the model or as a backfill from their journal
+        caption; those modified after ``young_after`` (wall clock), which may still be being
+        written and must settle first; and the sidecars found beside images that hold no claim
+        on them yet.
 
         Claiming a sidecar found on disk makes it its image's for good: a same-stem image that
         arrives later and sorts first then gets the other name instead of this caption.
         ``siblings`` (the directory's naming index) is asked for only when a file that could be
         the sidecar exists; a new image usually has none, so no directory listing is needed.
         """
-        policy = self.settings.existing_policy(root)
-        extension = self.settings.primary_extension(root)
+        outputs = RootOutputs.of(self.settings, root)
+        extension = outputs.named_extension
         seen_at = time.time()  # before any sidecar is looked at: a job done after this was not seen
-        candidates: list[tuple[Path, os.stat_result, Path]] = []
+        candidates: list[tuple[Path, os.stat_result, str]] = []
         found: list[tuple[Path, str]] = []
         young: list[Path] = []
         index: SiblingIndex | None = None
@@ -93,7 +88,8 @@ class Reconciler:
                 continue
             if not stat.S_ISREG(st.st_mode):
                 continue
-            if name in claims.by_image or sidecar_may_exist(path, extension):
+            base = sidecar_base(path)  # missing under either name: stale whichever the rule picks
+            if extension is not None and (name in claims.by_image or sidecar_may_exist(path, extension)):
                 index = index or siblings()
                 base = index.base_for(name, claims)
                 sidecar = directory / (base + extension)
@@ -103,33 +99,28 @@ class Reconciler:
                     claims.add(owner, base)
                     if owner != name:
                         base = index.base_for(name, claims)
-                        sidecar = directory / (base + extension)
-            else:  # missing under either name: stale whichever the rule picks
-                sidecar = directory / (os.path.splitext(name)[0] + extension)
-            candidates.append((path, st, sidecar))
-        if policy != "overwrite":
-            extensions = self.settings.per_image_extensions(root)
-            stale = [
-                (p, st)
-                for p, st, sidecar in candidates
-                if not formats_kept(
-                    policy, changed_ns(st), sidecar.with_name(sidecar.name[: -len(extension)]), extensions
-                )
-            ]
-        else:
-            # overwrite: whatever we did not caption ourselves, at this version, gets a fresh caption
-            done = self.store.done_fingerprints([c[0] for c in candidates])
-            stale = []
-            for path, st, sidecar in candidates:
-                record = done.get(path)
-                if not (record and record[0] == fingerprint(st) and record[1] == str(sidecar) and sidecar.exists()):
-                    stale.append((path, st))
+            candidates.append((path, st, base))
+        # The journal is read only where it can change the answer: overwrite asks whose outputs
+        # they are, embed whether the bytes are the ones we embedded into.
+        records: dict[Path, Job] = {}
+        if outputs.policy == "overwrite" or "embed" in outputs.formats:
+            records = self.store.done_records([c[0] for c in candidates])
+        manifest = cache(partial(Manifest.read, directory))
+        lacking: list[tuple[Path, os.stat_result]] = []
+        for path, st, base in candidates:
+            known = Known.of(records.get(path), fingerprint(st))
+            if outputs.missing(path, changed_ns(st), base, known, manifest):
+                lacking.append((path, st))
+        if lacking and not records:
+            records = self.store.done_records([p for p, _ in lacking])
         work: list[NewWork] = []
-        for path, st in stale:
+        for path, st in lacking:
             if young_after is not None and st.st_mtime > young_after:
                 young.append(path)
-            else:
-                work.append(NewWork(path, root.path, fingerprint(st), seen_at=seen_at))
+                continue
+            record = records.get(path)
+            backfill = record is not None and record.caption is not None and record.fingerprint == fingerprint(st)
+            work.append(NewWork(path, root.path, fingerprint(st), seen_at=seen_at, backfill=backfill))
         return work, young, found
 
     # -- watcher intake ------------------------------------------------------------------------

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,8 @@ from phicapd.metrics import DaemonMetrics
 from phicapd.pipeline import metadata
 from phicapd.pipeline.decode import DecodeBytes, Decoded, DecodeFile, fingerprint_of
 from phicapd.pipeline.jobs import Fingerprint, Job, JobStore
-from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, formats_kept, sidecar_may_exist
+from phicapd.pipeline.outputs import Known, Manifest, RootOutputs, sidecar_base
+from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, sidecar_may_exist
 from phicapd.pipeline.writer import Finished, SidecarWriter
 
 log = get_logger(__name__)
@@ -668,27 +670,33 @@ class Scheduler:
             return None
         if same:
             return now
-        if "embed" in self.settings.formats_for(root) and metadata.read_description(job.path) == job.caption:
+        embedded = "embed" in self.settings.formats_for(root) or (job.formats is not None and "embed" in job.formats)
+        if embedded and metadata.read_description(job.path) == job.caption:
             return now
         return None
 
     def _already_captioned(self, job: Job, root: WatchRoot) -> str | None:
-        """The sidecar base of the job's image when the sidecar, there now, is one its root's
-        policy keeps (never when forced); None when the image needs its caption."""
-        policy = self.settings.existing_policy(root)
-        if job.force or policy == "overwrite":
+        """The sidecar base of the job's image when every output its root writes is there now and
+        kept by the policy (never when forced); None when the image needs its caption."""
+        outputs = RootOutputs.of(self.settings, root)
+        if job.force or outputs.policy == "overwrite":
             return None
-        extension = self.settings.primary_extension(root)
+        extension = outputs.named_extension
         claims = Claims(self.store.claims_near(job.path), job.path.parent)
-        if job.path.name not in claims.by_image and not sidecar_may_exist(job.path, extension):
+        named = extension is not None and (job.path.name in claims.by_image or sidecar_may_exist(job.path, extension))
+        if extension is not None and not named:
             return None  # the usual case, known without listing the directory
         try:
             st = job.path.stat()
         except OSError:
             return None
-        base = SiblingIndex(self._list_images(job.path.parent, root)).base_for(job.path.name, claims)
-        kept = formats_kept(policy, changed_ns(st), job.path.with_name(base), self.settings.per_image_extensions(root))
-        return base if kept else None
+        base = sidecar_base(job.path)
+        if named:
+            base = SiblingIndex(self._list_images(job.path.parent, root)).base_for(job.path.name, claims)
+        # Queued, so what the journal last wrote is no longer enough: its caption is not current.
+        known = Known(job.caption, False, None, job.sidecar, job.updated_at)
+        manifest = partial(Manifest.read, job.path.parent)
+        return None if outputs.missing(job.path, changed_ns(st), base, known, manifest) else base
 
 
 def _suspect(job: Job | None) -> bool:

@@ -249,12 +249,6 @@ def policy_keeps(policy: str, image_mtime_ns: int, sidecar: Path) -> bool:
     return False
 
 
-def formats_kept(policy: str, image_changed_ns: int, base: Path, extensions: Sequence[str]) -> bool:
-    """Whether the policy keeps every per-image file ``base`` + extension: each format is judged
-    on its own, so a kept ``photo.txt`` does not excuse a missing ``photo.json``."""
-    return all(policy_keeps(policy, image_changed_ns, base.with_name(base.name + e)) for e in extensions)
-
-
 def sidecar_may_exist(image: Path, extension: str) -> bool:
     """Whether a file stands under either name the naming rule can give ``image``'s sidecar.
 

@@ -18,8 +18,10 @@ directory's ``metadata.jsonl``). All of them come from one caption: when an imag
 than one file, its caption is first *staged* in the journal (one transaction for the group),
 then every file is written, then the group is recorded as done. A crash in between leaves a
 staged job, which the scheduler hands straight back here with the journal's caption
-(``Finished.staged``) instead of to the model. Each format's file is judged by the root's
-``existing`` policy on its own, so a kept ``photo.txt`` does not stop a missing ``photo.json``.
+(``Finished.staged``) instead of to the model. Each output is judged by the root's ``existing``
+policy on its own (``pipeline.outputs``), so a kept ``photo.txt`` does not stop a missing
+``photo.json``. A *backfill* (an image that lacks outputs its journal caption can supply: a
+format added to the root, a deleted sidecar) comes the same way and writes only what is missing.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from phicapd.captioner import Caption, decorate
-from phicapd.config import JSON_EXTENSION, Settings, WatchRoot
+from phicapd.config import Settings, WatchRoot
 from phicapd.errors import PhicapError
 from phicapd.log import get_logger
 from phicapd.pipeline import metadata
@@ -49,6 +51,7 @@ from phicapd.pipeline.formats import (
     update_manifest,
 )
 from phicapd.pipeline.jobs import Failure, Job, JobStore, Success
+from phicapd.pipeline.outputs import Manifest, RootOutputs, sidecar_base
 from phicapd.pipeline.sidecar import Claims, SiblingCache, policy_keeps, write_sidecars
 
 log = get_logger(__name__)
@@ -85,8 +88,7 @@ class _Plan:
     finished: Finished
     record: Success  # what the journal gets once every file is in place
     files: list[tuple[Path, str]]  # per-image files to write, with their content
-    primary: Path  # the file the scans judge the image by (``Settings.primary_extension``)
-    manifest: bool  # the directory's metadata.jsonl lists it
+    manifest: bool  # the directory's metadata.jsonl gets its entry
     xmp: Path | None = None  # the XMP sidecar to set (merged) ``dc:description`` in
     embed: bool = False  # write the caption into the image file itself
 
@@ -111,6 +113,7 @@ class SidecarWriter:
         self._io_pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="phicapd-write")
         self._queue: collections.deque[Finished] = collections.deque()
         self._refresh: set[Path] = set()  # directories whose manifest may list a removed image
+        self._manifests: dict[Path, Manifest] = {}
         self._cond = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="phicapd-writer", daemon=True)
@@ -193,12 +196,14 @@ class SidecarWriter:
                 failures.append(Failure(f.job.id, f.error.code, str(f.error), f.error.retryable))
         claims = [(f.job.path, f.claim) for f in group if f.claim is not None and (f.skipped or id(f) in written)]
         parked = {j.id for j in self.store.finish_many(successes, failures, skipped, claims)}
-        self.by_source.update((s.backend or "", s.endpoint, s.model) for s in successes)
-        self._on_recorded([f.job.id for f in group], len(successes))
+        # Captions made now; a staged one (a backfill, a write finished after a crash) was made before.
+        made = [written[id(f)] for f in group if id(f) in written and not f.staged]
+        self.by_source.update((s.backend or "", s.endpoint, s.model) for s in made)
+        self._on_recorded([f.job.id for f in group], len(made))
         self._log(group, parked)
 
     def _plan(self, f: Finished) -> _Plan | None:
-        """The files ``f`` gets, or None when it gets none (an error, or every file kept)."""
+        """The outputs ``f`` gets, or None when it gets none (an error, or every output kept)."""
         if f.error is not None or f.caption is None or f.root is None or f.decoded is None:
             return None
         if fingerprint_of(f.job.path) != f.decoded.fingerprint:
@@ -206,10 +211,13 @@ class SidecarWriter:
                 f"{f.job.path}: the image changed while it was captioned", code="image_changed", retryable=True
             )
             return None
+        outputs = RootOutputs.of(self.settings, f.root)
         directory = f.job.path.parent
-        claims = Claims(self.store.claims_near(f.job.path), directory)
-        base = self._siblings.get(directory, f.root).base_for(f.job.path.name, claims)
-        f.claim = base
+        base = sidecar_base(f.job.path)
+        if outputs.named_extension is not None:  # per-image files: named by the rule and the claims
+            claims = Claims(self.store.claims_near(f.job.path), directory)
+            base = self._siblings.get(directory, f.root).base_for(f.job.path.name, claims)
+            f.claim = base
         caption = f.caption
         text = caption.text if f.staged else decorate(caption.text, f.root.prefix, f.root.suffix)
         model = caption.model or self.model_identity
@@ -219,36 +227,47 @@ class SidecarWriter:
             f.decoded.sha256,
             model,
             f.prompt,
-            "",
+            str(outputs.primary(f.job.path, base)),
             f.decoded.fingerprint,
             backend=caption.backend or self.backend,
             endpoint=caption.endpoint,
             caption=text,
             settings_key=key,
+            formats=outputs.formats,
         )
-        formats = self.settings.formats_for(f.root)
+        paths = outputs.files(f.job.path, base)
         files: list[tuple[Path, str]] = []
-        if "txt" in formats:
-            files.append((directory / (base + self.settings.sidecar.extension), text))
-        if "json" in formats:
+        if "txt" in paths:
+            files.append((paths["txt"], text))
+        if "json" in paths:
             name, revision = model_and_revision(model)
             provenance = Provenance(name, revision, record.backend or "", f.prompt, generation_settings(self.settings))
             document = json_sidecar_text(text, provenance, record.sha256, time.time())
-            files.append((directory / (base + JSON_EXTENSION), document))
-        primary = files[0][0]
-        record = dataclasses.replace(record, sidecar=str(primary))
+            files.append((paths["json"], document))
         files = [(path, content) for path, content in files if not self._kept(f, path)]
-        xmp: Path | None = None
-        if "xmp" in formats:
-            xmp = metadata.xmp_sidecar_path(f.job.path, base, self.settings.xmp_naming_for(f.root))
-            if self._described(f, xmp):
-                xmp = None
-        embed = "embed" in formats and metadata.can_embed(f.job.path) and not self._described(f, f.job.path)
-        if not files and xmp is None and not embed:
-            # Every file is one the policy keeps: it appeared while the image was on its way.
+        xmp = paths.get("xmp")
+        if xmp is not None and self._described(f, xmp):
+            xmp = None
+        embed = "embed" in outputs.formats and metadata.can_embed(f.job.path) and not self._described(f, f.job.path)
+        manifest = "jsonl" in outputs.formats and not self._listed(f)
+        if not files and xmp is None and not embed and not manifest:
+            # Every output is one the policy keeps: it appeared while the image was on its way.
             f.skipped = True
             return None
-        return _Plan(f, record, files, primary, "jsonl" in formats, xmp, embed)
+        return _Plan(f, record, files, manifest, xmp, embed)
+
+    def _listed(self, f: Finished) -> bool:
+        """Does the policy keep the image's entry in its directory's manifest?"""
+        policy = self._policy(f)
+        if f.job.force or policy == "overwrite":
+            return False
+        directory = f.job.path.parent
+        entries = self._manifests.get(directory)
+        if entries is None:
+            entries = self._manifests[directory] = Manifest.read(directory)
+        assert f.decoded is not None
+        listed = f.job.path.name in entries.names
+        return listed and (policy == "only-missing" or (entries.mtime_ns or 0) >= f.decoded.fingerprint.mtime_ns)
 
     def _described(self, f: Finished, path: Path) -> bool:
         """Does the policy keep the XMP description in ``path`` (a sidecar or the image)? An XMP
@@ -289,6 +308,7 @@ class SidecarWriter:
 
     def _write_outputs(self, group: list[Finished]) -> dict[int, Success]:
         """Write the group's files; returns id(finished) -> its journal record, for those written."""
+        self._manifests = {}  # read once per group and directory, by ``_listed``
         plans = [plan for f in group if (plan := self._plan(f)) is not None]
         # More than one file for an image: its caption goes to the journal first, so a crash
         # between the files is finished from there (``Finished.staged``), not captioned again.
@@ -309,7 +329,7 @@ class SidecarWriter:
             if not p.finished.job.force and self._policy(p.finished) == "only-missing"
             for path, _ in p.files
         }
-        directories = {p.primary.parent: self._siblings.unchanged(p.primary.parent) for p in plans}
+        directories = {d: self._siblings.unchanged(d) for d in {p.finished.job.path.parent for p in plans}}
         items = [item for p in plans for item in p.files]
         errors = iter(write_sidecars(items, self._io_pool, keep) if items else [])
         written: dict[int, Success] = {}
@@ -330,7 +350,7 @@ class SidecarWriter:
                     code="sidecar_write_failed",
                     retryable=True,
                 )
-            elif placed == 0 and p.files and not p.embed and p.xmp is None:
+            elif placed == 0 and p.files and not p.embed and p.xmp is None and not p.manifest:
                 f.skipped = True  # only-missing: every file appeared while ours was being written
             else:
                 written[id(f)] = p.record
@@ -354,8 +374,9 @@ class SidecarWriter:
         return written
 
     def _policy(self, f: Finished) -> str:
+        """The root's ``existing`` policy; a backfill adds only what is missing, whatever it is."""
         assert f.root is not None
-        return self.settings.existing_policy(f.root)
+        return "only-missing" if f.staged and f.job.backfill else self.settings.existing_policy(f.root)
 
     def _kept(self, f: Finished, sidecar: Path) -> bool:
         """Does the policy keep the sidecar as it is now? It was not, when the job was queued,
@@ -374,6 +395,8 @@ class SidecarWriter:
                 "duration_ms": round((now - f.accepted) * 1000, 1),
                 "batch": f.batch_size,
             }
+            if f.staged:
+                fields["from_journal"] = "backfill" if f.job.backfill else "staged"
             if f.caption is not None:
                 fields["tokens"] = f.caption.new_tokens
                 if f.caption.endpoint is not None:

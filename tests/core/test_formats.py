@@ -15,6 +15,7 @@ from phicapd import __version__
 from phicapd.config import load_settings
 from phicapd.errors import ConfigError
 from phicapd.pipeline.formats import read_manifest, update_manifest
+from phicapd.pipeline.outputs import RootOutputs
 from tests.support.daemon import (
     is_settled,
     running_daemon,
@@ -58,7 +59,8 @@ def test_formats_default_to_txt_and_a_root_overrides_the_sidecar_default(tmp_pat
     a, b = settings.watch
     assert settings.formats_for(a) == ["txt", "json"]
     assert settings.formats_for(b) == ["json", "jsonl"]
-    assert settings.primary_extension(a) == ".txt" and settings.primary_extension(b) == ".json"
+    assert RootOutputs.of(settings, a).named_extension == ".txt"
+    assert RootOutputs.of(settings, b).named_extension == ".json"
     # Our own files never trigger work, whatever a root includes.
     assert "*.[jJ][sS][oO][nN]" in a.ignore and "metadata.jsonl" in b.ignore
     assert load_settings(_config(tmp_path, "")).sidecar.formats == ["txt"]
@@ -70,8 +72,6 @@ def test_formats_default_to_txt_and_a_root_overrides_the_sidecar_default(tmp_pat
         ('["txt", "gif"]', "sidecar.formats[1]: Input should be 'txt', 'xmp', 'embed', 'json' or 'jsonl' (got 'gif')"),
         ('["txt", "json", "txt"]', "format 'txt' is listed twice"),
         ("[]", "at least one format"),
-        ('["jsonl"]', "need 'txt' or 'json' too"),
-        ('["xmp", "embed"]', "need 'txt' or 'json' too"),
         ('"txt"', "sidecar.formats: Input should be a valid list"),
     ],
 )

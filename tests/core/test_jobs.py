@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from phicapd.pipeline.jobs import Failure, Fingerprint, JobStore, NewWork, State, Success
+from phicapd.pipeline.jobs import SCHEMA_VERSION, Failure, Fingerprint, JobStore, NewWork, State, Success
 
 
 class Clock:
@@ -195,11 +195,11 @@ def test_a_version_2_journal_gains_the_provenance_columns_and_keeps_its_jobs(tmp
     assert done is not None and (done.backend, done.endpoint, done.model) == ("openai", "http://gpu1:8000/v1", "phi35v")
     store.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 4
-    db.execute("PRAGMA user_version=5")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     db.commit()
     db.close()
-    with pytest.raises(RuntimeError, match="has schema 5, this phicapd knows 4"):
+    with pytest.raises(RuntimeError, match=f"has schema {SCHEMA_VERSION + 1}, this phicapd knows {SCHEMA_VERSION}"):
         JobStore(path)
 
 

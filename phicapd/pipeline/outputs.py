@@ -1,0 +1,216 @@
+"""An image's outputs: where each format of its caption goes, and which of them it already has.
+
+A root writes each caption in its ``formats`` (``[sidecar] formats``, ``[[watch]] formats``), in
+any combination. The scans, the watcher's intake and the scheduler all ask one question of an
+image: which of those outputs does the root's ``existing`` policy keep as they are? Each output
+is judged on its own:
+
+* ``txt``, ``json``: the file beside the image (``photo.txt``, ``photo.json``): ``skip`` keeps it
+  while it is at least as new as the image, ``only-missing`` whenever it exists;
+* ``xmp``: the XMP sidecar, the same way, and only if it holds a description (darktable and
+  digiKam write an XMP sidecar for every image they see);
+* ``embed``: the image's own XMP description: kept, unless it is the caption this daemon embedded
+  and the image changed since (``skip``: then it is a caption of other bytes);
+* ``jsonl``: the image's entry in its directory's ``metadata.jsonl``: ``skip`` keeps it while the
+  manifest is at least as new as the image, ``only-missing`` whenever it is listed.
+
+Under ``overwrite`` an output is kept only when the journal says this daemon captioned the
+image's current bytes into its primary output, and the output is there.
+
+What is missing is then made in one of two ways. An image whose journal caption was made from
+its current bytes gets the missing outputs from that caption (a *backfill*: a format added to a
+root, a deleted sidecar; no model call, and every format keeps holding the same caption). Any
+other image goes to the model, and all its outputs come from the new caption.
+
+The journal knows which formats each caption was written in (``Job.formats``), so an output
+inside the image or a shared manifest need not be read back on every scan: bytes unchanged
+since the daemon embedded its caption still hold it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from phicapd.config import JSON_EXTENSION, MANIFEST_NAME, ExistingPolicy, OutputFormat, Settings, WatchRoot
+from phicapd.pipeline import metadata
+from phicapd.pipeline.jobs import Fingerprint, Job
+from phicapd.pipeline.sidecar import policy_keeps
+
+#: Output formats in the order an image's primary output is chosen from (the one ``overwrite``
+#: and the journal's ``sidecar`` column name).
+PRIMARY_ORDER: tuple[OutputFormat, ...] = ("txt", "json", "xmp", "embed", "jsonl")
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A directory's ``metadata.jsonl`` as the scans see it: who it lists, and when it changed."""
+
+    names: frozenset[str]
+    mtime_ns: int | None
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        from phicapd.pipeline.formats import read_manifest
+
+        try:
+            mtime: int | None = (directory / MANIFEST_NAME).stat().st_mtime_ns
+        except OSError:
+            mtime = None
+        return cls(frozenset(read_manifest(directory)) if mtime is not None else frozenset(), mtime)
+
+
+@dataclass(frozen=True, slots=True)
+class Known:
+    """What the journal says this daemon last wrote for an image."""
+
+    caption: str | None  # its text (None: none recorded)
+    current: bool  # made from the image's current bytes
+    formats: frozenset[str] | None  # the formats it was written in (None: not recorded)
+    sidecar: str | None  # its primary output
+    written_at: float  # when it was recorded (wall clock)
+
+    def wrote(self, fmt: OutputFormat) -> bool:
+        """Whether the image's current bytes were captioned into ``fmt`` (by the journal)."""
+        return self.current and self.formats is not None and fmt in self.formats
+
+    @classmethod
+    def of(cls, job: Job | None, fingerprint: Fingerprint | None) -> Known | None:
+        if job is None:
+            return None
+        current = fingerprint is not None and job.fingerprint == fingerprint
+        return cls(job.caption, current, job.formats, job.sidecar, job.updated_at)
+
+
+@dataclass(frozen=True, slots=True)
+class RootOutputs:
+    """The outputs a root writes per caption, and its policy for ones that exist."""
+
+    formats: tuple[OutputFormat, ...]
+    policy: ExistingPolicy
+    extension: str  # ``[sidecar] extension``, for ``txt``
+    xmp_naming: str
+
+    @classmethod
+    def of(cls, settings: Settings, root: WatchRoot) -> RootOutputs:
+        formats = tuple(f for f in PRIMARY_ORDER if f in settings.formats_for(root))
+        return cls(formats, settings.existing_policy(root), settings.sidecar.extension, settings.xmp_naming_for(root))
+
+    @property
+    def named_extension(self) -> str | None:
+        """The extension of the per-image file whose name the naming rule picks (the sidecar base
+        for every per-image file), if the root writes one."""
+        for fmt, extension in (("txt", self.extension), ("json", JSON_EXTENSION), ("xmp", metadata.XMP_EXTENSION)):
+            if fmt in self.formats:
+                return extension
+        return None
+
+    def files(self, image: Path, base: str) -> dict[OutputFormat, Path]:
+        """The per-image files of ``image`` whose sidecar base is ``base``, by format."""
+        out: dict[OutputFormat, Path] = {}
+        if "txt" in self.formats:
+            out["txt"] = image.with_name(base + self.extension)
+        if "json" in self.formats:
+            out["json"] = image.with_name(base + JSON_EXTENSION)
+        if "xmp" in self.formats:
+            out["xmp"] = metadata.xmp_sidecar_path(image, base, self.xmp_naming)
+        return out
+
+    def base_of(self, image: Path, primary: Path) -> str:
+        """The sidecar base the journal's primary output ``primary`` was written under."""
+        extension = self.named_extension
+        named = extension is not None and primary != image and primary.name.endswith(extension)
+        if named and (extension != metadata.XMP_EXTENSION or self.xmp_naming == "stem"):
+            return primary.name[: -len(extension or "")]
+        return sidecar_base(image)
+
+    def primary(self, image: Path, base: str) -> Path:
+        """The output the journal's ``sidecar`` names for the image: its first per-image file,
+        else the image itself (``embed``), else the manifest."""
+        files = self.files(image, base)
+        if files:
+            return next(iter(files.values()))
+        return image if "embed" in self.formats else image.with_name(MANIFEST_NAME)
+
+    def missing(
+        self,
+        image: Path,
+        changed_ns: int,
+        base: str,
+        known: Known | None,
+        manifest: Callable[[], Manifest],
+    ) -> list[OutputFormat]:
+        """The formats whose output the policy does not keep (see the module docstring).
+
+        ``changed_ns``: when the image last changed (``sidecar.changed_ns``); ``known``: the
+        journal's record of it, if any; ``manifest``: its directory's, read when first needed.
+        """
+        files = self.files(image, base)
+        if self.policy == "overwrite":
+            ours = known is not None and known.current and known.sidecar == str(self.primary(image, base))
+            if not ours:
+                return list(self.formats)
+            assert known is not None
+            return [f for f in self.formats if not self._present(f, image, files, known, manifest)]
+        out: list[OutputFormat] = []
+        for fmt in self.formats:
+            if fmt in ("txt", "json"):
+                kept = policy_keeps(self.policy, changed_ns, files[fmt])
+            elif fmt == "xmp":
+                kept = policy_keeps(self.policy, changed_ns, files[fmt]) and self._present(
+                    fmt, image, files, known, manifest
+                )
+            elif fmt == "embed":
+                kept = self._embed_kept(image, known)
+            else:
+                entries = manifest()
+                kept = image.name in entries.names and (
+                    self.policy == "only-missing" or (entries.mtime_ns or 0) >= changed_ns
+                )
+            if not kept:
+                out.append(fmt)
+        return out
+
+    def _embed_kept(self, image: Path, known: Known | None) -> bool:
+        if not metadata.can_embed(image):
+            return True  # a type that holds no description: there is nothing to write
+        if known is not None and known.wrote("embed"):
+            return True  # the bytes we embedded our caption into, unchanged
+        description = metadata.read_description(image)
+        if description is None:
+            return False
+        ours_of_other_bytes = known is not None and not known.current and description == known.caption
+        return self.policy == "only-missing" or not ours_of_other_bytes
+
+    def _present(
+        self,
+        fmt: OutputFormat,
+        image: Path,
+        files: dict[OutputFormat, Path],
+        known: Known | None,
+        manifest: Callable[[], Manifest],
+    ) -> bool:
+        """Whether the output exists at all (whatever its age)."""
+        if fmt in ("txt", "json"):
+            return files[fmt].exists()
+        if fmt == "xmp":
+            path = files[fmt]
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:
+                return False
+            if known is not None and known.wrote("xmp") and mtime <= known.written_at:
+                return True  # as we wrote it: no need to parse it again
+            return metadata.read_description(path) is not None
+        if fmt == "embed":
+            if not metadata.can_embed(image):
+                return True
+            return (known is not None and known.wrote("embed")) or metadata.read_description(image) is not None
+        return image.name in manifest().names
+
+
+def sidecar_base(image: Path) -> str:
+    """The base an image without a per-image file is recorded under: its stem."""
+    return os.path.splitext(image.name)[0]
