@@ -498,7 +498,23 @@ class Daemon:
             "watch": [str(r.path) for r in self.settings.watch],
             "watcher_pending": self.watcher.pending() if self.watcher else 0,
             "unresponsive_roots": self.watcher.unresponsive_roots() if self.watcher else [],
-            "sidecar": {"extension": self.settings.sidecar.extension, "existing": self.settings.sidecar.existing},
+            "sidecar": {
+                "extension": self.settings.sidecar.extension,
+                "existing": self.settings.sidecar.existing,
+                "formats": list(self.settings.sidecar.formats),
+                "xmp_naming": self.settings.sidecar.xmp_naming,
+                "restale": self.settings.sidecar.restale,
+            },
+            # What each root writes and keeps, with its own settings applied.
+            "outputs": [
+                {
+                    "root": str(r.path),
+                    "formats": list(self.settings.formats_for(r)),
+                    "existing": self.settings.existing_policy(r),
+                    "restale": self.settings.restale_for(r),
+                }
+                for r in self.settings.watch
+            ],
         }
 
     def _progress(self, counts: dict[str, int]) -> dict[str, Any]:

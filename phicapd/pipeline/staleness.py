@@ -2,21 +2,29 @@
 
 Every caption the writer records carries a settings key (``pipeline.formats.settings_key``:
 model, revision, prompt, prefix/suffix, generation settings) and the text it wrote. A caption
-whose key differs from what its root would use now is *stale*. One whose file no longer holds
-the text the daemon wrote (a person edited it, or another tool replaced it) is *edited*: it is
-listed apart and never redone unless forced, under every policy, automatic redo included.
-Captions from before the journal kept keys (schema < 4) have none and are never called stale.
+whose key differs from what its root would use now is *stale*. One whose output no longer holds
+the text the daemon wrote (a person edited the ``.txt``, the XMP description in digiKam, the
+manifest line; or another tool replaced it) is *edited*: it is listed apart and never redone
+unless forced, under every policy, automatic redo included.
+
+Captions from before the journal kept keys and texts (schema < 4) are judged by what it kept
+then: stale when their model or prompt differs from the root's current one, edited when their
+file is newer than the journal's record of writing it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
-from phicapd.config import JSON_EXTENSION, Settings, WatchRoot
-from phicapd.pipeline.formats import read_json_caption, settings_key
+from phicapd.config import Settings, WatchRoot
+from phicapd.pipeline import metadata
+from phicapd.pipeline.formats import model_and_revision, read_json_caption, read_manifest, settings_key
 from phicapd.pipeline.jobs import Fingerprint, Job, JobStore, NewWork
+from phicapd.pipeline.outputs import RootOutputs
 
 
 class NotWatched(ValueError):
@@ -47,37 +55,69 @@ def roots_for(settings: Settings, directory: Path | None) -> list[tuple[WatchRoo
 def find_stale(settings: Settings, store: JobStore, identity: str, directory: Path | None) -> StaleReport:
     """The stale and the edited captions under ``directory`` (every root when None)."""
     report = StaleReport()
+    manifests: Callable[[Path], dict[str, str]] = cache(read_manifest)
     for root, under in roots_for(settings, directory):
         current = settings_key(settings, root, identity)
+        outputs = RootOutputs.of(settings, root)
+        prompt = settings.prompt_for(root)
         for job in store.captioned(root.path, under):
-            if job.settings_key == current:
+            if job.settings_key is None:  # from before keys: what was recorded then decides
+                if job.model in (identity, model_and_revision(identity)[0]) and job.prompt == prompt:
+                    continue
+                edited = _newer_than_recorded(job)
+            elif job.settings_key == current:
                 continue
-            (report.edited if _edited(job, settings.per_image_extensions(root)) else report.stale).append((job, root))
+            else:
+                edited = _edited(job, outputs, manifests)
+            (report.edited if edited else report.stale).append((job, root))
     return report
 
 
-def _edited(job: Job, extensions: list[str]) -> bool:
-    """Whether a file the daemon wrote for ``job`` holds something else now. A missing file is
-    not an edit: the scans give it a caption anyway."""
+def _edited(job: Job, outputs: RootOutputs, manifests: Callable[[Path], dict[str, str]]) -> bool:
+    """Whether an output the daemon wrote for ``job`` holds another caption now. A missing one is
+    not an edit: the scans give it the caption back."""
     assert job.caption is not None
+    caption = job.caption.rstrip("\n")
     if job.sidecar is None:
         return True
-    primary = Path(job.sidecar)
-    base = primary.name[: -len(primary.suffix)] if primary.suffix else primary.name
-    for path in (primary.with_name(base + extension) for extension in extensions):
-        if path.name.endswith(JSON_EXTENSION):
-            if path.exists() and read_json_caption(path) != job.caption:
+    base = outputs.base_of(job.path, Path(job.sidecar))
+    for fmt, path in outputs.files(job.path, base).items():
+        if fmt == "txt":
+            try:
+                text: str | None = path.read_text(encoding="utf-8").rstrip("\n")
+            except FileNotFoundError:
+                continue
+            except (OSError, UnicodeDecodeError):
                 return True
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            continue
-        except (OSError, UnicodeDecodeError):
+        elif fmt == "json":
+            if not path.exists():
+                continue
+            text = read_json_caption(path)
+        else:
+            text = metadata.read_description(path) if path.exists() else None
+            if text is None:
+                continue
+        if text != caption:
             return True
-        if text.rstrip("\n") != job.caption.rstrip("\n"):
+    if "embed" in outputs.formats and metadata.can_embed(job.path):
+        embedded = metadata.read_description(job.path)
+        if embedded is not None and embedded != caption:
+            return True
+    if "jsonl" in outputs.formats:
+        listed = manifests(job.path.parent).get(job.path.name)
+        if listed is not None and listed != caption:
             return True
     return False
+
+
+def _newer_than_recorded(job: Job) -> bool:
+    """A caption from before texts were kept: edited if its file changed after it was recorded."""
+    if job.sidecar is None:
+        return True
+    try:
+        return os.stat(job.sidecar).st_mtime > job.updated_at
+    except OSError:
+        return False
 
 
 def requeue(store: JobStore, entries: list[tuple[Job, WatchRoot]]) -> int:
