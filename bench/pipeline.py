@@ -8,7 +8,9 @@ SQLite with synchronous=FULL, decoding, atomic sidecar writes. Three workloads, 
 * baseline: the original script's loop (decode, caption, plain write) over the files, serially;
 * drop: the files written by another process into a running daemon's watched root, half in
   place and half renamed in, timed from the first write to the last sidecar;
-* catch-up: a daemon started on a tree where half the images already have sidecars.
+* catch-up: a daemon started on a tree where half the images already have sidecars;
+* backfill: the dropped tree again, its root now also writing ``json``: every ``photo.json``
+  comes from the journal's caption, and the model must not be asked once.
 """
 
 from __future__ import annotations
@@ -38,7 +40,11 @@ class FreeCaptioner:
     identity = "bench@free"
     max_batch = 32
 
+    def __init__(self) -> None:
+        self.calls = 0
+
     def caption(self, batch: Sequence[CaptionRequest]) -> list[Caption]:
+        self.calls += len(batch)
         return [Caption(f"{r.image.size[0]}x{r.image.size[1]}", 1) for r in batch]
 
     def close(self) -> None:
@@ -73,13 +79,13 @@ def make_tree(root: Path, n: int, dirs: int, with_sidecars_every: int = 0) -> No
             p.with_suffix(".txt").write_text("existing\n")
 
 
-def settings_for(work: Path, root: Path) -> Settings:
+def settings_for(work: Path, root: Path, formats: str = '["txt"]') -> Settings:
     cfg = work / "bench.toml"
     cfg.write_text(
         "[watcher]\nsettle_seconds = 0.5\nrescan_interval_seconds = 0\n"
         "[model]\nmax_batch = 32\n[scheduler]\ndecode_workers = 2\nprefetch = 64\nbatch_window_ms = 2\n"
         f'[control]\nsocket = "{work / "ctl.sock"}"\n[state]\ndir = "{work / "state"}"\n'
-        f'[log]\nformat = "json"\nlevel = "warning"\n[[watch]]\npath = "{root}"\n'
+        f'[log]\nformat = "json"\nlevel = "warning"\n[[watch]]\npath = "{root}"\nformats = {formats}\n'
     )
     return load_settings(cfg)
 
@@ -88,8 +94,9 @@ def count_sidecars(root: Path) -> int:
     return sum(1 for _ in root.rglob("*.txt"))
 
 
-def run_daemon(settings: Settings) -> tuple[Daemon, threading.Thread]:
-    daemon = Daemon(settings, lambda _s: FreeCaptioner())
+def run_daemon(settings: Settings, captioner: FreeCaptioner | None = None) -> tuple[Daemon, threading.Thread]:
+    captioner = captioner or FreeCaptioner()
+    daemon = Daemon(settings, lambda _s: captioner)
     t = threading.Thread(target=daemon.run, kwargs={"install_signals": False}, daemon=True)
     t.start()
     while not daemon.is_ready():
@@ -149,6 +156,25 @@ def bench_catch_up(work: Path, n: int, dirs: int) -> tuple[float, float]:
     return finished - started, scan.seconds if scan else float("nan")
 
 
+def bench_backfill(work: Path, n: int) -> float:
+    """The dropped tree (captioned, ``txt``) with ``json`` added to its root's formats."""
+    root = work / "drop"
+    captioner = FreeCaptioner()
+    started = time.monotonic()
+    daemon, thread = run_daemon(settings_for(work / "d", root, '["txt", "json"]'), captioner)
+    deadline = time.monotonic() + 900
+    while sum(1 for _ in root.rglob("*.json")) < n or daemon.store.counts()["pending"]:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"backfill timed out: {daemon.store.counts()}")
+        time.sleep(0.1)
+    finished = time.monotonic()
+    daemon.request_stop()
+    thread.join(60)
+    if captioner.calls:
+        raise SystemExit(f"the backfill asked the model {captioner.calls} times")
+    return finished - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=10_000)
@@ -161,12 +187,14 @@ def main() -> None:
         base = bench_baseline(work, n, dirs)
         drop, written = bench_drop(work, n, dirs)
         catch, scan = bench_catch_up(work, n, dirs)
+        backfill = bench_backfill(work, n)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = [
         ("baseline: serial loop, plain writes", n, base, n / base),
         ("drop into watched root (inotify)", n, drop, n / drop),
         ("catch-up: half already captioned", n // 2, catch, (n // 2) / catch),
+        ("backfill: json added, 0 model calls", n, backfill, n / backfill),
     ]
     print(f"\nphicapd pipeline benchmark: {n} files in {dirs} directories, zero-cost captioner, {os.cpu_count()} CPUs")
     print(f"{'workload':40} {'captions':>9} {'seconds':>8} {'files/s':>8} {'vs baseline':>11}")
