@@ -29,6 +29,7 @@ since the daemon embedded its caption still hold it.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from pathlib import Path
 
 from phicapd.config import JSON_EXTENSION, MANIFEST_NAME, ExistingPolicy, OutputFormat, Settings, WatchRoot
 from phicapd.pipeline import metadata
+from phicapd.pipeline.formats import read_manifest
 from phicapd.pipeline.jobs import Fingerprint, Job
 from phicapd.pipeline.sidecar import policy_keeps
 
@@ -53,13 +55,19 @@ class Manifest:
 
     @classmethod
     def read(cls, directory: Path) -> Manifest:
-        from phicapd.pipeline.formats import read_manifest
-
+        """The manifest as it is now. Parsed once per version of the file: the decode pool asks
+        for every job of a directory whose manifest may list 100,000 images, and the writer
+        replaces it (a new inode) at most once per group."""
         try:
-            mtime: int | None = (directory / MANIFEST_NAME).stat().st_mtime_ns
+            st = (directory / MANIFEST_NAME).stat()
         except OSError:
-            mtime = None
-        return cls(frozenset(read_manifest(directory)) if mtime is not None else frozenset(), mtime)
+            return cls(frozenset(), None)
+        return _parsed_manifest(directory, st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed_manifest(directory: Path, mtime_ns: int, size: int, inode: int) -> Manifest:
+    return Manifest(frozenset(read_manifest(directory)), mtime_ns)
 
 
 @dataclass(frozen=True, slots=True)
