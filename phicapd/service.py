@@ -21,15 +21,15 @@ from phicapd import __version__
 from phicapd.captioner import Captioner, decorate
 from phicapd.config import JSON_EXTENSION, Settings, WatchRoot
 from phicapd.control.backend import CaptionReply
-from phicapd.control.protocol import CAPTION_TIMEOUT, NOT_WATCHED
+from phicapd.control.protocol import CAPTION_TIMEOUT, IMAGE_GONE, NOT_WATCHED
 from phicapd.errors import ConfigError, ModelUnavailable, PhicapError
 from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
 from phicapd.pipeline import staleness
-from phicapd.pipeline.decode import make_decoders
-from phicapd.pipeline.formats import generation_settings, model_and_revision
+from phicapd.pipeline.decode import fingerprint_of, make_decoders
+from phicapd.pipeline.formats import generation_settings, model_and_revision, settings_key
 from phicapd.pipeline.intake import Intake
-from phicapd.pipeline.jobs import Job, JobStore
+from phicapd.pipeline.jobs import Job, JobStore, Success
 from phicapd.pipeline.paths import is_watched_dir, journal_path, list_images, owning_root
 from phicapd.pipeline.scanner import Reconciler
 from phicapd.pipeline.scheduler import Scheduler
@@ -371,6 +371,7 @@ class Daemon:
             # Every remote endpoint is down: say so now rather than after the caption timeout.
             raise PhicapError(f"no caption can be made now: {waiting}", code="remote_unavailable", retryable=True)
         root = owning_root(path, self.settings.watch) if path is not None else None
+        asked = prompt
         if root is not None and not prompt:
             prompt = self.settings.prompt_for(root)
         future = self.scheduler.submit(data, name=name, prompt=prompt, max_new_tokens=max_new_tokens)
@@ -386,13 +387,20 @@ class Daemon:
         if root is not None and path is not None and sidecar is not None:
             self._claim_client_sidecar(journal_path(path, root), sidecar)
         model, revision = model_and_revision(caption.model or self.captioner.identity)
-        provenance = {
+        provenance: dict[str, Any] = {
             "model": model,
             "revision": revision,
             "backend": caption.backend or self.settings.model.backend,
             "prompt": prompt or self.settings.model.prompt,
-            "generation": generation_settings(self.settings),
+            "generation": generation_settings(self.settings, max_new_tokens),
         }
+        if root is not None:
+            # What phicapctl reports back with the caption (``captioned``): keyed by the prompt and
+            # limit this request used, so a ``--prompt`` caption is stale against the root's.
+            identity = self.captioner.identity
+            provenance["settings_key"] = settings_key(
+                self.settings, root, identity, prompt=asked, max_new_tokens=max_new_tokens
+            )
         return CaptionReply(
             text,
             caption.new_tokens,
@@ -423,12 +431,14 @@ class Daemon:
             "root": None,
             "claims": {},
             "formats": list(self.settings.sidecar.formats),
+            "xmp_naming": self.settings.sidecar.xmp_naming,
         }
         root = owning_root(path, self.settings.watch)
         if root is None:
             return policy
         policy["existing"] = self.settings.existing_policy(root)
         policy["formats"] = list(self.settings.formats_for(root))
+        policy["xmp_naming"] = self.settings.xmp_naming_for(root)
         policy["claims"] = self.store.claims_in(journal_path(path, root).parent)
         # The client's directory is resolved; a symlinked root matches it by its resolved form,
         # and list_images relates the directory to the root, so report the form that matched.
@@ -445,18 +455,66 @@ class Daemon:
 
     def _claim_client_sidecar(self, image: Path, sidecar: str) -> None:
         """phicapctl writes ``sidecar`` for ``image``: keep that name the image's, as the writer
-        does for its own, unless the name is not one the rule can give the image, or it already
-        belongs to another image that is still there (then phicapctl named it without a claim
-        that appeared meanwhile; the journal's claim stands)."""
+        does for its own."""
+        base = self._client_claim(image, sidecar)
+        if base is not None:
+            self.store.claim_sidecars([(image, base)])
+
+    def _client_claim(self, image: Path, sidecar: str) -> str | None:
+        """The sidecar base to claim for ``image`` from phicapctl's ``sidecar`` name, or None: the
+        image holds a claim already, the name is not one the rule can give the image, or it
+        already belongs to another image that is still there (then phicapctl named it without a
+        claim that appeared meanwhile; the journal's claim stands)."""
         extension = next((e for e in (self.settings.sidecar.extension, JSON_EXTENSION) if sidecar.endswith(e)), "")
         base = sidecar[: -len(extension)] if extension else None
         if base is None or not is_rule_base(image.name, base):
             log.warning("sidecar name not recorded", path=str(image), sidecar=sidecar)
-            return
+            return None
         claims = Claims(self.store.claims_near(image), image.parent)
         if image.name in claims.by_image or claims.holder(base, ()) not in (None, image.name):
-            return
-        self.store.claim_sidecars([(image, base)])
+            return None
+        return base
+
+    def captioned(
+        self,
+        path: Path,
+        *,
+        sidecar: str,
+        caption: str,
+        sha256: str,
+        model: str,
+        backend: str | None,
+        prompt: str,
+        settings_key: str,
+    ) -> bool:
+        # phicapctl wrote the files itself, with its user's permissions; the daemon records them
+        # as the writer records its own, so the scans do not caption the image again and
+        # ``phicapctl stale`` judges it like the daemon's. It writes nothing for the client but
+        # the root's manifest, which is its own (the writer thread's) to keep.
+        root = owning_root(path, self.settings.watch)
+        if root is None:
+            raise PhicapError(f"{path} is under no watch root", code=NOT_WATCHED)
+        image = journal_path(path, root)
+        # Stat here, not the client's word: after an embed the image is a new file (inode), and
+        # the journal must know that version as captioned, or ``overwrite`` would redo it.
+        fingerprint = fingerprint_of(image)
+        if fingerprint is None:
+            raise PhicapError(f"{path}: no such image to record", code=IMAGE_GONE)
+        record = Success(
+            0,
+            sha256,
+            model,
+            prompt,
+            str(image.with_name(sidecar)),
+            fingerprint,
+            backend=backend,
+            caption=caption,
+            settings_key=settings_key,
+        )
+        recorded = self.store.record_captioned(image, root.path, record, self._client_claim(image, sidecar))
+        if recorded and self.scheduler is not None and "jsonl" in self.settings.formats_for(root):
+            self.scheduler.writer.merge_manifest(image.parent, {image.name: caption})
+        return recorded
 
     def status(self) -> dict[str, Any]:
         sched = self.scheduler

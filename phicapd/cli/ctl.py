@@ -230,6 +230,8 @@ def _outcome_json(o: Outcome) -> dict[str, Any]:
         out |= o.result.model_dump()
     if o.code is not None:
         out["error"] = {"code": o.code, "message": o.message}
+    if o.warning is not None:
+        out["warning"] = o.warning
     return out
 
 
@@ -282,6 +284,8 @@ def _caption_paths(captioner: BatchCaptioner, args: argparse.Namespace, images: 
 
     def report(o: Outcome) -> None:
         progress.clear()
+        if o.warning is not None:
+            _err(o.warning)
         if args.json:
             _print_json(_outcome_json(o))
         elif o.state == "failed":

@@ -59,6 +59,24 @@ class ControlBackend(Protocol):
         configuration key; it is never opened."""
         ...
 
+    def captioned(
+        self,
+        path: Path,
+        *,
+        sidecar: str,
+        caption: str,
+        sha256: str,
+        model: str,
+        backend: str | None,
+        prompt: str,
+        settings_key: str,
+    ) -> bool:
+        """phicapctl wrote ``caption`` for the image at ``path`` (``protocol.CaptionedRequest``):
+        record it as a caption of the daemon's. False: the image is on the model right now and the
+        journal is left alone. Raises ``PhicapError`` ``not_watched`` for a path under no root,
+        ``image_gone`` for one that is not there."""
+        ...
+
     def status(self) -> dict[str, Any]:
         """JSON-able; keys include "state" ("loading"|"ready"|"paused"|"stopping"), "model",
         "lanes", "journal", "throughput", "recent_failures", "gpu", "sidecar" ({"extension", "existing"})."""

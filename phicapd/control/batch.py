@@ -7,6 +7,13 @@ which watch root owns it: that root's include/ignore patterns feed the daemon's 
 whether a sidecar already there is kept. Each caption request names the file's path, so the daemon
 applies the root's prompt, prefix and suffix: a file captioned by hand looks exactly like one the
 watcher captioned, under the same name.
+
+Every format of the root is written, each judged by the policy on its own as the daemon's writer
+judges it, in the order that keeps a caption whole: the image itself (``embed``), the XMP sidecar,
+``photo.txt``/``photo.json``, and last the report to the daemon (``/v1/captioned``), whose journal
+then tracks the caption like its own (the scans, ``phicapctl stale``). A watch root's
+``metadata.jsonl`` is the daemon's writer's: it merges the reported caption in. Outside every root
+phicapctl keeps the directory's manifest itself, once per directory at the end of the run.
 """
 
 from __future__ import annotations
@@ -21,11 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from phicapd.config import JSON_EXTENSION, ExistingPolicy, WatchRoot
+from pydantic import ValidationError
+
+from phicapd.config import JSON_EXTENSION, MANIFEST_NAME, ExistingPolicy, WatchRoot, XmpNaming
 from phicapd.control.client import ControlClient, ControlClientError, DaemonUnreachable, RequestRejected
-from phicapd.control.protocol import CaptionResult, SidecarInfo, SidecarPolicy
-from phicapd.pipeline import paths
-from phicapd.pipeline.formats import Provenance, json_sidecar_text, model_and_revision
+from phicapd.control.protocol import CaptionedRequest, CaptionResult, SidecarInfo, SidecarPolicy
+from phicapd.pipeline import metadata, paths
+from phicapd.pipeline.formats import (
+    Provenance,
+    json_sidecar_text,
+    model_and_revision,
+    read_json_caption,
+    update_manifest,
+)
 from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, policy_keeps, write_atomic, write_sidecar
 
 # sysexits(3), shared with phicapctl.
@@ -58,6 +73,9 @@ class Outcome:
     code: str | None = None
     message: str | None = None
     exit_code: int = EX_OK
+    # Captioned and written, but something beside it did not work out (the daemon did not
+    # record the caption): said on stderr, the exit code unchanged.
+    warning: str | None = None
 
 
 def config_key(image: Path) -> str:
@@ -90,6 +108,8 @@ class Naming:
         root: WatchRoot | None,
         claims: dict[str, str] | None = None,
         formats: Iterable[str] = ("txt",),
+        xmp_naming: XmpNaming = "stem",
+        tracked: bool = False,
     ) -> None:
         # phicapctl writes the per-image formats; the first is what the policy and the naming
         # are judged by, as in the daemon (``Settings.primary_extension``).
@@ -98,6 +118,14 @@ class Naming:
             self.extensions.append(JSON_EXTENSION)
         self.extensions = self.extensions or [extension]
         self.extension = self.extensions[0]
+        self.formats = frozenset(formats)
+        self.xmp_naming = xmp_naming
+        # Under a root the manifest is the daemon's writer's (it has no lock against another
+        # writer); only outside every root does phicapctl keep it.
+        self.manifest = "jsonl" in self.formats and root is None
+        # The daemon records what phicapctl writes under a root (``/v1/captioned``), keyed by the
+        # settings key its caption reply carries.
+        self.tracked = tracked and root is not None
         self.existing = existing
         naming_root = root if root is not None else WatchRoot(path=directory, recursive=False)
         self.names = frozenset(paths.list_images(directory, naming_root))
@@ -114,13 +142,10 @@ class Naming:
         if policy.root is not None:
             r = policy.root
             root = WatchRoot(path=Path(r.path), recursive=r.recursive, include=r.include, ignore=r.ignore)
-        return cls(directory, policy.extension, policy.existing, root, policy.claims, policy.formats)
-
-    def keeps(self, image_stat: os.stat_result, sidecar: Path) -> bool:
-        """Whether the ``existing`` policy keeps ``sidecar`` as it is (``--force`` aside): under
-        ``skip`` while it is at least as new as the image, under ``only-missing`` whenever it exists,
-        under ``overwrite`` never."""
-        return not self.to_write(image_stat, sidecar)
+        # A daemon that reports ``xmp_naming`` also keys its captions and takes ``/v1/captioned``.
+        tracked = "xmp_naming" in policy.model_fields_set
+        formats, naming = policy.formats, policy.xmp_naming
+        return cls(directory, policy.extension, policy.existing, root, policy.claims, formats, naming, tracked)
 
     def to_write(self, image_stat: os.stat_result, sidecar: Path) -> list[str]:
         """The extensions of the files the policy does not keep: each format is judged alone."""
@@ -130,6 +155,19 @@ class Naming:
     def file_of(self, sidecar: Path, extension: str) -> Path:
         """The file with ``extension`` beside ``sidecar`` (the same base)."""
         return sidecar.with_name(sidecar.name[: -len(self.extension)] + extension)
+
+    def xmp_of(self, image: Path, sidecar: Path) -> Path | None:
+        """The XMP sidecar of ``image``, if the directory's formats ask for one."""
+        if "xmp" not in self.formats:
+            return None
+        return metadata.xmp_sidecar_path(image, sidecar.name[: -len(self.extension)], self.xmp_naming)
+
+    def embeds(self, image: Path) -> bool:
+        return "embed" in self.formats and metadata.can_embed(image)
+
+    def needs_metadata(self, image: Path) -> str | None:
+        """The format of ``image`` that needs pyexiv2 (``xmp``, ``embed``), or None."""
+        return "xmp" if "xmp" in self.formats else "embed" if self.embeds(image) else None
 
     def sidecar_for(self, image: Path) -> Path:
         """Where the sidecar of ``image`` (in this directory, maybe through a symlink) goes."""
@@ -162,8 +200,40 @@ def _json_text(result: CaptionResult, data: bytes) -> str:
     return json_sidecar_text(result.caption, provenance, hashlib.sha256(data).hexdigest(), time.time())
 
 
+def _file_caption(path: Path) -> str | None:
+    """The caption a per-image file holds, if it is there and readable."""
+    if path.name.endswith(JSON_EXTENSION):
+        return read_json_caption(path)
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\n")
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def _failed(image: Path, sidecar: Path | None, code: str, message: str, exit_code: int) -> Outcome:
     return Outcome(image, sidecar, "failed", code=code, message=message, exit_code=exit_code)
+
+
+@dataclass(slots=True)
+class _Writes:
+    """What one image gets: each format judged by the policy on its own."""
+
+    extensions: list[str]  # the per-image files (``photo.txt``, ``photo.json``)
+    xmp: Path | None  # the XMP sidecar to set ``dc:description`` in
+    embed: bool  # the image itself
+
+    def nothing(self) -> bool:
+        return not self.extensions and self.xmp is None and not self.embed
+
+
+def _model_of(result: CaptionResult) -> str:
+    """``id@revision`` as the writer records it: the model that made the caption (a remote
+    server's own), else the daemon's identity."""
+    given = result.provenance or {}
+    model, revision = given.get("model"), given.get("revision")
+    if not isinstance(model, str) or not model:
+        return result.model
+    return f"{model}@{revision}" if isinstance(revision, str) and revision else model
 
 
 class BatchCaptioner:
@@ -177,6 +247,10 @@ class BatchCaptioner:
         self._fallback = fallback
         self._naming: dict[Path, Naming] = {}
         self._unreachable = threading.Event()
+        self._untracked = threading.Event()  # the daemon predates /v1/captioned
+        self._lock = threading.Lock()
+        # Outside every root: directory -> the captions its metadata.jsonl takes at the end.
+        self._manifests: dict[Path, dict[str, str]] = {}
 
     def _naming_of(self, directory: Path, key: str) -> Naming:
         """The naming of ``directory`` (resolved), asked of the daemon once per directory."""
@@ -220,7 +294,15 @@ class BatchCaptioner:
         except ControlClientError as e:
             return self._client_failed(image, None, e)
         sidecar = naming.sidecar_for(image)
-        if not self.options.force and naming.keeps(st, sidecar):
+        needs = naming.needs_metadata(image)
+        if needs is not None:
+            try:
+                metadata.require()
+            except metadata.MetadataUnavailable as e:
+                # Before the model: a caption that could not be written whole is not asked for.
+                message = f"{image}: its {needs} caption {e}"
+                return _failed(image, sidecar, "metadata_unavailable", message, EX_UNAVAILABLE)
+        if not self.options.force and self._writes(image, st, sidecar, naming, None).nothing():
             return Outcome(image, sidecar, "skipped")
         if not os.access(image.parent, os.W_OK | os.X_OK):
             # Refuse before spending GPU time on a caption that could not be saved.
@@ -263,33 +345,131 @@ class BatchCaptioner:
                 max_new_tokens=self.options.max_new_tokens,
                 path=key,
                 sidecar=sidecar.name if report and sidecar is not None else None,
-                provenance=sidecar is not None and naming is not None and JSON_EXTENSION in naming.extensions,
+                provenance=sidecar is not None
+                and naming is not None
+                and (JSON_EXTENSION in naming.extensions or naming.tracked),
             )
         except ControlClientError as e:
             return self._client_failed(image, sidecar, e)
-        if sidecar is not None:
-            assert naming is not None
+        if sidecar is None:
+            return Outcome(image, sidecar, "captioned", result=result)
+        assert naming is not None
+        failed = self._write(image, sidecar, naming, result, data)
+        if failed is not None:
+            target, e = failed
+            return Outcome(
+                image,
+                sidecar,
+                "failed",
+                result=result,
+                code="sidecar_unwritable",
+                message=f"cannot write {target}: {getattr(e, 'strerror', None) or e}",
+                exit_code=EX_CANTCREAT,
+            )
+        warning = self._report(image, key, sidecar, result, data) if naming.tracked else None
+        if naming.manifest:
+            with self._lock:
+                self._manifests.setdefault(Path(os.path.realpath(image.parent)), {})[image.name] = result.caption
+        return Outcome(image, sidecar, "captioned", result=result, warning=warning)
+
+    def _writes(
+        self, image: Path, st: os.stat_result, sidecar: Path, naming: Naming, previous: set[str] | None
+    ) -> _Writes:
+        """What ``image`` gets, each format judged on its own as ``SidecarWriter._plan`` judges it
+        (``--force``: everything). An XMP sidecar without a description is no caption (darktable
+        writes one for every image it sees). A description in the image is someone else's (a
+        camera, a person) and kept, unless it is the caption last written beside it (one of
+        ``previous``, what the per-image files held): that one is replaced with the new caption.
+        ``previous`` None: any description counts, to tell whether anything is to be written."""
+        force = self.options.force
+        extensions = list(naming.extensions) if force else naming.to_write(st, sidecar)
+        xmp = naming.xmp_of(image, sidecar)
+        if xmp is not None and not force and self._described(naming, st, xmp):
+            xmp = None
+        embed = naming.embeds(image)
+        if embed and not force and naming.existing != "overwrite":
+            description = metadata.read_description(image)
+            embed = description is None or (previous is not None and description in previous)
+        return _Writes(extensions, xmp, embed)
+
+    @staticmethod
+    def _described(naming: Naming, st: os.stat_result, xmp: Path) -> bool:
+        """Does the policy keep the description in the XMP sidecar ``xmp``?"""
+        if naming.existing == "overwrite" or metadata.read_description(xmp) is None:
+            return False
+        return naming.existing == "only-missing" or policy_keeps(naming.existing, changed_ns(st), xmp)
+
+    def _write(
+        self, image: Path, sidecar: Path, naming: Naming, result: CaptionResult, data: bytes
+    ) -> tuple[Path, Exception] | None:
+        """Write the files of ``image``; returns the one that failed, with why.
+
+        Embedding first: it changes the image's bytes and keeps its mtime
+        (``metadata.embed_caption``), so ``skip`` still sees the files written after it as at
+        least as new as the image. Then the XMP sidecar, then the per-image files.
+        """
+        target = image
+        try:
+            st = os.stat(image)
+            previous = {text for e in naming.extensions if (text := _file_caption(naming.file_of(sidecar, e)))}
+            writes = self._writes(image, st, sidecar, naming, previous)
+            if writes.nothing():
+                # Every file appeared while the image was on the model: ours replaces them, as
+                # phicapctl always did (the caption was asked for).
+                writes.extensions = list(naming.extensions)
+            if writes.embed:
+                metadata.embed_caption(image, result.caption)
+            if writes.xmp is not None:
+                target = writes.xmp
+                metadata.write_xmp_sidecar(writes.xmp, result.caption)
+            for extension in writes.extensions:
+                target = naming.file_of(sidecar, extension)
+                if extension == JSON_EXTENSION:
+                    write_atomic(target, _json_text(result, data) + "\n")
+                else:
+                    write_sidecar(target, result.caption)
+        except (OSError, RuntimeError) as e:  # exiv2 raises RuntimeError
+            return target, e
+        return None
+
+    def _report(self, image: Path, key: str, sidecar: Path, result: CaptionResult, data: bytes) -> str | None:
+        """Tell the daemon about the caption just written under a root, so its journal tracks it;
+        a warning if it did not record it. A daemon without ``/v1/captioned`` is not asked again."""
+        given = result.provenance or {}
+        settings_key, prompt, backend = given.get("settings_key"), given.get("prompt"), given.get("backend")
+        if self._untracked.is_set() or not isinstance(settings_key, str):
+            return None
+        try:
+            request = CaptionedRequest(
+                path=key,
+                sidecar=sidecar.name,
+                caption=result.caption,
+                sha256=hashlib.sha256(data).hexdigest(),
+                model=_model_of(result),
+                backend=backend if isinstance(backend, str) else None,
+                prompt=prompt if isinstance(prompt, str) else "",
+                settings_key=settings_key,
+            )
+            if self.client.captioned(request) is None:
+                self._untracked.set()
+        except (ControlClientError, ValidationError) as e:
+            detail = e.message if isinstance(e, ControlClientError) else str(e)
+            return f"{image}: captioned, but the daemon did not record it, so it may caption it again: {detail}"
+        return None
+
+    def _manifests_written(self) -> Iterator[Outcome]:
+        """Outside every root: each directory's ``metadata.jsonl`` takes the run's captions, in one
+        rewrite by this thread (read-merge-rewrite: the workers must not race on it)."""
+        with self._lock:
+            manifests, self._manifests = self._manifests, {}
+        for directory, captions in sorted(manifests.items()):
             try:
-                extensions = naming.extensions
-                if not self.options.force:
-                    extensions = naming.to_write(os.stat(image), sidecar) or extensions
-                for extension in extensions:
-                    target = naming.file_of(sidecar, extension)
-                    if extension == JSON_EXTENSION:
-                        write_atomic(target, _json_text(result, data) + "\n")
-                    else:
-                        write_sidecar(target, result.caption)
+                update_manifest(directory, captions)
             except OSError as e:
-                return Outcome(
-                    image,
-                    sidecar,
-                    "failed",
-                    result=result,
-                    code="sidecar_unwritable",
-                    message=f"cannot write {sidecar}: {e.strerror or e}",
-                    exit_code=EX_CANTCREAT,
+                manifest = directory / MANIFEST_NAME
+                yield _failed(
+                    manifest, None, "sidecar_unwritable", f"cannot write {manifest}: {e.strerror or e}", EX_CANTCREAT
                 )
-        return Outcome(image, sidecar, "captioned", result=result)
 
     def run(self, images: list[Path], on_done: Callable[[Outcome], None] = lambda o: None) -> list[Outcome]:
         """Caption ``images``; ``on_done`` is called in this thread as each one finishes."""
@@ -313,3 +493,4 @@ class BatchCaptioner:
             futures = [pool.submit(self._caption, image, sidecar) for image, sidecar in work]
             for future in as_completed(futures):
                 yield future.result()
+        yield from self._manifests_written()

@@ -219,6 +219,15 @@ class ControlClient:
             return None
         return p.SidecarPolicy.model_validate_json(resp.body)
 
+    def captioned(self, report: p.CaptionedRequest) -> p.CaptionedReply | None:
+        """Tell the daemon that phicapctl wrote this caption itself, so its journal tracks it (the
+        scans, ``stale``). None from a daemon that predates ``/v1/captioned`` (404)."""
+        body = report.model_dump_json().encode()
+        resp = self.request("POST", "/v1/captioned", body=body, content_type="application/json", accept=(404,))
+        if resp.status == 404:
+            return None
+        return p.CaptionedReply.model_validate_json(resp.body)
+
     def version(self) -> p.VersionReply:
         return p.VersionReply.model_validate(self._get_json("/v1/version"))
 

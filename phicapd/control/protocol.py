@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from phicapd.config import ExistingPolicy
+from phicapd.config import ExistingPolicy, XmpNaming
 from phicapd.errors import FetchError, ImageError, PhicapError
 
 API_VERSION = 1
@@ -22,7 +22,8 @@ MAX_FAILURES_LIMIT = 1000
 
 # Codes the control layer itself produces. Backend errors keep their own ``PhicapError.code``.
 BAD_REQUEST = "bad_request"
-NOT_WATCHED = "not_watched"  # /v1/stale, /v1/recaption: a directory under no watch root
+NOT_WATCHED = "not_watched"  # /v1/stale, /v1/recaption, /v1/captioned: a path under no watch root
+IMAGE_GONE = "image_gone"  # /v1/captioned: the image is not there (any more) to be recorded
 NOT_FOUND = "not_found"
 METHOD_NOT_ALLOWED = "method_not_allowed"
 REQUEST_TIMEOUT = "request_timeout"
@@ -74,9 +75,13 @@ class CaptionParams(_Model):
     @field_validator("sidecar")
     @classmethod
     def _file_name(cls, value: str | None) -> str | None:
-        if value is not None and ("/" in value or "\0" in value or value in (".", "..")):
-            raise ValueError("must be a file name without '/'")
-        return value
+        return None if value is None else _file_name(value)
+
+
+def _file_name(value: str) -> str:
+    if "/" in value or "\0" in value or value in (".", ".."):
+        raise ValueError("must be a file name without '/'")
+    return value
 
 
 def _plain_absolute_path(value: str | None) -> str | None:
@@ -114,8 +119,42 @@ class CaptionResult(_Model):
     # ``path`` under a root). Left out of the JSON when None, so older clients still parse it.
     root: str | None = None
     # With ``provenance=true``: {"model", "revision", "backend", "prompt", "generation"}, the
-    # JSON sidecar's keys that only the daemon knows. Left out of the JSON otherwise.
+    # JSON sidecar's keys that only the daemon knows, and under a watch root "settings_key"
+    # (``pipeline.formats.settings_key``, what ``/v1/captioned`` reports back). Left out of the
+    # JSON otherwise.
     provenance: dict[str, Any] | None = None
+
+
+class CaptionedRequest(_Model):
+    """``POST /v1/captioned``: phicapctl wrote the caption of the image at ``path`` (under a watch
+    root) itself; the journal records it as the daemon's writer records its own, so the scans,
+    ``phicapctl stale`` and ``recaption --stale`` treat it alike."""
+
+    path: str = Field(min_length=1, max_length=4096)  # as ``CaptionParams.path``
+    sidecar: str = Field(min_length=1, max_length=4096)  # the file name of the primary per-image file
+    caption: str = Field(max_length=1024 * 1024)  # as written: prefix and suffix included
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # of the bytes captioned (before embedding)
+    model: str = Field(min_length=1, max_length=4096)
+    backend: str | None = Field(None, max_length=64)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    settings_key: str = Field(pattern=r"^[0-9a-f]{1,64}$")  # ``CaptionResult.provenance``'s
+
+    @field_validator("path")
+    @classmethod
+    def _plain_absolute(cls, value: str) -> str:
+        _plain_absolute_path(value)
+        return value
+
+    @field_validator("sidecar")
+    @classmethod
+    def _file_name(cls, value: str) -> str:
+        return _file_name(value)
+
+
+class CaptionedReply(_Model):
+    # False: the image is on the model right now (the daemon's own caption will follow), so the
+    # journal was left as it is.
+    recorded: bool
 
 
 class FailuresParams(_Model):
@@ -218,9 +257,12 @@ class SidecarPolicy(BaseModel):
     extension: str = ".txt"
     existing: ExistingPolicy = "skip"
     root: RootNaming | None = None
-    # What is written for each caption (``[sidecar] formats``, the root's own): phicapctl writes
-    # the per-image ``txt`` and ``json``; ``xmp``, ``embed`` and ``jsonl`` are the daemon's.
+    # What is written for each caption (``[sidecar] formats``, the root's own). phicapctl writes
+    # them all, except a watch root's ``jsonl``: that manifest is the daemon's writer's, which
+    # merges the caption in when phicapctl reports it (``/v1/captioned``).
     formats: list[str] = ["txt"]
+    # How the XMP sidecar is named (``[sidecar] xmp_naming``, the root's own).
+    xmp_naming: XmpNaming = "stem"
     # Sidecars already given to images of the path's directory: image name -> sidecar name
     # without the extension (``pipeline.sidecar.Claims``). Empty outside every root; None from a
     # daemon that predates claims (it also refuses ``CaptionParams.sidecar``).
@@ -250,7 +292,7 @@ def error_status(exc: PhicapError) -> int:
         return 502 if exc.retryable else 422
     if exc.code == CAPTION_TIMEOUT:
         return 504
-    if exc.code == NOT_WATCHED:
+    if exc.code in (NOT_WATCHED, IMAGE_GONE):
         return 422
     return 503 if exc.retryable else 500
 

@@ -118,6 +118,7 @@ class Router:
             "/v1/caption": {"POST": (self._caption, settings.max_body_bytes)},
             "/v1/caption-url": {"POST": (self._caption_url, _JSON_BODY_LIMIT)},
             "/v1/sidecar": {"GET": (self._sidecar, _NO_BODY_LIMIT)},
+            "/v1/captioned": {"POST": (self._captioned, _JSON_BODY_LIMIT)},
             "/v1/status": {"GET": (self._status, _NO_BODY_LIMIT)},
             "/v1/health": {"GET": (self._health, _NO_BODY_LIMIT)},
             "/v1/version": {"GET": (self._version, _NO_BODY_LIMIT)},
@@ -203,6 +204,20 @@ class Router:
         params: p.SidecarParams = _parse(p.SidecarParams, req.query)
         policy = p.SidecarPolicy.model_validate(self.backend.sidecar_policy(Path(params.path)))
         return Response(200, policy.model_dump_json().encode())
+
+    def _captioned(self, req: Request) -> Response:
+        body: p.CaptionedRequest = _parse(p.CaptionedRequest, _json_body(req))
+        recorded = self.backend.captioned(
+            Path(body.path),
+            sidecar=body.sidecar,
+            caption=body.caption,
+            sha256=body.sha256,
+            model=body.model,
+            backend=body.backend,
+            prompt=body.prompt,
+            settings_key=body.settings_key,
+        )
+        return json_response(200, p.CaptionedReply(recorded=recorded))
 
     def _status(self, req: Request) -> Response:
         # Validated on the way out too: phicapctl relies on "state" and "sidecar".

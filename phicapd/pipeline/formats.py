@@ -42,11 +42,12 @@ class Provenance:
     generation: dict[str, Any]
 
 
-def generation_settings(settings: Settings) -> dict[str, Any]:
-    """The ``[model]`` settings that change what the model writes."""
+def generation_settings(settings: Settings, max_new_tokens: int | None = None) -> dict[str, Any]:
+    """The ``[model]`` settings that change what the model writes (``max_new_tokens``: a
+    request's own limit instead of the configured one)."""
     m = settings.model
     out: dict[str, Any] = {
-        "max_new_tokens": m.max_new_tokens,
+        "max_new_tokens": max_new_tokens or m.max_new_tokens,
         "num_crops": m.num_crops,
         "do_sample": m.do_sample,
         "strip_openers": list(m.strip_openers),
@@ -63,16 +64,27 @@ def model_and_revision(identity: str) -> tuple[str, str | None]:
     return (model, revision) if sep and model else (identity, None)
 
 
-def settings_key(settings: Settings, root: WatchRoot, identity: str) -> str:
-    """The key of the settings a caption under ``root`` is made with now (see the module doc)."""
+def settings_key(
+    settings: Settings,
+    root: WatchRoot,
+    identity: str,
+    *,
+    prompt: str | None = None,
+    max_new_tokens: int | None = None,
+) -> str:
+    """The key of the settings a caption under ``root`` is made with now (see the module doc).
+
+    ``prompt`` and ``max_new_tokens``: what a request (``phicapctl --prompt``) used instead of
+    the root's, so its caption is keyed by what really made it, and stale against the root's.
+    """
     model, revision = model_and_revision(identity)
     parts = {
         "model": model,
         "revision": revision,
-        "prompt": settings.prompt_for(root),
+        "prompt": prompt or settings.prompt_for(root),
         "prefix": root.prefix,
         "suffix": root.suffix,
-        "generation": generation_settings(settings),
+        "generation": generation_settings(settings, max_new_tokens),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 

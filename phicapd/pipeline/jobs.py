@@ -475,6 +475,51 @@ class JobStore:
                     parked.append(self._get_by_id(db, f.job_id))
         return parked
 
+    def record_captioned(self, path: Path, root: Path, s: Success, claim: str | None = None) -> bool:
+        """A caption written by someone else than the writer (phicapctl, ``/v1/captioned``): record
+        ``path`` done with it in one transaction, as ``finish_many`` records the writer's
+        (``s.job_id`` is ignored), with ``claim`` the sidecar base it keeps. A pending or failed
+        job becomes done: its image is captioned. A running one is left alone (the model has it
+        and its own caption follows); returns False then."""
+        now = self._clock()
+        fp = s.fingerprint
+        values = (
+            s.sha256,
+            s.model,
+            s.backend,
+            s.endpoint,
+            s.prompt,
+            s.sidecar,
+            s.caption,
+            s.settings_key,
+            fp.size,
+            fp.mtime_ns,
+            fp.inode,
+            now,
+        )
+        with self._tx() as db:
+            row = db.execute("SELECT id, state FROM jobs WHERE path = ?", (str(path),)).fetchone()
+            if row is not None and row["state"] == State.RUNNING:
+                return False
+            if row is None:
+                db.execute(
+                    "INSERT INTO jobs (path, root, state, sha256, model, backend, endpoint, prompt, sidecar, caption,"
+                    " settings_key, size, mtime_ns, inode, updated_at, created_at)"
+                    " VALUES (?, ?, 'done', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (str(path), str(root), *values, now),
+                )
+            else:
+                db.execute(
+                    "UPDATE jobs SET state = 'done', root = ?, force = 0, staged = 0, attempts = 0,"
+                    " next_attempt_at = 0, error_code = NULL, error_message = NULL, sha256 = ?, model = ?,"
+                    " backend = ?, endpoint = ?, prompt = ?, sidecar = ?, caption = ?, settings_key = ?, size = ?,"
+                    " mtime_ns = ?, inode = ?, updated_at = ? WHERE id = ?",
+                    (str(root), *values, row["id"]),
+                )
+            if claim is not None:
+                _claim(db, [(path, claim)])
+        return True
+
     def release(self, job_ids: Iterable[int]) -> int:
         """Hand claimed jobs back (shutdown): running -> pending, no attempt counted."""
         now = self._clock()

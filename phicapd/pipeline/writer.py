@@ -114,6 +114,7 @@ class SidecarWriter:
         self._queue: collections.deque[Finished] = collections.deque()
         self._refresh: set[Path] = set()  # directories whose manifest may list a removed image
         self._manifests: dict[Path, Manifest] = {}
+        self._merge: dict[Path, dict[str, str]] = {}  # captions phicapctl wrote, for the manifests
         self._cond = threading.Condition()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="phicapd-writer", daemon=True)
@@ -136,10 +137,18 @@ class SidecarWriter:
             self._refresh.add(directory)
             self._cond.notify()
 
-    def _refresh_manifests(self, directories: set[Path]) -> None:
-        for directory in sorted(directories):
+    def merge_manifest(self, directory: Path, captions: dict[str, str]) -> None:
+        """``captions`` (image name -> text) were written by someone else (phicapctl, which must
+        not rewrite a manifest the writer owns): ``directory``'s ``metadata.jsonl`` takes them in
+        at the next turn of the writer."""
+        with self._cond:
+            self._merge.setdefault(directory, {}).update(captions)
+            self._cond.notify()
+
+    def _refresh_manifests(self, directories: set[Path], merge: dict[Path, dict[str, str]]) -> None:
+        for directory in sorted(directories | merge.keys()):
             try:
-                update_manifest(directory, {})
+                update_manifest(directory, dict(merge.get(directory, {})))
             except OSError as e:  # the next write or removal in the directory tries again
                 log.warning("cannot update the manifest", directory=str(directory), error=str(e))
 
@@ -155,14 +164,15 @@ class SidecarWriter:
         delay = RETRY_SECONDS[0]
         while True:
             with self._cond:
-                while not self._queue and not self._refresh:
+                while not self._queue and not self._refresh and not self._merge:
                     if self._closing:
                         return
                     self._cond.wait(0.5)
                 group = list(self._queue)
                 self._queue.clear()
                 refresh, self._refresh = self._refresh, set()
-            self._refresh_manifests(refresh)
+                merge, self._merge = self._merge, {}
+            self._refresh_manifests(refresh, merge)
             if not group:
                 continue
             try:

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from phicapd.cli.ctl import main
+from phicapd.pipeline.formats import read_manifest
 from tests.core.test_formats import JSON_KEYS
-from tests.support.daemon import running_daemon, settings_for
+from tests.support.daemon import running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, write_unique_png
 
 
@@ -36,6 +37,8 @@ def test_caption_file_under_a_root_writes_its_formats_with_provenance(tmp_path: 
         photo = root / "photo.png"
         write_unique_png(photo, 1)
         assert _ctl(settings.control.socket, str(photo)) == 0
+        # The manifest is the daemon's writer's: it merges the caption phicapctl reports.
+        wait_for(lambda: read_manifest(root) != {}, 10, "the daemon's manifest")
     capsys.readouterr()
     text = (root / "photo.txt").read_text()
     document = json.loads((root / "photo.json").read_text())
@@ -45,7 +48,7 @@ def test_caption_file_under_a_root_writes_its_formats_with_provenance(tmp_path: 
     assert document["prompt"] == "Root prompt."
     assert document["generation"]["max_new_tokens"] == settings.model.max_new_tokens
     assert document["image_sha256"] == hashlib.sha256(photo.read_bytes()).hexdigest()
-    assert not (root / "metadata.jsonl").exists()  # the manifest is the daemon's to keep
+    assert read_manifest(root) == {"photo.png": document["caption"]}
     assert sum(fake.calls.values()) == 1
 
 
@@ -124,4 +127,5 @@ def test_provenance_is_only_in_replies_that_ask_for_it_and_sidecar_reports_forma
             "backend",
             "prompt",
             "generation",
+            "settings_key",  # under a root: what phicapctl reports back with the caption
         }
