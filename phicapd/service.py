@@ -21,13 +21,13 @@ from phicapd import __version__
 from phicapd.captioner import Captioner, decorate
 from phicapd.config import JSON_EXTENSION, Settings, WatchRoot
 from phicapd.control.backend import CaptionReply
-from phicapd.control.protocol import CAPTION_TIMEOUT, IMAGE_GONE, NOT_WATCHED
+from phicapd.control.protocol import BAD_REQUEST, CAPTION_NOT_WRITTEN, CAPTION_TIMEOUT, IMAGE_GONE, NOT_WATCHED
 from phicapd.errors import ConfigError, ModelUnavailable, PhicapError
 from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
 from phicapd.pipeline import staleness
 from phicapd.pipeline.decode import fingerprint_of, make_decoders
-from phicapd.pipeline.formats import generation_settings, model_and_revision, settings_key
+from phicapd.pipeline.formats import generation_settings, holds_caption, model_and_revision, settings_key
 from phicapd.pipeline.intake import Intake
 from phicapd.pipeline.jobs import Job, JobStore, Success
 from phicapd.pipeline.paths import is_watched_dir, journal_path, list_images, owning_root
@@ -500,6 +500,14 @@ class Daemon:
         fingerprint = fingerprint_of(image)
         if fingerprint is None:
             raise PhicapError(f"{path}: no such image to record", code=IMAGE_GONE)
+        extension = self.settings.primary_extension(root)
+        if not sidecar.endswith(extension) or len(sidecar) == len(extension):
+            raise PhicapError(f"sidecar {sidecar!r} is not a {extension} file name", code=BAD_REQUEST)
+        # The caption goes into the root's manifest, which the daemon writes: only one that a
+        # file of the image already holds (so whoever reports it could write beside the image,
+        # or the daemon did) is taken, not any text a client of the socket sends.
+        if not holds_caption(self.settings, root, image, sidecar[: -len(extension)], caption):
+            raise PhicapError(f"{path}: none of its caption files holds the reported caption", code=CAPTION_NOT_WRITTEN)
         record = Success(
             0,
             sha256,

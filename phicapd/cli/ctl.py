@@ -51,7 +51,8 @@ exit codes (sysexits):
        retry: a PATH that is not a failed image (EX_DATAERR)
   66   an input file or directory could not be read (EX_NOINPUT)
   69   daemon unreachable: no socket, nobody listening, no permission;
-       health: not ready (EX_UNAVAILABLE)
+       health: not ready; caption-file/dir: xmp or embed without pyexiv2
+       (EX_UNAVAILABLE)
   70   caption failed in the daemon, a 5xx answer or no answer in time (EX_SOFTWARE)
   73   the sidecar or --output file could not be written (EX_CANTCREAT)
   141  standard output was closed early (`phicapctl status | head -1`); nothing is printed

@@ -24,6 +24,7 @@ MAX_FAILURES_LIMIT = 1000
 BAD_REQUEST = "bad_request"
 NOT_WATCHED = "not_watched"  # /v1/stale, /v1/recaption, /v1/captioned: a path under no watch root
 IMAGE_GONE = "image_gone"  # /v1/captioned: the image is not there (any more) to be recorded
+CAPTION_NOT_WRITTEN = "caption_not_written"  # /v1/captioned: no file of the image holds the caption
 NOT_FOUND = "not_found"
 METHOD_NOT_ALLOWED = "method_not_allowed"
 REQUEST_TIMEOUT = "request_timeout"
@@ -292,8 +293,10 @@ def error_status(exc: PhicapError) -> int:
         return 502 if exc.retryable else 422
     if exc.code == CAPTION_TIMEOUT:
         return 504
-    if exc.code in (NOT_WATCHED, IMAGE_GONE):
+    if exc.code in (NOT_WATCHED, IMAGE_GONE, CAPTION_NOT_WRITTEN):
         return 422
+    if exc.code == BAD_REQUEST:
+        return 400
     return 503 if exc.retryable else 500
 
 

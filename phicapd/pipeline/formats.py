@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from phicapd import __version__
-from phicapd.config import MANIFEST_NAME, Settings, WatchRoot
+from phicapd.config import JSON_EXTENSION, MANIFEST_NAME, Settings, WatchRoot
+from phicapd.pipeline import metadata
 from phicapd.pipeline.sidecar import write_atomic
 
 
@@ -113,6 +114,32 @@ def read_json_caption(path: Path) -> str | None:
         return None
     caption = document.get("caption") if isinstance(document, dict) else None
     return caption if isinstance(caption, str) else None
+
+
+def holds_caption(settings: Settings, root: WatchRoot, image: Path, base: str, caption: str) -> bool:
+    """Whether one of the files ``root`` writes for ``image`` (named with the sidecar ``base``)
+    holds ``caption``: a per-image file, the XMP sidecar or the image's own description."""
+    for extension in settings.per_image_extensions(root):
+        path = image.with_name(base + extension)
+        if extension == JSON_EXTENSION:
+            text = read_json_caption(path)
+        else:
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                text = None
+        if text is not None and text.rstrip("\n") == caption.rstrip("\n"):
+            return True
+    formats = settings.formats_for(root)
+    described: list[Path] = []
+    if "xmp" in formats:
+        described.append(metadata.xmp_sidecar_path(image, base, settings.xmp_naming_for(root)))
+    if "embed" in formats and metadata.can_embed(image):
+        described.append(image)
+    try:
+        return any(metadata.read_description(path) == caption for path in described)
+    except metadata.MetadataUnavailable:  # not for these roots: the daemon does not start without it
+        return False
 
 
 def read_manifest(directory: Path) -> dict[str, str]:

@@ -62,6 +62,7 @@ def _report(photo: Path, **changes: object) -> dict[str, object]:
 def _post(client: ControlClient, body: object) -> tuple[int, dict[str, object]]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     resp = client.request("POST", "/v1/captioned", body=data, content_type="application/json", accept=(400, 422))
+    assert resp.content_type == "application/json"
     return resp.status, resp.json()
 
 
@@ -275,7 +276,9 @@ def test_malformed_captioned_bodies_are_refused(tmp_path: Path, body: object, sa
         assert daemon.store.get(photo) is None or daemon.store.get(photo).caption is None  # type: ignore[union-attr]
 
 
-def test_captioned_outside_every_root_or_for_a_missing_image_is_refused(tmp_path: Path) -> None:
+def test_captioned_outside_every_root_for_a_missing_image_or_an_unwritten_caption_is_refused(
+    tmp_path: Path,
+) -> None:
     root = tmp_path / "in"
     root.mkdir()
     settings = _settings(tmp_path, root, formats='["txt"]')
@@ -288,6 +291,17 @@ def test_captioned_outside_every_root_or_for_a_missing_image_is_refused(tmp_path
         assert (status, reply["error"]["code"]) == (422, "image_gone")  # type: ignore[index]
         with pytest.raises(RequestRejected, match="no such image"):  # the client's side of it
             client.captioned(CaptionedRequest.model_validate(_report(root / "x.png", sidecar="x.txt")))
+        photo = root / "photo.png"
+        write_unique_png(photo, 61)
+        status, reply = _post(client, _report(photo, sidecar="photo.json"))
+        assert (status, reply["error"]["code"]) == (400, "bad_request")  # type: ignore[index]
+        assert "'photo.json' is not a .txt file name" in reply["error"]["message"]  # type: ignore[index]
+        # Only a caption that a file of the image holds goes into the journal (and the manifest).
+        (root / "photo.txt").write_text("other words\n")
+        status, reply = _post(client, _report(photo))
+        assert (status, reply["error"]["code"]) == (422, "caption_not_written")  # type: ignore[index]
+        (root / "photo.txt").write_text("words\n")
+        assert _post(client, _report(photo)) == (200, {"recorded": True})
 
 
 def test_without_pyexiv2_only_the_files_that_need_it_fail(
@@ -341,3 +355,45 @@ def test_record_captioned_leaves_a_running_job_alone_and_settles_any_other(tmp_p
     assert store.claims_in(root) == {"a.png": "a"}
     assert [j.path for j in store.captioned(root)] == [root / "a.png", root / "c.png"]
     store.close()
+
+
+def test_a_caption_only_the_xmp_sidecar_holds_is_recorded_too(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    settings = _settings(tmp_path, root, formats='["txt", "xmp"]')
+    photo = root / "photo.png"
+    write_unique_png(photo, 80)
+    (root / "photo.txt").write_text("my own words\n")  # newer than the image: skip keeps it
+    with running_daemon(settings) as daemon:
+        daemon.pause()
+        assert _ctl(settings.control.socket, "caption-file", str(photo)) == 0
+        caption = metadata.read_description(root / "photo.xmp")
+        assert caption is not None and caption.startswith("A 8x8 test image ")
+        job = daemon.store.get(photo)
+        assert job is not None and job.state == State.DONE and job.caption == caption
+    assert (root / "photo.txt").read_text() == "my own words\n"
+    assert capsys.readouterr().err == ""  # recorded: no warning
+
+
+def test_a_refused_report_is_a_warning_the_caption_stays_written(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from phicapd.errors import PhicapError
+
+    root = tmp_path / "in"
+    root.mkdir()
+    settings = _settings(tmp_path, root, formats='["txt"]')
+    with running_daemon(settings) as daemon:
+        daemon.pause()
+
+        def refuse(path: Path, **_: object) -> bool:
+            raise PhicapError(f"{path}: no such image to record", code="image_gone")
+
+        monkeypatch.setattr(daemon, "captioned", refuse)  # the image went away before the report
+        photo = root / "photo.png"
+        write_unique_png(photo, 90)
+        assert _ctl(settings.control.socket, "caption-file", "--json", str(photo)) == 0
+    out, err = capsys.readouterr()
+    assert (root / "photo.txt").exists()
+    assert f"{photo}: captioned, but the daemon did not record it" in err and "no such image to record" in err
+    assert json.loads(out.splitlines()[-1])["warning"].startswith(f"{photo}: captioned, but")
