@@ -106,8 +106,9 @@ def test_caption_file_names_a_same_stem_newcomer_as_the_watcher_does(tmp_path: P
         assert (root / "photo.txt").read_text() == HAND
         assert _captioned(root / "photo.jpg.txt", jpg)
         assert not (root / "photo.png.txt").exists()
-        # skip and only-missing keep phicapctl's caption; overwrite replaces what phicapd did not write.
-        assert fake.calls[jpg] == (2 if policy == "overwrite" else 1)
+        # phicapctl reported its caption (/v1/captioned): the journal holds it as phicapd's own, so
+        # not even overwrite (which replaces what phicapd did not write) captions it again.
+        assert fake.calls[jpg] == 1
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -133,10 +134,10 @@ def test_a_sidecar_phicapctl_wrote_stays_its_images(tmp_path: Path, policy: str)
         wait_for(lambda: is_settled(daemon), 30, "the watcher's jobs")
         assert _captioned(root / "photo.jpg.txt", jpg)
         assert not (root / "photo.png.txt").exists()
-        if policy == "overwrite":  # its own image's caption again, in its own sidecar
-            assert _captioned(root / "photo.txt", png)
-        else:
-            assert (root / "photo.txt").read_text() == HAND
+        # phicapctl reported photo.png's caption (/v1/captioned): the journal holds it as phicapd's
+        # own, so, edited since, it is kept under every policy as the daemon's own would be.
+        assert (root / "photo.txt").read_text() == HAND
+        assert fake.calls[png] == 1
 
 
 def test_the_claims_survive_a_restart(tmp_path: Path) -> None:
