@@ -19,7 +19,7 @@ from typing import Any
 
 from phicapd import __version__
 from phicapd.captioner import Captioner, decorate
-from phicapd.config import JSON_EXTENSION, Settings, WatchRoot
+from phicapd.config import Settings, WatchRoot
 from phicapd.control.backend import CaptionReply
 from phicapd.control.protocol import BAD_REQUEST, CAPTION_NOT_WRITTEN, CAPTION_TIMEOUT, IMAGE_GONE, NOT_WATCHED
 from phicapd.errors import ConfigError, ModelUnavailable, PhicapError
@@ -30,6 +30,7 @@ from phicapd.pipeline.decode import fingerprint_of, make_decoders
 from phicapd.pipeline.formats import generation_settings, holds_caption, model_and_revision, settings_key
 from phicapd.pipeline.intake import Intake
 from phicapd.pipeline.jobs import Job, JobStore, Success
+from phicapd.pipeline.outputs import RootOutputs, sidecar_base
 from phicapd.pipeline.paths import is_watched_dir, journal_path, list_images, owning_root
 from phicapd.pipeline.scanner import Reconciler
 from phicapd.pipeline.scheduler import Scheduler
@@ -385,7 +386,7 @@ class Daemon:
         assert self.captioner is not None
         text = decorate(caption.text, root.prefix, root.suffix) if root is not None else caption.text
         if root is not None and path is not None and sidecar is not None:
-            self._claim_client_sidecar(journal_path(path, root), sidecar)
+            self._claim_client_sidecar(journal_path(path, root), root, sidecar)
         model, revision = model_and_revision(caption.model or self.captioner.identity)
         provenance: dict[str, Any] = {
             "model": model,
@@ -453,22 +454,24 @@ class Daemon:
         }
         return policy
 
-    def _claim_client_sidecar(self, image: Path, sidecar: str) -> None:
+    def _claim_client_sidecar(self, image: Path, root: WatchRoot, sidecar: str) -> None:
         """phicapctl writes ``sidecar`` for ``image``: keep that name the image's, as the writer
         does for its own."""
-        base = self._client_claim(image, sidecar)
+        extension = RootOutputs.of(self.settings, root).named_extension
+        if extension is None or not sidecar.endswith(extension):
+            log.warning("sidecar name not recorded", path=str(image), sidecar=sidecar)
+            return
+        base = self._client_claim(image, sidecar[: -len(extension)])
         if base is not None:
             self.store.claim_sidecars([(image, base)])
 
-    def _client_claim(self, image: Path, sidecar: str) -> str | None:
-        """The sidecar base to claim for ``image`` from phicapctl's ``sidecar`` name, or None: the
-        image holds a claim already, the name is not one the rule can give the image, or it
-        already belongs to another image that is still there (then phicapctl named it without a
-        claim that appeared meanwhile; the journal's claim stands)."""
-        extension = next((e for e in (self.settings.sidecar.extension, JSON_EXTENSION) if sidecar.endswith(e)), "")
-        base = sidecar[: -len(extension)] if extension else None
-        if base is None or not is_rule_base(image.name, base):
-            log.warning("sidecar name not recorded", path=str(image), sidecar=sidecar)
+    def _client_claim(self, image: Path, base: str) -> str | None:
+        """``base``, the sidecar base phicapctl named ``image``'s files with, if it is to be claimed
+        for the image; None if the image holds a claim already, the name is not one the rule can
+        give the image, or it already belongs to another image that is still there (then
+        phicapctl named it without a claim that appeared meanwhile; the journal's claim stands)."""
+        if not is_rule_base(image.name, base):
+            log.warning("sidecar name not recorded", path=str(image), base=base)
             return None
         claims = Claims(self.store.claims_near(image), image.parent)
         if image.name in claims.by_image or claims.holder(base, ()) not in (None, image.name):
@@ -479,7 +482,7 @@ class Daemon:
         self,
         path: Path,
         *,
-        sidecar: str,
+        sidecar: str | None,
         caption: str,
         sha256: str,
         model: str,
@@ -487,8 +490,8 @@ class Daemon:
         prompt: str,
         settings_key: str,
     ) -> bool:
-        # phicapctl wrote the files itself, with its user's permissions; the daemon records them
-        # as the writer records its own, so the scans do not caption the image again and
+        # phicapctl wrote the outputs itself, with its user's permissions; the daemon records
+        # them as the writer records its own, so the scans do not caption the image again and
         # ``phicapctl stale`` judges it like the daemon's. It writes nothing for the client but
         # the root's manifest, which is its own (the writer thread's) to keep.
         root = owning_root(path, self.settings.watch)
@@ -500,27 +503,34 @@ class Daemon:
         fingerprint = fingerprint_of(image)
         if fingerprint is None:
             raise PhicapError(f"{path}: no such image to record", code=IMAGE_GONE)
-        extension = self.settings.primary_extension(root)
-        if not sidecar.endswith(extension) or len(sidecar) == len(extension):
-            raise PhicapError(f"sidecar {sidecar!r} is not a {extension} file name", code=BAD_REQUEST)
-        # The caption goes into the root's manifest, which the daemon writes: only one that a
-        # file of the image already holds (so whoever reports it could write beside the image,
-        # or the daemon did) is taken, not any text a client of the socket sends.
-        if not holds_caption(self.settings, root, image, sidecar[: -len(extension)], caption):
-            raise PhicapError(f"{path}: none of its caption files holds the reported caption", code=CAPTION_NOT_WRITTEN)
+        outputs = RootOutputs.of(self.settings, root)
+        extension = outputs.named_extension
+        base, claim = sidecar_base(image), None
+        if extension is not None:  # per-image files, named by the rule (and phicapctl's claims)
+            if sidecar is None or not sidecar.endswith(extension) or len(sidecar) == len(extension):
+                raise PhicapError(f"sidecar must name the image's {extension} file, got {sidecar!r}", code=BAD_REQUEST)
+            base = sidecar[: -len(extension)]
+            claim = self._client_claim(image, base)
+        # The caption goes into the root's manifest, which the daemon writes: only one that an
+        # output of the image already holds (whoever reports it could write there, or the daemon
+        # did) is taken, not any text a client of the socket sends. A root that writes only the
+        # manifest has no such output: there the socket's group is trusted, as for captions.
+        if outputs.formats != ("jsonl",) and not holds_caption(outputs, image, base, caption):
+            raise PhicapError(f"{path}: none of its outputs holds the reported caption", code=CAPTION_NOT_WRITTEN)
         record = Success(
             0,
             sha256,
             model,
             prompt,
-            str(image.with_name(sidecar)),
+            str(outputs.primary(image, base)),
             fingerprint,
             backend=backend,
             caption=caption,
             settings_key=settings_key,
+            formats=outputs.formats,
         )
-        recorded = self.store.record_captioned(image, root.path, record, self._client_claim(image, sidecar))
-        if recorded and self.scheduler is not None and "jsonl" in self.settings.formats_for(root):
+        recorded = self.store.record_captioned(image, root.path, record, claim)
+        if recorded and self.scheduler is not None and "jsonl" in outputs.formats:
             self.scheduler.writer.merge_manifest(image.parent, {image.name: caption})
         return recorded
 

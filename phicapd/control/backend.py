@@ -63,7 +63,7 @@ class ControlBackend(Protocol):
         self,
         path: Path,
         *,
-        sidecar: str,
+        sidecar: str | None,
         caption: str,
         sha256: str,
         model: str,

@@ -30,7 +30,7 @@ from typing import Literal
 
 from pydantic import ValidationError
 
-from phicapd.config import JSON_EXTENSION, MANIFEST_NAME, ExistingPolicy, WatchRoot, XmpNaming
+from phicapd.config import MANIFEST_NAME, ExistingPolicy, OutputFormat, WatchRoot, XmpNaming
 from phicapd.control.client import ControlClient, ControlClientError, DaemonUnreachable, RequestRejected
 from phicapd.control.protocol import CaptionedRequest, CaptionResult, SidecarInfo, SidecarPolicy
 from phicapd.pipeline import metadata, paths
@@ -41,7 +41,8 @@ from phicapd.pipeline.formats import (
     read_json_caption,
     update_manifest,
 )
-from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, policy_keeps, write_atomic, write_sidecar
+from phicapd.pipeline.outputs import PRIMARY_ORDER, Known, Manifest, RootOutputs, sidecar_base
+from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, write_atomic, write_sidecar
 
 # sysexits(3), shared with phicapctl.
 EX_OK = 0
@@ -111,18 +112,16 @@ class Naming:
         xmp_naming: XmpNaming = "stem",
         tracked: bool = False,
     ) -> None:
-        # phicapctl writes the per-image formats; the first is what the policy and the naming
-        # are judged by, as in the daemon (``Settings.primary_extension``).
-        self.extensions = [extension] if "txt" in formats else []
-        if "json" in formats:
-            self.extensions.append(JSON_EXTENSION)
-        self.extensions = self.extensions or [extension]
-        self.extension = self.extensions[0]
-        self.formats = frozenset(formats)
-        self.xmp_naming = xmp_naming
+        # The outputs of the directory's root, judged as the daemon judges them (``pipeline.outputs``).
+        chosen = tuple(f for f in PRIMARY_ORDER if f in set(formats)) or ("txt",)
+        self.outputs = RootOutputs(chosen, existing, extension, xmp_naming)
+        # The naming rule names the first per-image file; a root with none (``embed``,
+        # ``jsonl``) keeps the image's stem as its base, and claims nothing.
+        self.named = self.outputs.named_extension is not None
+        self.extension = self.outputs.named_extension or extension
         # Under a root the manifest is the daemon's writer's (it has no lock against another
         # writer); only outside every root does phicapctl keep it.
-        self.manifest = "jsonl" in self.formats and root is None
+        self.manifest = "jsonl" in chosen and root is None
         # The daemon records what phicapctl writes under a root (``/v1/captioned``), keyed by the
         # settings key its caption reply carries.
         self.tracked = tracked and root is not None
@@ -133,7 +132,7 @@ class Naming:
         self._claims = Claims(claims, directory)
         # Tell the daemon which sidecar we write, so it stays that image's (a daemon that
         # reports no claims predates them and would refuse the parameter).
-        self.reports_sidecar = root is not None and claims is not None
+        self.reports_sidecar = root is not None and claims is not None and self.named
         self._taken: frozenset[str] | None = None
 
     @classmethod
@@ -147,27 +146,30 @@ class Naming:
         formats, naming = policy.formats, policy.xmp_naming
         return cls(directory, policy.extension, policy.existing, root, policy.claims, formats, naming, tracked)
 
-    def to_write(self, image_stat: os.stat_result, sidecar: Path) -> list[str]:
-        """The extensions of the files the policy does not keep: each format is judged alone."""
-        changed = changed_ns(image_stat)
-        return [e for e in self.extensions if not policy_keeps(self.existing, changed, self.file_of(sidecar, e))]
+    def base_of(self, image: Path, sidecar: Path) -> str:
+        """The base of ``image``'s per-image files, given its rule-named ``sidecar``."""
+        return sidecar.name[: -len(self.extension)] if self.named else sidecar_base(image)
 
-    def file_of(self, sidecar: Path, extension: str) -> Path:
-        """The file with ``extension`` beside ``sidecar`` (the same base)."""
-        return sidecar.with_name(sidecar.name[: -len(self.extension)] + extension)
+    def primary(self, image: Path, sidecar: Path) -> Path:
+        """The output the daemon's journal names for ``image`` (its first per-image file, else the
+        image itself, else the manifest): what a skipped or written outcome shows."""
+        return self.outputs.primary(image, self.base_of(image, sidecar))
 
-    def xmp_of(self, image: Path, sidecar: Path) -> Path | None:
-        """The XMP sidecar of ``image``, if the directory's formats ask for one."""
-        if "xmp" not in self.formats:
-            return None
-        return metadata.xmp_sidecar_path(image, sidecar.name[: -len(self.extension)], self.xmp_naming)
-
-    def embeds(self, image: Path) -> bool:
-        return "embed" in self.formats and metadata.can_embed(image)
+    def missing(
+        self, image: Path, image_stat: os.stat_result, sidecar: Path, previous: str | None = None
+    ) -> list[OutputFormat]:
+        """The formats whose output the policy does not keep, each judged on its own
+        (``RootOutputs.missing``; phicapctl has no journal). ``previous``: the caption last written
+        beside the image (what its files held before this write): an embedded description equal
+        to it is ours, and replaced with the new caption; any other is someone else's and kept."""
+        known = None if previous is None else Known(previous, False, None, None, 0.0)
+        base = self.base_of(image, sidecar)
+        return self.outputs.missing(image, changed_ns(image_stat), base, known, lambda: Manifest.read(image.parent))
 
     def needs_metadata(self, image: Path) -> str | None:
         """The format of ``image`` that needs pyexiv2 (``xmp``, ``embed``), or None."""
-        return "xmp" if "xmp" in self.formats else "embed" if self.embeds(image) else None
+        formats = self.outputs.formats
+        return "xmp" if "xmp" in formats else "embed" if "embed" in formats and metadata.can_embed(image) else None
 
     def sidecar_for(self, image: Path) -> Path:
         """Where the sidecar of ``image`` (in this directory, maybe through a symlink) goes."""
@@ -200,10 +202,12 @@ def _json_text(result: CaptionResult, data: bytes) -> str:
     return json_sidecar_text(result.caption, provenance, hashlib.sha256(data).hexdigest(), time.time())
 
 
-def _file_caption(path: Path) -> str | None:
-    """The caption a per-image file holds, if it is there and readable."""
-    if path.name.endswith(JSON_EXTENSION):
+def _file_caption(fmt: str, path: Path) -> str | None:
+    """The caption a per-image output holds, if it is there and readable."""
+    if fmt == "json":
         return read_json_caption(path)
+    if fmt == "xmp":
+        return metadata.read_description(path) if path.exists() else None
     try:
         return path.read_text(encoding="utf-8").rstrip("\n")
     except (OSError, UnicodeDecodeError):
@@ -212,18 +216,6 @@ def _file_caption(path: Path) -> str | None:
 
 def _failed(image: Path, sidecar: Path | None, code: str, message: str, exit_code: int) -> Outcome:
     return Outcome(image, sidecar, "failed", code=code, message=message, exit_code=exit_code)
-
-
-@dataclass(slots=True)
-class _Writes:
-    """What one image gets: each format judged by the policy on its own."""
-
-    extensions: list[str]  # the per-image files (``photo.txt``, ``photo.json``)
-    xmp: Path | None  # the XMP sidecar to set ``dc:description`` in
-    embed: bool  # the image itself
-
-    def nothing(self) -> bool:
-        return not self.extensions and self.xmp is None and not self.embed
 
 
 def _model_of(result: CaptionResult) -> str:
@@ -302,8 +294,8 @@ class BatchCaptioner:
                 # Before the model: a caption that could not be written whole is not asked for.
                 message = f"{image}: its {needs} caption {e}"
                 return _failed(image, sidecar, "metadata_unavailable", message, EX_UNAVAILABLE)
-        if not self.options.force and self._writes(image, st, sidecar, naming, None).nothing():
-            return Outcome(image, sidecar, "skipped")
+        if not self.options.force and not naming.missing(image, st, sidecar):
+            return Outcome(image, naming.primary(image, sidecar), "skipped")
         if not os.access(image.parent, os.W_OK | os.X_OK):
             # Refuse before spending GPU time on a caption that could not be saved.
             return _failed(
@@ -347,92 +339,74 @@ class BatchCaptioner:
                 sidecar=sidecar.name if report and sidecar is not None else None,
                 provenance=sidecar is not None
                 and naming is not None
-                and (JSON_EXTENSION in naming.extensions or naming.tracked),
+                and ("json" in naming.outputs.formats or naming.tracked),
             )
         except ControlClientError as e:
             return self._client_failed(image, sidecar, e)
         if sidecar is None:
             return Outcome(image, sidecar, "captioned", result=result)
         assert naming is not None
-        failed = self._write(image, sidecar, naming, result, data)
+        primary = naming.primary(image, sidecar)
+        formats, failed = self._write(image, sidecar, naming, result, data)
         if failed is not None:
             target, e = failed
             return Outcome(
                 image,
-                sidecar,
+                primary,
                 "failed",
                 result=result,
                 code="sidecar_unwritable",
                 message=f"cannot write {target}: {getattr(e, 'strerror', None) or e}",
                 exit_code=EX_CANTCREAT,
             )
-        warning = self._report(image, key, sidecar, result, data) if naming.tracked else None
-        if naming.manifest:
+        named = sidecar.name if naming.named else None
+        warning = self._report(image, key, named, result, data) if naming.tracked else None
+        if naming.manifest and "jsonl" in formats:
             with self._lock:
                 self._manifests.setdefault(Path(os.path.realpath(image.parent)), {})[image.name] = result.caption
-        return Outcome(image, sidecar, "captioned", result=result, warning=warning)
-
-    def _writes(
-        self, image: Path, st: os.stat_result, sidecar: Path, naming: Naming, previous: set[str] | None
-    ) -> _Writes:
-        """What ``image`` gets, each format judged on its own as ``SidecarWriter._plan`` judges it
-        (``--force``: everything). An XMP sidecar without a description is no caption (darktable
-        writes one for every image it sees). A description in the image is someone else's (a
-        camera, a person) and kept, unless it is the caption last written beside it (one of
-        ``previous``, what the per-image files held): that one is replaced with the new caption.
-        ``previous`` None: any description counts, to tell whether anything is to be written."""
-        force = self.options.force
-        extensions = list(naming.extensions) if force else naming.to_write(st, sidecar)
-        xmp = naming.xmp_of(image, sidecar)
-        if xmp is not None and not force and self._described(naming, st, xmp):
-            xmp = None
-        embed = naming.embeds(image)
-        if embed and not force and naming.existing != "overwrite":
-            description = metadata.read_description(image)
-            embed = description is None or (previous is not None and description in previous)
-        return _Writes(extensions, xmp, embed)
-
-    @staticmethod
-    def _described(naming: Naming, st: os.stat_result, xmp: Path) -> bool:
-        """Does the policy keep the description in the XMP sidecar ``xmp``?"""
-        if naming.existing == "overwrite" or metadata.read_description(xmp) is None:
-            return False
-        return naming.existing == "only-missing" or policy_keeps(naming.existing, changed_ns(st), xmp)
+        return Outcome(image, primary, "captioned", result=result, warning=warning)
 
     def _write(
         self, image: Path, sidecar: Path, naming: Naming, result: CaptionResult, data: bytes
-    ) -> tuple[Path, Exception] | None:
-        """Write the files of ``image``; returns the one that failed, with why.
+    ) -> tuple[list[OutputFormat], tuple[Path, Exception] | None]:
+        """Write the outputs of ``image`` the policy does not keep (``--force``: all); returns the
+        formats it is to have from this caption, and the output that failed, with why.
 
         Embedding first: it changes the image's bytes and keeps its mtime
         (``metadata.embed_caption``), so ``skip`` still sees the files written after it as at
-        least as new as the image. Then the XMP sidecar, then the per-image files.
+        least as new as the image. Then the XMP sidecar, then the per-image files. The manifest
+        is the caller's (outside every root) or the daemon's (``/v1/captioned``).
         """
+        files = naming.outputs.files(image, naming.base_of(image, sidecar))
         target = image
+        formats: list[OutputFormat] = []
         try:
-            st = os.stat(image)
-            previous = {text for e in naming.extensions if (text := _file_caption(naming.file_of(sidecar, e)))}
-            writes = self._writes(image, st, sidecar, naming, previous)
-            if writes.nothing():
-                # Every file appeared while the image was on the model: ours replaces them, as
-                # phicapctl always did (the caption was asked for).
-                writes.extensions = list(naming.extensions)
-            if writes.embed:
+            if self.options.force:
+                formats = list(naming.outputs.formats)
+            else:
+                previous = next((c for fmt, path in files.items() if (c := _file_caption(fmt, path))), None)
+                formats = naming.missing(image, os.stat(image), sidecar, previous)
+                if not formats:
+                    # Every output appeared while the image was on the model: ours replaces the
+                    # files, as phicapctl always did (the caption was asked for).
+                    formats = list(files) or list(naming.outputs.formats)
+            if "embed" in formats and metadata.can_embed(image):
                 metadata.embed_caption(image, result.caption)
-            if writes.xmp is not None:
-                target = writes.xmp
-                metadata.write_xmp_sidecar(writes.xmp, result.caption)
-            for extension in writes.extensions:
-                target = naming.file_of(sidecar, extension)
-                if extension == JSON_EXTENSION:
-                    write_atomic(target, _json_text(result, data) + "\n")
-                else:
-                    write_sidecar(target, result.caption)
+            if "xmp" in formats:
+                target = files["xmp"]
+                metadata.write_xmp_sidecar(target, result.caption)
+            for fmt in ("txt", "json"):
+                if fmt in formats:
+                    target = files[fmt]
+                    if fmt == "json":
+                        write_atomic(target, _json_text(result, data) + "\n")
+                    else:
+                        write_sidecar(target, result.caption)
         except (OSError, RuntimeError) as e:  # exiv2 raises RuntimeError
-            return target, e
-        return None
+            return formats, (target, e)
+        return formats, None
 
-    def _report(self, image: Path, key: str, sidecar: Path, result: CaptionResult, data: bytes) -> str | None:
+    def _report(self, image: Path, key: str, sidecar: str | None, result: CaptionResult, data: bytes) -> str | None:
         """Tell the daemon about the caption just written under a root, so its journal tracks it;
         a warning if it did not record it. A daemon without ``/v1/captioned`` is not asked again."""
         given = result.provenance or {}
@@ -442,7 +416,7 @@ class BatchCaptioner:
         try:
             request = CaptionedRequest(
                 path=key,
-                sidecar=sidecar.name,
+                sidecar=sidecar,
                 caption=result.caption,
                 sha256=hashlib.sha256(data).hexdigest(),
                 model=_model_of(result),

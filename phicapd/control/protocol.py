@@ -132,7 +132,9 @@ class CaptionedRequest(_Model):
     ``phicapctl stale`` and ``recaption --stale`` treat it alike."""
 
     path: str = Field(min_length=1, max_length=4096)  # as ``CaptionParams.path``
-    sidecar: str = Field(min_length=1, max_length=4096)  # the file name of the primary per-image file
+    # The name of the image's first per-image file (``photo.txt``; the naming rule's name, as
+    # ``CaptionParams.sidecar``); None for a root that writes none (``embed``, ``jsonl`` only).
+    sidecar: str | None = Field(None, min_length=1, max_length=4096)
     caption: str = Field(max_length=1024 * 1024)  # as written: prefix and suffix included
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # of the bytes captioned (before embedding)
     model: str = Field(min_length=1, max_length=4096)
@@ -148,8 +150,8 @@ class CaptionedRequest(_Model):
 
     @field_validator("sidecar")
     @classmethod
-    def _file_name(cls, value: str) -> str:
-        return _file_name(value)
+    def _file_name(cls, value: str | None) -> str | None:
+        return None if value is None else _file_name(value)
 
 
 class CaptionedReply(_Model):

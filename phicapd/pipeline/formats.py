@@ -24,12 +24,15 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from phicapd import __version__
-from phicapd.config import JSON_EXTENSION, MANIFEST_NAME, Settings, WatchRoot
+from phicapd.config import MANIFEST_NAME, Settings, WatchRoot
 from phicapd.pipeline import metadata
 from phicapd.pipeline.sidecar import write_atomic
+
+if TYPE_CHECKING:
+    from phicapd.pipeline.outputs import RootOutputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,30 +119,23 @@ def read_json_caption(path: Path) -> str | None:
     return caption if isinstance(caption, str) else None
 
 
-def holds_caption(settings: Settings, root: WatchRoot, image: Path, base: str, caption: str) -> bool:
-    """Whether one of the files ``root`` writes for ``image`` (named with the sidecar ``base``)
-    holds ``caption``: a per-image file, the XMP sidecar or the image's own description."""
-    for extension in settings.per_image_extensions(root):
-        path = image.with_name(base + extension)
-        if extension == JSON_EXTENSION:
+def holds_caption(outputs: RootOutputs, image: Path, base: str, caption: str) -> bool:
+    """Whether one of the outputs ``outputs`` names for ``image`` (its per-image files under the
+    sidecar ``base``, its own description) holds ``caption``. The manifest is not asked."""
+    caption = caption.rstrip("\n")
+    for fmt, path in outputs.files(image, base).items():
+        if fmt == "json":
             text = read_json_caption(path)
+        elif fmt == "xmp":
+            text = metadata.read_description(path) if path.exists() else None
         else:
             try:
                 text = path.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError):
                 text = None
-        if text is not None and text.rstrip("\n") == caption.rstrip("\n"):
+        if text is not None and text.rstrip("\n") == caption:
             return True
-    formats = settings.formats_for(root)
-    described: list[Path] = []
-    if "xmp" in formats:
-        described.append(metadata.xmp_sidecar_path(image, base, settings.xmp_naming_for(root)))
-    if "embed" in formats and metadata.can_embed(image):
-        described.append(image)
-    try:
-        return any(metadata.read_description(path) == caption for path in described)
-    except metadata.MetadataUnavailable:  # not for these roots: the daemon does not start without it
-        return False
+    return "embed" in outputs.formats and metadata.can_embed(image) and metadata.read_description(image) == caption
 
 
 def read_manifest(directory: Path) -> dict[str, str]:

@@ -492,6 +492,7 @@ class JobStore:
             s.sidecar,
             s.caption,
             s.settings_key,
+            ",".join(s.formats) or None,
             fp.size,
             fp.mtime_ns,
             fp.inode,
@@ -504,16 +505,16 @@ class JobStore:
             if row is None:
                 db.execute(
                     "INSERT INTO jobs (path, root, state, sha256, model, backend, endpoint, prompt, sidecar, caption,"
-                    " settings_key, size, mtime_ns, inode, updated_at, created_at)"
-                    " VALUES (?, ?, 'done', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " settings_key, formats, size, mtime_ns, inode, updated_at, created_at)"
+                    " VALUES (?, ?, 'done', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (str(path), str(root), *values, now),
                 )
             else:
                 db.execute(
                     "UPDATE jobs SET state = 'done', root = ?, force = 0, staged = 0, attempts = 0,"
                     " next_attempt_at = 0, error_code = NULL, error_message = NULL, sha256 = ?, model = ?,"
-                    " backend = ?, endpoint = ?, prompt = ?, sidecar = ?, caption = ?, settings_key = ?, size = ?,"
-                    " mtime_ns = ?, inode = ?, updated_at = ? WHERE id = ?",
+                    " backend = ?, endpoint = ?, prompt = ?, sidecar = ?, caption = ?, settings_key = ?, formats = ?,"
+                    " size = ?, mtime_ns = ?, inode = ?, updated_at = ? WHERE id = ?",
                     (str(root), *values, row["id"]),
                 )
             if claim is not None:

@@ -238,7 +238,7 @@ def test_a_daemon_without_captioned_still_gets_its_caption_written(tmp_path: Pat
     [
         (b"{not json", "not valid JSON"),
         (b"[1, 2]", "must be a JSON object"),
-        ("missing", "sidecar: Field required"),
+        ("missing", "caption: Field required; sha256: Field required"),
         ("relative", "path: Value error, must be an absolute path"),
         ("dotdot", "path: Value error, must be an absolute path"),
         ("slash", "sidecar: Value error, must be a file name"),
@@ -295,7 +295,9 @@ def test_captioned_outside_every_root_for_a_missing_image_or_an_unwritten_captio
         write_unique_png(photo, 61)
         status, reply = _post(client, _report(photo, sidecar="photo.json"))
         assert (status, reply["error"]["code"]) == (400, "bad_request")  # type: ignore[index]
-        assert "'photo.json' is not a .txt file name" in reply["error"]["message"]  # type: ignore[index]
+        assert "sidecar must name the image's .txt file, got 'photo.json'" in reply["error"]["message"]  # type: ignore[index]
+        status, reply = _post(client, _report(photo, sidecar=None))  # the root writes photo.txt: name it
+        assert (status, reply["error"]["code"]) == (400, "bad_request")  # type: ignore[index]
         # Only a caption that a file of the image holds goes into the journal (and the manifest).
         (root / "photo.txt").write_text("other words\n")
         status, reply = _post(client, _report(photo))
@@ -397,3 +399,41 @@ def test_a_refused_report_is_a_warning_the_caption_stays_written(
     assert (root / "photo.txt").exists()
     assert f"{photo}: captioned, but the daemon did not record it" in err and "no such image to record" in err
     assert json.loads(out.splitlines()[-1])["warning"].startswith(f"{photo}: captioned, but")
+
+
+@pytest.mark.parametrize("formats", [["xmp"], ["embed"], ["embed", "jsonl"], ["jsonl"], ["json", "xmp"]])
+def test_any_combination_of_formats_is_written_once_and_tracked(tmp_path: Path, capsys, formats: list[str]) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    settings = _settings(tmp_path, root, formats=json.dumps(formats))
+    fake = FakeCaptioner()
+    with running_daemon(settings, fake) as daemon:
+        daemon.pause()
+        photo = root / "photo.png"
+        write_unique_png(photo, 100)
+        assert _ctl(settings.control.socket, "caption-file", "--json", str(photo)) == 0
+        outcome = json.loads(capsys.readouterr().out.splitlines()[-1])
+        caption = outcome["caption"]
+        held = {
+            "xmp": metadata.read_description(root / "photo.xmp"),
+            "embed": _embedded(photo),
+            "json": json.loads((root / "photo.json").read_text())["caption"]
+            if (root / "photo.json").exists()
+            else None,
+        }
+        assert {k for k, v in held.items() if v is not None} == set(formats) - {"jsonl"}
+        assert all(v == caption for v in held.values() if v is not None)
+        assert not (root / "photo.txt").exists()
+        if "jsonl" in formats:
+            wait_for(lambda: read_manifest(root) == {"photo.png": caption}, 10, "the daemon's manifest")
+        job = daemon.store.get(photo)
+        assert job is not None and job.state == State.DONE and job.caption == caption
+        assert job.formats == frozenset(formats) and outcome["sidecar"] == job.sidecar
+        # Every output there: a second run sends nothing, and neither the watcher nor a scan redoes it.
+        assert _ctl(settings.control.socket, "caption-file", "--json", str(photo)) == 0
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["state"] == "skipped"
+        daemon.resume()
+        daemon.rescan()
+        wait_for(lambda: is_settled(daemon), 30, "the watcher and the rescan")
+        assert sum(fake.calls.values()) == 1
+        assert ControlClient(settings.control.socket).stale().model_dump() == {"stale": [], "edited": []}
