@@ -357,6 +357,8 @@ def _flatten(value: Any, key: str = "") -> str:
     if isinstance(value, dict):
         return "  ".join(f"{k}={_flatten(v, k)}" for k, v in value.items()) or "-"
     if isinstance(value, list):
+        if key and all(isinstance(v, str | int | float) for v in value):
+            return ",".join(map(str, value)) or "-"  # a short list inside a record: formats=txt,json
         return f"{len(value)} entries"
     if value is None:
         return "-"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from phicapd.cli import ctl
 from phicapd.config import load_settings
 from phicapd.control.client import ControlClient
 from phicapd.pipeline.jobs import Fingerprint, JobStore, NewWork, Success
@@ -261,7 +262,7 @@ def test_the_manifest_entry_is_judged_by_the_policy(tmp_path: Path) -> None:
     assert _judge(tmp_path, ["jsonl", "xmp"], "skip", None) == ["xmp"]
 
 
-def test_status_shows_what_each_root_writes(tmp_path: Path) -> None:
+def test_status_shows_what_each_root_writes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir()
     b.mkdir()
@@ -270,6 +271,10 @@ def test_status_shows_what_each_root_writes(tmp_path: Path) -> None:
     with running_daemon(settings) as daemon:
         status = ControlClient(settings.control.socket, timeout=10).status().model_dump()
         assert daemon.is_ready()
+        capsys.readouterr()
+        assert ctl.main(["--socket", str(settings.control.socket), "status"]) == 0
+        printed = capsys.readouterr().out
+    assert f"root={b}  formats=xmp,jsonl  existing=only-missing  restale=manual" in printed
     assert status["sidecar"]["formats"] == ["txt"] and status["sidecar"]["restale"] == "manual"
     assert status["outputs"] == [
         {"root": str(a), "formats": ["txt"], "existing": "skip", "restale": "manual"},
