@@ -407,7 +407,7 @@ class SidecarWriter:
             }
             if f.staged:
                 fields["from_journal"] = "backfill" if f.job.backfill else "staged"
-            if f.caption is not None:
+            if f.caption is not None and not f.staged:  # a staged caption's tokens were spent before
                 fields["tokens"] = f.caption.new_tokens
                 if f.caption.endpoint is not None:
                     fields["endpoint"] = f.caption.endpoint
