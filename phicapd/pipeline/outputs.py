@@ -35,7 +35,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from phicapd.config import JSON_EXTENSION, MANIFEST_NAME, ExistingPolicy, OutputFormat, Settings, WatchRoot
+from phicapd.config import (
+    JSON_EXTENSION,
+    MANIFEST_NAME,
+    ExistingPolicy,
+    OutputFormat,
+    Settings,
+    WatchRoot,
+    XmpNaming,
+)
 from phicapd.pipeline import metadata
 from phicapd.pipeline.formats import read_manifest
 from phicapd.pipeline.jobs import Fingerprint, Job
@@ -99,7 +107,7 @@ class RootOutputs:
     formats: tuple[OutputFormat, ...]
     policy: ExistingPolicy
     extension: str  # ``[sidecar] extension``, for ``txt``
-    xmp_naming: str
+    xmp_naming: XmpNaming
 
     @classmethod
     def of(cls, settings: Settings, root: WatchRoot) -> RootOutputs:
@@ -129,10 +137,11 @@ class RootOutputs:
     def base_of(self, image: Path, primary: Path) -> str:
         """The sidecar base the journal's primary output ``primary`` was written under."""
         extension = self.named_extension
-        named = extension is not None and primary != image and primary.name.endswith(extension)
-        if named and (extension != metadata.XMP_EXTENSION or self.xmp_naming == "stem"):
-            return primary.name[: -len(extension or "")]
-        return sidecar_base(image)
+        if extension is None or primary == image or not primary.name.endswith(extension):
+            return sidecar_base(image)
+        if extension == metadata.XMP_EXTENSION and self.xmp_naming == "full":
+            return sidecar_base(image)  # photo.jpg.xmp says nothing of the base
+        return primary.name[: -len(extension)]
 
     def primary(self, image: Path, base: str) -> Path:
         """The output the journal's ``sidecar`` names for the image: its first per-image file,
