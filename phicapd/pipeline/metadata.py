@@ -12,18 +12,30 @@ sidecar that exists is *merged*: only ``dc:description`` (x-default) changes; ex
 other property (ratings, labels, keywords, darktable's history, Lightroom's develop settings).
 It re-serialises the packet, so the layout (whitespace, attribute vs element form) may change,
 never the values.
+
+exiv2 itself never runs in the daemon's process: every open, read and edit goes to a worker
+process (``exiv2_worker``, supervised by ``exiv2_supervisor``), because exiv2 crashes or loops on
+some crafted files. A worker that dies or takes over ``TIMEOUT_SECONDS`` on a file is killed and
+replaced: a read then finds no description, a write raises ``MetadataCrashed`` (its temp file
+removed), which the writer records as a failure that is not retried.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from phicapd.log import get_logger
+from phicapd.pipeline.exiv2_supervisor import Supervisor, WorkerDied
 from phicapd.pipeline.sidecar import fsync_dir, temp_path
+
+log = get_logger(__name__)
 
 XMP_EXTENSION = ".xmp"
 DESCRIPTION = "Xmp.dc.description"
@@ -50,8 +62,43 @@ EMBED_KINDS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: How the exiv2 worker is started (the tests point it at a worker that crashes on purpose).
+WORKER_COMMAND: list[str] = [sys.executable, "-m", "phicapd.pipeline.exiv2_worker"]
+#: A request the worker has not answered by then is a hang on a hostile file: it is killed.
+TIMEOUT_SECONDS = 30.0
+
+
 class MetadataUnavailable(RuntimeError):
     """pyexiv2 cannot be imported."""
+
+
+class MetadataCrashed(RuntimeError):
+    """exiv2 crashed or hung on a file while writing to it (a broken or hostile file): not worth
+    retrying until the file changes."""
+
+
+_supervisor = Supervisor()
+atexit.register(_supervisor.close)
+
+
+def _call(request: dict[str, Any], name: Path) -> dict[str, Any]:
+    """The worker's answer to ``request`` about the file ``name`` (the image or sidecar, not the
+    temp copy being edited); ``WorkerDied`` after one warning naming it. An error the worker
+    reports is raised as the exception exiv2 raised there."""
+    try:
+        answer = _supervisor.call(WORKER_COMMAND, request, TIMEOUT_SECONDS)
+    except WorkerDied as e:
+        log.warning("exiv2 worker died on a file", path=str(name), op=request.get("op"), reason=e.reason)
+        raise
+    error = answer.get("error")
+    if error is None:
+        return answer
+    message = str(answer.get("message", ""))
+    if error == "OSError":
+        raise OSError(answer.get("errno"), answer.get("strerror") or message, answer.get("filename"))
+    if error == "MetadataUnavailable":
+        raise MetadataUnavailable(message)
+    raise RuntimeError(message if error == "RuntimeError" else f"{error}: {message}")
 
 
 def require() -> ModuleType:
@@ -96,41 +143,26 @@ def _edit_copy(source: Path | None, target: Path, edit: Any, initial: bytes = b"
     fsync_dir(target.parent)
 
 
-def _modify(path: Path, kinds: tuple[str, ...], caption: str) -> None:
-    pyexiv2 = require()
-    image = pyexiv2.Image(str(path))
+def _modify(path: Path, kinds: tuple[str, ...], caption: str, target: Path) -> None:
+    """Set ``caption`` in ``path`` (a temp copy of ``target``) through the worker."""
     try:
-        if "xmp" in kinds:
-            image.modify_xmp({DESCRIPTION: {X_DEFAULT: caption}})
-        if "exif" in kinds:
-            image.modify_exif({"Exif.Image.ImageDescription": caption})
-        if "iptc" in kinds:
-            image.modify_iptc({"Iptc.Application2.Caption": caption})
-    finally:
-        image.close()
+        _call({"op": "modify", "path": str(path), "kinds": list(kinds), "caption": caption}, target)
+    except WorkerDied as e:
+        raise MetadataCrashed(f"exiv2 {e.reason} while writing the caption into {target}") from None
 
 
 def write_xmp_sidecar(path: Path, caption: str) -> None:
     """Set ``dc:description`` in the XMP sidecar ``path``, merged into it if it exists."""
     exists = path.exists()
-    _edit_copy(path if exists else None, path, lambda tmp: _modify(tmp, ("xmp",), caption), EMPTY_PACKET.encode())
+    _edit_copy(path if exists else None, path, lambda tmp: _modify(tmp, ("xmp",), caption, path), EMPTY_PACKET.encode())
 
 
 def read_description(path: Path) -> str | None:
     """The x-default ``dc:description`` of an XMP sidecar or an image, if it has one."""
-    pyexiv2 = require()
     try:
-        image = pyexiv2.Image(str(path))
-    except (OSError, RuntimeError):
-        return None
-    try:
-        value = image.read_xmp().get(DESCRIPTION)
-    except RuntimeError:
-        return None
-    finally:
-        image.close()
-    if isinstance(value, dict):
-        value = value.get(X_DEFAULT) or next(iter(value.values()), None)
+        value = _call({"op": "read", "path": str(path)}, path).get("value")
+    except WorkerDied:
+        return None  # a file exiv2 dies on holds no description we can read
     return value if isinstance(value, str) and value else None
 
 
@@ -149,7 +181,7 @@ def embed_caption(image: Path, caption: str) -> None:
     st = image.stat()
 
     def edit(tmp: Path) -> None:
-        _modify(tmp, kinds, caption)
+        _modify(tmp, kinds, caption, image)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
 
     _edit_copy(image, image, edit)

@@ -302,18 +302,24 @@ class SidecarWriter:
         own write for a changed image."""
         f = plan.finished
         path = f.job.path
+        embedded = False
         try:
             if plan.embed:
                 metadata.embed_caption(path, plan.record.caption or "")
+                embedded = True
                 fingerprint = fingerprint_of(path)
                 if fingerprint is not None:
                     plan.record = dataclasses.replace(plan.record, fingerprint=fingerprint)
             if plan.xmp is not None:
                 metadata.write_xmp_sidecar(plan.xmp, plan.record.caption or "")
         except (OSError, RuntimeError) as e:
-            target = path if plan.embed else plan.xmp
+            target = path if plan.embed and not embedded else plan.xmp
+            # exiv2 crashed or hung on the file: it would again, so the job is parked, not retried.
+            crashed = isinstance(e, metadata.MetadataCrashed)
             f.error = PhicapError(
-                f"{path}: cannot write its caption into {target}: {e}", code="sidecar_write_failed", retryable=True
+                f"{path}: cannot write its caption into {target}: {e}",
+                code="metadata_crashed" if crashed else "sidecar_write_failed",
+                retryable=not crashed,
             )
 
     def _write_outputs(self, group: list[Finished]) -> dict[int, Success]:
