@@ -47,22 +47,30 @@ class Supervisor:
         self._proc: subprocess.Popen[bytes] | None = None
         self._command: tuple[str, ...] = ()
         self._buffer = b""
-        self.started = 0  # workers started so far (the tests count restarts with it)
+        self.started = 0  # workers started so far, and
+        self.died = 0  # calls a worker died on (the tests count both)
 
     def call(self, command: Sequence[str], request: dict[str, Any], timeout: float) -> dict[str, Any]:
         """The worker's answer to ``request``; ``WorkerDied`` if it died or took over ``timeout`` s
         (the next call then gets a fresh worker). Waiting for the lock is not part of the timeout."""
         with self._lock:
-            proc = self._ensure(tuple(command))
-            line = json.dumps(request).encode() + b"\n"
             try:
-                assert proc.stdin is not None
-                view = memoryview(line)
-                while view:
-                    view = view[os.write(proc.stdin.fileno(), view) :]
-            except OSError:  # died since the last call (BrokenPipeError)
-                raise WorkerDied(self._reap()) from None
-            return self._answer(proc, timeout)
+                return self._call(tuple(command), request, timeout)
+            except WorkerDied:
+                self.died += 1
+                raise
+
+    def _call(self, command: tuple[str, ...], request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        proc = self._ensure(command)
+        line = json.dumps(request).encode() + b"\n"
+        try:
+            assert proc.stdin is not None
+            view = memoryview(line)
+            while view:
+                view = view[os.write(proc.stdin.fileno(), view) :]
+        except OSError:  # died since the last call (BrokenPipeError)
+            raise WorkerDied(self._reap()) from None
+        return self._answer(proc, timeout)
 
     def close(self) -> None:
         """Let the worker go: stdin closes, so it exits; killed if it does not at once."""

@@ -148,7 +148,7 @@ def _modify(path: Path, kinds: tuple[str, ...], caption: str, target: Path) -> N
     try:
         _call({"op": "modify", "path": str(path), "kinds": list(kinds), "caption": caption}, target)
     except WorkerDied as e:
-        raise MetadataCrashed(f"exiv2 {e.reason} while writing the caption into {target}") from None
+        raise MetadataCrashed(f"exiv2 crashed on {target} ({e.reason})") from None
 
 
 def write_xmp_sidecar(path: Path, caption: str) -> None:
