@@ -19,7 +19,12 @@ import subprocess
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+#: The directory that holds the ``phicapd`` package: the worker imports this very copy, even where
+#: the daemon runs from a source tree that is not on the default path.
+_PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 
 
 class WorkerDied(Exception):
@@ -83,8 +88,14 @@ class Supervisor:
         if self._proc is None:
             # A session of its own: a Ctrl-C in the daemon's terminal is the daemon's to handle,
             # not a crash of the worker. It exits when its stdin closes, i.e. with the daemon.
+            path = os.pathsep.join(p for p in (_PACKAGE_PARENT, os.environ.get("PYTHONPATH")) if p)
             self._proc = subprocess.Popen(
-                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, start_new_session=True
+                command,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                bufsize=0,
+                start_new_session=True,
+                env={**os.environ, "PYTHONPATH": path},
             )
             self._command = command
             self._buffer = b""
