@@ -106,13 +106,14 @@ class Supervisor:
         assert proc.stdout is not None
         fd = proc.stdout.fileno()
         deadline = time.monotonic() + timeout
+        poller = select.poll()  # not select(): the daemon may hold more than 1024 descriptors
+        poller.register(fd, select.POLLIN)
         while b"\n" not in self._buffer:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self._kill()
                 raise WorkerDied(f"gave no answer within {timeout:g} s and was killed")
-            ready, _, _ = select.select([fd], [], [], remaining)
-            if not ready:
+            if not poller.poll(max(1, round(remaining * 1000))):
                 continue
             chunk = os.read(fd, 65536)
             if not chunk:
