@@ -95,7 +95,10 @@ def _call(request: dict[str, Any], name: Path) -> dict[str, Any]:
         return answer
     message = str(answer.get("message", ""))
     if error == "OSError":
-        raise OSError(answer.get("errno"), answer.get("strerror") or message, answer.get("filename"))
+        errno = answer.get("errno")
+        if errno is None:
+            raise OSError(message)
+        raise OSError(errno, answer.get("strerror") or message, answer.get("filename"))
     if error == "MetadataUnavailable":
         raise MetadataUnavailable(message)
     raise RuntimeError(message if error == "RuntimeError" else f"{error}: {message}")

@@ -168,3 +168,28 @@ def test_errors_the_worker_reports_are_raised_as_before(tmp_path: Path) -> None:
         metadata.embed_caption(broken, "x")
     assert not isinstance(raised.value, metadata.MetadataCrashed)  # an error, retryable: not a crash
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.png"]
+
+
+@pytest.mark.parametrize(
+    ("answer", "raised", "text"),
+    [
+        (
+            {"error": "OSError", "message": "m", "errno": 13, "strerror": "Permission denied", "filename": "/x"},
+            PermissionError,
+            "[Errno 13] Permission denied: '/x'",
+        ),
+        ({"error": "OSError", "message": "no errno"}, OSError, "no errno"),
+        ({"error": "RuntimeError", "message": "Failed to read input data"}, RuntimeError, "Failed to read input data"),
+        ({"error": "MetadataUnavailable", "message": "needs pyexiv2"}, metadata.MetadataUnavailable, "needs pyexiv2"),
+        ({"error": "KeyError", "message": "'path'"}, RuntimeError, "KeyError: 'path'"),
+    ],
+)
+def test_an_error_answer_is_raised_as_its_exception(
+    monkeypatch: pytest.MonkeyPatch, answer: dict[str, object], raised: type[Exception], text: str
+) -> None:
+    # A worker that answers each request with the answer the request carries.
+    echo = "import json, sys\nfor line in sys.stdin: print(json.dumps(json.loads(line)['answer']), flush=True)"
+    monkeypatch.setattr(metadata, "WORKER_COMMAND", [sys.executable, "-c", echo])
+    with pytest.raises(raised) as e:
+        metadata._call({"op": "read", "path": "/x", "answer": answer}, Path("/x"))
+    assert type(e.value) is raised and str(e.value) == text
