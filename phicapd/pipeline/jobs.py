@@ -598,16 +598,15 @@ class JobStore:
             row = db.execute("SELECT * FROM jobs WHERE path = ?", (str(path),)).fetchone()
         return _row_to_job(row) if row else None
 
-    def done_records(self, paths: Sequence[Path]) -> dict[Path, Job]:
-        """The done jobs of ``paths``: what this daemon captioned, from which bytes, into what."""
+    def records(self, paths: Sequence[Path]) -> dict[Path, Job]:
+        """The jobs of ``paths``: for the done ones, what this daemon captioned, from which bytes,
+        into what; for the failed ones, which bytes were parked."""
         out: dict[Path, Job] = {}
         with self._read() as db:
             for chunk_start in range(0, len(paths), 500):
                 chunk = paths[chunk_start : chunk_start + 500]
                 marks = ",".join("?" * len(chunk))
-                for row in db.execute(
-                    f"SELECT * FROM jobs WHERE state = 'done' AND path IN ({marks})", [str(p) for p in chunk]
-                ):
+                for row in db.execute(f"SELECT * FROM jobs WHERE path IN ({marks})", [str(p) for p in chunk]):
                     out[Path(row["path"])] = _row_to_job(row)
         return out
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from phicapd.config import Settings, WatchRoot
 from phicapd.log import get_logger
-from phicapd.pipeline.jobs import Fingerprint, Job, JobStore, NewWork
+from phicapd.pipeline.jobs import Fingerprint, Job, JobStore, NewWork, State
 from phicapd.pipeline.outputs import Known, Manifest, RootOutputs, sidecar_base
 from phicapd.pipeline.paths import is_candidate_name, is_watched_dir, list_images
 from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, remove_stale_temps, sidecar_may_exist
@@ -101,25 +101,34 @@ class Reconciler:
                         base = index.base_for(name, claims)
             candidates.append((path, st, base))
         # The journal is read only where it can change the answer: overwrite asks whose outputs
-        # they are, embed whether the bytes are the ones we embedded into.
+        # they are, embed whether the bytes are the ones we embedded into, and an image parked
+        # unchanged (exiv2 crashed on it, say) is not handed to exiv2 again on every scan.
         records: dict[Path, Job] = {}
-        if outputs.policy == "overwrite" or "embed" in outputs.formats:
-            records = self.store.done_records([c[0] for c in candidates])
+        if outputs.policy == "overwrite" or {"embed", "xmp"}.intersection(outputs.formats):
+            records = self.store.records([c[0] for c in candidates])
         manifest = cache(partial(Manifest.read, directory))
         lacking: list[tuple[Path, os.stat_result]] = []
         for path, st, base in candidates:
-            known = Known.of(records.get(path), fingerprint(st))
+            record = records.get(path)
+            if record is not None and record.state is State.FAILED and record.fingerprint == fingerprint(st):
+                continue  # parked, and enqueueing would leave it so
+            known = Known.of(record if record is not None and record.state is State.DONE else None, fingerprint(st))
             if outputs.missing(path, changed_ns(st), base, known, manifest):
                 lacking.append((path, st))
         if lacking and not records:
-            records = self.store.done_records([p for p, _ in lacking])
+            records = self.store.records([p for p, _ in lacking])
         work: list[NewWork] = []
         for path, st in lacking:
             if young_after is not None and st.st_mtime > young_after:
                 young.append(path)
                 continue
             record = records.get(path)
-            backfill = record is not None and record.caption is not None and record.fingerprint == fingerprint(st)
+            backfill = (
+                record is not None
+                and record.state is State.DONE
+                and record.caption is not None
+                and record.fingerprint == fingerprint(st)
+            )
             work.append(NewWork(path, root.path, fingerprint(st), seen_at=seen_at, backfill=backfill))
         return work, young, found
 
