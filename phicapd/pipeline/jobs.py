@@ -160,6 +160,44 @@ def _claim(db: sqlite3.Connection, claims: Iterable[tuple[Path, str]]) -> None:
     )
 
 
+#: What recording a caption sets, in the order of ``_caption_values``.
+_CAPTION_COLUMNS = (
+    "sha256",
+    "model",
+    "backend",
+    "endpoint",
+    "prompt",
+    "sidecar",
+    "caption",
+    "settings_key",
+    "formats",
+    "size",
+    "mtime_ns",
+    "inode",
+    "updated_at",
+)
+_CAPTION_SET = ", ".join(f"{c} = ?" for c in _CAPTION_COLUMNS)
+
+
+def _caption_values(s: Success, now: float) -> tuple[object, ...]:
+    fp = s.fingerprint
+    return (
+        s.sha256,
+        s.model,
+        s.backend,
+        s.endpoint,
+        s.prompt,
+        s.sidecar,
+        s.caption,
+        s.settings_key,
+        ",".join(s.formats) or None,
+        fp.size,
+        fp.mtime_ns,
+        fp.inode,
+        now,
+    )
+
+
 def _row_to_job(row: sqlite3.Row) -> Job:
     fp = None
     if row["size"] is not None:
@@ -434,25 +472,9 @@ class JobStore:
             )
             for s in successes:
                 db.execute(
-                    "UPDATE jobs SET state = 'done', force = 0, staged = 0, sha256 = ?, model = ?, backend = ?,"
-                    " endpoint = ?, prompt = ?, sidecar = ?, caption = ?, settings_key = ?, formats = ?, size = ?,"
-                    " mtime_ns = ?, inode = ?, error_code = NULL, error_message = NULL, updated_at = ? WHERE id = ?",
-                    (
-                        s.sha256,
-                        s.model,
-                        s.backend,
-                        s.endpoint,
-                        s.prompt,
-                        s.sidecar,
-                        s.caption,
-                        s.settings_key,
-                        ",".join(s.formats) or None,
-                        s.fingerprint.size,
-                        s.fingerprint.mtime_ns,
-                        s.fingerprint.inode,
-                        now,
-                        s.job_id,
-                    ),
+                    f"UPDATE jobs SET state = 'done', force = 0, staged = 0, {_CAPTION_SET}, error_code = NULL,"
+                    " error_message = NULL WHERE id = ?",
+                    (*_caption_values(s, now), s.job_id),
                 )
             for f in failures:
                 row = db.execute("SELECT attempts FROM jobs WHERE id = ?", (f.job_id,)).fetchone()
@@ -482,39 +504,21 @@ class JobStore:
         job becomes done: its image is captioned. A running one is left alone (the model has it
         and its own caption follows); returns False then."""
         now = self._clock()
-        fp = s.fingerprint
-        values = (
-            s.sha256,
-            s.model,
-            s.backend,
-            s.endpoint,
-            s.prompt,
-            s.sidecar,
-            s.caption,
-            s.settings_key,
-            ",".join(s.formats) or None,
-            fp.size,
-            fp.mtime_ns,
-            fp.inode,
-            now,
-        )
+        values = _caption_values(s, now)
         with self._tx() as db:
             row = db.execute("SELECT id, state FROM jobs WHERE path = ?", (str(path),)).fetchone()
             if row is not None and row["state"] == State.RUNNING:
                 return False
             if row is None:
                 db.execute(
-                    "INSERT INTO jobs (path, root, state, sha256, model, backend, endpoint, prompt, sidecar, caption,"
-                    " settings_key, formats, size, mtime_ns, inode, updated_at, created_at)"
-                    " VALUES (?, ?, 'done', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO jobs (path, root, state, {', '.join(_CAPTION_COLUMNS)}, created_at)"
+                    f" VALUES (?, ?, 'done', {', '.join('?' * len(_CAPTION_COLUMNS))}, ?)",
                     (str(path), str(root), *values, now),
                 )
             else:
                 db.execute(
                     "UPDATE jobs SET state = 'done', root = ?, force = 0, staged = 0, attempts = 0,"
-                    " next_attempt_at = 0, error_code = NULL, error_message = NULL, sha256 = ?, model = ?,"
-                    " backend = ?, endpoint = ?, prompt = ?, sidecar = ?, caption = ?, settings_key = ?, formats = ?,"
-                    " size = ?, mtime_ns = ?, inode = ?, updated_at = ? WHERE id = ?",
+                    f" next_attempt_at = 0, error_code = NULL, error_message = NULL, {_CAPTION_SET} WHERE id = ?",
                     (str(root), *values, row["id"]),
                 )
             if claim is not None:
