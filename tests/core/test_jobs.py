@@ -263,3 +263,34 @@ def test_failure_counts_by_state_and_code_match_what_failures_lists(tmp_path: Pa
         ("pending", "caption_empty", 1),
     ]
     assert sum(n for _, _, n in store.failure_counts()) == len(store.failures())
+
+
+def test_a_backfill_keeps_its_caption_and_is_returned_at_once_after_a_crash(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.enqueue_many([_work("a"), _work("b")])
+    a, b = store.claim(2)
+    assert a.fingerprint is not None and b.fingerprint is not None
+    store.finish_many(
+        [
+            Success(a.id, "sha", "m", "p", "/r/a.txt", a.fingerprint, caption="c", settings_key="k", formats=("txt",)),
+            Success(b.id, "sha", "m", "p", "/r/b.txt", b.fingerprint),  # no caption kept: nothing to copy
+        ]
+    )
+    # The scan found outputs missing: a backfill for a, the model for b (and for a changed image).
+    backfills = [NewWork(j.path, j.root, j.fingerprint, backfill=True) for j in (a, b)]  # type: ignore[arg-type]
+    assert store.enqueue_many(backfills) == 2
+    ra, rb = store.get(a.path), store.get(b.path)
+    assert ra is not None and (ra.backfill, ra.staged, ra.caption, ra.formats) == (True, True, "c", frozenset({"txt"}))
+    assert rb is not None and (rb.backfill, rb.staged) == (False, False)
+    # The image changes while the backfill waits: it goes to the model instead.
+    store.enqueue_many([NewWork(a.path, a.root, Fingerprint(9, 9, 9))])
+    changed = store.get(a.path)
+    assert changed is not None and (changed.backfill, changed.staged) == (False, False)
+    # A backfill on its way when the daemon dies is returned at once, no attempt counted.
+    store.enqueue_many([NewWork(b.path, b.root, b.fingerprint, force=True)])  # type: ignore[arg-type]
+    store.finish_many([Success(b.id, "sha", "m", "p", "/r/b.txt", b.fingerprint, caption="d", settings_key="k")])  # type: ignore[arg-type]
+    store.enqueue_many([NewWork(b.path, b.root, b.fingerprint, backfill=True)])  # type: ignore[arg-type]
+    store.mark_running([b.id])
+    assert store.recover() == 0
+    back = store.get(b.path)
+    assert back is not None and (back.state.value, back.attempts, back.backfill) == ("pending", 0, True)
