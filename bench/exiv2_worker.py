@@ -57,16 +57,22 @@ def main() -> None:
         started = time.perf_counter()
         metadata._supervisor.close()
         metadata.read_description(jpeg)  # a fresh worker's start
-        print(f"worker start + first read: {(time.perf_counter() - started) * 1000:.1f} ms")
+        start_ms = (time.perf_counter() - started) * 1000
+        rows: list[tuple[str, float, float]] = []  # (what, in-process ms, worker ms)
+        readers = (exiv2_worker.read_in_process, metadata.read_description)
         for name, path in (("jpeg", jpeg), ("xmp", xmp)):
-            for how, read in (("in-process", exiv2_worker.read_in_process), ("worker", metadata.read_description)):
+            for read in readers:
                 assert read(path) == "A field of distant galaxies."
-                ms = _times(read, path, args.repeat)
-                print(f"{name:4} {how:10}: best {min(ms):.3f} ms, median {statistics.median(ms):.3f} ms")
+            best = [min(_times(read, path, args.repeat)) for read in readers]
+            median = [statistics.median(_times(read, path, args.repeat)) for read in readers]
+            rows += [(f"{name} read, best", best[0], best[1]), (f"{name} read, median", median[0], median[1])]
             if args.threads > 1:
-                for how, read in (("in-process", exiv2_worker.read_in_process), ("worker", metadata.read_description)):
-                    per = _wall(read, path, args.repeat, args.threads)
-                    print(f"{name:4} {how:10}: {args.threads} threads, {per:.3f} ms per read (wall)")
+                wall = [_wall(read, path, args.repeat, args.threads) for read in readers]
+                rows.append((f"{name} read, {args.threads} threads (wall)", wall[0], wall[1]))
+    print(f"\nexiv2 read_description, ms per call ({args.repeat} calls; worker start + first read {start_ms:.0f} ms)")
+    print(f"{'':34} {'in-process':>10} {'worker':>8} {'worker vs in-process':>21}")
+    for what, inproc, worker in rows:
+        print(f"{what:34} {inproc:10.3f} {worker:8.3f} {worker / inproc:20.2f}x")
 
 
 if __name__ == "__main__":
