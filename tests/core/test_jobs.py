@@ -263,3 +263,83 @@ def test_failure_counts_by_state_and_code_match_what_failures_lists(tmp_path: Pa
         ("pending", "caption_empty", 1),
     ]
     assert sum(n for _, _, n in store.failure_counts()) == len(store.failures())
+
+
+def test_a_job_decoding_when_the_daemon_died_counts_an_attempt_and_backs_off(tmp_path: Path) -> None:
+    clock = Clock()
+    store = _store(tmp_path, clock)
+    store.enqueue_many([_work("hostile"), _work("beside"), _work("done"), _work("later")])
+    hostile, beside, done, _later = store.claim(10)
+    store.mark_decoding(done.id)
+    store.mark_decoding(done.id, False)  # decoded, then captioned: its mark is cleared
+    store.mark_decoding(hostile.id)
+    store.mark_decoding(beside.id)
+    assert store.get(hostile.path).decoding and not store.get(done.path).decoding
+    # A mark does not touch what the scans and status look at.
+    assert store.get(hostile.path).updated_at == hostile.updated_at
+    assert store.counts() == {"pending": 4, "running": 0, "done": 0, "failed": 0}
+    store.close()
+
+    store = _store(tmp_path, clock)  # the next start after a crash in the decoder
+    assert store.recover() == 2
+    for job in (store.get(hostile.path), store.get(beside.path)):
+        assert (job.state, job.attempts, job.decoding) == (State.PENDING, 1, False)
+        assert job.error_code == "interrupted_decoding"
+        assert job.error_message == f"{job.path}: the daemon stopped while decoding this image"
+    assert store.get(done.path).error_code is None and store.get(done.path).attempts == 0
+    assert [j.path.name for j in store.claim(10)] == ["done", "later"]  # the suspects back off
+    clock.now += 10
+    assert [j.path.name for j in store.claim(10)] == ["hostile", "beside", "done", "later"]
+    assert store.recover() == 0  # the marks went with the recovery: a clean restart blames nobody
+    assert {f.path.name for f in store.failures()} == {"hostile", "beside"}
+
+
+def test_the_decoding_mark_only_applies_to_pending_jobs_and_goes_when_they_settle(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.enqueue_many([_work("a"), _work("b"), _work("c")])
+    a, b, c = store.claim(3)
+    store.mark_decoding(a.id)
+    store.mark_running([a.id])  # the model took it: a crash now is the model's ("interrupted")
+    store.mark_decoding(b.id)
+    store.finish_many(failures=[Failure(b.id, "image_corrupt", "b: broken", retryable=False)])
+    store.mark_decoding(b.id)  # parked meanwhile: not marked
+    store.mark_decoding(c.id)
+    store.finish_many(failures=[Failure(c.id, "caption_failed", "c: boom", retryable=True)])
+    assert [store.get(j.path).decoding for j in (a, b, c)] == [False, False, False]
+    assert store.recover() == 1
+    assert (store.get(a.path).error_code, store.get(a.path).attempts) == ("interrupted", 1)
+    assert (store.get(b.path).state, store.get(b.path).attempts) == (State.FAILED, 1)
+    assert (store.get(c.path).error_code, store.get(c.path).attempts) == ("caption_failed", 1)
+
+
+def test_the_decoding_mark_skips_the_fsync(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.enqueue_many([_work("a")])
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    store.mark_decoding(store.claim(1)[0].id)
+    assert statements[0] == "PRAGMA synchronous=NORMAL" and statements[-1] == "PRAGMA synchronous=FULL"
+
+
+def test_a_version_5_journal_gains_the_decoding_mark(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "j.db"
+    store = JobStore(path)
+    store.enqueue_many([_work("a")])
+    store.close()
+    db = sqlite3.connect(path)  # back to schema 5: no decoding column
+    db.execute("ALTER TABLE jobs DROP COLUMN decoding")
+    db.execute("PRAGMA user_version=5")
+    db.commit()
+    db.close()
+    store = JobStore(path)
+    [job] = store.claim(1)
+    assert job.decoding is False
+    store.mark_decoding(job.id)
+    assert store.recover() == 1
+    assert store.get(job.path).error_code == "interrupted_decoding"
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    db.close()
