@@ -10,10 +10,10 @@ found beside it, it stays that image's: a same-stem image that arrives later and
 gets the other name instead of taking over a caption that may have been edited by hand.
 
 SQLite in WAL mode with ``synchronous=FULL``: a committed enqueue or result survives power
-loss (only the ``running`` and ``decoding`` marks, which count attempts against a crash of the
-process, skip their fsync). All writes are
+loss (only the ``running`` mark, taken on the GPU thread, skips its fsync). All writes are
 grouped into few transactions (``enqueue_many``, ``finish_many``) because one fsync per image
-would cap the pipeline at a few hundred files per second.
+would cap the pipeline at a few hundred files per second. Which jobs the decode pool is reading
+is kept beside it, outside SQLite (``decode_marks.py``), for the same reason.
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-SCHEMA_VERSION = 6
+from phicapd.pipeline.decode_marks import DecodeMarks
+
+SCHEMA_VERSION = 5
 #: ``jobs.staged``: 0 no, 1 its files are being written from the staged caption (finish them
 #: all), 2 a backfill (write only the outputs it lacks, from the caption it has).
 STAGED_WRITE = 1
@@ -55,7 +57,6 @@ CREATE TABLE IF NOT EXISTS jobs (
     settings_key    TEXT,
     staged          INTEGER NOT NULL DEFAULT 0,
     formats         TEXT,
-    decoding        INTEGER NOT NULL DEFAULT 0,
     error_code      TEXT,
     error_message   TEXT,
     created_at      REAL NOT NULL,
@@ -113,7 +114,6 @@ class Job:
     staged: bool = False  # its caption is in the journal and its files may be half written
     backfill: bool = False  # staged to add the outputs it lacks from its journal caption (no model)
     formats: frozenset[str] | None = None  # what its caption was written in (None: not known)
-    decoding: bool = False  # the decode pool is reading it (a crash now is blamed on it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +227,6 @@ def _row_to_job(row: sqlite3.Row) -> Job:
         staged=bool(row["staged"]),
         backfill=row["staged"] == STAGED_BACKFILL,
         formats=frozenset(row["formats"].split(",")) if row["formats"] else None,
-        decoding=bool(row["decoding"]),
     )
 
 
@@ -253,6 +252,7 @@ class JobStore:
         self._clock = clock
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not path.exists()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -263,12 +263,11 @@ class JobStore:
                 if statement.strip():
                     self._db.execute(statement)
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version in (0, 1, 2, 3, 4, 5):
+            if version in (0, 1, 2, 3, 4):
                 # 1 -> 2 added the sidecars table (start-up scans fill it); 2 -> 3 added which
                 # backend and endpoint made each caption; 3 -> 4 the caption text, its settings
                 # key and the staged mark (NULL / 0 for the older ones); 4 -> 5 the formats
-                # each caption was written in (NULL: unknown, so the scans look at the files);
-                # 5 -> 6 the decoding mark (0: an older daemon was decoding nothing we know of).
+                # each caption was written in (NULL: unknown, so the scans look at the files).
                 columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
                 for column, kind in (
                     ("backend", "TEXT"),
@@ -277,7 +276,6 @@ class JobStore:
                     ("settings_key", "TEXT"),
                     ("staged", "INTEGER NOT NULL DEFAULT 0"),
                     ("formats", "TEXT"),
-                    ("decoding", "INTEGER NOT NULL DEFAULT 0"),
                 ):
                     if column not in columns:
                         self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
@@ -287,6 +285,7 @@ class JobStore:
         self._read_lock = threading.Lock()
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._reader.row_factory = sqlite3.Row
+        self._marks = DecodeMarks(path.with_name(path.name + "-decoding"), fresh=fresh)
 
     @contextmanager
     def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
@@ -308,6 +307,7 @@ class JobStore:
                     self._db.execute("PRAGMA synchronous=FULL")
 
     def close(self) -> None:
+        self._marks.close()
         with self._lock:
             self._db.close()
         with self._read_lock:
@@ -325,36 +325,39 @@ class JobStore:
         """Return interrupted jobs to pending. Each interruption counts as an attempt and backs
         off like a failure, so the rest of the backlog goes before an image that may have
         brought the daemon down; the scheduler then runs it alone, on the model
-        (``interrupted``) or in the decode pool (``interrupted_decoding``: a file that crashes
-        the image decoder), so only the image that did it is blamed again. Parking one that
-        keeps doing so is left to the scheduler too: only it can see that the sidecar was
-        written just before the crash."""
+        (``interrupted``) or in the decode pool (``interrupted_decoding``: the jobs marked
+        decoding, which may hold a file that crashes the image decoder), so only the image that
+        did it is blamed again. Parking one that keeps doing so is left to the scheduler too:
+        only it can see that the sidecar was written just before the crash."""
         now = self._clock()
+        decoding = self._marks.left()
         with self._tx() as db:
+            # First, while the jobs the model had are still "running": a job settled or taken by
+            # the model since its mark (its clear failed) is not the decoder's.
+            in_decoder = db.executemany(
+                "UPDATE jobs SET attempts = attempts + 1, updated_at = ?,"
+                " next_attempt_at = ? * (1 << attempts) + ?, error_code = 'interrupted_decoding',"
+                " error_message = path || ': the daemon stopped while decoding this image'"
+                " WHERE id = ? AND state = 'pending'",
+                [(now, self.backoff_seconds, now, i) for i in decoding],
+            ).rowcount
             # A staged job's caption is already made: it only needs its files, now, and it did
             # not bring the daemon down on the model.
             db.execute(
-                "UPDATE jobs SET state = 'pending', decoding = 0, next_attempt_at = 0, updated_at = ?"
+                "UPDATE jobs SET state = 'pending', next_attempt_at = 0, updated_at = ?"
                 " WHERE state = 'running' AND staged != 0",
                 (now,),
             )
             on_model = db.execute(
-                "UPDATE jobs SET state = 'pending', decoding = 0, attempts = attempts + 1, updated_at = ?,"
+                "UPDATE jobs SET state = 'pending', attempts = attempts + 1, updated_at = ?,"
                 " next_attempt_at = ? * (1 << attempts) + ?, error_code = 'interrupted',"
                 " error_message = 'the daemon stopped while this image was on the model'"
                 " WHERE state = 'running'",
                 (now, self.backoff_seconds, now),
             ).rowcount
-            decoding = db.execute(
-                "UPDATE jobs SET decoding = 0, attempts = attempts + 1, updated_at = ?,"
-                " next_attempt_at = ? * (1 << attempts) + ?, error_code = 'interrupted_decoding',"
-                " error_message = path || ': the daemon stopped while decoding this image'"
-                " WHERE decoding != 0 AND state = 'pending'",
-                (now, self.backoff_seconds, now),
-            ).rowcount
-            # A mark left on a job that is settled since (its clear failed) blames nothing.
-            db.execute("UPDATE jobs SET decoding = 0 WHERE decoding != 0")
-            return on_model + decoding
+        if decoding:
+            self._marks.reset()  # after the commit: a crash in between counts them again, not never
+        return on_model + in_decoder
 
     # -- intake --------------------------------------------------------------------------------
 
@@ -446,21 +449,18 @@ class JobStore:
         now = self._clock()
         with self._tx(durable=False) as db:
             db.executemany(
-                "UPDATE jobs SET state = 'running', decoding = 0, updated_at = ? WHERE id = ? AND state = 'pending'",
+                "UPDATE jobs SET state = 'running', updated_at = ? WHERE id = ? AND state = 'pending'",
                 [(now, i) for i in job_ids],
             )
+        for i in job_ids:  # decoded: from now on a crash is the model's (a no-op unless a clear failed)
+            self._marks.set(i, False)
 
     def mark_decoding(self, job_id: int, decoding: bool = True) -> None:
-        """The decode pool starts (``decoding``) or stops reading this pending job's image. A crash
-        of the process in between (a file that makes a C decoder segfault) counts an attempt
-        against it at the next start (``recover``), so such a file is parked in the end instead of
-        crashing every restart. Without an fsync, as ``mark_running``: one small transaction that
-        a crash of the process survives; the updated_at of the job is left alone."""
-        with self._tx(durable=False) as db:
-            db.execute(
-                "UPDATE jobs SET decoding = ? WHERE id = ? AND state = 'pending'",
-                (int(decoding), job_id),
-            )
+        """The decode pool starts (``decoding``) or stops reading this job's image. If the process
+        dies in between (a file that makes a C decoder segfault), ``recover`` counts an attempt
+        against it, so such a file is parked in the end instead of crashing every restart. Not a
+        journal transaction: see ``decode_marks.py``."""
+        self._marks.set(job_id, decoding)
 
     def stage_many(self, staged: Sequence[Success]) -> None:
         """Record captions before their files are written (more than one file per image): a crash
@@ -492,17 +492,19 @@ class JobStore:
         """
         now = self._clock()
         parked: list[Job] = []
+        for i in (*(s.job_id for s in successes), *(f.job_id for f in failures), *skipped):
+            self._marks.set(i, False)  # settled: none of a later crash's doing (a no-op as a rule)
         with self._tx() as db:
             _claim(db, claims)
             db.executemany(
-                "UPDATE jobs SET state = 'done', force = 0, staged = 0, decoding = 0, error_code = NULL,"
-                " error_message = NULL, updated_at = ? WHERE id = ?",
+                "UPDATE jobs SET state = 'done', force = 0, staged = 0, error_code = NULL, error_message = NULL,"
+                " updated_at = ? WHERE id = ?",
                 [(now, i) for i in skipped],
             )
             for s in successes:
                 db.execute(
-                    f"UPDATE jobs SET state = 'done', force = 0, staged = 0, decoding = 0, {_CAPTION_SET},"
-                    " error_code = NULL, error_message = NULL WHERE id = ?",
+                    f"UPDATE jobs SET state = 'done', force = 0, staged = 0, {_CAPTION_SET}, error_code = NULL,"
+                    " error_message = NULL WHERE id = ?",
                     (*_caption_values(s, now), s.job_id),
                 )
             for f in failures:
@@ -513,14 +515,14 @@ class JobStore:
                 if f.retryable and attempts < self.max_attempts:
                     delay = self.backoff_seconds * 2 ** (attempts - 1)
                     db.execute(
-                        "UPDATE jobs SET state = 'pending', decoding = 0, attempts = ?, next_attempt_at = ?,"
-                        " error_code = ?, error_message = ?, updated_at = ? WHERE id = ?",
+                        "UPDATE jobs SET state = 'pending', attempts = ?, next_attempt_at = ?, error_code = ?,"
+                        " error_message = ?, updated_at = ? WHERE id = ?",
                         (attempts, now + delay, f.code, f.message, now, f.job_id),
                     )
                 else:
                     db.execute(
-                        "UPDATE jobs SET state = 'failed', decoding = 0, attempts = ?, error_code = ?,"
-                        " error_message = ?, updated_at = ? WHERE id = ?",
+                        "UPDATE jobs SET state = 'failed', attempts = ?, error_code = ?, error_message = ?,"
+                        " updated_at = ? WHERE id = ?",
                         (attempts, f.code, f.message, now, f.job_id),
                     )
                     parked.append(self._get_by_id(db, f.job_id))

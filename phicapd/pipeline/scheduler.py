@@ -38,7 +38,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -485,10 +484,10 @@ class Scheduler:
     def _mark_decoding(self, job: Job, decoding: bool) -> None:
         try:
             self.store.mark_decoding(job.id, decoding)
-        except sqlite3.Error as e:
-            # The journal is failing (the writer retries its own records): decode anyway, only
-            # a crash of the process during this decode would then go unblamed.
-            log.warning("cannot mark the image decoding in the journal", path=str(job.path), error=str(e))
+        except OSError as e:
+            # The state directory is failing (full): decode anyway; only a crash of the process
+            # during this decode would then go unblamed.
+            log.warning("cannot mark the image as being decoded", path=str(job.path), error=str(e))
 
     # -- the GPU worker ------------------------------------------------------------------------
 

@@ -270,76 +270,83 @@ def test_a_job_decoding_when_the_daemon_died_counts_an_attempt_and_backs_off(tmp
     store = _store(tmp_path, clock)
     store.enqueue_many([_work("hostile"), _work("beside"), _work("done"), _work("later")])
     hostile, beside, done, _later = store.claim(10)
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
     store.mark_decoding(done.id)
     store.mark_decoding(done.id, False)  # decoded, then captioned: its mark is cleared
     store.mark_decoding(hostile.id)
     store.mark_decoding(beside.id)
-    assert store.get(hostile.path).decoding and not store.get(done.path).decoding
-    # A mark does not touch what the scans and status look at.
-    assert store.get(hostile.path).updated_at == hostile.updated_at
-    assert store.counts() == {"pending": 4, "running": 0, "done": 0, "failed": 0}
-    store.close()
+    assert statements == []  # no journal transaction, which would wait for the writer's fsync
+    store.close()  # the process dies (what it wrote to the marks file stays)
 
-    store = _store(tmp_path, clock)  # the next start after a crash in the decoder
+    store = _store(tmp_path, clock)  # the next start
     assert store.recover() == 2
     for job in (store.get(hostile.path), store.get(beside.path)):
-        assert (job.state, job.attempts, job.decoding) == (State.PENDING, 1, False)
-        assert job.error_code == "interrupted_decoding"
+        assert (job.state, job.attempts, job.error_code) == (State.PENDING, 1, "interrupted_decoding")
         assert job.error_message == f"{job.path}: the daemon stopped while decoding this image"
     assert store.get(done.path).error_code is None and store.get(done.path).attempts == 0
     assert [j.path.name for j in store.claim(10)] == ["done", "later"]  # the suspects back off
     clock.now += 10
     assert [j.path.name for j in store.claim(10)] == ["hostile", "beside", "done", "later"]
-    assert store.recover() == 0  # the marks went with the recovery: a clean restart blames nobody
     assert {f.path.name for f in store.failures()} == {"hostile", "beside"}
+    store.close()
+    assert _store(tmp_path, clock).recover() == 0  # counted once: a clean restart blames nobody
 
 
-def test_the_decoding_mark_only_applies_to_pending_jobs_and_goes_when_they_settle(tmp_path: Path) -> None:
+def test_only_a_pending_job_is_blamed_for_a_crash_in_the_decoder(tmp_path: Path) -> None:
     store = _store(tmp_path)
-    store.enqueue_many([_work("a"), _work("b"), _work("c")])
-    a, b, c = store.claim(3)
-    store.mark_decoding(a.id)
-    store.mark_running([a.id])  # the model took it: a crash now is the model's ("interrupted")
-    store.mark_decoding(b.id)
+    store.enqueue_many([_work(n) for n in "abcde"])
+    a, b, c, d, e = store.claim(5)
+    for job in (a, b, c, d, e):
+        store.mark_decoding(job.id)  # and none is cleared, as if each clear had failed
+    store.mark_running([a.id])  # the model took it: a crash now is the model's
     store.finish_many(failures=[Failure(b.id, "image_corrupt", "b: broken", retryable=False)])
-    store.mark_decoding(b.id)  # parked meanwhile: not marked
-    store.mark_decoding(c.id)
     store.finish_many(failures=[Failure(c.id, "caption_failed", "c: boom", retryable=True)])
-    assert [store.get(j.path).decoding for j in (a, b, c)] == [False, False, False]
-    assert store.recover() == 1
+    store.finish_many(skipped=[d.id])
+    assert store.recover() == 2
     assert (store.get(a.path).error_code, store.get(a.path).attempts) == ("interrupted", 1)
     assert (store.get(b.path).state, store.get(b.path).attempts) == (State.FAILED, 1)
     assert (store.get(c.path).error_code, store.get(c.path).attempts) == ("caption_failed", 1)
+    assert store.get(d.path).state is State.DONE
+    assert (store.get(e.path).error_code, store.get(e.path).attempts) == ("interrupted_decoding", 1)
 
 
-def test_the_decoding_mark_skips_the_fsync(tmp_path: Path) -> None:
+def test_a_job_both_marked_and_running_counts_one_attempt_as_the_models(tmp_path: Path) -> None:
     store = _store(tmp_path)
     store.enqueue_many([_work("a")])
-    statements: list[str] = []
-    store._db.set_trace_callback(statements.append)
-    store.mark_decoding(store.claim(1)[0].id)
-    assert statements[0] == "PRAGMA synchronous=NORMAL" and statements[-1] == "PRAGMA synchronous=FULL"
-
-
-def test_a_version_5_journal_gains_the_decoding_mark(tmp_path: Path) -> None:
-    import sqlite3
-
-    path = tmp_path / "j.db"
-    store = JobStore(path)
-    store.enqueue_many([_work("a")])
-    store.close()
-    db = sqlite3.connect(path)  # back to schema 5: no decoding column
-    db.execute("ALTER TABLE jobs DROP COLUMN decoding")
-    db.execute("PRAGMA user_version=5")
-    db.commit()
-    db.close()
-    store = JobStore(path)
-    [job] = store.claim(1)
-    assert job.decoding is False
-    store.mark_decoding(job.id)
+    (a,) = store.claim(1)
+    store.mark_decoding(a.id)
+    store._db.execute("UPDATE jobs SET state = 'running' WHERE id = ?", (a.id,))  # mark_running, minus its clear
     assert store.recover() == 1
-    assert store.get(job.path).error_code == "interrupted_decoding"
+    assert (store.get(a.path).error_code, store.get(a.path).attempts) == ("interrupted", 1)
+
+
+def test_decode_marks_reuse_their_slots_and_ignore_a_torn_or_stale_file(tmp_path: Path) -> None:
+    from phicapd.pipeline.decode_marks import DecodeMarks
+
+    marks = DecodeMarks(tmp_path / "m")
+    for job_id in (7, 8, 9):
+        marks.set(job_id, True)
+    marks.set(7, False)
+    marks.set(10, True)  # takes 7's slot
+    marks.set(10, True)  # marked twice: still one slot
+    marks.set(11, False)  # never marked: nothing to clear
+    assert marks.left() == [8, 9, 10]
+    assert (tmp_path / "m").stat().st_size == 3 * 8
+    marks.close()
+    with (tmp_path / "m").open("ab") as fh:
+        fh.write(b"\x01\x02\x03")  # a torn write at the end is not a job id
+    assert DecodeMarks(tmp_path / "m").left() == [8, 9, 10]
+    assert DecodeMarks(tmp_path / "m", fresh=True).left() == []
+
+    store = _store(tmp_path)  # a journal made new beside marks of an old one (deleted by hand)
+    (tmp_path / "j.sqlite3-decoding").write_bytes((1).to_bytes(8, "little") + (999).to_bytes(8, "little"))
     store.close()
-    db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
-    db.close()
+    for name in ("j.sqlite3", "j.sqlite3-wal", "j.sqlite3-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    store = _store(tmp_path)
+    store.enqueue_many([_work("a")])
+    assert store.recover() == 0 and store.get(Path("/r/a")).attempts == 0
+    (tmp_path / "j.sqlite3-decoding").write_bytes((999).to_bytes(8, "little"))  # no such job
+    assert store.recover() == 0
+    assert (tmp_path / "j.sqlite3-decoding").stat().st_size == 0
