@@ -332,21 +332,37 @@ def test_decode_marks_reuse_their_slots_and_ignore_a_torn_or_stale_file(tmp_path
     marks.set(10, True)  # marked twice: still one slot
     marks.set(11, False)  # never marked: nothing to clear
     assert marks.left() == [8, 9, 10]
-    assert (tmp_path / "m").stat().st_size == 3 * 8
     marks.close()
     with (tmp_path / "m").open("ab") as fh:
         fh.write(b"\x01\x02\x03")  # a torn write at the end is not a job id
-    assert DecodeMarks(tmp_path / "m").left() == [8, 9, 10]
+    again = DecodeMarks(tmp_path / "m")
+    assert again.left() == [8, 9, 10]
+    for job_id in range(100, 1200):  # more than a page of slots: the file grows
+        again.set(job_id, True)
+    assert again.left() == [8, 9, 10, *range(100, 1200)]  # the crash's marks are kept until reset
+    again.reset()
+    assert again.left() == []
+    again.close()
+    size = (tmp_path / "m").stat().st_size
+    for _ in range(3):  # restarts without a crash do not grow it
+        restart = DecodeMarks(tmp_path / "m")
+        restart.set(5, True)
+        restart.close()
+        restart = DecodeMarks(tmp_path / "m")
+        assert restart.left() == [5]
+        restart.reset()
+        restart.close()
+    assert (tmp_path / "m").stat().st_size == size
+    (tmp_path / "m").write_bytes((3).to_bytes(8, "little"))
     assert DecodeMarks(tmp_path / "m", fresh=True).left() == []
 
-    store = _store(tmp_path)  # a journal made new beside marks of an old one (deleted by hand)
+    # A journal made new beside the marks of an old one (deleted by hand) does not blame its jobs.
     (tmp_path / "j.sqlite3-decoding").write_bytes((1).to_bytes(8, "little") + (999).to_bytes(8, "little"))
-    store.close()
-    for name in ("j.sqlite3", "j.sqlite3-wal", "j.sqlite3-shm"):
-        (tmp_path / name).unlink(missing_ok=True)
     store = _store(tmp_path)
     store.enqueue_many([_work("a")])
     assert store.recover() == 0 and store.get(Path("/r/a")).attempts == 0
+    store.close()
     (tmp_path / "j.sqlite3-decoding").write_bytes((999).to_bytes(8, "little"))  # no such job
+    store = _store(tmp_path)
     assert store.recover() == 0
-    assert (tmp_path / "j.sqlite3-decoding").stat().st_size == 0
+    assert store._marks.left() == []
