@@ -23,9 +23,9 @@ r"""The scheduler: two lanes into one GPU worker, with decoding ahead of it and 
   its batch-mates are not parked with it.
 * Likewise for the decode pool: each image is marked while it is read and decoded
   (``JobStore.mark_decoding``), so a file that makes a C decoder crash the process is blamed at
-  the next start (``interrupted_decoding``). Such an image is decoded alone: no other decode runs and no
-  background job is on the model or waiting for its journal record, so a second crash blames
-  only it, and it is parked after ``max_attempts`` without being decoded again.
+  the next start (``interrupted_decoding``). Such an image is decoded alone: no other decode
+  runs and no background job is on the model or waiting for its journal record, so a second
+  crash blames only it, and it is parked after ``max_attempts`` without being decoded again.
 * A broken model (a CUDA fault, or ``BREAKER`` images in a row failing alone and then a plain
   gray probe image failing too) is not the images' fault: the worker stops, the images on the
   model stay "running" in the journal (the restart counts the attempt, as after a crash, so an
