@@ -63,6 +63,9 @@ class CaptionError(PhicapError):
 
 #: The model's text was empty or only whitespace (retryable; see the scheduler's delivery).
 CAPTION_EMPTY = "caption_empty"
+#: The daemon died while it was decoding the image (a file that crashes a C decoder): see
+#: ``JobStore.recover`` and the scheduler's decode gate.
+INTERRUPTED_DECODING = "interrupted_decoding"
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78

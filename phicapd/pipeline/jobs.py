@@ -12,7 +12,8 @@ gets the other name instead of taking over a caption that may have been edited b
 SQLite in WAL mode with ``synchronous=FULL``: a committed enqueue or result survives power
 loss (only the ``running`` mark, taken on the GPU thread, skips its fsync). All writes are
 grouped into few transactions (``enqueue_many``, ``finish_many``) because one fsync per image
-would cap the pipeline at a few hundred files per second.
+would cap the pipeline at a few hundred files per second. Which jobs the decode pool is reading
+is kept beside it, outside SQLite (``decode_marks.py``), for the same reason.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+
+from phicapd.pipeline.decode_marks import DecodeMarks
 
 SCHEMA_VERSION = 5
 #: ``jobs.staged``: 0 no, 1 its files are being written from the staged caption (finish them
@@ -249,6 +252,7 @@ class JobStore:
         self._clock = clock
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not path.exists()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -281,6 +285,7 @@ class JobStore:
         self._read_lock = threading.Lock()
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._reader.row_factory = sqlite3.Row
+        self._marks = DecodeMarks(path.with_name(path.name + "-decoding"), fresh=fresh)
 
     @contextmanager
     def _tx(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
@@ -302,6 +307,7 @@ class JobStore:
                     self._db.execute("PRAGMA synchronous=FULL")
 
     def close(self) -> None:
+        self._marks.close()
         with self._lock:
             self._db.close()
         with self._read_lock:
@@ -318,11 +324,23 @@ class JobStore:
     def recover(self) -> int:
         """Return interrupted jobs to pending. Each interruption counts as an attempt and backs
         off like a failure, so the rest of the backlog goes before an image that may have
-        brought the daemon down; the scheduler then runs it alone (``interrupted``), so only
-        the image that did it is blamed again. Parking one that keeps doing so is left to the
-        scheduler too: only it can see that the sidecar was written just before the crash."""
+        brought the daemon down; the scheduler then runs it alone, on the model
+        (``interrupted``) or in the decode pool (``interrupted_decoding``: the jobs marked
+        decoding, which may hold a file that crashes the image decoder), so only the image that
+        did it is blamed again. Parking one that keeps doing so is left to the scheduler too:
+        only it can see that the sidecar was written just before the crash."""
         now = self._clock()
+        decoding = self._marks.left()
         with self._tx() as db:
+            # First, while the jobs the model had are still "running": a job settled or taken by
+            # the model since its mark (its clear failed) is not the decoder's.
+            in_decoder = db.executemany(
+                "UPDATE jobs SET attempts = attempts + 1, updated_at = ?,"
+                " next_attempt_at = ? * (1 << attempts) + ?, error_code = 'interrupted_decoding',"
+                " error_message = path || ': the daemon stopped while decoding this image'"
+                " WHERE id = ? AND state = 'pending'",
+                [(now, self.backoff_seconds, now, i) for i in decoding],
+            ).rowcount
             # A staged job's caption is already made: it only needs its files, now, and it did
             # not bring the daemon down on the model.
             db.execute(
@@ -330,14 +348,16 @@ class JobStore:
                 " WHERE state = 'running' AND staged != 0",
                 (now,),
             )
-            cur = db.execute(
+            on_model = db.execute(
                 "UPDATE jobs SET state = 'pending', attempts = attempts + 1, updated_at = ?,"
                 " next_attempt_at = ? * (1 << attempts) + ?, error_code = 'interrupted',"
                 " error_message = 'the daemon stopped while this image was on the model'"
                 " WHERE state = 'running'",
                 (now, self.backoff_seconds, now),
-            )
-            return cur.rowcount
+            ).rowcount
+        if decoding:
+            self._marks.reset()  # after the commit: a crash in between counts them again, not never
+        return on_model + in_decoder
 
     # -- intake --------------------------------------------------------------------------------
 
@@ -432,6 +452,15 @@ class JobStore:
                 "UPDATE jobs SET state = 'running', updated_at = ? WHERE id = ? AND state = 'pending'",
                 [(now, i) for i in job_ids],
             )
+        for i in job_ids:  # decoded: from now on a crash is the model's (a no-op unless a clear failed)
+            self._marks.set(i, False)
+
+    def mark_decoding(self, job_id: int, decoding: bool = True) -> None:
+        """The decode pool starts (``decoding``) or stops reading this job's image. If the process
+        dies in between (a file that makes a C decoder segfault), ``recover`` counts an attempt
+        against it, so such a file is parked in the end instead of crashing every restart. Not a
+        journal transaction: see ``decode_marks.py``."""
+        self._marks.set(job_id, decoding)
 
     def stage_many(self, staged: Sequence[Success]) -> None:
         """Record captions before their files are written (more than one file per image): a crash
@@ -463,6 +492,8 @@ class JobStore:
         """
         now = self._clock()
         parked: list[Job] = []
+        for i in (*(s.job_id for s in successes), *(f.job_id for f in failures), *skipped):
+            self._marks.set(i, False)  # settled: none of a later crash's doing (a no-op as a rule)
         with self._tx() as db:
             _claim(db, claims)
             db.executemany(

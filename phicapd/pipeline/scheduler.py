@@ -21,6 +21,11 @@ r"""The scheduler: two lanes into one GPU worker, with decoding ahead of it and 
 * An image that was on the model when the daemon died (``interrupted``) runs alone, once the
   rows around it drained: if it is what crashes the process, only it is blamed again, and
   its batch-mates are not parked with it.
+* Likewise for the decode pool: each image is marked while it is read and decoded
+  (``JobStore.mark_decoding``), so a file that makes a C decoder crash the process is blamed at
+  the next start (``interrupted_decoding``). Such an image is decoded alone: no other decode
+  runs and no background job is on the model or waiting for its journal record, so a second
+  crash blames only it, and it is parked after ``max_attempts`` without being decoded again.
 * A broken model (a CUDA fault, or ``BREAKER`` images in a row failing alone and then a plain
   gray probe image failing too) is not the images' fault: the worker stops, the images on the
   model stay "running" in the journal (the restart counts the attempt, as after a crash, so an
@@ -35,7 +40,7 @@ import contextlib
 import hashlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -46,7 +51,7 @@ from PIL import Image
 
 from phicapd.captioner import Caption, Captioner, CaptionRequest, preparer, streamer
 from phicapd.config import Settings, WatchRoot
-from phicapd.errors import CAPTION_EMPTY, CaptionError, PhicapError
+from phicapd.errors import CAPTION_EMPTY, INTERRUPTED_DECODING, CaptionError, PhicapError
 from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
 from phicapd.pipeline import metadata
@@ -185,6 +190,12 @@ class Scheduler:
         self._background: collections.deque[_Item] = collections.deque()
         self._suspects: collections.deque[_Item] = collections.deque()  # interrupted: run alone
         self._decoding = 0  # background images claimed and not yet in the lane
+        # The decode gate: images being decoded now, and images interrupted while decoding last
+        # time that wait to be (or are being) decoded alone. While one does, nothing else is
+        # decoded and no background job goes on the model, so a crash blames only it.
+        self._decodes_active = 0
+        self._alone = 0
+        self._on_model: set[int] = set()  # background jobs marked running and not yet recorded
         # Jobs claimed from the journal and not yet recorded as finished. They stay "pending" on
         # disk until their batch starts, so a crash only counts an attempt against the images
         # that were actually on the model.
@@ -243,6 +254,7 @@ class Scheduler:
             self._interactive.clear()
             self._background.clear()
             self._suspects.clear()
+            self._on_model.clear()
             unfinished = set(self._claimed)
             self._claimed.clear()
             if self.broken is not None:
@@ -392,16 +404,33 @@ class Scheduler:
                 return
             if job.attempts >= self.store.max_attempts:
                 # Interrupted by a crash (or failed) every time it was tried: likely what crashes us.
+                if _decode_suspect(job):
+                    raise PhicapError(
+                        f"{job.path}: the daemon crashed while decoding this image, {job.attempts} times;"
+                        " it is not decoded again (a file that crashes the image decoder?)",
+                        code=INTERRUPTED_DECODING,
+                        retryable=False,
+                    )
                 raise PhicapError(
                     f"{job.path}: the daemon stopped while captioning this image, {job.attempts} times",
                     code="interrupted",
                     retryable=False,
                 )
-            decoded = self._decode_file(job.path)
-            prompt = self.settings.prompt_for(root)
-            request = self._request(decoded.image, prompt, self.settings.model.max_new_tokens)
+            with self._decode_slot(alone=_decode_suspect(job)):
+                self._mark_decoding(job, True)
+                try:
+                    decoded = self._decode_file(job.path)
+                    prompt = self.settings.prompt_for(root)
+                    # The backend's preprocessing runs C code over the pixels too: inside the mark.
+                    request = self._request(decoded.image, prompt, self.settings.model.max_new_tokens)
+                finally:
+                    self._mark_decoding(job, False)
             # The full-size image is not kept: the writer needs only the hash and fingerprint.
             item = _Item(request, job=job, root=root, decoded=replace(decoded, image=request.image))
+        except _Stopping:
+            with self._cond:
+                self._decoding -= 1
+            return  # still claimed and pending: ``stop`` hands it back
         except PhicapError as e:
             error = e
         except Exception as e:
@@ -422,6 +451,43 @@ class Scheduler:
             self._observe_failure("background", error)
             self.writer.submit([Finished(job, root, None, "", time.monotonic(), error=error)])
         self._wake_feeder.set()
+
+    @contextlib.contextmanager
+    def _decode_slot(self, *, alone: bool) -> Iterator[None]:
+        """Decode one image, or with ``alone`` one that was being decoded when the daemon died:
+        that waits until no other decode runs and no background job is on the model or waiting
+        for its journal record (``_take`` starts none meanwhile, other decodes wait behind it),
+        so if it crashes the process again, the next start blames it and nothing else."""
+        with self._cond:
+            if alone:
+                self._alone += 1
+            try:
+                while (self._decodes_active > 0 or self._on_model) if alone else self._alone > 0:
+                    if self._stopping.is_set():
+                        raise _Stopping
+                    self._cond.wait(0.5)
+            except BaseException:
+                if alone:
+                    self._alone -= 1
+                    self._cond.notify_all()
+                raise
+            self._decodes_active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._decodes_active -= 1
+                if alone:
+                    self._alone -= 1
+                self._cond.notify_all()
+
+    def _mark_decoding(self, job: Job, decoding: bool) -> None:
+        try:
+            self.store.mark_decoding(job.id, decoding)
+        except OSError as e:
+            # The state directory is failing (full): decode anyway; only a crash of the process
+            # during this decode would then go unblamed.
+            log.warning("cannot mark the image as being decoded", path=str(job.path), error=str(e))
 
     # -- the GPU worker ------------------------------------------------------------------------
 
@@ -453,7 +519,8 @@ class Scheduler:
     def _wait_for_work(self) -> bool:
         """Block until there is something to caption; False when stopping."""
         with self._cond:
-            while not self._interactive and (self._paused or not (self._background or self._suspects)):
+            # Background work waits while an image is decoded alone (``_decode_slot``).
+            while not self._interactive and (self._paused or self._alone or not (self._background or self._suspects)):
                 if self._stopping.is_set() or self.broken is not None:
                     return False
                 self.last_progress = time.monotonic()
@@ -496,7 +563,10 @@ class Scheduler:
                 # until it is answered (the rows already running carry on). More socket requests
                 # than reserved rows is bulk work (caption-dir): the background fills in beside it.
                 background_room = 0
-            if not self._paused and (self._suspects or any(_suspect(i.job) for i in self._in_flight.values())):
+            if self._alone:
+                # An image is decoded alone: no background job goes on the model meanwhile.
+                background_room = 0
+            elif not self._paused and (self._suspects or any(_suspect(i.job) for i in self._in_flight.values())):
                 # An interrupted image runs alone: no new background rows until the model is
                 # empty, then it, then nothing beside it until it is done.
                 background_room = 0
@@ -509,6 +579,8 @@ class Scheduler:
             for item in items:
                 item.batch_size = rows
                 self._in_flight[id(item.request)] = item
+                if item.job is not None:
+                    self._on_model.add(item.job.id)
         jobs = [i.job.id for i in items if i.job is not None]
         if jobs:
             # Before the model sees them, so a crash on a poisonous image counts an attempt.
@@ -607,6 +679,8 @@ class Scheduler:
         """The writer settled these jobs in the journal: they are no longer claimed."""
         with self._cond:
             self._claimed.difference_update(job_ids)
+            self._on_model.difference_update(job_ids)
+            self._cond.notify_all()  # an image waiting to be decoded alone may go now
         self.throughput.add(captioned)
         self.backlog_rate.add(captioned)
         self._wake_feeder.set()
@@ -699,9 +773,18 @@ class Scheduler:
         return None if outputs.missing(job.path, changed_ns(st), base, known, manifest) else base
 
 
+class _Stopping(Exception):
+    """The scheduler stops while a decode waits at the gate."""
+
+
 def _suspect(job: Job | None) -> bool:
     """Interrupted on the model last time: it may be what brings the process down."""
     return job is not None and job.error_code == "interrupted"
+
+
+def _decode_suspect(job: Job) -> bool:
+    """Interrupted while it was being decoded last time: it may crash the decoder."""
+    return job.error_code == INTERRUPTED_DECODING
 
 
 def _is_model_fault(e: BaseException) -> bool:

@@ -294,3 +294,106 @@ def test_a_backfill_keeps_its_caption_and_is_returned_at_once_after_a_crash(tmp_
     assert store.recover() == 0
     back = store.get(b.path)
     assert back is not None and (back.state.value, back.attempts, back.backfill) == ("pending", 0, True)
+
+
+def test_a_job_decoding_when_the_daemon_died_counts_an_attempt_and_backs_off(tmp_path: Path) -> None:
+    clock = Clock()
+    store = _store(tmp_path, clock)
+    store.enqueue_many([_work("hostile"), _work("beside"), _work("done"), _work("later")])
+    hostile, beside, done, _later = store.claim(10)
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    store.mark_decoding(done.id)
+    store.mark_decoding(done.id, False)  # decoded, then captioned: its mark is cleared
+    store.mark_decoding(hostile.id)
+    store.mark_decoding(beside.id)
+    assert statements == []  # no journal transaction, which would wait for the writer's fsync
+    store.close()  # the process dies (what it wrote to the marks file stays)
+
+    store = _store(tmp_path, clock)  # the next start
+    assert store.recover() == 2
+    for job in (store.get(hostile.path), store.get(beside.path)):
+        assert (job.state, job.attempts, job.error_code) == (State.PENDING, 1, "interrupted_decoding")
+        assert job.error_message == f"{job.path}: the daemon stopped while decoding this image"
+    assert store.get(done.path).error_code is None and store.get(done.path).attempts == 0
+    assert [j.path.name for j in store.claim(10)] == ["done", "later"]  # the suspects back off
+    clock.now += 10
+    assert [j.path.name for j in store.claim(10)] == ["hostile", "beside", "done", "later"]
+    assert {f.path.name for f in store.failures()} == {"hostile", "beside"}
+    store.close()
+    assert _store(tmp_path, clock).recover() == 0  # counted once: a clean restart blames nobody
+
+
+def test_only_a_pending_job_is_blamed_for_a_crash_in_the_decoder(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.enqueue_many([_work(n) for n in "abcde"])
+    a, b, c, d, e = store.claim(5)
+    for job in (a, b, c, d, e):
+        store.mark_decoding(job.id)  # and none is cleared, as if each clear had failed
+    store.mark_running([a.id])  # the model took it: a crash now is the model's
+    store.finish_many(failures=[Failure(b.id, "image_corrupt", "b: broken", retryable=False)])
+    store.finish_many(failures=[Failure(c.id, "caption_failed", "c: boom", retryable=True)])
+    store.finish_many(skipped=[d.id])
+    assert store.recover() == 2
+    assert (store.get(a.path).error_code, store.get(a.path).attempts) == ("interrupted", 1)
+    assert (store.get(b.path).state, store.get(b.path).attempts) == (State.FAILED, 1)
+    assert (store.get(c.path).error_code, store.get(c.path).attempts) == ("caption_failed", 1)
+    assert store.get(d.path).state is State.DONE
+    assert (store.get(e.path).error_code, store.get(e.path).attempts) == ("interrupted_decoding", 1)
+
+
+def test_a_job_both_marked_and_running_counts_one_attempt_as_the_models(tmp_path: Path) -> None:
+    store = _store(tmp_path)
+    store.enqueue_many([_work("a")])
+    (a,) = store.claim(1)
+    store.mark_decoding(a.id)
+    store._db.execute("UPDATE jobs SET state = 'running' WHERE id = ?", (a.id,))  # mark_running, minus its clear
+    assert store.recover() == 1
+    assert (store.get(a.path).error_code, store.get(a.path).attempts) == ("interrupted", 1)
+
+
+def test_decode_marks_reuse_their_slots_and_ignore_a_torn_or_stale_file(tmp_path: Path) -> None:
+    from phicapd.pipeline.decode_marks import DecodeMarks
+
+    marks = DecodeMarks(tmp_path / "m")
+    for job_id in (7, 8, 9):
+        marks.set(job_id, True)
+    marks.set(7, False)
+    marks.set(10, True)  # takes 7's slot
+    marks.set(10, True)  # marked twice: still one slot
+    marks.set(11, False)  # never marked: nothing to clear
+    assert marks.left() == [8, 9, 10]
+    marks.close()
+    with (tmp_path / "m").open("ab") as fh:
+        fh.write(b"\x01\x02\x03")  # a torn write at the end is not a job id
+    again = DecodeMarks(tmp_path / "m")
+    assert again.left() == [8, 9, 10]
+    for job_id in range(100, 1200):  # more than a page of slots: the file grows
+        again.set(job_id, True)
+    assert again.left() == [8, 9, 10, *range(100, 1200)]  # the crash's marks are kept until reset
+    again.reset()
+    assert again.left() == []
+    again.close()
+    size = (tmp_path / "m").stat().st_size
+    for _ in range(3):  # restarts without a crash do not grow it
+        restart = DecodeMarks(tmp_path / "m")
+        restart.set(5, True)
+        restart.close()
+        restart = DecodeMarks(tmp_path / "m")
+        assert restart.left() == [5]
+        restart.reset()
+        restart.close()
+    assert (tmp_path / "m").stat().st_size == size
+    (tmp_path / "m").write_bytes((3).to_bytes(8, "little"))
+    assert DecodeMarks(tmp_path / "m", fresh=True).left() == []
+
+    # A journal made new beside the marks of an old one (deleted by hand) does not blame its jobs.
+    (tmp_path / "j.sqlite3-decoding").write_bytes((1).to_bytes(8, "little") + (999).to_bytes(8, "little"))
+    store = _store(tmp_path)
+    store.enqueue_many([_work("a")])
+    assert store.recover() == 0 and store.get(Path("/r/a")).attempts == 0
+    store.close()
+    (tmp_path / "j.sqlite3-decoding").write_bytes((999).to_bytes(8, "little"))  # no such job
+    store = _store(tmp_path)
+    assert store.recover() == 0
+    assert store._marks.left() == []

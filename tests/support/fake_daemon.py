@@ -33,6 +33,8 @@ def main() -> int:
 
     if marker := os.environ.get("FAKE_KILL_BETWEEN_FORMATS"):
         _kill_between_formats(Path(marker))
+    if os.environ.get("FAKE_ABORT_ON_HOSTILE"):
+        _abort_on_hostile()
     return run(settings, load, settings_loader=lambda: load_settings(Path(sys.argv[1])))
 
 
@@ -53,6 +55,22 @@ def _kill_between_formats(marker: Path) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     writer.write_sidecars = write_then_die  # type: ignore[assignment]
+
+
+def _abort_on_hostile() -> None:
+    """Die as a segfault in a C image decoder would (SIGABRT, no Python cleanup) whenever the
+    decode pool decodes a file whose name contains "hostile": after its bytes are read, where
+    Pillow would crash on a crafted file."""
+    from phicapd.pipeline import decode
+
+    real = decode.decode_read
+
+    def decode_or_abort(data, path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if "hostile" in Path(path).name:
+            os.abort()
+        return real(data, path, *args, **kwargs)
+
+    decode.decode_read = decode_or_abort  # type: ignore[assignment]
 
 
 if __name__ == "__main__":
