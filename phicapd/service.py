@@ -27,7 +27,7 @@ from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
 from phicapd.pipeline import staleness
 from phicapd.pipeline.decode import fingerprint_of, make_decoders
-from phicapd.pipeline.formats import generation_settings, holds_caption, model_and_revision, settings_key
+from phicapd.pipeline.formats import generation_settings, model_and_revision, settings_key
 from phicapd.pipeline.intake import Intake
 from phicapd.pipeline.jobs import Job, JobStore, Success
 from phicapd.pipeline.outputs import RootOutputs, sidecar_base
@@ -515,7 +515,7 @@ class Daemon:
         # output of the image already holds (whoever reports it could write there, or the daemon
         # did) is taken, not any text a client of the socket sends. A root that writes only the
         # manifest has no such output: there the socket's group is trusted, as for captions.
-        if outputs.formats != ("jsonl",) and not holds_caption(outputs, image, base, caption):
+        if outputs.formats != ("jsonl",) and not outputs.holds(image, base, caption):
             raise PhicapError(f"{path}: none of its outputs holds the reported caption", code=CAPTION_NOT_WRITTEN)
         record = Success(
             0,

@@ -38,7 +38,6 @@ from phicapd.pipeline.formats import (
     Provenance,
     json_sidecar_text,
     model_and_revision,
-    read_json_caption,
     update_manifest,
 )
 from phicapd.pipeline.outputs import PRIMARY_ORDER, Known, Manifest, RootOutputs, sidecar_base
@@ -200,18 +199,6 @@ def _json_text(result: CaptionResult, data: bytes) -> str:
         dict(given.get("generation", {})),
     )
     return json_sidecar_text(result.caption, provenance, hashlib.sha256(data).hexdigest(), time.time())
-
-
-def _file_caption(fmt: str, path: Path) -> str | None:
-    """The caption a per-image output holds, if it is there and readable."""
-    if fmt == "json":
-        return read_json_caption(path)
-    if fmt == "xmp":
-        return metadata.read_description(path) if path.exists() else None
-    try:
-        return path.read_text(encoding="utf-8").rstrip("\n")
-    except (OSError, UnicodeDecodeError):
-        return None
 
 
 def _failed(image: Path, sidecar: Path | None, code: str, message: str, exit_code: int) -> Outcome:
@@ -377,14 +364,15 @@ class BatchCaptioner:
         least as new as the image. Then the XMP sidecar, then the per-image files. The manifest
         is the caller's (outside every root) or the daemon's (``/v1/captioned``).
         """
-        files = naming.outputs.files(image, naming.base_of(image, sidecar))
+        base = naming.base_of(image, sidecar)
+        files = naming.outputs.files(image, base)
         target = image
         formats: list[OutputFormat] = []
         try:
             if self.options.force:
                 formats = list(naming.outputs.formats)
             else:
-                previous = next((c for fmt, path in files.items() if (c := _file_caption(fmt, path))), None)
+                previous = next((c for c in naming.outputs.held(image, base).values() if c), None)
                 formats = naming.missing(image, os.stat(image), sidecar, previous)
                 if not formats:
                     # Every output appeared while the image was on the model: ours replaces the

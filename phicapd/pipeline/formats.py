@@ -24,15 +24,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from phicapd import __version__
 from phicapd.config import MANIFEST_NAME, Settings, WatchRoot
-from phicapd.pipeline import metadata
 from phicapd.pipeline.sidecar import write_atomic
-
-if TYPE_CHECKING:
-    from phicapd.pipeline.outputs import RootOutputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,25 +113,6 @@ def read_json_caption(path: Path) -> str | None:
         return None
     caption = document.get("caption") if isinstance(document, dict) else None
     return caption if isinstance(caption, str) else None
-
-
-def holds_caption(outputs: RootOutputs, image: Path, base: str, caption: str) -> bool:
-    """Whether one of the outputs ``outputs`` names for ``image`` (its per-image files under the
-    sidecar ``base``, its own description) holds ``caption``. The manifest is not asked."""
-    caption = caption.rstrip("\n")
-    for fmt, path in outputs.files(image, base).items():
-        if fmt == "json":
-            text = read_json_caption(path)
-        elif fmt == "xmp":
-            text = metadata.read_description(path) if path.exists() else None
-        else:
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError):
-                text = None
-        if text is not None and text.rstrip("\n") == caption:
-            return True
-    return "embed" in outputs.formats and metadata.can_embed(image) and metadata.read_description(image) == caption
 
 
 def read_manifest(directory: Path) -> dict[str, str]:

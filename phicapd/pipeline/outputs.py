@@ -45,7 +45,7 @@ from phicapd.config import (
     XmpNaming,
 )
 from phicapd.pipeline import metadata
-from phicapd.pipeline.formats import read_manifest
+from phicapd.pipeline.formats import read_json_caption, read_manifest
 from phicapd.pipeline.jobs import Fingerprint, Job
 from phicapd.pipeline.sidecar import policy_keeps
 
@@ -133,6 +133,38 @@ class RootOutputs:
         if "xmp" in self.formats:
             out["xmp"] = metadata.xmp_sidecar_path(image, base, self.xmp_naming)
         return out
+
+    def held(self, image: Path, base: str) -> dict[OutputFormat, str | None]:
+        """The caption each per-image output of ``image`` holds, for the outputs that are there:
+        None for a file that exists but holds none (unreadable, not JSON of ours). An XMP sidecar
+        without a description counts as not there (other tools write one for every image)."""
+        out: dict[OutputFormat, str | None] = {}
+        for fmt, path in self.files(image, base).items():
+            if fmt == "txt":
+                try:
+                    out[fmt] = path.read_text(encoding="utf-8").rstrip("\n")
+                except FileNotFoundError:
+                    pass
+                except (OSError, UnicodeDecodeError):
+                    out[fmt] = None
+            elif fmt == "json":
+                if path.exists():
+                    out[fmt] = read_json_caption(path)
+            elif path.exists() and (description := metadata.read_description(path)) is not None:
+                out[fmt] = description
+        return out
+
+    def embedded(self, image: Path) -> str | None:
+        """The description in the image itself, where the root embeds captions."""
+        if "embed" not in self.formats or not metadata.can_embed(image):
+            return None
+        return metadata.read_description(image)
+
+    def holds(self, image: Path, base: str, caption: str) -> bool:
+        """Whether a per-image output of ``image`` or its own description holds ``caption``
+        (the manifest is not asked)."""
+        caption = caption.rstrip("\n")
+        return caption in self.held(image, base).values() or self.embedded(image) == caption
 
     def base_of(self, image: Path, primary: Path) -> str:
         """The sidecar base the journal's primary output ``primary`` was written under."""

@@ -21,8 +21,7 @@ from functools import cache
 from pathlib import Path
 
 from phicapd.config import Settings, WatchRoot
-from phicapd.pipeline import metadata
-from phicapd.pipeline.formats import model_and_revision, read_json_caption, read_manifest, settings_key
+from phicapd.pipeline.formats import model_and_revision, read_manifest, settings_key
 from phicapd.pipeline.jobs import Fingerprint, Job, JobStore, NewWork
 from phicapd.pipeline.outputs import RootOutputs
 
@@ -80,29 +79,12 @@ def _edited(job: Job, outputs: RootOutputs, manifests: Callable[[Path], dict[str
     caption = job.caption.rstrip("\n")
     if job.sidecar is None:
         return True
-    base = outputs.base_of(job.path, Path(job.sidecar))
-    for fmt, path in outputs.files(job.path, base).items():
-        if fmt == "txt":
-            try:
-                text: str | None = path.read_text(encoding="utf-8").rstrip("\n")
-            except FileNotFoundError:
-                continue
-            except (OSError, UnicodeDecodeError):
-                return True
-        elif fmt == "json":
-            if not path.exists():
-                continue
-            text = read_json_caption(path)
-        else:
-            text = metadata.read_description(path) if path.exists() else None
-            if text is None:
-                continue
-        if text != caption:
-            return True
-    if "embed" in outputs.formats and metadata.can_embed(job.path):
-        embedded = metadata.read_description(job.path)
-        if embedded is not None and embedded != caption:
-            return True
+    held = outputs.held(job.path, outputs.base_of(job.path, Path(job.sidecar)))
+    if any(text != caption for text in held.values()):
+        return True
+    embedded = outputs.embedded(job.path)
+    if embedded is not None and embedded != caption:
+        return True
     if "jsonl" in outputs.formats:
         listed = manifests(job.path.parent).get(job.path.name)
         if listed is not None and listed != caption:

@@ -113,7 +113,6 @@ class SidecarWriter:
         self._io_pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="phicapd-write")
         self._queue: collections.deque[Finished] = collections.deque()
         self._refresh: set[Path] = set()  # directories whose manifest may list a removed image
-        self._manifests: dict[Path, Manifest] = {}
         self._merge: dict[Path, dict[str, str]] = {}  # captions phicapctl wrote, for the manifests
         self._cond = threading.Condition()
         self._closing = False
@@ -271,10 +270,7 @@ class SidecarWriter:
         policy = self._policy(f)
         if f.job.force or policy == "overwrite":
             return False
-        directory = f.job.path.parent
-        entries = self._manifests.get(directory)
-        if entries is None:
-            entries = self._manifests[directory] = Manifest.read(directory)
+        entries = Manifest.read(f.job.path.parent)  # parsed once per version of the file
         assert f.decoded is not None
         listed = f.job.path.name in entries.names
         return listed and (policy == "only-missing" or (entries.mtime_ns or 0) >= f.decoded.fingerprint.mtime_ns)
@@ -324,7 +320,6 @@ class SidecarWriter:
 
     def _write_outputs(self, group: list[Finished]) -> dict[int, Success]:
         """Write the group's files; returns id(finished) -> its journal record, for those written."""
-        self._manifests = {}  # read once per group and directory, by ``_listed``
         plans = [plan for f in group if (plan := self._plan(f)) is not None]
         # More than one file for an image: its caption goes to the journal first, so a crash
         # between the files is finished from there (``Finished.staged``), not captioned again.
