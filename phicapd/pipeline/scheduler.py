@@ -381,26 +381,19 @@ class Scheduler:
                 raise PhicapError(f"{job.path}: its watch root {job.root} is no longer configured", code="root_removed")
             now = self._staged_fingerprint(job, root)
             if now is not None and job.caption is not None and job.sha256:
-                # Its caption was made and staged, and the daemon stopped while its files were
-                # written: finish them from the journal rather than caption it again.
-                with self._cond:
-                    self._decoding -= 1
+                # Its caption is in the journal (staged, and the daemon stopped while its files
+                # were written; or a backfill): write its files from there, not from the model.
                 caption = Caption(job.caption, 0, backend=job.backend, endpoint=job.endpoint, model=job.model)
                 decoded = Decoded(None, job.sha256, now)  # type: ignore[arg-type]  # no pixels needed
-                self.writer.submit(
-                    [Finished(job, root, decoded, job.prompt or "", time.monotonic(), caption=caption, staged=True)]
-                )
-                self._wake_feeder.set()
+                prompt = job.prompt or ""
+                self._to_writer(Finished(job, root, decoded, prompt, time.monotonic(), caption=caption, staged=True))
                 return
             kept = self._already_captioned(job, root)
             if kept is not None:
                 # Its sidecar appeared while it waited (phicapctl, a hand-written caption) or was
                 # written just before a crash: done, not captioned twice. Recorded by the writer,
                 # which retries a journal that fails.
-                with self._cond:
-                    self._decoding -= 1
-                self.writer.submit([Finished(job, root, None, "", time.monotonic(), skipped=True, claim=kept)])
-                self._wake_feeder.set()
+                self._to_writer(Finished(job, root, None, "", time.monotonic(), skipped=True, claim=kept))
                 return
             if job.attempts >= self.store.max_attempts:
                 # Interrupted by a crash (or failed) every time it was tried: likely what crashes us.
@@ -450,6 +443,13 @@ class Scheduler:
         elif error is not None:
             self._observe_failure("background", error)
             self.writer.submit([Finished(job, root, None, "", time.monotonic(), error=error)])
+        self._wake_feeder.set()
+
+    def _to_writer(self, finished: Finished) -> None:
+        """A claimed job that needs no model after all goes straight to the writer."""
+        with self._cond:
+            self._decoding -= 1
+        self.writer.submit([finished])
         self._wake_feeder.set()
 
     @contextlib.contextmanager
