@@ -21,7 +21,7 @@ from pathlib import Path
 from phicapd.pipeline import exiv2_worker, metadata
 
 ROOT = Path(__file__).resolve().parents[1]
-JPEG = ROOT.parent / "shared" / "testdata" / "images" / "hubble_deep_field.jpg"
+JPEG = ROOT / "tests" / "data" / "images" / "hubble_deep_field.jpg"
 XMP = ROOT / "tests" / "data" / "xmp" / "darktable.jpg.xmp"
 
 

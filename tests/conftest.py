@@ -7,22 +7,21 @@ from pathlib import Path
 
 import pytest
 
-SHARED_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "images"
+#: Real photos kept in the repository (licences in its README.md).
+TEST_IMAGES = Path(__file__).resolve().parent / "data" / "images"
 
 
 @pytest.fixture(scope="session")
-def shared_images_dir() -> Path:
-    """The read-only real photos; copy before writing anything next to them."""
-    if not SHARED_IMAGES.is_dir():
-        pytest.skip(f"shared test images not found at {SHARED_IMAGES}")
-    return SHARED_IMAGES
+def test_images_dir() -> Path:
+    """The real test photos; copy before writing anything next to them."""
+    return TEST_IMAGES
 
 
 @pytest.fixture
-def photos(tmp_path: Path, shared_images_dir: Path) -> Path:
+def photos(tmp_path: Path, test_images_dir: Path) -> Path:
     """A writable copy of the real test photos."""
     out = tmp_path / "photos"
-    shutil.copytree(shared_images_dir, out, ignore=shutil.ignore_patterns("*.md"))
+    shutil.copytree(test_images_dir, out, ignore=shutil.ignore_patterns("*.md"))
     return out
 
 

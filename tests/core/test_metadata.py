@@ -21,7 +21,7 @@ from tests.support.fakes import FakeCaptioner, image_key, write_unique_png
 pyexiv2 = pytest.importorskip("pyexiv2")
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "xmp"
-IMAGES = Path("/work/shared/testdata/images")
+IMAGES = Path(__file__).resolve().parents[1] / "data" / "images"
 RDF = "{http://www.w3.org/1999/02/22-rdf-syntax-ns#}"
 DC = "{http://purl.org/dc/elements/1.1/}"
 

@@ -22,7 +22,7 @@ from tests.support.fakes import write_unique_png
 pyexiv2 = pytest.importorskip("pyexiv2")
 
 CRASHING = Path(__file__).resolve().parents[1] / "support" / "crashing_exiv2_worker.py"
-IMAGES = Path("/work/shared/testdata/images")
+IMAGES = Path(__file__).resolve().parents[1] / "data" / "images"
 
 
 def _command(mode: str) -> list[str]:

@@ -81,16 +81,16 @@ def _index(messages: list[dict[str, str]], key: str) -> int:
     return next(i for i, m in enumerate(messages) if key in m)
 
 
-def _copy_photo(shared_images_dir: Path, target: Path) -> None:
-    shutil.copyfile(shared_images_dir / "rocket.jpg", target.with_suffix(".part"))
+def _copy_photo(test_images_dir: Path, target: Path) -> None:
+    shutil.copyfile(test_images_dir / "rocket.jpg", target.with_suffix(".part"))
     os.replace(target.with_suffix(".part"), target)
 
 
 def test_status_ready_watchdog_stopping_sequence(
-    path_notify_socket: NotifyReceiver, workdir: Path, tiny_checkpoint: Path, shared_images_dir: Path
+    path_notify_socket: NotifyReceiver, workdir: Path, tiny_checkpoint: Path, test_images_dir: Path
 ) -> None:
     config = _config(workdir, tiny_checkpoint)
-    _copy_photo(shared_images_dir, workdir / "photos" / "before.jpg")  # for the catch-up scan
+    _copy_photo(test_images_dir, workdir / "photos" / "before.jpg")  # for the catch-up scan
     daemon = _spawn(["-m", "phicapd.cli.daemon", "run", "--config", str(config)], path_notify_socket, workdir)
     try:
         path_notify_socket.wait_for(lambda m: m.get("READY") == "1", START_TIMEOUT, "READY=1")
@@ -123,7 +123,7 @@ def test_status_ready_watchdog_stopping_sequence(
 
 
 def test_a_hung_model_call_stops_the_pings(
-    path_notify_socket: NotifyReceiver, workdir: Path, tiny_checkpoint: Path, shared_images_dir: Path
+    path_notify_socket: NotifyReceiver, workdir: Path, tiny_checkpoint: Path, test_images_dir: Path
 ) -> None:
     config = _config(workdir, tiny_checkpoint)
     trigger = workdir / "hang"
@@ -133,7 +133,7 @@ def test_a_hung_model_call_stops_the_pings(
         path_notify_socket.wait_for(lambda m: m.get("READY") == "1", START_TIMEOUT, "READY=1")
         path_notify_socket.wait_for(lambda m: m.get("WATCHDOG") == "1", 10, "a first ping")
         trigger.touch()
-        _copy_photo(shared_images_dir, workdir / "photos" / "stuck.jpg")
+        _copy_photo(test_images_dir, workdir / "photos" / "stuck.jpg")
 
         # Wait for 1.5 s (7 ping periods) without a ping while STATUS keeps coming.
         last_ping, silent_status = time.monotonic(), 0
