@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import stat
 from collections.abc import Sequence
 from pathlib import Path
@@ -269,16 +270,33 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_test_model(out_dir: Path, *, seed: int = 0, num_crops: int = 4, **overrides: Any) -> Path:
+def make_test_model(
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    num_crops: int = 4,
+    processor_code: bool = False,
+    full_vision: bool = False,
+    **overrides: Any,
+) -> Path:
     """Write a tiny random Phi-3.5-vision checkpoint to ``out_dir`` and return ``out_dir``.
 
     ``overrides`` replace config.json fields (dicts merge), e.g.
     ``original_max_position_embeddings=300`` to cross the LongRoPE switch in a short test.
+    ``processor_code`` adds the processor as remote code (``model/checkpoint_code``), for a
+    runtime that loads it with ``trust_remote_code`` (vLLM); phicapd itself never runs it.
+    ``full_vision`` gives it Phi-3.5-vision's own vision tower, CLIP ViT-L/14-336 (no
+    ``vision_config``, as in Microsoft's file): 300 M random parameters, where the image work
+    of the real model is, and the only tower vLLM's Phi3V builds.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
-    config = _merge(TINY_CONFIG, overrides)
+    base = TINY_CONFIG
+    if full_vision:
+        base = {k: v for k, v in TINY_CONFIG.items() if k != "vision_config"}
+        base = _merge(base, {"img_processor": {"image_dim_out": 1024}})
+    config = _merge(base, overrides)
     config.setdefault("vocab_size", math.ceil(tok.get_vocab_size() / 64) * 64)
     config.setdefault("pad_token_id", tok.token_to_id("<|endoftext|>"))
     head_dim = config["hidden_size"] // config["num_attention_heads"]
@@ -313,16 +331,36 @@ def make_test_model(out_dir: Path, *, seed: int = 0, num_crops: int = 4, **overr
     stops = [tok.token_to_id(t) for t in ("<|end|>", "<|endoftext|>")]
     generation = {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": stops}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    _write_shards(out_dir, make_weights(config, seed))
+    weights = make_weights(config, seed)
+    # A vocabulary set larger than the tokenizer's (vLLM needs <|image|>'s real id, 32044): the rows
+    # no token reaches score 0, as untrained rows would, so greedy captions stay in the vocabulary.
+    weights["lm_head.weight"][math.ceil(tok.get_vocab_size() / 64) * 64 :] = 0
+    _write_shards(out_dir, weights)
+    if processor_code:
+        write_processor_code(out_dir)
     return out_dir
+
+
+def write_processor_code(out_dir: Path) -> None:
+    """Copy phicapd's ``Phi3VConfig`` and ``Phi3VProcessor`` (with the image transform it uses)
+    into a checkpoint: the files config.json's and preprocessor_config.json's ``auto_map`` name."""
+    here = Path(__file__).resolve().parent
+    for name in ("configuration_phi3_v.py", "processing_phi3_v.py"):
+        shutil.copyfile(here / "checkpoint_code" / name, out_dir / name)
+    shutil.copyfile(here / "processing.py", out_dir / "phicapd_processing.py")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="phicapd make-test-model", description=__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path, help="output directory (created if missing)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--processor-code",
+        action="store_true",
+        help="add config and processor code (for vLLM's --trust-remote-code)",
+    )
     args = parser.parse_args(argv)
-    path = make_test_model(args.dir, seed=args.seed)
+    path = make_test_model(args.dir, seed=args.seed, processor_code=args.processor_code)
     print(f"wrote a tiny random Phi-3.5-vision checkpoint to {path}")
     return 0
 
