@@ -298,6 +298,23 @@ def test_a_root_of_special_files_captions_every_image_and_blocks_nothing(tmp_pat
     assert SIDECAR_NOT_REGULAR in log.read_text()
 
 
+def test_an_xmp_sidecar_over_its_cap_fails_only_its_own_output(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("pyexiv2")
+    root = tmp_path / "in"
+    root.mkdir()
+    write_unique_png(root / "photo.png", 1)
+    (root / "photo.xmp").write_text(RATED_PACKET)
+    before = (root / "photo.xmp").read_bytes()
+    monkeypatch.setattr(safe_files, "XMP_MAX_BYTES", len(before) - 1)
+    settings = settings_for(tmp_path, [root], extra='formats = ["txt", "xmp"]\n')
+    with running_daemon(settings, FakeCaptioner()) as daemon:
+        wait_for(lambda: daemon.store.counts()["failed"] == 1, 30, "the image parked")
+        (job,) = daemon.store.failures()
+    assert job.error_code == SIDECAR_TOO_LARGE and str(root / "photo.xmp") in (job.error_message or "")
+    assert (root / "photo.txt").read_text().startswith("A 8x8 test image ")  # the other output is written
+    assert (root / "photo.xmp").read_bytes() == before
+
+
 def test_stale_answers_promptly_with_a_txt_linked_to_dev_zero(tmp_path: Path) -> None:
     root = tmp_path / "in"
     root.mkdir()
