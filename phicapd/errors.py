@@ -66,6 +66,14 @@ CAPTION_EMPTY = "caption_empty"
 #: The daemon died while it was decoding the image (a file that crashes a C decoder): see
 #: ``JobStore.recover`` and the scheduler's decode gate.
 INTERRUPTED_DECODING = "interrupted_decoding"
+#: A file beside an image that phicapd would read or replace (a ``.txt``/``.json``/``.xmp``
+#: sidecar, ``metadata.jsonl``, the image an embed replaces) is not a regular file: a named pipe,
+#: a device, a socket, a directory, or a symbolic link where the file is replaced. Refused, never
+#: opened for long, followed or merged; the image is parked (``pipeline.safe_files``).
+SIDECAR_NOT_REGULAR = "sidecar_not_regular"
+#: Such a file is larger than its kind's cap (``pipeline.safe_files``: a ``.txt``/``.json``
+#: sidecar 1 MiB, an XMP sidecar 16 MiB, a ``metadata.jsonl`` 128 MiB): refused unread, parked.
+SIDECAR_TOO_LARGE = "sidecar_too_large"
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78

@@ -36,6 +36,7 @@ from phicapd.pipeline.scanner import Reconciler
 from phicapd.pipeline.scheduler import Scheduler
 from phicapd.pipeline.sidecar import Claims, is_rule_base
 from phicapd.pipeline.watcher import Watcher
+from phicapd.stop_deadline import StopDeadline
 
 log = get_logger(__name__)
 
@@ -84,6 +85,7 @@ class Daemon:
         self._ready = threading.Event()
         self._stop = threading.Event()
         self._loading = False  # the main thread is loading the model: a signal interrupts it
+        self._deadline = StopDeadline()  # armed by SIGTERM: the process ends in time, stuck or not
         self._keepalive: _ExtendTimeout | None = None
         self.captioner: Captioner | None = None
         self.scheduler: Scheduler | None = None
@@ -114,6 +116,7 @@ class Daemon:
     def _on_signal(self, *_: object) -> None:
         self._stop.set()
         self._wake.set()
+        self._deadline.arm()
         if self._keepalive is not None:
             # During a stop EXTEND_TIMEOUT_USEC would extend the stop timeout: a download that
             # finishes its running files first must not hold systemctl stop beyond TimeoutStopSec.
@@ -309,6 +312,7 @@ class Daemon:
             except Exception:  # a GPU in a sticky error state may fail to free; we exit anyway
                 log.exception("closing the model failed")
         self.store.close()
+        self._deadline.stopped()
         log.info("stopped")
 
     def _file_gone(self, path: Path, root: WatchRoot) -> None:
@@ -572,6 +576,7 @@ class Daemon:
                 for (b, e, m), n in sorted((sched.writer.by_source if sched else {}).items(), key=lambda kv: str(kv[0]))
             ],
             "watch": [str(r.path) for r in self.settings.watch],
+            "max_body_bytes": self.settings.control.max_body_bytes,  # phicapctl refuses larger files unread
             "watcher_pending": self.watcher.pending() if self.watcher else 0,
             "unresponsive_roots": self.watcher.unresponsive_roots() if self.watcher else [],
             "sidecar": {

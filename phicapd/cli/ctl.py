@@ -253,8 +253,10 @@ def _batch_captioner(client: ControlClient, args: argparse.Namespace) -> BatchCa
     )
     client.caption_timeout = args.caption_timeout
     # Fails early when the daemon is unreachable; its global sidecar policy is the fallback for a
-    # daemon that predates /v1/sidecar (which gives each directory its watch root's policy).
-    return BatchCaptioner(client, options, fallback=client.status().sidecar)
+    # daemon that predates /v1/sidecar (which gives each directory its watch root's policy), and
+    # its upload limit lets a larger file be refused before it is read.
+    status = client.status()
+    return BatchCaptioner(client, options, fallback=status.sidecar, max_bytes=status.max_body_bytes)
 
 
 class InOrder:

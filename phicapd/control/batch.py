@@ -14,6 +14,10 @@ judges it, in the order that keeps a caption whole: the image itself (``embed``)
 then tracks the caption like its own (the scans, ``phicapctl stale``). A watch root's
 ``metadata.jsonl`` is the daemon's writer's: it merges the reported caption in. Outside every root
 phicapctl keeps the directory's manifest itself, once per directory at the end of the run.
+
+An image is stat'ed before it is read: one over the daemon's ``max_body_bytes`` (``/v1/status``)
+is refused unread, one that is not a regular file (a named pipe, a device) without blocking
+(``pipeline.safe_files``).
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ from typing import Literal
 
 from pydantic import ValidationError
 
-from phicapd.config import MANIFEST_NAME, ExistingPolicy, OutputFormat, WatchRoot, XmpNaming
+from phicapd.config import MANIFEST_NAME, ControlSettings, ExistingPolicy, OutputFormat, WatchRoot, XmpNaming
 from phicapd.control.client import ControlClient, ControlClientError, DaemonUnreachable, RequestRejected
 from phicapd.control.protocol import CaptionedRequest, CaptionResult, SidecarInfo, SidecarPolicy
-from phicapd.pipeline import metadata, paths
+from phicapd.errors import SIDECAR_TOO_LARGE
+from phicapd.pipeline import metadata, paths, safe_files
 from phicapd.pipeline.formats import (
     Provenance,
     json_sidecar_text,
@@ -50,6 +55,10 @@ EX_NOINPUT = 66
 EX_UNAVAILABLE = 69
 EX_SOFTWARE = 70
 EX_CANTCREAT = 73
+
+#: The largest image a daemon that does not report its ``max_body_bytes`` takes: the default.
+DEFAULT_MAX_BYTES: int = ControlSettings.model_fields["max_body_bytes"].default
+IMAGE_TOO_LARGE = "image_too_large"  # the daemon's code for it (``phicapd.imaging``)
 
 # When several files fail differently, the exit code reports the most fundamental problem.
 _SEVERITY = (EX_UNAVAILABLE, EX_SOFTWARE, EX_CANTCREAT, EX_NOINPUT, EX_DATAERR)
@@ -205,6 +214,11 @@ def _failed(image: Path, sidecar: Path | None, code: str, message: str, exit_cod
     return Outcome(image, sidecar, "failed", code=code, message=message, exit_code=exit_code)
 
 
+def _too_large(image: Path, size: str, max_bytes: int) -> Outcome:
+    message = f"{image}: {size} is over the daemon's limit of {max_bytes} bytes ([control] max_body_bytes); not sent"
+    return _failed(image, None, IMAGE_TOO_LARGE, message, EX_DATAERR)
+
+
 def _model_of(result: CaptionResult) -> str:
     """``id@revision`` as the writer records it: the model that made the caption (a remote
     server's own), else the daemon's identity."""
@@ -218,11 +232,19 @@ def _model_of(result: CaptionResult) -> str:
 class BatchCaptioner:
     """Caption many files through one client, ``jobs`` requests in flight so the GPU batches them."""
 
-    def __init__(self, client: ControlClient, options: Options, fallback: SidecarInfo | None = None) -> None:
+    def __init__(
+        self,
+        client: ControlClient,
+        options: Options,
+        fallback: SidecarInfo | None = None,
+        max_bytes: int | None = None,
+    ) -> None:
         """``fallback``: the global policy, for a daemon without ``/v1/sidecar`` (asked of
-        ``/v1/status`` when needed and not given)."""
+        ``/v1/status`` when needed and not given). ``max_bytes``: the largest image the daemon
+        takes (its ``max_body_bytes``; None: a daemon that does not say, so its default)."""
         self.client = client
         self.options = options
+        self.max_bytes = max_bytes or DEFAULT_MAX_BYTES
         self._fallback = fallback
         self._naming: dict[Path, Naming] = {}
         self._unreachable = threading.Event()
@@ -263,6 +285,8 @@ class BatchCaptioner:
             return _failed(image, None, "input_unreadable", f"{image}: {e.strerror}", EX_NOINPUT)
         if not os.path.isfile(image):
             return _failed(image, None, "input_unreadable", f"{image}: not a regular file", EX_NOINPUT)
+        if st.st_size > self.max_bytes:  # refused unread: the daemon would refuse the upload
+            return _too_large(image, f"{st.st_size} bytes", self.max_bytes)
         if self.options.stdout:
             return image, None
         if self._unreachable.is_set():
@@ -309,8 +333,12 @@ class BatchCaptioner:
             return _failed(
                 image, sidecar, DaemonUnreachable.code, "not sent: the daemon is unreachable", EX_UNAVAILABLE
             )
-        try:
-            data = image.read_bytes()
+        try:  # it may have changed since ``_plan`` stat'ed it: checked again as it is opened
+            data = safe_files.read_bytes(image, self.max_bytes)
+        except safe_files.RefusedFile as e:
+            if e.code == SIDECAR_TOO_LARGE:
+                return _too_large(image, "more bytes", self.max_bytes)
+            return _failed(image, sidecar, "input_unreadable", f"{image}: {e.strerror}", EX_NOINPUT)
         except OSError as e:
             return _failed(image, sidecar, "input_unreadable", f"{image}: {e.strerror}", EX_NOINPUT)
         key = config_key(image)
@@ -342,7 +370,7 @@ class BatchCaptioner:
                 primary,
                 "failed",
                 result=result,
-                code="sidecar_unwritable",
+                code=e.code if isinstance(e, safe_files.RefusedFile) else "sidecar_unwritable",
                 message=f"cannot write {target}: {getattr(e, 'strerror', None) or e}",
                 exit_code=EX_CANTCREAT,
             )

@@ -280,6 +280,8 @@ class StatusReply(BaseModel):
     # "waiting": ready, but the backend cannot take work now (every remote endpoint is down).
     state: Literal["loading", "ready", "paused", "waiting", "stopping"]
     sidecar: SidecarInfo = SidecarInfo()
+    # ``[control] max_body_bytes``: phicapctl refuses a larger file unread (None: an older daemon).
+    max_body_bytes: int | None = None
 
 
 def error_status(exc: PhicapError) -> int:

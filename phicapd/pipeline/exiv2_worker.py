@@ -6,12 +6,18 @@ after every restart. Here a crash or a hang costs only this process, which the p
 
 Protocol: one JSON object per line on stdin, one answer per line on stdout, in order.
 
-* ``{"op": "read", "path": P}`` -> ``{"value": <x-default dc:description or null>}``
-* ``{"op": "modify", "path": P, "kinds": ["xmp", "exif", "iptc"], "caption": C}`` -> ``{}``
+* ``{"op": "read", "path": P, "max_bytes": N}`` -> ``{"value": <x-default dc:description or null>}``
+* ``{"op": "modify", "path": P, "kinds": ["xmp", "exif", "iptc"], "caption": C, "max_bytes": N}``
+  -> ``{}`` (``max_bytes``: the cap of the file's kind; ``safe_files.IMAGE_MAX_BYTES`` if left out)
 * an error: ``{"error": "OSError" | "RuntimeError" | "MetadataUnavailable" | <type>, "message": ...}``
   (an ``OSError`` also with ``errno``, ``strerror`` and ``filename``)
 
 Only the parsing and the in-place edit happen here: the parent copies, fsyncs and renames.
+exiv2 opens paths itself, so the worker checks each one first (``safe_files``): a request names
+a regular file of at most ``max_bytes`` (``metadata``'s cap for its kind), never a pipe that
+blocks the open or a device that reads without end. A ``read`` hands exiv2 the very file it
+checked (``/proc/self/fd/N``, not the path again); a ``modify`` names the parent's own temp copy,
+never a link.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from phicapd.pipeline import safe_files
 from phicapd.pipeline.metadata import DESCRIPTION, X_DEFAULT, MetadataUnavailable, require
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
@@ -47,6 +54,20 @@ def read_in_process(path: Path) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def read_checked(path: Path, max_bytes: int) -> str | None:
+    """``read_in_process`` of ``path`` if it is a regular file of at most ``max_bytes`` (a link
+    to one included); anything else holds no description."""
+    try:
+        fd, _ = safe_files.open_regular(path, max_bytes)
+    except OSError:
+        return None
+    try:
+        # The descriptor's own path: exiv2 opens the file checked, whatever ``path`` is by now.
+        return read_in_process(Path(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else path)
+    finally:
+        os.close(fd)
+
+
 def modify_in_process(path: Path, kinds: tuple[str, ...], caption: str) -> None:
     """Set ``caption`` in the metadata ``kinds`` of ``path``, in place."""
     pyexiv2 = require()
@@ -67,9 +88,11 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
     try:
         op = request.get("op")
         path = Path(request["path"])
+        max_bytes = int(request.get("max_bytes", safe_files.IMAGE_MAX_BYTES))
         if op == "read":
-            return {"value": read_in_process(path)}
+            return {"value": read_checked(path, max_bytes)}
         if op == "modify":
+            os.close(safe_files.open_regular(path, max_bytes, follow=False)[0])  # our temp copy, still
             modify_in_process(path, tuple(request["kinds"]), str(request["caption"]))
             return {}
         return {"error": "ValueError", "message": f"unknown op {op!r}"}

@@ -28,6 +28,7 @@ from typing import Any
 
 from phicapd import __version__
 from phicapd.config import MANIFEST_NAME, Settings, WatchRoot
+from phicapd.pipeline import safe_files
 from phicapd.pipeline.sidecar import write_atomic
 
 
@@ -108,8 +109,8 @@ def json_sidecar_text(caption: str, provenance: Provenance, image_sha256: str, c
 def read_json_caption(path: Path) -> str | None:
     """The ``caption`` of a JSON sidecar, or None if it is missing or not one of ours."""
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        document = json.loads(safe_files.read_text(path, safe_files.TEXT_MAX_BYTES))
+    except (OSError, ValueError):  # a pipe or a device beside the image is refused, never read
         return None
     caption = document.get("caption") if isinstance(document, dict) else None
     return caption if isinstance(caption, str) else None
@@ -117,12 +118,15 @@ def read_json_caption(path: Path) -> str | None:
 
 def read_manifest(directory: Path) -> dict[str, str]:
     """``metadata.jsonl`` of ``directory``: file name -> text. Lines that are not an entry (a
-    person's edit gone wrong) are dropped at the next rewrite rather than failing it."""
+    person's edit gone wrong) are dropped at the next rewrite rather than failing it. A manifest
+    that is not a regular file or is over ``safe_files.MANIFEST_MAX_BYTES`` raises
+    ``safe_files.RefusedFile`` (never a blocked or unbounded read)."""
     entries: dict[str, str] = {}
     try:
-        lines = (directory / MANIFEST_NAME).read_text(encoding="utf-8", errors="replace").splitlines()
+        text = safe_files.read_text(directory / MANIFEST_NAME, safe_files.MANIFEST_MAX_BYTES, errors="replace")
     except FileNotFoundError:
         return entries
+    lines = text.splitlines()
     for line in lines:
         try:
             entry = json.loads(line)
@@ -139,7 +143,9 @@ def update_manifest(directory: Path, captions: Mapping[str, str | None]) -> None
     """Rewrite ``directory``'s ``metadata.jsonl`` with ``captions`` (file name -> text; None
     removes the entry) merged in, and every entry whose image is gone dropped.
 
-    Only the writer thread calls this, so read-merge-rewrite needs no lock of its own.
+    Only the writer thread calls this, so read-merge-rewrite needs no lock of its own. A manifest
+    that is not a regular file (a pipe, a link) or is too large is refused, never replaced
+    (``safe_files.RefusedFile``).
     """
     entries = read_manifest(directory)
     before = dict(entries)

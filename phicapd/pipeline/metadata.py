@@ -11,7 +11,8 @@ same directory, exiv2 edits the copy, the copy is fsynced and renamed over the o
 sidecar that exists is *merged*: only ``dc:description`` (x-default) changes; exiv2 keeps every
 other property (ratings, labels, keywords, darktable's history, Lightroom's develop settings).
 It re-serialises the packet, so the layout (whitespace, attribute vs element form) may change,
-never the values.
+never the values. Only regular files are copied, read or replaced (``safe_files``): an XMP
+sidecar that is a link, a pipe or a device is refused, never followed or merged.
 
 exiv2 itself never runs in the daemon's process: every open, read and edit goes to a worker
 process (``exiv2_worker``, supervised by ``exiv2_supervisor``), because exiv2 crashes or loops on
@@ -25,13 +26,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from phicapd.log import get_logger
+from phicapd.pipeline import safe_files
 from phicapd.pipeline.exiv2_supervisor import Supervisor, WorkerDied
 from phicapd.pipeline.sidecar import fsync_dir, temp_path
 
@@ -121,14 +122,16 @@ def xmp_sidecar_path(image: Path, base: str, naming: str) -> Path:
     return image.with_name((base if naming == "stem" else image.name) + XMP_EXTENSION)
 
 
-def _edit_copy(source: Path | None, target: Path, edit: Any, initial: bytes = b"") -> None:
+def _edit_copy(source: Path | None, target: Path, edit: Any, initial: bytes = b"", *, max_bytes: int) -> None:
     """Copy ``source`` (or ``initial``) to a temp file beside ``target``, let ``edit(path)`` change
-    it, fsync it and rename it over ``target``."""
+    it, fsync it and rename it over ``target``. ``source`` must be a regular file of at most
+    ``max_bytes``, never a link (``safe_files.copy_regular``), and ``target`` may be replaced only
+    if it is one or missing (``safe_files.check_replaceable``): else ``safe_files.RefusedFile``."""
+    safe_files.check_replaceable(target)  # before exiv2 is asked: a link or a pipe is not ours
     tmp = temp_path(target)
     try:
         if source is not None:
-            shutil.copyfile(source, tmp)
-            shutil.copymode(source, tmp)
+            safe_files.copy_regular(source, tmp, max_bytes)
         else:
             tmp.write_bytes(initial)
             os.chmod(tmp, 0o644)
@@ -138,6 +141,7 @@ def _edit_copy(source: Path | None, target: Path, edit: Any, initial: bytes = b"
             os.fsync(fd)
         finally:
             os.close(fd)
+        safe_files.check_replaceable(target)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -148,22 +152,35 @@ def _edit_copy(source: Path | None, target: Path, edit: Any, initial: bytes = b"
 
 def _modify(path: Path, kinds: tuple[str, ...], caption: str, target: Path) -> None:
     """Set ``caption`` in ``path`` (a temp copy of ``target``) through the worker."""
+    request = {"op": "modify", "path": str(path), "kinds": list(kinds), "caption": caption}
     try:
-        _call({"op": "modify", "path": str(path), "kinds": list(kinds), "caption": caption}, target)
+        _call({**request, "max_bytes": _max_bytes(target)}, target)
     except WorkerDied as e:
         raise MetadataCrashed(f"exiv2 crashed on {target} ({e.reason})") from None
 
 
+def _max_bytes(path: Path) -> int:
+    """The cap of ``path``'s kind: an XMP sidecar's packet, else an image."""
+    return safe_files.XMP_MAX_BYTES if path.suffix.lower() == XMP_EXTENSION else safe_files.IMAGE_MAX_BYTES
+
+
 def write_xmp_sidecar(path: Path, caption: str) -> None:
-    """Set ``dc:description`` in the XMP sidecar ``path``, merged into it if it exists."""
-    exists = path.exists()
-    _edit_copy(path if exists else None, path, lambda tmp: _modify(tmp, ("xmp",), caption, path), EMPTY_PACKET.encode())
+    """Set ``dc:description`` in the XMP sidecar ``path``, merged into it if it exists. A link
+    (to a file outside the tree, say), a pipe or a device there is refused, never merged:
+    ``safe_files.RefusedFile``."""
+    source = path if os.path.lexists(path) else None
+
+    def edit(tmp: Path) -> None:
+        _modify(tmp, ("xmp",), caption, path)
+
+    _edit_copy(source, path, edit, EMPTY_PACKET.encode(), max_bytes=safe_files.XMP_MAX_BYTES)
 
 
 def read_description(path: Path) -> str | None:
-    """The x-default ``dc:description`` of an XMP sidecar or an image, if it has one."""
+    """The x-default ``dc:description`` of an XMP sidecar or an image, if it has one (a file that
+    is not a regular one or is over its kind's cap has none: the worker never opens it)."""
     try:
-        value = _call({"op": "read", "path": str(path)}, path).get("value")
+        value = _call({"op": "read", "path": str(path), "max_bytes": _max_bytes(path)}, path).get("value")
     except WorkerDied:
         return None  # a file exiv2 dies on holds no description we can read
     return value if isinstance(value, str) and value else None
@@ -175,6 +192,8 @@ def can_embed(image: Path) -> bool:
 
 def embed_caption(image: Path, caption: str) -> None:
     """Write ``caption`` into ``image`` itself (XMP, EXIF and IPTC as its type holds them).
+    A symlinked image is refused (``safe_files.RefusedFile``): the rename would replace the
+    link with a copy of its target, and its target is not the file the owner put here.
 
     The file keeps its modification time, as ``exiftool -P`` does: photo libraries sort by it,
     and a caption the policy keeps beside the image (``skip``: one at least as new as the image)
@@ -187,4 +206,4 @@ def embed_caption(image: Path, caption: str) -> None:
         _modify(tmp, kinds, caption, image)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
 
-    _edit_copy(image, image, edit)
+    _edit_copy(image, image, edit, max_bytes=safe_files.IMAGE_MAX_BYTES)

@@ -44,7 +44,7 @@ from phicapd.config import (
     WatchRoot,
     XmpNaming,
 )
-from phicapd.pipeline import metadata
+from phicapd.pipeline import metadata, safe_files
 from phicapd.pipeline.formats import read_json_caption, read_manifest
 from phicapd.pipeline.jobs import Fingerprint, Job
 from phicapd.pipeline.sidecar import policy_keeps
@@ -65,12 +65,13 @@ class Manifest:
     def read(cls, directory: Path) -> Manifest:
         """The manifest as it is now. Parsed once per version of the file: the decode pool asks
         for every job of a directory whose manifest may list 100,000 images, and the writer
-        replaces it (a new inode) at most once per group."""
+        replaces it (a new inode) at most once per group. One that cannot be read (a named pipe,
+        over its cap: ``safe_files``) lists nobody; the writer reports it when it rewrites it."""
         try:
             st = (directory / MANIFEST_NAME).stat()
+            return _parsed_manifest(directory, st.st_mtime_ns, st.st_size, st.st_ino)
         except OSError:
             return cls(frozenset(), None)
-        return _parsed_manifest(directory, st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 @functools.lru_cache(maxsize=8)
@@ -136,13 +137,14 @@ class RootOutputs:
 
     def held(self, image: Path, base: str) -> dict[OutputFormat, str | None]:
         """The caption each per-image output of ``image`` holds, for the outputs that are there:
-        None for a file that exists but holds none (unreadable, not JSON of ours). An XMP sidecar
+        None for a file that exists but holds none (unreadable, not JSON of ours, not a regular
+        file, over its cap: ``safe_files``, so a pipe or a device is never read). An XMP sidecar
         without a description counts as not there (other tools write one for every image)."""
         out: dict[OutputFormat, str | None] = {}
         for fmt, path in self.files(image, base).items():
             if fmt == "txt":
                 try:
-                    out[fmt] = path.read_text(encoding="utf-8").rstrip("\n")
+                    out[fmt] = safe_files.read_text(path, safe_files.TEXT_MAX_BYTES).rstrip("\n")
                 except FileNotFoundError:
                     pass
                 except (OSError, UnicodeDecodeError):

@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -54,7 +55,7 @@ from phicapd.config import Settings, WatchRoot
 from phicapd.errors import CAPTION_EMPTY, INTERRUPTED_DECODING, CaptionError, PhicapError
 from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
-from phicapd.pipeline import metadata
+from phicapd.pipeline import metadata, safe_files
 from phicapd.pipeline.decode import DecodeBytes, Decoded, DecodeFile, fingerprint_of
 from phicapd.pipeline.jobs import Fingerprint, Job, JobStore
 from phicapd.pipeline.outputs import Known, Manifest, RootOutputs, sidecar_base
@@ -737,8 +738,9 @@ class Scheduler:
             return None
         # The journal's fingerprint follows the file (a scan updates it), so the bytes decide; a
         # rare path (a crash mid-write), so reading the image once more costs nothing that matters.
-        try:
-            with open(job.path, "rb") as fh:
+        try:  # a regular file of the size the decoder takes, never a pipe swapped in since
+            fd, _ = safe_files.open_regular(job.path, self.settings.imaging.max_file_bytes)
+            with os.fdopen(fd, "rb") as fh:
                 same = hashlib.file_digest(fh, "sha256").hexdigest() == job.sha256
         except OSError:
             return None

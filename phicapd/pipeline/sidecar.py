@@ -24,7 +24,8 @@ caption (perhaps edited by hand) never changes hands.
 
 The sidecar on disk is the truth for "done": it is written to a hidden temp file in the same
 directory, fsynced, renamed over the target and the directory is fsynced, so a crash leaves
-either the old caption or the new one, never half a file.
+either the old caption or the new one, never half a file. A target that is not a regular file
+(a symbolic link, a named pipe) is refused, not replaced (``pipeline.safe_files``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
+
+from phicapd.pipeline.safe_files import check_replaceable
 
 TEMP_MARKER = ".phicapd-"
 TEMP_SUFFIX = ".tmp"
@@ -299,7 +302,10 @@ def _write_temp(target: Path, data: bytes, mode: int) -> Path:
 
 
 def _rename_into_place(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` over ``target``, unless what stands there is not a file of ours to replace
+    (``safe_files.check_replaceable``: a link, a pipe): then ``RefusedFile``, ours dropped."""
     try:
+        check_replaceable(target)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -54,7 +54,7 @@ def roots_for(settings: Settings, directory: Path | None) -> list[tuple[WatchRoo
 def find_stale(settings: Settings, store: JobStore, identity: str, directory: Path | None) -> StaleReport:
     """The stale and the edited captions under ``directory`` (every root when None)."""
     report = StaleReport()
-    manifests: Callable[[Path], dict[str, str]] = cache(read_manifest)
+    manifests: Callable[[Path], dict[str, str]] = cache(_manifest_entries)
     for root, under in roots_for(settings, directory):
         current = settings_key(settings, root, identity)
         outputs = RootOutputs.of(settings, root)
@@ -70,6 +70,15 @@ def find_stale(settings: Settings, store: JobStore, identity: str, directory: Pa
                 edited = _edited(job, outputs, manifests)
             (report.edited if edited else report.stale).append((job, root))
     return report
+
+
+def _manifest_entries(directory: Path) -> dict[str, str]:
+    """``directory``'s manifest; one that cannot be read (a pipe, over its cap: ``safe_files``)
+    lists nobody, so it marks no caption edited."""
+    try:
+        return read_manifest(directory)
+    except OSError:
+        return {}
 
 
 def _edited(job: Job, outputs: RootOutputs, manifests: Callable[[Path], dict[str, str]]) -> bool:

@@ -22,6 +22,11 @@ staged job, which the scheduler hands straight back here with the journal's capt
 policy on its own (``pipeline.outputs``), so a kept ``photo.txt`` does not stop a missing
 ``photo.json``. A *backfill* (an image that lacks outputs its journal caption can supply: a
 format added to the root, a deleted sidecar) comes the same way and writes only what is missing.
+
+An output that stands on disk as something other than a regular file (a symbolic link, a named
+pipe, a device: ``pipeline.safe_files``), or is over its kind's size cap, is never followed,
+read or replaced: the image's other outputs are written, and the image is parked with the
+refusal's code (``sidecar_not_regular``, ``sidecar_too_large``) naming the file.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from phicapd.pipeline.formats import (
 )
 from phicapd.pipeline.jobs import Failure, Job, JobStore, Success
 from phicapd.pipeline.outputs import Manifest, RootOutputs, sidecar_base
+from phicapd.pipeline.safe_files import RefusedFile
 from phicapd.pipeline.sidecar import Claims, SiblingCache, policy_keeps, write_sidecars
 
 log = get_logger(__name__)
@@ -91,6 +97,7 @@ class _Plan:
     manifest: bool  # the directory's metadata.jsonl gets its entry
     xmp: Path | None = None  # the XMP sidecar to set (merged) ``dc:description`` in
     embed: bool = False  # write the caption into the image file itself
+    refused: RefusedFile | None = None  # an output that is not a file to replace (``safe_files``)
 
 
 class SidecarWriter:
@@ -301,13 +308,19 @@ class SidecarWriter:
         embedded = False
         try:
             if plan.embed:
-                metadata.embed_caption(path, plan.record.caption or "")
+                try:
+                    metadata.embed_caption(path, plan.record.caption or "")
+                except RefusedFile as e:  # a symlinked image: its other outputs are still written
+                    plan.refused = e
+                else:
+                    fingerprint = fingerprint_of(path)
+                    if fingerprint is not None:
+                        plan.record = dataclasses.replace(plan.record, fingerprint=fingerprint)
                 embedded = True
-                fingerprint = fingerprint_of(path)
-                if fingerprint is not None:
-                    plan.record = dataclasses.replace(plan.record, fingerprint=fingerprint)
             if plan.xmp is not None:
                 metadata.write_xmp_sidecar(plan.xmp, plan.record.caption or "")
+        except RefusedFile as e:
+            plan.refused = plan.refused or e
         except (OSError, RuntimeError) as e:
             target = path if plan.embed and not embedded else plan.xmp
             # exiv2 crashed or hung on the file: it would again, so the job is parked, not retried.
@@ -352,6 +365,8 @@ class SidecarWriter:
             for (path, _), error in zip(p.files, errors, strict=False):
                 if error is None:
                     placed += 1
+                elif isinstance(error, RefusedFile):
+                    p.refused = p.refused or error
                 elif not (isinstance(error, FileExistsError) and path in keep) and failed is None:
                     failed = (path, error)
             if failed is not None:
@@ -361,10 +376,13 @@ class SidecarWriter:
                     code="sidecar_write_failed",
                     retryable=True,
                 )
-            elif placed == 0 and p.files and not p.embed and p.xmp is None and not p.manifest:
+            elif placed == 0 and p.refused is None and p.files and not p.embed and p.xmp is None and not p.manifest:
                 f.skipped = True  # only-missing: every file appeared while ours was being written
             else:
-                written[id(f)] = p.record
+                if p.refused is None:
+                    written[id(f)] = p.record
+                else:  # its other outputs are written (the manifest below too); the job is parked
+                    f.error = _refused(f.job.path, p.refused)
                 if p.manifest:
                     manifests.setdefault(f.job.path.parent, {})[f.job.path.name] = p.record.caption
         for directory, captions in manifests.items():
@@ -375,10 +393,14 @@ class SidecarWriter:
                 for p in plans:
                     if id(p.finished) in written and p.finished.job.path.parent == directory:
                         del written[id(p.finished)]
-                        p.finished.error = PhicapError(
-                            f"{p.finished.job.path}: cannot write {directory}'s manifest: {e.strerror or e}",
-                            code="sidecar_write_failed",
-                            retryable=True,
+                        p.finished.error = (
+                            _refused(p.finished.job.path, e)
+                            if isinstance(e, RefusedFile)
+                            else PhicapError(
+                                f"{p.finished.job.path}: cannot write {directory}'s manifest: {e.strerror or e}",
+                                code="sidecar_write_failed",
+                                retryable=True,
+                            )
                         )
         for directory, unchanged in directories.items():
             self._siblings.wrote(directory, unchanged_before=unchanged)
@@ -426,3 +448,9 @@ class SidecarWriter:
                 }
             )
             log.warning("job", **fields, error=f.error.code, message=str(f.error), parked=was_parked)
+
+
+def _refused(image: Path, e: RefusedFile) -> PhicapError:
+    """The failure of an image one of whose outputs is not a file to replace (``safe_files``):
+    parked, since it will not change by itself; its other outputs are written."""
+    return PhicapError(f"{image}: output refused: {e}", code=e.code, retryable=False)

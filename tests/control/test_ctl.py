@@ -117,7 +117,7 @@ def test_sidecar_write_failure_is_reported_and_others_continue(sock: Path, tmp_p
     assert ctl(sock, "caption-file", "--force", str(bad), str(good)) == 73
 
     err = capsys.readouterr().err
-    assert f"cannot write {tmp_path / 'bad' / 'a.txt'}: Is a directory" in err
+    assert f"cannot write {tmp_path / 'bad' / 'a.txt'}: a directory, not a regular file" in err
     assert (tmp_path / "good" / "b.txt").exists()
 
 

@@ -35,6 +35,12 @@ def main() -> int:
         _kill_between_formats(Path(marker))
     if os.environ.get("FAKE_ABORT_ON_HOSTILE"):
         _abort_on_hostile()
+    if fifo := os.environ.get("FAKE_STUCK_ON_FIFO"):
+        _stuck_on(Path(fifo))
+    if deadline := os.environ.get("FAKE_STOP_DEADLINE"):
+        from phicapd import stop_deadline
+
+        stop_deadline.SECONDS = float(deadline)
     return run(settings, load, settings_loader=lambda: load_settings(Path(sys.argv[1])))
 
 
@@ -71,6 +77,14 @@ def _abort_on_hostile() -> None:
         return real(data, path, *args, **kwargs)
 
     decode.decode_read = decode_or_abort  # type: ignore[assignment]
+
+
+def _stuck_on(fifo: Path) -> None:
+    """A thread that never returns from a system call, as one did in ``open()`` on a named pipe:
+    not a daemon thread, so the interpreter's exit waits for it, as for a pool's worker."""
+    import threading
+
+    threading.Thread(target=os.open, args=(fifo, os.O_RDONLY), name="stuck-on-a-pipe", daemon=False).start()
 
 
 if __name__ == "__main__":
