@@ -726,11 +726,10 @@ def run(
 ) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads the configuration
     through ``settings_loader``); returns the exit code."""
-    from phicapd.preflight import check_state_paths
-    from phicapd.systemd import check_roots_writable, listen_fds
+    from phicapd.preflight import check_startup
+    from phicapd.systemd import listen_fds
 
-    check_roots_writable(settings)
     sockets = listen_fds()
-    check_state_paths(settings, socket_inherited=bool(sockets))
+    check_startup(settings, socket_inherited=bool(sockets))
     daemon = Daemon(settings, captioner_factory, settings_loader)
     return daemon.run(listen_socket=sockets[0] if sockets else None)

@@ -87,17 +87,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    # What ``run`` refuses before it starts, tried as this user: the watched roots, the state and
-    # socket directories (not the system socket's: phicapd.socket makes and owns that one).
-    from phicapd.preflight import check_state_paths
-    from phicapd.systemd import check_roots_writable
+    # What ``run`` refuses, tried as this user, short of loading weights: the watched roots, the
+    # state and socket directories (not the system socket's: phicapd.socket makes and owns that
+    # one), then the backend (device, checkpoint directory; CA bundle, API key file).
+    from phicapd.preflight import check_backend, check_startup
 
-    check_roots_writable(settings)
-    check_state_paths(settings, socket_inherited=settings.control.socket == SYSTEM_SOCKET_PATH)
-    if settings.model.backend == "openai":
-        from phicapd.remote.captioner import read_api_key
-
-        read_api_key(settings.remote.api_key_file)  # readable and not empty; the key is never printed
+    check_startup(settings, socket_inherited=settings.control.socket == SYSTEM_SOCKET_PATH)
+    note = check_backend(settings)
+    if note is not None:
+        print(f"phicapd: note: {note}", file=sys.stderr)
     effective = settings.model_dump(mode="json")
     if effective["fetch"]["proxy"]:  # may hold a password; the output ends up in tickets
         effective["fetch"]["proxy"] = redact_userinfo(effective["fetch"]["proxy"])
