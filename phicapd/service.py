@@ -350,6 +350,28 @@ class Daemon:
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)
 
+    def current_state(self) -> str:
+        """``status``'s state: "loading", "ready", "paused" (the watched directories wait; socket
+        requests are captioned), "waiting" (every remote endpoint is down) or "stopping"."""
+        state = self.state
+        if state == "ready" and self.scheduler is not None and self.scheduler.paused:
+            state = "paused"
+        if state == "ready" and self._waiting():
+            state = "waiting"  # why is in model.waiting
+        return state
+
+    def health(self) -> dict[str, Any]:
+        state = self.current_state()
+        ready = self.is_ready()
+        reason: str | None = None
+        if not ready:
+            reason = self.loading if state == "loading" and self.loading else f"the daemon is {state}"
+        elif (waiting := self._waiting()) is not None:
+            reason = waiting  # "all endpoints are down: URL: why; ..."
+        elif self.scheduler is not None and self.scheduler.broken is not None:
+            reason = f"the model broke, a restart is due: {self.scheduler.broken}"
+        return {"ready": ready, "captioning": ready and reason is None, "state": state, "reason": reason}
+
     def caption_bytes(
         self,
         data: bytes,
@@ -536,13 +558,9 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         sched = self.scheduler
-        state = self.state
-        if state == "ready" and sched is not None and sched.paused:
-            state = "paused"
+        state = self.current_state()
         describe = getattr(self.captioner, "describe", None)
         details = describe() if describe is not None else {}
-        if state == "ready" and self._waiting():
-            state = "waiting"  # every remote endpoint is down; why is in model.waiting
         model: dict[str, Any] = {"source": model_source(self.settings), "loaded": self.captioner is not None}
         if self.captioner is None and self.loading is not None:
             model["loading"] = self.loading

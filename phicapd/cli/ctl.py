@@ -51,7 +51,7 @@ exit codes (sysexits):
        retry: a PATH that is not a failed image (EX_DATAERR)
   66   an input file or directory could not be read (EX_NOINPUT)
   69   daemon unreachable: no socket, nobody listening, no permission;
-       health: not ready; caption-file/dir: xmp or embed without pyexiv2
+       health: no caption can be made now; caption-file/dir: xmp or embed without pyexiv2
        (EX_UNAVAILABLE)
   70   caption failed in the daemon, a 5xx answer or no answer in time (EX_SOFTWARE)
   73   the sidecar or --output file could not be written (EX_CANTCREAT)
@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     json_flag(p, "print the daemon's status as one JSON object")
     p.set_defaults(func=cmd_status)
 
-    command("health", "exit 0 when the model is ready, 69 otherwise").set_defaults(func=cmd_health)
+    command("health", "print the daemon's state; exit 0 only when a caption can be made now, else 69").set_defaults(
+        func=cmd_health
+    )
 
     p = command("failures", "list the images whose captioning failed")
     p.add_argument("--limit", type=_positive, default=50, help="list at most this many")
@@ -443,9 +445,18 @@ def cmd_status(client: ControlClient, args: argparse.Namespace) -> int:
 
 
 def cmd_health(client: ControlClient, args: argparse.Namespace) -> int:
-    ready = client.health()
-    print("ready" if ready else "not ready (the model is loading)")
-    return batch.EX_OK if ready else batch.EX_UNAVAILABLE
+    # 0 only when a caption can be made now: a loaded model behind endpoints that are all down
+    # is not healthy to a monitoring probe. A daemon that predates "captioning" has only "ready".
+    reply = client.health_reply()
+    captioning = reply.ready if reply.captioning is None else reply.captioning
+    state = reply.state or ("ready" if reply.ready else "loading")
+    line = state if captioning else f"{state}: cannot caption now"
+    if reply.reason:
+        line += f" ({reply.reason})"
+    elif state == "paused":
+        line += " (socket requests are captioned; watched directories wait for `phicapctl resume`)"
+    print(line)
+    return batch.EX_OK if captioning else batch.EX_UNAVAILABLE
 
 
 def cmd_failures(client: ControlClient, args: argparse.Namespace) -> int:

@@ -225,8 +225,8 @@ class Router:
         return Response(200, status.model_dump_json().encode())
 
     def _health(self, req: Request) -> Response:
-        ready = self.backend.is_ready()
-        return json_response(200 if ready else 503, p.HealthReply(ready=ready))
+        health = self.backend.health()
+        return json_response(200 if health["captioning"] else 503, p.HealthReply(**health))
 
     def _version(self, req: Request) -> Response:
         return json_response(200, p.VersionReply(version=__version__))

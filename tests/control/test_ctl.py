@@ -274,6 +274,21 @@ def test_status_health_and_friends(sock: Path, backend: FakeBackend, capsys) -> 
     assert ctl(sock, "status") == 0
 
 
+def test_health_is_0_only_when_a_caption_can_be_made_and_prints_the_state(
+    sock: Path, backend: FakeBackend, capsys
+) -> None:
+    assert ctl(sock, "health") == 0
+    assert capsys.readouterr().out == "ready\n"
+    backend.waiting = "all endpoints are down: http://gpu1:8000/v1: connection refused"
+    assert ctl(sock, "health") == 69
+    out = capsys.readouterr().out
+    assert out == "waiting: cannot caption now (all endpoints are down: http://gpu1:8000/v1: connection refused)\n"
+    backend.waiting = None
+    backend.ready.clear()
+    assert ctl(sock, "health") == 69
+    assert capsys.readouterr().out == "loading: cannot caption now (loading the model)\n"
+
+
 # -- exit codes ---------------------------------------------------------------------------------
 
 
