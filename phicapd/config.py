@@ -24,6 +24,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from phicapd.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/phicapd/phicapd.toml")
+#: Names the configuration file when ``--config`` does not, for phicapd and phicapctl alike.
+CONFIG_ENV = "PHICAPD_CONFIG"
 SYSTEM_SOCKET_PATH = Path("/run/phicapd/phicapd.sock")
 DEFAULT_PROMPT = "Describe this image in detail, including the main subject, actions, and setting."
 DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -517,7 +519,7 @@ ENV_PREFIX = "PHICAPD_"
 OTHER_ENV_VARIABLES = frozenset(
     {
         "PHICAPD_SOCKET",
-        "PHICAPD_CONFIG",
+        CONFIG_ENV,
         "PHICAPD_TEST_COMPILE_BACKEND",
         "PHICAPD_OUTAGE_SECONDS",
         "PHICAPD_CI_VENV",
@@ -552,6 +554,20 @@ def check_environment(environ: Mapping[str, str]) -> None:
         hint = f" (did you mean {nearest[0]}?)" if nearest else ""
         lines.append(f"  {name}: not a phicapd setting{hint}")
     raise ConfigError("\n".join(lines))
+
+
+def socket_from_config(path: Path) -> Path | None:
+    """The ``[control] socket`` a configuration file sets, or None when it sets none (then the
+    daemon's default applies). Only ``[control]`` is validated, as the daemon does: phicapctl
+    reads the daemon's file to find it, and the rest (watch roots, the model) is not its business.
+    ``ConfigError`` names the file."""
+    control = read_toml(path).get("control", {})
+    if not isinstance(control, dict) or "socket" not in control:
+        return None
+    try:
+        return ControlSettings.model_validate(control).socket
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, str(path)).replace("\n  ", "\n  control.")) from None
 
 
 def load_settings(path: Path | None = None) -> Settings:

@@ -5,8 +5,10 @@ retry, pause, resume, rescan, metrics, version. ``caption-file`` and ``caption-d
 caller's permissions, send the bytes and write the sidecars themselves. A file under a watched
 root gets that root's prompt, prefix and suffix, as if the daemon had captioned it from there.
 
-Socket: ``--socket`` > ``$PHICAPD_SOCKET`` > /run/phicapd/phicapd.sock if it exists > the
-per-user socket (``$XDG_RUNTIME_DIR/phicapd.sock``).
+Socket: ``--socket`` > ``$PHICAPD_SOCKET`` > the ``[control] socket`` of the daemon's config
+(``--config FILE``, else ``$PHICAPD_CONFIG``, else /etc/phicapd/phicapd.toml when this user can
+read it) > /run/phicapd/phicapd.sock if its directory exists > the per-user socket
+(``$XDG_RUNTIME_DIR/phicapd.sock``).
 
 Exit codes: see ``EXIT_CODES`` below (also printed by ``phicapctl --help``).
 """
@@ -14,6 +16,7 @@ Exit codes: see ``EXIT_CODES`` below (also printed by ``phicapctl --help``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -26,7 +29,13 @@ from pydantic import ValidationError
 
 from phicapd import __version__
 from phicapd.cli.helpformat import HelpFormatter
-from phicapd.config import SYSTEM_SOCKET_PATH, user_socket_path
+from phicapd.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_PATH,
+    SYSTEM_SOCKET_PATH,
+    socket_from_config,
+    user_socket_path,
+)
 from phicapd.control import batch
 from phicapd.control.batch import BatchCaptioner, Options, Outcome
 from phicapd.control.client import (
@@ -37,6 +46,7 @@ from phicapd.control.client import (
     DaemonUnreachable,
     RequestRejected,
 )
+from phicapd.errors import ConfigError
 from phicapd.pipeline.sidecar import write_sidecar
 
 EX_USAGE = 64
@@ -49,7 +59,7 @@ exit codes (sysexits):
   64   usage error (EX_USAGE)
   65   input rejected by the daemon, a 4xx answer: not an image, URL refused;
        retry: a PATH that is not a failed image (EX_DATAERR)
-  66   an input file or directory could not be read (EX_NOINPUT)
+  66   an input file or directory, or the --config file, could not be read (EX_NOINPUT)
   69   daemon unreachable: no socket, nobody listening, no permission;
        health: no caption can be made now; caption-file/dir: xmp or embed without pyexiv2
        (EX_UNAVAILABLE)
@@ -60,11 +70,23 @@ When files of one batch fail differently, the first of 69, 70, 73, 66, 65 that o
 """
 
 
-def resolve_socket(explicit: str | None) -> Path:
+def resolve_socket(explicit: str | None, config: Path | None = None) -> Path:
+    """Where the daemon listens (the order is in the module docstring). ``ConfigError`` for a
+    named config file (``config`` or ``$PHICAPD_CONFIG``) that cannot be read."""
     if explicit:
         return Path(explicit)
     if env := os.environ.get(SOCKET_ENV):
         return Path(env)
+    if config is None and (named := os.environ.get(CONFIG_ENV)):
+        config = Path(named)
+    if config is not None:
+        if (configured := socket_from_config(config)) is not None:
+            return configured
+    else:
+        # The system daemon's file, when this user may read it (it may be root's alone).
+        with contextlib.suppress(ConfigError):
+            if DEFAULT_CONFIG_PATH.is_file() and (configured := socket_from_config(DEFAULT_CONFIG_PATH)):
+                return configured
     # The directory, not the socket: a user outside phicapd-clients cannot look inside it and
     # should be told "permission denied" there, not "no daemon" at a per-user path.
     if SYSTEM_SOCKET_PATH.parent.is_dir():
@@ -107,8 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="phicapctl", description="Control a running phicapd.", epilog=EXIT_CODES)
     parser.add_argument(
         "--socket",
-        help=f"control socket (default: ${SOCKET_ENV}, then {SYSTEM_SOCKET_PATH} if it exists, "
-        "then $XDG_RUNTIME_DIR/phicapd.sock)",
+        help=f"control socket (default: ${SOCKET_ENV}, then the one --config names, then {SYSTEM_SOCKET_PATH} "
+        "if it exists, then $XDG_RUNTIME_DIR/phicapd.sock)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"the daemon's configuration, to find its [control] socket (default: ${CONFIG_ENV}, "
+        f"then {DEFAULT_CONFIG_PATH} if readable)",
     )
     parser.add_argument(
         "--timeout", type=_seconds, default=DEFAULT_TIMEOUT, help="seconds to wait for a non-caption answer"
@@ -560,7 +589,12 @@ def _main(argv: list[str] | None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version and usage errors
         return e.code if isinstance(e.code, int) else EX_USAGE
-    client = ControlClient(resolve_socket(args.socket), timeout=args.timeout)
+    try:
+        socket = resolve_socket(args.socket, args.config)
+    except ConfigError as e:
+        _err(str(e))
+        return batch.EX_NOINPUT
+    client = ControlClient(socket, timeout=args.timeout)
     try:
         return args.func(client, args)
     except DaemonUnreachable as e:

@@ -17,12 +17,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from phicapd import __version__
 from phicapd.cli.helpformat import HelpFormatter
-from phicapd.config import DEFAULT_CONFIG_PATH, SYSTEM_SOCKET_PATH, Settings, load_settings, redact_userinfo
+from phicapd.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_PATH,
+    SYSTEM_SOCKET_PATH,
+    Settings,
+    load_settings,
+    redact_userinfo,
+)
 from phicapd.errors import EX_CONFIG, EX_TEMPFAIL, ConfigError, ModelUnavailable, PhicapError
 from phicapd.log import configure_logging, get_logger, is_journal_stream
 
@@ -57,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
             "--config",
             type=Path,
             default=None,
-            help=f"TOML configuration file (default: {DEFAULT_CONFIG_PATH} if it exists)",
+            help=f"TOML configuration file (default: ${CONFIG_ENV}, then {DEFAULT_CONFIG_PATH} if it exists)",
         )
         return p
 
@@ -74,7 +82,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config)
+    # $PHICAPD_CONFIG names the file for phicapctl too, so the two agree on the socket.
+    named = os.environ.get(CONFIG_ENV)
+    return load_settings(args.config or (Path(named) if named else None))
 
 
 def _run(args: argparse.Namespace) -> int:

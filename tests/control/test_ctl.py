@@ -395,6 +395,60 @@ def test_socket_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert resolve_socket(None) == tmp_path / "run" / "phicapd.sock"
 
 
+@pytest.fixture
+def no_socket_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Nothing in the environment or on this machine says where the daemon is."""
+    monkeypatch.delenv("PHICAPD_SOCKET", raising=False)
+    monkeypatch.delenv("PHICAPD_CONFIG", raising=False)
+    monkeypatch.setattr("phicapd.cli.ctl.DEFAULT_CONFIG_PATH", tmp_path / "etc" / "phicapd.toml")
+    monkeypatch.setattr("phicapd.cli.ctl.SYSTEM_SOCKET_PATH", tmp_path / "no-run" / "phicapd.sock")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "no-xdg"))
+
+
+def _daemon_config(path: Path, socket: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'[model]\ndevice = "cpu"\n[control]\nsocket = "{socket}"\nmax_connections = 8\n')
+    return path
+
+
+@pytest.mark.usefixtures("no_socket_env")
+def test_config_names_the_socket(sock: Path, tmp_path: Path, capsys) -> None:
+    assert main(["status"]) == 69  # today's defaults find no daemon
+    capsys.readouterr()
+    cfg = _daemon_config(tmp_path / "phicapd.toml", sock)
+    assert main(["--config", str(cfg), "status"]) == 0
+    assert "ready" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("no_socket_env")
+def test_phicapd_config_and_the_system_config_name_the_socket(
+    sock: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PHICAPD_CONFIG", str(_daemon_config(tmp_path / "env.toml", sock)))
+    assert resolve_socket(None) == sock
+    assert resolve_socket(None, tmp_path / "env.toml") == sock
+    monkeypatch.setenv("PHICAPD_SOCKET", str(tmp_path / "env.sock"))  # the socket itself wins
+    assert resolve_socket(None) == tmp_path / "env.sock"
+    monkeypatch.delenv("PHICAPD_SOCKET")
+    monkeypatch.delenv("PHICAPD_CONFIG")
+    assert resolve_socket(None) == tmp_path / "no-xdg" / "phicapd.sock"  # today's default
+    _daemon_config(tmp_path / "etc" / "phicapd.toml", sock)
+    assert resolve_socket(None) == sock
+    # A system config without [control] socket: the daemon's default, so today's rules.
+    (tmp_path / "etc" / "phicapd.toml").write_text('[model]\ndevice = "cpu"\n')
+    assert resolve_socket(None) == tmp_path / "no-xdg" / "phicapd.sock"
+
+
+@pytest.mark.usefixtures("no_socket_env")
+def test_a_config_that_cannot_be_read_is_named(tmp_path: Path, capsys) -> None:
+    assert main(["--config", str(tmp_path / "nope.toml"), "status"]) == 66
+    assert capsys.readouterr().err == f"phicapctl: config file {tmp_path / 'nope.toml'} does not exist\n"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[control]\nsocket = 3\n")
+    assert main(["--config", str(bad), "status"]) == 66
+    assert f"{bad}:\n  control.socket: Input is not a valid path" in capsys.readouterr().err
+
+
 def test_progress_line_only_on_a_terminal() -> None:
     class Tty(io.StringIO):
         def isatty(self) -> bool:

@@ -254,3 +254,16 @@ def test_every_documented_phicapd_variable_is_known() -> None:
     named = {m for p in texts for m in re.findall(r"PHICAPD_[A-Z0-9_]*[A-Z0-9]", p.read_text())}
     named -= {"PHICAPD_SECTION__KEY"}  # the pattern itself
     assert named - {*setting_env_names(), *OTHER_ENV_VARIABLES} == set()
+
+
+def test_phicapd_config_names_the_file_when_config_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[model]\nnum_crops = 4\n")
+    monkeypatch.setenv("PHICAPD_CONFIG", str(cfg))
+    assert main(["check-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["num_crops"] == 4
+    monkeypatch.setenv("PHICAPD_CONFIG", str(tmp_path / "nope.toml"))  # named, so it must exist
+    assert main(["check-config"]) == EX_CONFIG
+    assert f"config file {tmp_path / 'nope.toml'} does not exist" in capsys.readouterr().err
