@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -296,13 +297,32 @@ def _probe_with_timeout(root: Path) -> None:
         raise errors[0]
 
 
+# Where the unit's PrivateTmp=yes gives the service a /tmp and /var/tmp of its own.
+PRIVATE_TMP_DIRS = (Path("/tmp"), Path("/var/tmp"))
+# What a write to a path the unit does not list in ReadWritePaths= fails with (ProtectSystem=
+# strict makes it read-only), or what a user's permissions refuse: only these get the hint.
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+_INSTALL_HINT = "; under systemd run `phicapd install-unit` to allow it (ReadWritePaths=)"
+
+
+def under_private_tmp(path: Path) -> bool:
+    return any(path == tmp or path.is_relative_to(tmp) for tmp in PRIVATE_TMP_DIRS)
+
+
+def _missing(root: Path) -> str:
+    message = f"watch root {root} does not exist"
+    if under_private_tmp(root) and os.environ.get("INVOCATION_ID"):
+        message += " (the unit's PrivateTmp=yes gives phicapd a /tmp of its own: watch a directory outside /tmp)"
+    return message
+
+
 def _probe(root: Path) -> None:
-    hint = "; under systemd run `phicapd install-unit` to allow it (ReadWritePaths=)"
     try:
         is_dir = stat.S_ISDIR(os.stat(root).st_mode)
     except FileNotFoundError:
-        raise ConfigError(f"watch root {root} does not exist{hint}") from None
+        raise ConfigError(_missing(root)) from None
     except OSError as e:
+        hint = _INSTALL_HINT if e.errno in _DENIED else ""
         raise ConfigError(f"watch root {root} cannot be reached: {e.strerror}{hint}") from None
     if not is_dir:
         raise ConfigError(f"watch root {root} is not a directory")
@@ -314,6 +334,7 @@ def _probe(root: Path) -> None:
         probe.unlink()
     except OSError as e:
         uid = os.geteuid()
+        hint = _INSTALL_HINT if e.errno in _DENIED else ""
         raise ConfigError(f"watch root {root} is not writable by uid {uid}: {e.strerror}{hint}") from None
 
 
