@@ -50,6 +50,13 @@ EXTEND_EVERY_SECONDS = 20.0  # the keepalive's period; each message extends by t
 LOAD_RETRY_SECONDS = 10.0
 EX_SOFTWARE = 70  # sysexits(3): the model broke; systemd's Restart=on-failure restarts us
 STALL_SECONDS = 300.0
+#: What a daemon started without [[watch]] says: it runs (phicapctl captions), but a new user
+#: expects it to watch something.
+NO_ROOTS_HINT = (
+    'add a [[watch]] table with path = "/absolute/dir" to the configuration file '
+    '(or PHICAPD_WATCH=\'[{"path": "/absolute/dir"}]\'), then `systemctl reload phicapd` or start '
+    "phicapd run again; phicapctl caption-file and caption-dir work meanwhile"
+)
 
 
 def load_model_captioner(settings: Settings) -> Captioner:
@@ -143,6 +150,8 @@ class Daemon:
         self.server = ControlServer(self.settings.control, self, listen_socket=listen_socket)
         self.server.start()
         log.info("control socket listening", socket=str(self.settings.control.socket))
+        if not self.settings.watch:
+            log.warning("no watch roots: no directory is watched", hint=NO_ROOTS_HINT)
 
         notifier.status(f"loading model {model_source(self.settings)}")
         keepalive = self._keepalive = _ExtendTimeout(notifier)
