@@ -175,7 +175,7 @@ def test_keep_alive_serves_several_requests_on_one_connection(server: ControlSer
     req = b"GET /v1/version HTTP/1.1\r\nHost: phicapd\r\n\r\n"
     reply = raw_exchange(settings.socket, req * 3 + b"GET /v1/health HTTP/1.1\r\nConnection: close\r\n\r\n")
     assert reply.count(b"HTTP/1.1 200 OK") == 4
-    assert reply.rstrip().endswith(b'{"ready":true}')
+    assert reply.rstrip().endswith(b'{"ready":true,"captioning":true,"state":"ready","reason":null}')
 
 
 def test_expect_100_continue(server: ControlServer, settings: ControlSettings) -> None:
