@@ -149,7 +149,6 @@ class Daemon:
         self.state = "loading"
         self.server = ControlServer(self.settings.control, self, listen_socket=listen_socket)
         self.server.start()
-        log.info("control socket listening", socket=str(self.settings.control.socket))
         if not self.settings.watch:
             log.warning("no watch roots: no directory is watched", hint=NO_ROOTS_HINT)
 

@@ -209,6 +209,14 @@ def test_caption_dir_of_a_missing_directory(sock: Path, tmp_path: Path, capsys) 
     assert "a.jpg: not a directory" in capsys.readouterr().err
 
 
+def test_an_empty_file_is_said_to_be_empty(sock: Path, tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    assert ctl(sock, "caption-file", str(empty)) == 65
+    assert f"{empty}: the file is empty (0 bytes)" in capsys.readouterr().err
+    assert not (tmp_path / "empty.txt").exists()
+
+
 def test_results_come_in_argument_order(sock: Path, tmp_path: Path, backend: FakeBackend, capsys) -> None:
     a, b, c = (image(tmp_path / name) for name in ("a.jpg", "b.jpg", "c.jpg"))
     backend.waits_for = {"a.jpg": "b.jpg", "b.jpg": "c.jpg"}  # they finish c, b, a

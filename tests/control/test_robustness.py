@@ -154,7 +154,7 @@ def test_slowloris_is_cut_off(sock_dir: Path, backend: FakeBackend) -> None:
         (b'POST /v1/caption-url HTTP/1.1\r\nContent-Length: 11\r\n\r\n{"url": 42}', "400"),
         (b"GET /v1/failures?limit=abc HTTP/1.1\r\n\r\n", "400"),
         (b"POST /v1/caption?max_new_tokens=0 HTTP/1.1\r\nContent-Length: 4\r\n\r\n\x89PNG", "400"),
-        (b"POST /v1/caption HTTP/1.1\r\nContent-Length: 0\r\n\r\n", "400"),
+        (b"POST /v1/caption HTTP/1.1\r\nContent-Length: 0\r\n\r\n", "422"),  # image_empty
         (b"DELETE /v1/status HTTP/1.1\r\n\r\n", "405"),
         (b"GET /v1/caption HTTP/1.1\r\n\r\n", "405"),
         (b"GET /v2/status HTTP/1.1\r\n\r\n", "404"),

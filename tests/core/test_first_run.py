@@ -101,3 +101,8 @@ def test_a_daemon_without_roots_says_how_to_add_one(tmp_path: Path) -> None:
     root.mkdir()
     (tmp_path / "again").mkdir()
     assert not [e for e in _start_logs(tmp_path / "again", [root]) if e["log_level"] == "warning"]
+
+
+def test_the_socket_is_announced_once(tmp_path: Path) -> None:
+    events = [e["event"] for e in _start_logs(tmp_path, [])]
+    assert events.count("control socket listening") == 1
