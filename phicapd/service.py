@@ -131,7 +131,22 @@ class Daemon:
             self._loading = False
             raise _StopWhileLoading
 
-    def run(self, *, notifier: Any = None, listen_socket: Any = None, install_signals: bool = True) -> int:
+    def _on_hangup(self, *args: object) -> None:
+        """SIGHUP of a foreground run: its terminal closed. Stop as for SIGTERM (drained, exit 0),
+        so no GPU stays busy for a session that is gone."""
+        log.warning("SIGHUP: stopping (the terminal closed?); `phicapd run --reload-on-hup` reloads instead")
+        self._on_signal(*args)
+
+    def run(
+        self,
+        *,
+        notifier: Any = None,
+        listen_socket: Any = None,
+        install_signals: bool = True,
+        reload_on_hup: bool = True,
+    ) -> int:
+        """Serve until stopped; returns the exit code. ``reload_on_hup``: SIGHUP re-reads the
+        configuration (systemctl reload), else it stops the daemon like SIGTERM."""
         from phicapd.control.server import ControlServer
         from phicapd.systemd import Notifier, WatchdogFeeder
 
@@ -139,8 +154,7 @@ class Daemon:
         if install_signals:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
-            # Reload, never die: the default action of SIGHUP (a closed terminal) is to exit.
-            signal.signal(signal.SIGHUP, self.request_reload)
+            signal.signal(signal.SIGHUP, self.request_reload if reload_on_hup else self._on_hangup)
 
         recovered = self.store.recover()
         if recovered:
@@ -749,13 +763,19 @@ def run(
     settings: Settings,
     captioner_factory: CaptionerFactory = load_model_captioner,
     settings_loader: Callable[[], Settings] | None = None,
+    *,
+    reload_on_hup: bool | None = None,
 ) -> int:
-    """Run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads the configuration
-    through ``settings_loader``); returns the exit code."""
+    """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit code.
+
+    SIGHUP reloads the configuration through ``settings_loader`` when systemd started us (it is
+    ``systemctl reload``) or ``reload_on_hup`` says so; otherwise it is a closed terminal and
+    stops the daemon, like SIGTERM."""
     from phicapd.preflight import check_startup
-    from phicapd.systemd import listen_fds
+    from phicapd.systemd import listen_fds, started_by_systemd
 
     sockets = listen_fds()
     check_startup(settings, socket_inherited=bool(sockets))
     daemon = Daemon(settings, captioner_factory, settings_loader)
-    return daemon.run(listen_socket=sockets[0] if sockets else None)
+    reload = started_by_systemd() if reload_on_hup is None else reload_on_hup
+    return daemon.run(listen_socket=sockets[0] if sockets else None, reload_on_hup=reload)

@@ -297,6 +297,12 @@ def _probe_with_timeout(root: Path) -> None:
         raise errors[0]
 
 
+def started_by_systemd() -> bool:
+    """systemd started this process as a service (it sets ``$INVOCATION_ID``; ``$NOTIFY_SOCKET``
+    for Type=notify): there a SIGHUP is ``systemctl reload``, not a terminal that closed."""
+    return bool(os.environ.get("INVOCATION_ID") or os.environ.get("NOTIFY_SOCKET"))
+
+
 # Where the unit's PrivateTmp=yes gives the service a /tmp and /var/tmp of its own.
 PRIVATE_TMP_DIRS = (Path("/tmp"), Path("/var/tmp"))
 # What a write to a path the unit does not list in ReadWritePaths= fails with (ProtectSystem=
@@ -311,7 +317,7 @@ def under_private_tmp(path: Path) -> bool:
 
 def _missing(root: Path) -> str:
     message = f"watch root {root} does not exist"
-    if under_private_tmp(root) and os.environ.get("INVOCATION_ID"):
+    if under_private_tmp(root) and started_by_systemd():
         message += " (the unit's PrivateTmp=yes gives phicapd a /tmp of its own: watch a directory outside /tmp)"
     return message
 

@@ -1,6 +1,9 @@
 """``phicapd``: run the daemon and its maintenance commands.
 
-    phicapd run [--config PATH]            run in the foreground (what systemd starts)
+    phicapd run [--config PATH] [--reload-on-hup]
+                                           run in the foreground (what systemd starts); SIGHUP
+                                           reloads under systemd or with --reload-on-hup, and
+                                           stops a run in a terminal
     phicapd check-config [--config PATH]   validate and print the effective configuration
     phicapd download-model [--config PATH] fetch weights, configs and tokenizer into the HF cache
     phicapd make-test-model DIR            write a tiny random checkpoint for smoke tests
@@ -69,7 +72,14 @@ def _parser() -> argparse.ArgumentParser:
         )
         return p
 
-    with_config(command("run", "run the daemon in the foreground (what systemd starts)"))
+    p = with_config(command("run", "run the daemon in the foreground (what systemd starts)"))
+    p.add_argument(
+        "--reload-on-hup",
+        action="store_true",
+        default=None,
+        help="SIGHUP re-reads the configuration, as under systemd (default there); "
+        "elsewhere SIGHUP (a closed terminal) stops the daemon",
+    )
     with_config(command("check-config", "validate the configuration and the paths it names; print the effective one"))
     with_config(command("download-model", "pre-fetch the model into the Hugging Face cache"))
     p = command("make-test-model", "write a tiny random-weight checkpoint in Microsoft's layout, to try phicapd out")
@@ -92,7 +102,7 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(settings.log.format, settings.log.level)
     from phicapd.service import run
 
-    return run(settings, settings_loader=lambda: _settings(args))
+    return run(settings, settings_loader=lambda: _settings(args), reload_on_hup=args.reload_on_hup)
 
 
 def _check_config(args: argparse.Namespace) -> int:

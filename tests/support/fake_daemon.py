@@ -35,7 +35,8 @@ def main() -> int:
         _kill_between_formats(Path(marker))
     if os.environ.get("FAKE_ABORT_ON_HOSTILE"):
         _abort_on_hostile()
-    return run(settings, load, settings_loader=lambda: load_settings(Path(sys.argv[1])))
+    reload_on_hup = True if os.environ.get("FAKE_RELOAD_ON_HUP") else None  # as `run --reload-on-hup`
+    return run(settings, load, settings_loader=lambda: load_settings(Path(sys.argv[1])), reload_on_hup=reload_on_hup)
 
 
 def _kill_between_formats(marker: Path) -> None:
