@@ -68,6 +68,7 @@ exit codes (sysexits):
   141  standard output was closed early (`phicapctl status | head -1`); nothing is printed
 When files of one batch fail differently, the first of 69, 70, 73, 66, 65 that occurred wins.
 """
+SEE_EXIT_CODES = "exit codes: 0 on success; `phicapctl --help` lists the others."
 
 
 def resolve_socket(explicit: str | None, config: Path | None = None) -> Path:
@@ -146,14 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        """A subcommand whose one-line description shows both in the list and in its own --help."""
-        return sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}.", epilog=EXIT_CODES)
+        """A subcommand whose one-line description shows both in the list and in its own --help;
+        the exit-code table is printed once, by ``phicapctl --help``."""
+        return sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}.", epilog=SEE_EXIT_CODES)
 
     def json_flag(p: argparse.ArgumentParser, what: str) -> None:
         p.add_argument("--json", action="store_true", help=what)
 
-    def captioning(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--prompt", help="prompt to use (default: the daemon's, or the file's watch root's, prompt)")
+    def captioning(p: argparse.ArgumentParser, *, files: bool) -> None:
+        default = "the prompt of the file's watch root, else the daemon's" if files else "the daemon's prompt"
+        p.add_argument("--prompt", help=f"prompt to use (default: {default})")
         p.add_argument(
             "--max-new-tokens", type=_positive, help="longest caption in tokens (default: the daemon's setting)"
         )
@@ -163,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     def files(p: argparse.ArgumentParser) -> None:
-        captioning(p)
+        captioning(p, files=True)
         p.add_argument("--force", action="store_true", help="caption and replace sidecars the existing policy keeps")
         p.add_argument("--stdout", action="store_true", help="print captions only; write no sidecars")
         p.add_argument("-j", "--jobs", type=_positive, default=16, help="requests in flight")
@@ -182,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("caption-url", "download an image (in the daemon) and print its caption")
     p.add_argument("url", help="http or https URL")
     p.add_argument("-o", "--output", type=Path, help="write the caption to this file, atomically (default: stdout)")
-    captioning(p)
+    captioning(p, files=False)
     p.set_defaults(func=cmd_caption_url)
 
     p = command("status", "show the model, queues, throughput and failures")

@@ -45,6 +45,7 @@ exit codes:
   75  the model cannot be loaded yet (hub or network down for an hour, GPU not usable)
   78  a configuration problem, named in one line; systemd does not restart (EX_CONFIG)
 """
+SEE_EXIT_CODES = "exit codes: 0 on success, 78 for a configuration problem; `phicapd --help` lists the others."
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,8 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
         description = f"{text[0].upper()}{text[1:]}."
+        # The exit-code table is printed once, by ``phicapd --help``.
         return sub.add_parser(
-            name, help=text, description=description, epilog=EXIT_CODES, formatter_class=HelpFormatter
+            name, help=text, description=description, epilog=SEE_EXIT_CODES, formatter_class=HelpFormatter
         )
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -357,11 +357,21 @@ def test_every_command_and_option_is_described(capsys) -> None:
     assert main(["caption-file", "--help"]) == 0
     out = capsys.readouterr().out
     assert "-j JOBS, --jobs JOBS  requests in flight (default: 16)" in out
-    assert "(default: 900.0)" in out and "141" in out
+    assert "(default: 900.0)" in out
+    assert "141" not in out and "`phicapctl --help` lists the others" in out  # the table is printed once
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for code in (0, 64, 65, 66, 69, 70, 73, 141):
         assert f"\n  {code} " in out
+
+
+def test_caption_url_help_speaks_of_urls_not_files(capsys) -> None:
+    assert main(["caption-url", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "watch root" not in out and "(default: the daemon's prompt)" in " ".join(out.split())
+    assert main(["caption-file", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "(default: the prompt of the file's watch root, else the daemon's)" in out
 
 
 # The reader of stdout is gone before phicapctl writes a byte: its write fails with EPIPE.
