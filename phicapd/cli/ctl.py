@@ -231,20 +231,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Progress:
-    """A one-line counter on stderr, only when stderr is a terminal."""
+    """A progress bar on stderr, only when stderr is a terminal (elsewhere each file gets its
+    plain line); ``summary`` is the line a batch ends with, which scripts parse."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
+    WIDTH = 24
+
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
         self.total = total
-        self.stream = stream
-        self.enabled = stream.isatty() and total > 1
+        self.stream = stream or sys.stderr  # looked up now: a test (or a caller) may have replaced it
+        self.enabled = self.stream.isatty() and total > 1
         self.done = self.skipped = self.failed = 0
+        self.started = time.monotonic()
+
+    @property
+    def captioned(self) -> int:
+        return self.done - self.skipped - self.failed
 
     def update(self, outcome: Outcome) -> None:
         self.done += 1
         self.skipped += outcome.state == "skipped"
         self.failed += outcome.state == "failed"
         if self.enabled:
-            line = f"\r\x1b[K{self.done}/{self.total} done, {self.skipped} skipped, {self.failed} failed"
+            filled = self.WIDTH * self.done // self.total
+            bar = "#" * filled + "-" * (self.WIDTH - filled)
+            line = f"\r\x1b[K[{bar}] {self.done}/{self.total} done, {self.skipped} skipped, {self.failed} failed"
             self.stream.write(line)
             self.stream.flush()
 
@@ -257,6 +267,11 @@ class Progress:
         if self.enabled and self.done:
             self.stream.write("\n")
             self.stream.flush()
+
+    def summary(self) -> str:
+        """``N captioned, M skipped, K failed in S s``: the exact form is public (scripts parse it)."""
+        seconds = time.monotonic() - self.started
+        return f"{self.captioned} captioned, {self.skipped} skipped, {self.failed} failed in {seconds:.1f} s"
 
 
 def _outcome_json(o: Outcome) -> dict[str, Any]:
@@ -313,9 +328,14 @@ class InOrder:
             self._next += 1
 
 
-def _caption_paths(captioner: BatchCaptioner, args: argparse.Namespace, images: list[Path]) -> int:
+def _caption_paths(
+    captioner: BatchCaptioner, args: argparse.Namespace, images: list[Path], *, summary: bool = False
+) -> int:
+    """``summary`` (caption-dir): the bar, not a line per skipped file, on a terminal, and the
+    count line last on stderr."""
     progress = Progress(len(images))
     many = len(images) > 1
+    quiet_skips = summary and progress.enabled
 
     def report(o: Outcome) -> None:
         progress.clear()
@@ -326,7 +346,8 @@ def _caption_paths(captioner: BatchCaptioner, args: argparse.Namespace, images: 
         elif o.state == "failed":
             _err(o.message or o.code or "failed")
         elif o.state == "skipped":
-            _err(f"{o.image}: skipped, the existing-sidecar policy keeps {o.sidecar} (--force to caption again)")
+            if not quiet_skips:
+                _err(f"{o.image}: skipped, the existing-sidecar policy keeps {o.sidecar} (--force to caption again)")
         elif o.result is not None:
             print(f"{o.image}: {o.result.caption}" if many else o.result.caption, flush=True)
 
@@ -337,7 +358,11 @@ def _caption_paths(captioner: BatchCaptioner, args: argparse.Namespace, images: 
         in_order.add(o)
 
     outcomes = captioner.run(images, done)
-    progress.finish()
+    if summary:
+        progress.clear()  # the count line takes the bar's place
+        print(progress.summary(), file=sys.stderr, flush=True)
+    else:
+        progress.finish()
     return batch.exit_code(outcomes)
 
 
@@ -353,8 +378,9 @@ def cmd_caption_dir(client: ControlClient, args: argparse.Namespace) -> int:
     images = captioner.images_in(args.directory, recursive=args.recursive)
     if not images:
         _err(f"{args.directory}: no images")
+        print(Progress(0).summary(), file=sys.stderr)
         return batch.EX_OK
-    return _caption_paths(captioner, args, images)
+    return _caption_paths(captioner, args, images, summary=True)
 
 
 def _url_failed(args: argparse.Namespace, code: str, message: str, exit_code: int) -> int:
