@@ -94,6 +94,9 @@ class Daemon:
         self._keepalive: _ExtendTimeout | None = None
         self.captioner: Captioner | None = None
         self.scheduler: Scheduler | None = None
+        # The last reload that was refused, {"at": epoch seconds, "reason"}, until one succeeds:
+        # ``phicapctl status`` shows it, not only the log.
+        self.reload_refused: dict[str, Any] | None = None
         # Why the model is not ready yet, for ``phicapctl status``; None once it is loaded.
         self.loading: str | None = f"loading the model from {model_source(settings)}"
         self.store = JobStore(
@@ -267,7 +270,9 @@ class Daemon:
                 check_roots_writable(new.model_copy(update={"watch": [r for r in new.watch if r.path not in known]}))
             except (ConfigError, OSError) as e:
                 log.error("reload refused: the configuration is invalid; keeping the running one", reason=str(e))
+                self.reload_refused = {"at": time.time(), "reason": str(e)}
                 return False
+            self.reload_refused = None
             old = self.settings
             needs_restart = restart_only_changes(old, new)
             if needs_restart:
@@ -611,6 +616,8 @@ class Daemon:
                 {"backend": b, "endpoint": e, "model": m, "captions": n}
                 for (b, e, m), n in sorted((sched.writer.by_source if sched else {}).items(), key=lambda kv: str(kv[0]))
             ],
+            # The running configuration, and a reload refused since it was applied.
+            "config": {"reload_refused": self.reload_refused},
             "watch": [str(r.path) for r in self.settings.watch],
             "watcher_pending": self.watcher.pending() if self.watcher else 0,
             "unresponsive_roots": self.watcher.unresponsive_roots() if self.watcher else [],

@@ -480,6 +480,9 @@ def cmd_status(client: ControlClient, args: argparse.Namespace) -> int:
         return batch.EX_OK
     if reason := _loading_reason(status):
         print(f"not ready: {reason}")
+    if refused := (status.pop("config", None) or {}).get("reload_refused"):
+        # Until a reload succeeds the daemon runs an older configuration than the file's.
+        print(f"config: reload refused at {_flatten(refused.get('at'), 'at')}: {refused.get('reason')}")
     # First what a person asks (how much is left, when, what failed), then the raw counters.
     progress = _progress_lines(status)  # before the state is taken out: it reads it (paused, waiting)
     lines: list[tuple[str, Any]] = [("state", status.pop("state")), *progress]

@@ -5,6 +5,7 @@ an invalid file changes nothing; the process never dies of SIGHUP."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Sequence
@@ -171,3 +172,29 @@ def test_run_takes_reload_on_hup() -> None:
 
     assert _parser().parse_args(["run", "--reload-on-hup"]).reload_on_hup is True
     assert _parser().parse_args(["run"]).reload_on_hup is None  # decided by started_by_systemd()
+
+
+def test_status_shows_a_refused_reload_until_one_succeeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from phicapd.cli.ctl import main as phicapctl
+
+    config = write_config(tmp_path, [tmp_path])
+    good = config.read_text()
+    settings = load_settings(config)
+    socket = str(settings.control.socket)
+    with running_daemon(settings, settings_loader=lambda: load_settings(config)) as daemon:
+        assert daemon.status()["config"] == {"reload_refused": None}
+        config.write_text(good + "[model]\nnum_crops = 0\n")
+        assert daemon.reload() is False
+        refused = daemon.status()["config"]["reload_refused"]
+        assert "model.num_crops" in refused["reason"] and refused["at"] > 0
+        capsys.readouterr()
+        assert phicapctl(["--socket", socket, "status"]) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert re.fullmatch(
+            r"config: reload refused at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: invalid configuration in .*", first
+        )
+        config.write_text(good)
+        assert daemon.reload() is True
+        assert daemon.status()["config"] == {"reload_refused": None}
+        assert phicapctl(["--socket", socket, "status"]) == 0
+        assert "reload refused" not in capsys.readouterr().out
