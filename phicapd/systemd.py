@@ -388,6 +388,20 @@ def render_dropin(settings: Settings) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_roots_visible_to_unit(settings: Settings) -> None:
+    """Refuse roots under /tmp or /var/tmp (as written or where they resolve to). The unit keeps
+    PrivateTmp=yes rather than being weakened for them: a watch folder belongs somewhere that
+    survives a reboot and is not shared with every user, which /tmp is neither."""
+    for path in _mount_paths([root.path for root in settings.watch]):
+        if under_private_tmp(path):
+            tmp = next(t for t in PRIVATE_TMP_DIRS if path == t or path.is_relative_to(t))
+            raise ConfigError(
+                f"watch root {path} is under {tmp}, which the unit's PrivateTmp=yes replaces with a {tmp} "
+                "of the service's own, so the service cannot see it; watch a directory outside /tmp and "
+                "/var/tmp (such as /srv/inbox)"
+            )
+
+
 def _mount_paths(roots: list[Path]) -> list[Path]:
     """Each root, followed by the path it resolves to where that differs; no duplicates."""
     paths: dict[Path, None] = {}
@@ -413,8 +427,11 @@ def install_unit(
 ) -> list[Path]:
     """Write the watch-paths drop-in (and copy the unit files); returns the paths written.
 
-    The caller still has to run ``systemctl daemon-reload``.
+    The caller still has to run ``systemctl daemon-reload``. A root the unit cannot see (under
+    /tmp or /var/tmp, which its PrivateTmp=yes replaces) is a ``ConfigError`` before anything is
+    written: the service would only find that it does not exist.
     """
+    check_roots_visible_to_unit(settings)
     written = []
     if copy_units:
         unit_dir.mkdir(parents=True, exist_ok=True)
@@ -440,6 +457,7 @@ def _write_atomic(target: Path, text: str) -> None:
 __all__ = [
     "Notifier",
     "WatchdogFeeder",
+    "check_roots_visible_to_unit",
     "check_roots_writable",
     "install_unit",
     "listen_fds",
