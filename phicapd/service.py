@@ -32,6 +32,7 @@ from phicapd.pipeline.intake import Intake
 from phicapd.pipeline.jobs import Job, JobStore, Success
 from phicapd.pipeline.outputs import RootOutputs, sidecar_base
 from phicapd.pipeline.paths import is_watched_dir, journal_path, list_images, owning_root
+from phicapd.pipeline.progress import Backlog, progress_report
 from phicapd.pipeline.scanner import Reconciler
 from phicapd.pipeline.scheduler import Scheduler
 from phicapd.pipeline.sidecar import Claims, is_rule_base
@@ -609,7 +610,7 @@ class Daemon:
                 "captions_total": sched.throughput.total if sched else 0,
                 "batches_total": sched.batches if sched else 0,
             },
-            "progress": self._progress(counts),
+            "progress": self._progress(counts, state),
             "recent_failures": list(sched.recent_failures) if sched else [],
             # Which backend, endpoint and server-reported model made the captions since start.
             "captions_by_source": [
@@ -640,20 +641,18 @@ class Daemon:
             ],
         }
 
-    def _progress(self, counts: dict[str, int]) -> dict[str, Any]:
-        """How much is left and when it will be done: what a person asks first."""
-        backlog = counts["pending"] + counts["running"]
-        rate, window = self.scheduler.backlog_rate.recent() if self.scheduler is not None else (0.0, 0.0)
+    def _progress(self, counts: dict[str, int], state: str) -> dict[str, Any]:
+        """How much is left and when it will be done: what a person asks first (``pipeline.progress``)."""
+        retrying, next_retry_in = self.store.backing_off()
+        retrying = min(retrying, counts["pending"])  # two reads: a job may have turned due between them
+        backlog = Backlog(counts["pending"] - retrying + counts["running"], retrying, next_retry_in)
+        rate, busy = self.scheduler.backlog_rate.recent() if self.scheduler is not None else (0.0, 0.0)
         # Parked and waiting to be retried, as ``phicapctl failures`` lists them.
         by_code: dict[str, int] = {}
         for _, code, jobs in self.store.failure_counts():
             by_code[code] = by_code.get(code, 0) + jobs
         return {
-            "backlog": backlog,
-            "images_per_second": round(rate, 3),
-            "rate_window_seconds": round(window, 1),
-            # None: nothing captioned in the window yet, so no estimate (not "never").
-            "eta_seconds": 0.0 if backlog == 0 else round(backlog / rate, 1) if rate > 0 else None,
+            **progress_report(backlog, rate, busy, state),
             "failures_by_code": dict(sorted(by_code.items(), key=lambda kv: (-kv[1], kv[0]))),
         }
 

@@ -441,23 +441,38 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
+def _images(n: int) -> str:
+    return f"{n:,} image" if n == 1 else f"{n:,} images"
+
+
 def _progress_lines(status: dict[str, Any]) -> list[tuple[str, str]]:
     """What is left and when it will be done, from ``progress`` (absent from older daemons)."""
     progress = status.get("progress")
     if not isinstance(progress, dict):
         return []
     backlog, rate, eta = progress.get("backlog", 0), progress.get("images_per_second", 0), progress.get("eta_seconds")
-    window = _duration(progress.get("rate_window_seconds") or 0)
+    runnable, retrying = progress.get("runnable", backlog), progress.get("retrying", 0)
+    state = status.get("state")
+    # A daemon that predates "no_eta" says nothing of it; its state still does.
+    no_eta = progress.get("no_eta") or (state if state in ("paused", "waiting") else None)
+    retry = ""
+    if retrying:
+        after = progress.get("next_retry_in_seconds")
+        retry = f"{_images(retrying)} waiting to be retried" + (f", the first in {_duration(after)}" if after else "")
     if not backlog:
         left = "nothing queued"
+    elif no_eta == "paused":
+        left = f"{_images(backlog)}; paused, so no estimate (`phicapctl resume` goes on)"
+    elif no_eta == "waiting":
+        left = f"{_images(backlog)}; no estimate while every remote endpoint is down (model.waiting says why)"
+    elif no_eta == "retrying" or not runnable:
+        left = retry or f"{_images(backlog)} waiting to be retried"
     elif eta is None:
-        left = f"{backlog:,} images; no estimate yet (nothing captioned in the last {window})"
+        left = f"{_images(runnable)}; no estimate yet (nothing captioned in the last 5 min)"
     else:
-        left = f"{backlog:,} images, done in about {_duration(eta)} at {rate:.3g} images/s (last {window})"
-    if status.get("state") == "paused" and backlog:
-        left += "; paused"
-    if status.get("state") == "waiting" and backlog:
-        left += "; waiting for a remote endpoint (model.waiting says why)"
+        left = f"{_images(runnable)}, done in about {_duration(eta)} at {rate:.3g} images/s while busy"
+    if retry and left != retry and no_eta not in ("paused", "waiting"):
+        left += f"; {retry}"
     failures = progress.get("failures_by_code") or {}
     failed = "  ".join(f"{code}={n:,}" for code, n in failures.items()) or "none"
     return [("left", left), ("failures", failed)]

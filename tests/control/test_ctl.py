@@ -546,12 +546,12 @@ def test_status_says_when_it_waits_for_a_remote_endpoint(
     )
     assert ctl(sock, "status") == 0
     out = capsys.readouterr().out
-    assert "waiting for a remote endpoint" in out and waiting in out
+    assert "no estimate while every remote endpoint is down" in out and waiting in out
     assert ctl(sock, "status", "--json") == 0
     assert json.loads(capsys.readouterr().out)["state"] == "waiting"
     monkeypatch.setattr(backend, "status", lambda: {**status(), "state": "paused", "progress": progress})
     assert ctl(sock, "status") == 0
-    assert "; paused" in capsys.readouterr().out  # read before the state line took it out
+    assert "; paused, so no estimate" in capsys.readouterr().out  # read before the state line took it out
 
 
 @pytest.mark.parametrize(
@@ -559,17 +559,39 @@ def test_status_says_when_it_waits_for_a_remote_endpoint(
     [
         (
             {"backlog": 1234, "images_per_second": 1.71, "rate_window_seconds": 300.0, "eta_seconds": 721.6},
-            "1,234 images, done in about 12 min at 1.71 images/s (last 5 min)",
+            "1,234 images, done in about 12 min at 1.71 images/s while busy",
         ),
         (
             {"backlog": 50, "images_per_second": 0.0, "rate_window_seconds": 45.0, "eta_seconds": None},
-            "50 images; no estimate yet (nothing captioned in the last 45 s)",
+            "50 images; no estimate yet (nothing captioned in the last 5 min)",
         ),
         (
             {"backlog": 100_000, "images_per_second": 0.5, "rate_window_seconds": 300.0, "eta_seconds": 200_000.0},
-            "100,000 images, done in about 2.3 days at 0.5 images/s (last 5 min)",
+            "100,000 images, done in about 2.3 days at 0.5 images/s while busy",
         ),
         ({"backlog": 0, "images_per_second": 2.0, "rate_window_seconds": 300.0, "eta_seconds": 0.0}, "nothing queued"),
+        (
+            {"backlog": 1, "runnable": 1, "retrying": 0, "images_per_second": 2.0, "eta_seconds": 0.5},
+            "1 image, done in about 0 s at 2 images/s while busy",
+        ),
+        (
+            {"backlog": 1, "runnable": 0, "retrying": 1, "next_retry_in_seconds": 52.0, "images_per_second": 2.0}
+            | {"eta_seconds": None, "no_eta": "retrying"},
+            "1 image waiting to be retried, the first in 52 s",
+        ),
+        (
+            {"backlog": 12, "runnable": 10, "retrying": 2, "next_retry_in_seconds": 30.0, "images_per_second": 2.0}
+            | {"eta_seconds": 5.0, "no_eta": None},
+            "10 images, done in about 5 s at 2 images/s while busy; 2 images waiting to be retried, the first in 30 s",
+        ),
+        (
+            {"backlog": 54, "runnable": 54, "images_per_second": 2.0, "eta_seconds": None, "no_eta": "paused"},
+            "54 images; paused, so no estimate (`phicapctl resume` goes on)",
+        ),
+        (
+            {"backlog": 54, "runnable": 54, "images_per_second": 2.0, "eta_seconds": None, "no_eta": "waiting"},
+            "54 images; no estimate while every remote endpoint is down (model.waiting says why)",
+        ),
     ],
 )
 def test_status_says_what_is_left_and_when_before_the_counters(
