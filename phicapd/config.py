@@ -1,17 +1,20 @@
 """Configuration: a TOML file plus ``PHICAPD_SECTION__KEY`` environment overrides.
 
 ``load_settings`` is the only entry point. Every problem (a missing explicit file, a TOML
-syntax error, an unknown key, a wrong type) becomes one ``ConfigError`` whose message names
-the file and the key, and the daemon turns it into exit code 78 (EX_CONFIG), which systemd's
-``RestartPreventExitStatus=78`` refuses to restart.
+syntax error, an unknown key, a wrong type, a ``PHICAPD_*`` environment variable that names no
+setting) becomes one ``ConfigError`` whose message names the file and the key, and the daemon
+turns it into exit code 78 (EX_CONFIG), which systemd's ``RestartPreventExitStatus=78`` refuses
+to restart.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +24,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from phicapd.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/phicapd/phicapd.toml")
+#: Names the configuration file when ``--config`` does not, for phicapd and phicapctl alike.
+CONFIG_ENV = "PHICAPD_CONFIG"
 SYSTEM_SOCKET_PATH = Path("/run/phicapd/phicapd.sock")
 DEFAULT_PROMPT = "Describe this image in detail, including the main subject, actions, and setting."
 DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -507,12 +512,78 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} is not UTF-8: {e}") from None
 
 
+ENV_PREFIX = "PHICAPD_"
+TEST_ENV_PREFIX = "PHICAPD_TEST_"
+#: ``PHICAPD_*`` variables that are not settings, so not typos: phicapctl's socket and config
+#: (``phicapd.cli.ctl``), and what the benches and CI read; they run daemons with these set.
+#: ``PHICAPD_TEST_*`` is the test suite's own namespace (``TEST_ENV_PREFIX``).
+OTHER_ENV_VARIABLES = frozenset(
+    {
+        "PHICAPD_SOCKET",
+        CONFIG_ENV,
+        "PHICAPD_OUTAGE_SECONDS",
+        "PHICAPD_CI_VENV",
+        "PHICAPD_MAX_EXPOSURE",
+    }
+)
+
+
+def setting_env_names() -> list[str]:
+    """Every environment variable that sets something: a whole section (``PHICAPD_WATCH``, as
+    JSON) or one key of it (``PHICAPD_MODEL__DEVICE``)."""
+    names: list[str] = []
+    for section, field in Settings.model_fields.items():
+        names.append(f"{ENV_PREFIX}{section.upper()}")
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            names += [f"{ENV_PREFIX}{section.upper()}__{key.upper()}" for key in field.annotation.model_fields]
+    return names
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """``ConfigError`` naming each ``PHICAPD_*`` variable that is neither a setting nor one of
+    ``OTHER_ENV_VARIABLES``, with the nearest valid name: pydantic-settings would ignore it, and
+    a misspelt override must not pass silently any more than a misspelt key in the file."""
+    valid = {*setting_env_names(), *OTHER_ENV_VARIABLES}
+    # Matched without regard to case, as pydantic-settings reads them (case_sensitive=False).
+    unknown = sorted(
+        name
+        for name in environ
+        if name.upper().startswith(ENV_PREFIX)
+        and not name.upper().startswith(TEST_ENV_PREFIX)
+        and name.upper() not in valid
+    )
+    if not unknown:
+        return
+    lines = ["invalid configuration in the environment:"]
+    for name in unknown:
+        nearest = difflib.get_close_matches(name.upper(), sorted(valid), n=1)
+        hint = f" (did you mean {nearest[0]}?)" if nearest else ""
+        lines.append(f"  {name}: not a phicapd setting{hint}")
+    raise ConfigError("\n".join(lines))
+
+
+def socket_from_config(path: Path) -> Path | None:
+    """The ``[control] socket`` a configuration file sets, or None when it sets none (then the
+    daemon's default applies). Only ``[control]`` is validated, as the daemon does: phicapctl
+    reads the daemon's file to find it, and the rest (watch roots, the model) is not its business.
+    ``ConfigError`` names the file."""
+    control = read_toml(path).get("control", {})
+    if not isinstance(control, dict) or "socket" not in control:
+        return None
+    try:
+        return ControlSettings.model_validate(control).socket
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, str(path)).replace("\n  ", "\n  control.")) from None
+
+
 def load_settings(path: Path | None = None) -> Settings:
     """Load the TOML file at ``path`` (or the default if it exists) and apply the environment.
 
     An explicit ``path`` must exist; the default path is optional so that a bare ``phicapd run``
-    works with built-in defaults and environment variables alone.
+    works with built-in defaults and environment variables alone. A ``PHICAPD_*`` variable that
+    names no setting is an error (``check_environment``).
     """
+    check_environment(os.environ)
     explicit = path is not None
     path = path or DEFAULT_CONFIG_PATH
     data: dict[str, Any] = {}

@@ -1,9 +1,11 @@
-"""The directories ``phicapd run`` must create files in, tried before anything starts.
+"""What ``phicapd run`` refuses before anything starts, and ``phicapd check-config`` with it.
 
 A state directory or socket directory the daemon cannot use would otherwise surface as a
 traceback from deep inside SQLite or the socket code. Here it is one line naming the key and the
-path, a ``ConfigError`` (exit 78, which systemd does not restart), and ``phicapd check-config``
-runs the same checks, so it rejects what ``run`` would.
+path, a ``ConfigError`` (exit 78, which systemd does not restart). ``check_startup`` is what
+``run`` checks before the socket comes up; ``check_backend`` is what the model load refuses
+before it reads a weight or asks an endpoint. ``check-config`` runs both, so it rejects what
+``run`` would, with the same message and exit code.
 """
 
 from __future__ import annotations
@@ -57,3 +59,25 @@ def check_state_paths(settings: Settings, *, socket_inherited: bool = False) -> 
     for key, value, directory in checks:
         if (problem := directory_problem(directory)) is not None:
             raise ConfigError(f"{key} = {value}: {problem}")
+
+
+def check_startup(settings: Settings, *, socket_inherited: bool = False) -> None:
+    """Everything ``run`` checks before it starts: the watched roots (exist, writable), then the
+    state and socket directories."""
+    from phicapd.systemd import check_roots_writable
+
+    check_roots_writable(settings)
+    check_state_paths(settings, socket_inherited=socket_inherited)
+
+
+def check_backend(settings: Settings) -> str | None:
+    """What loading the configured backend refuses short of loading weights or asking an endpoint
+    (the same functions raise the same errors there). Returns a note for the user, or None."""
+    if settings.model.backend == "openai":
+        from phicapd.remote.captioner import check_remote
+
+        check_remote(settings.remote)
+        return None
+    from phicapd.model.loading import check_model
+
+    return check_model(settings.model)

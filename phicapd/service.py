@@ -32,6 +32,7 @@ from phicapd.pipeline.intake import Intake
 from phicapd.pipeline.jobs import Job, JobStore, Success
 from phicapd.pipeline.outputs import RootOutputs, sidecar_base
 from phicapd.pipeline.paths import is_watched_dir, journal_path, list_images, owning_root
+from phicapd.pipeline.progress import Backlog, progress_report
 from phicapd.pipeline.scanner import Reconciler
 from phicapd.pipeline.scheduler import Scheduler
 from phicapd.pipeline.sidecar import Claims, is_rule_base
@@ -51,6 +52,13 @@ EXTEND_EVERY_SECONDS = 20.0  # the keepalive's period; each message extends by t
 LOAD_RETRY_SECONDS = 10.0
 EX_SOFTWARE = 70  # sysexits(3): the model broke; systemd's Restart=on-failure restarts us
 STALL_SECONDS = 300.0
+#: What a daemon started without [[watch]] says: it runs (phicapctl captions), but a new user
+#: expects it to watch something.
+NO_ROOTS_HINT = (
+    'add a [[watch]] table with path = "/absolute/dir" to the configuration file '
+    '(or PHICAPD_WATCH=\'[{"path": "/absolute/dir"}]\'), then `systemctl reload phicapd` or start '
+    "phicapd run again; phicapctl caption-file and caption-dir work meanwhile"
+)
 
 
 def load_model_captioner(settings: Settings) -> Captioner:
@@ -89,6 +97,9 @@ class Daemon:
         self._keepalive: _ExtendTimeout | None = None
         self.captioner: Captioner | None = None
         self.scheduler: Scheduler | None = None
+        # The last reload that was refused, {"at": epoch seconds, "reason"}, until one succeeds:
+        # ``phicapctl status`` shows it, not only the log.
+        self.reload_refused: dict[str, Any] | None = None
         # Why the model is not ready yet, for ``phicapctl status``; None once it is loaded.
         self.loading: str | None = f"loading the model from {model_source(settings)}"
         self.store = JobStore(
@@ -127,7 +138,22 @@ class Daemon:
             self._loading = False
             raise _StopWhileLoading
 
-    def run(self, *, notifier: Any = None, listen_socket: Any = None, install_signals: bool = True) -> int:
+    def _on_hangup(self, *args: object) -> None:
+        """SIGHUP of a foreground run: its terminal closed. Stop as for SIGTERM (drained, exit 0),
+        so no GPU stays busy for a session that is gone."""
+        log.warning("SIGHUP: stopping (the terminal closed?); `phicapd run --reload-on-hup` reloads instead")
+        self._on_signal(*args)
+
+    def run(
+        self,
+        *,
+        notifier: Any = None,
+        listen_socket: Any = None,
+        install_signals: bool = True,
+        reload_on_hup: bool = True,
+    ) -> int:
+        """Serve until stopped; returns the exit code. ``reload_on_hup``: SIGHUP re-reads the
+        configuration (systemctl reload), else it stops the daemon like SIGTERM."""
         from phicapd.control.server import ControlServer
         from phicapd.systemd import Notifier, WatchdogFeeder
 
@@ -135,8 +161,7 @@ class Daemon:
         if install_signals:
             signal.signal(signal.SIGTERM, self._on_signal)
             signal.signal(signal.SIGINT, self._on_signal)
-            # Reload, never die: the default action of SIGHUP (a closed terminal) is to exit.
-            signal.signal(signal.SIGHUP, self.request_reload)
+            signal.signal(signal.SIGHUP, self.request_reload if reload_on_hup else self._on_hangup)
 
         recovered = self.store.recover()
         if recovered:
@@ -145,7 +170,8 @@ class Daemon:
         self.state = "loading"
         self.server = ControlServer(self.settings.control, self, listen_socket=listen_socket)
         self.server.start()
-        log.info("control socket listening", socket=str(self.settings.control.socket))
+        if not self.settings.watch:
+            log.warning("no watch roots: no directory is watched", hint=NO_ROOTS_HINT)
 
         notifier.status(f"loading model {model_source(self.settings)}")
         keepalive = self._keepalive = _ExtendTimeout(notifier)
@@ -248,7 +274,9 @@ class Daemon:
                 check_roots_writable(new.model_copy(update={"watch": [r for r in new.watch if r.path not in known]}))
             except (ConfigError, OSError) as e:
                 log.error("reload refused: the configuration is invalid; keeping the running one", reason=str(e))
+                self.reload_refused = {"at": time.time(), "reason": str(e)}
                 return False
+            self.reload_refused = None
             old = self.settings
             needs_restart = restart_only_changes(old, new)
             if needs_restart:
@@ -353,6 +381,28 @@ class Daemon:
 
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)
+
+    def current_state(self) -> str:
+        """``status``'s state: "loading", "ready", "paused" (the watched directories wait; socket
+        requests are captioned), "waiting" (every remote endpoint is down) or "stopping"."""
+        state = self.state
+        if state == "ready" and self.scheduler is not None and self.scheduler.paused:
+            state = "paused"
+        if state == "ready" and self._waiting():
+            state = "waiting"  # why is in model.waiting
+        return state
+
+    def health(self) -> dict[str, Any]:
+        state = self.current_state()
+        ready = self.is_ready()
+        reason: str | None = None
+        if not ready:
+            reason = self.loading if state == "loading" and self.loading else f"the daemon is {state}"
+        elif (waiting := self._waiting()) is not None:
+            reason = waiting  # "all endpoints are down: URL: why; ..."
+        elif self.scheduler is not None and self.scheduler.broken is not None:
+            reason = f"the model broke, a restart is due: {self.scheduler.broken}"
+        return {"ready": ready, "captioning": ready and reason is None, "state": state, "reason": reason}
 
     def caption_bytes(
         self,
@@ -540,13 +590,9 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         sched = self.scheduler
-        state = self.state
-        if state == "ready" and sched is not None and sched.paused:
-            state = "paused"
+        state = self.current_state()
         describe = getattr(self.captioner, "describe", None)
         details = describe() if describe is not None else {}
-        if state == "ready" and self._waiting():
-            state = "waiting"  # every remote endpoint is down; why is in model.waiting
         model: dict[str, Any] = {"source": model_source(self.settings), "loaded": self.captioner is not None}
         if self.captioner is None and self.loading is not None:
             model["loading"] = self.loading
@@ -568,13 +614,15 @@ class Daemon:
                 "captions_total": sched.throughput.total if sched else 0,
                 "batches_total": sched.batches if sched else 0,
             },
-            "progress": self._progress(counts),
+            "progress": self._progress(counts, state),
             "recent_failures": list(sched.recent_failures) if sched else [],
             # Which backend, endpoint and server-reported model made the captions since start.
             "captions_by_source": [
                 {"backend": b, "endpoint": e, "model": m, "captions": n}
                 for (b, e, m), n in sorted((sched.writer.by_source if sched else {}).items(), key=lambda kv: str(kv[0]))
             ],
+            # The running configuration, and a reload refused since it was applied.
+            "config": {"reload_refused": self.reload_refused},
             "watch": [str(r.path) for r in self.settings.watch],
             "max_body_bytes": self.settings.control.max_body_bytes,  # phicapctl refuses larger files unread
             "watcher_pending": self.watcher.pending() if self.watcher else 0,
@@ -598,20 +646,18 @@ class Daemon:
             ],
         }
 
-    def _progress(self, counts: dict[str, int]) -> dict[str, Any]:
-        """How much is left and when it will be done: what a person asks first."""
-        backlog = counts["pending"] + counts["running"]
-        rate, window = self.scheduler.backlog_rate.recent() if self.scheduler is not None else (0.0, 0.0)
+    def _progress(self, counts: dict[str, int], state: str) -> dict[str, Any]:
+        """How much is left and when it will be done: what a person asks first (``pipeline.progress``)."""
+        retrying, next_retry_in = self.store.backing_off()
+        retrying = min(retrying, counts["pending"])  # two reads: a job may have turned due between them
+        backlog = Backlog(counts["pending"] - retrying + counts["running"], retrying, next_retry_in)
+        rate, busy = self.scheduler.backlog_rate.recent() if self.scheduler is not None else (0.0, 0.0)
         # Parked and waiting to be retried, as ``phicapctl failures`` lists them.
         by_code: dict[str, int] = {}
         for _, code, jobs in self.store.failure_counts():
             by_code[code] = by_code.get(code, 0) + jobs
         return {
-            "backlog": backlog,
-            "images_per_second": round(rate, 3),
-            "rate_window_seconds": round(window, 1),
-            # None: nothing captioned in the window yet, so no estimate (not "never").
-            "eta_seconds": 0.0 if backlog == 0 else round(backlog / rate, 1) if rate > 0 else None,
+            **progress_report(backlog, rate, busy, state),
             "failures_by_code": dict(sorted(by_code.items(), key=lambda kv: (-kv[1], kv[0]))),
         }
 
@@ -728,14 +774,19 @@ def run(
     settings: Settings,
     captioner_factory: CaptionerFactory = load_model_captioner,
     settings_loader: Callable[[], Settings] | None = None,
+    *,
+    reload_on_hup: bool | None = None,
 ) -> int:
-    """Run the daemon in the foreground until SIGTERM/SIGINT (SIGHUP reloads the configuration
-    through ``settings_loader``); returns the exit code."""
-    from phicapd.preflight import check_state_paths
-    from phicapd.systemd import check_roots_writable, listen_fds
+    """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit code.
 
-    check_roots_writable(settings)
+    SIGHUP reloads the configuration through ``settings_loader`` when systemd started us (it is
+    ``systemctl reload``) or ``reload_on_hup`` says so; otherwise it is a closed terminal and
+    stops the daemon, like SIGTERM."""
+    from phicapd.preflight import check_startup
+    from phicapd.systemd import listen_fds, started_by_systemd
+
     sockets = listen_fds()
-    check_state_paths(settings, socket_inherited=bool(sockets))
+    check_startup(settings, socket_inherited=bool(sockets))
     daemon = Daemon(settings, captioner_factory, settings_loader)
-    return daemon.run(listen_socket=sockets[0] if sockets else None)
+    reload = started_by_systemd() if reload_on_hup is None else reload_on_hup
+    return daemon.run(listen_socket=sockets[0] if sockets else None, reload_on_hup=reload)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -296,13 +297,38 @@ def _probe_with_timeout(root: Path) -> None:
         raise errors[0]
 
 
+def started_by_systemd() -> bool:
+    """systemd started this process as a service (it sets ``$INVOCATION_ID``; ``$NOTIFY_SOCKET``
+    for Type=notify): there a SIGHUP is ``systemctl reload``, not a terminal that closed."""
+    return bool(os.environ.get("INVOCATION_ID") or os.environ.get("NOTIFY_SOCKET"))
+
+
+# Where the unit's PrivateTmp=yes gives the service a /tmp and /var/tmp of its own.
+PRIVATE_TMP_DIRS = (Path("/tmp"), Path("/var/tmp"))
+# What a write to a path the unit does not list in ReadWritePaths= fails with (ProtectSystem=
+# strict makes it read-only), or what a user's permissions refuse: only these get the hint.
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+_INSTALL_HINT = "; under systemd run `phicapd install-unit` to allow it (ReadWritePaths=)"
+
+
+def under_private_tmp(path: Path) -> bool:
+    return any(path == tmp or path.is_relative_to(tmp) for tmp in PRIVATE_TMP_DIRS)
+
+
+def _missing(root: Path) -> str:
+    message = f"watch root {root} does not exist"
+    if under_private_tmp(root) and started_by_systemd():
+        message += " (the unit's PrivateTmp=yes gives phicapd a /tmp of its own: watch a directory outside /tmp)"
+    return message
+
+
 def _probe(root: Path) -> None:
-    hint = "; under systemd run `phicapd install-unit` to allow it (ReadWritePaths=)"
     try:
         is_dir = stat.S_ISDIR(os.stat(root).st_mode)
     except FileNotFoundError:
-        raise ConfigError(f"watch root {root} does not exist{hint}") from None
+        raise ConfigError(_missing(root)) from None
     except OSError as e:
+        hint = _INSTALL_HINT if e.errno in _DENIED else ""
         raise ConfigError(f"watch root {root} cannot be reached: {e.strerror}{hint}") from None
     if not is_dir:
         raise ConfigError(f"watch root {root} is not a directory")
@@ -314,6 +340,7 @@ def _probe(root: Path) -> None:
         probe.unlink()
     except OSError as e:
         uid = os.geteuid()
+        hint = _INSTALL_HINT if e.errno in _DENIED else ""
         raise ConfigError(f"watch root {root} is not writable by uid {uid}: {e.strerror}{hint}") from None
 
 
@@ -361,6 +388,20 @@ def render_dropin(settings: Settings) -> str:
     return "\n".join(lines) + "\n"
 
 
+def check_roots_visible_to_unit(settings: Settings) -> None:
+    """Refuse roots under /tmp or /var/tmp (as written or where they resolve to). The unit keeps
+    PrivateTmp=yes rather than being weakened for them: a watch folder belongs somewhere that
+    survives a reboot and is not shared with every user, which /tmp is neither."""
+    for path in _mount_paths([root.path for root in settings.watch]):
+        if under_private_tmp(path):
+            tmp = next(t for t in PRIVATE_TMP_DIRS if path == t or path.is_relative_to(t))
+            raise ConfigError(
+                f"watch root {path} is under {tmp}, which the unit's PrivateTmp=yes replaces with a {tmp} "
+                "of the service's own, so the service cannot see it; watch a directory outside /tmp and "
+                "/var/tmp (such as /srv/inbox)"
+            )
+
+
 def _mount_paths(roots: list[Path]) -> list[Path]:
     """Each root, followed by the path it resolves to where that differs; no duplicates."""
     paths: dict[Path, None] = {}
@@ -386,8 +427,11 @@ def install_unit(
 ) -> list[Path]:
     """Write the watch-paths drop-in (and copy the unit files); returns the paths written.
 
-    The caller still has to run ``systemctl daemon-reload``.
+    The caller still has to run ``systemctl daemon-reload``. A root the unit cannot see (under
+    /tmp or /var/tmp, which its PrivateTmp=yes replaces) is a ``ConfigError`` before anything is
+    written: the service would only find that it does not exist.
     """
+    check_roots_visible_to_unit(settings)
     written = []
     if copy_units:
         unit_dir.mkdir(parents=True, exist_ok=True)
@@ -413,6 +457,7 @@ def _write_atomic(target: Path, text: str) -> None:
 __all__ = [
     "Notifier",
     "WatchdogFeeder",
+    "check_roots_visible_to_unit",
     "check_roots_writable",
     "install_unit",
     "listen_fds",

@@ -5,8 +5,10 @@ retry, pause, resume, rescan, metrics, version. ``caption-file`` and ``caption-d
 caller's permissions, send the bytes and write the sidecars themselves. A file under a watched
 root gets that root's prompt, prefix and suffix, as if the daemon had captioned it from there.
 
-Socket: ``--socket`` > ``$PHICAPD_SOCKET`` > /run/phicapd/phicapd.sock if it exists > the
-per-user socket (``$XDG_RUNTIME_DIR/phicapd.sock``).
+Socket: ``--socket`` > ``$PHICAPD_SOCKET`` > the ``[control] socket`` of the daemon's config
+(``--config FILE``, else ``$PHICAPD_CONFIG``, else /etc/phicapd/phicapd.toml when this user can
+read it) > /run/phicapd/phicapd.sock if its directory exists > the per-user socket
+(``$XDG_RUNTIME_DIR/phicapd.sock``).
 
 Exit codes: see ``EXIT_CODES`` below (also printed by ``phicapctl --help``).
 """
@@ -14,6 +16,7 @@ Exit codes: see ``EXIT_CODES`` below (also printed by ``phicapctl --help``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -26,7 +29,13 @@ from pydantic import ValidationError
 
 from phicapd import __version__
 from phicapd.cli.helpformat import HelpFormatter
-from phicapd.config import SYSTEM_SOCKET_PATH, user_socket_path
+from phicapd.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_PATH,
+    SYSTEM_SOCKET_PATH,
+    socket_from_config,
+    user_socket_path,
+)
 from phicapd.control import batch
 from phicapd.control.batch import BatchCaptioner, Options, Outcome
 from phicapd.control.client import (
@@ -37,6 +46,7 @@ from phicapd.control.client import (
     DaemonUnreachable,
     RequestRejected,
 )
+from phicapd.errors import ConfigError
 from phicapd.pipeline.sidecar import write_sidecar
 
 EX_USAGE = 64
@@ -49,22 +59,35 @@ exit codes (sysexits):
   64   usage error (EX_USAGE)
   65   input rejected by the daemon, a 4xx answer: not an image, URL refused;
        retry: a PATH that is not a failed image (EX_DATAERR)
-  66   an input file or directory could not be read (EX_NOINPUT)
+  66   an input file or directory, or the --config file, could not be read (EX_NOINPUT)
   69   daemon unreachable: no socket, nobody listening, no permission;
-       health: not ready; caption-file/dir: xmp or embed without pyexiv2
+       health: no caption can be made now; caption-file/dir: xmp or embed without pyexiv2
        (EX_UNAVAILABLE)
   70   caption failed in the daemon, a 5xx answer or no answer in time (EX_SOFTWARE)
   73   the sidecar or --output file could not be written (EX_CANTCREAT)
   141  standard output was closed early (`phicapctl status | head -1`); nothing is printed
 When files of one batch fail differently, the first of 69, 70, 73, 66, 65 that occurred wins.
 """
+SEE_EXIT_CODES = "exit codes: 0 on success; `phicapctl --help` lists the others."
 
 
-def resolve_socket(explicit: str | None) -> Path:
+def resolve_socket(explicit: str | None, config: Path | None = None) -> Path:
+    """Where the daemon listens (the order is in the module docstring). ``ConfigError`` for a
+    named config file (``config`` or ``$PHICAPD_CONFIG``) that cannot be read."""
     if explicit:
         return Path(explicit)
     if env := os.environ.get(SOCKET_ENV):
         return Path(env)
+    if config is None and (named := os.environ.get(CONFIG_ENV)):
+        config = Path(named)
+    if config is not None:
+        if (configured := socket_from_config(config)) is not None:
+            return configured
+    else:
+        # The system daemon's file, when this user may read it (it may be root's alone).
+        with contextlib.suppress(ConfigError):
+            if DEFAULT_CONFIG_PATH.is_file() and (configured := socket_from_config(DEFAULT_CONFIG_PATH)):
+                return configured
     # The directory, not the socket: a user outside phicapd-clients cannot look inside it and
     # should be told "permission denied" there, not "no daemon" at a per-user path.
     if SYSTEM_SOCKET_PATH.parent.is_dir():
@@ -107,8 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="phicapctl", description="Control a running phicapd.", epilog=EXIT_CODES)
     parser.add_argument(
         "--socket",
-        help=f"control socket (default: ${SOCKET_ENV}, then {SYSTEM_SOCKET_PATH} if it exists, "
-        "then $XDG_RUNTIME_DIR/phicapd.sock)",
+        help=f"control socket (default: ${SOCKET_ENV}, then the one --config names, then {SYSTEM_SOCKET_PATH} "
+        "if it exists, then $XDG_RUNTIME_DIR/phicapd.sock)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help=f"the daemon's configuration, to find its [control] socket (default: ${CONFIG_ENV}, "
+        f"then {DEFAULT_CONFIG_PATH} if readable)",
     )
     parser.add_argument(
         "--timeout", type=_seconds, default=DEFAULT_TIMEOUT, help="seconds to wait for a non-caption answer"
@@ -117,14 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
-        """A subcommand whose one-line description shows both in the list and in its own --help."""
-        return sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}.", epilog=EXIT_CODES)
+        """A subcommand whose one-line description shows both in the list and in its own --help;
+        the exit-code table is printed once, by ``phicapctl --help``."""
+        return sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}.", epilog=SEE_EXIT_CODES)
 
     def json_flag(p: argparse.ArgumentParser, what: str) -> None:
         p.add_argument("--json", action="store_true", help=what)
 
-    def captioning(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--prompt", help="prompt to use (default: the daemon's, or the file's watch root's, prompt)")
+    def captioning(p: argparse.ArgumentParser, *, files: bool) -> None:
+        default = "the prompt of the file's watch root, else the daemon's" if files else "the daemon's prompt"
+        p.add_argument("--prompt", help=f"prompt to use (default: {default})")
         p.add_argument(
             "--max-new-tokens", type=_positive, help="longest caption in tokens (default: the daemon's setting)"
         )
@@ -134,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     def files(p: argparse.ArgumentParser) -> None:
-        captioning(p)
+        captioning(p, files=True)
         p.add_argument("--force", action="store_true", help="caption and replace sidecars the existing policy keeps")
         p.add_argument("--stdout", action="store_true", help="print captions only; write no sidecars")
         p.add_argument("-j", "--jobs", type=_positive, default=16, help="requests in flight")
@@ -153,14 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("caption-url", "download an image (in the daemon) and print its caption")
     p.add_argument("url", help="http or https URL")
     p.add_argument("-o", "--output", type=Path, help="write the caption to this file, atomically (default: stdout)")
-    captioning(p)
+    captioning(p, files=False)
     p.set_defaults(func=cmd_caption_url)
 
     p = command("status", "show the model, queues, throughput and failures")
     json_flag(p, "print the daemon's status as one JSON object")
     p.set_defaults(func=cmd_status)
 
-    command("health", "exit 0 when the model is ready, 69 otherwise").set_defaults(func=cmd_health)
+    command("health", "print the daemon's state; exit 0 only when a caption can be made now, else 69").set_defaults(
+        func=cmd_health
+    )
 
     p = command("failures", "list the images whose captioning failed")
     p.add_argument("--limit", type=_positive, default=50, help="list at most this many")
@@ -197,20 +231,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class Progress:
-    """A one-line counter on stderr, only when stderr is a terminal."""
+    """A progress bar on stderr, only when stderr is a terminal (elsewhere each file gets its
+    plain line); ``summary`` is the line a batch ends with, which scripts parse."""
 
-    def __init__(self, total: int, stream: TextIO = sys.stderr) -> None:
+    WIDTH = 24
+
+    def __init__(self, total: int, stream: TextIO | None = None) -> None:
         self.total = total
-        self.stream = stream
-        self.enabled = stream.isatty() and total > 1
+        self.stream = stream or sys.stderr  # looked up now: a test (or a caller) may have replaced it
+        self.enabled = self.stream.isatty() and total > 1
         self.done = self.skipped = self.failed = 0
+        self.started = time.monotonic()
+
+    @property
+    def captioned(self) -> int:
+        return self.done - self.skipped - self.failed
 
     def update(self, outcome: Outcome) -> None:
         self.done += 1
         self.skipped += outcome.state == "skipped"
         self.failed += outcome.state == "failed"
         if self.enabled:
-            line = f"\r\x1b[K{self.done}/{self.total} done, {self.skipped} skipped, {self.failed} failed"
+            filled = self.WIDTH * self.done // self.total
+            bar = "#" * filled + "-" * (self.WIDTH - filled)
+            line = f"\r\x1b[K[{bar}] {self.done}/{self.total} done, {self.skipped} skipped, {self.failed} failed"
             self.stream.write(line)
             self.stream.flush()
 
@@ -223,6 +267,11 @@ class Progress:
         if self.enabled and self.done:
             self.stream.write("\n")
             self.stream.flush()
+
+    def summary(self) -> str:
+        """``N captioned, M skipped, K failed in S s``: the exact form is public (scripts parse it)."""
+        seconds = time.monotonic() - self.started
+        return f"{self.captioned} captioned, {self.skipped} skipped, {self.failed} failed in {seconds:.1f} s"
 
 
 def _outcome_json(o: Outcome) -> dict[str, Any]:
@@ -281,9 +330,14 @@ class InOrder:
             self._next += 1
 
 
-def _caption_paths(captioner: BatchCaptioner, args: argparse.Namespace, images: list[Path]) -> int:
+def _caption_paths(
+    captioner: BatchCaptioner, args: argparse.Namespace, images: list[Path], *, summary: bool = False
+) -> int:
+    """``summary`` (caption-dir): the bar, not a line per skipped file, on a terminal, and the
+    count line last on stderr."""
     progress = Progress(len(images))
     many = len(images) > 1
+    quiet_skips = summary and progress.enabled
 
     def report(o: Outcome) -> None:
         progress.clear()
@@ -294,7 +348,8 @@ def _caption_paths(captioner: BatchCaptioner, args: argparse.Namespace, images: 
         elif o.state == "failed":
             _err(o.message or o.code or "failed")
         elif o.state == "skipped":
-            _err(f"{o.image}: skipped, the existing-sidecar policy keeps {o.sidecar} (--force to caption again)")
+            if not quiet_skips:
+                _err(f"{o.image}: skipped, the existing-sidecar policy keeps {o.sidecar} (--force to caption again)")
         elif o.result is not None:
             print(f"{o.image}: {o.result.caption}" if many else o.result.caption, flush=True)
 
@@ -305,7 +360,11 @@ def _caption_paths(captioner: BatchCaptioner, args: argparse.Namespace, images: 
         in_order.add(o)
 
     outcomes = captioner.run(images, done)
-    progress.finish()
+    if summary:
+        progress.clear()  # the count line takes the bar's place
+        print(progress.summary(), file=sys.stderr, flush=True)
+    else:
+        progress.finish()
     return batch.exit_code(outcomes)
 
 
@@ -321,8 +380,9 @@ def cmd_caption_dir(client: ControlClient, args: argparse.Namespace) -> int:
     images = captioner.images_in(args.directory, recursive=args.recursive)
     if not images:
         _err(f"{args.directory}: no images")
+        print(Progress(0).summary(), file=sys.stderr)
         return batch.EX_OK
-    return _caption_paths(captioner, args, images)
+    return _caption_paths(captioner, args, images, summary=True)
 
 
 def _url_failed(args: argparse.Namespace, code: str, message: str, exit_code: int) -> int:
@@ -383,23 +443,38 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 86400:.1f} days"
 
 
+def _images(n: int) -> str:
+    return f"{n:,} image" if n == 1 else f"{n:,} images"
+
+
 def _progress_lines(status: dict[str, Any]) -> list[tuple[str, str]]:
     """What is left and when it will be done, from ``progress`` (absent from older daemons)."""
     progress = status.get("progress")
     if not isinstance(progress, dict):
         return []
     backlog, rate, eta = progress.get("backlog", 0), progress.get("images_per_second", 0), progress.get("eta_seconds")
-    window = _duration(progress.get("rate_window_seconds") or 0)
+    runnable, retrying = progress.get("runnable", backlog), progress.get("retrying", 0)
+    state = status.get("state")
+    # A daemon that predates "no_eta" says nothing of it; its state still does.
+    no_eta = progress.get("no_eta") or (state if state in ("paused", "waiting") else None)
+    retry = ""
+    if retrying:
+        after = progress.get("next_retry_in_seconds")
+        retry = f"{_images(retrying)} waiting to be retried" + (f", the first in {_duration(after)}" if after else "")
     if not backlog:
         left = "nothing queued"
+    elif no_eta == "paused":
+        left = f"{_images(backlog)}; paused, so no estimate (`phicapctl resume` goes on)"
+    elif no_eta == "waiting":
+        left = f"{_images(backlog)}; no estimate while every remote endpoint is down (model.waiting says why)"
+    elif no_eta == "retrying" or not runnable:
+        left = retry or f"{_images(backlog)} waiting to be retried"
     elif eta is None:
-        left = f"{backlog:,} images; no estimate yet (nothing captioned in the last {window})"
+        left = f"{_images(runnable)}; no estimate yet (nothing captioned in the last 5 min)"
     else:
-        left = f"{backlog:,} images, done in about {_duration(eta)} at {rate:.3g} images/s (last {window})"
-    if status.get("state") == "paused" and backlog:
-        left += "; paused"
-    if status.get("state") == "waiting" and backlog:
-        left += "; waiting for a remote endpoint (model.waiting says why)"
+        left = f"{_images(runnable)}, done in about {_duration(eta)} at {rate:.3g} images/s while busy"
+    if retry and left != retry and no_eta not in ("paused", "waiting"):
+        left += f"; {retry}"
     failures = progress.get("failures_by_code") or {}
     failed = "  ".join(f"{code}={n:,}" for code, n in failures.items()) or "none"
     return [("left", left), ("failures", failed)]
@@ -422,6 +497,9 @@ def cmd_status(client: ControlClient, args: argparse.Namespace) -> int:
         return batch.EX_OK
     if reason := _loading_reason(status):
         print(f"not ready: {reason}")
+    if refused := (status.pop("config", None) or {}).get("reload_refused"):
+        # Until a reload succeeds the daemon runs an older configuration than the file's.
+        print(f"config: reload refused at {_flatten(refused.get('at'), 'at')}: {refused.get('reason')}")
     # First what a person asks (how much is left, when, what failed), then the raw counters.
     progress = _progress_lines(status)  # before the state is taken out: it reads it (paused, waiting)
     lines: list[tuple[str, Any]] = [("state", status.pop("state")), *progress]
@@ -445,9 +523,18 @@ def cmd_status(client: ControlClient, args: argparse.Namespace) -> int:
 
 
 def cmd_health(client: ControlClient, args: argparse.Namespace) -> int:
-    ready = client.health()
-    print("ready" if ready else "not ready (the model is loading)")
-    return batch.EX_OK if ready else batch.EX_UNAVAILABLE
+    # 0 only when a caption can be made now: a loaded model behind endpoints that are all down
+    # is not healthy to a monitoring probe. A daemon that predates "captioning" has only "ready".
+    reply = client.health_reply()
+    captioning = reply.ready if reply.captioning is None else reply.captioning
+    state = reply.state or ("ready" if reply.ready else "loading")
+    line = state if captioning else f"{state}: cannot caption now"
+    if reply.reason:
+        line += f" ({reply.reason})"
+    elif state == "paused":
+        line += " (socket requests are captioned; watched directories wait for `phicapctl resume`)"
+    print(line)
+    return batch.EX_OK if captioning else batch.EX_UNAVAILABLE
 
 
 def cmd_failures(client: ControlClient, args: argparse.Namespace) -> int:
@@ -551,7 +638,12 @@ def _main(argv: list[str] | None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version and usage errors
         return e.code if isinstance(e.code, int) else EX_USAGE
-    client = ControlClient(resolve_socket(args.socket), timeout=args.timeout)
+    try:
+        socket = resolve_socket(args.socket, args.config)
+    except ConfigError as e:
+        _err(str(e))
+        return batch.EX_NOINPUT
+    client = ControlClient(socket, timeout=args.timeout)
     try:
         return args.func(client, args)
     except DaemonUnreachable as e:

@@ -1,6 +1,9 @@
 """``phicapd``: run the daemon and its maintenance commands.
 
-    phicapd run [--config PATH]            run in the foreground (what systemd starts)
+    phicapd run [--config PATH] [--reload-on-hup]
+                                           run in the foreground (what systemd starts); SIGHUP
+                                           reloads under systemd or with --reload-on-hup, and
+                                           stops a run in a terminal
     phicapd check-config [--config PATH]   validate and print the effective configuration
     phicapd download-model [--config PATH] fetch weights, configs and tokenizer into the HF cache
     phicapd make-test-model DIR            write a tiny random checkpoint for smoke tests
@@ -17,12 +20,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from phicapd import __version__
 from phicapd.cli.helpformat import HelpFormatter
-from phicapd.config import DEFAULT_CONFIG_PATH, SYSTEM_SOCKET_PATH, Settings, load_settings, redact_userinfo
+from phicapd.config import (
+    CONFIG_ENV,
+    DEFAULT_CONFIG_PATH,
+    SYSTEM_SOCKET_PATH,
+    Settings,
+    load_settings,
+    redact_userinfo,
+)
 from phicapd.errors import EX_CONFIG, EX_TEMPFAIL, ConfigError, ModelUnavailable, PhicapError
 from phicapd.log import configure_logging, get_logger, is_journal_stream
 
@@ -34,6 +45,7 @@ exit codes:
   75  the model cannot be loaded yet (hub or network down for an hour, GPU not usable)
   78  a configuration problem, named in one line; systemd does not restart (EX_CONFIG)
 """
+SEE_EXIT_CODES = "exit codes: 0 on success, 78 for a configuration problem; `phicapd --help` lists the others."
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,8 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
         description = f"{text[0].upper()}{text[1:]}."
+        # The exit-code table is printed once, by ``phicapd --help``.
         return sub.add_parser(
-            name, help=text, description=description, epilog=EXIT_CODES, formatter_class=HelpFormatter
+            name, help=text, description=description, epilog=SEE_EXIT_CODES, formatter_class=HelpFormatter
         )
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -57,11 +70,18 @@ def _parser() -> argparse.ArgumentParser:
             "--config",
             type=Path,
             default=None,
-            help=f"TOML configuration file (default: {DEFAULT_CONFIG_PATH} if it exists)",
+            help=f"TOML configuration file (default: ${CONFIG_ENV}, then {DEFAULT_CONFIG_PATH} if it exists)",
         )
         return p
 
-    with_config(command("run", "run the daemon in the foreground (what systemd starts)"))
+    p = with_config(command("run", "run the daemon in the foreground (what systemd starts)"))
+    p.add_argument(
+        "--reload-on-hup",
+        action="store_true",
+        default=None,
+        help="SIGHUP re-reads the configuration, as under systemd (default there); "
+        "elsewhere SIGHUP (a closed terminal) stops the daemon",
+    )
     with_config(command("check-config", "validate the configuration and the paths it names; print the effective one"))
     with_config(command("download-model", "pre-fetch the model into the Hugging Face cache"))
     p = command("make-test-model", "write a tiny random-weight checkpoint in Microsoft's layout, to try phicapd out")
@@ -74,7 +94,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(args.config)
+    # $PHICAPD_CONFIG names the file for phicapctl too, so the two agree on the socket.
+    named = os.environ.get(CONFIG_ENV)
+    return load_settings(args.config or (Path(named) if named else None))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -82,22 +104,20 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(settings.log.format, settings.log.level)
     from phicapd.service import run
 
-    return run(settings, settings_loader=lambda: _settings(args))
+    return run(settings, settings_loader=lambda: _settings(args), reload_on_hup=args.reload_on_hup)
 
 
 def _check_config(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    # What ``run`` refuses before it starts, tried as this user: the watched roots, the state and
-    # socket directories (not the system socket's: phicapd.socket makes and owns that one).
-    from phicapd.preflight import check_state_paths
-    from phicapd.systemd import check_roots_writable
+    # What ``run`` refuses, tried as this user, short of loading weights: the watched roots, the
+    # state and socket directories (not the system socket's: phicapd.socket makes and owns that
+    # one), then the backend (device, checkpoint directory; CA bundle, API key file).
+    from phicapd.preflight import check_backend, check_startup
 
-    check_roots_writable(settings)
-    check_state_paths(settings, socket_inherited=settings.control.socket == SYSTEM_SOCKET_PATH)
-    if settings.model.backend == "openai":
-        from phicapd.remote.captioner import read_api_key
-
-        read_api_key(settings.remote.api_key_file)  # readable and not empty; the key is never printed
+    check_startup(settings, socket_inherited=settings.control.socket == SYSTEM_SOCKET_PATH)
+    note = check_backend(settings)
+    if note is not None:
+        print(f"phicapd: note: {note}", file=sys.stderr)
     effective = settings.model_dump(mode="json")
     if effective["fetch"]["proxy"]:  # may hold a password; the output ends up in tickets
         effective["fetch"]["proxy"] = redact_userinfo(effective["fetch"]["proxy"])

@@ -30,6 +30,11 @@ class ControlBackend(Protocol):
 
     def wait_ready(self, timeout: float) -> bool: ...
 
+    def health(self) -> dict[str, Any]:
+        """{"ready": the model is loaded, "captioning": a caption can be made now, "state": as in
+        ``status``, "reason": why not, or None} (``protocol.HealthReply``). Cheap: probes poll it."""
+        ...
+
     def caption_bytes(
         self,
         data: bytes,

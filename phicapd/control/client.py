@@ -207,8 +207,12 @@ class ControlClient:
 
     def health(self) -> bool:
         """True when the model is warm; False while it loads (503)."""
+        return self.health_reply().ready
+
+    def health_reply(self) -> p.HealthReply:
+        """The whole answer: whether a caption can be made now, the state, and why not (503)."""
         resp = self.request("GET", "/v1/health", accept=(503,))
-        return p.HealthReply.model_validate_json(resp.body).ready
+        return p.HealthReply.model_validate_json(resp.body)
 
     def sidecar_policy(self, path: str) -> p.SidecarPolicy | None:
         """How the daemon names and keeps the sidecar of the image at ``path`` (absolute, directory

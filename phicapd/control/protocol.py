@@ -218,7 +218,15 @@ class OkReply(_Model):
 
 
 class HealthReply(_Model):
+    """``ready``: the model is loaded. ``captioning``: a caption can be made now (the answer is
+    200 then, else 503), which ``ready`` alone does not say while every remote endpoint is down.
+    ``state`` is ``/v1/status``'s; ``reason`` says why no caption can be made. The three are
+    None from a daemon that predates them."""
+
     ready: bool
+    captioning: bool | None = None
+    state: str | None = None
+    reason: str | None = None
 
 
 class VersionReply(_Model):

@@ -23,7 +23,7 @@ from phicapd.config import ControlSettings
 from phicapd.control import protocol as p
 from phicapd.control.backend import CaptionReply, ControlBackend
 from phicapd.control.wire import HttpError, Request
-from phicapd.errors import PhicapError
+from phicapd.errors import ImageError, PhicapError
 
 log = structlog.get_logger(__name__)
 
@@ -176,7 +176,8 @@ class Router:
         started = time.monotonic()
         params: p.CaptionParams = _parse(p.CaptionParams, req.query)
         if not req.body:
-            raise HttpError(400, p.BAD_REQUEST, "the body must hold the image bytes", close=False)
+            # What the decoder would say of an empty file: phicapctl sends a file's bytes as they are.
+            raise ImageError(f"{params.name}: the file is empty (0 bytes)", code="image_empty")
         timeout = self._await_ready(started)
         reply = self.backend.caption_bytes(
             req.body,
@@ -225,8 +226,8 @@ class Router:
         return Response(200, status.model_dump_json().encode())
 
     def _health(self, req: Request) -> Response:
-        ready = self.backend.is_ready()
-        return json_response(200 if ready else 503, p.HealthReply(ready=ready))
+        health = self.backend.health()
+        return json_response(200 if health["captioning"] else 503, p.HealthReply(**health))
 
     def _version(self, req: Request) -> Response:
         return json_response(200, p.VersionReply(version=__version__))

@@ -93,11 +93,17 @@ def _rope_scaling(raw: dict[str, Any], head_dim: int) -> dict[str, Any] | None:
             raise ConfigError(f"config.json: rope_scaling.{name} must be a list of {head_dim // 2} numbers")
     # transformers renames "su" to "longrope" only after it has decided which keys a longrope dict
     # needs, and then rejects Microsoft's dict; give it the native spelling directly.
-    return {
+    out: dict[str, Any] = {
         "rope_type": "longrope",
         "short_factor": list(scaling["short_factor"]),
         "long_factor": list(scaling["long_factor"]),
     }
+    # The factor transformers derives itself when it is missing (max / original), after warning on
+    # every start that it should be given; the same number, so the same cos/sin.
+    longest, original = raw.get("max_position_embeddings"), raw.get("original_max_position_embeddings")
+    if isinstance(longest, int) and isinstance(original, int) and original > 0:
+        out["factor"] = longest / original
+    return out
 
 
 def _check_embd_layer(raw: dict[str, Any]) -> None:

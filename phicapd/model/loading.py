@@ -141,8 +141,10 @@ def _fetch_error(e: Exception, settings: ModelSettings) -> PhicapError:
     )
 
 
-def resolve_model_dir(settings: ModelSettings) -> Path:
-    """The local directory to load: ``[model] path``, else the cached (or fetched) hub snapshot."""
+def local_model_dir(settings: ModelSettings) -> Path | None:
+    """``[model] path``, else the cached hub snapshot; None when it is not cached and would be
+    downloaded. ``ConfigError`` for a ``path`` that is not a checkpoint directory, or a model
+    that is not cached while offline mode is on."""
     if settings.path is not None:
         return _check_dir(settings.path)
     from huggingface_hub import snapshot_download
@@ -158,8 +160,31 @@ def resolve_model_dir(settings: ModelSettings) -> Path:
                 f"model {settings.id}@{settings.revision} is not in the Hugging Face cache and offline "
                 f"mode is on; to go on, run `phicapd download-model` where the network is allowed, or {_LOCAL_WAYS}"
             ) from None
+    return None
+
+
+def resolve_model_dir(settings: ModelSettings) -> Path:
+    """The local directory to load: ``[model] path``, else the cached (or fetched) hub snapshot."""
+    local = local_model_dir(settings)
+    if local is not None:
+        return local
     log.info("model %s@%s not cached; downloading", settings.id, settings.revision)
     return download_model(settings)
+
+
+def check_model(settings: ModelSettings) -> str | None:
+    """What ``load_from_settings`` refuses before it reads a weight, with the same errors: the
+    device, then the checkpoint directory and the shards its index names. ``phicapd
+    check-config`` runs it. Returns a note when the model is not cached (``run`` downloads it)."""
+    resolve_device(settings.device)
+    model_dir = local_model_dir(settings)
+    if model_dir is None:
+        return (
+            f"model {settings.id}@{settings.revision} is not in the Hugging Face cache; "
+            "`phicapd run` downloads it first (or run `phicapd download-model` now)"
+        )
+    checkpoint_files(model_dir)
+    return None
 
 
 def _check_dir(path: Path) -> Path:

@@ -672,6 +672,16 @@ class JobStore:
                 "SELECT COUNT(*) FROM jobs WHERE state = 'pending' AND next_attempt_at <= ?", (self._clock(),)
             ).fetchone()[0]
 
+    def backing_off(self) -> tuple[int, float | None]:
+        """Pending jobs waiting out a retry back-off: how many, and seconds until the first is due."""
+        now = self._clock()
+        with self._read() as db:
+            n, first = db.execute(
+                "SELECT COUNT(*), MIN(next_attempt_at) FROM jobs WHERE state = 'pending' AND next_attempt_at > ?",
+                (now,),
+            ).fetchone()
+        return n, (None if first is None else max(0.0, first - now))
+
     def next_wakeup(self) -> float | None:
         """When the earliest backed-off job becomes runnable (wall clock), if any."""
         with self._read() as db:

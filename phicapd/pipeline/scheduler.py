@@ -59,6 +59,7 @@ from phicapd.pipeline import metadata, safe_files
 from phicapd.pipeline.decode import DecodeBytes, Decoded, DecodeFile, fingerprint_of
 from phicapd.pipeline.jobs import Fingerprint, Job, JobStore
 from phicapd.pipeline.outputs import Known, Manifest, RootOutputs, sidecar_base
+from phicapd.pipeline.progress import BusyRate
 from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, sidecar_may_exist
 from phicapd.pipeline.writer import Finished, SidecarWriter
 
@@ -75,7 +76,7 @@ INTERACTIVE_DECODERS = 4
 #: Once the backend has its crops, a held image is cut down to at most this longest side: it is only
 #: needed again for a retry with fewer crops, and 64 MP photos x ``prefetch`` would be gigabytes.
 KEPT_IMAGE_SIDE = 2048
-#: The window of the background caption rate behind the backlog's ETA (``Daemon.status()["progress"]``).
+#: The window of the background caption rate behind the backlog's ETA (``pipeline.progress``).
 PROGRESS_WINDOW_SECONDS = 300.0
 
 
@@ -123,7 +124,6 @@ class Throughput:
         self._events: collections.deque[float] = collections.deque()
         self.total = 0
         self._lock = threading.Lock()
-        self._started = time.monotonic()
 
     def add(self, n: int = 1) -> None:
         now = time.monotonic()
@@ -143,15 +143,6 @@ class Throughput:
             if not self._events:
                 return 0.0
             return len(self._events) / self.window
-
-    def recent(self) -> tuple[float, float]:
-        """(per second, over how many seconds): the window, or the time since start if shorter,
-        so that an ETA is right from the first minute on rather than low by the missing part."""
-        now = time.monotonic()
-        with self._lock:
-            self._trim(now)
-            seconds = min(self.window, max(1.0, now - self._started))
-            return len(self._events) / seconds, seconds
 
 
 class Scheduler:
@@ -216,7 +207,7 @@ class Scheduler:
 
         self.throughput = Throughput()
         #: Background captions only, over a longer window: the rate the backlog's ETA is based on.
-        self.backlog_rate = Throughput(PROGRESS_WINDOW_SECONDS)
+        self.backlog_rate = BusyRate(PROGRESS_WINDOW_SECONDS)  # the ETA's rate: captions per busy second
         self.batches = 0
         self.busy_since: float | None = None
         self.last_progress = time.monotonic()
@@ -495,6 +486,7 @@ class Scheduler:
     def _worker_loop(self) -> None:
         while self._wait_for_work():
             self.busy_since = time.monotonic()  # the model's heartbeat: renewed on every take/deliver
+            self.backlog_rate.busy()
             try:
                 self._stream(self._take, self._deliver)
             except Exception as e:
@@ -515,6 +507,7 @@ class Scheduler:
             finally:
                 self._flush_finished()
                 self.busy_since = None
+                self.backlog_rate.idle()
                 self.last_progress = time.monotonic()
 
     def _wait_for_work(self) -> bool:

@@ -9,7 +9,10 @@ Rules:
 * One entry per path: adding a known file restarts its clock, never adds a second entry.
 * A file reopened for writing (``refresh(writing=True)``) waits for its next close, or for
   ``stalled_write_seconds`` without change when that close never comes.
-* A file that is gone, or that settled empty (a placeholder renamed over later), is dropped.
+* A file that is gone is dropped. One that stays empty is ready only after
+  ``stalled_write_seconds`` without change: a browser's placeholder is usually renamed over
+  before that (and the image is then judged alone), while an image that really is empty is
+  handed on, to be recorded as ``image_empty`` instead of waiting silently for a rescan.
 * No threads, no I/O: the caller stats files outside its lock, feeds the results in and guards
   the table with that lock. The watcher (events) and intake (files a scan found still changing)
   each keep one.
@@ -149,13 +152,14 @@ class SettleTable:
         entry = self._entries.get(path)
         if entry is None or entry.generation != generation:
             return None  # discarded, or an event restarted it while we were stating
-        if signature is None or (signature == entry.signature and signature[0] == 0):
-            # Gone, or settled empty (e.g. the placeholder a browser creates before renaming its
-            # ".part" over it): no image. Content arriving later raises a new event.
+        if signature is None:  # gone
             del self._entries[path]
             return None
         if signature == entry.signature:
-            if not entry.writing or now - entry.last_change >= self.stalled_write_seconds:
+            # An empty file is waited on like one still being written: it may be the placeholder
+            # a browser creates before renaming its ".part" over it.
+            waits = entry.writing or signature[0] == 0
+            if not waits or now - entry.last_change >= self.stalled_write_seconds:
                 del self._entries[path]
                 return entry.root
         else:

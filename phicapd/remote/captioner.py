@@ -286,6 +286,17 @@ def ssl_context(remote: RemoteSettings) -> ssl.SSLContext:
     return context
 
 
+def check_remote(remote: RemoteSettings) -> tuple[ssl.SSLContext, str | None]:
+    """What the start refuses before it asks an endpoint anything (``phicapd check-config`` runs
+    it too): the CA bundle and the API key file. ``ConfigError`` names the key; the key is never
+    shown."""
+    try:
+        context = ssl_context(remote)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"[remote] ca_file {remote.ca_file}: {e}") from None
+    return context, read_api_key(remote.api_key_file)
+
+
 def load_remote_captioner(settings: Settings) -> RemoteCaptioner:
     """Check every endpoint once (``GET /v1/models``) and start the pool.
 
@@ -294,14 +305,11 @@ def load_remote_captioner(settings: Settings) -> RemoteCaptioner:
     tries again); endpoints that do not answer while others do start out down and are probed in.
     """
     remote = settings.remote
-    try:
-        context = ssl_context(remote)
-    except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"[remote] ca_file {remote.ca_file}: {e}") from None
+    context, api_key = check_remote(remote)
     http = Http(
         timeout=remote.timeout_seconds,
         connect_timeout=remote.connect_timeout_seconds,
-        api_key=read_api_key(remote.api_key_file),
+        api_key=api_key,
         ssl_context=context,
     )
     pool = Pool(

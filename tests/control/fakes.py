@@ -38,6 +38,7 @@ class FakeBackend:
         self.delay = 0.0
         # name -> the name whose caption must be done first (finish out of order, without sleeps)
         self.waits_for: dict[str, str] = {}
+        self.waiting: str | None = None  # why no caption can be made, as the remote backend says
         self._captioned: set[str] = set()
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
@@ -47,6 +48,14 @@ class FakeBackend:
 
     def wait_ready(self, timeout: float) -> bool:
         return self.ready.wait(timeout)
+
+    def health(self) -> dict[str, Any]:
+        ready = self.is_ready()
+        reason = None if ready else "loading the model"
+        if ready and self.waiting is not None:
+            reason = self.waiting
+        state = "loading" if not ready else "waiting" if self.waiting else "ready"
+        return {"ready": ready, "captioning": ready and reason is None, "state": state, "reason": reason}
 
     def caption_bytes(
         self,

@@ -209,6 +209,14 @@ def test_caption_dir_of_a_missing_directory(sock: Path, tmp_path: Path, capsys) 
     assert "a.jpg: not a directory" in capsys.readouterr().err
 
 
+def test_an_empty_file_is_said_to_be_empty(sock: Path, tmp_path: Path, capsys) -> None:
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    assert ctl(sock, "caption-file", str(empty)) == 65
+    assert f"{empty}: the file is empty (0 bytes)" in capsys.readouterr().err
+    assert not (tmp_path / "empty.txt").exists()
+
+
 def test_results_come_in_argument_order(sock: Path, tmp_path: Path, backend: FakeBackend, capsys) -> None:
     a, b, c = (image(tmp_path / name) for name in ("a.jpg", "b.jpg", "c.jpg"))
     backend.waits_for = {"a.jpg": "b.jpg", "b.jpg": "c.jpg"}  # they finish c, b, a
@@ -274,6 +282,21 @@ def test_status_health_and_friends(sock: Path, backend: FakeBackend, capsys) -> 
     assert ctl(sock, "status") == 0
 
 
+def test_health_is_0_only_when_a_caption_can_be_made_and_prints_the_state(
+    sock: Path, backend: FakeBackend, capsys
+) -> None:
+    assert ctl(sock, "health") == 0
+    assert capsys.readouterr().out == "ready\n"
+    backend.waiting = "all endpoints are down: http://gpu1:8000/v1: connection refused"
+    assert ctl(sock, "health") == 69
+    out = capsys.readouterr().out
+    assert out == "waiting: cannot caption now (all endpoints are down: http://gpu1:8000/v1: connection refused)\n"
+    backend.waiting = None
+    backend.ready.clear()
+    assert ctl(sock, "health") == 69
+    assert capsys.readouterr().out == "loading: cannot caption now (loading the model)\n"
+
+
 # -- exit codes ---------------------------------------------------------------------------------
 
 
@@ -334,11 +357,21 @@ def test_every_command_and_option_is_described(capsys) -> None:
     assert main(["caption-file", "--help"]) == 0
     out = capsys.readouterr().out
     assert "-j JOBS, --jobs JOBS  requests in flight (default: 16)" in out
-    assert "(default: 900.0)" in out and "141" in out
+    assert "(default: 900.0)" in out
+    assert "141" not in out and "`phicapctl --help` lists the others" in out  # the table is printed once
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     for code in (0, 64, 65, 66, 69, 70, 73, 141):
         assert f"\n  {code} " in out
+
+
+def test_caption_url_help_speaks_of_urls_not_files(capsys) -> None:
+    assert main(["caption-url", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "watch root" not in out and "(default: the daemon's prompt)" in " ".join(out.split())
+    assert main(["caption-file", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert "(default: the prompt of the file's watch root, else the daemon's)" in out
 
 
 # The reader of stdout is gone before phicapctl writes a byte: its write fails with EPIPE.
@@ -378,6 +411,60 @@ def test_socket_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     (tmp_path / "run").mkdir()
     monkeypatch.setattr("phicapd.cli.ctl.SYSTEM_SOCKET_PATH", tmp_path / "run" / "phicapd.sock")
     assert resolve_socket(None) == tmp_path / "run" / "phicapd.sock"
+
+
+@pytest.fixture
+def no_socket_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Nothing in the environment or on this machine says where the daemon is."""
+    monkeypatch.delenv("PHICAPD_SOCKET", raising=False)
+    monkeypatch.delenv("PHICAPD_CONFIG", raising=False)
+    monkeypatch.setattr("phicapd.cli.ctl.DEFAULT_CONFIG_PATH", tmp_path / "etc" / "phicapd.toml")
+    monkeypatch.setattr("phicapd.cli.ctl.SYSTEM_SOCKET_PATH", tmp_path / "no-run" / "phicapd.sock")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "no-xdg"))
+
+
+def _daemon_config(path: Path, socket: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'[model]\ndevice = "cpu"\n[control]\nsocket = "{socket}"\nmax_connections = 8\n')
+    return path
+
+
+@pytest.mark.usefixtures("no_socket_env")
+def test_config_names_the_socket(sock: Path, tmp_path: Path, capsys) -> None:
+    assert main(["status"]) == 69  # today's defaults find no daemon
+    capsys.readouterr()
+    cfg = _daemon_config(tmp_path / "phicapd.toml", sock)
+    assert main(["--config", str(cfg), "status"]) == 0
+    assert "ready" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("no_socket_env")
+def test_phicapd_config_and_the_system_config_name_the_socket(
+    sock: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PHICAPD_CONFIG", str(_daemon_config(tmp_path / "env.toml", sock)))
+    assert resolve_socket(None) == sock
+    assert resolve_socket(None, tmp_path / "env.toml") == sock
+    monkeypatch.setenv("PHICAPD_SOCKET", str(tmp_path / "env.sock"))  # the socket itself wins
+    assert resolve_socket(None) == tmp_path / "env.sock"
+    monkeypatch.delenv("PHICAPD_SOCKET")
+    monkeypatch.delenv("PHICAPD_CONFIG")
+    assert resolve_socket(None) == tmp_path / "no-xdg" / "phicapd.sock"  # today's default
+    _daemon_config(tmp_path / "etc" / "phicapd.toml", sock)
+    assert resolve_socket(None) == sock
+    # A system config without [control] socket: the daemon's default, so today's rules.
+    (tmp_path / "etc" / "phicapd.toml").write_text('[model]\ndevice = "cpu"\n')
+    assert resolve_socket(None) == tmp_path / "no-xdg" / "phicapd.sock"
+
+
+@pytest.mark.usefixtures("no_socket_env")
+def test_a_config_that_cannot_be_read_is_named(tmp_path: Path, capsys) -> None:
+    assert main(["--config", str(tmp_path / "nope.toml"), "status"]) == 66
+    assert capsys.readouterr().err == f"phicapctl: config file {tmp_path / 'nope.toml'} does not exist\n"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[control]\nsocket = 3\n")
+    assert main(["--config", str(bad), "status"]) == 66
+    assert f"{bad}:\n  control.socket: Input is not a valid path" in capsys.readouterr().err
 
 
 def test_progress_line_only_on_a_terminal() -> None:
@@ -459,12 +546,12 @@ def test_status_says_when_it_waits_for_a_remote_endpoint(
     )
     assert ctl(sock, "status") == 0
     out = capsys.readouterr().out
-    assert "waiting for a remote endpoint" in out and waiting in out
+    assert "no estimate while every remote endpoint is down" in out and waiting in out
     assert ctl(sock, "status", "--json") == 0
     assert json.loads(capsys.readouterr().out)["state"] == "waiting"
     monkeypatch.setattr(backend, "status", lambda: {**status(), "state": "paused", "progress": progress})
     assert ctl(sock, "status") == 0
-    assert "; paused" in capsys.readouterr().out  # read before the state line took it out
+    assert "; paused, so no estimate" in capsys.readouterr().out  # read before the state line took it out
 
 
 @pytest.mark.parametrize(
@@ -472,17 +559,39 @@ def test_status_says_when_it_waits_for_a_remote_endpoint(
     [
         (
             {"backlog": 1234, "images_per_second": 1.71, "rate_window_seconds": 300.0, "eta_seconds": 721.6},
-            "1,234 images, done in about 12 min at 1.71 images/s (last 5 min)",
+            "1,234 images, done in about 12 min at 1.71 images/s while busy",
         ),
         (
             {"backlog": 50, "images_per_second": 0.0, "rate_window_seconds": 45.0, "eta_seconds": None},
-            "50 images; no estimate yet (nothing captioned in the last 45 s)",
+            "50 images; no estimate yet (nothing captioned in the last 5 min)",
         ),
         (
             {"backlog": 100_000, "images_per_second": 0.5, "rate_window_seconds": 300.0, "eta_seconds": 200_000.0},
-            "100,000 images, done in about 2.3 days at 0.5 images/s (last 5 min)",
+            "100,000 images, done in about 2.3 days at 0.5 images/s while busy",
         ),
         ({"backlog": 0, "images_per_second": 2.0, "rate_window_seconds": 300.0, "eta_seconds": 0.0}, "nothing queued"),
+        (
+            {"backlog": 1, "runnable": 1, "retrying": 0, "images_per_second": 2.0, "eta_seconds": 0.5},
+            "1 image, done in about 0 s at 2 images/s while busy",
+        ),
+        (
+            {"backlog": 1, "runnable": 0, "retrying": 1, "next_retry_in_seconds": 52.0, "images_per_second": 2.0}
+            | {"eta_seconds": None, "no_eta": "retrying"},
+            "1 image waiting to be retried, the first in 52 s",
+        ),
+        (
+            {"backlog": 12, "runnable": 10, "retrying": 2, "next_retry_in_seconds": 30.0, "images_per_second": 2.0}
+            | {"eta_seconds": 5.0, "no_eta": None},
+            "10 images, done in about 5 s at 2 images/s while busy; 2 images waiting to be retried, the first in 30 s",
+        ),
+        (
+            {"backlog": 54, "runnable": 54, "images_per_second": 2.0, "eta_seconds": None, "no_eta": "paused"},
+            "54 images; paused, so no estimate (`phicapctl resume` goes on)",
+        ),
+        (
+            {"backlog": 54, "runnable": 54, "images_per_second": 2.0, "eta_seconds": None, "no_eta": "waiting"},
+            "54 images; no estimate while every remote endpoint is down (model.waiting says why)",
+        ),
     ],
 )
 def test_status_says_what_is_left_and_when_before_the_counters(

@@ -145,7 +145,7 @@ def test_curl_works(server: ControlServer, settings: ControlSettings) -> None:
         timeout=10,
         check=True,
     )
-    assert out.stdout == '{"ready":true}'
+    assert out.stdout == '{"ready":true,"captioning":true,"state":"ready","reason":null}'
     out = subprocess.run(
         [
             "curl", "-sS", "--unix-socket", str(settings.socket), "--data-binary", "@-",

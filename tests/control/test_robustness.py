@@ -154,7 +154,7 @@ def test_slowloris_is_cut_off(sock_dir: Path, backend: FakeBackend) -> None:
         (b'POST /v1/caption-url HTTP/1.1\r\nContent-Length: 11\r\n\r\n{"url": 42}', "400"),
         (b"GET /v1/failures?limit=abc HTTP/1.1\r\n\r\n", "400"),
         (b"POST /v1/caption?max_new_tokens=0 HTTP/1.1\r\nContent-Length: 4\r\n\r\n\x89PNG", "400"),
-        (b"POST /v1/caption HTTP/1.1\r\nContent-Length: 0\r\n\r\n", "400"),
+        (b"POST /v1/caption HTTP/1.1\r\nContent-Length: 0\r\n\r\n", "422"),  # image_empty
         (b"DELETE /v1/status HTTP/1.1\r\n\r\n", "405"),
         (b"GET /v1/caption HTTP/1.1\r\n\r\n", "405"),
         (b"GET /v2/status HTTP/1.1\r\n\r\n", "404"),
@@ -175,7 +175,7 @@ def test_keep_alive_serves_several_requests_on_one_connection(server: ControlSer
     req = b"GET /v1/version HTTP/1.1\r\nHost: phicapd\r\n\r\n"
     reply = raw_exchange(settings.socket, req * 3 + b"GET /v1/health HTTP/1.1\r\nConnection: close\r\n\r\n")
     assert reply.count(b"HTTP/1.1 200 OK") == 4
-    assert reply.rstrip().endswith(b'{"ready":true}')
+    assert reply.rstrip().endswith(b'{"ready":true,"captioning":true,"state":"ready","reason":null}')
 
 
 def test_expect_100_continue(server: ControlServer, settings: ControlSettings) -> None:

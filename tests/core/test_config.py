@@ -213,3 +213,66 @@ def test_check_config_hides_the_proxy_password(tmp_path: Path, capsys: pytest.Ca
     out = capsys.readouterr().out
     assert "s3cret" not in out
     assert json.loads(out)["fetch"]["proxy"] == "http://***@proxy.internal:3128"
+
+
+def test_a_misspelt_environment_override_is_named_with_the_nearest_valid_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PHICAPD_MODLE__DEVICE", "cpu")
+    assert main(["check-config"]) == EX_CONFIG
+    err = capsys.readouterr().err
+    assert "PHICAPD_MODLE__DEVICE: not a phicapd setting (did you mean PHICAPD_MODEL__DEVICE?)" in err
+    assert "Traceback" not in err
+
+
+def test_a_lowercase_override_is_checked_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("phicapd_model__devise", "cpu")
+    with pytest.raises(
+        ConfigError, match=r"phicapd_model__devise: not a phicapd setting \(did you mean PHICAPD_MODEL__DEVICE\?\)"
+    ):
+        load_settings(None)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["PHICAPD_SOCKET", "PHICAPD_CONFIG", "PHICAPD_MODEL__DEVICE", "PHICAPD_WATCH", "PHICAPD_TEST_COMPILE_BACKEND"],
+)
+def test_documented_variables_stay_valid(name: str) -> None:
+    from phicapd.config import check_environment
+
+    check_environment({name: "x"})  # raises ConfigError for a name it does not know
+
+
+def test_every_documented_phicapd_variable_is_known() -> None:
+    """The README, the example config and the code name no variable that check_environment refuses."""
+    import re
+
+    from phicapd.config import OTHER_ENV_VARIABLES, TEST_ENV_PREFIX, setting_env_names
+
+    repo = Path(__file__).resolve().parents[2]
+    texts = [repo / "README.md", repo / "config.example.toml", *(repo / "phicapd").rglob("*.py")]
+    named = {m for p in texts for m in re.findall(r"PHICAPD_[A-Z0-9_]*[A-Z0-9]", p.read_text())}
+    named -= {"PHICAPD_SECTION__KEY"}  # the pattern itself
+    named = {n for n in named if not (n + "_").startswith(TEST_ENV_PREFIX)}  # the test suite's own
+    assert named - {*setting_env_names(), *OTHER_ENV_VARIABLES} == set()
+
+
+def test_phicapd_config_names_the_file_when_config_does_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[model]\nnum_crops = 4\n")
+    monkeypatch.setenv("PHICAPD_CONFIG", str(cfg))
+    assert main(["check-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["num_crops"] == 4
+    monkeypatch.setenv("PHICAPD_CONFIG", str(tmp_path / "nope.toml"))  # named, so it must exist
+    assert main(["check-config"]) == EX_CONFIG
+    assert f"config file {tmp_path / 'nope.toml'} does not exist" in capsys.readouterr().err
+
+
+def test_the_test_suites_own_variables_are_not_settings_nor_typos() -> None:
+    from phicapd.config import check_environment
+
+    check_environment({"PHICAPD_TEST_VLLM_VENV": "/opt/v", "PHICAPD_TEST_COMPILE_BACKEND": "inductor"})
+    with pytest.raises(ConfigError, match="PHICAPD_TSET_X"):
+        check_environment({"PHICAPD_TSET_X": "1"})

@@ -109,6 +109,10 @@ def test_every_command_and_option_is_described_and_the_exit_codes_listed(
         main(["make-test-model", "--help"])
     out = capsys.readouterr().out
     assert "--seed SEED  seed of the random weights (default: 0)" in out
+    assert "\n  75 " not in out and "`phicapd --help` lists the others" in out  # the table is printed once
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
     for code in (0, 1, 70, 75, 78):
         assert f"\n  {code} " in out
 

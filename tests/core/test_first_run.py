@@ -76,3 +76,33 @@ def test_status_says_why_the_model_is_still_loading(
         daemon.request_stop()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def _start_logs(settings_dir: Path, roots: list[Path]) -> list[dict[str, object]]:
+    """What the daemon logs up to the model load (here refused at once, so nothing runs on)."""
+    from structlog.testing import capture_logs
+
+    from phicapd.errors import ConfigError
+
+    def refuse(_settings: object) -> FakeCaptioner:
+        raise ConfigError("no model in this test")
+
+    daemon = Daemon(settings_for(settings_dir, roots), refuse)
+    with capture_logs() as logs, pytest.raises(ConfigError):
+        daemon.run(install_signals=False)
+    return logs
+
+
+def test_a_daemon_without_roots_says_how_to_add_one(tmp_path: Path) -> None:
+    warnings = [e for e in _start_logs(tmp_path, []) if e["log_level"] == "warning"]
+    assert [e["event"] for e in warnings] == ["no watch roots: no directory is watched"]
+    assert 'add a [[watch]] table with path = "/absolute/dir"' in str(warnings[0]["hint"])
+    root = tmp_path / "inbox"
+    root.mkdir()
+    (tmp_path / "again").mkdir()
+    assert not [e for e in _start_logs(tmp_path / "again", [root]) if e["log_level"] == "warning"]
+
+
+def test_the_socket_is_announced_once(tmp_path: Path) -> None:
+    events = [e["event"] for e in _start_logs(tmp_path, [])]
+    assert events.count("control socket listening") == 1

@@ -41,6 +41,21 @@ def test_official_key_list_matches_the_published_checkpoint():
     assert sum(math.prod(s) for s in shapes.values()) == 4_146_621_440  # total_size / 2 bytes
 
 
+def test_the_longrope_factor_is_given_so_transformers_does_not_warn_and_nothing_changes():
+    """transformers warns on every start when a longrope dict has no ``factor`` and derives it
+    as max / original positions; we give it that very number: same frequencies, same scale."""
+    import copy
+
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = parse_config(REAL_CONFIG).text
+    assert config.rope_parameters["factor"] == 131072 / 4096
+    derived = copy.deepcopy(config)
+    del derived.rope_parameters["factor"]
+    ours, theirs = ROPE_INIT_FUNCTIONS["longrope"](config), ROPE_INIT_FUNCTIONS["longrope"](derived)
+    assert torch.equal(ours[0], theirs[0]) and ours[1] == theirs[1]
+
+
 def test_real_config_maps_onto_the_native_model_without_leftovers():
     config = parse_config(REAL_CONFIG)
     assert config.text.rope_parameters["rope_type"] == "longrope"

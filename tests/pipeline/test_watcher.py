@@ -748,10 +748,19 @@ def test_table_discards_a_check_that_raced_with_an_event() -> None:
     assert settle_all(t, 2.0, lambda p: (11, 2, 7)) == [P]
 
 
-def test_table_drops_a_file_that_settles_empty() -> None:
+def test_table_hands_out_an_empty_file_only_after_the_stalled_write_time() -> None:
+    t = SettleTable(settle_seconds=1.0, stalled_write_seconds=10.0)
+    t.add(P, ROOT, (0, 1, 7), now=0.0)
+    assert settle_all(t, 1.0, lambda p: (0, 1, 7)) == []  # a placeholder, perhaps
+    assert settle_all(t, 9.5, lambda p: (0, 1, 7)) == []
+    assert settle_all(t, 10.5, lambda p: (0, 1, 7)) == [P]  # still empty: an empty image, to be recorded
+    assert len(t) == 0
+
+
+def test_table_drops_a_file_that_is_gone() -> None:
     t = SettleTable(settle_seconds=1.0)
     t.add(P, ROOT, (0, 1, 7), now=0.0)
-    assert settle_all(t, 1.0, lambda p: (0, 1, 7)) == []
+    assert settle_all(t, 1.0, lambda p: None) == []
     assert len(t) == 0
 
 

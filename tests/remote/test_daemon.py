@@ -157,6 +157,31 @@ def test_all_servers_down_then_back_every_image_captioned_none_parked(tmp_path: 
     assert all(r["state"] == "done" and r["error_code"] is None for r in _journal(daemon))
 
 
+def test_health_fails_while_every_endpoint_is_down(
+    tmp_path: Path, servers: list[FakeVLLM], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from phicapd.cli.ctl import main as ctl
+
+    servers.append(FakeVLLM(latency=0.01).start())
+    port = servers[0].port
+    root = tmp_path / "inbox"
+    root.mkdir()
+    settings = settings_for(tmp_path, [root], extra=_remote(servers[0].url))
+    socket = str(settings.control.socket)
+    with running_daemon(settings, factory=load_model_captioner) as daemon:
+        assert ctl(["--socket", socket, "health"]) == 0
+        assert capsys.readouterr().out == "ready\n"
+        servers.pop().stop()
+        _drop(root, 3)  # work that meets the dead server
+        wait_for(lambda: daemon.status()["state"] == "waiting", 10, "the daemon to say it waits")
+        assert ctl(["--socket", socket, "health"]) == 69
+        out = capsys.readouterr().out
+        assert out.startswith("waiting: cannot caption now (all endpoints are down: http://127.0.0.1:"), out
+        servers.append(FakeVLLM(port=port, latency=0.01).start())
+        wait_for(lambda: daemon.status()["state"] == "ready", 10, "the endpoint to be back")
+        assert ctl(["--socket", socket, "health"]) == 0
+
+
 _NO_TORCH = """
 import json, os, signal, sys, threading
 from phicapd.cli.daemon import main

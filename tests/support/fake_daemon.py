@@ -41,7 +41,8 @@ def main() -> int:
         from phicapd import stop_deadline
 
         stop_deadline.SECONDS = float(deadline)
-    return run(settings, load, settings_loader=lambda: load_settings(Path(sys.argv[1])))
+    reload_on_hup = True if os.environ.get("FAKE_RELOAD_ON_HUP") else None  # as `run --reload-on-hup`
+    return run(settings, load, settings_loader=lambda: load_settings(Path(sys.argv[1])), reload_on_hup=reload_on_hup)
 
 
 def _kill_between_formats(marker: Path) -> None:

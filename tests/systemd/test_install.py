@@ -124,6 +124,24 @@ def test_install_unit_writes_units_and_dropin(tmp_path: Path) -> None:
     ), "no temporary files are left behind"
 
 
+@pytest.mark.parametrize("root", ["/tmp/inbox", "/var/tmp/photos", "/tmp"])
+def test_install_unit_refuses_a_root_that_private_tmp_hides(tmp_path: Path, root: str) -> None:
+    tmp = "/var/tmp" if root.startswith("/var/tmp") else "/tmp"
+    with pytest.raises(ConfigError, match=f"watch root {root} is under {tmp}, which the unit's PrivateTmp=yes"):
+        install_unit(_settings("/srv/photos", root), unit_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_phicapd_install_unit_exits_78_for_a_root_in_tmp(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from phicapd.cli.daemon import main
+
+    config = tmp_path / "phicapd.toml"
+    config.write_text('[[watch]]\npath = "/tmp/inbox"\n')
+    assert main(["install-unit", "--config", str(config), "--unit-dir", str(tmp_path / "system")]) == 78
+    assert "PrivateTmp=yes" in capsys.readouterr().err
+    assert not (tmp_path / "system").exists()
+
+
 def test_install_unit_dropin_only_rewrites_the_roots(tmp_path: Path) -> None:
     install_unit(_settings("/srv/old"), unit_dir=tmp_path)
     written = install_unit(_settings("/srv/new"), unit_dir=tmp_path, copy_units=False)

@@ -5,10 +5,13 @@ an invalid file changes nothing; the process never dies of SIGHUP."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
+
+import pytest
 
 from phicapd.captioner import Caption, CaptionRequest
 from phicapd.config import load_settings
@@ -115,12 +118,17 @@ def test_restart_only_settings_are_named_and_kept(tmp_path: Path) -> None:
     assert live.sidecar.existing == "only-missing" and live.fetch.max_redirects == 1
 
 
-def test_sighup_reloads_a_daemon_process_instead_of_killing_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "env",
+    [{"INVOCATION_ID": "0123456789abcdef"}, {"FAKE_RELOAD_ON_HUP": "1"}],
+    ids=["under-systemd", "reload-on-hup"],
+)
+def test_sighup_reloads_a_daemon_process_instead_of_killing_it(tmp_path: Path, env: dict[str, str]) -> None:
     old, new = tmp_path / "old", tmp_path / "new"
     old.mkdir()
     new.mkdir()
     config = write_config(tmp_path, [old])
-    proc = spawn_fake_daemon(config, tmp_path / "record", tmp_path / "daemon.log")
+    proc = spawn_fake_daemon(config, tmp_path / "record", tmp_path / "daemon.log", env)
     try:
         wait_for(lambda: socket_ready(tmp_path / "ctl.sock") or proc.poll() is not None, 60, "the daemon")
         assert proc.poll() is None
@@ -139,3 +147,54 @@ def test_sighup_reloads_a_daemon_process_instead_of_killing_it(tmp_path: Path) -
             raise
     assert rc == 0
     assert not (tmp_path / "ctl.sock").exists()
+
+
+def test_sighup_stops_a_foreground_run_outside_systemd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A closed terminal must not leave a daemon holding the GPU with nobody to stop it."""
+    monkeypatch.delenv("INVOCATION_ID", raising=False)
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    config = write_config(tmp_path, [tmp_path])
+    proc = spawn_fake_daemon(config, tmp_path / "record", tmp_path / "daemon.log")
+    try:
+        wait_for(lambda: socket_ready(tmp_path / "ctl.sock") or proc.poll() is not None, 60, "the daemon")
+        os.kill(proc.pid, signal.SIGHUP)
+        rc = proc.wait(45)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0
+    assert "`phicapd run --reload-on-hup` reloads instead" in (tmp_path / "daemon.log").read_text()
+    assert not (tmp_path / "ctl.sock").exists()
+
+
+def test_run_takes_reload_on_hup() -> None:
+    from phicapd.cli.daemon import _parser
+
+    assert _parser().parse_args(["run", "--reload-on-hup"]).reload_on_hup is True
+    assert _parser().parse_args(["run"]).reload_on_hup is None  # decided by started_by_systemd()
+
+
+def test_status_shows_a_refused_reload_until_one_succeeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from phicapd.cli.ctl import main as phicapctl
+
+    config = write_config(tmp_path, [tmp_path])
+    good = config.read_text()
+    settings = load_settings(config)
+    socket = str(settings.control.socket)
+    with running_daemon(settings, settings_loader=lambda: load_settings(config)) as daemon:
+        assert daemon.status()["config"] == {"reload_refused": None}
+        config.write_text(good + "[model]\nnum_crops = 0\n")
+        assert daemon.reload() is False
+        refused = daemon.status()["config"]["reload_refused"]
+        assert "model.num_crops" in refused["reason"] and refused["at"] > 0
+        capsys.readouterr()
+        assert phicapctl(["--socket", socket, "status"]) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert re.fullmatch(
+            r"config: reload refused at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d: invalid configuration in .*", first
+        )
+        config.write_text(good)
+        assert daemon.reload() is True
+        assert daemon.status()["config"] == {"reload_refused": None}
+        assert phicapctl(["--socket", socket, "status"]) == 0
+        assert "reload refused" not in capsys.readouterr().out

@@ -44,6 +44,47 @@ def test_a_missing_root_is_named(tmp_path: Path) -> None:
         check_roots_writable(_settings(good, missing))
 
 
+def test_a_missing_root_gets_no_install_unit_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("INVOCATION_ID", raising=False)
+    missing = tmp_path / "not here"
+    with pytest.raises(ConfigError) as info:
+        check_roots_writable(_settings(missing))
+    assert str(info.value) == f"watch root {missing} does not exist"
+
+
+def test_a_missing_root_under_tmp_in_a_unit_names_private_tmp(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INVOCATION_ID", "0123")
+    with pytest.raises(ConfigError, match=r"does not exist \(the unit's PrivateTmp=yes gives phicapd a /tmp"):
+        check_roots_writable(_settings(Path("/tmp/phicapd-no-such-root-x7")))
+
+
+_PROBE_AS_NOBODY = f"""
+import os, sys
+from pathlib import Path
+from phicapd.config import Settings, WatchRoot
+from phicapd.errors import ConfigError
+from phicapd.systemd import check_roots_writable
+os.setgroups([]); os.setgid({65534}); os.setuid({65534})
+try:
+    check_roots_writable(Settings(watch=[WatchRoot(path=Path(sys.argv[1]))]))
+except ConfigError as e:
+    print(e)
+"""
+
+
+def test_access_denied_gets_the_install_unit_hint(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("drops to nobody: needs root")
+    root = tmp_path / "root-only"  # under pytest's 0700 directory: nobody cannot even stat it
+    root.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", _PROBE_AS_NOBODY, str(root)], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert result.stdout.startswith(f"watch root {root} "), result
+    assert "Permission denied; under systemd run `phicapd install-unit` to allow it" in result.stdout
+
+
 def test_a_file_is_not_a_root(tmp_path: Path) -> None:
     file = tmp_path / "photo.jpg"
     file.write_bytes(b"x")
@@ -94,6 +135,7 @@ def test_a_read_only_mount_is_unwritable_even_for_root(tmp_path: Path) -> None:
     assert result.returncode == 78, result.stderr
     assert f"watch root {readonly} is not writable" in result.stderr
     assert "Read-only file system" in result.stderr
+    assert "run `phicapd install-unit` to allow it" in result.stderr  # what the unit's sandbox does too
     assert str(good) not in result.stderr.replace(str(readonly), "")
     assert list(readonly.iterdir()) == []
 
