@@ -8,14 +8,16 @@ Protocol: one JSON object per line on stdin, one answer per line on stdout, in o
 
 * ``{"op": "read", "path": P}`` -> ``{"value": <x-default dc:description or null>}``
 * ``{"op": "modify", "path": P, "kinds": ["xmp", "exif", "iptc"], "caption": C}`` -> ``{}``
-* an error: ``{"error": "OSError" | "RuntimeError" | "MetadataUnavailable" | <type>, "message": ...}``
-  (an ``OSError`` also with ``errno``, ``strerror`` and ``filename``)
+* an error: ``{"error": "OSError" | "RuntimeError" | "MetadataUnavailable" | "MetadataUnreadable" |
+  <type>, "message": ...}`` (an ``OSError`` also with ``errno``, ``strerror`` and ``filename``;
+  ``MetadataUnreadable``: exiv2 cannot parse the file to modify, e.g. a malformed XMP sidecar)
 
 Only the parsing and the in-place edit happen here: the parent copies, fsyncs and renames.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -23,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from phicapd.pipeline.metadata import DESCRIPTION, X_DEFAULT, MetadataUnavailable, require
+from phicapd.pipeline.metadata import DESCRIPTION, X_DEFAULT, MetadataUnavailable, MetadataUnreadable, require
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -48,9 +50,15 @@ def read_in_process(path: Path) -> str | None:
 
 
 def modify_in_process(path: Path, kinds: tuple[str, ...], caption: str) -> None:
-    """Set ``caption`` in the metadata ``kinds`` of ``path``, in place."""
+    """Set ``caption`` in the metadata ``kinds`` of ``path``, in place; ``MetadataUnreadable``
+    when exiv2 cannot parse the file (it is opened, parsed whole, before anything changes)."""
     pyexiv2 = require()
-    image = pyexiv2.Image(str(path))
+    try:
+        image = pyexiv2.Image(str(path))
+    except RuntimeError as e:
+        if not path.exists():  # exiv2 says so with a RuntimeError too
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path)) from None
+        raise MetadataUnreadable(str(e)) from None
     try:
         if "xmp" in kinds:
             image.modify_xmp({DESCRIPTION: {X_DEFAULT: caption}})
