@@ -13,10 +13,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from phicapd.pipeline import metadata
-from phicapd.pipeline.jobs import Fingerprint
-from tests.support.fakes import write_unique_png
+from phicapd.pipeline.jobs import Fingerprint, JobStore, State
+from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
+from tests.support.fakes import FakeCaptioner, image_key, unique_image, write_unique_png
 
 pyexiv2 = pytest.importorskip("pyexiv2")
 
@@ -165,3 +167,106 @@ def test_a_sidecar_created_while_ours_was_made_is_kept(
     with pytest.raises(metadata.FileChanged):
         metadata.write_xmp_sidecar(sidecar, "ours")
     assert sidecar.read_bytes() == theirs and [p.name for p in tmp_path.iterdir()] == ["photo.xmp"]
+
+
+# -- through the daemon ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_an_image_rewritten_during_its_embed_ends_captioned_from_its_new_bytes(
+    tmp_path: Path, hooks: list[Callable[[str, Path], None]], step: str
+) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    image = root / "photo.png"
+    settings = settings_for(tmp_path, [root], extra='formats = ["txt", "embed"]\n')
+    fake = FakeCaptioner()
+    new_picture = unique_image(2)
+    staging = tmp_path / "new.png"
+    new_picture.save(staging, format="PNG")
+    new_bytes, new_key = staging.read_bytes(), image_key(new_picture)
+    acted: list[str] = []
+    seen: list[bytes] = []  # what the next embed found in place: the owner's bytes, untouched
+    journal: list[tuple[State, str | None, str | None]] = []  # the job as the next embed starts
+    store: list[JobStore] = []
+
+    def owner(name: str, path: Path) -> None:
+        if name == step and not acted:
+            acted.append(name)
+            _rewrite(image, new_bytes)  # cp new.png photo.png, while our copy is edited
+        elif name == "start" and acted:
+            seen.append(path.read_bytes())
+            job = store[0].get(image)
+            assert job is not None
+            journal.append((job.state, job.error_code, job.caption))
+
+    hooks.append(owner)
+    with running_daemon(settings, fake) as daemon:
+        store.append(daemon.store)
+        old_key = write_unique_png(image, 1, rename_in=True)
+
+        def captioned_anew() -> bool:
+            job = daemon.store.get(image)
+            return job is not None and job.state is State.DONE and new_key in (job.caption or "") and is_settled(daemon)
+
+        wait_for(captioned_anew, 30, "the new picture's caption")
+        job = daemon.store.get(image)
+    assert seen == [new_bytes]
+    # Never done with the old picture's caption: retried for the new bytes, which the model saw.
+    ((state, code, staged),) = journal
+    assert state is State.RUNNING and code == "image_changed" and old_key not in (staged or "")
+    assert fake.calls[old_key] == 1 and fake.calls[new_key] == 1 and sum(fake.calls.values()) == 2
+    caption = (root / "photo.txt").read_text().rstrip("\n")
+    assert new_key in caption and job is not None and job.caption == caption and job.attempts == 0
+    with Image.open(image) as now:
+        assert image_key(now.convert("RGB")) == new_key  # the new picture, not the old one back
+    assert metadata.read_description(image) == caption
+    assert sorted(p.name for p in root.iterdir()) == ["photo.png", "photo.txt"]
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_an_image_deleted_during_its_embed_stays_deleted_and_is_forgotten(
+    tmp_path: Path, hooks: list[Callable[[str, Path], None]], step: str
+) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    image = root / "photo.png"
+    settings = settings_for(tmp_path, [root], extra='formats = ["txt", "embed"]\n')
+    fake = FakeCaptioner()
+    hooks.append(_acting_at(step, image.unlink))
+    with running_daemon(settings, fake) as daemon:
+        write_unique_png(image, 1, rename_in=True)
+        wait_for(lambda: fake.calls and daemon.store.get(image) is None and is_settled(daemon), 30, "forgetting it")
+    assert sum(fake.calls.values()) == 1
+    assert list(root.iterdir()) == []  # not brought back, no caption file, no temp file
+
+
+def test_a_sidecar_edited_during_the_merge_keeps_the_edit_and_gets_the_caption_after(
+    tmp_path: Path, hooks: list[Callable[[str, Path], None]]
+) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    image = root / "photo.png"
+    sidecar = root / "photo.xmp"
+    shutil.copyfile(DATA / "lightroom.xmp", sidecar)  # no description yet: ours is merged into it
+    settings = settings_for(tmp_path, [root], extra='formats = ["txt", "xmp"]\n')
+    fake = FakeCaptioner()
+    hooks.append(_acting_at("edited", lambda: _person_edits(sidecar)))
+    with running_daemon(settings, fake) as daemon:
+        key = write_unique_png(image, 1, rename_in=True)
+
+        def merged() -> bool:
+            job = daemon.store.get(image)
+            return job is not None and job.state is State.DONE and is_settled(daemon)
+
+        wait_for(merged, 30, "the caption merged on the second try")
+    caption = (root / "photo.txt").read_text().rstrip("\n")
+    xmp = pyexiv2.Image(str(sidecar))
+    try:
+        properties = xmp.read_xmp()
+    finally:
+        xmp.close()
+    assert properties["Xmp.xmp.Rating"] == "2"  # the person's edit
+    assert properties["Xmp.dc.description"] == {'lang="x-default"': caption}
+    assert fake.calls[key] == 1 and sum(fake.calls.values()) == 1  # the retry came from the journal
+    assert sorted(p.name for p in root.iterdir()) == ["photo.png", "photo.txt", "photo.xmp"]
