@@ -37,12 +37,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from phicapd.log import get_logger
 from phicapd.pipeline.exiv2_supervisor import Supervisor, WorkerDied
-from phicapd.pipeline.jobs import Fingerprint
 from phicapd.pipeline.sidecar import _link_into_place, fsync_dir, temp_path
+
+if TYPE_CHECKING:  # not imported at run time: the exiv2 worker imports this module, and starts fast
+    from phicapd.pipeline.jobs import Fingerprint
 
 log = get_logger(__name__)
 
@@ -117,6 +119,7 @@ class FileIdentity:
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def matches(self, known: Fingerprint) -> bool:
+        """Is this the version of the file the journal's fingerprint ``known`` names?"""
         return (self.inode, self.size, self.mtime_ns) == (known.inode, known.size, known.mtime_ns)
 
 
@@ -186,7 +189,7 @@ def _edit_copy(
     *,
     keep_times: bool = False,
     expect: Fingerprint | None = None,
-) -> Fingerprint:
+) -> FileIdentity:
     """Copy ``source`` (or ``initial``) to a temp file beside ``target``, let ``edit(path)`` change
     it, fsync it and rename it over ``target``.
 
@@ -198,8 +201,8 @@ def _edit_copy(
     the window between the last ``stat`` and ``os.replace`` (microseconds, no I/O in between),
     which no rename-based write can close, and a write in place that leaves size, mtime and ctime
     as they were (the same size, within the filesystem's timestamp granularity). ``keep_times``:
-    the copy keeps the source's access and modification times. Returns the fingerprint of the
-    file put in place (taken from the copy, so a change right after the rename is not ours).
+    the copy keeps the source's access and modification times. Returns the identity of the file
+    put in place (taken from the copy, so a change right after the rename is not taken for ours).
     """
     tmp = temp_path(target)
     try:
@@ -228,7 +231,7 @@ def _edit_copy(
             ours = os.fstat(fd)
         finally:
             os.close(fd)
-        placed = Fingerprint(ours.st_size, ours.st_mtime_ns, ours.st_ino)
+        placed = FileIdentity(ours.st_dev, ours.st_ino, ours.st_size, ours.st_mtime_ns, ours.st_ctime_ns)
         _step("before_rename", target)
         if before is None:
             try:
@@ -277,7 +280,7 @@ def can_embed(image: Path) -> bool:
     return image.suffix.lower() in EMBED_KINDS
 
 
-def embed_caption(image: Path, caption: str, expect: Fingerprint | None = None) -> Fingerprint:
+def embed_caption(image: Path, caption: str, expect: Fingerprint | None = None) -> FileIdentity:
     """Write ``caption`` into ``image`` itself (XMP, EXIF and IPTC as its type holds them).
 
     The file keeps its modification time, as ``exiftool -P`` does: photo libraries sort by it,
@@ -285,7 +288,7 @@ def embed_caption(image: Path, caption: str, expect: Fingerprint | None = None) 
     must not look older than the image because of our own write. ``expect``: the version of the
     image the caption was made from; ``FileChanged`` if it is not that one, or stops being it
     before the edited copy replaces it (the owner's bytes are kept, a deleted image stays so).
-    Returns the fingerprint of the image as written.
+    Returns the identity of the image as written.
     """
     kinds = EMBED_KINDS[image.suffix.lower()]
     return _edit_copy(image, image, lambda tmp: _modify(tmp, kinds, caption, image), keep_times=True, expect=expect)

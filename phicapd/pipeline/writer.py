@@ -58,7 +58,7 @@ from phicapd.pipeline.formats import (
     settings_key,
     update_manifest,
 )
-from phicapd.pipeline.jobs import Failure, Job, JobStore, Success
+from phicapd.pipeline.jobs import Failure, Fingerprint, Job, JobStore, Success
 from phicapd.pipeline.outputs import Manifest, RootOutputs, sidecar_base
 from phicapd.pipeline.sidecar import Claims, SiblingCache, policy_keeps, write_sidecars
 
@@ -323,10 +323,11 @@ class SidecarWriter:
         assert f.decoded is not None
         if plan.embed:
             try:
-                fingerprint = metadata.embed_caption(path, plan.record.caption or "", f.decoded.fingerprint)
+                placed = metadata.embed_caption(path, plan.record.caption or "", f.decoded.fingerprint)
             except (OSError, RuntimeError) as e:
                 f.error = _metadata_error(path, path, e)
                 return
+            fingerprint = Fingerprint(placed.size, placed.mtime_ns, placed.inode)
             plan.record = dataclasses.replace(plan.record, fingerprint=fingerprint)
         if plan.xmp is not None:
             try:
