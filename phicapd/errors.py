@@ -63,6 +63,15 @@ class CaptionError(PhicapError):
 
 #: The model's text was empty or only whitespace (retryable; see the scheduler's delivery).
 CAPTION_EMPTY = "caption_empty"
+#: The image was replaced, rewritten or deleted while its caption was written (``pipeline.writer``):
+#: nothing of ours replaced it, and its new bytes are captioned (retryable, no attempt counted).
+IMAGE_CHANGED = "image_changed"
+#: The XMP sidecar was edited, replaced, created or removed while the caption was merged into it:
+#: theirs is kept and ours retried (no attempt counted); the image's other outputs are written.
+XMP_CHANGED = "xmp_changed"
+#: exiv2 cannot parse the existing XMP sidecar: it is left untouched, the image's other outputs are
+#: written, and it is parked until the image changes or ``phicapctl retry`` (the sidecar fixed).
+XMP_UNREADABLE = "xmp_unreadable"
 #: The daemon died while it was decoding the image (a file that crashes a C decoder): see
 #: ``JobStore.recover`` and the scheduler's decode gate.
 INTERRUPTED_DECODING = "interrupted_decoding"

@@ -9,8 +9,9 @@ Protocol: one JSON object per line on stdin, one answer per line on stdout, in o
 * ``{"op": "read", "path": P, "max_bytes": N}`` -> ``{"value": <x-default dc:description or null>}``
 * ``{"op": "modify", "path": P, "kinds": ["xmp", "exif", "iptc"], "caption": C, "max_bytes": N}``
   -> ``{}`` (``max_bytes``: the cap of the file's kind; ``safe_files.IMAGE_MAX_BYTES`` if left out)
-* an error: ``{"error": "OSError" | "RuntimeError" | "MetadataUnavailable" | <type>, "message": ...}``
-  (an ``OSError`` also with ``errno``, ``strerror`` and ``filename``)
+* an error: ``{"error": "OSError" | "RuntimeError" | "MetadataUnavailable" | "MetadataUnreadable" |
+  <type>, "message": ...}`` (an ``OSError`` also with ``errno``, ``strerror`` and ``filename``;
+  ``MetadataUnreadable``: exiv2 cannot parse the file to modify, e.g. a malformed XMP sidecar)
 
 Only the parsing and the in-place edit happen here: the parent copies, fsyncs and renames.
 exiv2 opens paths itself, so the worker checks each one first (``safe_files``): a request names
@@ -22,6 +23,7 @@ never a link.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from phicapd.pipeline import safe_files
-from phicapd.pipeline.metadata import DESCRIPTION, X_DEFAULT, MetadataUnavailable, require
+from phicapd.pipeline.metadata import DESCRIPTION, X_DEFAULT, MetadataUnavailable, MetadataUnreadable, require
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -69,9 +71,15 @@ def read_checked(path: Path, max_bytes: int) -> str | None:
 
 
 def modify_in_process(path: Path, kinds: tuple[str, ...], caption: str) -> None:
-    """Set ``caption`` in the metadata ``kinds`` of ``path``, in place."""
+    """Set ``caption`` in the metadata ``kinds`` of ``path``, in place; ``MetadataUnreadable``
+    when exiv2 cannot parse the file (it is opened, parsed whole, before anything changes)."""
     pyexiv2 = require()
-    image = pyexiv2.Image(str(path))
+    try:
+        image = pyexiv2.Image(str(path))
+    except RuntimeError as e:
+        if not path.exists():  # exiv2 says so with a RuntimeError too
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path)) from None
+        raise MetadataUnreadable(str(e)) from None
     try:
         if "xmp" in kinds:
             image.modify_xmp({DESCRIPTION: {X_DEFAULT: caption}})

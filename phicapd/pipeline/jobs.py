@@ -151,6 +151,13 @@ class Failure:
     code: str
     message: str
     retryable: bool
+    #: The caption did reach some of the image's outputs (one output failed, the others hold it):
+    #: recorded as a success records it, so the journal knows what is on disk, while the job is
+    #: retried or parked for the output that failed. Its ``formats`` are the outputs written.
+    written: Success | None = None
+    #: False when it is no fault of the image's (it changed while its caption was written): no
+    #: attempt is counted, it is retried after the first back-off step, never parked.
+    counted: bool = True
 
 
 def _claim(db: sqlite3.Connection, claims: Iterable[tuple[Path, str]]) -> None:
@@ -488,7 +495,9 @@ class JobStore:
         """Record finished jobs in one transaction; returns the jobs that are now parked as failed.
 
         ``skipped`` jobs are done without a new caption (their sidecar was already up to date).
-        ``claims`` are the sidecars written or kept for them (see ``claim_sidecars``).
+        ``claims`` are the sidecars written or kept for them (see ``claim_sidecars``). A failure
+        whose caption reached some outputs records it too (``Failure.written``); a staged one
+        stays staged, so its retry (or ``retry``) writes the rest from the journal's caption.
         """
         now = self._clock()
         parked: list[Job] = []
@@ -511,9 +520,12 @@ class JobStore:
                 row = db.execute("SELECT attempts FROM jobs WHERE id = ?", (f.job_id,)).fetchone()
                 if row is None:
                     continue
-                attempts = row["attempts"] + 1
-                if f.retryable and attempts < self.max_attempts:
-                    delay = self.backoff_seconds * 2 ** (attempts - 1)
+                if f.written is not None:
+                    values = (*_caption_values(f.written, now), f.job_id)
+                    db.execute(f"UPDATE jobs SET {_CAPTION_SET} WHERE id = ?", values)
+                attempts = row["attempts"] + int(f.counted)
+                if f.retryable and (attempts < self.max_attempts or not f.counted):
+                    delay = self.backoff_seconds * 2 ** (attempts - 1) if f.counted else self.backoff_seconds
                     db.execute(
                         "UPDATE jobs SET state = 'pending', attempts = ?, next_attempt_at = ?, error_code = ?,"
                         " error_message = ?, updated_at = ? WHERE id = ?",

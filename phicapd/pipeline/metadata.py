@@ -7,8 +7,14 @@ segments of a file, never its pixel data. It is imported only when a root asks f
 ``embed`` (``require``), so a missing one is a start-up error for those roots alone.
 
 Every write is atomic: the file (or the existing sidecar) is copied to a hidden temp file in the
-same directory, exiv2 edits the copy, the copy is fsynced and renamed over the original. A
-sidecar that exists is *merged*: only ``dc:description`` (x-default) changes; exiv2 keeps every
+same directory, exiv2 edits the copy, the copy is fsynced and renamed over the original. It is
+also atomic with respect to the file's owner, who may replace, rewrite or delete the image (or
+edit the sidecar) while we edit our copy: the rename happens only if the file is still the one
+that was copied (``FileIdentity``: inode, size, mtime and ctime, checked after the copy and again
+just before the rename); otherwise the copy is dropped and ``FileChanged`` raised, so their bytes
+always win and a deleted file is never brought back (``_edit_copy`` says what window remains).
+
+A sidecar that exists is *merged*: only ``dc:description`` (x-default) changes; exiv2 keeps every
 other property (ratings, labels, keywords, darktable's history, Lightroom's develop settings).
 It re-serialises the packet, so the layout (whitespace, attribute vs element form) may change,
 never the values. Only regular files are copied, read or replaced (``safe_files``): an XMP
@@ -27,14 +33,19 @@ import atexit
 import contextlib
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from phicapd.log import get_logger
 from phicapd.pipeline import safe_files
 from phicapd.pipeline.exiv2_supervisor import Supervisor, WorkerDied
-from phicapd.pipeline.sidecar import fsync_dir, temp_path
+from phicapd.pipeline.sidecar import _link_into_place, fsync_dir, temp_path
+
+if TYPE_CHECKING:  # not imported at run time: the exiv2 worker imports this module, and starts fast
+    from phicapd.pipeline.jobs import Fingerprint
 
 log = get_logger(__name__)
 
@@ -78,6 +89,53 @@ class MetadataCrashed(RuntimeError):
     retrying until the file changes."""
 
 
+class MetadataUnreadable(RuntimeError):
+    """exiv2 cannot parse the file it is to edit (a malformed XMP sidecar, say): it is left as it
+    is, and trying again cannot help until someone fixes or removes it."""
+
+
+class FileChanged(OSError):
+    """The file was replaced, rewritten or deleted while a copy of it was being edited: the copy
+    is dropped, the owner's file is left as they made it (or left deleted)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FileIdentity:
+    """What tells that a path still names the very bytes we read: a replacement changes the inode,
+    a write in place the size or mtime, and the ctime too, even where the writer then restores the
+    mtime (``cp -p``, ``touch -r``); a deleted file has none (``of`` returns None)."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileIdentity | None:
+        try:
+            st = os.lstat(path)  # a link put in the file's place is not the file
+        except FileNotFoundError:
+            return None
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def matches(self, known: Fingerprint) -> bool:
+        """Is this the version of the file the journal's fingerprint ``known`` names?"""
+        return (self.inode, self.size, self.mtime_ns) == (known.inode, known.size, known.mtime_ns)
+
+
+#: Called as ``hook(step, path)`` at each step of an in-place edit of ``path``: "start" (before it
+#: is first looked at), "copied" (the copy is made, before it is checked against the file),
+#: "edited" (exiv2 changed the copy) and "before_rename" (the copy is fsynced; the last check and
+#: the rename follow). Empty in the daemon: the tests change the file at each step.
+EDIT_HOOKS: list[Callable[[str, Path], None]] = []
+
+
+def _step(name: str, path: Path) -> None:
+    for hook in EDIT_HOOKS:
+        hook(name, path)
+
+
 _supervisor = Supervisor()
 atexit.register(_supervisor.close)
 
@@ -102,6 +160,8 @@ def _call(request: dict[str, Any], name: Path) -> dict[str, Any]:
         raise OSError(errno, answer.get("strerror") or message, answer.get("filename"))
     if error == "MetadataUnavailable":
         raise MetadataUnavailable(message)
+    if error == "MetadataUnreadable":
+        raise MetadataUnreadable(message)
     raise RuntimeError(message if error == "RuntimeError" else f"{error}: {message}")
 
 
@@ -122,32 +182,77 @@ def xmp_sidecar_path(image: Path, base: str, naming: str) -> Path:
     return image.with_name((base if naming == "stem" else image.name) + XMP_EXTENSION)
 
 
-def _edit_copy(source: Path | None, target: Path, edit: Any, initial: bytes = b"", *, max_bytes: int) -> None:
+def _edit_copy(
+    source: Path | None,
+    target: Path,
+    edit: Any,
+    initial: bytes = b"",
+    *,
+    keep_times: bool = False,
+    expect: Fingerprint | None = None,
+    max_bytes: int,
+) -> FileIdentity:
     """Copy ``source`` (or ``initial``) to a temp file beside ``target``, let ``edit(path)`` change
-    it, fsync it and rename it over ``target``. ``source`` must be a regular file of at most
-    ``max_bytes``, never a link (``safe_files.copy_regular``), and ``target`` may be replaced only
-    if it is one or missing (``safe_files.check_replaceable``): else ``safe_files.RefusedFile``."""
-    safe_files.check_replaceable(target)  # before exiv2 is asked: a link or a pipe is not ours
+    it, fsync it and rename it over ``target``.
+
+    ``source`` is ``target`` or None (``target`` is new), and it is the owner's file: the copy
+    must be of one version of it (its ``FileIdentity`` the same before and after the copy, and
+    that of ``expect``, the version the caller read, if given), and the rename happens only if it
+    is still that version just before it; otherwise ``FileChanged``, with the temp file removed.
+    A new ``target`` is linked into place, which fails if one appeared meanwhile. What remains is
+    the window between the last ``stat`` and ``os.replace`` (microseconds, no I/O in between),
+    which no rename-based write can close, and a write in place that leaves size, mtime and ctime
+    as they were (the same size, within the filesystem's timestamp granularity). ``keep_times``:
+    the copy keeps the source's access and modification times. Returns the identity of the file
+    put in place (taken from the copy, so a change right after the rename is not taken for ours).
+
+    Only regular files: ``source`` must be one of at most ``max_bytes``, never a link
+    (``safe_files.copy_regular``), and ``target`` may be replaced only if it is one or missing
+    (``safe_files.check_replaceable``): else ``safe_files.RefusedFile``, before exiv2 is asked.
+    """
+    safe_files.check_replaceable(target)
     tmp = temp_path(target)
     try:
+        before: FileIdentity | None = None
         if source is not None:
-            safe_files.copy_regular(source, tmp, max_bytes)
+            _step("start", source)
+            st = safe_files.copy_regular(source, tmp, max_bytes)  # the fstat of what was copied
+            before = FileIdentity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            if expect is not None and not before.matches(expect):
+                raise FileChanged(f"{source} changed before its caption was written into it")
+            _step("copied", source)
+            if FileIdentity.of(source) != before:
+                raise FileChanged(f"{source} changed while it was copied")
         else:
             tmp.write_bytes(initial)
             os.chmod(tmp, 0o644)
         edit(tmp)
+        if source is not None and keep_times:
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+        _step("edited", target)
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)
+            ours = os.fstat(fd)
         finally:
             os.close(fd)
-        safe_files.check_replaceable(target)
-        os.replace(tmp, target)
+        placed = FileIdentity(ours.st_dev, ours.st_ino, ours.st_size, ours.st_mtime_ns, ours.st_ctime_ns)
+        _step("before_rename", target)
+        if before is None:
+            try:
+                _link_into_place(tmp, target)  # removes tmp, whatever happens
+            except FileExistsError:
+                raise FileChanged(f"{target} was created while ours was being written") from None
+        elif FileIdentity.of(target) != before:  # source is target
+            raise FileChanged(f"{target} changed or was removed while its caption was written into a copy")
+        else:
+            os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
     fsync_dir(target.parent)
+    return placed
 
 
 def _modify(path: Path, kinds: tuple[str, ...], caption: str, target: Path) -> None:
@@ -165,9 +270,12 @@ def _max_bytes(path: Path) -> int:
 
 
 def write_xmp_sidecar(path: Path, caption: str) -> None:
-    """Set ``dc:description`` in the XMP sidecar ``path``, merged into it if it exists. A link
-    (to a file outside the tree, say), a pipe or a device there is refused, never merged:
-    ``safe_files.RefusedFile``."""
+    """Set ``dc:description`` in the XMP sidecar ``path``, merged into it if it exists.
+
+    A link (to a file outside the tree, say), a pipe or a device there is refused, never merged
+    (``safe_files.RefusedFile``); ``MetadataUnreadable`` when exiv2 cannot parse the existing
+    sidecar (it is left untouched); ``FileChanged`` when it was edited, replaced, removed or
+    created meanwhile (theirs is kept)."""
     source = path if os.path.lexists(path) else None
 
     def edit(tmp: Path) -> None:
@@ -190,20 +298,24 @@ def can_embed(image: Path) -> bool:
     return image.suffix.lower() in EMBED_KINDS
 
 
-def embed_caption(image: Path, caption: str) -> None:
+def embed_caption(image: Path, caption: str, expect: Fingerprint | None = None) -> FileIdentity:
     """Write ``caption`` into ``image`` itself (XMP, EXIF and IPTC as its type holds them).
     A symlinked image is refused (``safe_files.RefusedFile``): the rename would replace the
     link with a copy of its target, and its target is not the file the owner put here.
 
     The file keeps its modification time, as ``exiftool -P`` does: photo libraries sort by it,
     and a caption the policy keeps beside the image (``skip``: one at least as new as the image)
-    must not look older than the image because of our own write.
+    must not look older than the image because of our own write. ``expect``: the version of the
+    image the caption was made from; ``FileChanged`` if it is not that one, or stops being it
+    before the edited copy replaces it (the owner's bytes are kept, a deleted image stays so).
+    Returns the identity of the image as written.
     """
     kinds = EMBED_KINDS[image.suffix.lower()]
-    st = image.stat()
-
-    def edit(tmp: Path) -> None:
-        _modify(tmp, kinds, caption, image)
-        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
-
-    _edit_copy(image, image, edit, max_bytes=safe_files.IMAGE_MAX_BYTES)
+    return _edit_copy(
+        image,
+        image,
+        lambda tmp: _modify(tmp, kinds, caption, image),
+        keep_times=True,
+        expect=expect,
+        max_bytes=safe_files.IMAGE_MAX_BYTES,
+    )

@@ -23,6 +23,14 @@ policy on its own (``pipeline.outputs``), so a kept ``photo.txt`` does not stop 
 ``photo.json``. A *backfill* (an image that lacks outputs its journal caption can supply: a
 format added to the root, a deleted sidecar) comes the same way and writes only what is missing.
 
+An image that its owner replaces, rewrites or deletes while its caption is written is left as
+they made it (``metadata``'s identity checks): nothing is recorded done, the job is retried
+(``image_changed``, no attempt counted), so its new bytes are captioned, and a deleted image is
+forgotten when its turn comes. The XMP sidecar fails alone: one exiv2 cannot parse
+(``xmp_unreadable``, parked), one a person edited meanwhile (``xmp_changed``, retried), or any
+other failure to merge into it leaves the image's other outputs written and their caption
+recorded (``Failure.written``), so the image is not sent to the model again for it.
+
 An output that stands on disk as something other than a regular file (a symbolic link, a named
 pipe, a device: ``pipeline.safe_files``), or is over its kind's size cap, is never followed,
 read or replaced: the image's other outputs are written, and the image is parked with the
@@ -43,7 +51,7 @@ from typing import Any
 
 from phicapd.captioner import Caption, decorate
 from phicapd.config import Settings, WatchRoot
-from phicapd.errors import PhicapError
+from phicapd.errors import IMAGE_CHANGED, XMP_CHANGED, XMP_UNREADABLE, PhicapError
 from phicapd.log import get_logger
 from phicapd.pipeline import metadata
 from phicapd.pipeline.decode import Decoded, fingerprint_of
@@ -55,7 +63,7 @@ from phicapd.pipeline.formats import (
     settings_key,
     update_manifest,
 )
-from phicapd.pipeline.jobs import Failure, Job, JobStore, Success
+from phicapd.pipeline.jobs import Failure, Fingerprint, Job, JobStore, Success
 from phicapd.pipeline.outputs import Manifest, RootOutputs, sidecar_base
 from phicapd.pipeline.safe_files import RefusedFile
 from phicapd.pipeline.sidecar import Claims, SiblingCache, policy_keeps, write_sidecars
@@ -68,6 +76,8 @@ log = get_logger(__name__)
 IO_THREADS = 16
 #: Back-off of a group whose journal write failed: doubling from the first to the last.
 RETRY_SECONDS = (1.0, 60.0)
+#: Failures that are no fault of the image's: someone changed a file while we wrote it.
+UNCOUNTED = frozenset({IMAGE_CHANGED, XMP_CHANGED})
 
 
 @dataclass(slots=True)
@@ -98,6 +108,7 @@ class _Plan:
     xmp: Path | None = None  # the XMP sidecar to set (merged) ``dc:description`` in
     embed: bool = False  # write the caption into the image file itself
     refused: RefusedFile | None = None  # an output that is not a file to replace (``safe_files``)
+    xmp_error: PhicapError | None = None  # the XMP sidecar failed: the other outputs go on
 
 
 class SidecarWriter:
@@ -205,11 +216,21 @@ class SidecarWriter:
             if f.skipped:
                 f.error = None  # a write that failed on an earlier try made it after all
                 skipped.append(f.job.id)
-            elif id(f) in written:
+            elif id(f) in written and f.error is None:
                 successes.append(written[id(f)])
             else:
+                # With ``written``, one output failed and the others hold the caption.
                 f.error = f.error or PhicapError(f"{f.job.path}: no caption", code="caption_failed")
-                failures.append(Failure(f.job.id, f.error.code, str(f.error), f.error.retryable))
+                failures.append(
+                    Failure(
+                        f.job.id,
+                        f.error.code,
+                        str(f.error),
+                        f.error.retryable,
+                        written=written.get(id(f)),
+                        counted=f.error.code not in UNCOUNTED,
+                    )
+                )
         claims = [(f.job.path, f.claim) for f in group if f.claim is not None and (f.skipped or id(f) in written)]
         parked = {j.id for j in self.store.finish_many(successes, failures, skipped, claims)}
         # Captions made now; a staged one (a backfill, a write finished after a crash) was made before.
@@ -224,7 +245,7 @@ class SidecarWriter:
             return None
         if fingerprint_of(f.job.path) != f.decoded.fingerprint:
             f.error = PhicapError(
-                f"{f.job.path}: the image changed while it was captioned", code="image_changed", retryable=True
+                f"{f.job.path}: the image changed while it was captioned", code=IMAGE_CHANGED, retryable=True
             )
             return None
         outputs = RootOutputs.of(self.settings, f.root)
@@ -302,34 +323,29 @@ class SidecarWriter:
         the image's bytes and inode and keeps its mtime (``metadata.embed_caption``), so ``skip``
         still sees the other files as at least as new as the image; the journal records its new
         fingerprint, so neither the watcher's event for it, the scans nor ``overwrite`` take our
-        own write for a changed image."""
+        own write for a changed image. A failed embed fails the image; a failed XMP sidecar only
+        itself (``_Plan.xmp_error``)."""
         f = plan.finished
         path = f.job.path
-        embedded = False
-        try:
-            if plan.embed:
-                try:
-                    metadata.embed_caption(path, plan.record.caption or "")
-                except RefusedFile as e:  # a symlinked image: its other outputs are still written
-                    plan.refused = e
-                else:
-                    fingerprint = fingerprint_of(path)
-                    if fingerprint is not None:
-                        plan.record = dataclasses.replace(plan.record, fingerprint=fingerprint)
-                embedded = True
-            if plan.xmp is not None:
+        assert f.decoded is not None
+        if plan.embed:
+            try:
+                placed = metadata.embed_caption(path, plan.record.caption or "", f.decoded.fingerprint)
+            except RefusedFile as e:  # a symlinked image: its other outputs are still written
+                plan.refused = e
+            except (OSError, RuntimeError) as e:
+                f.error = _metadata_error(path, path, e)
+                return
+            else:
+                fingerprint = Fingerprint(placed.size, placed.mtime_ns, placed.inode)
+                plan.record = dataclasses.replace(plan.record, fingerprint=fingerprint)
+        if plan.xmp is not None:
+            try:
                 metadata.write_xmp_sidecar(plan.xmp, plan.record.caption or "")
-        except RefusedFile as e:
-            plan.refused = plan.refused or e
-        except (OSError, RuntimeError) as e:
-            target = path if plan.embed and not embedded else plan.xmp
-            # exiv2 crashed or hung on the file: it would again, so the job is parked, not retried.
-            crashed = isinstance(e, metadata.MetadataCrashed)
-            f.error = PhicapError(
-                f"{path}: cannot write its caption into {target}: {e}",
-                code="metadata_crashed" if crashed else "sidecar_write_failed",
-                retryable=not crashed,
-            )
+            except (OSError, RuntimeError) as e:
+                plan.xmp_error = _refused(path, e) if isinstance(e, RefusedFile) else _metadata_error(path, plan.xmp, e)
+                if not (plan.files or plan.manifest or (plan.embed and plan.refused is None)):
+                    f.error = plan.xmp_error  # its only output: nothing else holds the caption
 
     def _write_outputs(self, group: list[Finished]) -> dict[int, Success]:
         """Write the group's files; returns id(finished) -> its journal record, for those written."""
@@ -379,10 +395,14 @@ class SidecarWriter:
             elif placed == 0 and p.refused is None and p.files and not p.embed and p.xmp is None and not p.manifest:
                 f.skipped = True  # only-missing: every file appeared while ours was being written
             else:
-                if p.refused is None:
-                    written[id(f)] = p.record
-                else:  # its other outputs are written (the manifest below too); the job is parked
+                written[id(f)] = p.record
+                if p.refused is not None:  # its other outputs are written (the manifest below too); parked
                     f.error = _refused(f.job.path, p.refused)
+                    del written[id(f)]
+                elif p.xmp_error is not None:  # recorded as in the other outputs, not in the XMP
+                    f.error = p.xmp_error
+                    formats = tuple(fmt for fmt in p.record.formats if fmt != "xmp")
+                    written[id(f)] = dataclasses.replace(p.record, formats=formats)
                 if p.manifest:
                     manifests.setdefault(f.job.path.parent, {})[f.job.path.name] = p.record.caption
         for directory, captions in manifests.items():
@@ -392,6 +412,11 @@ class SidecarWriter:
                 # Its images stay staged in the journal: their retry rewrites the manifest from there.
                 for p in plans:
                     if id(p.finished) in written and p.finished.job.path.parent == directory:
+                        if p.finished.error is not None:  # failed in part already: that error stands
+                            record = written[id(p.finished)]
+                            formats = tuple(fmt for fmt in record.formats if fmt != "jsonl")
+                            written[id(p.finished)] = dataclasses.replace(record, formats=formats)
+                            continue
                         del written[id(p.finished)]
                         p.finished.error = (
                             _refused(p.finished.job.path, e)
@@ -454,3 +479,32 @@ def _refused(image: Path, e: RefusedFile) -> PhicapError:
     """The failure of an image one of whose outputs is not a file to replace (``safe_files``):
     parked, since it will not change by itself; its other outputs are written."""
     return PhicapError(f"{image}: output refused: {e}", code=e.code, retryable=False)
+
+
+def _metadata_error(image: Path, target: Path, e: OSError | RuntimeError) -> PhicapError:
+    """Why ``target``, the image itself or its XMP sidecar, did not get the caption of ``image``."""
+    sidecar = target != image
+    if isinstance(e, metadata.FileChanged | FileNotFoundError):
+        # Someone replaced, edited or removed it meanwhile: theirs stays. An image's new bytes get
+        # a caption of their own (a deleted one is forgotten when its turn comes); a sidecar gets
+        # ours merged into their version.
+        what = f"its XMP sidecar {target}" if sidecar else "the image"
+        return PhicapError(
+            f"{image}: {what} changed while the caption was written into it; it is left as it is and tried again ({e})",
+            code=XMP_CHANGED if sidecar else IMAGE_CHANGED,
+            retryable=True,
+        )
+    if sidecar and isinstance(e, metadata.MetadataUnreadable):
+        return PhicapError(
+            f"{image}: exiv2 cannot read its XMP sidecar {target} ({e}); it is left as it is, without"
+            " the caption: fix or remove it, then phicapctl retry",
+            code=XMP_UNREADABLE,
+            retryable=False,
+        )
+    # exiv2 crashed or hung on the file: it would again, so the job is parked, not retried.
+    crashed = isinstance(e, metadata.MetadataCrashed)
+    return PhicapError(
+        f"{image}: cannot write its caption into {target}: {e}",
+        code="metadata_crashed" if crashed else "sidecar_write_failed",
+        retryable=not crashed,
+    )
