@@ -335,11 +335,11 @@ class JobStore:
             # First, while the jobs the model had are still "running": a job settled or taken by
             # the model since its mark (its clear failed) is not the decoder's.
             in_decoder = db.executemany(
-                "UPDATE jobs SET attempts = attempts + 1, updated_at = ?,"
+                "UPDATE jobs SET attempts = MAX(attempts, MIN(attempts + 1, ?)), updated_at = ?,"
                 " next_attempt_at = ? * (1 << attempts) + ?, error_code = 'interrupted_decoding',"
                 " error_message = path || ': the daemon stopped while decoding this image'"
                 " WHERE id = ? AND state = 'pending'",
-                [(now, self.backoff_seconds, now, i) for i in decoding],
+                [(self.max_attempts, now, self.backoff_seconds, now, i) for i in decoding],
             ).rowcount
             # A staged job's caption is already made: it only needs its files, now, and it did
             # not bring the daemon down on the model.
@@ -349,11 +349,11 @@ class JobStore:
                 (now,),
             )
             on_model = db.execute(
-                "UPDATE jobs SET state = 'pending', attempts = attempts + 1, updated_at = ?,"
-                " next_attempt_at = ? * (1 << attempts) + ?, error_code = 'interrupted',"
+                "UPDATE jobs SET state = 'pending', attempts = MAX(attempts, MIN(attempts + 1, ?)),"
+                " updated_at = ?, next_attempt_at = ? * (1 << attempts) + ?, error_code = 'interrupted',"
                 " error_message = 'the daemon stopped while this image was on the model'"
                 " WHERE state = 'running'",
-                (now, self.backoff_seconds, now),
+                (self.max_attempts, now, self.backoff_seconds, now),
             ).rowcount
         if decoding:
             self._marks.reset()  # after the commit: a crash in between counts them again, not never
@@ -511,7 +511,9 @@ class JobStore:
                 row = db.execute("SELECT attempts FROM jobs WHERE id = ?", (f.job_id,)).fetchone()
                 if row is None:
                     continue
-                attempts = row["attempts"] + 1
+                # A job whose attempts already reached the limit had its last one counted by
+                # ``recover`` (the crash that interrupted it): parking it is not one more.
+                attempts = max(row["attempts"], min(row["attempts"] + 1, self.max_attempts))
                 if f.retryable and attempts < self.max_attempts:
                     delay = self.backoff_seconds * 2 ** (attempts - 1)
                     db.execute(
