@@ -66,6 +66,9 @@ CAPTION_EMPTY = "caption_empty"
 #: The daemon died while it was decoding the image (a file that crashes a C decoder): see
 #: ``JobStore.recover`` and the scheduler's decode gate.
 INTERRUPTED_DECODING = "interrupted_decoding"
+#: The decode worker crashed or hung on the image (``pipeline.decode_pool``): retryable, so it
+#: counts as an attempt and the image is parked after ``max_attempts``.
+IMAGE_CRASHED_DECODER = "image_crashed_decoder"
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78

@@ -11,9 +11,12 @@ r"""The scheduler: two lanes into one GPU worker, with decoding ahead of it and 
   the socket joins the running batch at the next step instead of waiting for it, however long
   the backlog. (A batch-only backend runs batch after batch; a request then waits for at most
   the batch on the model.) When idle, the first take waits a short window to fill a batch.
-* Images are decoded (and fingerprinted) in a CPU pool ahead of the worker. At most
-  ``prefetch`` background images are claimed from the journal at once; the rest of the backlog
-  waits on disk, so memory is bounded whatever its size.
+* Images are decoded (and fingerprinted) in a CPU pool ahead of the worker; the daemon hands
+  each one to a decode worker process (``decode_pool``), so a file that crashes or hangs a C
+  decoder fails alone (``image_crashed_decoder``, an attempt; parked after ``max_attempts``)
+  and costs a worker, never the daemon. At most ``prefetch`` background images are claimed
+  from the journal at once; the rest of the backlog waits on disk, so memory is bounded
+  whatever its size.
 * The writer (``writer.py``) writes sidecars and records results in the journal in groups, so
   fsyncs never hold up the GPU. It pushes back: background rows go on the model only while
   the captions waiting for the writer plus the background rows on the model fit one batch
@@ -25,9 +28,10 @@ r"""The scheduler: two lanes into one GPU worker, with decoding ahead of it and 
 * An image that was on the model when the daemon died (``interrupted``) runs alone, once the
   rows around it drained: if it is what crashes the process, only it is blamed again, and
   its batch-mates are not parked with it.
-* Likewise for the decode pool: each image is marked while it is read and decoded
-  (``JobStore.mark_decoding``), so a file that makes a C decoder crash the process is blamed at
-  the next start (``interrupted_decoding``). Such an image is decoded alone: no other decode
+* Likewise for the decode pool: each image is marked while it is decoded and prepared for the
+  backend (``JobStore.mark_decoding``), so an image that crashes the daemon's own process there
+  (the backend's preprocessing is C code over its pixels too) is blamed at the next start
+  (``interrupted_decoding``). Such an image is decoded alone: no other decode
   runs and no background job is on the model or waiting for its journal record, so a second
   crash blames only it, and it is parked after ``max_attempts`` without being decoded again.
 * A broken model (a CUDA fault, or ``BREAKER`` images in a row failing alone and then a plain
