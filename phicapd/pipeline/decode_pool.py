@@ -85,6 +85,11 @@ class DecodeWorkers:
         self._background = _Workers(workers)
         self._interactive = _Workers(interactive)
         self._closed = False
+        # Started now, so that the first image (a socket request) does not wait for a worker's
+        # Python to start and import; one that dies is started again at its next image.
+        for pool in (self._background, self._interactive):
+            for worker in pool.all:
+                worker.supervisor.start(self._command(worker))
 
     @property
     def died(self) -> int:

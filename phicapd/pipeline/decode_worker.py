@@ -25,24 +25,31 @@ import hashlib
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageFile
 
-from phicapd.config import ImagingSettings
 from phicapd.errors import ImageError
 from phicapd.imaging import decode_image, decode_read, read_file
 from phicapd.pipeline.decode_buffer import SharedPixels
-from phicapd.pipeline.exiv2_worker import serve
+from phicapd.pipeline.worker_protocol import Handler, serve
 
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The ``[imaging]`` limits ``imaging`` reads (as ``ImagingSettings``, whose pydantic import
+    would cost every worker's start a few tenths of a second)."""
+
+    max_file_bytes: int
+    max_pixels: int
 
 
 class Decoder:
     """Answers requests against one shared buffer and the daemon's ``[imaging]`` limits."""
 
-    def __init__(self, pixels: SharedPixels, settings: ImagingSettings) -> None:
+    def __init__(self, pixels: SharedPixels, settings: Limits) -> None:
         self.pixels = pixels
         self.settings = settings
 
@@ -90,7 +97,7 @@ def _rgb_bytes(image: Image.Image) -> bytes:
 def main(handler: Callable[[Decoder], Handler] = lambda d: d.handle) -> None:
     """``handler``: what answers, given the decoder (the tests wrap it to crash on purpose)."""
     fd, max_file_bytes, max_pixels = (int(a) for a in sys.argv[1:4])
-    decoder = Decoder(SharedPixels(fd), ImagingSettings(max_file_bytes=max_file_bytes, max_pixels=max_pixels))
+    decoder = Decoder(SharedPixels(fd), Limits(max_file_bytes, max_pixels))
     # As in the exiv2 worker: answers on a private copy of stdout, fd 1 becomes stderr, so what a
     # library prints lands in the log, never in the middle of an answer.
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "wb")

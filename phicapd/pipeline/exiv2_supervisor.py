@@ -80,6 +80,11 @@ class Supervisor:
             raise WorkerDied(self._reap()) from None
         return self._answer(proc, timeout)
 
+    def start(self, command: Sequence[str]) -> None:
+        """Start the worker now rather than at the first call (which then finds it imported)."""
+        with self._lock:
+            self._ensure(tuple(command))
+
     def close(self) -> None:
         """Let the worker go: stdin closes, so it exits; killed if it does not at once."""
         with self._lock:

@@ -80,7 +80,6 @@ def test_a_worker_that_crashes_or_hangs_fails_that_image_alone(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings: ImagingSettings, mode: str
 ) -> None:
     _crashing(monkeypatch, mode)
-    monkeypatch.setattr(decode_pool, "TIMEOUT_SECONDS", 1.0)
     hostile = tmp_path / "hostile.png"
     write_unique_png(hostile, 1)
     innocent = [tmp_path / f"img{i}.png" for i in range(6)]
@@ -88,6 +87,9 @@ def test_a_worker_that_crashes_or_hangs_fails_that_image_alone(
         write_unique_png(path, 10 + i)
     pool = DecodeWorkers(settings, 2, 1)
     try:
+        for path in innocent[:2]:  # each worker answers once: started and imported
+            pool.decode_file(path)
+        monkeypatch.setattr(decode_pool, "TIMEOUT_SECONDS", 1.0)
         results: dict[str, object] = {}
 
         def decode(path: Path) -> None:
