@@ -350,6 +350,9 @@ class ControlSettings(_Section):
     max_body_bytes: int = Field(64 * 1024 * 1024, gt=0)
     max_header_bytes: int = Field(16 * 1024, gt=0)
     request_timeout_seconds: float = Field(30.0, gt=0)
+    # A request's head (and so a client that sends nothing, or an idle keep-alive connection)
+    # gets at most this long, within ``request_timeout_seconds``.
+    head_timeout_seconds: float = Field(10.0, gt=0)
     caption_timeout_seconds: float = Field(600.0, gt=0)
     max_connections: int = Field(128, ge=1)
 

@@ -83,6 +83,9 @@ SIDECAR_NOT_REGULAR = "sidecar_not_regular"
 #: Such a file is larger than its kind's cap (``pipeline.safe_files``: a ``.txt``/``.json``
 #: sidecar 1 MiB, an XMP sidecar 16 MiB, a ``metadata.jsonl`` 128 MiB): refused unread, parked.
 SIDECAR_TOO_LARGE = "sidecar_too_large"
+#: The decode worker crashed or hung on the image (``pipeline.decode_pool``): retryable, so it
+#: counts as an attempt and the image is parked after ``max_attempts``.
+IMAGE_CRASHED_DECODER = "image_crashed_decoder"
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78

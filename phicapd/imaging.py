@@ -38,11 +38,14 @@ import stat
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import ExifTags, Image, features
 
-from phicapd.config import ImagingSettings
 from phicapd.errors import ImageError
+
+if TYPE_CHECKING:  # not imported at run time: the decode workers start without pydantic
+    from phicapd.config import ImagingSettings
 
 _BASE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 # The JPEG opener hands back a multi-picture JPEG as format "MPO"; we keep its first image.

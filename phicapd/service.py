@@ -26,7 +26,8 @@ from phicapd.errors import ConfigError, ModelUnavailable, PhicapError
 from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
 from phicapd.pipeline import staleness
-from phicapd.pipeline.decode import fingerprint_of, make_decoders
+from phicapd.pipeline.decode import fingerprint_of
+from phicapd.pipeline.decode_pool import DecodeWorkers
 from phicapd.pipeline.formats import generation_settings, model_and_revision, settings_key
 from phicapd.pipeline.intake import Intake
 from phicapd.pipeline.jobs import Job, JobStore, Success
@@ -34,7 +35,7 @@ from phicapd.pipeline.outputs import RootOutputs, sidecar_base
 from phicapd.pipeline.paths import is_watched_dir, journal_path, list_images, owning_root
 from phicapd.pipeline.progress import Backlog, progress_report
 from phicapd.pipeline.scanner import Reconciler
-from phicapd.pipeline.scheduler import Scheduler
+from phicapd.pipeline.scheduler import INTERACTIVE_DECODERS, Scheduler
 from phicapd.pipeline.sidecar import Claims, is_rule_base
 from phicapd.pipeline.watcher import Watcher
 from phicapd.stop_deadline import StopDeadline
@@ -100,6 +101,7 @@ class Daemon:
         # The last reload that was refused, {"at": epoch seconds, "reason"}, until one succeeds:
         # ``phicapctl status`` shows it, not only the log.
         self.reload_refused: dict[str, Any] | None = None
+        self.decoders: DecodeWorkers | None = None
         # Why the model is not ready yet, for ``phicapctl status``; None once it is loaded.
         self.loading: str | None = f"loading the model from {model_source(settings)}"
         self.store = JobStore(
@@ -204,13 +206,15 @@ class Daemon:
             self._shutdown(notifier)
             return 0
 
-        decode_file, decode_bytes = make_decoders(self.settings.imaging)
+        # Images are decoded in worker processes: a file that crashes a decoder costs a worker.
+        workers = self.settings.scheduler.decode_workers
+        self.decoders = DecodeWorkers(self.settings.imaging, workers, min(INTERACTIVE_DECODERS, workers))
         self.scheduler = Scheduler(
             self.settings,
             self.captioner,
             self.store,
-            decode_file=decode_file,
-            decode_bytes=decode_bytes,
+            decode_file=self.decoders.decode_file,
+            decode_bytes=self.decoders.decode_bytes,
             list_images=list_images,
             metrics=self.prometheus,
         )
@@ -332,6 +336,8 @@ class Daemon:
         self.intake.stop()
         if self.scheduler is not None:
             self.scheduler.stop(DRAIN_GRACE_SECONDS)
+        if self.decoders is not None:
+            self.decoders.close()
         if self.server is not None:
             self.server.stop()
         if self.captioner is not None:

@@ -1,10 +1,18 @@
 """The control server: HTTP/1.1 over a Unix socket, a bounded thread per connection.
 
-One accept thread admits connections up to ``max_connections`` (beyond that a connection gets
-an immediate 503 and is closed) and starts a thread for each; caption requests block that
-thread in the backend while the GPU works. Each request must arrive whole within
-``request_timeout_seconds``; the reply is not bounded by that, the caption has its own timeout.
-Every request is logged with the peer's pid/uid/gid from SO_PEERCRED.
+One accept thread admits connections up to ``max_connections`` and starts a thread for each;
+caption requests block that thread in the backend while the GPU works. Each request's head must
+arrive within ``head_timeout_seconds`` and the whole request within ``request_timeout_seconds``;
+the reply is not bounded by that, the caption has its own timeout. Every request is logged with
+the peer's pid/uid/gid from SO_PEERCRED.
+
+Slow or idle connections cannot starve real clients: at ``max_connections``, a new connection
+takes the slot of the one that has waited longest for a request head, if that is over
+``CUT_AFTER_SECONDS`` (a client sending nothing or trickling its head, or idle between
+requests: a kept-alive client reconnects), which is cut. A real client sends its head at once,
+so it is not cut while the server has yet to read it.
+Only when every slot holds a request in progress does a new connection get an immediate 503
+``busy`` and is closed.
 
 Request bodies are capped daemon-wide as well as per request: ``max_connections`` uploads of
 ``max_body_bytes`` each would be gigabytes. A body's ``Content-Length`` is reserved from a
@@ -49,6 +57,8 @@ log = structlog.get_logger(__name__)
 _UNKNOWN_PEER = PeerCred(-1, -1, -1)
 _BUSY_SEND_TIMEOUT = 0.2
 _ACCEPT_BACKOFF = 0.1
+#: A connection waiting this long for a request head may be cut to admit a new one.
+CUT_AFTER_SECONDS = 0.5
 # Request-body bytes the server holds at once, all connections together (raised to
 # ``max_body_bytes`` when that is larger, so that one upload of the largest size always fits).
 MAX_BODY_BYTES_HELD = 512 * 1024 * 1024
@@ -117,12 +127,16 @@ class ControlServer:
         self._router = Router(backend, settings, extra_metrics=self._metrics_text)
         self._lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
+        # Connections waiting for a request head, since when: the ones a new connection may cut.
+        self._heads: dict[socket.socket, float] = {}
+        self._evicted: set[socket.socket] = set()  # cut for a new connection, their thread not done yet
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = socket.socketpair()
         self._accept_thread: threading.Thread | None = None
         self._path: Path | None = None
         self._statuses: Counter[int] = Counter()
         self._rejected = 0
+        self._cut = 0
         self._rejected_bodies = 0
         limit = body_budget_bytes or max(MAX_BODY_BYTES_HELD, settings.max_body_bytes)
         self.body_budget = BodyBudget(limit)
@@ -230,15 +244,36 @@ class ControlServer:
         conn.setblocking(True)
         thread = threading.Thread(target=self._serve, args=(conn,), name="phicapd-control-conn", daemon=True)
         with self._lock:
-            admitted = len(self._conns) < self.settings.max_connections
+            open_now = len(self._conns) - len(self._evicted)
+            victim = None
+            if open_now >= self.settings.max_connections and self._heads:
+                oldest = min(self._heads, key=self._heads.__getitem__)
+                if time.monotonic() - self._heads[oldest] >= CUT_AFTER_SECONDS:
+                    victim = oldest
+                    self._evict(victim)
+                    open_now -= 1
+            admitted = open_now < self.settings.max_connections
             if admitted:
                 self._conns[conn] = thread
+                self._heads[conn] = time.monotonic()
             else:
                 self._rejected += 1
+        if victim is not None:
+            peer = _peer(victim)
+            log.info("control connection cut", reason="no request head", pid=peer.pid, uid=peer.uid, gid=peer.gid)
         if admitted:
             thread.start()
         else:
             self._reject_busy(conn)
+
+    def _evict(self, conn: socket.socket) -> None:
+        """Cut a connection waiting for a head (under ``_lock``): its thread's read ends at once
+        and it closes without an answer, as after an idle timeout."""
+        del self._heads[conn]
+        self._evicted.add(conn)
+        self._cut += 1
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
 
     def _reject_busy(self, conn: socket.socket) -> None:
         """Answer 503 without a thread: the reply fits the socket buffer, so this cannot block long."""
@@ -269,17 +304,20 @@ class ControlServer:
         finally:
             with self._lock:
                 self._conns.pop(conn, None)
+                self._heads.pop(conn, None)
+                self._evicted.discard(conn)
             conn.close()
 
     def _serve_one(self, wire: Connection, peer: PeerCred) -> bool:
         """Read, answer and log one request; return whether the connection stays open."""
         started = time.monotonic()
         deadline = started + self.settings.request_timeout_seconds
+        head_deadline = started + min(self.settings.head_timeout_seconds, self.settings.request_timeout_seconds)
         req: Request | None = None
         reserved = 0
         try:
             try:
-                req = wire.read_request(deadline)
+                req = self._read_head(wire, head_deadline)
                 if req is None:
                     return False
                 started = time.monotonic()
@@ -330,6 +368,28 @@ class ControlServer:
         if close:
             wire.linger_close()
         return not close
+
+    def _read_head(self, wire: Connection, deadline: float) -> Request | None:
+        """The next request's head; None when the client closed, or the connection was cut for a
+        new one meanwhile (``_evict``: then whatever was read of it is dropped)."""
+        sock = wire.sock
+        with self._lock:
+            if sock in self._evicted:
+                return None
+            self._heads[sock] = time.monotonic()
+        try:
+            req = wire.read_request(deadline)
+        except (HttpError, OSError):
+            if self._head_done(sock):
+                return None
+            raise
+        return None if self._head_done(sock) else req
+
+    def _head_done(self, sock: socket.socket) -> bool:
+        """The head phase is over; True if the connection was cut meanwhile."""
+        with self._lock:
+            self._heads.pop(sock, None)
+            return sock in self._evicted
 
     def _admit(self, req: Request) -> int:
         """Refuse an unknown route or a body over its cap, else reserve the body's bytes in the
@@ -391,10 +451,16 @@ class _ServerCollector(Collector):
             open_conns = len(srv._conns)
             statuses = sorted(srv._statuses.items())
             rejected = srv._rejected
+            cut = srv._cut
             rejected_bodies = srv._rejected_bodies
         yield GaugeMetricFamily("phicapd_control_connections", "Open control-socket connections.", value=open_conns)
         yield CounterMetricFamily(
             "phicapd_control_rejected_connections", "Connections refused at max_connections.", value=rejected
+        )
+        yield CounterMetricFamily(
+            "phicapd_control_cut_connections",
+            "Connections waiting for a request head that were cut at max_connections to admit a new one.",
+            value=cut,
         )
         yield GaugeMetricFamily(
             "phicapd_control_body_bytes", "Request-body bytes reserved by requests in progress.", srv.body_budget.held

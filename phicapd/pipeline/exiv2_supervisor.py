@@ -1,5 +1,6 @@
 """The parent's side of the exiv2 worker (``exiv2_worker``): one long-lived child, started on
-first use, asked one request at a time, replaced when it dies or hangs.
+first use, asked one request at a time, replaced when it dies or hangs. The decode workers
+(``decode_pool``) are each one of these too.
 
 One worker behind a lock rather than a pool: a request costs well under a millisecond of round
 trip on top of exiv2's own work (README, "Output formats"), the daemon's exiv2 calls are a few
@@ -47,7 +48,9 @@ def _describe_exit(returncode: int) -> str:
 class Supervisor:
     """Runs requests in a worker started from ``command``; a new command means a new worker."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, pass_fds: Sequence[int] = ()) -> None:
+        """``pass_fds``: descriptors every worker inherits (a shared buffer)."""
+        self._pass_fds = tuple(pass_fds)
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
         self._command: tuple[str, ...] = ()
@@ -77,6 +80,11 @@ class Supervisor:
             raise WorkerDied(self._reap()) from None
         return self._answer(proc, timeout)
 
+    def start(self, command: Sequence[str]) -> None:
+        """Start the worker now rather than at the first call (which then finds it imported)."""
+        with self._lock:
+            self._ensure(tuple(command))
+
     def close(self) -> None:
         """Let the worker go: stdin closes, so it exits; killed if it does not at once."""
         with self._lock:
@@ -95,6 +103,7 @@ class Supervisor:
                 stdout=subprocess.PIPE,
                 bufsize=0,
                 start_new_session=True,
+                pass_fds=self._pass_fds,
                 env={**os.environ, "PYTHONPATH": path},
             )
             self._command = command

@@ -24,17 +24,14 @@ never a link.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from phicapd.pipeline import safe_files
+from phicapd.pipeline import safe_files, worker_protocol
 from phicapd.pipeline.metadata import DESCRIPTION, X_DEFAULT, MetadataUnavailable, MetadataUnreadable, require
-
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
+from phicapd.pipeline.worker_protocol import Handler
 
 
 def read_in_process(path: Path) -> str | None:
@@ -120,17 +117,7 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
 
 def serve(requests: BinaryIO, answers: BinaryIO, handler: Handler = handle) -> None:
     """Answer requests until stdin closes (the parent exited or let this worker go)."""
-    for line in requests:
-        if not line.strip():
-            continue
-        try:
-            request = json.loads(line)
-        except ValueError as e:
-            answer: dict[str, Any] = {"error": "ValueError", "message": f"not a JSON request: {e}"}
-        else:
-            answer = handler(request)
-        answers.write(json.dumps(answer).encode() + b"\n")
-        answers.flush()
+    worker_protocol.serve(requests, answers, handler)
 
 
 def main(handler: Handler = handle) -> None:

@@ -342,11 +342,11 @@ class JobStore:
             # First, while the jobs the model had are still "running": a job settled or taken by
             # the model since its mark (its clear failed) is not the decoder's.
             in_decoder = db.executemany(
-                "UPDATE jobs SET attempts = attempts + 1, updated_at = ?,"
+                "UPDATE jobs SET attempts = MAX(attempts, MIN(attempts + 1, ?)), updated_at = ?,"
                 " next_attempt_at = ? * (1 << attempts) + ?, error_code = 'interrupted_decoding',"
                 " error_message = path || ': the daemon stopped while decoding this image'"
                 " WHERE id = ? AND state = 'pending'",
-                [(now, self.backoff_seconds, now, i) for i in decoding],
+                [(self.max_attempts, now, self.backoff_seconds, now, i) for i in decoding],
             ).rowcount
             # A staged job's caption is already made: it only needs its files, now, and it did
             # not bring the daemon down on the model.
@@ -356,11 +356,11 @@ class JobStore:
                 (now,),
             )
             on_model = db.execute(
-                "UPDATE jobs SET state = 'pending', attempts = attempts + 1, updated_at = ?,"
-                " next_attempt_at = ? * (1 << attempts) + ?, error_code = 'interrupted',"
+                "UPDATE jobs SET state = 'pending', attempts = MAX(attempts, MIN(attempts + 1, ?)),"
+                " updated_at = ?, next_attempt_at = ? * (1 << attempts) + ?, error_code = 'interrupted',"
                 " error_message = 'the daemon stopped while this image was on the model'"
                 " WHERE state = 'running'",
-                (now, self.backoff_seconds, now),
+                (self.max_attempts, now, self.backoff_seconds, now),
             ).rowcount
         if decoding:
             self._marks.reset()  # after the commit: a crash in between counts them again, not never
@@ -523,7 +523,11 @@ class JobStore:
                 if f.written is not None:
                     values = (*_caption_values(f.written, now), f.job_id)
                     db.execute(f"UPDATE jobs SET {_CAPTION_SET} WHERE id = ?", values)
-                attempts = row["attempts"] + int(f.counted)
+                # A job whose attempts already reached the limit had its last one counted by
+                # ``recover`` (the crash that interrupted it): parking it is not one more.
+                attempts = row["attempts"]
+                if f.counted:
+                    attempts = max(attempts, min(attempts + 1, self.max_attempts))
                 if f.retryable and (attempts < self.max_attempts or not f.counted):
                     delay = self.backoff_seconds * 2 ** (attempts - 1) if f.counted else self.backoff_seconds
                     db.execute(

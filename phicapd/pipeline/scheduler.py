@@ -11,19 +11,27 @@ r"""The scheduler: two lanes into one GPU worker, with decoding ahead of it and 
   the socket joins the running batch at the next step instead of waiting for it, however long
   the backlog. (A batch-only backend runs batch after batch; a request then waits for at most
   the batch on the model.) When idle, the first take waits a short window to fill a batch.
-* Images are decoded (and fingerprinted) in a CPU pool ahead of the worker. At most
-  ``prefetch`` background images are claimed from the journal at once; the rest of the backlog
-  waits on disk, so memory is bounded whatever its size.
+* Images are decoded (and fingerprinted) in a CPU pool ahead of the worker; the daemon hands
+  each one to a decode worker process (``decode_pool``), so a file that crashes or hangs a C
+  decoder fails alone (``image_crashed_decoder``, an attempt; parked after ``max_attempts``)
+  and costs a worker, never the daemon. At most ``prefetch`` background images are claimed
+  from the journal at once; the rest of the backlog waits on disk, so memory is bounded
+  whatever its size.
 * The writer (``writer.py``) writes sidecars and records results in the journal in groups, so
-  fsyncs never hold up the GPU.
+  fsyncs never hold up the GPU. It pushes back: background rows go on the model only while
+  the captions waiting for the writer plus the background rows on the model fit one batch
+  (``max_batch``), so a writer slower than the model (embed, XMP) holds the GPU instead of
+  piling up captions that only memory holds and that a crash would send to the model again.
+  The model and the writer still overlap by a batch: one is written while the next is made.
 * When the model fails everything in flight at once, those images are retried one by one, so
   one bad image cannot fail its neighbours.
 * An image that was on the model when the daemon died (``interrupted``) runs alone, once the
   rows around it drained: if it is what crashes the process, only it is blamed again, and
   its batch-mates are not parked with it.
-* Likewise for the decode pool: each image is marked while it is read and decoded
-  (``JobStore.mark_decoding``), so a file that makes a C decoder crash the process is blamed at
-  the next start (``interrupted_decoding``). Such an image is decoded alone: no other decode
+* Likewise for the decode pool: each image is marked while it is decoded and prepared for the
+  backend (``JobStore.mark_decoding``), so an image that crashes the daemon's own process there
+  (the backend's preprocessing is C code over its pixels too) is blamed at the next start
+  (``interrupted_decoding``). Such an image is decoded alone: no other decode
   runs and no background job is on the model or waiting for its journal record, so a second
   crash blames only it, and it is parked after ``max_attempts`` without being decoded again.
 * A broken model (a CUDA fault, or ``BREAKER`` images in a row failing alone and then a plain
@@ -202,7 +210,9 @@ class Scheduler:
         self._interactive_pool = ThreadPoolExecutor(
             min(INTERACTIVE_DECODERS, settings.scheduler.decode_workers), thread_name_prefix="phicapd-decode-rq"
         )
-        self.writer = SidecarWriter(settings, store, captioner.identity, list_images, self._recorded)
+        self.writer = SidecarWriter(
+            settings, store, captioner.identity, list_images, self._recorded, on_taken=self._writer_took
+        )
         self._threads: list[threading.Thread] = []
 
         self.throughput = Throughput()
@@ -513,8 +523,11 @@ class Scheduler:
     def _wait_for_work(self) -> bool:
         """Block until there is something to caption; False when stopping."""
         with self._cond:
-            # Background work waits while an image is decoded alone (``_decode_slot``).
-            while not self._interactive and (self._paused or self._alone or not (self._background or self._suspects)):
+            # Background work waits while an image is decoded alone (``_decode_slot``) and
+            # while the writer is a batch behind (``_writer_room``).
+            while not self._interactive and (
+                self._paused or self._alone or self._writer_room() <= 0 or not (self._background or self._suspects)
+            ):
                 if self._stopping.is_set() or self.broken is not None:
                     return False
                 self.last_progress = time.monotonic()
@@ -557,9 +570,12 @@ class Scheduler:
                 # until it is answered (the rows already running carry on). More socket requests
                 # than reserved rows is bulk work (caption-dir): the background fills in beside it.
                 background_room = 0
+            background_room = min(background_room, self._writer_room())
             if self._alone:
                 # An image is decoded alone: no background job goes on the model meanwhile.
                 background_room = 0
+            elif background_room <= 0:
+                pass  # the writer is a batch behind: not even an interrupted image goes on now
             elif not self._paused and (self._suspects or any(_suspect(i.job) for i in self._in_flight.values())):
                 # An interrupted image runs alone: no new background rows until the model is
                 # empty, then it, then nothing beside it until it is done.
@@ -582,6 +598,17 @@ class Scheduler:
         if items:
             self.batches += 1
         return [i.request for i in items]
+
+    def _writer_room(self) -> int:
+        """Background rows the writer's back-pressure allows on the model now (under ``_cond``):
+        captions waiting for the writer and background rows on the model stay within a batch."""
+        on_model = sum(1 for i in self._in_flight.values() if i.job is not None)
+        return self.max_batch - self.writer.waiting - len(self._finished) - on_model
+
+    def _writer_took(self) -> None:
+        """The writer took its queue up: the worker may be waiting for that."""
+        with self._cond:
+            self._cond.notify_all()
 
     def _interactive_rows(self, taking: list[_Item]) -> int:
         return sum(1 for i in (*self._in_flight.values(), *taking) if i.future is not None)

@@ -121,15 +121,19 @@ class SidecarWriter:
         model_identity: str,
         list_images: Callable[[Path, WatchRoot], list[str]],
         on_recorded: Callable[[list[int], int], None],
+        on_taken: Callable[[], None] | None = None,
     ) -> None:
+        """``on_taken``: the writer took what was queued (``waiting`` dropped), for back-pressure."""
         self.settings = settings
         self.store = store
         self.model_identity = model_identity
         self.backend = settings.model.backend
         self._on_recorded = on_recorded
+        self._on_taken = on_taken
         self._siblings = SiblingCache(list_images)
         self._io_pool = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="phicapd-write")
         self._queue: collections.deque[Finished] = collections.deque()
+        self._waiting = 0  # captions of the queue fresh from the model (``waiting``)
         self._refresh: set[Path] = set()  # directories whose manifest may list a removed image
         self._merge: dict[Path, dict[str, str]] = {}  # captions phicapctl wrote, for the manifests
         self._cond = threading.Condition()
@@ -145,7 +149,16 @@ class SidecarWriter:
     def submit(self, finished: list[Finished]) -> None:
         with self._cond:
             self._queue.extend(finished)
+            self._waiting += sum(1 for f in finished if _fresh(f))
             self._cond.notify()
+
+    @property
+    def waiting(self) -> int:
+        """Captions made by the model that wait for the writer to take them up. They are only in
+        memory (a group taken is first staged in the journal, or its one file per image written),
+        so a crash now sends them to the model again: the scheduler keeps this to one batch."""
+        with self._cond:
+            return self._waiting
 
     def refresh_manifest(self, directory: Path) -> None:
         """An image of ``directory`` is gone: its ``metadata.jsonl`` drops it at the next turn of
@@ -187,8 +200,11 @@ class SidecarWriter:
                     self._cond.wait(0.5)
                 group = list(self._queue)
                 self._queue.clear()
+                self._waiting = 0
                 refresh, self._refresh = self._refresh, set()
                 merge, self._merge = self._merge, {}
+            if group and self._on_taken is not None:
+                self._on_taken()
             self._refresh_manifests(refresh, merge)
             if not group:
                 continue
@@ -204,6 +220,7 @@ class SidecarWriter:
                     if self._closing:
                         return
                     self._queue.extendleft(reversed(group))
+                    self._waiting += sum(1 for f in group if _fresh(f))
                     self._cond.wait(delay)
                 delay = min(delay * 2, RETRY_SECONDS[1])
 
@@ -508,3 +525,8 @@ def _metadata_error(image: Path, target: Path, e: OSError | RuntimeError) -> Phi
         code="metadata_crashed" if crashed else "sidecar_write_failed",
         retryable=not crashed,
     )
+
+
+def _fresh(f: Finished) -> bool:
+    """A caption the model just made (not a failure, a kept sidecar or the journal's own)."""
+    return f.caption is not None and not f.staged

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from phicapd.config import ControlSettings
+from phicapd.control import server as server_module
 from phicapd.control.client import ControlClient, RequestFailed, RequestRejected
 from phicapd.control.server import ControlServer
 from tests.control.fakes import FakeBackend
@@ -191,26 +192,105 @@ def test_expect_100_continue(server: ControlServer, settings: ControlSettings) -
 
 
 def test_connections_beyond_the_cap_get_503(sock_dir: Path, backend: FakeBackend) -> None:
+    """Every slot holds a request in progress: a new connection gets 503 at once."""
     settings = ControlSettings(socket=sock_dir / "cap.sock", max_connections=2)
-    with ControlServer(settings, backend):
-        idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
-        for s in idle:
-            s.connect(str(settings.socket))
-        time.sleep(0.3)  # let the server admit both
-        reply = raw_exchange(settings.socket, b"GET /v1/status HTTP/1.1\r\n\r\n")
-        assert status_line(reply) == "HTTP/1.1 503 Service Unavailable"
-        assert error_code(reply) == "busy"
-        with ControlClient(settings.socket) as client, pytest.raises(RequestFailed) as exc:
-            client.status()
-        assert (exc.value.status, exc.value.code, exc.value.retryable) == (503, "busy", True)
-        for s in idle:
-            s.close()
+    gate = threading.Event()
+    real_caption = backend.caption_bytes
+    held: list[str] = []
+
+    def held_caption(*args, **kwargs):  # type: ignore[no-untyped-def]
+        held.append(kwargs["name"])
+        assert gate.wait(10)
+        return real_caption(*args, **kwargs)
+
+    backend.caption_bytes = held_caption  # type: ignore[method-assign]
+    with ControlServer(settings, backend), ThreadPoolExecutor(2) as pool:
+        try:
+            busy = [
+                pool.submit(
+                    raw_exchange,
+                    settings.socket,
+                    b"POST /v1/caption?name=a.png HTTP/1.1\r\nContent-Length: 4\r\n\r\n\x89PNG",
+                )
+                for _ in range(2)
+            ]
+            deadline = time.monotonic() + 5
+            while len(held) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(server_module.CUT_AFTER_SECONDS)  # no slot would be cut for its head either
+            reply = raw_exchange(settings.socket, b"GET /v1/status HTTP/1.1\r\n\r\n")
+            assert status_line(reply) == "HTTP/1.1 503 Service Unavailable"
+            assert error_code(reply) == "busy"
+            with ControlClient(settings.socket) as client, pytest.raises(RequestFailed) as exc:
+                client.status()
+            assert (exc.value.status, exc.value.code, exc.value.retryable) == (503, "busy", True)
+        finally:
+            gate.set()
+        assert [status_line(f.result()) for f in busy] == ["HTTP/1.1 200 OK"] * 2
         deadline = time.monotonic() + 3
         while True:  # the slots free up as soon as the server sees the closes
             reply = raw_exchange(settings.socket, b"GET /v1/status HTTP/1.1\r\n\r\n")
             if status_line(reply).endswith("200 OK") or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
+        assert status_line(reply) == "HTTP/1.1 200 OK"
+
+
+def test_slow_connections_beyond_the_cap_never_starve_real_clients(sock_dir: Path, backend: FakeBackend) -> None:
+    """Issue 18: 140 slow connections (over max_connections) left real clients 8 answers of 64."""
+    settings = ControlSettings(
+        socket=sock_dir / "slow.sock", max_connections=32, request_timeout_seconds=60, head_timeout_seconds=60
+    )
+    with ControlServer(settings, backend) as server:
+        slow: list[socket.socket] = []
+        try:
+            for i in range(140):  # half send nothing, half the start of a head and no more
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(settings.socket))
+                if i % 2:
+                    s.send(b"GET /v1/status HTTP/1.1\r\nHost: ")
+                slow.append(s)
+            deadline = time.monotonic() + 10
+            while len(server._heads) < settings.max_connections and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(server._heads) == settings.max_connections  # every slot is a slow one
+            time.sleep(server_module.CUT_AFTER_SECONDS)
+
+            def client_calls(_: int) -> int:
+                with ControlClient(settings.socket, timeout=10) as client:
+                    return sum(client.status().state == "ready" for _ in range(8))
+
+            started = time.monotonic()
+            with ThreadPoolExecutor(8) as pool:
+                answered = sum(pool.map(client_calls, range(8)))
+            elapsed = time.monotonic() - started
+        finally:
+            for s in slow:
+                s.close()
+    assert answered == 64
+    assert elapsed < 10  # far below the 60 s the slow ones could otherwise hold their slots
+
+
+def test_a_connection_that_sends_no_head_is_cut_after_the_head_timeout(sock_dir: Path, backend: FakeBackend) -> None:
+    settings = ControlSettings(socket=sock_dir / "head.sock", request_timeout_seconds=30, head_timeout_seconds=0.3)
+    with ControlServer(settings, backend):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(str(settings.socket))
+        started = time.monotonic()
+        assert s.recv(100) == b""  # closed quietly, as an idle connection
+        elapsed = time.monotonic() - started
+        s.close()
+        assert 0.25 < elapsed < 5
+        # A request whose head arrives in time may take longer for its body (request_timeout).
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(str(settings.socket))
+        s.sendall(b"POST /v1/caption?name=a.png HTTP/1.1\r\nContent-Length: 4\r\nConnection: close\r\n\r\n\x89P")
+        time.sleep(0.6)
+        s.sendall(b"NG")
+        reply = s.recv(65536)
+        s.close()
         assert status_line(reply) == "HTTP/1.1 200 OK"
 
 

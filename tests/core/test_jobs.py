@@ -397,3 +397,28 @@ def test_decode_marks_reuse_their_slots_and_ignore_a_torn_or_stale_file(tmp_path
     store = _store(tmp_path)
     assert store.recover() == 0
     assert store._marks.left() == []
+
+
+def test_parking_a_job_whose_crashes_used_up_its_attempts_counts_no_more(tmp_path: Path) -> None:
+    """``phicapctl failures`` showed attempts=4 with max_attempts = 3: the crash that
+    ``recover`` counted and the parking of the job were two attempts for one try."""
+    store = _store(tmp_path)
+    store.enqueue_many([_work("hostile"), _work("model")])
+    hostile, model = store.claim(10)
+    for _ in range(3):  # three starts, each dying while decoding one and captioning the other
+        store.mark_decoding(hostile.id)
+        store.mark_running([model.id])
+        store.close()
+        store = _store(tmp_path)
+        store.recover()
+    store.mark_running([model.id])  # a fourth crash cannot count past the limit either
+    store.close()
+    store = _store(tmp_path)
+    store.recover()
+    assert sorted((j.path.name, j.attempts) for j in store.failures()) == [("hostile", 3), ("model", 3)]
+    # The scheduler then parks both without trying them again (non-retryable).
+    store.finish_many(failures=[Failure(j.id, "interrupted_decoding", "m", False) for j in (hostile, model)])
+    assert {j.path.name: (j.state, j.attempts) for j in store.failures()} == {
+        "hostile": (State.FAILED, 3),
+        "model": (State.FAILED, 3),
+    }

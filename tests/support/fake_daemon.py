@@ -65,19 +65,12 @@ def _kill_between_formats(marker: Path) -> None:
 
 
 def _abort_on_hostile() -> None:
-    """Die as a segfault in a C image decoder would (SIGABRT, no Python cleanup) whenever the
-    decode pool decodes a file whose name contains "hostile": after its bytes are read, where
-    Pillow would crash on a crafted file."""
-    from phicapd.pipeline import decode
+    """Die as a segfault in a C image decoder would (SIGABRT, no Python cleanup) whenever a
+    decode worker decodes a file whose name contains "hostile"."""
+    from phicapd.pipeline import decode_pool
 
-    real = decode.decode_read
-
-    def decode_or_abort(data, path, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if "hostile" in Path(path).name:
-            os.abort()
-        return real(data, path, *args, **kwargs)
-
-    decode.decode_read = decode_or_abort  # type: ignore[assignment]
+    script = Path(__file__).with_name("crashing_decode_worker.py")
+    decode_pool.WORKER_COMMAND = [sys.executable, str(script), "abort"]
 
 
 def _stuck_on(fifo: Path) -> None:
