@@ -63,6 +63,9 @@ class CaptionError(PhicapError):
 
 #: The model's text was empty or only whitespace (retryable; see the scheduler's delivery).
 CAPTION_EMPTY = "caption_empty"
+#: The backend returned more than the ``max_new_tokens`` asked for (refused, not cut: see
+#: ``phicapd.caption_text``); retryable, a server that ignores ``max_tokens`` may be fixed.
+CAPTION_TOO_LONG = "caption_too_long"
 #: The daemon died while it was decoding the image (a file that crashes a C decoder): see
 #: ``JobStore.recover`` and the scheduler's decode gate.
 INTERRUPTED_DECODING = "interrupted_decoding"

@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from phicapd.captioner import Caption, CaptionRequest, Deliver, Take, clean_caption
+from phicapd.captioner import Caption, CaptionRequest, Deliver, Take
 from phicapd.config import ModelSettings, RemoteSettings, Settings
 from phicapd.errors import CaptionError, ConfigError, ImageError, ModelUnavailable, PhicapError
 from phicapd.log import get_logger
@@ -208,9 +208,9 @@ class RemoteCaptioner:
         """What a finished request delivers; None: send it again."""
         outcome = done.outcome
         if isinstance(outcome, Completion):
-            text = clean_caption(outcome.text, self.model_settings.strip_openers)
             model = outcome.model or self.remote.model
-            return Caption(text, outcome.completion_tokens, backend=BACKEND, endpoint=done.endpoint.url, model=model)
+            url = done.endpoint.url
+            return Caption(outcome.text, outcome.completion_tokens, backend=BACKEND, endpoint=url, model=model)
         if outcome.kind is Kind.IMAGE:
             return ImageError(f"{done.endpoint.url} refused the image: {outcome}", code=IMAGE_REJECTED)
         if outcome.kind is Kind.REJECTED:
