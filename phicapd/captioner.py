@@ -37,7 +37,10 @@ class CaptionRequest:
 
 @dataclass(frozen=True, slots=True)
 class Caption:
-    """A finished caption: cleaned text and how many tokens the model generated for it.
+    """A finished caption: the model's text and how many tokens it generated for it.
+
+    A backend returns the text as the model (or server) gave it; the scheduler cleans and
+    checks it once (``phicapd.caption_text.checked_caption``) before anything stores it.
 
     A backend that is more than one model (a fleet of servers) says which made this caption:
     ``backend`` ("native", "openai"), the ``endpoint`` it came from and the ``model`` the server
@@ -114,23 +117,6 @@ def preparer(captioner: Captioner) -> Callable[[Image.Image], Any] | None:
     """The backend's CPU-side ``prepare(image)`` step (e.g. HD crops), if it has one."""
     prepare = getattr(captioner, "prepare", None)
     return prepare if callable(prepare) else None
-
-
-def clean_caption(text: str, strip_openers: Sequence[str] = ()) -> str:
-    """Trim whitespace and drop a boilerplate opener such as "The image features".
-
-    The opener is removed only at the very start (case-insensitive) and the next word is
-    capitalised, so "The image features a cat on a mat." becomes "A cat on a mat.".
-    """
-    text = text.strip()
-    lowered = text.lower()
-    for opener in strip_openers:
-        if opener and lowered.startswith(opener.lower()):
-            rest = text[len(opener) :].lstrip(" ,:;-")
-            if rest:
-                text = rest[0].upper() + rest[1:]
-            break
-    return text
 
 
 def decorate(text: str, prefix: str = "", suffix: str = "") -> str:

@@ -173,14 +173,16 @@ class RemoteSettings(_Section):
     api_key_file: Path | None = None
     tls_verify: bool = True
     ca_file: Path | None = None  # a private CA bundle for https:// endpoints
-    timeout_seconds: float = Field(120.0, gt=0)  # one request, connect to last byte
+    # One request's deadline, connect to last byte (phicapd.remote.wire); the connect alone gets
+    # at most connect_timeout_seconds of it.
+    timeout_seconds: float = Field(120.0, gt=0)
     connect_timeout_seconds: float = Field(5.0, gt=0)
     # Adaptive in-flight limit per endpoint: starts at initial, grows while latency holds, halves
     # on 429/503, never above max.
     initial_in_flight: int = Field(4, ge=1, le=1024)
     max_in_flight: int = Field(32, ge=1, le=1024)
     probe_interval_seconds: float = Field(5.0, gt=0)  # how often a down endpoint is tried again
-    failures_to_trip: int = Field(3, ge=1)  # server errors in a row that take an endpoint out
+    failures_to_trip: int = Field(3, ge=1)  # server errors, drops or timeouts in a row that take an endpoint out
     # Pass [model] num_crops as vLLM's mm_processor_kwargs (a server that refuses them: false).
     send_num_crops: bool = True
     image_format: Literal["jpeg", "png"] = "jpeg"

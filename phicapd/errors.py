@@ -72,6 +72,9 @@ XMP_CHANGED = "xmp_changed"
 #: exiv2 cannot parse the existing XMP sidecar: it is left untouched, the image's other outputs are
 #: written, and it is parked until the image changes or ``phicapctl retry`` (the sidecar fixed).
 XMP_UNREADABLE = "xmp_unreadable"
+#: The backend returned more than the ``max_new_tokens`` asked for (refused, not cut: see
+#: ``phicapd.caption_text``); retryable, a server that ignores ``max_tokens`` may be fixed.
+CAPTION_TOO_LONG = "caption_too_long"
 #: The daemon died while it was decoding the image (a file that crashes a C decoder): see
 #: ``JobStore.recover`` and the scheduler's decode gate.
 INTERRUPTED_DECODING = "interrupted_decoding"

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from phicapd.captioner import Caption, CaptionRequest, Deliver, Take, clean_caption
+from phicapd.captioner import Caption, CaptionRequest, Deliver, Take
 from phicapd.config import ModelSettings
 from phicapd.errors import CaptionError, ConfigError, PhicapError
 from phicapd.model.engine import EngineRequest, GenerationEngine
@@ -181,7 +181,8 @@ class Phi3VCaptioner:
             raise CaptionError("the model has been closed", code="model_closed", retryable=False)
 
     def _caption_of(self, ids: list[int]) -> Caption:
-        return Caption(text=clean_caption(self.tokenizer.decode(ids), self.settings.strip_openers), new_tokens=len(ids))
+        # Cleaned (and its openers stripped) by the scheduler, as every backend's captions are.
+        return Caption(text=self.tokenizer.decode(ids), new_tokens=len(ids))
 
     def _encode(self, req: CaptionRequest, image: ProcessedImage) -> EngineRequest:
         ids = self.tokenizer.encode_prompt(build_prompt(req.prompt), [image.num_tokens])

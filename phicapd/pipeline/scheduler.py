@@ -23,6 +23,9 @@ r"""The scheduler: two lanes into one GPU worker, with decoding ahead of it and 
   (``max_batch``), so a writer slower than the model (embed, XMP) holds the GPU instead of
   piling up captions that only memory holds and that a crash would send to the model again.
   The model and the writer still overlap by a batch: one is written while the next is made.
+* Every caption is cleaned and checked once, as it is delivered (``caption_text``): too long,
+  or blank after cleaning, it is that image's failure; otherwise the writer, the journal and the
+  socket reply all get the same cleaned text.
 * When the model fails everything in flight at once, those images are retried one by one, so
   one bad image cannot fail its neighbours.
 * An image that was on the model when the daemon died (``interrupted``) runs alone, once the
@@ -58,9 +61,10 @@ from typing import Any
 
 from PIL import Image
 
+from phicapd.caption_text import checked_caption
 from phicapd.captioner import Caption, Captioner, CaptionRequest, preparer, streamer
 from phicapd.config import Settings, WatchRoot
-from phicapd.errors import CAPTION_EMPTY, INTERRUPTED_DECODING, CaptionError, PhicapError
+from phicapd.errors import INTERRUPTED_DECODING, CaptionError, PhicapError
 from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
 from phicapd.pipeline import metadata, safe_files
@@ -618,9 +622,14 @@ class Scheduler:
         self.last_progress = self.busy_since = time.monotonic()
         with self._cond:
             item = self._in_flight.pop(id(request))
-        if isinstance(outcome, Caption) and not outcome.text.strip():
-            # Before any prefix/suffix: a blank model text is a failure however it would be decorated.
-            outcome = _empty_caption(item)
+        if isinstance(outcome, Caption):
+            # Once, for every backend and both lanes, before any output or reply holds it; before
+            # any prefix/suffix, so a blank model text is a failure however it would be decorated.
+            name = str(item.job.path) if item.job is not None else "request"
+            model = self.settings.model
+            outcome = checked_caption(
+                outcome, max_new_tokens=request.max_new_tokens, strip_openers=model.strip_openers, name=name
+            )
         if not isinstance(outcome, PhicapError):
             self._failures_in_a_row = 0
         lane = "interactive" if item.future is not None else "background"
@@ -812,13 +821,6 @@ def _decode_suspect(job: Job) -> bool:
 def _is_model_fault(e: BaseException) -> bool:
     """A fault of the model or device itself (a sticky CUDA error), not of the images on it."""
     return isinstance(e, PhicapError) and e.code == "model_broken"
-
-
-def _empty_caption(item: _Item) -> CaptionError:
-    """A blank caption is a failed one: retried (a sampling model may answer the next time), then
-    parked and listed like any other failure; never a sidecar, which ``skip`` would keep for ever."""
-    name = str(item.job.path) if item.job is not None else "request"
-    return CaptionError(f"{name}: the model returned an empty caption", code=CAPTION_EMPTY, retryable=True)
 
 
 def _as_phicap_error(e: Exception, item: _Item | None) -> PhicapError:

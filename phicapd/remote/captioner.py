@@ -6,13 +6,27 @@ up the others and a socket request (taken first by the scheduler) starts at the 
 
 What happens to a request that fails depends on whose fault it was (``wire.Kind``):
 
-* the endpoint's (refused, dropped, 429/503, a refused key): sent again, to another endpoint or
-  to this one once it is back; never counted against the image. With every endpoint down the
-  requests wait here and the scheduler's backlog waits in the journal, still pending, until the
-  prober lets an endpoint back in.
-* the request's (a 5xx, a timeout, a malformed reply): sent again up to ``TRIES_PER_IMAGE``
-  times, then delivered as a retryable ``remote_failed``, which the journal retries later.
+* the endpoint's (refused, 429/503, a refused key): sent again, to another endpoint or to this
+  one once it is back; never counted against the image. With every endpoint down the requests
+  wait here and the scheduler's backlog waits in the journal, still pending, until the prober
+  lets an endpoint back in.
+* the request's (a 5xx, a malformed reply): sent again up to ``TRIES_PER_IMAGE`` times, then
+  delivered as a retryable ``remote_failed``, which the journal retries later.
 * the image's (a 400 naming it): delivered at once as ``image_rejected``, not retried.
+* a dropped connection or a timeout (``timeout_seconds``, connect to last byte): the first one
+  may be anyone's (a server restart drops everything in flight), so the request is sent again,
+  uncounted; it counts against the endpoint only if the endpoint answered no other image while
+  it was on the wire. If it happens again to the same image and the endpoint answered other
+  images since (or, with none to go by, answers a probe image now), it is the image's: delivered
+  as a retryable ``remote_dropped``, which the journal counts against ``max_attempts`` (with its
+  backoff, so a slow or poisonous image never holds slots ahead of retries that are due) and
+  parks after the last; the endpoint stays up. If the endpoint fails the probe image too, it is
+  the endpoint's: taken out, and the request waits, uncounted.
+* a reply larger than ``max_tokens`` can make (``wire.reply_cap``): refused unread, as a
+  retryable ``caption_too_long``; the endpoint answered, so it stays up.
+
+Captions are returned as the server wrote them; the scheduler cleans and checks every caption,
+from any backend, once (``phicapd.caption_text``).
 """
 
 from __future__ import annotations
@@ -28,13 +42,22 @@ from typing import Any
 
 from PIL import Image
 
-from phicapd.captioner import Caption, CaptionRequest, Deliver, Take, clean_caption
+from phicapd.captioner import Caption, CaptionRequest, Deliver, Take
 from phicapd.config import ModelSettings, RemoteSettings, Settings
-from phicapd.errors import CaptionError, ConfigError, ImageError, ModelUnavailable, PhicapError
+from phicapd.errors import CAPTION_TOO_LONG, CaptionError, ConfigError, ImageError, ModelUnavailable, PhicapError
 from phicapd.log import get_logger
 from phicapd.remote.encode import data_url
 from phicapd.remote.pool import Endpoint, Pool
-from phicapd.remote.wire import Completion, Http, Kind, RemoteFailure, chat_body, classify, parse_completion
+from phicapd.remote.wire import (
+    Completion,
+    Http,
+    Kind,
+    RemoteFailure,
+    chat_body,
+    classify,
+    parse_completion,
+    reply_cap,
+)
 
 log = get_logger(__name__)
 
@@ -52,6 +75,13 @@ IDLE_WAIT_SECONDS = 0.5
 IMAGE_REJECTED = "image_rejected"
 REMOTE_FAILED = "remote_failed"
 REMOTE_REJECTED = "remote_rejected"
+#: The connection was dropped, or no complete reply came within ``timeout_seconds``, twice for
+#: this image while the endpoint answered others: the image's failure (retryable; parked after
+#: ``max_attempts``).
+REMOTE_DROPPED = "remote_dropped"
+#: The image a probe asks for when there is nothing else to tell whether an endpoint still
+#: answers images: plain gray, one token.
+PROBE_SIZE = (64, 48)
 #: A socket request while every endpoint is down: answered at once instead of after the caption timeout.
 REMOTE_UNAVAILABLE = "remote_unavailable"
 
@@ -59,7 +89,8 @@ REMOTE_UNAVAILABLE = "remote_unavailable"
 @dataclass(slots=True)
 class _Pending:
     request: CaptionRequest
-    failures: int = 0
+    failures: int = 0  # server errors (5xx, malformed)
+    dropped_at: float | None = None  # monotonic: its last drop or timeout (one that may recur)
 
 
 @dataclass(slots=True)
@@ -67,6 +98,7 @@ class _Done:
     pending: _Pending
     endpoint: Endpoint
     outcome: Completion | RemoteFailure
+    image_fault: bool = False  # a drop or timeout that is the image's: delivered as ``remote_dropped``
 
 
 class RemoteCaptioner:
@@ -137,7 +169,7 @@ class RemoteCaptioner:
                     waiting.appendleft(d.pending)  # before new work: it has waited longest
                 else:
                     deliver(d.pending.request, outcome)
-            while waiting and (endpoint := self.pool.acquire()) is not None:
+            while waiting and not self._stopping and (endpoint := self.pool.acquire()) is not None:
                 self._threads.submit(self._send, waiting.popleft(), endpoint)
                 in_flight += 1
             room = self.pool.free()
@@ -172,6 +204,7 @@ class RemoteCaptioner:
         """On a request thread: one request to one endpoint; the outcome goes to the stream."""
         started = time.monotonic()
         outcome: Completion | RemoteFailure
+        image_fault = False
         try:
             outcome = self._post(pending.request, endpoint)
         except RemoteFailure as e:
@@ -180,14 +213,52 @@ class RemoteCaptioner:
             log.exception("remote request crashed", endpoint=endpoint.url)
             outcome = RemoteFailure(Kind.SERVER, f"{type(e).__name__}: {e}")
         if isinstance(outcome, RemoteFailure):
-            self.pool.failed(endpoint, outcome)
+            if outcome.kind in (Kind.DROPPED, Kind.TIMEOUT) and not self._closed:
+                image_fault = self._dropped(pending, endpoint, outcome, started)
+            else:
+                self.pool.failed(endpoint, outcome)
         else:
             self.pool.succeeded(endpoint, time.monotonic() - started, outcome.model)
         with self.pool.cond:
-            self._done.append(_Done(pending, endpoint, outcome))
+            self._done.append(_Done(pending, endpoint, outcome, image_fault))
             self.pool.cond.notify_all()
 
+    def _dropped(self, pending: _Pending, endpoint: Endpoint, failure: RemoteFailure, started: float) -> bool:
+        """Whose a drop or timeout is (see the module's docstring); True: the image's. Counts it
+        against the endpoint, or takes the endpoint out, when it is the endpoint's."""
+        again = pending.dropped_at is not None
+        since = pending.dropped_at if pending.dropped_at is not None else started
+        answers = self.pool.answered_since(endpoint, since)  # other images, meanwhile
+        pending.dropped_at = time.monotonic()
+        if not again:
+            self.pool.failed(endpoint, failure, endpoint_fault=not answers)
+            return False
+        if not answers:
+            answers = self._answers_probe(endpoint)
+        if answers:
+            self.pool.failed(endpoint, failure, endpoint_fault=False)
+            return True
+        self.pool.failed(endpoint, failure)
+        self.pool.mark_down(endpoint, f"a probe image failed too, after: {failure}")
+        pending.dropped_at = None  # the endpoint's: counted afresh wherever it goes next
+        return False
+
+    def _answers_probe(self, endpoint: Endpoint) -> bool:
+        """Whether ``endpoint`` captions a plain gray image now (one token, within ``timeout``)."""
+        request = CaptionRequest(Image.new("RGB", PROBE_SIZE, (127, 127, 127)), self.model_settings.prompt, 1)
+        try:
+            parse_completion(self._exchange(request, endpoint))
+        except RemoteFailure as e:
+            log.warning("endpoint fails a probe image", endpoint=endpoint.url, error=str(e))
+            return False
+        self.pool.answered(endpoint)
+        return True
+
     def _post(self, request: CaptionRequest, endpoint: Endpoint) -> Completion:
+        return parse_completion(self._exchange(request, endpoint))
+
+    def _exchange(self, request: CaptionRequest, endpoint: Endpoint) -> bytes:
+        """The body of a 200 reply to ``request``; ``RemoteFailure`` for anything else."""
         m = self.model_settings
         url = request.prepared if isinstance(request.prepared, str) else self.prepare(request.image)
         body = chat_body(
@@ -199,18 +270,25 @@ class RemoteCaptioner:
             top_p=m.top_p if m.do_sample else 1.0,
             num_crops=m.num_crops if self.remote.send_num_crops else None,
         )
-        status, headers, data = self.pool.http.request(endpoint.target, "POST", "/chat/completions", body)
+        cap = reply_cap(request.max_new_tokens)
+        status, headers, data = self.pool.http.request(endpoint.target, "POST", "/chat/completions", body, max_body=cap)
         if status != 200:
             raise classify(status, data, headers)
-        return parse_completion(data)
+        return data
 
     def _settle(self, done: _Done) -> Caption | PhicapError | None:
         """What a finished request delivers; None: send it again."""
         outcome = done.outcome
+        url = done.endpoint.url
         if isinstance(outcome, Completion):
-            text = clean_caption(outcome.text, self.model_settings.strip_openers)
             model = outcome.model or self.remote.model
-            return Caption(text, outcome.completion_tokens, backend=BACKEND, endpoint=done.endpoint.url, model=model)
+            return Caption(outcome.text, outcome.completion_tokens, backend=BACKEND, endpoint=url, model=model)
+        if done.image_fault:
+            return CaptionError(
+                f"{url} failed this image again while it answered others: {outcome}", code=REMOTE_DROPPED
+            )
+        if outcome.kind is Kind.TOO_LONG:
+            return CaptionError(f"{url} sent more than the tokens asked for: {outcome}", code=CAPTION_TOO_LONG)
         if outcome.kind is Kind.IMAGE:
             return ImageError(f"{done.endpoint.url} refused the image: {outcome}", code=IMAGE_REJECTED)
         if outcome.kind is Kind.REJECTED:

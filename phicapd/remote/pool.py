@@ -5,8 +5,10 @@
   limit's worth of successes, up to ``max_in_flight``. A 429 or 503 halves it and pauses the endpoint
   for the ``Retry-After`` it gave.
 * Breaker: a refused connection, an untrusted certificate, a refused API key or another served
-  model, or ``failures_to_trip`` server errors or dropped connections in a row, take the endpoint
-  out ("down"); the prober asks ``GET /v1/models`` every
+  model, or ``failures_to_trip`` server errors, dropped connections or timeouts in a row, take
+  the endpoint out ("down"). A drop or timeout that the captioner finds is one image's doing
+  (the endpoint answers other images meanwhile: ``failed(..., endpoint_fault=False)``) does not
+  count: the endpoint stays up. The prober asks ``GET /v1/models`` every
   ``probe_interval_seconds`` and lets it back in, with its limit starting over, once it answers
   and serves the configured model.
 
@@ -46,6 +48,7 @@ class Endpoint:
     in_flight: int = 0
     paused_until: float = 0.0  # monotonic: Retry-After
     failures_in_a_row: int = 0
+    last_success: float = -1.0  # monotonic: when it last answered an image with a caption
     next_probe: float = 0.0
     latency_avg: float | None = None
     recent: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=LATENCY_WINDOW))
@@ -137,6 +140,7 @@ class Pool:
             endpoint.in_flight -= 1
             endpoint.successes += 1
             endpoint.failures_in_a_row = 0
+            endpoint.last_success = time.monotonic()
             endpoint.served_model = model or endpoint.served_model
             avg = seconds if endpoint.latency_avg is None else 0.8 * endpoint.latency_avg + 0.2 * seconds
             endpoint.latency_avg = avg
@@ -146,8 +150,9 @@ class Pool:
                 endpoint.limit = min(float(self.maximum), endpoint.limit + GROW_STEP / endpoint.limit)
             self.cond.notify_all()
 
-    def failed(self, endpoint: Endpoint, failure: RemoteFailure) -> None:
-        """Count ``failure`` against ``endpoint``; take it out if it is the endpoint's."""
+    def failed(self, endpoint: Endpoint, failure: RemoteFailure, *, endpoint_fault: bool = True) -> None:
+        """Count ``failure`` against ``endpoint``; take it out if it is the endpoint's.
+        ``endpoint_fault=False``: a drop or timeout that is the image's, listed but not held against it."""
         with self.cond:
             endpoint.in_flight -= 1
             endpoint.errors[failure.kind.value] += 1
@@ -157,13 +162,26 @@ class Pool:
                     endpoint.paused_until = max(endpoint.paused_until, time.monotonic() + failure.retry_after)
             elif failure.kind in (Kind.CONNECT, Kind.TLS, Kind.AUTH, Kind.MODEL):
                 self._trip(endpoint, str(failure))
-            elif failure.kind in (Kind.SERVER, Kind.DROPPED):
+            elif failure.kind in (Kind.DROPPED, Kind.TIMEOUT) and not endpoint_fault:
+                pass  # the image's doing: neither a failure of the endpoint's nor an answer
+            elif failure.kind in (Kind.SERVER, Kind.DROPPED, Kind.TIMEOUT):
                 endpoint.failures_in_a_row += 1
                 if endpoint.failures_in_a_row >= self.failures_to_trip:
                     self._trip(endpoint, f"{endpoint.failures_in_a_row} failures in a row, the last: {failure}")
             else:
                 endpoint.failures_in_a_row = 0  # a 4xx is an answer: the server is up
             self.cond.notify_all()
+
+    def answered(self, endpoint: Endpoint) -> None:
+        """``endpoint`` captioned a probe image: it answers images, as after a success."""
+        with self.cond:
+            endpoint.failures_in_a_row = 0
+            endpoint.last_success = time.monotonic()
+
+    def answered_since(self, endpoint: Endpoint, since: float) -> bool:
+        """Whether ``endpoint`` answered an image with a caption after ``since`` (monotonic)."""
+        with self.cond:
+            return endpoint.last_success > since
 
     def _trip(self, endpoint: Endpoint, reason: str) -> None:
         if endpoint.up:

@@ -6,6 +6,13 @@ becomes a ``RemoteFailure`` whose ``kind`` says whose fault it is, which is what
 the journal need: the endpoint's (take it out, send the request elsewhere), the image's (a 400
 naming it: that image's own failure) or the request's (retried a few times, then a retryable
 error, never a "bad image").
+
+Every request has one deadline, ``timeout`` seconds from the connect to the last byte of the
+reply (``[remote] timeout_seconds``). Each socket operation waits at most the time left, and a
+watchdog shuts the connection of a request still running at its deadline: a per-read timeout
+alone never fires for a server that sends a byte a second. The reply body is read in pieces
+under a byte cap (``reply_cap``: what ``max_tokens`` can take), so a huge or endless reply is
+refused without being buffered.
 """
 
 from __future__ import annotations
@@ -23,10 +30,26 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import urlsplit
 
+from phicapd.caption_text import MAX_CHARS_PER_TOKEN
+
 #: Longest Retry-After honoured; a server asking for more is probed again before then anyway.
 MAX_RETRY_AFTER = 300.0
 #: A 400 whose message says one of these is about the image (too large, undecodable, too many tokens).
 _IMAGE_WORDS = ("image", "multimodal", "multi-modal", "pixel", "too long", "context length", "decode")
+#: A reply body is read in pieces of this size, the byte cap and the deadline checked between them.
+READ_CHUNK = 64 * 1024
+#: The chat reply's JSON around the caption (ids, usage, vLLM's extra fields): the cap's fixed part.
+REPLY_OVERHEAD_BYTES = 64 * 1024
+#: The most bytes one caption character can take in the reply's JSON (a ``\uXXXX`` escape).
+BYTES_PER_CHAR = 6
+#: The cap of a reply that carries no caption (``GET /models``, an error).
+MAX_SMALL_REPLY = 1024 * 1024
+
+
+def reply_cap(max_tokens: int) -> int:
+    """The most bytes a chat-completions reply to a request for ``max_tokens`` tokens may take:
+    every token at ``MAX_CHARS_PER_TOKEN`` characters, each escaped, plus the JSON around them."""
+    return REPLY_OVERHEAD_BYTES + max_tokens * MAX_CHARS_PER_TOKEN * BYTES_PER_CHAR
 
 
 class Kind(StrEnum):
@@ -35,10 +58,17 @@ class Kind(StrEnum):
     OVERLOAD = "overload"  # 429 / 503: fewer in flight, Retry-After honoured, sent again
     AUTH = "auth"  # 401 / 403: the API key; the endpoint is out until it takes it
     MODEL = "model"  # 404 naming the model: the endpoint serves another one
-    SERVER = "server"  # 5xx, a malformed reply, a timeout: counted against endpoint and request
+    SERVER = "server"  # 5xx, a malformed reply: counted against endpoint and request
     CONNECT = "connect"  # refused, unreachable: the endpoint's, the request goes elsewhere
-    DROPPED = "dropped"  # the connection broke before the reply: the endpoint's, sent again
+    # The connection broke before the whole reply, or the reply was not complete at the deadline:
+    # once, anyone's (sent again); again on the same image while the endpoint answers other
+    # images, the image's (``remote_dropped``, see ``phicapd.remote.captioner``).
+    DROPPED = "dropped"
+    TIMEOUT = "timeout"
     TLS = "tls"  # the endpoint's certificate is not trusted: out until it is (ca_file, tls_verify)
+    # A reply over its byte cap (``reply_cap``): the server ignores ``max_tokens``. The image's
+    # ``caption_too_long``; the endpoint answered, so it stays up.
+    TOO_LONG = "too_long"
 
 
 class RemoteFailure(Exception):
@@ -185,6 +215,62 @@ def classify(status: int, data: bytes, headers: http.client.HTTPMessage | None =
     return RemoteFailure(Kind.SERVER, text, status=status)
 
 
+class _Watch:
+    """One request's deadline, and the connection it runs on (set once there is one)."""
+
+    __slots__ = ("conn", "deadline", "fired")
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.conn: http.client.HTTPConnection | None = None
+        self.fired = False
+
+
+class Watchdog:
+    """Shuts the connection of a request still running at its deadline.
+
+    A socket timeout bounds one read, not the request: a server that sends a byte a second
+    never trips it, in the headers, the body or a TLS handshake. One thread for every request
+    in flight sleeps until the earliest deadline; it ends when nothing is watched.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._watches: set[_Watch] = set()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, deadline: float) -> _Watch:
+        watch = _Watch(deadline)
+        with self._cond:
+            self._watches.add(watch)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="phicapd-deadlines", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return watch
+
+    def release(self, watch: _Watch) -> bool:
+        """Stop watching; True when the deadline passed and the connection was shut."""
+        with self._cond:
+            self._watches.discard(watch)
+            return watch.fired
+
+    def _run(self) -> None:
+        with self._cond:
+            while self._watches:
+                now = time.monotonic()
+                for watch in [w for w in self._watches if w.deadline <= now]:
+                    self._watches.discard(watch)
+                    watch.fired = True
+                    sock = watch.conn.sock if watch.conn is not None else None
+                    if sock is not None:
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_RDWR)
+                if self._watches:
+                    self._cond.wait(min(w.deadline for w in self._watches) - now)
+            self._thread = None
+
+
 class Http:
     """Keep-alive HTTP(S) connections, one per thread and endpoint."""
 
@@ -205,19 +291,21 @@ class Http:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: set[http.client.HTTPConnection] = set()  # every thread's, for abort()
+        self._watchdog = Watchdog()
 
-    def _connection(self, target: Target) -> tuple[http.client.HTTPConnection, bool]:
-        """(connection, reused)."""
+    def _connection(self, target: Target, watch: _Watch) -> tuple[http.client.HTTPConnection, bool]:
+        """(connection, reused), connected within ``connect_timeout`` and the time left."""
         conns: dict[str, http.client.HTTPConnection] = self._local.__dict__.setdefault("conns", {})
         conn = conns.get(target.url)
         if conn is not None and conn.sock is not None:
+            watch.conn = conn
             return conn, True
+        timeout = max(0.001, min(self.connect_timeout, watch.deadline - time.monotonic()))
         if target.scheme == "https":
-            conn = http.client.HTTPSConnection(
-                target.host, target.port, timeout=self.connect_timeout, context=self._ssl
-            )
+            conn = http.client.HTTPSConnection(target.host, target.port, timeout=timeout, context=self._ssl)
         else:
-            conn = http.client.HTTPConnection(target.host, target.port, timeout=self.connect_timeout)
+            conn = http.client.HTTPConnection(target.host, target.port, timeout=timeout)
+        watch.conn = conn
         try:
             conn.connect()
         except ssl.SSLCertVerificationError as e:
@@ -229,8 +317,6 @@ class Http:
         except (TimeoutError, OSError) as e:
             conn.close()
             raise RemoteFailure(Kind.CONNECT, f"cannot connect: {_reason(e)}") from None
-        assert conn.sock is not None
-        conn.sock.settimeout(self.timeout)  # every read after the connect: the server's answer
         conns[target.url] = conn
         with self._lock:
             self._open.add(conn)
@@ -243,30 +329,54 @@ class Http:
             self._forget(conn)
 
     def request(
-        self, target: Target, method: str, path: str, body: bytes | None = None
+        self,
+        target: Target,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        max_body: int = MAX_SMALL_REPLY,
+        timeout: float | None = None,
     ) -> tuple[int, http.client.HTTPMessage, bytes]:
-        """(status, headers, body). Raises ``RemoteFailure`` (CONNECT, TLS, DROPPED or SERVER) when no reply came."""
+        """(status, headers, body), all within ``timeout`` seconds (default ``self.timeout``) from
+        the connect to the last byte. Raises ``RemoteFailure`` when no whole reply came: CONNECT
+        or TLS (no connection), DROPPED (it broke), TIMEOUT (the deadline passed) or TOO_LONG
+        (a body over ``max_body`` bytes, refused without reading the rest)."""
+        seconds = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + seconds
         for attempt in (0, 1):
-            conn, reused = self._connection(target)
-            sent = False
+            watch = self._watchdog.watch(deadline)
+            sent = reused = answered = False
             try:
+                conn, reused = self._connection(target, watch)
+                _time_left(conn, deadline, seconds)
                 conn.request(method, target.path + path, body=body, headers=self._headers)
                 sent = True
+                _time_left(conn, deadline, seconds)
                 response = conn.getresponse()
-                data = response.read()
-            except TimeoutError:
+                answered = True
+                data = _read_capped(response, conn, deadline, seconds, max_body)
+            except RemoteFailure:
+                self._watchdog.release(watch)
                 self._drop(target)
-                raise RemoteFailure(Kind.SERVER, f"no reply within {self.timeout:.0f} s") from None
+                raise
             except (http.client.HTTPException, OSError) as e:
+                fired = self._watchdog.release(watch)
                 self._drop(target)
+                if fired or isinstance(e, TimeoutError):
+                    raise _timed_out(seconds) from None
                 if (
                     reused
                     and attempt == 0
+                    and not answered
                     and isinstance(e, http.client.RemoteDisconnected | BrokenPipeError | ConnectionResetError)
                 ):
                     continue  # the server closed an idle keep-alive connection: once more on a fresh one
                 what = "connection dropped" if sent else "cannot send"
                 raise RemoteFailure(Kind.DROPPED, f"{what}: {_reason(e)}") from None
+            if self._watchdog.release(watch):
+                self._drop(target)  # shut at the deadline: what was read may be cut short
+                raise _timed_out(seconds)
             if response.will_close:
                 self._drop(target)
             return response.status, response.headers, data
@@ -293,6 +403,38 @@ class Http:
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+
+def _timed_out(seconds: float) -> RemoteFailure:
+    return RemoteFailure(Kind.TIMEOUT, f"no complete reply within {seconds:g} s")
+
+
+def _time_left(conn: http.client.HTTPConnection, deadline: float, seconds: float) -> None:
+    """The next socket operation may wait only for what is left of the deadline."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise _timed_out(seconds)
+    if conn.sock is not None:
+        conn.sock.settimeout(left)
+
+
+def _read_capped(
+    response: http.client.HTTPResponse, conn: http.client.HTTPConnection, deadline: float, seconds: float, cap: int
+) -> bytes:
+    """The body, or ``RemoteFailure(TOO_LONG)`` as soon as it is known to exceed ``cap`` bytes."""
+    if response.length is not None and response.length > cap:
+        raise RemoteFailure(Kind.TOO_LONG, f"a reply of {response.length} bytes, over the {cap} allowed")
+    parts: list[bytes] = []
+    size = 0
+    while True:
+        _time_left(conn, deadline, seconds)
+        chunk = response.read(READ_CHUNK)
+        if not chunk:
+            return b"".join(parts)
+        size += len(chunk)
+        if size > cap:
+            raise RemoteFailure(Kind.TOO_LONG, f"a reply of more than {cap} bytes")
+        parts.append(chunk)
 
 
 def _reason(e: BaseException) -> str:

@@ -54,7 +54,7 @@ def _png(image: Image.Image) -> bytes:
 
 
 @pytest.mark.parametrize("kind", [BlankFake, BlankStreamingFake])
-@pytest.mark.parametrize("text", ["", "  \n"])
+@pytest.mark.parametrize("text", ["", "  \n", "\x00\x1b\x07\x08 "])  # the last: blank once cleaned
 def test_a_blank_caption_is_retried_then_parked_and_never_a_sidecar(
     tmp_path: Path, kind: type[_Blank], text: str
 ) -> None:

@@ -10,6 +10,11 @@ Misbehaviour on demand: ``fail(action, n)`` makes the next ``n`` chat requests `
 (with ``Retry-After``), ``500``, ``drop`` (close the connection without a reply), ``malformed``
 (a 200 that is not JSON) or ``slow`` (wait ``slow_seconds`` first); an image 13 pixels wide is
 refused with vLLM's 400 naming the image; more than ``limit`` requests at once get a 429.
+``for_image(key, action, n)`` does the same for the requests of one image (every one when
+``n`` is None), with these besides: ``reset`` (half the reply, then a TCP reset), ``drip`` (the
+reply body a byte every ``drip_seconds``), ``drip_head`` (the whole reply so, from its status
+line), ``huge`` (a 200 whose caption is 20 MiB) and ``endless`` (a chunked 200 that never ends).
+``captions[key] = (text, completion_tokens)`` makes the caption of that image whatever a test needs.
 
 Run as ``python -m tests.support.openai_server --port 0 [--latency S] [--limit N]``: it prints
 its port on the first line and serves until killed (the kill -9 tests and bench/remote.py).
@@ -26,6 +31,7 @@ import json
 import os
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -41,6 +47,8 @@ from tests.support.fakes import image_key
 MODEL = "microsoft/Phi-3.5-vision-instruct"
 #: Width of an image the server refuses with a 400 that names the image.
 REFUSED_WIDTH = 13
+#: The caption ``huge`` answers.
+HUGE_CAPTION_BYTES = 20 * 1024 * 1024
 
 
 class FakeVLLM:
@@ -54,6 +62,7 @@ class FakeVLLM:
         api_key: str | None = None,
         retry_after: str = "1",
         slow_seconds: float = 5.0,
+        drip_seconds: float = 1.0,
         tls: tuple[Path, Path] | None = None,
     ) -> None:
         self.model = model
@@ -62,6 +71,10 @@ class FakeVLLM:
         self.api_key = api_key
         self.retry_after = retry_after
         self.slow_seconds = slow_seconds
+        self.drip_seconds = drip_seconds
+        self.captions: dict[str, tuple[str, int]] = {}  # image key -> (caption, completion_tokens)
+        self.sent: collections.Counter[str] = collections.Counter()  # image key -> chat requests
+        self._image_actions: dict[str, collections.deque[str] | str] = {}
         self.lock = threading.Lock()
         self.active = 0
         self.max_active = 0
@@ -111,8 +124,25 @@ class FakeVLLM:
         with self.lock:
             self._actions.extend([action] * n)
 
-    def next_action(self) -> str | None:
+    def for_image(self, key: str, action: str, n: int | None = None) -> None:
+        """``action`` for the next ``n`` requests of the image ``key``, or for every one."""
         with self.lock:
+            if n is None:
+                self._image_actions[key] = action
+            else:
+                queued = self._image_actions.setdefault(key, collections.deque())
+                assert isinstance(queued, collections.deque)
+                queued.extend([action] * n)
+
+    def next_action(self, key: str | None = None) -> str | None:
+        with self.lock:
+            if key is not None:
+                self.sent[key] += 1
+                mine = self._image_actions.get(key)
+                if isinstance(mine, str):
+                    return mine
+                if mine:
+                    return mine.popleft()
             return self._actions.popleft() if self._actions else None
 
 
@@ -223,7 +253,9 @@ class _Handler(BaseHTTPRequestHandler):
         with fake.lock:
             parts["image_url"]["image_url"]["url"] = url[:40]
             fake.bodies.append(body)
-        action = fake.next_action()
+        rgb = image.convert("RGB")
+        key = image_key(rgb)
+        action = fake.next_action(key)
         if action == "drop":
             self.close_connection = True
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -247,9 +279,12 @@ class _Handler(BaseHTTPRequestHandler):
         if action == "malformed":
             self._send(200, None, raw=b'{"id": "chatcmpl-1", "choices": [')
             return
-        rgb = image.convert("RGB")
-        key = image_key(rgb)
-        text = f"A {rgb.width}x{rgb.height} test image {key}."
+        if action == "endless":
+            self._endless()
+            return
+        text, tokens = fake.captions.get(key, (f"A {rgb.width}x{rgb.height} test image {key}.", 7))
+        if action == "huge":
+            text, tokens = "A" * HUGE_CAPTION_BYTES, body["max_tokens"]
         with fake.lock:
             fake.answered[key] += 1
         reply = {
@@ -266,10 +301,51 @@ class _Handler(BaseHTTPRequestHandler):
                     "stop_reason": None,
                 }
             ],
-            "usage": {"prompt_tokens": 800 + len(prompt), "total_tokens": 807 + len(prompt), "completion_tokens": 7},
+            "usage": {
+                "prompt_tokens": 800 + len(prompt),
+                "total_tokens": 800 + len(prompt) + tokens,
+                "completion_tokens": tokens,
+            },
             "prompt_logprobs": None,
         }
+        if action in ("reset", "drip", "drip_head"):
+            self._misdeliver(action, json.dumps(reply).encode())
+            return
         self._send(200, reply)
+
+    def _misdeliver(self, action: str, data: bytes) -> None:
+        """A 200 that never arrives whole: cut by a TCP reset, or dripped a byte at a time."""
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        self.close_connection = True
+        if action == "reset":
+            self.wfile.write(head.encode() + data[: len(data) // 2])
+            # SO_LINGER 0: close() sends a RST, as a proxy or a crashing worker does.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
+            return
+        if action == "drip":
+            self.wfile.write(head.encode())
+            head = ""
+        for byte in head.encode() + data:
+            try:
+                self.wfile.write(bytes([byte]))
+            except OSError:
+                return  # the client gave up
+            time.sleep(self.server.fake.drip_seconds)
+
+    def _endless(self) -> None:
+        """A chunked 200 that never ends, until the client goes away."""
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        chunk = b"A" * 65536
+        try:
+            while True:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        except OSError:
+            return
 
 
 def spawn(*args: str) -> tuple[subprocess.Popen[bytes], str]:
