@@ -13,6 +13,11 @@ What happens to a request that fails depends on whose fault it was (``wire.Kind`
 * the request's (a 5xx, a malformed reply): sent again up to ``TRIES_PER_IMAGE`` times, then
   delivered as a retryable ``remote_failed``, which the journal retries later.
 * the image's (a 400 naming it): delivered at once as ``image_rejected``, not retried.
+* the endpoint's configuration (a 400 refusing a request parameter, or saying the server was
+  not started to allow it: vLLM refuses ``mm_processor_kwargs`` unless started with
+  ``--trust-request-mm-kwargs``): never the image's. A parameter phicapd can do without is left
+  out of that endpoint's requests from then on, said once in the log and in status (``omits``),
+  and the request is sent again; any other refusal takes the endpoint out (``pool``).
 * a dropped connection or a timeout (``timeout_seconds``, connect to last byte): the first one
   may be anyone's (a server restart drops everything in flight), so the request is sent again,
   uncounted; it counts against the endpoint only if the endpoint answered no other image while
@@ -268,13 +273,20 @@ class RemoteCaptioner:
             max_tokens=request.max_new_tokens,
             temperature=m.temperature if m.do_sample else 0.0,
             top_p=m.top_p if m.do_sample else 1.0,
-            num_crops=m.num_crops if self.remote.send_num_crops else None,
+            # Left out where the endpoint refused it (``pool.OPTIONAL_PARAMETERS``).
+            num_crops=m.num_crops
+            if self.remote.send_num_crops and "mm_processor_kwargs" not in endpoint.omits
+            else None,
         )
         cap = reply_cap(request.max_new_tokens)
         status, headers, data = self.pool.http.request(endpoint.target, "POST", "/chat/completions", body, max_body=cap)
         if status != 200:
             raise classify(status, data, headers)
         return data
+
+    def _sends_num_crops(self, endpoint: Endpoint) -> bool:
+        """Unless told not to, or the endpoint refused them (``pool.OPTIONAL_PARAMETERS``)."""
+        return self.remote.send_num_crops and "mm_processor_kwargs" not in endpoint.omits
 
     def _settle(self, done: _Done) -> Caption | PhicapError | None:
         """What a finished request delivers; None: send it again."""

@@ -11,6 +11,11 @@
   count: the endpoint stays up. The prober asks ``GET /v1/models`` every
   ``probe_interval_seconds`` and lets it back in, with its limit starting over, once it answers
   and serves the configured model.
+* Configuration: a server that refuses a request parameter (``Kind.UNSUPPORTED``) is not
+  broken, it was started without allowing it. A parameter phicapd can do without
+  (``OPTIONAL_PARAMETERS``) is left out of that endpoint's requests from then on (``omits``);
+  any other refusal takes the endpoint out until phicapd restarts, since no probe can tell
+  that its flags changed (``refused``).
 
 All state is under one condition, which the captioner's stream waits on: a finished request or
 an endpoint coming back wakes it.
@@ -26,6 +31,15 @@ from typing import Any
 
 from phicapd.log import get_logger
 from phicapd.remote.wire import Http, Kind, RemoteFailure, Target, classify, served_models
+
+#: Request parameters an endpoint may refuse and phicapd then leaves out, with what that means.
+OPTIONAL_PARAMETERS = {
+    "mm_processor_kwargs": (
+        "the server's own --mm-processor-kwargs set num_crops for every request; start vLLM with "
+        "--trust-request-mm-kwargs to let phicapd send [model] num_crops, or set [remote] "
+        "send_num_crops = false to stop asking"
+    ),
+}
 
 log = get_logger(__name__)
 
@@ -56,6 +70,8 @@ class Endpoint:
     successes: int = 0
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     served_model: str | None = None
+    omits: set[str] = field(default_factory=set)  # request parameters it refused (``OPTIONAL_PARAMETERS``)
+    refused: str | None = None  # it refuses the request as phicapd builds it: out until a restart
 
     @property
     def url(self) -> str:
@@ -162,6 +178,8 @@ class Pool:
                     endpoint.paused_until = max(endpoint.paused_until, time.monotonic() + failure.retry_after)
             elif failure.kind in (Kind.CONNECT, Kind.TLS, Kind.AUTH, Kind.MODEL):
                 self._trip(endpoint, str(failure))
+            elif failure.kind is Kind.UNSUPPORTED:
+                self._unsupported(endpoint, failure)
             elif failure.kind in (Kind.DROPPED, Kind.TIMEOUT) and not endpoint_fault:
                 pass  # the image's doing: neither a failure of the endpoint's nor an answer
             elif failure.kind in (Kind.SERVER, Kind.DROPPED, Kind.TIMEOUT):
@@ -171,6 +189,27 @@ class Pool:
             else:
                 endpoint.failures_in_a_row = 0  # a 4xx is an answer: the server is up
             self.cond.notify_all()
+
+    def _unsupported(self, endpoint: Endpoint, failure: RemoteFailure) -> None:
+        """The endpoint refused a request parameter: leave it out, or take the endpoint out."""
+        endpoint.failures_in_a_row = 0  # it answered: the server is up
+        if failure.param in OPTIONAL_PARAMETERS:
+            if failure.param not in endpoint.omits:
+                endpoint.omits.add(failure.param)
+                log.warning(
+                    "endpoint refuses a request parameter; it is no longer sent there",
+                    endpoint=endpoint.url,
+                    parameter=failure.param,
+                    meaning=OPTIONAL_PARAMETERS[failure.param],
+                    server_said=str(failure),
+                )
+            return
+        reason = (
+            f"it refuses the request as phicapd sends it ({failure}); it stays out until phicapd "
+            "restarts: change the server's flags, or the [remote]/[model] setting it names"
+        )
+        endpoint.refused = reason
+        self._trip(endpoint, reason)
 
     def answered(self, endpoint: Endpoint) -> None:
         """``endpoint`` captioned a probe image: it answers images, as after a success."""
@@ -228,7 +267,7 @@ class Pool:
         while not self._closed.is_set():
             now = time.monotonic()
             with self.cond:
-                due = [e for e in self.endpoints if not e.up and e.next_probe <= now]
+                due = [e for e in self.endpoints if not e.up and e.refused is None and e.next_probe <= now]
             for endpoint in due:
                 self.probe(endpoint)
             self._closed.wait(min(0.5, self.probe_interval / 2))
@@ -253,6 +292,7 @@ class Pool:
                     "errors": sum(e.errors.values()),
                     "errors_by_kind": dict(e.errors),
                     "served_model": e.served_model,
+                    "omits": sorted(e.omits),
                 }
                 for e in self.endpoints
             ]

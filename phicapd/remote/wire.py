@@ -66,17 +66,30 @@ class Kind(StrEnum):
     DROPPED = "dropped"
     TIMEOUT = "timeout"
     TLS = "tls"  # the endpoint's certificate is not trusted: out until it is (ca_file, tls_verify)
+    # A 400 refusing a request parameter, or saying the server was not started to allow
+    # something: the endpoint's configuration, never the image's. ``RemoteFailure.param`` names
+    # it when the server does; see ``phicapd.remote.captioner`` for what is done about it.
+    UNSUPPORTED = "unsupported"
     # A reply over its byte cap (``reply_cap``): the server ignores ``max_tokens``. The image's
     # ``caption_too_long``; the endpoint answered, so it stays up.
     TOO_LONG = "too_long"
 
 
 class RemoteFailure(Exception):
-    def __init__(self, kind: Kind, message: str, *, status: int | None = None, retry_after: float | None = None):
+    def __init__(
+        self,
+        kind: Kind,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        param: str | None = None,
+    ):
         super().__init__(message)
         self.kind = kind
         self.status = status
         self.retry_after = retry_after
+        self.param = param  # the request parameter an UNSUPPORTED refusal names, if it names one
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,18 +180,45 @@ def served_models(data: bytes) -> list[str]:
         raise RemoteFailure(Kind.SERVER, f"malformed /models reply: {type(e).__name__}: {e}") from None
 
 
-def error_message(data: bytes) -> str:
-    """The message of an error body: vLLM's ``{"object": "error", "message": ...}`` or OpenAI's
-    ``{"error": {"message": ...}}``; else the start of the body."""
+def _error_body(data: bytes) -> dict[str, Any]:
+    """The error object of an error body: OpenAI's (and vLLM's) ``{"error": {"message", "param",
+    ...}}`` or older vLLM's ``{"object": "error", "message": ...}``; ``{}`` if it is neither."""
     try:
         body = json.loads(data)
-        if isinstance(body, dict):
-            inner = body.get("error") if isinstance(body.get("error"), dict) else body
-            if isinstance(inner.get("message"), str):
-                return inner["message"][:500]
     except ValueError:
-        pass
+        return {}
+    if not isinstance(body, dict):
+        return {}
+    inner = body.get("error") if isinstance(body.get("error"), dict) else body
+    return inner if isinstance(inner.get("message"), str) else {}
+
+
+def error_message(data: bytes) -> str:
+    """The message of an error body (``_error_body``); else the start of the body."""
+    message = _error_body(data).get("message")
+    if isinstance(message, str):
+        return message[:500]
     return data[:200].decode("utf-8", "replace").strip() or "(empty body)"
+
+
+#: The request's own fields: a 400 naming one of these as its ``param`` refuses that field.
+#: (``messages`` is left out: a refused message is about the prompt or the image in it.)
+REQUEST_PARAMETERS = ("model", "max_tokens", "temperature", "top_p", "n", "stream", "mm_processor_kwargs")
+#: What a server says when it was not started to allow something (vLLM 0.32: "Per-request
+#: mm_processor_kwargs are disabled by default ... Start the server with --trust-request-mm-kwargs").
+_SERVER_FLAG_WORDS = ("start the server with", "disabled by default", "not enabled on this server")
+
+
+def refused_parameter(status: int, data: bytes) -> tuple[bool, str | None]:
+    """Whether an error reply refuses the request as the server is configured (not the image),
+    and the parameter it names, if any."""
+    if status != 400:
+        return False, None
+    body = _error_body(data)
+    param = body.get("param")
+    named = param if isinstance(param, str) and param in REQUEST_PARAMETERS else None
+    message = str(body.get("message", "")).lower()
+    return named is not None or any(w in message for w in _SERVER_FLAG_WORDS), named
 
 
 def retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -208,6 +248,9 @@ def classify(status: int, data: bytes, headers: http.client.HTTPMessage | None =
         return RemoteFailure(Kind.AUTH, f"the API key was refused ({text})", status=status)
     if status == 404 and "model" in message.lower():
         return RemoteFailure(Kind.MODEL, text, status=status)
+    refused, param = refused_parameter(status, data)
+    if refused:  # before the image words: vLLM's refusal speaks of "multimodal preprocessing"
+        return RemoteFailure(Kind.UNSUPPORTED, text, status=status, param=param)
     if status in (400, 413, 422) and any(w in message.lower() for w in _IMAGE_WORDS):
         return RemoteFailure(Kind.IMAGE, text, status=status)
     if 400 <= status < 500:

@@ -26,6 +26,9 @@ from tests.support.openai_server import REFUSED_WIDTH, FakeVLLM
 
 
 def _server(servers: list[FakeVLLM], **kw: object) -> FakeVLLM:
+    """A stand-in that takes num_crops per request (vLLM started with --trust-request-mm-kwargs),
+    so these tests see every request the way phicapd first sends it; the refusal has its own."""
+    kw.setdefault("trust_request_mm_kwargs", True)
     s = FakeVLLM(**kw).start()  # type: ignore[arg-type]
     servers.append(s)
     return s
@@ -76,11 +79,46 @@ def test_request_and_reply_have_vllms_shape(servers: list[FakeVLLM], captioners:
     assert content[1]["image_url"]["url"].startswith("data:image/png;base64,")
 
 
-def test_no_num_crops_when_the_server_refuses_them(servers: list[FakeVLLM], captioners: list[RemoteCaptioner]) -> None:
+def test_no_num_crops_when_asked_not_to_send_them(servers: list[FakeVLLM], captioners: list[RemoteCaptioner]) -> None:
     s = _server(servers)
     c = _load(captioners, _settings(s.url, send_num_crops=False))
     c.caption(_requests(1))
     assert "mm_processor_kwargs" not in s.bodies[0]
+
+
+def test_a_server_that_refuses_num_crops_per_request_gets_requests_without_them(
+    servers: list[FakeVLLM], captioners: list[RemoteCaptioner]
+) -> None:
+    """vLLM's default (no --trust-request-mm-kwargs): its 400 is the endpoint's configuration,
+    never the image's; the parameter is left out from then on, said once, shown in status."""
+    s = _server(servers, trust_request_mm_kwargs=False)
+    c = _load(captioners, _settings(s.url))
+    requests = _requests(6)
+    assert [x.text for x in c.caption(requests)] == [_expected(r) for r in requests]
+    refused = [b for b in s.bodies if "mm_processor_kwargs" in b]
+    # Only the requests on the wire before the first refusal came back carried it.
+    assert 1 <= len(refused) <= c.remote.initial_in_flight
+    assert len(s.bodies) == len(requests) + len(refused)  # each refused one sent again, once
+    [endpoint] = c.describe()["endpoints"]
+    assert endpoint["up"] and endpoint["omits"] == ["mm_processor_kwargs"]
+    assert endpoint["errors_by_kind"] == {"unsupported": len(refused)}
+
+
+def test_a_server_that_refuses_another_parameter_is_taken_out_not_the_images(
+    servers: list[FakeVLLM], captioners: list[RemoteCaptioner]
+) -> None:
+    """A refusal phicapd cannot work around: the endpoint goes out with the reason and stays out
+    (no probe can see its flags change); its requests go to the other endpoint, uncounted."""
+    bad = _server(servers, model="microsoft/Phi-3.5-vision-instruct")
+    good = _server(servers)
+    bad.refuse_parameter = "temperature"
+    c = _load(captioners, _settings(bad.url, good.url, probe_interval_seconds=0.1))
+    requests = _requests(6)
+    assert [x.text for x in c.caption(requests)] == [_expected(r) for r in requests]
+    time.sleep(0.3)  # several probe intervals: it is not let back in
+    down = {e["url"]: e for e in c.describe()["endpoints"]}[bad.url]
+    assert not down["up"] and "refuses the request as phicapd sends it" in down["reason"]
+    assert "temperature" in down["reason"]
 
 
 def test_images_are_reencoded_and_capped_in_pixels() -> None:

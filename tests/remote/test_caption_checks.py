@@ -27,6 +27,7 @@ CLEAN = "A cat on a mat.\nA second line."
 
 
 def _server(servers: list[FakeVLLM], **kw: object) -> FakeVLLM:
+    kw.setdefault("trust_request_mm_kwargs", True)  # every request as phicapd first sends it
     s = FakeVLLM(**kw).start()  # type: ignore[arg-type]
     servers.append(s)
     return s

@@ -24,6 +24,7 @@ from tests.support.openai_server import MODEL, FakeVLLM
 
 
 def _server(servers: list[FakeVLLM], **kw: object) -> FakeVLLM:
+    kw.setdefault("trust_request_mm_kwargs", True)  # every request as phicapd first sends it
     s = FakeVLLM(**kw).start()  # type: ignore[arg-type]
     servers.append(s)
     return s

@@ -64,8 +64,13 @@ class FakeVLLM:
         slow_seconds: float = 5.0,
         drip_seconds: float = 1.0,
         tls: tuple[Path, Path] | None = None,
+        trust_request_mm_kwargs: bool = False,
     ) -> None:
         self.model = model
+        # vLLM (0.32) refuses per-request mm_processor_kwargs unless started with
+        # --trust-request-mm-kwargs; so does this stand-in, unless told the same.
+        self.trust_request_mm_kwargs = trust_request_mm_kwargs
+        self.refuse_parameter: str | None = None  # a request field answered with vLLM's 400 naming it
         self.latency = latency
         self.limit = limit
         self.api_key = api_key
@@ -154,6 +159,14 @@ class _Server(ThreadingHTTPServer):
 
     def handle_error(self, request: object, client_address: object) -> None:
         pass  # a client that gave up (a timeout test) or a connection dropped on purpose
+
+
+#: vLLM 0.32's answer to a request with mm_processor_kwargs, word for word.
+MM_KWARGS_REFUSED = (
+    "Per-request mm_processor_kwargs are disabled by default because they can change multimodal "
+    "preprocessing resource usage. Start the server with --trust-request-mm-kwargs only when clients "
+    "are trusted. (parameter=mm_processor_kwargs)"
+)
 
 
 def _error(message: str, kind: str, code: int) -> dict[str, Any]:
@@ -253,6 +266,15 @@ class _Handler(BaseHTTPRequestHandler):
         with fake.lock:
             parts["image_url"]["image_url"]["url"] = url[:40]
             fake.bodies.append(body)
+        if fake.refuse_parameter is not None and fake.refuse_parameter in body:
+            message = f"{fake.refuse_parameter} is not supported by this server"
+            self._send(400, {"error": {**_error(message, "BadRequestError", 400), "param": fake.refuse_parameter}})
+            return
+        if "mm_processor_kwargs" in body and not fake.trust_request_mm_kwargs:
+            self._send(
+                400, {"error": {**_error(MM_KWARGS_REFUSED, "BadRequestError", 400), "param": "mm_processor_kwargs"}}
+            )
+            return
         rgb = image.convert("RGB")
         key = image_key(rgb)
         action = fake.next_action(key)
