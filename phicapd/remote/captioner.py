@@ -136,7 +136,8 @@ class RemoteCaptioner:
     def prepare(self, image: Image.Image) -> str:
         """In the scheduler's decode pool: the data URL the request will carry."""
         r = self.remote
-        return data_url(image, fmt=r.image_format, quality=r.jpeg_quality, max_pixels=r.max_pixels)
+        crops = self.model_settings.num_crops
+        return data_url(image, fmt=r.image_format, quality=r.jpeg_quality, max_pixels=r.max_pixels, num_crops=crops)
 
     def caption(self, batch: Sequence[CaptionRequest]) -> list[Caption]:
         """The batch through ``stream``; raises the first image's error if any image failed."""

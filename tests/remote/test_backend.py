@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from phicapd.captioner import Caption, CaptionRequest
@@ -399,3 +400,20 @@ def test_the_limit_settles_near_what_a_saturated_server_takes(
     assert s.statuses[429] > 0 and endpoint.errors["overload"] == s.statuses[429]
     assert endpoint.limit < 8  # halved back each time it went past what the server takes
     assert endpoint.up
+
+
+@pytest.mark.parametrize("num_crops", [1, 4, 16])
+@pytest.mark.parametrize("size", [(600, 400), (400, 600), (1411, 1411), (4000, 3000), (3000, 500), (50, 900), (8, 8)])
+def test_an_image_is_sent_as_the_model_sees_it(size: tuple[int, int], num_crops: int) -> None:
+    """What the server's HD transform makes of the sent PNG is, pixel for pixel, what phicapd's
+    native engine makes of the decoded image: the same crops, so the same caption."""
+    from phicapd.model.processing import preprocess_image
+
+    image = unique_image(sum(size), size)
+    sent = Image.open(io.BytesIO(base64.b64decode(data_url(image, num_crops=num_crops).partition(",")[2])))
+    assert sent.format == "PNG"
+    assert sent.size == image.size or sent.width * sent.height < image.width * image.height  # never larger
+    native = preprocess_image(image, num_crops)
+    served = preprocess_image(sent.convert("RGB"), num_crops)
+    assert served.hd_size == native.hd_size
+    assert torch.equal(served.crops, native.crops)
