@@ -50,7 +50,7 @@ from phicapd.model.testmodel import make_test_model
 
 make_test_model(
     Path(sys.argv[1]), processor_code=True, full_vision=True,
-    hidden_size=256, intermediate_size=512, vocab_size=32064, torch_dtype="float32",
+    hidden_size=256, intermediate_size=512, vocab_size=32064, torch_dtype="float32", word_pieces_only=True,
 )
 print(sys.argv[1])
 PY

@@ -277,6 +277,7 @@ def make_test_model(
     num_crops: int = 4,
     processor_code: bool = False,
     full_vision: bool = False,
+    word_pieces_only: bool = False,
     **overrides: Any,
 ) -> Path:
     """Write a tiny random Phi-3.5-vision checkpoint to ``out_dir`` and return ``out_dir``.
@@ -288,6 +289,9 @@ def make_test_model(
     ``full_vision`` gives it Phi-3.5-vision's own vision tower, CLIP ViT-L/14-336 (no
     ``vision_config``, as in Microsoft's file): 300 M random parameters, where the image work
     of the real model is, and the only tower vLLM's Phi3V builds.
+    ``word_pieces_only``: greedy decoding never picks a byte-fallback or special token (their
+    ``lm_head`` rows are zero), so every runtime's detokenizer writes the same text of the same
+    ids (they differ on invalid UTF-8 and on special tokens, which random weights produce).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -335,6 +339,9 @@ def make_test_model(
     # A vocabulary set larger than the tokenizer's (vLLM needs <|image|>'s real id, 32044): the rows
     # no token reaches score 0, as untrained rows would, so greedy captions stay in the vocabulary.
     weights["lm_head.weight"][math.ceil(tok.get_vocab_size() / 64) * 64 :] = 0
+    if word_pieces_only:
+        unwordly = ["<unk>", "<s>", "</s>", *SPECIAL_TOKENS, *(f"<0x{b:02X}>" for b in range(256))]
+        weights["lm_head.weight"][[tok.token_to_id(t) for t in unwordly]] = 0
     _write_shards(out_dir, weights)
     if processor_code:
         write_processor_code(out_dir)

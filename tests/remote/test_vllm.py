@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from phicapd.caption_text import checked_caption
 from phicapd.captioner import CaptionRequest
 from phicapd.config import ModelSettings
 from phicapd.model.testmodel import make_test_model
@@ -136,6 +137,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         intermediate_size=512,
         vocab_size=32064,
         torch_dtype="float32",
+        word_pieces_only=True,  # the same ids give the same text in vLLM's detokenizer and ours
     )
 
 
@@ -175,7 +177,12 @@ def _native(checkpoint: Path, images: list[Path]) -> dict[str, str]:
     captioner = load_captioner(settings)
     try:
         requests = [CaptionRequest(Image.open(p).convert("RGB"), PROMPT, NEW_TOKENS) for p in images]
-        return {p.name: c.text for p, c in zip(images, captioner.caption(requests), strict=True)}
+        captions = captioner.caption(requests)
+        # As the daemon stores a caption from either backend: cleaned once (``caption_text``).
+        cleaned = [
+            checked_caption(c, max_new_tokens=NEW_TOKENS, strip_openers=settings.strip_openers) for c in captions
+        ]
+        return {p.name: c.text for p, c in zip(images, cleaned, strict=True)}  # type: ignore[union-attr]
     finally:
         captioner.close()
 
