@@ -133,3 +133,26 @@ def test_a_field_another_tool_changes_after_our_embed_is_kept(tmp_path: Path) ->
         "Caption-Abstract": caption,
         "Description": caption,
     }
+
+
+@needs_exiftool
+def test_phicapctl_caption_file_keeps_another_tools_description_outside_every_root(tmp_path: Path, capsys) -> None:
+    from phicapd.cli.ctl import main
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    described, olympus = elsewhere / "described.jpg", elsewhere / "olympus.jpg"
+    shutil.copyfile(IMAGES / "rocket.jpg", described)
+    shutil.copyfile(IMAGES / "hubble_deep_field.jpg", olympus)
+    _exiftool_write(described, "-IPTC:Caption-Abstract=Launch at dawn")
+    _exiftool_write(olympus, "-EXIF:ImageDescription=OLYMPUS DIGITAL CAMERA")
+    settings = settings_for(tmp_path, [], extra='[sidecar]\nformats = ["embed"]\n')
+    fake = FakeCaptioner()
+    with running_daemon(settings, fake):
+        for image in (described, olympus):
+            assert main(["--socket", str(settings.control.socket), "caption-file", str(image)]) == 0
+    capsys.readouterr()
+    assert sum(fake.calls.values()) == 1
+    assert _exiftool_read(described) == {"Caption-Abstract": "Launch at dawn"}
+    caption = _exiftool_read(olympus)["Description"]
+    assert _exiftool_read(olympus)["ImageDescription"] == caption and not is_placeholder(str(caption))
