@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from phicapd import image_types
 from phicapd.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/phicapd/phicapd.toml")
@@ -28,7 +29,9 @@ DEFAULT_CONFIG_PATH = Path("/etc/phicapd/phicapd.toml")
 CONFIG_ENV = "PHICAPD_CONFIG"
 SYSTEM_SOCKET_PATH = Path("/run/phicapd/phicapd.sock")
 DEFAULT_PROMPT = "Describe this image in detail, including the main subject, actions, and setting."
-DEFAULT_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+# What every install decodes; a root's default ``include`` adds HEIC/HEIF/AVIF where a decoder
+# for them is installed (``image_types.default_extensions``).
+DEFAULT_IMAGE_EXTENSIONS = image_types.BASE_EXTENSIONS
 
 # What becomes of a sidecar that already exists ([sidecar] existing, [[watch]] existing):
 #   skip          keep it while it is at least as new as its image (an image saved after its
@@ -230,7 +233,7 @@ class WatchRoot(_Section):
     prefix: str = ""
     suffix: str = ""
     existing: ExistingPolicy | None = None
-    include: list[str] = Field(default_factory=lambda: [f"*{e}" for e in DEFAULT_IMAGE_EXTENSIONS])
+    include: list[str] = Field(default_factory=lambda: [f"*{e}" for e in image_types.default_extensions()])
     ignore: list[str] = []
     poll: bool | None = None
     formats: list[OutputFormat] | None = None  # None: [sidecar] formats

@@ -4,7 +4,9 @@ with a stable code.
 What "safe" means here:
 
 - Size caps: the encoded bytes (``ImagingSettings.max_file_bytes``) and the pixel count
-  (``ImagingSettings.max_pixels``, checked from the header before any pixel buffer exists).
+  (``ImagingSettings.max_pixels``, checked from the header before any pixel buffer exists). The
+  setting is the limit, above or below Pillow's default: Pillow's own guard is set to it for the
+  length of each decode (``_pillow_limit``), and a refusal quotes it.
 - A format allow-list passed to ``Image.open(formats=...)``: JPEG (and its MPO variant), PNG,
   WEBP, GIF, BMP, TIFF, plus AVIF when Pillow has it and HEIF when pillow-heif is installed.
   Plugins outside the list never see the bytes, so EPS/PS/PDF never reach Ghostscript.
@@ -23,7 +25,8 @@ code                        meaning                                             
 ``image_empty``             zero bytes                                                      no
 ``image_too_large``         more bytes than ``max_file_bytes``                              no
 ``image_format_unsupported`` not an image in an allowed format (text, EPS, PDF, SVG, ...)   no
-``image_bomb``              more pixels than ``max_pixels`` (or Pillow's own bomb guard)    no
+``image_bomb``              more pixels than ``max_pixels`` (from the header, or Pillow's   no
+                            guard inside a plugin, set to the same limit)
 ``image_truncated``         the data ends before the image does                             no
 ``image_corrupt``           recognised but undecodable data                                 no
 ``image_incomplete``        failed like a partial write while the file is still young       yes
@@ -32,11 +35,16 @@ code                        meaning                                             
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import io
 import os
+import re
 import stat
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -140,35 +148,76 @@ def _describe_unknown(data: bytes) -> str:
     return "not an image in an allowed format (" + ", ".join(ALLOWED_FORMATS) + ")"
 
 
-def _pixel_limit(settings: ImagingSettings) -> int:
-    # Pillow warns above its own global limit; refusing everything above it keeps that warning
-    # from ever being the only thing between an image and the decoder.
-    pillow_limit = Image.MAX_IMAGE_PIXELS
-    return min(settings.max_pixels, pillow_limit) if pillow_limit else settings.max_pixels
+#: Pillow's own limit as imported, restored whenever no decode holds it (``_pillow_limit``).
+_PILLOW_DEFAULT_LIMIT = Image.MAX_IMAGE_PIXELS
+_limit_lock = threading.Lock()
+_active_limits: collections.Counter[int] = collections.Counter()
+
+
+@contextlib.contextmanager
+def _pillow_limit(limit: int) -> Iterator[None]:
+    """Pillow's bomb guard set to ``limit`` (``[imaging] max_pixels``) while this decode runs.
+
+    Pillow keeps its limit in one module global (``Image.MAX_IMAGE_PIXELS``, 89.5 MP by default)
+    and checks it inside its plugins (GIF frames, TIFF tiles) where our header check cannot; left
+    alone it would refuse a 100 MP photo that the setting allows, and lowering our setting would
+    not reach it. Decodes in one process may overlap (threads with different settings): each one
+    registers its limit and the global is the largest one registered, so a Pillow check is
+    never stricter than the call's setting; one that is looser for a moment (another thread's
+    larger limit) is still caught by ``_check_pixels`` from the header and again after ``load``.
+    The daemon decodes in worker processes, one image at a time each, where this is one limit.
+    """
+    with _limit_lock:
+        _active_limits[limit] += 1
+        Image.MAX_IMAGE_PIXELS = max(_active_limits)
+    try:
+        yield
+    finally:
+        with _limit_lock:
+            _active_limits[limit] -= 1
+            if not _active_limits[limit]:
+                del _active_limits[limit]
+            Image.MAX_IMAGE_PIXELS = max(_active_limits) if _active_limits else _PILLOW_DEFAULT_LIMIT
+
+
+def _bomb(name: str, limit: int, detail: str) -> ImageError:
+    return _fail(name, "image_bomb", f"{detail} exceeds the limit of {limit} pixels ([imaging] max_pixels)")
+
+
+_PILLOW_SIZE = re.compile(r"Image size \((\d+) pixels\)")
+
+
+def _pillow_bomb(name: str, limit: int, error: Exception) -> ImageError:
+    """Pillow's refusal (from the header in ``Image.open``, or inside a plugin), quoting the
+    setting: Pillow's own text names twice the limit for the sizes it refuses outright
+    (``DecompressionBombError``), which is no number the user set."""
+    found = _PILLOW_SIZE.search(str(error))
+    size = f"{found.group(1)} pixels" if found else "a size"
+    return _bomb(name, limit, size)
 
 
 def _check_pixels(im: Image.Image, name: str, limit: int) -> None:
     width, height = im.size
     if width * height > limit:
-        raise _fail(name, "image_bomb", f"{width}x{height} exceeds the limit of {limit} pixels")
+        raise _bomb(name, limit, f"{width}x{height} ({width * height} pixels)")
 
 
-def _open(data: bytes, name: str) -> Image.Image:
+def _open(data: bytes, name: str, limit: int) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except Image.UnidentifiedImageError:
         raise _fail(name, "image_format_unsupported", _describe_unknown(data)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise _fail(name, "image_bomb", str(e)) from None
+        raise _pillow_bomb(name, limit, e) from None
     except Exception as e:  # hostile headers make plugins raise anything
         raise _fail(name, "image_corrupt", f"unreadable {type(e).__name__}: {e}") from None
 
 
-def _load(im: Image.Image, name: str) -> None:
+def _load(im: Image.Image, name: str, limit: int) -> None:
     try:
         im.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise _fail(name, "image_bomb", str(e)) from None
+        raise _pillow_bomb(name, limit, e) from None
     except MemoryError:
         raise _fail(name, "image_bomb", "decoding ran out of memory") from None
     except Exception as e:  # hostile data make decoders raise anything
@@ -232,13 +281,14 @@ def decode_image(data: bytes, *, name: str, settings: ImagingSettings) -> Image.
     if len(data) > settings.max_file_bytes:
         raise _fail(name, "image_too_large", f"{len(data)} bytes exceeds the limit of {settings.max_file_bytes}")
     _escalate_bomb_warnings()
-    limit = _pixel_limit(settings)
-    im = _open(data, name)
-    # Defence in depth: an allowed opener may hand back a subtype.
-    if im.format not in ALLOWED_FORMATS and im.format not in _RESULT_ALIASES:
-        raise _fail(name, "image_format_unsupported", f"{im.format} is not an allowed image format")
-    _check_pixels(im, name, limit)
-    _load(im, name)
+    limit = settings.max_pixels
+    with _pillow_limit(limit):
+        im = _open(data, name, limit)
+        # Defence in depth: an allowed opener may hand back a subtype.
+        if im.format not in ALLOWED_FORMATS and im.format not in _RESULT_ALIASES:
+            raise _fail(name, "image_format_unsupported", f"{im.format} is not an allowed image format")
+        _check_pixels(im, name, limit)
+        _load(im, name, limit)
     _check_pixels(im, name, limit)  # a first frame may be larger than the header said
     orientation = _orientation(im)
     try:

@@ -633,6 +633,8 @@ class Daemon:
             "max_body_bytes": self.settings.control.max_body_bytes,  # phicapctl refuses larger files unread
             "watcher_pending": self.watcher.pending() if self.watcher else 0,
             "unresponsive_roots": self.watcher.unresponsive_roots() if self.watcher else [],
+            # Image files the last full scan of a root passed over: no installed decoder reads them.
+            "unreadable": self.reconciler.unreadable.report([r.path for r in self.settings.watch]),
             "sidecar": {
                 "extension": self.settings.sidecar.extension,
                 "existing": self.settings.sidecar.existing,

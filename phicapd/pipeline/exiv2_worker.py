@@ -6,7 +6,9 @@ after every restart. Here a crash or a hang costs only this process, which the p
 
 Protocol: one JSON object per line on stdin, one answer per line on stdout, in order.
 
-* ``{"op": "read", "path": P, "max_bytes": N}`` -> ``{"value": <x-default dc:description or null>}``
+* ``{"op": "read", "path": P, "max_bytes": N}`` -> ``{"value": <the first description or null>,
+  "values": [every description, each once]}`` (``read_in_process``: XMP ``dc:description`` in any
+  language, EXIF ``ImageDescription``, IPTC ``Caption-Abstract``; camera placeholders left out)
 * ``{"op": "modify", "path": P, "kinds": ["xmp", "exif", "iptc"], "caption": C, "max_bytes": N}``
   -> ``{}`` (``max_bytes``: the cap of the file's kind; ``safe_files.IMAGE_MAX_BYTES`` if left out)
 * an error: ``{"error": "OSError" | "RuntimeError" | "MetadataUnavailable" | "MetadataUnreadable" |
@@ -26,40 +28,72 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from phicapd.pipeline import safe_files, worker_protocol
 from phicapd.pipeline.metadata import DESCRIPTION, X_DEFAULT, MetadataUnavailable, MetadataUnreadable, require
+from phicapd.pipeline.placeholders import is_placeholder
 from phicapd.pipeline.worker_protocol import Handler
 
+#: Where an image or sidecar holds a description, in the order ``read``'s ``value`` prefers them.
+EXIF_DESCRIPTION = "Exif.Image.ImageDescription"
+IPTC_CAPTION = "Iptc.Application2.Caption"
 
-def read_in_process(path: Path) -> str | None:
-    """The x-default ``dc:description`` of ``path``, if it has one (a file exiv2 cannot open or
-    parse has none)."""
+
+def read_in_process(path: Path) -> list[str]:
+    """Every description ``path`` holds, each text once: XMP ``dc:description`` (x-default
+    first, then every other language), EXIF ``ImageDescription``, IPTC ``Caption-Abstract``.
+    Camera placeholders and blank padding are no description (``placeholders``); a file exiv2
+    cannot open or parse has none."""
     pyexiv2 = require()
     try:
         image = pyexiv2.Image(str(path))
     except (OSError, RuntimeError):
-        return None
+        return []
+    texts: list[object] = []
     try:
-        value = image.read_xmp().get(DESCRIPTION)
-    except RuntimeError:
-        return None
+        try:
+            value = image.read_xmp().get(DESCRIPTION)
+        except RuntimeError:
+            value = None
+        if isinstance(value, dict):
+            texts.append(value.get(X_DEFAULT))
+            texts.extend(v for k, v in value.items() if k != X_DEFAULT)
+        else:
+            texts.append(value)
+        texts.append(_read_text(image.read_exif, EXIF_DESCRIPTION))
+        texts.append(_read_text(image.read_iptc, IPTC_CAPTION))
     finally:
         image.close()
-    if isinstance(value, dict):
-        value = value.get(X_DEFAULT) or next(iter(value.values()), None)
-    return value if isinstance(value, str) and value else None
+    out: list[str] = []
+    for text in texts:
+        if isinstance(text, str) and not is_placeholder(text) and text not in out:
+            out.append(text)
+    return out
 
 
-def read_checked(path: Path, max_bytes: int) -> str | None:
+def _read_text(read: Callable[..., dict[str, Any]], key: str) -> object:
+    """``key`` of one of pyexiv2's readers, as UTF-8, else Latin-1: EXIF ASCII and IPTC without a
+    character set declared are often written in the camera's or the tool's legacy encoding."""
+    for encoding in ("utf-8", "latin-1"):
+        try:
+            return read(encoding=encoding).get(key)
+        except UnicodeDecodeError:
+            continue
+        except RuntimeError:
+            return None
+    return None
+
+
+def read_checked(path: Path, max_bytes: int) -> list[str]:
     """``read_in_process`` of ``path`` if it is a regular file of at most ``max_bytes`` (a link
     to one included); anything else holds no description."""
     try:
         fd, _ = safe_files.open_regular(path, max_bytes)
     except OSError:
-        return None
+        return []
     try:
         # The descriptor's own path: exiv2 opens the file checked, whatever ``path`` is by now.
         return read_in_process(Path(f"/proc/self/fd/{fd}") if os.path.isdir("/proc/self/fd") else path)
@@ -95,7 +129,8 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
         path = Path(request["path"])
         max_bytes = int(request.get("max_bytes", safe_files.IMAGE_MAX_BYTES))
         if op == "read":
-            return {"value": read_checked(path, max_bytes)}
+            values = read_checked(path, max_bytes)
+            return {"value": values[0] if values else None, "values": values}
         if op == "modify":
             os.close(safe_files.open_regular(path, max_bytes, follow=False)[0])  # our temp copy, still
             modify_in_process(path, tuple(request["kinds"]), str(request["caption"]))

@@ -14,6 +14,11 @@ that was copied (``FileIdentity``: inode, size, mtime and ctime, checked after t
 just before the rename); otherwise the copy is dropped and ``FileChanged`` raised, so their bytes
 always win and a deleted file is never brought back (``_edit_copy`` says what window remains).
 
+An image or sidecar is *described* when any of XMP ``dc:description`` (any language), EXIF
+``ImageDescription`` or IPTC ``Caption-Abstract`` holds text other than a camera's placeholder
+(``read_descriptions``); the writer and ``outputs`` keep such a description unless it is this
+daemon's own last caption (``described_by_others``) or the policy is ``overwrite``.
+
 A sidecar that exists is *merged*: only ``dc:description`` (x-default) changes; exiv2 keeps every
 other property (ratings, labels, keywords, darktable's history, Lightroom's develop settings).
 It re-serialises the packet, so the layout (whitespace, attribute vs element form) may change,
@@ -284,14 +289,31 @@ def write_xmp_sidecar(path: Path, caption: str) -> None:
     _edit_copy(source, path, edit, EMPTY_PACKET.encode(), max_bytes=safe_files.XMP_MAX_BYTES)
 
 
-def read_description(path: Path) -> str | None:
-    """The x-default ``dc:description`` of an XMP sidecar or an image, if it has one (a file that
-    is not a regular one or is over its kind's cap has none: the worker never opens it)."""
+def read_descriptions(path: Path) -> tuple[str, ...]:
+    """Every description an XMP sidecar or an image holds, each text once: XMP ``dc:description``
+    in any language (x-default first), EXIF ``ImageDescription``, IPTC ``Caption-Abstract``.
+    A camera's placeholder ("OLYMPUS DIGITAL CAMERA", blank padding: ``placeholders``) is none;
+    a file that is not a regular one or is over its kind's cap has none (the worker never opens
+    it), and so has one exiv2 dies on."""
     try:
-        value = _call({"op": "read", "path": str(path), "max_bytes": _max_bytes(path)}, path).get("value")
+        values = _call({"op": "read", "path": str(path), "max_bytes": _max_bytes(path)}, path).get("values")
     except WorkerDied:
-        return None  # a file exiv2 dies on holds no description we can read
-    return value if isinstance(value, str) and value else None
+        return ()
+    if not isinstance(values, list):
+        return ()
+    return tuple(v for v in values if isinstance(v, str) and v)
+
+
+def read_description(path: Path) -> str | None:
+    """The first of ``read_descriptions`` (the x-default ``dc:description`` where there is one)."""
+    return next(iter(read_descriptions(path)), None)
+
+
+def described_by_others(descriptions: tuple[str, ...], ours: str | None) -> bool:
+    """Whether ``descriptions`` (``read_descriptions``) hold a text that is not ``ours``, the
+    caption this daemon last wrote: someone else's description (a camera's, a person's, a photo
+    manager's) in any field, which ``skip`` and ``only-missing`` keep."""
+    return any(text != ours for text in descriptions)
 
 
 def can_embed(image: Path) -> bool:

@@ -9,8 +9,10 @@ is judged on its own:
   while it is at least as new as the image, ``only-missing`` whenever it exists;
 * ``xmp``: the XMP sidecar, the same way, and only if it holds a description (darktable and
   digiKam write an XMP sidecar for every image they see);
-* ``embed``: the image's own XMP description: kept, unless it is the caption this daemon embedded
-  and the image changed since (``skip``: then it is a caption of other bytes);
+* ``embed``: the image's own description (XMP ``dc:description`` in any language, EXIF
+  ``ImageDescription``, IPTC ``Caption-Abstract``; a camera's placeholder is none): kept, unless
+  every one is the caption this daemon embedded and the image changed since (``skip``: then it
+  is a caption of other bytes);
 * ``jsonl``: the image's entry in its directory's ``metadata.jsonl``: ``skip`` keeps it while the
   manifest is at least as new as the image, ``only-missing`` whenever it is listed.
 
@@ -157,16 +159,21 @@ class RootOutputs:
         return out
 
     def embedded(self, image: Path) -> str | None:
-        """The description in the image itself, where the root embeds captions."""
+        """The description in the image itself, where the root embeds captions (the first of
+        ``embedded_all``)."""
+        return next(iter(self.embedded_all(image)), None)
+
+    def embedded_all(self, image: Path) -> tuple[str, ...]:
+        """Every description in the image itself (XMP, EXIF, IPTC), where the root embeds captions."""
         if "embed" not in self.formats or not metadata.can_embed(image):
-            return None
-        return metadata.read_description(image)
+            return ()
+        return metadata.read_descriptions(image)
 
     def holds(self, image: Path, base: str, caption: str) -> bool:
         """Whether a per-image output of ``image`` or its own description holds ``caption``
         (the manifest is not asked)."""
         caption = caption.rstrip("\n")
-        return caption in self.held(image, base).values() or self.embedded(image) == caption
+        return caption in self.held(image, base).values() or caption in self.embedded_all(image)
 
     def base_of(self, image: Path, primary: Path) -> str:
         """The sidecar base the journal's primary output ``primary`` was written under."""
@@ -229,10 +236,12 @@ class RootOutputs:
             return True  # a type that holds no description: there is nothing to write
         if known is not None and known.wrote("embed"):
             return True  # the bytes we embedded our caption into, unchanged
-        description = metadata.read_description(image)
-        if description is None:
+        descriptions = metadata.read_descriptions(image)
+        if not descriptions:
             return False
-        ours_of_other_bytes = known is not None and not known.current and description == known.caption
+        ours_of_other_bytes = (
+            known is not None and not known.current and not metadata.described_by_others(descriptions, known.caption)
+        )
         return self.policy == "only-missing" or not ours_of_other_bytes
 
     def _present(

@@ -24,6 +24,7 @@ from phicapd.pipeline.jobs import Fingerprint, Job, JobStore, NewWork, State
 from phicapd.pipeline.outputs import Known, Manifest, RootOutputs, sidecar_base
 from phicapd.pipeline.paths import is_candidate_name, is_watched_dir, list_images
 from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, remove_stale_temps, sidecar_may_exist
+from phicapd.pipeline.unreadable import UnreadableFiles
 
 log = get_logger(__name__)
 
@@ -50,6 +51,7 @@ class Reconciler:
     def __init__(self, settings: Settings, store: JobStore) -> None:
         self.settings = settings
         self.store = store
+        self.unreadable = UnreadableFiles()
 
     # -- the one decision ----------------------------------------------------------------------
 
@@ -172,7 +174,8 @@ class Reconciler:
         images = queued = temps = 0
         pending: list[NewWork] = []
         deferred: list[Path] = []
-        for current, names in _walk(directory, root):
+        passed_over = self.unreadable.tally(root)
+        for current, names in _walk(directory, root, passed_over.note):
             temps += remove_stale_temps(current)
             images += len(names)
             claims = self.store.claims_in(current)
@@ -190,6 +193,8 @@ class Reconciler:
                 pending = []
         if pending:
             queued += self.store.enqueue_many(pending)
+        if directory == root.path:  # a subtree's count says nothing of the root's
+            self.unreadable.record(root.path, passed_over)
         report = ScanReport(root.path, directory, reason, images, queued, temps, time.monotonic() - started, deferred)
         log.info(
             "scan finished",
@@ -247,8 +252,11 @@ def _listed_index(directory: Path, root: WatchRoot) -> SiblingIndex:
     return SiblingIndex(list_images(directory, root))
 
 
-def _walk(top: Path, root: WatchRoot) -> Iterator[tuple[Path, list[str]]]:
-    """Yield (directory, candidate image names) for ``top`` and, if recursive, below it.
+def _walk(
+    top: Path, root: WatchRoot, passed_over: Callable[[Path, str], None] | None = None
+) -> Iterator[tuple[Path, list[str]]]:
+    """Yield (directory, candidate image names) for ``top`` and, if recursive, below it;
+    ``passed_over(directory, name)`` is told of every other file (``unreadable`` counts them).
 
     Symlinked directories are not followed (no loops, no escaping the root), symlinked files
     are captioned like files; unreadable
@@ -281,6 +289,8 @@ def _walk(top: Path, root: WatchRoot) -> Iterator[tuple[Path, list[str]]]:
                         subdirs.append(sub)
                 elif entry.is_file() and is_candidate_name(entry.name, prefix + entry.name, root):
                     names.append(entry.name)
+                elif passed_over is not None and entry.is_file():
+                    passed_over(current, entry.name)
             except OSError:
                 continue
         names.sort()

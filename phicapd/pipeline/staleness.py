@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path
 
 from phicapd.config import Settings, WatchRoot
+from phicapd.pipeline import metadata
 from phicapd.pipeline.formats import model_and_revision, read_manifest, settings_key
 from phicapd.pipeline.jobs import Fingerprint, Job, JobStore, NewWork
 from phicapd.pipeline.outputs import RootOutputs
@@ -91,8 +92,7 @@ def _edited(job: Job, outputs: RootOutputs, manifests: Callable[[Path], dict[str
     held = outputs.held(job.path, outputs.base_of(job.path, Path(job.sidecar)))
     if any(text != caption for text in held.values()):
         return True
-    embedded = outputs.embedded(job.path)
-    if embedded is not None and embedded != caption:
+    if metadata.described_by_others(outputs.embedded_all(job.path), caption):
         return True
     if "jsonl" in outputs.formats:
         listed = manifests(job.path.parent).get(job.path.name)

@@ -321,17 +321,21 @@ class SidecarWriter:
         return listed and (policy == "only-missing" or (entries.mtime_ns or 0) >= f.decoded.fingerprint.mtime_ns)
 
     def _described(self, f: Finished, path: Path) -> bool:
-        """Does the policy keep the XMP description in ``path`` (a sidecar or the image)? An XMP
-        file without one is no caption (darktable writes a sidecar for every image it sees)."""
+        """Does the policy keep the description in ``path`` (a sidecar or the image:
+        ``metadata.read_descriptions``)? An XMP file without one is no caption (darktable writes
+        a sidecar for every image it sees), nor is a camera's placeholder."""
         policy = self._policy(f)
-        description = metadata.read_description(path)
-        if f.job.force or policy == "overwrite" or description is None:
+        if f.job.force or policy == "overwrite":
+            return False
+        descriptions = metadata.read_descriptions(path)
+        if not descriptions:
             return False
         if path == f.job.path:
-            # A description already in the image is someone else's caption (a camera, a person),
-            # unless it is the one we last wrote: that one is replaced with the image's new
-            # caption, or, finishing a staged write, it is this very caption, embedded already.
-            return f.staged if description == f.job.caption else True
+            # A description already in the image (EXIF, IPTC or XMP) is someone else's caption (a
+            # camera's, a person's), unless every one is the caption we last wrote: that one is
+            # replaced with the image's new caption, or, finishing a staged write, it is this
+            # very caption, embedded already.
+            return True if metadata.described_by_others(descriptions, f.job.caption) else f.staged
         assert f.decoded is not None
         return policy == "only-missing" or policy_keeps(policy, f.decoded.fingerprint.mtime_ns, path)
 

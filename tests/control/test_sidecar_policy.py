@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from phicapd import image_types
 from phicapd.cli.ctl import main
 from phicapd.config import ControlSettings
 from phicapd.control.client import ControlClient, RequestRejected
@@ -185,8 +186,9 @@ def test_a_daemon_without_the_endpoint_gets_the_global_policy(
 
 
 def test_caption_dir_picks_the_files_the_roots_patterns_pick(
-    settings: ControlSettings, server: ControlServer, backend: FakeBackend, tmp_path: Path, capsys
+    settings: ControlSettings, server: ControlServer, backend: FakeBackend, tmp_path: Path, capsys, monkeypatch
 ) -> None:
+    monkeypatch.setattr(image_types, "heif_available", lambda: False)  # the default takes no HEIC
     watched, other = tmp_path / "watched", tmp_path / "other"
     backend.naming_root = {"path": str(watched), "recursive": True, "include": ["*.png", "*.heic"], "ignore": ["raw/*"]}
     image(watched / "a.png")
@@ -205,8 +207,9 @@ def test_caption_dir_picks_the_files_the_roots_patterns_pick(
 
 
 def test_caption_dir_without_the_endpoint_uses_the_default_extensions(
-    settings: ControlSettings, server: ControlServer, backend: FakeBackend, tmp_path: Path, capsys
+    settings: ControlSettings, server: ControlServer, backend: FakeBackend, tmp_path: Path, capsys, monkeypatch
 ) -> None:
+    monkeypatch.setattr(image_types, "heif_available", lambda: False)  # the default takes no HEIC
     server._router._routes.pop("/v1/sidecar")
     image(tmp_path / "a.jpg")
     image(tmp_path / "b.heic")

@@ -6,6 +6,7 @@ import io
 import os
 import struct
 import subprocess
+import threading
 import time
 import warnings
 import zlib
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 from PIL import EpsImagePlugin, Image
 
+from phicapd import imaging
 from phicapd.config import ImagingSettings
 from phicapd.errors import ImageError
 from phicapd.imaging import decode_file, decode_image
@@ -238,13 +240,55 @@ def test_bomb_below_pillows_hard_limit_is_still_refused():
 
 def test_pillow_bomb_warning_is_an_error_even_if_warnings_are_ignored():
     # The frame is larger than the GIF's screen: Pillow checks that size itself, inside the
-    # plugin, and only warns (100 M pixels is between its warning and error limits).
+    # plugin, against our setting, and only warns (100 M pixels is between the setting and twice it).
     data = gif_with_oversized_frame(10_000, 10_000)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        err = _error(data, name="frame.gif", max_pixels=10**9)
+        err = _error(data, name="frame.gif", max_pixels=60_000_000)
     assert err.code == "image_bomb"
-    assert "decompression bomb" in str(err)
+    assert "100000000 pixels exceeds the limit of 60000000 pixels ([imaging] max_pixels)" in str(err)
+
+
+def _one_colour_png(width: int, height: int) -> bytes:
+    """A large image in a few hundred KB: one colour compresses to almost nothing."""
+    return encode(Image.new("L", (width, height), 128), "PNG")
+
+
+def test_max_pixels_above_pillows_default_is_the_limit():
+    """A 100 MP photo (over Pillow's 89.5 MP default) decodes when the setting allows it, and is
+    refused under the default setting with a message quoting the setting, not Pillow's limit."""
+    data = _one_colour_png(10_000, 10_000)
+    assert _decode(data, max_pixels=120_000_000).size == (10_000, 10_000)
+    assert Image.MAX_IMAGE_PIXELS == imaging._PILLOW_DEFAULT_LIMIT  # given back after the decode
+    err = _error(data, name="big.png")
+    assert err.code == "image_bomb"
+    assert str(err) == "big.png: 100000000 pixels exceeds the limit of 64000000 pixels ([imaging] max_pixels)"
+
+
+def test_pillows_guard_follows_each_calls_setting_across_threads():
+    """Overlapping decodes with different settings: Pillow's global is the largest one running,
+    and each call still refuses what its own setting does not allow."""
+    started, release = threading.Event(), threading.Event()
+    seen: list[int | None] = []
+
+    def slow_decode() -> None:
+        with imaging._pillow_limit(120_000_000):
+            started.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=slow_decode)
+    thread.start()
+    try:
+        assert started.wait(10)
+        with imaging._pillow_limit(1_000_000):
+            seen.append(Image.MAX_IMAGE_PIXELS)
+        seen.append(Image.MAX_IMAGE_PIXELS)
+        assert _error(_one_colour_png(2000, 2000), max_pixels=1_000_000).code == "image_bomb"
+    finally:
+        release.set()
+        thread.join()
+    assert seen == [120_000_000, 120_000_000]
+    assert Image.MAX_IMAGE_PIXELS == imaging._PILLOW_DEFAULT_LIMIT
 
 
 def test_file_size_cap():

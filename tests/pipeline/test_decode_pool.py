@@ -129,3 +129,24 @@ def test_a_huge_image_does_not_keep_its_buffer(
     buffers = [w.pixels for w in workers._background.all]
     assert all(os.fstat(b.fd).st_size == 0 for b in buffers)  # 270 KB of pixels, given back
     assert workers.decode_file(path).image.size == (300, 300)  # and grown again when needed
+
+
+def test_a_100_megapixel_photo_decodes_in_a_worker_when_max_pixels_allows_it(tmp_path: Path) -> None:
+    """Pillow's own guard (89.5 MP by default) is lifted in the worker process to the setting."""
+    photo = tmp_path / "big.png"
+    Image.new("L", (10_000, 10_000), 200).save(photo)  # one colour: a few hundred KB
+    pool = DecodeWorkers(ImagingSettings(max_pixels=120_000_000), 1, 1)
+    try:
+        decoded = pool.decode_file(photo)
+        assert decoded.image.size == (10_000, 10_000)
+        assert decoded.image.getpixel((9_999, 9_999)) == (200, 200, 200)
+    finally:
+        pool.close()
+    pool = DecodeWorkers(ImagingSettings(), 1, 1)
+    try:
+        with pytest.raises(ImageError) as refused:
+            pool.decode_file(photo)
+    finally:
+        pool.close()
+    assert refused.value.code == "image_bomb"
+    assert "exceeds the limit of 64000000 pixels ([imaging] max_pixels)" in str(refused.value)

@@ -61,9 +61,9 @@ def test_serve_answers_each_line_in_order_and_a_bad_line_with_an_error(tmp_path:
     answers = io.BytesIO()
     exiv2_worker.serve(io.BytesIO(requests + b"\n"), answers)
     lines = [json.loads(line) for line in answers.getvalue().splitlines()]
-    assert lines[0] == {"value": "a caption"}
+    assert lines[0] == {"value": "a caption", "values": ["a caption"]}
     assert lines[1]["error"] == "ValueError"
-    assert lines[2] == {"value": None}  # a file exiv2 cannot open holds no description
+    assert lines[2] == {"value": None, "values": []}  # a file exiv2 cannot open holds no description
     assert lines[3]["error"] in ("OSError", "RuntimeError")
     assert lines[4] == {"error": "ValueError", "message": "unknown op 'rename'"}
 
@@ -73,13 +73,13 @@ def test_a_crash_fails_that_call_and_the_next_one_gets_a_fresh_worker(tmp_path: 
     write_unique_png(image, 1)
     read = {"op": "read", "path": str(image)}
     command = _command("abort")
-    assert supervisor.call(command, read, 10) == {"value": None}
+    assert supervisor.call(command, read, 10) == {"value": None, "values": []}
     first = supervisor._proc
     assert first is not None and supervisor.started == 1
     with pytest.raises(WorkerDied, match="killed by SIGABRT"):
         supervisor.call(command, {"op": "read", "path": str(tmp_path / "hostile.png")}, 10)
     assert first.poll() is not None
-    assert supervisor.call(command, read, 10) == {"value": None}
+    assert supervisor.call(command, read, 10) == {"value": None, "values": []}
     assert supervisor.started == 2 and supervisor._proc is not first
 
 
@@ -95,7 +95,7 @@ def test_a_hang_is_killed_at_the_timeout_and_the_next_call_works(tmp_path: Path,
         supervisor.call(command, {"op": "read", "path": str(tmp_path / "hostile.png")}, 0.5)
     assert 0.5 <= time.monotonic() - started < 5
     assert _gone(pid)  # killed and reaped, not left looping
-    assert supervisor.call(command, {"op": "read", "path": str(image)}, 10) == {"value": None}
+    assert supervisor.call(command, {"op": "read", "path": str(image)}, 10) == {"value": None, "values": []}
     assert supervisor.started == 2
 
 
@@ -107,7 +107,7 @@ def test_a_worker_that_exits_between_calls_is_replaced(tmp_path: Path, superviso
     assert supervisor._proc is not None
     supervisor._proc.kill()
     supervisor._proc.wait()
-    assert supervisor.call(metadata.WORKER_COMMAND, read, 10) == {"value": None}
+    assert supervisor.call(metadata.WORKER_COMMAND, read, 10) == {"value": None, "values": []}
     assert supervisor.started == 2
 
 
