@@ -1,0 +1,108 @@
+"""File names are bytes: any name Linux allows is captioned, by the scans, the watcher and
+phicapctl, or fails with a code for the one output that cannot hold it (``phicapd.fsnames``)."""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+from pathlib import Path
+
+from phicapd.cli.ctl import main as phicapctl
+from phicapd.errors import NAME_NOT_UTF8
+from phicapd.pipeline.formats import read_manifest
+from phicapd.pipeline.jobs import State
+from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
+from tests.support.fakes import FakeCaptioner, write_unique_png
+
+NOT_UTF8 = os.fsdecode(b"bad\xffname.png")
+ODD = [
+    NOT_UTF8,
+    "new\nline.png",
+    "-dash.png",
+    unicodedata.normalize("NFC", "café.png"),
+    unicodedata.normalize("NFD", "café.png"),
+    "x" * 251 + ".png",  # 255 bytes, the longest name
+]
+
+
+def _config(root: Path) -> str:
+    return f'[[watch]]\npath = "{root}"\nformats = ["txt", "jsonl"]\n'
+
+
+def _txt(image: Path) -> Path:
+    return image.with_name(image.name.rsplit(".", 1)[0] + ".txt")
+
+
+def test_catch_up_of_a_root_with_odd_names_captions_every_image(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    settings = settings_for(tmp_path, [], extra=_config(root))
+    fake = FakeCaptioner()
+    write_unique_png(root / "first.png", 0)
+    with running_daemon(settings, fake) as daemon:
+        wait_for(lambda: is_settled(daemon) and _txt(root / "first.png").exists(), 15, "the first caption")
+    # Arrived while the daemon was down: odd names beside normal ones, one in a new subdirectory.
+    normal = [root / "b.png", root / "sub" / "c.png"]
+    (root / "sub").mkdir()
+    for i, image in enumerate(normal + [root / name for name in ODD], start=1):
+        write_unique_png(image, i)
+    old = os.path.getmtime(root / "b.png") - 60  # settled already: the catch-up queues them
+    for image in root.rglob("*.png"):
+        os.utime(image, (old, old))
+    with running_daemon(settings, fake) as daemon:
+        wait_for(
+            lambda: is_settled(daemon) and all(_txt(root / n).exists() for n in ODD) and _txt(normal[1]).exists(),
+            15,
+            "every image captioned",
+        )
+        bad = daemon.store.get(root / NOT_UTF8)
+        ok = [daemon.store.get(root / n) for n in ODD[1:]] + [daemon.store.get(p) for p in normal]
+    err = capsys.readouterr().err
+    assert "scan failed" not in err and "Traceback" not in err and "cannot record" not in err
+    assert all(_txt(p).read_text().startswith("A 8x8 test image") for p in normal)
+    assert all(job is not None and job.state is State.DONE for job in ok)
+    # Its txt is written; metadata.jsonl's text file_name cannot hold it: that output fails by code.
+    assert bad is not None and bad.state is State.FAILED and bad.error_code == NAME_NOT_UTF8
+    assert "bad\\xffname.png" in (bad.error_message or "")
+    assert set(read_manifest(root)) == {"first.png", "b.png", *ODD[1:]}
+    assert sum(fake.calls.values()) == 3 + len(ODD)  # each image once
+
+
+def test_odd_names_moved_in_together_are_all_captioned(tmp_path: Path, capsys) -> None:
+    root, outside = tmp_path / "in", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    settings = settings_for(tmp_path, [root])
+    names = [*ODD, "plain.png"]
+    for i, name in enumerate(names):
+        write_unique_png(outside / name, i)
+    with running_daemon(settings) as daemon:
+        for name in names:
+            os.rename(outside / name, root / name)
+        wait_for(lambda: is_settled(daemon) and all(_txt(root / n).exists() for n in names), 15, "every caption")
+    assert "cannot record settled files" not in capsys.readouterr().err
+
+
+def test_caption_file_and_caption_dir_on_odd_names(tmp_path: Path, capsys) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    settings = settings_for(tmp_path, [])
+    for i, name in enumerate(ODD):
+        write_unique_png(photos / name, i)
+    socket = str(settings.control.socket)
+    with running_daemon(settings):
+        capsys.readouterr()
+        assert (
+            phicapctl(["--socket", socket, "caption-file", "--", str(photos / NOT_UTF8), str(photos / "-dash.png")])
+            == 0
+        )
+        out = capsys.readouterr().out
+        assert out.count("A 8x8 test image") == 2
+        # Printed for people: the byte that is not UTF-8 as \xff; the sidecar holds the caption.
+        first = out.splitlines()[0]
+        assert first.startswith(f"{photos}/bad\\xffname.png: ")
+        assert _txt(photos / NOT_UTF8).read_text() == first.split(": ", 1)[1] + "\n"
+        assert phicapctl(["--socket", socket, "caption-dir", str(photos)]) == 0
+        captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert all(_txt(photos / n).read_text().startswith("A 8x8 test image") for n in ODD)
