@@ -633,6 +633,8 @@ class Daemon:
             "max_body_bytes": self.settings.control.max_body_bytes,  # phicapctl refuses larger files unread
             "watcher_pending": self.watcher.pending() if self.watcher else 0,
             "unresponsive_roots": self.watcher.unresponsive_roots() if self.watcher else [],
+            # A root whose last scan failed is not being caught up: shown until a scan succeeds.
+            "scan_failed": self.intake.scan_failures(),
             "sidecar": {
                 "extension": self.settings.sidecar.extension,
                 "existing": self.settings.sidecar.existing,

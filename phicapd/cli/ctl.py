@@ -625,6 +625,11 @@ def _quiet_broken_pipe() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A name that is not UTF-8 (``phicapd.fsnames``) in a table or in --json output reads as
+    # ``\udcff`` rather than ending phicapctl with a UnicodeEncodeError (stdout is strict).
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="backslashreplace")
     try:
         code = _main(argv)
         sys.stdout.flush()  # here, so that a closed pipe is seen while we can still handle it

@@ -106,3 +106,20 @@ def test_caption_file_and_caption_dir_on_odd_names(tmp_path: Path, capsys) -> No
         captured = capsys.readouterr()
     assert "Traceback" not in captured.err
     assert all(_txt(photos / n).read_text().startswith("A 8x8 test image") for n in ODD)
+
+
+def test_failures_and_status_list_an_odd_name_without_a_traceback(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    write_unique_png(root / NOT_UTF8, 1)
+    settings = settings_for(tmp_path, [], extra=_config(root))
+    socket = str(settings.control.socket)
+    with running_daemon(settings) as daemon:
+        wait_for(lambda: is_settled(daemon) and daemon.store.counts()["failed"] == 1, 15, "the parked image")
+        capsys.readouterr()
+        assert phicapctl(["--socket", socket, "failures"]) == 0
+        assert f"{root}/bad\\udcffname.png  {NAME_NOT_UTF8}" in capsys.readouterr().out
+        assert phicapctl(["--socket", socket, "status"]) == 0
+        assert f"{NAME_NOT_UTF8}" in capsys.readouterr().out
+        assert phicapctl(["--socket", socket, "retry", "--", str(root / NOT_UTF8)]) == 0
+        assert "re-queued 1" in capsys.readouterr().out
