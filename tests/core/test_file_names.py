@@ -123,3 +123,56 @@ def test_failures_and_status_list_an_odd_name_without_a_traceback(tmp_path: Path
         assert f"{NAME_NOT_UTF8}" in capsys.readouterr().out
         assert phicapctl(["--socket", socket, "retry", "--", str(root / NOT_UTF8)]) == 0
         assert "re-queued 1" in capsys.readouterr().out
+
+
+def test_one_entry_that_cannot_be_judged_does_not_stop_the_scan(tmp_path: Path, monkeypatch, capsys) -> None:
+    from phicapd.pipeline import scanner
+
+    real = scanner.sidecar_base
+
+    def refuse_one(path: Path) -> str:
+        if path.name == "broken.png":
+            raise RuntimeError("cannot judge this one")
+        return real(path)
+
+    monkeypatch.setattr(scanner, "sidecar_base", refuse_one)
+    root = tmp_path / "in"
+    root.mkdir()
+    for i, name in enumerate(["a.png", "broken.png", "z.png"]):
+        write_unique_png(root / name, i)
+    settings = settings_for(tmp_path, [root])
+    with running_daemon(settings) as daemon:
+        wait_for(lambda: is_settled(daemon) and _txt(root / "z.png").exists(), 15, "the scan to go on")
+        assert _txt(root / "a.png").exists() and not _txt(root / "broken.png").exists()
+        assert daemon.status()["scan_failed"] == []
+    err = capsys.readouterr().err
+    assert "cannot check image" in err and "broken.png" in err and "scan failed" not in err
+
+
+def test_a_failed_scan_shows_in_status_until_a_scan_succeeds(tmp_path: Path, monkeypatch, capsys) -> None:
+    from phicapd.pipeline.scanner import Reconciler
+
+    real = Reconciler.scan
+    broken = {"on": True}
+
+    def scan(self: Reconciler, root, directory=None, reason="scan"):  # type: ignore[no-untyped-def]
+        if broken["on"]:
+            raise OSError("the share went away")
+        return real(self, root, directory, reason)
+
+    monkeypatch.setattr(Reconciler, "scan", scan)
+    root = tmp_path / "in"
+    root.mkdir()
+    settings = settings_for(tmp_path, [root])
+    socket = str(settings.control.socket)
+    with running_daemon(settings) as daemon:
+        wait_for(lambda: daemon.status()["scan_failed"] != [], 15, "the failed start-up scan in status")
+        [failed] = daemon.status()["scan_failed"]
+        assert failed["root"] == str(root) and failed["reason"] == "startup"
+        assert failed["error"] == "OSError: the share went away" and failed["at"] > 0
+        capsys.readouterr()
+        assert phicapctl(["--socket", socket, "status"]) == 0
+        assert "the share went away" in capsys.readouterr().out
+        broken["on"] = False
+        assert phicapctl(["--socket", socket, "rescan"]) == 0
+        wait_for(lambda: daemon.status()["scan_failed"] == [], 15, "a good scan to clear it")
