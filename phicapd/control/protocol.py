@@ -3,6 +3,10 @@
 Everything that crosses the socket is validated by one of these pydantic models, on the server
 when it parses a request and in ``phicapctl`` when it reads a reply. The README's "control
 socket API" section has the endpoint table.
+
+File names are bytes: a path that is not UTF-8 crosses the socket reversibly, percent-encoded
+bytes in a query string and the lone-surrogate escape ``\\udcXX`` (one per byte) in JSON, which
+is why every model is written and read with ``dump_json`` / ``load_json`` (``phicapd.fsnames``).
 """
 
 from __future__ import annotations
