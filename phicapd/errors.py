@@ -89,6 +89,10 @@ SIDECAR_TOO_LARGE = "sidecar_too_large"
 #: The decode worker crashed or hung on the image (``pipeline.decode_pool``): retryable, so it
 #: counts as an attempt and the image is parked after ``max_attempts``.
 IMAGE_CRASHED_DECODER = "image_crashed_decoder"
+#: The image's name is not valid UTF-8 (bytes from an old share or a zip archive), and an output
+#: that must hold it as text cannot: ``metadata.jsonl``'s ``file_name``. Its other outputs are
+#: written; it is parked until it is renamed (``phicapd.fsnames``).
+NAME_NOT_UTF8 = "name_not_utf8"
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78

@@ -635,6 +635,8 @@ class Daemon:
             "unresponsive_roots": self.watcher.unresponsive_roots() if self.watcher else [],
             # Image files the last full scan of a root passed over: no installed decoder reads them.
             "unreadable": self.reconciler.unreadable.report([r.path for r in self.settings.watch]),
+            # A root whose last scan failed is not being caught up: shown until a scan succeeds.
+            "scan_failed": self.intake.scan_failures(),
             "sidecar": {
                 "extension": self.settings.sidecar.extension,
                 "existing": self.settings.sidecar.existing,

@@ -47,6 +47,7 @@ from phicapd.control.client import (
     RequestRejected,
 )
 from phicapd.errors import ConfigError
+from phicapd.fsnames import display
 from phicapd.pipeline.sidecar import write_sidecar
 
 EX_USAGE = 64
@@ -286,7 +287,7 @@ def _outcome_json(o: Outcome) -> dict[str, Any]:
 
 
 def _err(message: str) -> None:
-    print(f"phicapctl: {message}", file=sys.stderr)
+    print(f"phicapctl: {display(message)}", file=sys.stderr)
 
 
 def _print_json(data: Any) -> None:
@@ -351,7 +352,7 @@ def _caption_paths(
             if not quiet_skips:
                 _err(f"{o.image}: skipped, the existing-sidecar policy keeps {o.sidecar} (--force to caption again)")
         elif o.result is not None:
-            print(f"{o.image}: {o.result.caption}" if many else o.result.caption, flush=True)
+            print(f"{display(o.image)}: {o.result.caption}" if many else o.result.caption, flush=True)
 
     in_order = InOrder(images, report)
 
@@ -624,6 +625,11 @@ def _quiet_broken_pipe() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A name that is not UTF-8 (``phicapd.fsnames``) in a table or in --json output reads as
+    # ``\udcff`` rather than ending phicapctl with a UnicodeEncodeError (stdout is strict).
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="backslashreplace")
     try:
         code = _main(argv)
         sys.stdout.flush()  # here, so that a closed pipe is seen while we can still handle it

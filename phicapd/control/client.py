@@ -75,7 +75,7 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 def _error_from(status: int, body: bytes) -> ControlClientError:
     try:
-        detail = p.ErrorReply.model_validate_json(body).error
+        detail = p.load_json(p.ErrorReply, body).error
     except ValidationError:
         detail = p.ErrorDetail(code=f"http_{status}", message=body[:200].decode("utf-8", "replace") or str(status))
     cls = RequestRejected if 400 <= status < 500 else RequestFailed
@@ -149,7 +149,7 @@ class ControlClient:
     ) -> RawResponse:
         """Send one request and return the response; raise for a status >= 400 not in ``accept``."""
         params = {k: v for k, v in (query or {}).items() if v is not None}
-        url = path + (f"?{urlencode(params)}" if params else "")
+        url = path + (f"?{urlencode(params, errors='surrogateescape')}" if params else "")
         headers = {"Content-Type": content_type} if content_type else {}
         conn = self._connection()
         conn.timeout = timeout or self.timeout
@@ -212,7 +212,7 @@ class ControlClient:
     def health_reply(self) -> p.HealthReply:
         """The whole answer: whether a caption can be made now, the state, and why not (503)."""
         resp = self.request("GET", "/v1/health", accept=(503,))
-        return p.HealthReply.model_validate_json(resp.body)
+        return p.load_json(p.HealthReply, resp.body)
 
     def sidecar_policy(self, path: str) -> p.SidecarPolicy | None:
         """How the daemon names and keeps the sidecar of the image at ``path`` (absolute, directory
@@ -221,16 +221,16 @@ class ControlClient:
         resp = self.request("GET", "/v1/sidecar", query={"path": path}, accept=(404,))
         if resp.status == 404:
             return None
-        return p.SidecarPolicy.model_validate_json(resp.body)
+        return p.load_json(p.SidecarPolicy, resp.body)
 
     def captioned(self, report: p.CaptionedRequest) -> p.CaptionedReply | None:
         """Tell the daemon that phicapctl wrote this caption itself, so its journal tracks it (the
         scans, ``stale``). None from a daemon that predates ``/v1/captioned`` (404)."""
-        body = report.model_dump_json().encode()
+        body = p.dump_json(report)
         resp = self.request("POST", "/v1/captioned", body=body, content_type="application/json", accept=(404,))
         if resp.status == 404:
             return None
-        return p.CaptionedReply.model_validate_json(resp.body)
+        return p.load_json(p.CaptionedReply, resp.body)
 
     def version(self) -> p.VersionReply:
         return p.VersionReply.model_validate(self._get_json("/v1/version"))
@@ -288,7 +288,7 @@ class ControlClient:
             content_type="application/octet-stream",
             timeout=self.caption_timeout,
         )
-        return p.CaptionResult.model_validate_json(resp.body)
+        return p.load_json(p.CaptionResult, resp.body)
 
     def caption_url(self, url: str, *, prompt: str | None = None, max_new_tokens: int | None = None) -> p.CaptionResult:
         payload = p.CaptionUrlRequest(url=url, prompt=prompt, max_new_tokens=max_new_tokens).model_dump()

@@ -3,14 +3,19 @@
 Everything that crosses the socket is validated by one of these pydantic models, on the server
 when it parses a request and in ``phicapctl`` when it reads a reply. The README's "control
 socket API" section has the endpoint table.
+
+File names are bytes: a path that is not UTF-8 crosses the socket reversibly, percent-encoded
+bytes in a query string and the lone-surrogate escape ``\\udcXX`` (one per byte) in JSON, which
+is why every model is written and read with ``dump_json`` / ``load_json`` (``phicapd.fsnames``).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import PurePosixPath
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from phicapd.config import ExistingPolicy, XmpNaming
 from phicapd.errors import FetchError, ImageError, PhicapError
@@ -38,6 +43,39 @@ CAPTION_TIMEOUT = "caption_timeout"
 INTERNAL = "internal"
 
 
+_M = TypeVar("_M", bound=BaseModel)
+
+
+# File names are bytes (``phicapd.fsnames``): a name that is not UTF-8 is a ``str`` with lone
+# surrogates (U+DC80..U+DCFF, one per byte). In a query string it travels percent-encoded
+# (``%FF``); in a JSON body or reply as the escape ``\udcff``, which JSON's grammar allows and
+# Python's ``json`` reads back to the same ``str``. pydantic's own JSON refuses lone surrogates
+# both ways, so every model crosses the socket through these two.
+def dump_json(model: BaseModel, **kwargs: Any) -> bytes:
+    """``model`` as the JSON the socket carries (ASCII, names that are not UTF-8 escaped)."""
+    return json.dumps(model.model_dump(mode="json", **kwargs), separators=(",", ":")).encode()
+
+
+def load_json(model: type[_M], body: bytes | str) -> _M:
+    """The inverse of ``dump_json``; invalid JSON raises pydantic's ``ValidationError``."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return model.model_validate_json(body)  # not JSON: raises pydantic's error saying so
+    return model.model_validate(data)
+
+
+def _name_length(value: str) -> str:
+    # pydantic's own length constraints refuse a str with lone surrogates, so they are checked here.
+    if not 1 <= len(value) <= 4096:
+        raise ValueError("must be 1 to 4096 characters")
+    return value
+
+
+#: A path or file name: any bytes Linux allows (see ``dump_json``), 1 to 4096 characters.
+FsName = Annotated[str, AfterValidator(_name_length)]
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -55,15 +93,15 @@ class ErrorReply(_Model):
 class CaptionParams(_Model):
     """Query parameters of ``POST /v1/caption`` (the body is the raw image)."""
 
-    name: str = Field("upload", min_length=1, max_length=4096)
+    name: FsName = "upload"
     prompt: str | None = Field(None, min_length=1, max_length=MAX_PROMPT_CHARS)
     max_new_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     # Where the client read the image: absolute, directory resolved. Only a key for the watch
     # root's prompt, prefix and suffix; the daemon never opens it (the bytes are the body).
-    path: str | None = Field(None, min_length=1, max_length=4096)
+    path: FsName | None = None
     # The sidecar file name the client writes beside ``path`` (its own naming, from
     # ``/v1/sidecar``): once captioned, the journal keeps that name the image's.
-    sidecar: str | None = Field(None, min_length=1, max_length=4096)
+    sidecar: FsName | None = None
     # Ask for ``CaptionResult.provenance`` (what phicapctl writes into photo.json). Only sent to
     # a daemon whose ``/v1/sidecar`` reports formats, so an older one never sees it.
     provenance: bool = False
@@ -95,7 +133,7 @@ def _plain_absolute_path(value: str | None) -> str | None:
 class SidecarParams(_Model):
     """Query of ``GET /v1/sidecar``: the image path, as ``CaptionParams.path``."""
 
-    path: str = Field(min_length=1, max_length=4096)
+    path: FsName
 
     @field_validator("path")
     @classmethod
@@ -131,10 +169,10 @@ class CaptionedRequest(_Model):
     root) itself; the journal records it as the daemon's writer records its own, so the scans,
     ``phicapctl stale`` and ``recaption --stale`` treat it alike."""
 
-    path: str = Field(min_length=1, max_length=4096)  # as ``CaptionParams.path``
+    path: FsName  # as ``CaptionParams.path``
     # The name of the image's first per-image file (``photo.txt``; the naming rule's name, as
     # ``CaptionParams.sidecar``); None for a root that writes none (``embed``, ``jsonl`` only).
-    sidecar: str | None = Field(None, min_length=1, max_length=4096)
+    sidecar: FsName | None = None
     caption: str = Field(max_length=1024 * 1024)  # as written: prefix and suffix included
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # of the bytes captioned (before embedding)
     model: str = Field(min_length=1, max_length=4096)

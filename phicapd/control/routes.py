@@ -41,13 +41,13 @@ class Response:
 
 
 def json_response(status: int, model: BaseModel) -> Response:
-    return Response(status, model.model_dump_json().encode())
+    return Response(status, p.dump_json(model))
 
 
 def error_response(
     status: int, code: str, message: str, *, retryable: bool = False, headers: tuple[tuple[str, str], ...] = ()
 ) -> Response:
-    body = p.error_body(code, message, retryable=retryable).model_dump_json().encode()
+    body = p.dump_json(p.error_body(code, message, retryable=retryable))
     return Response(status, body, headers=headers)
 
 
@@ -99,7 +99,7 @@ def _caption_result(reply: CaptionReply) -> p.CaptionResult:
 def _caption_response(result: p.CaptionResult) -> Response:
     # "root" only when a root applied: clients from before it existed reject unknown fields.
     exclude = {name for name in ("root", "provenance") if getattr(result, name) is None}
-    return Response(200, result.model_dump_json(exclude=exclude).encode())
+    return Response(200, p.dump_json(result, exclude=exclude))
 
 
 class Router:
@@ -204,7 +204,7 @@ class Router:
     def _sidecar(self, req: Request) -> Response:
         params: p.SidecarParams = _parse(p.SidecarParams, req.query)
         policy = p.SidecarPolicy.model_validate(self.backend.sidecar_policy(Path(params.path)))
-        return Response(200, policy.model_dump_json().encode())
+        return Response(200, p.dump_json(policy))
 
     def _captioned(self, req: Request) -> Response:
         body: p.CaptionedRequest = _parse(p.CaptionedRequest, _json_body(req))
@@ -223,7 +223,7 @@ class Router:
     def _status(self, req: Request) -> Response:
         # Validated on the way out too: phicapctl relies on "state" and "sidecar".
         status = p.StatusReply.model_validate(self.backend.status())
-        return Response(200, status.model_dump_json().encode())
+        return Response(200, p.dump_json(status))
 
     def _health(self, req: Request) -> Response:
         health = self.backend.health()

@@ -276,7 +276,14 @@ def _parse_target(target: str) -> tuple[str, dict[str, str]]:
     if not path.startswith("/"):
         raise HttpError(400, p.BAD_REQUEST, "request target must be an absolute path")
     try:
-        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False, max_num_fields=32)
+        pairs = parse_qsl(
+            # A name that is not UTF-8 arrives as its bytes, percent-encoded (``protocol.dump_json``).
+            parts.query,
+            keep_blank_values=True,
+            strict_parsing=False,
+            max_num_fields=32,
+            errors="surrogateescape",
+        )
     except ValueError:
         raise HttpError(400, p.BAD_REQUEST, "too many query parameters") from None
     return path, dict(pairs)

@@ -28,6 +28,7 @@ from typing import Any
 
 from phicapd import __version__
 from phicapd.config import MANIFEST_NAME, Settings, WatchRoot
+from phicapd.fsnames import is_utf8
 from phicapd.pipeline import safe_files
 from phicapd.pipeline.sidecar import write_atomic
 
@@ -154,7 +155,9 @@ def update_manifest(directory: Path, captions: Mapping[str, str | None]) -> None
             entries.pop(name, None)
         else:
             entries[name] = text
-    kept = {name: text for name, text in entries.items() if os.path.lexists(directory / name)}
+    # A name that is not UTF-8 cannot be a JSON text ``file_name``: the writer parks such an
+    # image (``name_not_utf8``) rather than fail the manifest of its whole directory.
+    kept = {n: t for n, t in entries.items() if is_utf8(n) and os.path.lexists(directory / n)}
     if kept == before and (kept or not (directory / MANIFEST_NAME).exists()):
         return  # nothing to change (a removal of a file the manifest never listed)
     lines = [json.dumps({"file_name": name, "text": kept[name]}, ensure_ascii=False) for name in sorted(kept)]

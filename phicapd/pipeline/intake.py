@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phicapd.config import WatchRoot
+from phicapd.fsnames import display
 from phicapd.log import get_logger
 from phicapd.pipeline.scanner import Reconciler, ScanReport
 from phicapd.pipeline.settle import SettleTable, file_signature
@@ -61,6 +62,9 @@ class Intake:
         self._threads: list[threading.Thread] = []
         self.last_progress = time.monotonic()
         self.scans_done = 0
+        # Per root, the last scan that failed, until a scan of that root covering its directory
+        # succeeds: status shows it, so "ready" never hides a root that is not being caught up.
+        self._scan_failures: dict[Path, dict[str, object]] = {}
         self.last_scan: ScanReport | None = None
         self._lanes: dict[Path, _ScanLane] = {p: _ScanLane(r) for p, r in self._roots.items()}  # under _scan_cond
         self._scanning: set[_ScanLane] = set()  # lanes with a scan running
@@ -106,6 +110,7 @@ class Intake:
                     continue
                 lane.retired = True
                 del self._lanes[path]
+                self._scan_failures.pop(path, None)
                 for key in [k for k in self._scans if k[0] == path]:
                     del self._scans[key]
             for path, root in self._roots.items():
@@ -177,6 +182,15 @@ class Intake:
                 and not self._scanning
             )
 
+    def scan_failures(self) -> list[dict[str, object]]:
+        """The roots whose last scan failed (and none covering it succeeded since): root,
+        directory, when (wall clock), why it ran, and the error."""
+        with self._scan_cond:
+            failures = [dict(f) for f in self._scan_failures.values()]
+        for f in failures:
+            del f["directory_path"]
+        return failures
+
     def backlog(self) -> dict[str, int]:
         with self._files_cond, self._scan_cond:
             return {
@@ -246,8 +260,21 @@ class Intake:
                     self.defer([(p, root) for p in report.deferred])
                 if report.queued:
                     self._on_queued()
-            except Exception:
-                log.exception("scan failed", root=str(root.path), directory=str(directory))
+                with self._scan_cond:
+                    failed = self._scan_failures.get(root.path)
+                    if failed is not None and Path(str(failed["directory_path"])).is_relative_to(directory):
+                        del self._scan_failures[root.path]
+            except Exception as e:
+                log.exception("scan failed", root=display(root.path), directory=display(directory))
+                with self._scan_cond:
+                    self._scan_failures[root.path] = {
+                        "root": display(root.path),
+                        "directory": display(directory),
+                        "directory_path": directory,
+                        "at": time.time(),
+                        "reason": reason,
+                        "error": display(f"{type(e).__name__}: {e}"),
+                    }
             finally:
                 with self._scan_cond:
                     self._scanning.discard(lane)

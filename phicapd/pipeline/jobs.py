@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from phicapd.fsnames import display, from_journal_text, journal_path, journal_text
 from phicapd.pipeline.decode_marks import DecodeMarks
 
 SCHEMA_VERSION = 5
@@ -166,7 +167,7 @@ def _claim(db: sqlite3.Connection, claims: Iterable[tuple[Path, str]]) -> None:
     image is gone)."""
     db.executemany(
         "INSERT OR REPLACE INTO sidecars (dir, base, image) VALUES (?, ?, ?)",
-        [(str(image.parent), base, image.name) for image, base in claims],
+        [(journal_text(image.parent), journal_text(base), journal_text(image.name)) for image, base in claims],
     )
 
 
@@ -197,7 +198,7 @@ def _caption_values(s: Success, now: float) -> tuple[object, ...]:
         s.backend,
         s.endpoint,
         s.prompt,
-        s.sidecar,
+        journal_text(s.sidecar),
         s.caption,
         s.settings_key,
         ",".join(s.formats) or None,
@@ -208,21 +209,26 @@ def _caption_values(s: Success, now: float) -> tuple[object, ...]:
     )
 
 
+def _message(stored: str | None) -> str | None:
+    # A message may quote a name that is not UTF-8: stored reversibly, read for people.
+    return display(from_journal_text(stored)) if stored is not None else None
+
+
 def _row_to_job(row: sqlite3.Row) -> Job:
     fp = None
     if row["size"] is not None:
         fp = Fingerprint(row["size"], row["mtime_ns"], row["inode"])
     return Job(
         id=row["id"],
-        path=Path(row["path"]),
-        root=Path(row["root"]),
+        path=journal_path(row["path"]),
+        root=journal_path(row["root"]),
         state=State(row["state"]),
         attempts=row["attempts"],
         force=bool(row["force"]),
         fingerprint=fp,
         error_code=row["error_code"],
-        error_message=row["error_message"],
-        sidecar=row["sidecar"],
+        error_message=_message(row["error_message"]),
+        sidecar=from_journal_text(row["sidecar"]) if row["sidecar"] is not None else None,
         updated_at=row["updated_at"],
         model=row["model"],
         backend=row["backend"],
@@ -383,13 +389,22 @@ class JobStore:
                 fp = w.fingerprint
                 row = db.execute(
                     "SELECT id, state, size, mtime_ns, inode, caption, updated_at FROM jobs WHERE path = ?",
-                    (str(w.path),),
+                    (journal_text(w.path),),
                 ).fetchone()
                 if row is None:
                     db.execute(
                         "INSERT INTO jobs (path, root, state, force, size, mtime_ns, inode, created_at, updated_at)"
                         " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
-                        (str(w.path), str(w.root), int(w.force), fp.size, fp.mtime_ns, fp.inode, now, now),
+                        (
+                            journal_text(w.path),
+                            journal_text(w.root),
+                            int(w.force),
+                            fp.size,
+                            fp.mtime_ns,
+                            fp.inode,
+                            now,
+                            now,
+                        ),
                     )
                     added += 1
                     continue
@@ -418,7 +433,7 @@ class JobStore:
                     " staged = ?, size = ?, mtime_ns = ?, inode = ?, error_code = NULL, error_message = NULL,"
                     " updated_at = ? WHERE id = ?",
                     (
-                        str(w.root),
+                        journal_text(w.root),
                         int(w.force),
                         STAGED_BACKFILL if backfill else 0,
                         fp.size,
@@ -533,13 +548,13 @@ class JobStore:
                     db.execute(
                         "UPDATE jobs SET state = 'pending', attempts = ?, next_attempt_at = ?, error_code = ?,"
                         " error_message = ?, updated_at = ? WHERE id = ?",
-                        (attempts, now + delay, f.code, f.message, now, f.job_id),
+                        (attempts, now + delay, f.code, journal_text(f.message), now, f.job_id),
                     )
                 else:
                     db.execute(
                         "UPDATE jobs SET state = 'failed', attempts = ?, error_code = ?, error_message = ?,"
                         " updated_at = ? WHERE id = ?",
-                        (attempts, f.code, f.message, now, f.job_id),
+                        (attempts, f.code, journal_text(f.message), now, f.job_id),
                     )
                     parked.append(self._get_by_id(db, f.job_id))
         return parked
@@ -553,20 +568,20 @@ class JobStore:
         now = self._clock()
         values = _caption_values(s, now)
         with self._tx() as db:
-            row = db.execute("SELECT id, state FROM jobs WHERE path = ?", (str(path),)).fetchone()
+            row = db.execute("SELECT id, state FROM jobs WHERE path = ?", (journal_text(path),)).fetchone()
             if row is not None and row["state"] == State.RUNNING:
                 return False
             if row is None:
                 db.execute(
                     f"INSERT INTO jobs (path, root, state, {', '.join(_CAPTION_COLUMNS)}, created_at)"
                     f" VALUES (?, ?, 'done', {', '.join('?' * len(_CAPTION_COLUMNS))}, ?)",
-                    (str(path), str(root), *values, now),
+                    (journal_text(path), journal_text(root), *values, now),
                 )
             else:
                 db.execute(
                     "UPDATE jobs SET state = 'done', root = ?, force = 0, staged = 0, attempts = 0,"
                     f" next_attempt_at = 0, error_code = NULL, error_message = NULL, {_CAPTION_SET} WHERE id = ?",
-                    (str(root), *values, row["id"]),
+                    (journal_text(root), *values, row["id"]),
                 )
             if claim is not None:
                 _claim(db, [(path, claim)])
@@ -586,8 +601,10 @@ class JobStore:
     def forget(self, path: Path) -> None:
         """The image is gone: drop its job unless it is being captioned right now."""
         with self._tx() as db:
-            db.execute("DELETE FROM jobs WHERE path = ? AND state != 'running'", (str(path),))
-            db.execute("DELETE FROM sidecars WHERE dir = ? AND image = ?", (str(path.parent), path.name))
+            db.execute("DELETE FROM jobs WHERE path = ? AND state != 'running'", (journal_text(path),))
+            db.execute(
+                "DELETE FROM sidecars WHERE dir = ? AND image = ?", (journal_text(path.parent), journal_text(path.name))
+            )
 
     # -- sidecar claims ------------------------------------------------------------------------
 
@@ -599,7 +616,7 @@ class JobStore:
 
     def drop_claims(self, directory: Path, images: Iterable[str]) -> None:
         """Forget the claims of images that are gone from ``directory``."""
-        rows = [(str(directory), name) for name in images]
+        rows = [(journal_text(directory), journal_text(name)) for name in images]
         if rows:
             with self._tx() as db:
                 db.executemany("DELETE FROM sidecars WHERE dir = ? AND image = ?", rows)
@@ -607,8 +624,8 @@ class JobStore:
     def claims_in(self, directory: Path) -> dict[str, str]:
         """Every claim in ``directory``: image name -> sidecar base."""
         with self._read() as db:
-            rows = db.execute("SELECT image, base FROM sidecars WHERE dir = ?", (str(directory),)).fetchall()
-        return {r["image"]: r["base"] for r in rows}
+            rows = db.execute("SELECT image, base FROM sidecars WHERE dir = ?", (journal_text(directory),)).fetchall()
+        return {from_journal_text(r["image"]): from_journal_text(r["base"]) for r in rows}
 
     def claims_near(self, image: Path) -> dict[str, str]:
         """The claims that can bear on ``image``'s sidecar name: image name -> base.
@@ -621,9 +638,9 @@ class JobStore:
         with self._read() as db:
             rows = db.execute(
                 "SELECT image, base FROM sidecars WHERE dir = ? AND image >= ? AND image < ?",
-                (str(image.parent), prefix, prefix + "\U0010ffff"),
+                (journal_text(image.parent), journal_text(prefix), journal_text(prefix) + "\U0010ffff"),
             ).fetchall()
-        return {r["image"]: r["base"] for r in rows}
+        return {from_journal_text(r["image"]): from_journal_text(r["base"]) for r in rows}
 
     # -- operator actions ----------------------------------------------------------------------
 
@@ -637,7 +654,7 @@ class JobStore:
             )
             if paths is None:
                 return db.execute(base, (now,)).rowcount
-            return sum(db.execute(base + " AND path = ?", (now, p)).rowcount for p in paths)
+            return sum(db.execute(base + " AND path = ?", (now, journal_text(p))).rowcount for p in paths)
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -646,7 +663,7 @@ class JobStore:
 
     def get(self, path: Path) -> Job | None:
         with self._read() as db:
-            row = db.execute("SELECT * FROM jobs WHERE path = ?", (str(path),)).fetchone()
+            row = db.execute("SELECT * FROM jobs WHERE path = ?", (journal_text(path),)).fetchone()
         return _row_to_job(row) if row else None
 
     def records(self, paths: Sequence[Path]) -> dict[Path, Job]:
@@ -657,21 +674,22 @@ class JobStore:
             for chunk_start in range(0, len(paths), 500):
                 chunk = paths[chunk_start : chunk_start + 500]
                 marks = ",".join("?" * len(chunk))
-                for row in db.execute(f"SELECT * FROM jobs WHERE path IN ({marks})", [str(p) for p in chunk]):
-                    out[Path(row["path"])] = _row_to_job(row)
+                for row in db.execute(f"SELECT * FROM jobs WHERE path IN ({marks})", [journal_text(p) for p in chunk]):
+                    out[journal_path(row["path"])] = _row_to_job(row)
         return out
 
     def captioned(self, root: Path, under: Path | None = None) -> list[Job]:
         """Done jobs of ``root`` (below ``under``, if given) that hold a caption of ours: with its
         text and settings key, or from before they were kept (schema < 4) with its model."""
-        prefix = str(under or root).rstrip("/") + "/"
+        # A range, not substr(): substr stops at the NUL of an escaped name (``fsnames``).
+        prefix = journal_text(under or root).rstrip("/") + "/"
         with self._read() as db:
             rows = db.execute(
                 "SELECT * FROM jobs WHERE root = ? AND state = 'done'"
                 " AND (settings_key IS NOT NULL AND caption IS NOT NULL"
                 " OR settings_key IS NULL AND model IS NOT NULL AND sidecar IS NOT NULL)"
-                " AND substr(path, 1, ?) = ? ORDER BY path",
-                (str(root), len(prefix), prefix),
+                " AND path >= ? AND path < ? ORDER BY path",
+                (journal_text(root), prefix, prefix[:-1] + "0"),
             ).fetchall()
         return [_row_to_job(r) for r in rows]
 

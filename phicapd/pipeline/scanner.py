@@ -19,6 +19,7 @@ from functools import cache, partial
 from pathlib import Path
 
 from phicapd.config import Settings, WatchRoot
+from phicapd.fsnames import display
 from phicapd.log import get_logger
 from phicapd.pipeline.jobs import Fingerprint, Job, JobStore, NewWork, State
 from phicapd.pipeline.outputs import Known, Manifest, RootOutputs, sidecar_base
@@ -90,18 +91,21 @@ class Reconciler:
                 continue
             if not stat.S_ISREG(st.st_mode):
                 continue
-            base = sidecar_base(path)  # missing under either name: stale whichever the rule picks
-            if extension is not None and (name in claims.by_image or sidecar_may_exist(path, extension)):
-                index = index or siblings()
-                base = index.base_for(name, claims)
-                sidecar = directory / (base + extension)
-                if name not in claims.by_image and sidecar.exists():
-                    owner = _owner_of_found(index, claims, directory, name, base, st, sidecar)
-                    found.append((directory / owner, base))
-                    claims.add(owner, base)
-                    if owner != name:
-                        base = index.base_for(name, claims)
-            candidates.append((path, st, base))
+            try:  # one entry that cannot be judged is logged and skipped; the scan goes on
+                base = sidecar_base(path)  # missing under either name: stale whichever the rule picks
+                if extension is not None and (name in claims.by_image or sidecar_may_exist(path, extension)):
+                    index = index or siblings()
+                    base = index.base_for(name, claims)
+                    sidecar = directory / (base + extension)
+                    if name not in claims.by_image and sidecar.exists():
+                        owner = _owner_of_found(index, claims, directory, name, base, st, sidecar)
+                        found.append((directory / owner, base))
+                        claims.add(owner, base)
+                        if owner != name:
+                            base = index.base_for(name, claims)
+                candidates.append((path, st, base))
+            except Exception:
+                log.exception("cannot check image", path=display(path))
         # The journal is read only where it can change the answer: overwrite asks whose outputs
         # they are, embed whether the bytes are the ones we embedded into, and an image parked
         # unchanged (exiv2 crashed on it, say) is not handed to exiv2 again on every scan.
@@ -115,8 +119,11 @@ class Reconciler:
             if record is not None and record.state is State.FAILED and record.fingerprint == fingerprint(st):
                 continue  # parked, and enqueueing would leave it so
             known = Known.of(record if record is not None and record.state is State.DONE else None, fingerprint(st))
-            if outputs.missing(path, changed_ns(st), base, known, manifest):
-                lacking.append((path, st))
+            try:
+                if outputs.missing(path, changed_ns(st), base, known, manifest):
+                    lacking.append((path, st))
+            except Exception:
+                log.exception("cannot check image's outputs", path=display(path))
         if lacking and not records:
             records = self.store.records([p for p, _ in lacking])
         work: list[NewWork] = []
@@ -157,7 +164,7 @@ class Reconciler:
             )
             self.store.claim_sidecars(found)
             work.extend(queued)
-        return self.store.enqueue_many(work) if work else 0
+        return _enqueue(self.store, work) if work else 0
 
     # -- scans ---------------------------------------------------------------------------------
 
@@ -189,10 +196,10 @@ class Reconciler:
             pending.extend(work)
             deferred.extend(young)
             if len(pending) >= _CHUNK:
-                queued += self.store.enqueue_many(pending)
+                queued += _enqueue(self.store, pending)
                 pending = []
         if pending:
-            queued += self.store.enqueue_many(pending)
+            queued += _enqueue(self.store, pending)
         if directory == root.path:  # a subtree's count says nothing of the root's
             self.unreadable.record(root.path, passed_over)
         report = ScanReport(root.path, directory, reason, images, queued, temps, time.monotonic() - started, deferred)
@@ -208,6 +215,18 @@ class Reconciler:
             seconds=round(report.seconds, 3),
         )
         return report
+
+
+def _enqueue(store: JobStore, work: list[NewWork]) -> int:
+    """``store.enqueue_many``; if the group fails, each image on its own, so one that cannot be
+    recorded (logged with its path) does not drop the others."""
+    try:
+        return store.enqueue_many(work)
+    except Exception:
+        if len(work) == 1:
+            log.exception("cannot record image", path=display(work[0].path))
+            return 0
+    return sum(_enqueue(store, [w]) for w in work)
 
 
 def _owner_of_found(
@@ -275,7 +294,7 @@ def _walk(
             with os.scandir(current) as it:
                 entries = list(it)
         except OSError as e:
-            log.warning("cannot scan directory", directory=str(current), error=str(e))
+            log.warning("cannot scan directory", directory=display(current), error=display(str(e)))
             continue
         names: list[str] = []
         subdirs: list[Path] = []

@@ -42,6 +42,7 @@ from typing import Any
 from phicapd.pipeline.safe_files import check_replaceable
 
 TEMP_MARKER = ".phicapd-"
+NAME_MAX = 255  # bytes in one file name (Linux, every common filesystem)
 TEMP_SUFFIX = ".tmp"
 
 
@@ -280,7 +281,11 @@ def fsync_dir(directory: Path) -> None:
 
 def temp_path(target: Path) -> Path:
     """A hidden temp name beside ``target`` that the scans and the watcher skip (``is_temp_name``)."""
-    return target.parent / f".{target.name}{TEMP_MARKER}{os.getpid()}-{os.urandom(4).hex()}{TEMP_SUFFIX}"
+    tail = os.fsencode(f"{TEMP_MARKER}{os.getpid()}-{os.urandom(4).hex()}{TEMP_SUFFIX}")
+    # A name is at most 255 bytes: the target's part is cut to fit (its bytes, not its
+    # characters, so a cut inside a UTF-8 sequence is still a valid name).
+    head = os.fsencode(target.name)[: NAME_MAX - 1 - len(tail)]
+    return target.parent / os.fsdecode(b"." + head + tail)
 
 
 def _write_temp(target: Path, data: bytes, mode: int) -> Path:

@@ -51,7 +51,8 @@ from typing import Any
 
 from phicapd.captioner import Caption, decorate
 from phicapd.config import Settings, WatchRoot
-from phicapd.errors import IMAGE_CHANGED, XMP_CHANGED, XMP_UNREADABLE, PhicapError
+from phicapd.errors import IMAGE_CHANGED, NAME_NOT_UTF8, XMP_CHANGED, XMP_UNREADABLE, PhicapError
+from phicapd.fsnames import display, is_utf8
 from phicapd.log import get_logger
 from phicapd.pipeline import metadata
 from phicapd.pipeline.decode import Decoded, fingerprint_of
@@ -424,7 +425,19 @@ class SidecarWriter:
                     f.error = p.xmp_error
                     formats = tuple(fmt for fmt in p.record.formats if fmt != "xmp")
                     written[id(f)] = dataclasses.replace(p.record, formats=formats)
-                if p.manifest:
+                if p.manifest and not is_utf8(f.job.path.name):
+                    # metadata.jsonl's file_name is text: this name has no entry (its other outputs
+                    # are written) and is parked with a code that says why, until it is renamed.
+                    if f.error is None:
+                        f.error = PhicapError(
+                            f"{display(f.job.path)}: its name is not UTF-8, so metadata.jsonl cannot list it",
+                            code=NAME_NOT_UTF8,
+                            retryable=False,
+                        )
+                    if id(f) in written:
+                        formats = tuple(fmt for fmt in written[id(f)].formats if fmt != "jsonl")
+                        written[id(f)] = dataclasses.replace(written[id(f)], formats=formats)
+                elif p.manifest:
                     manifests.setdefault(f.job.path.parent, {})[f.job.path.name] = p.record.caption
         for directory, captions in manifests.items():
             try:

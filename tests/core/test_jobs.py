@@ -422,3 +422,40 @@ def test_parking_a_job_whose_crashes_used_up_its_attempts_counts_no_more(tmp_pat
         "hostile": (State.FAILED, 3),
         "model": (State.FAILED, 3),
     }
+
+
+def test_names_that_are_not_utf8_round_trip_beside_rows_written_before(tmp_path: Path) -> None:
+    import os
+    import sqlite3
+
+    store = _store(tmp_path)
+    store.enqueue_many([_work("old.png")])  # a valid UTF-8 name is stored as it always was
+    store.close()
+    db = sqlite3.connect(tmp_path / "j.sqlite3")
+    assert db.execute("SELECT path FROM jobs").fetchall() == [("/r/old.png",)]
+    db.close()
+    store = _store(tmp_path)
+    odd_dir = Path("/r") / os.fsdecode(b"dir\xfe")
+    bad = NewWork(odd_dir / os.fsdecode(b"bad\xffname.png"), Path("/r"), Fingerprint(1, 5, 9))
+    newline = NewWork(odd_dir / "new\nline.png", Path("/r"), Fingerprint(1, 5, 9))
+    assert store.enqueue_many([bad, newline, _work("old.png")]) == 2
+    assert {j.path for j in store.claim(10)} == {bad.path, newline.path, Path("/r/old.png")}
+    job = store.get(bad.path)
+    assert job is not None and job.path == bad.path
+    store.finish_many(
+        [
+            Success(
+                job.id, "sha", "m", "p", os.fsdecode(b"bad\xffname.txt"), bad.fingerprint, caption="c", settings_key="k"
+            )
+        ],
+        [Failure(store.get(newline.path).id, "x", f"{newline.path}: \udcff", retryable=False)],  # type: ignore[union-attr]
+        claims=[(bad.path, os.fsdecode(b"bad\xffname"))],
+    )
+    assert [j.path for j in store.captioned(Path("/r"), odd_dir)] == [bad.path]
+    assert store.get(bad.path).sidecar == os.fsdecode(b"bad\xffname.txt")  # type: ignore[union-attr]
+    assert store.claims_in(odd_dir) == {os.fsdecode(b"bad\xffname.png"): os.fsdecode(b"bad\xffname")}
+    assert store.claims_near(bad.path) == store.claims_in(odd_dir)
+    assert store.failures()[0].error_message == "/r/dir\\xfe/new\nline.png: \\xff"  # for people
+    assert store.retry([str(newline.path)]) == 1
+    store.forget(bad.path)
+    assert store.get(bad.path) is None and store.claims_in(odd_dir) == {}
