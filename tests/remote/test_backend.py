@@ -23,16 +23,9 @@ from phicapd.remote.encode import data_url
 from phicapd.remote.wire import Kind, classify, retry_after
 from tests.support.daemon import wait_for
 from tests.support.fakes import image_key, unique_image
-from tests.support.openai_server import REFUSED_WIDTH, FakeVLLM
+from tests.support.openai_server import REFUSED_WIDTH, FakeVLLM, started
 
-
-def _server(servers: list[FakeVLLM], **kw: object) -> FakeVLLM:
-    """A stand-in that takes num_crops per request (vLLM started with --trust-request-mm-kwargs),
-    so these tests see every request the way phicapd first sends it; the refusal has its own."""
-    kw.setdefault("trust_request_mm_kwargs", True)
-    s = FakeVLLM(**kw).start()  # type: ignore[arg-type]
-    servers.append(s)
-    return s
+_server = started
 
 
 def _settings(*urls: str, **remote: object) -> Settings:

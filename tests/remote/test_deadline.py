@@ -20,14 +20,9 @@ from phicapd.remote.wire import Http, Kind, RemoteFailure, Target, chat_body
 from phicapd.service import load_model_captioner
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import image_key, unique_image, write_unique_png
-from tests.support.openai_server import MODEL, FakeVLLM
+from tests.support.openai_server import MODEL, FakeVLLM, started
 
-
-def _server(servers: list[FakeVLLM], **kw: object) -> FakeVLLM:
-    kw.setdefault("trust_request_mm_kwargs", True)  # every request as phicapd first sends it
-    s = FakeVLLM(**kw).start()  # type: ignore[arg-type]
-    servers.append(s)
-    return s
+_server = started
 
 
 def _settings(*urls: str, **remote: object) -> Settings:

@@ -370,6 +370,16 @@ class _Handler(BaseHTTPRequestHandler):
             return
 
 
+def started(servers: list[FakeVLLM], **kw: Any) -> FakeVLLM:
+    """A stand-in started and added to ``servers`` (the test's fixture stops them). It takes
+    num_crops per request (vLLM started with --trust-request-mm-kwargs) unless told otherwise,
+    so a test sees every request the way phicapd first sends it; the refusal has tests of its own."""
+    kw.setdefault("trust_request_mm_kwargs", True)
+    server = FakeVLLM(**kw).start()
+    servers.append(server)
+    return server
+
+
 def spawn(*args: str) -> tuple[subprocess.Popen[bytes], str]:
     """This server in a process of its own (one a test can kill -9): (process, base URL)."""
     repo = Path(__file__).resolve().parents[2]
