@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from phicapd.remote.captioner import RemoteCaptioner
 from tests.support.openai_server import FakeVLLM
 
 
@@ -16,3 +17,12 @@ def servers() -> Iterator[list[FakeVLLM]]:
     yield made
     for s in made:
         s.stop()
+
+
+@pytest.fixture
+def captioners() -> Iterator[list[RemoteCaptioner]]:
+    """Remote captioners a test loads; closed after it."""
+    made: list[RemoteCaptioner] = []
+    yield made
+    for c in made:
+        c.close()

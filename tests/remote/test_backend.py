@@ -8,7 +8,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,14 +40,6 @@ def _requests(n: int, start: int = 0) -> list[CaptionRequest]:
 
 def _expected(request: CaptionRequest) -> str:
     return f"A 16x12 test image {image_key(request.image)}."
-
-
-@pytest.fixture
-def captioners() -> Iterator[list[RemoteCaptioner]]:
-    made: list[RemoteCaptioner] = []
-    yield made
-    for c in made:
-        c.close()
 
 
 def _load(captioners: list[RemoteCaptioner], settings: Settings) -> RemoteCaptioner:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,14 +29,6 @@ def _settings(*urls: str, **remote: object) -> Settings:
         model={"backend": "openai", "max_new_tokens": 40},
         remote={"endpoints": list(urls), "image_format": "png", **remote},
     )
-
-
-@pytest.fixture
-def captioners() -> Iterator[list[RemoteCaptioner]]:
-    made: list[RemoteCaptioner] = []
-    yield made
-    for c in made:
-        c.close()
 
 
 def _outcomes(c: RemoteCaptioner, requests: list[CaptionRequest]) -> dict[str, Caption | PhicapError]:
