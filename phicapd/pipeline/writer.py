@@ -423,8 +423,7 @@ class SidecarWriter:
                     del written[id(f)]
                 elif p.xmp_error is not None:  # recorded as in the other outputs, not in the XMP
                     f.error = p.xmp_error
-                    formats = tuple(fmt for fmt in p.record.formats if fmt != "xmp")
-                    written[id(f)] = dataclasses.replace(p.record, formats=formats)
+                    written[id(f)] = _without(p.record, "xmp")
                 if p.manifest and not is_utf8(f.job.path.name):
                     # metadata.jsonl's file_name is text: this name has no entry (its other outputs
                     # are written) and is parked with a code that says why, until it is renamed.
@@ -435,8 +434,7 @@ class SidecarWriter:
                             retryable=False,
                         )
                     if id(f) in written:
-                        formats = tuple(fmt for fmt in written[id(f)].formats if fmt != "jsonl")
-                        written[id(f)] = dataclasses.replace(written[id(f)], formats=formats)
+                        written[id(f)] = _without(written[id(f)], "jsonl")
                 elif p.manifest:
                     manifests.setdefault(f.job.path.parent, {})[f.job.path.name] = p.record.caption
         for directory, captions in manifests.items():
@@ -447,9 +445,7 @@ class SidecarWriter:
                 for p in plans:
                     if id(p.finished) in written and p.finished.job.path.parent == directory:
                         if p.finished.error is not None:  # failed in part already: that error stands
-                            record = written[id(p.finished)]
-                            formats = tuple(fmt for fmt in record.formats if fmt != "jsonl")
-                            written[id(p.finished)] = dataclasses.replace(record, formats=formats)
+                            written[id(p.finished)] = _without(written[id(p.finished)], "jsonl")
                             continue
                         del written[id(p.finished)]
                         p.finished.error = (
@@ -507,6 +503,11 @@ class SidecarWriter:
                 }
             )
             log.warning("job", **fields, error=f.error.code, message=str(f.error), parked=was_parked)
+
+
+def _without(record: Success, fmt: str) -> Success:
+    """``record`` as the journal gets it when the output ``fmt`` failed and the others hold the caption."""
+    return dataclasses.replace(record, formats=tuple(f for f in record.formats if f != fmt))
 
 
 def _refused(image: Path, e: RefusedFile) -> PhicapError:
