@@ -10,7 +10,7 @@ daemon, and two crashing files made six in seven starts: over systemd's start li
 The pixels come back through a shared buffer per worker (``decode_buffer``): the worker writes
 them once and the daemon copies them once into its image (the model path needs the full RGB
 image). What the worker costs on top of decoding in the daemon: a request and an answer on a
-pipe and that copy (README, "Architecture"). Background images and socket uploads have workers
+pipe and that copy (docs/architecture.md). Background images and socket uploads have workers
 of their own, so an upload never waits behind the backlog.
 """
 

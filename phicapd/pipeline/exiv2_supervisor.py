@@ -3,7 +3,7 @@ first use, asked one request at a time, replaced when it dies or hangs. The deco
 (``decode_pool``) are each one of these too.
 
 One worker behind a lock rather than a pool: a request costs well under a millisecond of round
-trip on top of exiv2's own work (README, "Output formats"), the daemon's exiv2 calls are a few
+trip on top of exiv2's own work (docs/outputs.md, "Output formats"), the daemon's exiv2 calls are a few
 per image against seconds of model time, and one child keeps the memory and the
 kill-and-restart logic simple. The price: while a hostile file hangs the worker, other calls
 wait for its timeout.

@@ -250,7 +250,8 @@ def test_every_documented_phicapd_variable_is_known() -> None:
     from phicapd.config import OTHER_ENV_VARIABLES, TEST_ENV_PREFIX, setting_env_names
 
     repo = Path(__file__).resolve().parents[2]
-    texts = [repo / "README.md", repo / "config.example.toml", *(repo / "phicapd").rglob("*.py")]
+    texts = [repo / "README.md", *(repo / "docs").glob("*.md"), repo / "config.example.toml"]
+    texts += (repo / "phicapd").rglob("*.py")
     named = {m for p in texts for m in re.findall(r"PHICAPD_[A-Z0-9_]*[A-Z0-9]", p.read_text())}
     named -= {"PHICAPD_SECTION__KEY", "PHICAPD_MODLE__DEVICE"}  # the pattern itself, the typo shown
     named = {n for n in named if not (n + "_").startswith(TEST_ENV_PREFIX)}  # the test suite's own

@@ -5,7 +5,7 @@ Run with a venv made by ``bash bench/vllm_cpu.sh setup VENV``:
     PHICAPD_TEST_VLLM_VENV=VENV pytest -m vllm tests/remote/test_vllm.py
 
 Without that variable these tests are skipped (CI does not run them: the server alone takes
-minutes to start on two cores; the closing notes of the README's "Scaling out" give the result).
+minutes to start on two cores; docs/scaling-out.md, "Tested against a real vLLM", gives the result).
 The checkpoint is ``bench/vllm_cpu.sh model``'s: a tiny language model under Phi-3.5-vision's own
 CLIP tower, with phicapd's processor as its remote code. phicapd runs with its defaults except
 the endpoint, the served model name, the prompt, ``num_crops`` and ``max_new_tokens``.
