@@ -1,7 +1,7 @@
 """Image files a root holds that no installed decoder reads, so that the user hears of them.
 
-A root's ``include`` takes only what can be decoded (``image_types``); a camera's raw files or
-HEIC photos without pillow-heif are then silently not captioned. Each full scan of a root counts
+A root's ``include`` takes only what can be decoded (``image_types``); a camera's raw files
+without rawpy or HEIC photos without pillow-heif are then silently not captioned. Each full scan of a root counts
 the files it passes over whose extension names such a type (``image_types.unreadable_extensions``)
 and keeps, per root, the count and one example path: ``phicapctl status`` shows them
 (``unreadable``), and the log says so once per root (again only after a scan found none).
@@ -78,7 +78,7 @@ class UnreadableFiles:
                 files=tally.files,
                 by_extension=dict(sorted(tally.by_extension.items())),
                 example=str(tally.example),
-                hint="HEIC/HEIF: pip install 'phicapd[heic]'; camera raw files are not supported",
+                hint="HEIC/HEIF: pip install 'phicapd[heic]'; camera raw files: pip install 'phicapd[raw]'",
             )
 
     def report(self, roots: list[Path]) -> list[dict[str, Any]]:
