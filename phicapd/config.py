@@ -51,8 +51,9 @@ OutputFormat = Literal["txt", "xmp", "embed", "json", "jsonl"]
 AVAILABLE_FORMATS = ("txt", "xmp", "embed", "json", "jsonl")
 #: Formats written through pyexiv2 (``pipeline.metadata``).
 METADATA_FORMATS = ("xmp", "embed")
-# The XMP sidecar's name: "stem" (photo.xmp, as Lightroom and digiKam; same-stem images get
-# photo.png.xmp by the .txt naming rule) or "full" (photo.jpg.xmp, as darktable).
+# The XMP sidecar's name: "stem" (photo.xmp, as Lightroom and Camera Raw read for raw files;
+# same-stem images get photo.png.xmp by the .txt naming rule) or "full" (photo.NEF.xmp, as
+# digiKam and darktable write by default).
 XmpNaming = Literal["stem", "full"]
 JSON_EXTENSION = ".json"
 MANIFEST_NAME = "metadata.jsonl"
@@ -428,6 +429,13 @@ class Settings(BaseSettings):
             missing = [p for p in patterns if p not in root.ignore]
             if missing:
                 root.ignore = [*root.ignore, *missing]
+        return self
+
+    @model_validator(mode="after")
+    def _no_embedding_into_raws(self) -> Settings:
+        from phicapd.raw_roots import check_embedding_roots
+
+        check_embedding_roots(self)
         return self
 
     @model_validator(mode="after")

@@ -93,6 +93,10 @@ IMAGE_CRASHED_DECODER = "image_crashed_decoder"
 #: that must hold it as text cannot: ``metadata.jsonl``'s ``file_name``. Its other outputs are
 #: written; it is parked until it is renamed (``phicapd.fsnames``).
 NAME_NOT_UTF8 = "name_not_utf8"
+#: A camera raw file whose outputs include ``embed`` (phicapctl, under a root or ``[sidecar] formats``
+#: that embeds): raw files take their caption in an XMP sidecar, never inside (``raw_roots``).
+#: Refused before the model is asked; the daemon's own roots cannot take raw files and embed.
+EMBED_RAW_REFUSED = "embed_raw_refused"
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78

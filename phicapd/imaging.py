@@ -14,6 +14,9 @@ What "safe" means here:
 - A full ``load()``, so truncated files fail instead of yielding grey half-images.
 - EXIF orientation applied; the first frame of animations; every mode mapped to RGB correctly
   (16-bit and float scaled rather than clipped, alpha composited on white).
+- Camera raw files (named by their extension: ``image_types.RAW_EXTENSIONS``; many are TIFF
+  inside, which Pillow would open as their first thumbnail) go to LibRaw (``raw_decode``): their
+  largest embedded preview or a half-size development, upright, under the same limits and codes.
 
 Error codes (``ImageError.code``):
 
@@ -51,6 +54,7 @@ from typing import TYPE_CHECKING
 from PIL import ExifTags, Image, features
 
 from phicapd.errors import ImageError
+from phicapd.image_types import is_raw_name
 
 if TYPE_CHECKING:  # not imported at run time: the decode workers start without pydantic
     from phicapd.config import ImagingSettings
@@ -270,16 +274,27 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
-def decode_image(data: bytes, *, name: str, settings: ImagingSettings) -> Image.Image:
+def upright(image: Image.Image, orientation: int) -> Image.Image:
+    """``image`` turned as the EXIF ``orientation`` (1-8) says."""
+    transpose = _ORIENTATION_TRANSPOSE.get(orientation)
+    return image.transpose(transpose) if transpose is not None else image
+
+
+def decode_image(data: bytes, *, name: str, settings: ImagingSettings, orient: bool = True) -> Image.Image:
     """Decode ``data`` into a fully loaded 8-bit RGB image, upright, first frame only.
 
-    ``name`` (a path or URL) only labels error messages. Raises ``ImageError`` (see the module
-    docstring for the codes).
+    ``name`` (a path or URL) labels error messages; one with a camera raw extension is decoded by
+    LibRaw (``raw_decode``). Raises ``ImageError`` (see the module docstring for the codes).
+    ``orient=False``: the EXIF orientation is not applied (a raw's preview, which its raw turns).
     """
     if not data:
         raise _fail(name, "image_empty", "the file is empty")
     if len(data) > settings.max_file_bytes:
         raise _fail(name, "image_too_large", f"{len(data)} bytes exceeds the limit of {settings.max_file_bytes}")
+    if is_raw_name(name):
+        from phicapd.raw_decode import decode_raw  # it imports this module
+
+        return decode_raw(data, name=name, settings=settings)
     _escalate_bomb_warnings()
     limit = settings.max_pixels
     with _pillow_limit(limit):
@@ -290,13 +305,12 @@ def decode_image(data: bytes, *, name: str, settings: ImagingSettings) -> Image.
         _check_pixels(im, name, limit)
         _load(im, name, limit)
     _check_pixels(im, name, limit)  # a first frame may be larger than the header said
-    orientation = _orientation(im)
+    orientation = _orientation(im) if orient else 1
     try:
         rgb = _to_rgb(im)
     except Exception as e:  # e.g. a palette that does not match its data
         raise _fail(name, "image_corrupt", f"cannot convert {im.mode} to RGB ({e})") from None
-    transpose = _ORIENTATION_TRANSPOSE.get(orientation)
-    return rgb.transpose(transpose) if transpose is not None else rgb
+    return upright(rgb, orientation)
 
 
 def read_file(path: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:

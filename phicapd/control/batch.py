@@ -37,7 +37,8 @@ from pydantic import ValidationError
 from phicapd.config import MANIFEST_NAME, ControlSettings, ExistingPolicy, OutputFormat, WatchRoot, XmpNaming
 from phicapd.control.client import ControlClient, ControlClientError, DaemonUnreachable, RequestRejected
 from phicapd.control.protocol import CaptionedRequest, CaptionResult, SidecarInfo, SidecarPolicy
-from phicapd.errors import SIDECAR_TOO_LARGE
+from phicapd.errors import EMBED_RAW_REFUSED, SIDECAR_TOO_LARGE
+from phicapd.image_types import is_raw_name
 from phicapd.pipeline import metadata, paths, safe_files
 from phicapd.pipeline.formats import (
     Provenance,
@@ -47,6 +48,7 @@ from phicapd.pipeline.formats import (
 )
 from phicapd.pipeline.outputs import PRIMARY_ORDER, Known, Manifest, RootOutputs, sidecar_base
 from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, write_atomic, write_sidecar
+from phicapd.raw_roots import default_include
 
 # sysexits(3), shared with phicapctl.
 EX_OK = 0
@@ -59,6 +61,12 @@ EX_CANTCREAT = 73
 #: The largest image a daemon that does not report its ``max_body_bytes`` takes: the default.
 DEFAULT_MAX_BYTES: int = ControlSettings.model_fields["max_body_bytes"].default
 IMAGE_TOO_LARGE = "image_too_large"  # the daemon's code for it (``phicapd.imaging``)
+
+EMBED_RAW_MESSAGE = (
+    'a camera raw file cannot take an embedded caption, and the formats here include "embed" (its '
+    "watch root's, or [sidecar] formats outside every root); not sent. Caption raw files into XMP "
+    'sidecars: a root of their own with formats = ["xmp"]'
+)
 
 # When several files fail differently, the exit code reports the most fundamental problem.
 _SEVERITY = (EX_UNAVAILABLE, EX_SOFTWARE, EX_CANTCREAT, EX_NOINPUT, EX_DATAERR)
@@ -135,6 +143,8 @@ class Naming:
         self.tracked = tracked and root is not None
         self.existing = existing
         naming_root = root if root is not None else WatchRoot(path=directory, recursive=False)
+        if root is None and "embed" in chosen:  # as a root that embeds: no raw files (``raw_roots``)
+            naming_root.include = default_include(raw=False)
         self.names = frozenset(paths.list_images(directory, naming_root))
         self._index = SiblingIndex(self.names)
         self._claims = Claims(claims, directory)
@@ -297,6 +307,8 @@ class BatchCaptioner:
         except ControlClientError as e:
             return self._client_failed(image, None, e)
         sidecar = naming.sidecar_for(image)
+        if "embed" in naming.outputs.formats and is_raw_name(image.name):
+            return _failed(image, sidecar, EMBED_RAW_REFUSED, f"{image}: {EMBED_RAW_MESSAGE}", EX_DATAERR)
         needs = naming.needs_metadata(image)
         if needs is not None:
             try:

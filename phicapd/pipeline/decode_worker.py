@@ -1,10 +1,11 @@
 """The decode worker: the child process in which watched images and uploaded bytes are read and
 decoded (``decode_pool`` starts and supervises it).
 
-Pillow's decoders are C code fed with files anyone may drop into a watched directory. In the
-daemon's own process a file that crashes one would take the service down at every start until
-systemd's start limit gave up on it; here a crash or a hang costs this process, which the
-daemon replaces, and the file fails on its own (``image_crashed_decoder``).
+Pillow's decoders and LibRaw (camera raw files, ``raw_decode``) are C code fed with files anyone
+may drop into a watched directory. In the daemon's own process a file that crashes one would
+take the service down at every start until systemd's start limit gave up on it; here a crash or
+a hang costs this process, which the daemon replaces, and the file fails on its own
+(``image_crashed_decoder``).
 
 Started as ``python -m phicapd.pipeline.decode_worker FD MAX_FILE_BYTES MAX_PIXELS``: ``FD`` is
 the shared buffer (``decode_buffer``), the others the ``[imaging]`` limits. Protocol: one JSON

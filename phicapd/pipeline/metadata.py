@@ -182,8 +182,9 @@ def require() -> ModuleType:
 
 
 def xmp_sidecar_path(image: Path, base: str, naming: str) -> Path:
-    """``photo.xmp`` (``naming = "stem"``, Lightroom and digiKam; the same base as ``photo.txt``,
-    so two same-stem images never share one) or ``photo.jpg.xmp`` (``"full"``, darktable)."""
+    """``photo.xmp`` (``naming = "stem"``, what Lightroom and Camera Raw read beside a proprietary raw
+    file; the same base as ``photo.txt``, so two same-stem images never share one) or
+    ``photo.NEF.xmp`` (``"full"``, digiKam's and darktable's default)."""
     return image.with_name((base if naming == "stem" else image.name) + XMP_EXTENSION)
 
 

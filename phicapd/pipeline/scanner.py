@@ -26,6 +26,7 @@ from phicapd.pipeline.outputs import Known, Manifest, RootOutputs, sidecar_base
 from phicapd.pipeline.paths import is_candidate_name, is_watched_dir, list_images
 from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, remove_stale_temps, sidecar_may_exist
 from phicapd.pipeline.unreadable import UnreadableFiles
+from phicapd.raw_roots import raws_left_out
 
 log = get_logger(__name__)
 
@@ -181,7 +182,7 @@ class Reconciler:
         images = queued = temps = 0
         pending: list[NewWork] = []
         deferred: list[Path] = []
-        passed_over = self.unreadable.tally(root)
+        passed_over = self.unreadable.tally(root, raws_left_out(self.settings, root))
         for current, names in _walk(directory, root, passed_over.note):
             temps += remove_stale_temps(current)
             images += len(names)

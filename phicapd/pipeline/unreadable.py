@@ -1,9 +1,11 @@
 """Image files a root holds that no installed decoder reads, so that the user hears of them.
 
-A root's ``include`` takes only what can be decoded (``image_types``); a camera's raw files or
-HEIC photos without pillow-heif are then silently not captioned. Each full scan of a root counts
-the files it passes over whose extension names such a type (``image_types.unreadable_extensions``)
-and keeps, per root, the count and one example path: ``phicapctl status`` shows them
+A root's ``include`` takes only what can be decoded (``image_types``); a camera's raw files
+without rawpy or HEIC photos without pillow-heif are then silently not captioned, and so are raw
+files in a root that embeds captions (``raw_roots``: its default ``include`` leaves them out).
+Each full scan of a root counts the files it passes over whose extension names such a type
+(``image_types.unreadable_extensions``, and for such a root ``raw_roots.raws_left_out``) and
+keeps, per root, the count and one example path: ``phicapctl status`` shows them
 (``unreadable``), and the log says so once per root (again only after a scan found none).
 """
 
@@ -22,6 +24,11 @@ from phicapd.log import get_logger
 from phicapd.pipeline.paths import is_ignored_name
 
 log = get_logger(__name__)
+
+_HINT = (
+    "HEIC/HEIF: pip install 'phicapd[heic]'; camera raw files: pip install 'phicapd[raw]', and caption them "
+    'in a root that does not embed (formats = ["xmp"]: embed cannot write into raw files)'
+)
 
 
 @dataclass(slots=True)
@@ -59,8 +66,9 @@ class UnreadableFiles:
         self._lock = threading.Lock()
         self._by_root: dict[Path, Tally] = {}
 
-    def tally(self, root: WatchRoot) -> Tally:
-        return Tally(self.extensions, root)
+    def tally(self, root: WatchRoot, also: frozenset[str] = frozenset()) -> Tally:
+        """A new tally for a scan of ``root``; ``also``: extensions it counts besides (``raw_roots``)."""
+        return Tally(self.extensions | also, root)
 
     def record(self, root: Path, tally: Tally) -> None:
         """The result of a full scan of ``root``; logs a warning when the root starts holding such
@@ -78,7 +86,7 @@ class UnreadableFiles:
                 files=tally.files,
                 by_extension=dict(sorted(tally.by_extension.items())),
                 example=str(tally.example),
-                hint="HEIC/HEIF: pip install 'phicapd[heic]'; camera raw files are not supported",
+                hint=_HINT,
             )
 
     def report(self, roots: list[Path]) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """HEIC/HEIF/AVIF join a root's default ``include`` where a decoder for them is installed, and a
-root holding image files no installed decoder reads (raw files, HEIC without pillow-heif) says
-so: once in the log, and in ``phicapctl status`` (count, by extension, one example path)."""
+root holding image files no installed decoder reads (raw files without rawpy, HEIC without
+pillow-heif) says so: once in the log, and in ``phicapctl status`` (count, by extension, one
+example path). Raw files with rawpy: tests/core/test_raw_photos.py."""
 
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ def warnings_logged(monkeypatch: pytest.MonkeyPatch) -> _Log:
 
 def _heif(monkeypatch: pytest.MonkeyPatch, available: bool) -> None:
     monkeypatch.setattr(image_types, "heif_available", lambda: available)
+
+
+@pytest.fixture(autouse=True)
+def _no_rawpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As without rawpy installed: no decoder reads the raw files here."""
+    monkeypatch.setattr(image_types, "raw_available", lambda: False)
 
 
 @pytest.mark.parametrize("heif", [True, False])
