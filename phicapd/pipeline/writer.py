@@ -49,7 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phicapd.captioner import Caption, decorate
+from phicapd.caption_form import one_line, root_form
+from phicapd.captioner import Caption
 from phicapd.config import Settings, WatchRoot
 from phicapd.errors import IMAGE_CHANGED, NAME_NOT_UTF8, XMP_CHANGED, XMP_UNREADABLE, PhicapError
 from phicapd.fsnames import display, is_utf8
@@ -95,7 +96,7 @@ class Finished:
     error: PhicapError | None = None
     skipped: bool = False  # its sidecar is kept as it is (the policy): done without a caption
     claim: str | None = None  # the sidecar base named for it (``pipeline.sidecar.Claims``)
-    staged: bool = False  # ``caption`` is the journal's staged text (decorated): finish its files
+    staged: bool = False  # ``caption`` is the journal's staged text (in its root's form): finish its files
 
 
 @dataclass(slots=True)
@@ -274,9 +275,13 @@ class SidecarWriter:
             base = self._siblings.get(directory, f.root).base_for(f.job.path.name, claims)
             f.claim = base
         caption = f.caption
-        text = caption.text if f.staged else decorate(caption.text, f.root.prefix, f.root.suffix)
+        # A re-form: the journal's caption (prefix and suffix in it) put on one line (``caption_form``).
+        reform = f.staged and f.job.backfill and f.job.force
+        text = (one_line(caption.text) if reform else caption.text) if f.staged else root_form(caption.text, f.root)
         model = caption.model or self.model_identity
-        key = f.job.settings_key if f.staged else settings_key(self.settings, f.root, self.model_identity)
+        key = (
+            f.job.settings_key if f.staged and not reform else settings_key(self.settings, f.root, self.model_identity)
+        )
         record = Success(
             f.job.id,
             f.decoded.sha256,
