@@ -140,7 +140,7 @@ def test_restale_auto_reforms_at_start_and_turning_single_line_off_goes_back_to_
         extra = _flip_config(tmp_path, root, single_line, "auto")
         with running_daemon(settings_for(tmp_path, [], extra=extra), fake) as d:
             wait_for(
-                lambda: (
+                lambda d=d, calls=calls: (
                     is_settled(d)
                     and _calls(fake) == calls
                     and ControlClient(d.settings.control.socket).stale().stale == []
