@@ -52,7 +52,7 @@ from typing import Any
 from phicapd.caption_form import one_line, root_form
 from phicapd.captioner import Caption
 from phicapd.config import Settings, WatchRoot
-from phicapd.errors import IMAGE_CHANGED, NAME_NOT_UTF8, XMP_CHANGED, XMP_UNREADABLE, PhicapError
+from phicapd.errors import IMAGE_CHANGED, NAME_NOT_UTF8, XMP_CHANGED, PhicapError
 from phicapd.fsnames import display, is_utf8
 from phicapd.log import get_logger
 from phicapd.pipeline import metadata
@@ -534,11 +534,15 @@ def _metadata_error(image: Path, target: Path, e: OSError | RuntimeError) -> Phi
             code=XMP_CHANGED if sidecar else IMAGE_CHANGED,
             retryable=True,
         )
-    if sidecar and isinstance(e, metadata.MetadataUnreadable):
+    unreadable = metadata.unreadable_code(target, e)
+    if unreadable is not None:
+        what, fix = (
+            (f"its XMP sidecar {target}", "fix or remove it") if sidecar else ("its own metadata", "fix or strip it")
+        )
         return PhicapError(
-            f"{image}: exiv2 cannot read its XMP sidecar {target} ({e}); it is left as it is, without"
-            " the caption: fix or remove it, then phicapctl retry",
-            code=XMP_UNREADABLE,
+            f"{image}: exiv2 cannot read {what} ({e}); it is left as it is, without"
+            f" the caption: {fix}, then phicapctl retry",
+            code=unreadable,
             retryable=False,
         )
     # exiv2 crashed or hung on the file: it would again, so the job is parked, not retried.
