@@ -20,6 +20,7 @@ from PIL import Image, ImageChops, ImageStat
 from phicapd.captioner import Caption, CaptionRequest
 from phicapd.cli.ctl import main
 from phicapd.pipeline.jobs import State
+from phicapd.pipeline.makernotes import exif_rewritable
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, image_key, unique_image
 
@@ -189,7 +190,7 @@ def test_embed_writes_our_caption_keeps_maker_notes_and_other_tools_descriptions
         "Caption-Abstract": "WRONG-IPTC-Description",
         "Description": "WRONG-XMP-Description",
     }
-    for name in (*UNDESCRIBED, NINTENDO):
+    for name in (NINTENDO, *UNDESCRIBED):
         path = root / name
         assert records[path].state is State.DONE, name
         ours = records[path].caption
@@ -252,3 +253,24 @@ def test_xmp_sidecars_hold_our_caption_and_leave_the_images_alone(tmp_path: Path
     for image in images:
         assert image.read_bytes() == before[image.name], image.name
         assert _descriptions(image.with_suffix(".xmp")) == {"Description": captions[image]}
+
+
+def test_exif_is_rewritable_without_a_maker_note_or_with_one_exiv2_decoded() -> None:
+    assert exif_rewritable({"Exif.Image.Make"})
+    assert exif_rewritable({"Exif.Photo.MakerNote", "Exif.MakerNote.Offset", "Exif.Canon.ModelID"})
+    assert not exif_rewritable({"Exif.Photo.MakerNote", "Exif.Image.Make"})
+
+
+def test_phicapctl_embed_into_an_image_exiv2_cannot_parse_names_it_with_a_code(tmp_path: Path, capsys) -> None:
+    elsewhere = tmp_path / "loose"
+    images = _copy(UNEMBEDDABLE, elsewhere)
+    before = {p: p.read_bytes() for p in images}
+    settings = settings_for(tmp_path, [], extra='[sidecar]\nformats = ["embed"]\n')
+    with running_daemon(settings, FakeCaptioner()):
+        rc = main(["--socket", str(settings.control.socket), "caption-file", "--json", *map(str, images)])
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc != 0
+    for image, o in zip(images, out, strict=True):
+        assert o["state"] == "failed" and o["error"]["code"] == "image_metadata_unreadable", o
+        assert str(image) in o["error"]["message"]
+        assert image.read_bytes() == before[image]
