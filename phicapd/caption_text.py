@@ -59,7 +59,7 @@ def clean_caption(text: str, strip_openers: Sequence[str] = ()) -> str:
     a cat on a mat." becomes "A cat on a mat.".
     """
     lines = _lines(text)
-    # A per-root ``single_line`` option would join the lines with " " here instead.
+    # Lines are kept: a root's ``single_line`` is its own form of the caption (``caption_form``).
     text = _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
     return _strip_opener(text, strip_openers)
 

@@ -240,6 +240,7 @@ class WatchRoot(_Section):
     formats: list[OutputFormat] | None = None  # None: [sidecar] formats
     restale: RestalePolicy | None = None  # None: [sidecar] restale
     xmp_naming: XmpNaming | None = None  # None: [sidecar] xmp_naming
+    single_line: bool = False  # every output of this root holds its caption as one line
 
     @field_validator("formats")
     @classmethod

@@ -72,6 +72,10 @@ XMP_CHANGED = "xmp_changed"
 #: exiv2 cannot parse the existing XMP sidecar: it is left untouched, the image's other outputs are
 #: written, and it is parked until the image changes or ``phicapctl retry`` (the sidecar fixed).
 XMP_UNREADABLE = "xmp_unreadable"
+#: exiv2 cannot parse the image's own metadata (an EXIF block whose entries point outside it, an
+#: ICC profile after the frame header), so ``embed`` cannot write into it: the image is left as
+#: it is, parked until it changes or ``phicapctl retry`` (its metadata fixed or stripped).
+IMAGE_METADATA_UNREADABLE = "image_metadata_unreadable"
 #: The backend returned more than the ``max_new_tokens`` asked for (refused, not cut: see
 #: ``phicapd.caption_text``); retryable, a server that ignores ``max_tokens`` may be fixed.
 CAPTION_TOO_LONG = "caption_too_long"

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from phicapd import __version__
-from phicapd.captioner import Captioner, decorate
+from phicapd.caption_form import root_form
+from phicapd.captioner import Captioner
 from phicapd.config import Settings, WatchRoot
 from phicapd.control.backend import CaptionReply
 from phicapd.control.protocol import BAD_REQUEST, CAPTION_NOT_WRITTEN, CAPTION_TIMEOUT, IMAGE_GONE, NOT_WATCHED
@@ -424,10 +425,9 @@ class Daemon:
         started = time.monotonic()
         if not self.wait_ready(timeout) or self.scheduler is None:
             raise PhicapError("the model is still loading", code="not_ready", retryable=True)
-        # ``path`` is where the client read ``data``: a key for the watch root's configuration,
-        # never opened or read here (the daemon's user may not even be allowed to). A file under
-        # a root gets what the watcher would give it: the root's prompt unless the request names
-        # one, and the root's prefix/suffix.
+        # ``path`` is where the client read ``data``: a key for the watch root's configuration, never
+        # opened or read here (the daemon's user may not be allowed to). A file under a root gets what
+        # the watcher gives it: its prompt unless the request names one, its form (``caption_form``).
         if (waiting := self._waiting()) is not None:
             # Every remote endpoint is down: say so now rather than after the caption timeout.
             raise PhicapError(f"no caption can be made now: {waiting}", code="remote_unavailable", retryable=True)
@@ -444,7 +444,7 @@ class Daemon:
             message = f"{name}: no caption within {timeout:.0f} s"
             raise PhicapError(message, code=CAPTION_TIMEOUT, retryable=True) from None
         assert self.captioner is not None
-        text = decorate(caption.text, root.prefix, root.suffix) if root is not None else caption.text
+        text = root_form(caption.text, root) if root is not None else caption.text
         if root is not None and path is not None and sidecar is not None:
             self._claim_client_sidecar(journal_path(path, root), root, sidecar)
         model, revision = model_and_revision(caption.model or self.captioner.identity)
@@ -708,7 +708,7 @@ class Daemon:
     def recaption_stale(self, directory: Path | None, force: bool) -> tuple[int, int]:
         report = self._stale_report(directory)
         chosen = report.stale + report.edited if force else report.stale
-        n = staleness.requeue(self.store, chosen)
+        n = staleness.requeue(self.store, chosen, report.reform)
         self._work_queued()
         log.info("recaption", requeued=n, edited_kept=0 if force else len(report.edited), dir=str(directory or ""))
         return n, 0 if force else len(report.edited)
@@ -721,7 +721,7 @@ class Daemon:
             if self.settings.restale_for(root) == "auto":
                 report = staleness.find_stale(self.settings, self.store, self.captioner.identity, root.path)
                 if report.stale:
-                    n = staleness.requeue(self.store, report.stale)
+                    n = staleness.requeue(self.store, report.stale, report.reform)
                     log.info("recaption", root=str(root.path), requeued=n, edited_kept=len(report.edited), auto=True)
         self._work_queued()
 

@@ -382,7 +382,9 @@ class BatchCaptioner:
                 primary,
                 "failed",
                 result=result,
-                code=e.code if isinstance(e, safe_files.RefusedFile) else "sidecar_unwritable",
+                code=e.code
+                if isinstance(e, safe_files.RefusedFile)
+                else metadata.unreadable_code(target, e) or "sidecar_unwritable",
                 message=f"cannot write {target}: {getattr(e, 'strerror', None) or e}",
                 exit_code=EX_CANTCREAT,
             )

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from phicapd.pipeline import safe_files, worker_protocol
+from phicapd.pipeline.makernotes import MAKER_NOTE, exif_rewritable
 from phicapd.pipeline.metadata import DESCRIPTION, X_DEFAULT, MetadataUnavailable, MetadataUnreadable, require
 from phicapd.pipeline.placeholders import is_placeholder
 from phicapd.pipeline.worker_protocol import Handler
@@ -103,7 +104,8 @@ def read_checked(path: Path, max_bytes: int) -> list[str]:
 
 def modify_in_process(path: Path, kinds: tuple[str, ...], caption: str) -> None:
     """Set ``caption`` in the metadata ``kinds`` of ``path``, in place; ``MetadataUnreadable``
-    when exiv2 cannot parse the file (it is opened, parsed whole, before anything changes)."""
+    when exiv2 cannot parse the file (it is opened, parsed whole, before anything changes).
+    EXIF is left as it is where rewriting it would break a maker note (``makernotes``)."""
     pyexiv2 = require()
     try:
         image = pyexiv2.Image(str(path))
@@ -112,6 +114,8 @@ def modify_in_process(path: Path, kinds: tuple[str, ...], caption: str) -> None:
             raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path)) from None
         raise MetadataUnreadable(str(e)) from None
     try:
+        if "exif" in kinds and not exif_rewritable(_exif_keys(image)):
+            kinds = tuple(k for k in kinds if k != "exif")
         if "xmp" in kinds:
             image.modify_xmp({DESCRIPTION: {X_DEFAULT: caption}})
         if "exif" in kinds:
@@ -120,6 +124,14 @@ def modify_in_process(path: Path, kinds: tuple[str, ...], caption: str) -> None:
             image.modify_iptc({"Iptc.Application2.Caption": caption})
     finally:
         image.close()
+
+
+def _exif_keys(image: Any) -> frozenset[str]:
+    """The EXIF keys exiv2 finds in ``image`` (latin-1 decodes every byte, so no text fails)."""
+    try:
+        return frozenset(image.read_exif(encoding="latin-1"))
+    except RuntimeError:  # EXIF it cannot list is EXIF it must not rewrite
+        return frozenset({MAKER_NOTE})
 
 
 def handle(request: dict[str, Any]) -> dict[str, Any]:

@@ -11,8 +11,8 @@ Everything here is plain data and files; the writer (``pipeline/writer.py``) dec
   It is rewritten whole (temp file + rename) once per writer group, so a reader never sees half
   of it, and an image no longer on disk drops out at the directory's next rewrite.
 * The settings key: a short hash of what makes a caption (model, revision, prompt, prefix,
-  suffix, generation settings). The journal keeps it per caption; a caption whose key differs
-  from its root's current one is stale (``phicapctl stale``).
+  suffix, ``single_line``, generation settings). The journal keeps it per caption; a caption
+  whose key differs from its root's current one is stale (``phicapctl stale``).
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ def settings_key(
         "suffix": root.suffix,
         "generation": generation_settings(settings, max_new_tokens),
     }
+    if root.single_line:  # only when on: the keys of every root without it stay as they were
+        parts["single_line"] = True
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 

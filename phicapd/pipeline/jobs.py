@@ -32,7 +32,8 @@ from phicapd.pipeline.decode_marks import DecodeMarks
 
 SCHEMA_VERSION = 5
 #: ``jobs.staged``: 0 no, 1 its files are being written from the staged caption (finish them
-#: all), 2 a backfill (write only the outputs it lacks, from the caption it has).
+#: all), 2 a backfill (write only the outputs it lacks, from the caption it has; forced, a
+#: re-form: write them all, in the root's form, ``NewWork.reform``).
 STAGED_WRITE = 1
 STAGED_BACKFILL = 2
 
@@ -129,6 +130,9 @@ class NewWork:
     # It lacks some outputs, and the journal's caption was made from its current bytes: write
     # them from that caption (``Job.backfill``) rather than ask the model again.
     backfill: bool = False
+    # With ``force``: its journal caption, made from these bytes, only needs its root's new form
+    # (``caption_form``): staged like a backfill, and forced through every output.
+    reform: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,7 +431,8 @@ class JobStore:
                     # Captioned after the caller looked (a scan racing the writer): the sidecar it
                     # found missing is there now, so this would be a second caption.
                     continue
-                backfill = w.backfill and state == "done" and not changed and not w.force and row["caption"] is not None
+                from_journal = w.reform if w.force else w.backfill
+                backfill = from_journal and state == "done" and not changed and row["caption"] is not None
                 db.execute(
                     "UPDATE jobs SET state = 'pending', root = ?, force = ?, attempts = 0, next_attempt_at = 0,"
                     " staged = ?, size = ?, mtime_ns = ?, inode = ?, error_code = NULL, error_message = NULL,"

@@ -44,6 +44,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from phicapd.errors import IMAGE_METADATA_UNREADABLE, XMP_UNREADABLE
 from phicapd.log import get_logger
 from phicapd.pipeline import safe_files
 from phicapd.pipeline.exiv2_supervisor import Supervisor, WorkerDied
@@ -315,6 +316,14 @@ def described_by_others(descriptions: tuple[str, ...], ours: str | None) -> bool
     caption this daemon last wrote: someone else's description (a camera's, a person's, a photo
     manager's) in any field, which ``skip`` and ``only-missing`` keep."""
     return any(text != ours for text in descriptions)
+
+
+def unreadable_code(target: Path, e: BaseException) -> str | None:
+    """The failure code of a write into ``target`` that exiv2 refused because it cannot parse
+    the file (``MetadataUnreadable``): an XMP sidecar's or an image's own; None for any other."""
+    if not isinstance(e, MetadataUnreadable):
+        return None
+    return XMP_UNREADABLE if target.suffix.lower() == XMP_EXTENSION else IMAGE_METADATA_UNREADABLE
 
 
 def can_embed(image: Path) -> bool:

@@ -22,6 +22,7 @@ CAMERA_PLACEHOLDERS: frozenset[str] = frozenset(
         "KONICA MINOLTA DIGITAL CAMERA",
         "SAMSUNG DIGITAL CAMERA",
         "PENTAX DIGITAL CAMERA",
+        "DCF 1.0",  # Minolta DiMAGE firmware (exiftool's t/images/Minolta.jpg, tests/data/real)
         "DIGITAL CAMERA",
         "DEFAULT",
         "UNTITLED",

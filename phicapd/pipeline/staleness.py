@@ -10,16 +10,21 @@ unless forced, under every policy, automatic redo included.
 Captions from before the journal kept keys and texts (schema < 4) are judged by what it kept
 then: stale when their model or prompt differs from the root's current one, edited when their
 file is newer than the journal's record of writing it.
+
+A stale caption that differs only in being written on several lines where its root is now
+``single_line`` is *reformable* (``caption_form``): ``requeue`` has it re-formed from the
+journal, with no model call.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
+from phicapd.caption_form import reformable
 from phicapd.config import Settings, WatchRoot
 from phicapd.pipeline import metadata
 from phicapd.pipeline.formats import model_and_revision, read_manifest, settings_key
@@ -35,6 +40,7 @@ class NotWatched(ValueError):
 class StaleReport:
     stale: list[tuple[Job, WatchRoot]] = field(default_factory=list)
     edited: list[tuple[Job, WatchRoot]] = field(default_factory=list)
+    reform: set[int] = field(default_factory=set)  # ids of the stale ones the journal can re-form
 
 
 def roots_for(settings: Settings, directory: Path | None) -> list[tuple[WatchRoot, Path | None]]:
@@ -58,6 +64,7 @@ def find_stale(settings: Settings, store: JobStore, identity: str, directory: Pa
     manifests: Callable[[Path], dict[str, str]] = cache(_manifest_entries)
     for root, under in roots_for(settings, directory):
         current = settings_key(settings, root, identity)
+        unformed = settings_key(settings, root.model_copy(update={"single_line": False}), identity)
         outputs = RootOutputs.of(settings, root)
         prompt = settings.prompt_for(root)
         for job in store.captioned(root.path, under):
@@ -70,6 +77,8 @@ def find_stale(settings: Settings, store: JobStore, identity: str, directory: Pa
             else:
                 edited = _edited(job, outputs, manifests)
             (report.edited if edited else report.stale).append((job, root))
+            if not edited and reformable(root, job.settings_key, unformed):
+                report.reform.add(job.id)
     return report
 
 
@@ -111,13 +120,15 @@ def _newer_than_recorded(job: Job) -> bool:
         return False
 
 
-def requeue(store: JobStore, entries: list[tuple[Job, WatchRoot]]) -> int:
-    """Queue the images of ``entries`` for a new caption that replaces theirs under every policy."""
+def requeue(store: JobStore, entries: list[tuple[Job, WatchRoot]], reform: Collection[int] = ()) -> int:
+    """Queue the images of ``entries`` for a new caption that replaces theirs under every policy;
+    those in ``reform`` (job ids: ``StaleReport.reform``) get their journal caption re-formed."""
     work: list[NewWork] = []
     for job, root in entries:
         try:
             st = os.stat(job.path)
         except OSError:
             continue  # gone: the watcher forgets it
-        work.append(NewWork(job.path, root.path, Fingerprint(st.st_size, st.st_mtime_ns, st.st_ino), force=True))
+        fp = Fingerprint(st.st_size, st.st_mtime_ns, st.st_ino)
+        work.append(NewWork(job.path, root.path, fp, force=True, reform=job.id in reform))
     return store.enqueue_many(work)

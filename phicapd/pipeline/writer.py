@@ -49,9 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from phicapd.captioner import Caption, decorate
+from phicapd.caption_form import one_line, root_form
+from phicapd.captioner import Caption
 from phicapd.config import Settings, WatchRoot
-from phicapd.errors import IMAGE_CHANGED, NAME_NOT_UTF8, XMP_CHANGED, XMP_UNREADABLE, PhicapError
+from phicapd.errors import IMAGE_CHANGED, NAME_NOT_UTF8, XMP_CHANGED, PhicapError
 from phicapd.fsnames import display, is_utf8
 from phicapd.log import get_logger
 from phicapd.pipeline import metadata
@@ -95,7 +96,7 @@ class Finished:
     error: PhicapError | None = None
     skipped: bool = False  # its sidecar is kept as it is (the policy): done without a caption
     claim: str | None = None  # the sidecar base named for it (``pipeline.sidecar.Claims``)
-    staged: bool = False  # ``caption`` is the journal's staged text (decorated): finish its files
+    staged: bool = False  # ``caption`` is the journal's staged text (in its root's form): finish its files
 
 
 @dataclass(slots=True)
@@ -274,9 +275,13 @@ class SidecarWriter:
             base = self._siblings.get(directory, f.root).base_for(f.job.path.name, claims)
             f.claim = base
         caption = f.caption
-        text = caption.text if f.staged else decorate(caption.text, f.root.prefix, f.root.suffix)
+        # A re-form: the journal's caption (prefix and suffix in it) put on one line (``caption_form``).
+        reform = f.staged and f.job.backfill and f.job.force
+        text = (one_line(caption.text) if reform else caption.text) if f.staged else root_form(caption.text, f.root)
         model = caption.model or self.model_identity
-        key = f.job.settings_key if f.staged else settings_key(self.settings, f.root, self.model_identity)
+        key = (
+            f.job.settings_key if f.staged and not reform else settings_key(self.settings, f.root, self.model_identity)
+        )
         record = Success(
             f.job.id,
             f.decoded.sha256,
@@ -529,11 +534,15 @@ def _metadata_error(image: Path, target: Path, e: OSError | RuntimeError) -> Phi
             code=XMP_CHANGED if sidecar else IMAGE_CHANGED,
             retryable=True,
         )
-    if sidecar and isinstance(e, metadata.MetadataUnreadable):
+    unreadable = metadata.unreadable_code(target, e)
+    if unreadable is not None:
+        what, fix = (
+            (f"its XMP sidecar {target}", "fix or remove it") if sidecar else ("its own metadata", "fix or strip it")
+        )
         return PhicapError(
-            f"{image}: exiv2 cannot read its XMP sidecar {target} ({e}); it is left as it is, without"
-            " the caption: fix or remove it, then phicapctl retry",
-            code=XMP_UNREADABLE,
+            f"{image}: exiv2 cannot read {what} ({e}); it is left as it is, without"
+            f" the caption: {fix}, then phicapctl retry",
+            code=unreadable,
             retryable=False,
         )
     # exiv2 crashed or hung on the file: it would again, so the job is parked, not retried.
