@@ -182,10 +182,8 @@ class Daemon:
             try:
                 self._loading = install_signals and not self._stop.is_set()
                 self.captioner = self._load_captioner(notifier)
-                warm_up = getattr(self.captioner, "warm_up", None)
-                if warm_up is not None:
-                    notifier.status("warming up the model")
-                    warm_up()
+                notifier.status("warming up the model")
+                self.captioner.warm_up()
             finally:
                 self._loading = False  # from here on a signal only sets _stop
                 keepalive.stop()
@@ -367,8 +365,7 @@ class Daemon:
 
     def _waiting(self) -> str | None:
         """Why the backend cannot take work now (every remote endpoint is down), or None."""
-        waiting = getattr(self.captioner, "waiting", None)
-        return waiting if isinstance(waiting, str) else None
+        return self.captioner.waiting if self.captioner is not None else None
 
     def status_line(self) -> str:
         if self.scheduler is None:
@@ -597,8 +594,7 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         sched = self.scheduler
         state = self.current_state()
-        describe = getattr(self.captioner, "describe", None)
-        details = describe() if describe is not None else {}
+        details = self.captioner.describe() if self.captioner is not None else {}
         model: dict[str, Any] = {"source": model_source(self.settings), "loaded": self.captioner is not None}
         if self.captioner is None and self.loading is not None:
             model["loading"] = self.loading
