@@ -94,5 +94,20 @@ IMAGE_CRASHED_DECODER = "image_crashed_decoder"
 #: written; it is parked until it is renamed (``phicapd.fsnames``).
 NAME_NOT_UTF8 = "name_not_utf8"
 
+# What the daemon's control API answers (``phicapd.control_api``); ``control.protocol`` maps
+# each to its HTTP status.
+#: A request whose fields contradict each other or the watch root (a sidecar of another format).
+BAD_REQUEST = "bad_request"
+#: The model is still loading (or the daemon stops): retryable.
+NOT_READY = "not_ready"
+#: No caption within the request's timeout: retryable.
+CAPTION_TIMEOUT = "caption_timeout"
+#: ``/v1/stale``, ``/v1/recaption``, ``/v1/captioned``: a path under no watch root.
+NOT_WATCHED = "not_watched"
+#: ``/v1/captioned``: the image is not there (any more) to be recorded.
+IMAGE_GONE = "image_gone"
+#: ``/v1/captioned``: no file of the image holds the caption.
+CAPTION_NOT_WRITTEN = "caption_not_written"
+
 EX_TEMPFAIL = 75
 EX_CONFIG = 78

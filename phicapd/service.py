@@ -21,8 +21,16 @@ from phicapd import __version__
 from phicapd.captioner import Captioner, decorate
 from phicapd.config import Settings, WatchRoot
 from phicapd.control.backend import CaptionReply
-from phicapd.control.protocol import BAD_REQUEST, CAPTION_NOT_WRITTEN, CAPTION_TIMEOUT, IMAGE_GONE, NOT_WATCHED
-from phicapd.errors import ConfigError, ModelUnavailable, PhicapError
+from phicapd.errors import (
+    BAD_REQUEST,
+    CAPTION_NOT_WRITTEN,
+    CAPTION_TIMEOUT,
+    IMAGE_GONE,
+    NOT_WATCHED,
+    ConfigError,
+    ModelUnavailable,
+    PhicapError,
+)
 from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
 from phicapd.pipeline import staleness
