@@ -108,6 +108,9 @@ NOT_WATCHED = "not_watched"
 IMAGE_GONE = "image_gone"
 #: ``/v1/captioned``: no file of the image holds the caption.
 CAPTION_NOT_WRITTEN = "caption_not_written"
+#: A socket request while every remote endpoint is down: answered at once instead of after the
+#: caption timeout (retryable).
+REMOTE_UNAVAILABLE = "remote_unavailable"
 
 EX_TEMPFAIL = 75
 EX_CONFIG = 78

@@ -87,8 +87,6 @@ REMOTE_DROPPED = "remote_dropped"
 #: The image a probe asks for when there is nothing else to tell whether an endpoint still
 #: answers images: plain gray, one token.
 PROBE_SIZE = (64, 48)
-#: A socket request while every endpoint is down: answered at once instead of after the caption timeout.
-REMOTE_UNAVAILABLE = "remote_unavailable"
 
 
 @dataclass(slots=True)
