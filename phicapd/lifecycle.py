@@ -33,7 +33,3 @@ class Lifecycle:
 
     def wait_ready(self, timeout: float) -> bool:
         return self.ready.wait(timeout)
-
-    def not_ready_reason(self) -> str:
-        """Why a caption cannot be made while the daemon is not ready."""
-        return self.loading if self.phase == "loading" else f"the daemon is {self.phase}"
