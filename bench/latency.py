@@ -102,10 +102,10 @@ class DaemonThread(threading.Thread):
 
 def wait_ready(daemon: Daemon, runner: DaemonThread, timeout: float, started: float) -> None:
     deadline = started + timeout
-    while not daemon.wait_ready(1.0):
+    while not daemon.lifecycle.wait_ready(1.0):
         runner.check("while loading the model")
         if time.monotonic() > deadline:
-            raise SystemExit(f"the model was not ready after {timeout:.0f} s (daemon state {daemon.state!r})")
+            raise SystemExit(f"the model was not ready after {timeout:.0f} s (daemon state {daemon.lifecycle.phase!r})")
     runner.check("while loading the model")
 
 
@@ -122,7 +122,7 @@ def wait_for_backlog(daemon: Daemon, runner: DaemonThread, want: int, timeout: f
             broken = scheduler.broken if scheduler is not None else None
             raise SystemExit(
                 f"only {counts['done']} of the backlog captioned after {timeout:.0f} s (waiting for {want}): "
-                f"journal {counts}, daemon state {daemon.state!r}, scheduler broken: {broken}"
+                f"journal {counts}, daemon state {daemon.lifecycle.phase!r}, scheduler broken: {broken}"
             )
         time.sleep(0.05)
 

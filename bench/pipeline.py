@@ -25,27 +25,48 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
-from phicapd.captioner import Caption, CaptionRequest
+from phicapd.captioner import Caption, CaptionRequest, Deliver, Take
 from phicapd.config import Settings, load_settings
 from phicapd.log import configure_logging
 from phicapd.service import Daemon
 
 
 class FreeCaptioner:
-    """Answers instantly: what remains is the pipeline's own cost."""
+    """Answers instantly, batch after batch: what remains is the pipeline's own cost."""
 
     identity = "bench@free"
     max_batch = 32
+    continuous_batching = False
+    kept_image_side = 2048
+    waiting = None
 
     def __init__(self) -> None:
         self.calls = 0
 
+    def prepare(self, image: Image.Image) -> None:
+        return None
+
+    def stream(self, take: Take, deliver: Deliver) -> None:
+        while batch := take(self.max_batch, True):
+            for request, caption in zip(batch, self.caption(batch), strict=True):
+                deliver(request, caption)
+
     def caption(self, batch: Sequence[CaptionRequest]) -> list[Caption]:
         self.calls += len(batch)
         return [Caption(f"{r.image.size[0]}x{r.image.size[1]}", 1) for r in batch]
+
+    def warm_up(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def stopping(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

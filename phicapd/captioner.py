@@ -1,13 +1,15 @@
 """The seam between the pipeline and a captioning backend.
 
-The scheduler hands a ``Captioner`` batches of decoded images; the native Phi-3.5-vision model
+The scheduler hands a ``Captioner`` decoded images; the native Phi-3.5-vision model
 (``phicapd.model``) implements it, a fleet of OpenAI-compatible servers such as vLLM does too
-(``phicapd.remote``), and tests use a deterministic fake. Everything here is plain data: no torch import.
+(``phicapd.remote``), and tests use deterministic fakes. Everything here is plain data: no torch import.
 
-A backend that batches continuously also offers ``stream(take, deliver)``: it asks ``take`` for
-more work before every step and hands each caption to ``deliver`` the moment it is done, so a
-request that arrives mid-batch joins it instead of waiting for it. ``streamer`` gives every
-backend that shape, running a batch-only one batch by batch.
+``Captioner`` declares every member the daemon uses; each backend implements all of them (a
+member a backend has nothing to do for is a trivial one, saying so), so no caller probes for one.
+The daemon's captions go through ``stream(take, deliver)``: the backend asks ``take`` for more
+work whenever it has room and hands each caption to ``deliver`` the moment it is done, so a
+request that arrives mid-batch joins it instead of waiting for it. ``caption(batch)`` is the
+fixed batch the scheduler falls back on to retry images one at a time.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from phicapd.errors import PhicapError
 class CaptionRequest:
     """One image to caption. ``image`` is an 8-bit RGB image from ``phicapd.imaging``.
 
-    ``prepared`` holds what the backend's optional ``prepare(image)`` returned, computed in the
-    scheduler's CPU pool ahead of the GPU; a backend without ``prepare`` ignores it.
+    ``prepared`` holds what the backend's ``prepare(image)`` returned, computed in the
+    scheduler's CPU pool ahead of the GPU (None: it had nothing to prepare).
     """
 
     image: Image.Image
@@ -54,14 +56,18 @@ class Caption:
     model: str | None = None
 
 
+Take = Callable[[int, bool], list[CaptionRequest]]
+"""``take(room, idle)``: at most ``room`` requests to start now (``idle``: nothing is running, so
+a short wait to fill a batch costs nothing; an empty answer while idle ends the stream)."""
+
+Deliver = Callable[[CaptionRequest, "Caption | PhicapError"], None]
+"""``deliver(request, outcome)``: one request's caption, or the error that failed only it."""
+
+
 @runtime_checkable
 class Captioner(Protocol):
-    """A backend that turns batches of images into captions.
-
-    ``caption`` returns one ``Caption`` per request, in order. It raises (a ``PhicapError``
-    where it can say why) when the whole batch failed; the scheduler then retries the images
-    one at a time so that one bad image cannot fail its neighbours.
-    """
+    """A backend that turns images into captions. The scheduler's GPU worker is the only thread
+    that calls ``stream`` and ``caption``; ``prepare`` runs in its decode pool meanwhile."""
 
     @property
     def identity(self) -> str:
@@ -70,53 +76,67 @@ class Captioner(Protocol):
 
     @property
     def max_batch(self) -> int:
-        """The largest batch this backend wants at once."""
+        """The most requests this backend runs at once (rows on the GPU, requests on the wire)."""
         ...
 
-    def caption(self, batch: Sequence[CaptionRequest]) -> list[Caption]: ...
+    @property
+    def continuous_batching(self) -> bool:
+        """True when ``stream`` takes new requests while others run (between decode steps, or as
+        an endpoint frees a slot): the scheduler then keeps ``interactive_slots`` rows free for
+        socket requests. False: ``stream`` runs batch after batch, and a socket request waits
+        for at most the batch on the model."""
+        ...
 
-    def close(self) -> None: ...
+    @property
+    def kept_image_side(self) -> int:
+        """The longest side of the image a request keeps beside what ``prepare`` made: a larger
+        one is cut down to it before it waits for the model (the native model needs it again
+        for a retry with fewer crops; the remote one's data URL is all it sends)."""
+        ...
 
+    def prepare(self, image: Image.Image) -> Any:
+        """CPU-side work on one image ahead of the model (HD crops, a data URL), run in the
+        scheduler's decode pool; the result travels as ``CaptionRequest.prepared``. None: nothing
+        to prepare, and the request keeps the whole image."""
+        ...
 
-Take = Callable[[int, bool], list[CaptionRequest]]
-"""``take(room, idle)``: at most ``room`` requests to start now (``idle``: nothing is running, so
-a short wait to fill a batch costs nothing; an empty answer while idle ends the stream)."""
+    def stream(self, take: Take, deliver: Deliver) -> None:
+        """Caption what ``take`` hands over, delivering each outcome as it is done, until ``take``
+        answers nothing while idle. It raises when everything in flight failed at once; the
+        caller decides what to do with the requests it took and never got back."""
+        ...
 
-Deliver = Callable[[CaptionRequest, "Caption | PhicapError"], None]
-"""``deliver(request, outcome)``: one request's caption, or the error that failed only it."""
+    def caption(self, batch: Sequence[CaptionRequest]) -> list[Caption]:
+        """One ``Caption`` per request, in order. Raises (a ``PhicapError`` where it can say why)
+        when the batch failed; the scheduler retries images one at a time through it, so that
+        one bad image cannot fail its neighbours."""
+        ...
 
-Stream = Callable[[Take, Deliver], None]
+    def warm_up(self) -> None:
+        """Before the daemon says READY: whatever makes the first caption as fast as the rest
+        (the native model sizes its KV cache and captures its decode graphs)."""
+        ...
 
+    def describe(self) -> dict[str, Any]:
+        """For ``phicapctl status`` and ``/metrics``: JSON-able facts about the backend (device,
+        engine, endpoints); a "gpu" key, if any, is shown apart as ``status``'s ``gpu``."""
+        ...
 
-def streamer(captioner: Captioner) -> Stream:
-    """The backend's own ``stream`` if it has one, else its ``caption`` batch after batch.
+    @property
+    def waiting(self) -> str | None:
+        """Why no caption can be made now (every remote endpoint is down), or None. The daemon
+        then says "waiting" and answers socket requests at once instead of after their timeout."""
+        ...
 
-    Either way a stream raises when everything in flight failed at once; the caller then
-    decides what to do with the requests it took and never got back.
-    """
-    stream = getattr(captioner, "stream", None)
-    if callable(stream):
-        return stream
+    def stopping(self) -> None:
+        """The daemon stops (called before the drain): a stream holding requests it cannot run
+        now returns them undelivered at once rather than after the drain grace; the scheduler
+        hands their jobs back to the journal."""
+        ...
 
-    def batches(take: Take, deliver: Deliver) -> None:
-        while batch := take(captioner.max_batch, True):
-            for request, caption in zip(batch, captioner.caption(batch), strict=True):
-                deliver(request, caption)
-
-    return batches
-
-
-# A backend with ``prepare`` may set ``kept_image_side``: the longest side of the image the scheduler
-# keeps beside the prepared form (default 2048, for the native model's retry with fewer crops).
-# A backend may also offer ``stopping()``: the scheduler calls it when the daemon stops, so that a
-# stream holding requests it cannot run now (every remote endpoint down) returns them undelivered
-# at once instead of after the drain grace; the scheduler hands their jobs back to the journal.
-
-
-def preparer(captioner: Captioner) -> Callable[[Image.Image], Any] | None:
-    """The backend's CPU-side ``prepare(image)`` step (e.g. HD crops), if it has one."""
-    prepare = getattr(captioner, "prepare", None)
-    return prepare if callable(prepare) else None
+    def close(self) -> None:
+        """Free what the backend holds (GPU memory, threads, connections); nothing is called after."""
+        ...
 
 
 def decorate(text: str, prefix: str = "", suffix: str = "") -> str:

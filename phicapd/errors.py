@@ -102,5 +102,23 @@ NAME_NOT_UTF8 = "name_not_utf8"
 #: Refused before the model is asked; the daemon's own roots cannot take raw files and embed.
 EMBED_RAW_REFUSED = "embed_raw_refused"
 
+# What the daemon's control API answers (``phicapd.control_api``); ``control.protocol`` maps
+# each to its HTTP status.
+#: A request whose fields contradict each other or the watch root (a sidecar of another format).
+BAD_REQUEST = "bad_request"
+#: The model is still loading (or the daemon stops): retryable.
+NOT_READY = "not_ready"
+#: No caption within the request's timeout: retryable.
+CAPTION_TIMEOUT = "caption_timeout"
+#: ``/v1/stale``, ``/v1/recaption``, ``/v1/captioned``: a path under no watch root.
+NOT_WATCHED = "not_watched"
+#: ``/v1/captioned``: the image is not there (any more) to be recorded.
+IMAGE_GONE = "image_gone"
+#: ``/v1/captioned``: no file of the image holds the caption.
+CAPTION_NOT_WRITTEN = "caption_not_written"
+#: A socket request while every remote endpoint is down: answered at once instead of after the
+#: caption timeout (retryable).
+REMOTE_UNAVAILABLE = "remote_unavailable"
+
 EX_TEMPFAIL = 75
 EX_CONFIG = 78

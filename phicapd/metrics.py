@@ -64,7 +64,7 @@ class DaemonMetrics:
 
 
 class _StatusCollector(Collector):
-    """Gauges and totals read from ``Daemon.status()`` at scrape time."""
+    """Gauges and totals read from the control API's ``status()`` at scrape time."""
 
     def __init__(self, status: Status, is_ready: Callable[[], bool]) -> None:
         self._status = status

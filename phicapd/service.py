@@ -1,44 +1,38 @@
 """The daemon's lifecycle: config -> journal -> socket -> model -> watchers -> READY -> serve -> drain.
 
-``Daemon`` wires the parts together and is also the ``ControlBackend`` the control socket
-serves: it owns nothing but references and the daemon's state ("loading", "ready",
-"stopping"). The socket comes up first so ``phicapctl status`` answers while the model loads.
+``Daemon`` starts the parts in order, serves until a signal, and stops them in reverse; it
+owns them and the lifecycle's state ("starting", "loading", "ready", "stopping"). What the
+control socket answers is the control API's (``phicapd.control_api``): the socket comes up
+first, with a stand-in that answers from the journal while the model loads (``phicapctl
+status`` works then), and serves the whole API once the pipeline runs.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import TimeoutError as FutureTimeout
-from pathlib import Path
 from typing import Any
 
-from phicapd import __version__
-from phicapd.caption_form import root_form
 from phicapd.captioner import Captioner
-from phicapd.config import Settings, WatchRoot
-from phicapd.control.backend import CaptionReply
-from phicapd.control.protocol import BAD_REQUEST, CAPTION_NOT_WRITTEN, CAPTION_TIMEOUT, IMAGE_GONE, NOT_WATCHED
+from phicapd.client_outputs import ClientOutputs, no_manifest_writer
+from phicapd.config import Settings
+from phicapd.control_api import ControlApi, LoadingApi
 from phicapd.errors import ConfigError, ModelUnavailable, PhicapError
+from phicapd.lifecycle import Lifecycle
 from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
 from phicapd.pipeline import staleness
-from phicapd.pipeline.decode import fingerprint_of
 from phicapd.pipeline.decode_pool import DecodeWorkers
-from phicapd.pipeline.formats import generation_settings, model_and_revision, settings_key
 from phicapd.pipeline.intake import Intake
-from phicapd.pipeline.jobs import Job, JobStore, Success
-from phicapd.pipeline.outputs import RootOutputs, sidecar_base
-from phicapd.pipeline.paths import is_watched_dir, journal_path, list_images, owning_root
-from phicapd.pipeline.progress import Backlog, progress_report
+from phicapd.pipeline.jobs import JobStore
+from phicapd.pipeline.paths import list_images
 from phicapd.pipeline.scanner import Reconciler
 from phicapd.pipeline.scheduler import INTERACTIVE_DECODERS, Scheduler
-from phicapd.pipeline.sidecar import Claims, is_rule_base
 from phicapd.pipeline.watcher import Watcher
+from phicapd.status_report import model_source
 from phicapd.stop_deadline import StopDeadline
 
 log = get_logger(__name__)
@@ -79,6 +73,9 @@ def load_model_captioner(settings: Settings) -> Captioner:
 
 
 class Daemon:
+    """Start -> serve -> stop: builds the parts in order, serves until a signal (or a broken
+    model) and stops them in reverse. It owns the parts; the control socket serves ``api``."""
+
     def __init__(
         self,
         settings: Settings,
@@ -90,21 +87,10 @@ class Daemon:
         self._reload = threading.Event()
         self._wake = threading.Event()
         self._captioner_factory = captioner_factory
-        self.state = "starting"
-        self.started_at = time.time()
-        self._ready = threading.Event()
-        self._stop = threading.Event()
+        self.lifecycle = Lifecycle(loading=f"loading the model from {model_source(settings)}")
         self._loading = False  # the main thread is loading the model: a signal interrupts it
         self._deadline = StopDeadline()  # armed by SIGTERM: the process ends in time, stuck or not
         self._keepalive: _ExtendTimeout | None = None
-        self.captioner: Captioner | None = None
-        self.scheduler: Scheduler | None = None
-        # The last reload that was refused, {"at": epoch seconds, "reason"}, until one succeeds:
-        # ``phicapctl status`` shows it, not only the log.
-        self.reload_refused: dict[str, Any] | None = None
-        self.decoders: DecodeWorkers | None = None
-        # Why the model is not ready yet, for ``phicapctl status``; None once it is loaded.
-        self.loading: str | None = f"loading the model from {model_source(settings)}"
         self.store = JobStore(
             settings.state.dir / "journal.sqlite3",
             max_attempts=settings.scheduler.max_attempts,
@@ -112,14 +98,29 @@ class Daemon:
         )
         self.reconciler = Reconciler(settings, self.store)
         self.intake = Intake(self.reconciler, self._work_queued)
-        self.watcher: Watcher | None = None
+        self.prometheus = DaemonMetrics(lambda: self.api.status(), self.lifecycle.is_ready)
+        self.loading_api = LoadingApi(
+            settings,
+            self.lifecycle,
+            self.store,
+            self.intake,
+            self.reconciler,
+            self.prometheus,
+            ClientOutputs(self.store, no_manifest_writer),
+        )
+        #: What the control socket serves: the stand-in until the pipeline runs.
+        self.api: LoadingApi | ControlApi = self.loading_api
+        # Built in order by ``run``; each stays None until it is (``_shutdown`` stops what was).
         self.server: Any = None
-        self.prometheus = DaemonMetrics(self.status, self.is_ready)
+        self.captioner: Captioner | None = None
+        self.decoders: DecodeWorkers | None = None
+        self.scheduler: Scheduler | None = None
+        self.watcher: Watcher | None = None
 
-    # -- lifecycle -----------------------------------------------------------------------------
+    # -- signals -------------------------------------------------------------------------------
 
     def request_stop(self, *_: object) -> None:
-        self._stop.set()
+        self.lifecycle.stop.set()
         self._wake.set()
 
     def request_reload(self, *_: object) -> None:
@@ -128,8 +129,7 @@ class Daemon:
         self._wake.set()
 
     def _on_signal(self, *_: object) -> None:
-        self._stop.set()
-        self._wake.set()
+        self.request_stop()
         self._deadline.arm()
         if self._keepalive is not None:
             # During a stop EXTEND_TIMEOUT_USEC would extend the stop timeout: a download that
@@ -147,6 +147,8 @@ class Daemon:
         log.warning("SIGHUP: stopping (the terminal closed?); `phicapd run --reload-on-hup` reloads instead")
         self._on_signal(*args)
 
+    # -- start -> serve -> stop ----------------------------------------------------------------
+
     def run(
         self,
         *,
@@ -158,7 +160,7 @@ class Daemon:
         """Serve until stopped; returns the exit code. ``reload_on_hup``: SIGHUP re-reads the
         configuration (systemctl reload), else it stops the daemon like SIGTERM."""
         from phicapd.control.server import ControlServer
-        from phicapd.systemd import Notifier, WatchdogFeeder
+        from phicapd.systemd import Notifier
 
         notifier = notifier or Notifier()
         if install_signals:
@@ -170,26 +172,14 @@ class Daemon:
         if recovered:
             log.info("returned interrupted jobs to the queue", jobs=recovered)
 
-        self.state = "loading"
-        self.server = ControlServer(self.settings.control, self, listen_socket=listen_socket)
+        self.lifecycle.phase = "loading"
+        self.server = ControlServer(self.settings.control, self.api, listen_socket=listen_socket)
         self.server.start()
         if not self.settings.watch:
             log.warning("no watch roots: no directory is watched", hint=NO_ROOTS_HINT)
 
-        notifier.status(f"loading model {model_source(self.settings)}")
-        keepalive = self._keepalive = _ExtendTimeout(notifier)
-        keepalive.start()
         try:
-            try:
-                self._loading = install_signals and not self._stop.is_set()
-                self.captioner = self._load_captioner(notifier)
-                warm_up = getattr(self.captioner, "warm_up", None)
-                if warm_up is not None:
-                    notifier.status("warming up the model")
-                    warm_up()
-            finally:
-                self._loading = False  # from here on a signal only sets _stop
-                keepalive.stop()
+            captioner = self._load(notifier, install_signals)
         except _StopWhileLoading:
             log.info("stopped while loading the model")
             self._shutdown(notifier)
@@ -203,62 +193,103 @@ class Daemon:
                 f"cannot load the model from {model_source(self.settings)}: {type(e).__name__}: {e}",
                 code="model_load_failed",
             ) from e
-        if self._stop.is_set():
+        if self.lifecycle.stop.is_set():
             self._shutdown(notifier)
             return 0
 
+        scheduler = self._start_pipeline(captioner)
+        self.lifecycle.phase = "ready"
+        self.lifecycle.ready.set()
+        notifier.ready()
+        notifier.status(self.status_line())
+        log.info("ready", model=captioner.identity, roots=[str(r.path) for r in self.settings.watch])
+        try:
+            return self._serve(notifier, scheduler)
+        finally:
+            self._shutdown(notifier)
+
+    def _load(self, notifier: Any, interruptible: bool) -> Captioner:
+        """Load and warm up the model, keeping systemd's start timeout extended meanwhile."""
+        notifier.status(f"loading model {model_source(self.settings)}")
+        keepalive = self._keepalive = _ExtendTimeout(notifier)
+        keepalive.start()
+        try:
+            self._loading = interruptible and not self.lifecycle.stop.is_set()
+            captioner = self.captioner = self._load_captioner(notifier)  # closed by _shutdown from here on
+            self.loading_api.captioner = captioner  # status shows it while it warms up
+            notifier.status("warming up the model")
+            captioner.warm_up()
+            return captioner
+        finally:
+            self._loading = False  # from here on a signal only sets the stop event
+            keepalive.stop()
+
+    def _start_pipeline(self, captioner: Captioner) -> Scheduler:
+        """Decoders, scheduler, intake, watcher, in that order; then the socket serves the whole API."""
+        settings = self.settings
         # Images are decoded in worker processes: a file that crashes a decoder costs a worker.
-        workers = self.settings.scheduler.decode_workers
-        self.decoders = DecodeWorkers(self.settings.imaging, workers, min(INTERACTIVE_DECODERS, workers))
-        self.scheduler = Scheduler(
-            self.settings,
-            self.captioner,
+        workers = settings.scheduler.decode_workers
+        self.decoders = DecodeWorkers(settings.imaging, workers, min(INTERACTIVE_DECODERS, workers))
+        scheduler = self.scheduler = Scheduler(
+            settings,
+            captioner,
             self.store,
             decode_file=self.decoders.decode_file,
             decode_bytes=self.decoders.decode_bytes,
             list_images=list_images,
             metrics=self.prometheus,
         )
-        self.scheduler.start()
+        scheduler.start()
         self.intake.start()
-        self.watcher = Watcher(
-            self.settings.watch,
-            self.settings.watcher,
+        writer = scheduler.writer  # the manifests' keeper: the watcher and the API hand it work
+        watcher = self.watcher = Watcher(
+            settings.watch,
+            settings.watcher,
             on_ready=lambda path, root: self.intake.file_ready(path, root),
             on_rescan=lambda root, directory, reason: self.intake.rescan(root, directory, reason),
-            on_gone=self._file_gone,
+            on_gone=writer.file_gone,
         )
-        self.watcher.start()
-        for root in self.settings.watch:
+        watcher.start()
+        for root in settings.watch:
             self.intake.rescan(root, root.path, "startup")
         self._restale_auto()
-        self.scheduler.notify_work()
+        self.api = ControlApi(
+            settings,
+            self.lifecycle,
+            self.store,
+            self.intake,
+            self.reconciler,
+            self.prometheus,
+            captioner=captioner,
+            scheduler=scheduler,
+            writer=writer,
+            watcher=watcher,
+        )
+        # Before READY: a request that waited for the model meets the whole API.
+        self.server.serve(self.api)
+        return scheduler
 
-        self.state = "ready"
-        self._ready.set()
-        notifier.ready()
-        notifier.status(self.status_line())
-        log.info("ready", model=self.captioner.identity, roots=[str(r.path) for r in self.settings.watch])
+    def _serve(self, notifier: Any, scheduler: Scheduler) -> int:
+        """The main loop: reloads, and the exit for a broken model. Returns the exit code."""
+        from phicapd.systemd import WatchdogFeeder
+
         feeder = WatchdogFeeder(notifier, health_check=self.healthy, status_text=self.status_line)
         feeder.start()
-        rc = 0
         try:
-            while not self._stop.is_set():
+            while not self.lifecycle.stop.is_set():
                 self._wake.wait(1.0)
                 self._wake.clear()
-                if self._reload.is_set() and not self._stop.is_set():
+                if self._reload.is_set() and not self.lifecycle.stop.is_set():
                     self._reload.clear()
                     self.reload(notifier)
-                if self.scheduler.broken is not None:
+                if scheduler.broken is not None:
                     # A restart gets a fresh CUDA context; the images it was on are counted as
                     # interrupted, so one that breaks the GPU every time is parked in the end.
-                    log.error("exiting for a restart", reason=str(self.scheduler.broken))
-                    rc = EX_SOFTWARE
-                    break
+                    log.error("exiting for a restart", reason=str(scheduler.broken))
+                    return EX_SOFTWARE
+            return 0
         finally:
             feeder.stop()
-            self._shutdown(notifier)
-        return rc
 
     def reload(self, notifier: Any = None) -> bool:
         """Apply the configuration file again without unloading the model (``phicapd.reload``
@@ -279,9 +310,9 @@ class Daemon:
                 check_roots_writable(new.model_copy(update={"watch": [r for r in new.watch if r.path not in known]}))
             except (ConfigError, OSError) as e:
                 log.error("reload refused: the configuration is invalid; keeping the running one", reason=str(e))
-                self.reload_refused = {"at": time.time(), "reason": str(e)}
+                self.lifecycle.reload_refused = {"at": time.time(), "reason": str(e)}
                 return False
-            self.reload_refused = None
+            self.lifecycle.reload_refused = None
             old = self.settings
             needs_restart = restart_only_changes(old, new)
             if needs_restart:
@@ -302,6 +333,7 @@ class Daemon:
         """Hand the new live settings to every part that holds them."""
         self.settings = settings
         self.reconciler.settings = settings
+        self.api.settings = settings
         if self.scheduler is not None:
             self.scheduler.set_settings(settings)
         logging.getLogger().setLevel(settings.log.level.upper())
@@ -322,14 +354,14 @@ class Daemon:
                 if e.code == "gpu_unavailable" or time.monotonic() + delay > deadline:
                     raise  # torch never sees a driver that comes up later: a restart will
                 log.warning("the model is not available yet; trying again", error=str(e), seconds=delay)
-                self.loading = f"waiting for the model, trying again every {delay:.0f} s or more: {e}"
+                self.lifecycle.loading = f"waiting for the model, trying again every {delay:.0f} s or more: {e}"
                 notifier.status(f"waiting for the model, again in {delay:.0f} s: {e}")
-                if self._stop.wait(delay):
+                if self.lifecycle.stop.wait(delay):
                     raise _StopWhileLoading from None
                 delay = min(delay * 2, 300.0)
 
     def _shutdown(self, notifier: Any) -> None:
-        self.state = "stopping"
+        self.lifecycle.phase = "stopping"
         notifier.stopping()
         log.info("stopping")
         if self.watcher is not None:
@@ -350,15 +382,20 @@ class Daemon:
         self._deadline.stopped()
         log.info("stopped")
 
-    def _file_gone(self, path: Path, root: WatchRoot) -> None:
-        """A watched file was deleted or moved away: its directory's manifest drops it."""
-        current = next((r for r in self.settings.watch if r.path == root.path), root)
-        if self.scheduler is not None and "jsonl" in self.settings.formats_for(current):
-            self.scheduler.writer.refresh_manifest(path.parent)
+    # -- what the pipeline and systemd ask -----------------------------------------------------
 
     def _work_queued(self) -> None:
         if self.scheduler is not None:
             self.scheduler.notify_work()
+
+    def _restale_auto(self) -> None:
+        """``restale = "auto"`` roots: redo their stale captions (at start, after a reload)."""
+        if self.captioner is not None:
+            staleness.restale_auto(self.settings, self.store, self.captioner.identity)
+        self._work_queued()
+
+    def is_ready(self) -> bool:
+        return self.lifecycle.is_ready()
 
     def healthy(self) -> bool:
         """The watchdog's question: are the GPU worker and the watcher still making progress?"""
@@ -366,386 +403,18 @@ class Daemon:
             return False
         return self.watcher is None or time.monotonic() - self.watcher.last_progress < STALL_SECONDS
 
-    def _waiting(self) -> str | None:
-        """Why the backend cannot take work now (every remote endpoint is down), or None."""
-        waiting = getattr(self.captioner, "waiting", None)
-        return waiting if isinstance(waiting, str) else None
-
     def status_line(self) -> str:
-        if self.scheduler is None:
-            return self.state
+        """systemd's STATUS=: the state and the journal's counts in one line."""
+        phase = self.lifecycle.phase
+        if self.scheduler is None or self.captioner is None:
+            return phase
         counts = self.store.counts()
-        state = "waiting: every remote endpoint is down" if self.state == "ready" and self._waiting() else self.state
+        waiting = phase == "ready" and self.captioner.waiting
+        state = "waiting: every remote endpoint is down" if waiting else phase
         return (
             f"{state}: {counts['pending'] + counts['running']} queued, {counts['done']} done, "
             f"{counts['failed']} failed, {self.scheduler.throughput.rate():.2f} img/s"
         )
-
-    # -- ControlBackend ------------------------------------------------------------------------
-
-    def is_ready(self) -> bool:
-        return self._ready.is_set() and not self._stop.is_set()
-
-    def wait_ready(self, timeout: float) -> bool:
-        return self._ready.wait(timeout)
-
-    def current_state(self) -> str:
-        """``status``'s state: "loading", "ready", "paused" (the watched directories wait; socket
-        requests are captioned), "waiting" (every remote endpoint is down) or "stopping"."""
-        state = self.state
-        if state == "ready" and self.scheduler is not None and self.scheduler.paused:
-            state = "paused"
-        if state == "ready" and self._waiting():
-            state = "waiting"  # why is in model.waiting
-        return state
-
-    def health(self) -> dict[str, Any]:
-        state = self.current_state()
-        ready = self.is_ready()
-        reason: str | None = None
-        if not ready:
-            reason = self.loading if state == "loading" and self.loading else f"the daemon is {state}"
-        elif (waiting := self._waiting()) is not None:
-            reason = waiting  # "all endpoints are down: URL: why; ..."
-        elif self.scheduler is not None and self.scheduler.broken is not None:
-            reason = f"the model broke, a restart is due: {self.scheduler.broken}"
-        return {"ready": ready, "captioning": ready and reason is None, "state": state, "reason": reason}
-
-    def caption_bytes(
-        self,
-        data: bytes,
-        *,
-        name: str,
-        prompt: str | None,
-        max_new_tokens: int | None,
-        timeout: float,
-        path: Path | None = None,
-        sidecar: str | None = None,
-    ) -> CaptionReply:
-        started = time.monotonic()
-        if not self.wait_ready(timeout) or self.scheduler is None:
-            raise PhicapError("the model is still loading", code="not_ready", retryable=True)
-        # ``path`` is where the client read ``data``: a key for the watch root's configuration, never
-        # opened or read here (the daemon's user may not be allowed to). A file under a root gets what
-        # the watcher gives it: its prompt unless the request names one, its form (``caption_form``).
-        if (waiting := self._waiting()) is not None:
-            # Every remote endpoint is down: say so now rather than after the caption timeout.
-            raise PhicapError(f"no caption can be made now: {waiting}", code="remote_unavailable", retryable=True)
-        root = owning_root(path, self.settings.watch) if path is not None else None
-        asked = prompt
-        if root is not None and not prompt:
-            prompt = self.settings.prompt_for(root)
-        future = self.scheduler.submit(data, name=name, prompt=prompt, max_new_tokens=max_new_tokens)
-        left = max(0.0, timeout - (time.monotonic() - started))
-        try:
-            caption = future.result(timeout=left)
-        except FutureTimeout:
-            future.cancel()
-            message = f"{name}: no caption within {timeout:.0f} s"
-            raise PhicapError(message, code=CAPTION_TIMEOUT, retryable=True) from None
-        assert self.captioner is not None
-        text = root_form(caption.text, root) if root is not None else caption.text
-        if root is not None and path is not None and sidecar is not None:
-            self._claim_client_sidecar(journal_path(path, root), root, sidecar)
-        model, revision = model_and_revision(caption.model or self.captioner.identity)
-        provenance: dict[str, Any] = {
-            "model": model,
-            "revision": revision,
-            "backend": caption.backend or self.settings.model.backend,
-            "prompt": prompt or self.settings.model.prompt,
-            "generation": generation_settings(self.settings, max_new_tokens),
-        }
-        if root is not None:
-            # What phicapctl reports back with the caption (``captioned``): keyed by the prompt and
-            # limit this request used, so a ``--prompt`` caption is stale against the root's.
-            identity = self.captioner.identity
-            provenance["settings_key"] = settings_key(
-                self.settings, root, identity, prompt=asked, max_new_tokens=max_new_tokens
-            )
-        return CaptionReply(
-            text,
-            caption.new_tokens,
-            self.captioner.identity,
-            time.monotonic() - started,
-            root=str(root.path) if root is not None else None,
-            provenance=provenance,
-        )
-
-    def caption_url(self, url: str, *, prompt: str | None, max_new_tokens: int | None, timeout: float) -> CaptionReply:
-        from phicapd.fetch import fetch_url
-
-        started = time.monotonic()
-        if not self.wait_ready(timeout):
-            raise PhicapError("the model is still loading", code="not_ready", retryable=True)
-        fetched = fetch_url(url, self.settings.fetch)
-        left = max(1.0, timeout - (time.monotonic() - started))
-        reply = self.caption_bytes(fetched.data, name=url, prompt=prompt, max_new_tokens=max_new_tokens, timeout=left)
-        return CaptionReply(reply.text, reply.new_tokens, reply.model, time.monotonic() - started, url=fetched.url)
-
-    def sidecar_policy(self, path: Path) -> dict[str, Any]:
-        # What phicapctl needs to name and keep the sidecar of ``path`` exactly as the watcher
-        # would: the owning root's include/ignore patterns feed the naming rule (``list_images``)
-        # and its ``existing`` setting overrides the global one. ``path`` is never opened.
-        policy: dict[str, Any] = {
-            "extension": self.settings.sidecar.extension,
-            "existing": self.settings.sidecar.existing,
-            "root": None,
-            "claims": {},
-            "formats": list(self.settings.sidecar.formats),
-            "xmp_naming": self.settings.sidecar.xmp_naming,
-        }
-        root = owning_root(path, self.settings.watch)
-        if root is None:
-            return policy
-        policy["existing"] = self.settings.existing_policy(root)
-        policy["formats"] = list(self.settings.formats_for(root))
-        policy["xmp_naming"] = self.settings.xmp_naming_for(root)
-        policy["claims"] = self.store.claims_in(journal_path(path, root).parent)
-        # The client's directory is resolved; a symlinked root matches it by its resolved form,
-        # and list_images relates the directory to the root, so report the form that matched.
-        base = root.path
-        if not is_watched_dir(path.parent, root):
-            base = Path(os.path.realpath(root.path))
-        policy["root"] = {
-            "path": str(base),
-            "recursive": root.recursive,
-            "include": list(root.include),
-            "ignore": list(root.ignore),
-        }
-        return policy
-
-    def _claim_client_sidecar(self, image: Path, root: WatchRoot, sidecar: str) -> None:
-        """phicapctl writes ``sidecar`` for ``image``: keep that name the image's, as the writer
-        does for its own."""
-        extension = RootOutputs.of(self.settings, root).named_extension
-        if extension is None or not sidecar.endswith(extension):
-            log.warning("sidecar name not recorded", path=str(image), sidecar=sidecar)
-            return
-        base = self._client_claim(image, sidecar[: -len(extension)])
-        if base is not None:
-            self.store.claim_sidecars([(image, base)])
-
-    def _client_claim(self, image: Path, base: str) -> str | None:
-        """``base``, the sidecar base phicapctl named ``image``'s files with, if it is to be claimed
-        for the image; None if the image holds a claim already, the name is not one the rule can
-        give the image, or it already belongs to another image that is still there (then
-        phicapctl named it without a claim that appeared meanwhile; the journal's claim stands)."""
-        if not is_rule_base(image.name, base):
-            log.warning("sidecar name not recorded", path=str(image), base=base)
-            return None
-        claims = Claims(self.store.claims_near(image), image.parent)
-        if image.name in claims.by_image or claims.holder(base, ()) not in (None, image.name):
-            return None
-        return base
-
-    def captioned(
-        self,
-        path: Path,
-        *,
-        sidecar: str | None,
-        caption: str,
-        sha256: str,
-        model: str,
-        backend: str | None,
-        prompt: str,
-        settings_key: str,
-    ) -> bool:
-        # phicapctl wrote the outputs itself, with its user's permissions; the daemon records
-        # them as the writer records its own, so the scans do not caption the image again and
-        # ``phicapctl stale`` judges it like the daemon's. It writes nothing for the client but
-        # the root's manifest, which is its own (the writer thread's) to keep.
-        root = owning_root(path, self.settings.watch)
-        if root is None:
-            raise PhicapError(f"{path} is under no watch root", code=NOT_WATCHED)
-        image = journal_path(path, root)
-        # Stat here, not the client's word: after an embed the image is a new file (inode), and
-        # the journal must know that version as captioned, or ``overwrite`` would redo it.
-        fingerprint = fingerprint_of(image)
-        if fingerprint is None:
-            raise PhicapError(f"{path}: no such image to record", code=IMAGE_GONE)
-        outputs = RootOutputs.of(self.settings, root)
-        extension = outputs.named_extension
-        base, claim = sidecar_base(image), None
-        if extension is not None:  # per-image files, named by the rule (and phicapctl's claims)
-            if sidecar is None or not sidecar.endswith(extension) or len(sidecar) == len(extension):
-                raise PhicapError(f"sidecar must name the image's {extension} file, got {sidecar!r}", code=BAD_REQUEST)
-            base = sidecar[: -len(extension)]
-            claim = self._client_claim(image, base)
-        # The caption goes into the root's manifest, which the daemon writes: only one that an
-        # output of the image already holds (whoever reports it could write there, or the daemon
-        # did) is taken, not any text a client of the socket sends. A root that writes only the
-        # manifest has no such output: there the socket's group is trusted, as for captions.
-        if outputs.formats != ("jsonl",) and not outputs.holds(image, base, caption):
-            raise PhicapError(f"{path}: none of its outputs holds the reported caption", code=CAPTION_NOT_WRITTEN)
-        record = Success(
-            0,
-            sha256,
-            model,
-            prompt,
-            str(outputs.primary(image, base)),
-            fingerprint,
-            backend=backend,
-            caption=caption,
-            settings_key=settings_key,
-            formats=outputs.formats,
-        )
-        recorded = self.store.record_captioned(image, root.path, record, claim)
-        if recorded and self.scheduler is not None and "jsonl" in outputs.formats:
-            self.scheduler.writer.merge_manifest(image.parent, {image.name: caption})
-        return recorded
-
-    def status(self) -> dict[str, Any]:
-        sched = self.scheduler
-        state = self.current_state()
-        describe = getattr(self.captioner, "describe", None)
-        details = describe() if describe is not None else {}
-        model: dict[str, Any] = {"source": model_source(self.settings), "loaded": self.captioner is not None}
-        if self.captioner is None and self.loading is not None:
-            model["loading"] = self.loading
-        if self.captioner is not None:
-            model["identity"] = self.captioner.identity
-            model["max_batch"] = sched.max_batch if sched else self.captioner.max_batch
-        counts = self.store.counts()
-        return {
-            "state": state,
-            "version": __version__,
-            "pid": os.getpid(),
-            "uptime_seconds": round(time.time() - self.started_at, 1),
-            "model": {**model, **{k: v for k, v in details.items() if k != "gpu"}},
-            "gpu": details.get("gpu"),
-            "lanes": {**(sched.lanes() if sched else {}), **self.intake.backlog()},
-            "journal": counts,
-            "throughput": {
-                "images_per_second_1m": round(sched.throughput.rate(), 3) if sched else 0.0,
-                "captions_total": sched.throughput.total if sched else 0,
-                "batches_total": sched.batches if sched else 0,
-            },
-            "progress": self._progress(counts, state),
-            "recent_failures": list(sched.recent_failures) if sched else [],
-            # Which backend, endpoint and server-reported model made the captions since start.
-            "captions_by_source": [
-                {"backend": b, "endpoint": e, "model": m, "captions": n}
-                for (b, e, m), n in sorted((sched.writer.by_source if sched else {}).items(), key=lambda kv: str(kv[0]))
-            ],
-            # The running configuration, and a reload refused since it was applied.
-            "config": {"reload_refused": self.reload_refused},
-            "watch": [str(r.path) for r in self.settings.watch],
-            "max_body_bytes": self.settings.control.max_body_bytes,  # phicapctl refuses larger files unread
-            "watcher_pending": self.watcher.pending() if self.watcher else 0,
-            "unresponsive_roots": self.watcher.unresponsive_roots() if self.watcher else [],
-            # Image files the last full scan of a root passed over: no installed decoder reads them.
-            "unreadable": self.reconciler.unreadable.report([r.path for r in self.settings.watch]),
-            # A root whose last scan failed is not being caught up: shown until a scan succeeds.
-            "scan_failed": self.intake.scan_failures(),
-            "sidecar": {
-                "extension": self.settings.sidecar.extension,
-                "existing": self.settings.sidecar.existing,
-                "formats": list(self.settings.sidecar.formats),
-                "xmp_naming": self.settings.sidecar.xmp_naming,
-                "restale": self.settings.sidecar.restale,
-            },
-            # What each root writes and keeps, with its own settings applied.
-            "outputs": [
-                {
-                    "root": str(r.path),
-                    "formats": list(self.settings.formats_for(r)),
-                    "existing": self.settings.existing_policy(r),
-                    "restale": self.settings.restale_for(r),
-                }
-                for r in self.settings.watch
-            ],
-        }
-
-    def _progress(self, counts: dict[str, int], state: str) -> dict[str, Any]:
-        """How much is left and when it will be done: what a person asks first (``pipeline.progress``)."""
-        retrying, next_retry_in = self.store.backing_off()
-        retrying = min(retrying, counts["pending"])  # two reads: a job may have turned due between them
-        backlog = Backlog(counts["pending"] - retrying + counts["running"], retrying, next_retry_in)
-        rate, busy = self.scheduler.backlog_rate.recent() if self.scheduler is not None else (0.0, 0.0)
-        # Parked and waiting to be retried, as ``phicapctl failures`` lists them.
-        by_code: dict[str, int] = {}
-        for _, code, jobs in self.store.failure_counts():
-            by_code[code] = by_code.get(code, 0) + jobs
-        return {
-            **progress_report(backlog, rate, busy, state),
-            "failures_by_code": dict(sorted(by_code.items(), key=lambda kv: (-kv[1], kv[0]))),
-        }
-
-    def failures(self, limit: int) -> list[dict[str, Any]]:
-        return [
-            {
-                "path": str(j.path),
-                "state": j.state.value,
-                "attempts": j.attempts,
-                "code": j.error_code,
-                "message": j.error_message,
-                "updated_at": j.updated_at,
-            }
-            for j in self.store.failures(limit)
-        ]
-
-    def retry(self, paths: list[str] | None) -> int:
-        n = self.store.retry(paths)
-        self._work_queued()
-        return n
-
-    def _stale_report(self, directory: Path | None) -> staleness.StaleReport:
-        if self.captioner is None:
-            raise PhicapError("the model is still loading", code="not_ready", retryable=True)
-        try:
-            return staleness.find_stale(self.settings, self.store, self.captioner.identity, directory)
-        except staleness.NotWatched as e:
-            raise PhicapError(str(e), code=NOT_WATCHED) from None
-
-    def stale(self, directory: Path | None) -> dict[str, list[dict[str, Any]]]:
-        report = self._stale_report(directory)
-
-        def entry(job: Job, root: WatchRoot) -> dict[str, Any]:
-            return {"path": str(job.path), "root": str(root.path), "model": job.model, "prompt": job.prompt}
-
-        return {"stale": [entry(*e) for e in report.stale], "edited": [entry(*e) for e in report.edited]}
-
-    def recaption_stale(self, directory: Path | None, force: bool) -> tuple[int, int]:
-        report = self._stale_report(directory)
-        chosen = report.stale + report.edited if force else report.stale
-        n = staleness.requeue(self.store, chosen, report.reform)
-        self._work_queued()
-        log.info("recaption", requeued=n, edited_kept=0 if force else len(report.edited), dir=str(directory or ""))
-        return n, 0 if force else len(report.edited)
-
-    def _restale_auto(self) -> None:
-        """``restale = "auto"`` roots: redo their stale captions (at start, after a reload)."""
-        if self.captioner is None:
-            return
-        for root in self.settings.watch:
-            if self.settings.restale_for(root) == "auto":
-                report = staleness.find_stale(self.settings, self.store, self.captioner.identity, root.path)
-                if report.stale:
-                    n = staleness.requeue(self.store, report.stale, report.reform)
-                    log.info("recaption", root=str(root.path), requeued=n, edited_kept=len(report.edited), auto=True)
-        self._work_queued()
-
-    def pause(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.pause()
-
-    def resume(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.resume()
-
-    def rescan(self) -> None:
-        for root in self.settings.watch:
-            self.intake.rescan(root, root.path, "request")
-
-    def metrics(self) -> str:
-        return self.prometheus.render()
-
-
-def model_source(settings: Settings) -> str:
-    """Where the captions come from, for messages: the native model's source or the endpoints."""
-    if settings.model.backend == "openai":
-        return f"{settings.remote.model} at {', '.join(settings.remote.endpoints)}"
-    return settings.model.source
 
 
 class _StopWhileLoading(BaseException):

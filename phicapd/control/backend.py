@@ -1,8 +1,8 @@
 """The seam between the control server and the daemon core.
 
 The server knows nothing about models, queues or journals: it turns HTTP requests into calls
-on a ``ControlBackend`` and the answers back into JSON. The daemon core implements it; the
-tests use a fake.
+on a ``ControlBackend`` and the answers back into JSON. ``phicapd.control_api`` implements it
+(a stand-in while the model loads, then the whole API); the tests use a fake.
 """
 
 from __future__ import annotations

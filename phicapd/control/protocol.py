@@ -18,6 +18,12 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from phicapd.config import ExistingPolicy, XmpNaming
+from phicapd.errors import BAD_REQUEST as BAD_REQUEST
+from phicapd.errors import CAPTION_NOT_WRITTEN as CAPTION_NOT_WRITTEN
+from phicapd.errors import CAPTION_TIMEOUT as CAPTION_TIMEOUT
+from phicapd.errors import IMAGE_GONE as IMAGE_GONE
+from phicapd.errors import NOT_READY as NOT_READY
+from phicapd.errors import NOT_WATCHED as NOT_WATCHED
 from phicapd.errors import FetchError, ImageError, PhicapError
 
 API_VERSION = 1
@@ -25,11 +31,8 @@ MAX_PROMPT_CHARS = 8192
 MAX_NEW_TOKENS = 4096
 MAX_FAILURES_LIMIT = 1000
 
-# Codes the control layer itself produces. Backend errors keep their own ``PhicapError.code``.
-BAD_REQUEST = "bad_request"
-NOT_WATCHED = "not_watched"  # /v1/stale, /v1/recaption, /v1/captioned: a path under no watch root
-IMAGE_GONE = "image_gone"  # /v1/captioned: the image is not there (any more) to be recorded
-CAPTION_NOT_WRITTEN = "caption_not_written"  # /v1/captioned: no file of the image holds the caption
+# Codes the control layer itself produces (and, imported above, those of the daemon's API that
+# ``error_status`` maps). Backend errors keep their own ``PhicapError.code``.
 NOT_FOUND = "not_found"
 METHOD_NOT_ALLOWED = "method_not_allowed"
 REQUEST_TIMEOUT = "request_timeout"
@@ -38,8 +41,6 @@ PAYLOAD_TOO_LARGE = "payload_too_large"
 HEADERS_TOO_LARGE = "headers_too_large"
 VERSION_NOT_SUPPORTED = "http_version_not_supported"
 BUSY = "busy"
-NOT_READY = "not_ready"
-CAPTION_TIMEOUT = "caption_timeout"
 INTERNAL = "internal"
 
 

@@ -151,6 +151,12 @@ class ControlServer:
         )
         self._registry.register(_ServerCollector(self))
 
+    def serve(self, backend: ControlBackend) -> None:
+        """Answer with ``backend`` from the next request on (the daemon's stand-in for while the
+        model loads gives way to its whole API). A request already in a backend's call ends there."""
+        self.backend = backend
+        self._router.backend = backend
+
     @property
     def socket_path(self) -> Path | None:
         """Where clients connect: the bound path, or the name of the socket systemd passed."""

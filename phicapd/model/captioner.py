@@ -74,6 +74,12 @@ def build_batch(tokenizer: Phi3VTokenizer, images: Sequence[ProcessedImage], pro
 class Phi3VCaptioner:
     """Captions batches of images with a loaded Phi-3.5-vision model. One thread at a time."""
 
+    #: New requests join the running rows between decode steps (``stream``).
+    continuous_batching = True
+    #: Once the crops are made, a held image is cut down to at most this longest side: it is only
+    #: needed again for a retry with fewer crops (``caption``'s out-of-memory fallback).
+    kept_image_side = 2048
+
     def __init__(
         self,
         model: Phi3VForCausalLM,
@@ -190,7 +196,7 @@ class Phi3VCaptioner:
 
     def _prepared(self, req: CaptionRequest) -> ProcessedImage:
         """The request's HD crops: done ahead by the scheduler's decode pool if it set ``prepared``."""
-        prepared = getattr(req, "prepared", None)
+        prepared = req.prepared
         return prepared if isinstance(prepared, ProcessedImage) else self.prepare(req.image)
 
     def _requests(self, images: Sequence[ProcessedImage], batch: Sequence[CaptionRequest]) -> list[EngineRequest]:
@@ -281,6 +287,14 @@ class Phi3VCaptioner:
                 "memory_total_bytes": torch.cuda.get_device_properties(index).total_memory,
             }
         return info
+
+    @property
+    def waiting(self) -> str | None:
+        """Never: a local model is always there to take work."""
+        return None
+
+    def stopping(self) -> None:
+        """Nothing to let go: every request taken is running on the GPU, and the drain finishes it."""
 
     def close(self) -> None:
         with self._lock:

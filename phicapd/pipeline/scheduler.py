@@ -62,7 +62,7 @@ from typing import Any
 from PIL import Image
 
 from phicapd.caption_text import checked_caption
-from phicapd.captioner import Caption, Captioner, CaptionRequest, preparer, streamer
+from phicapd.captioner import Caption, Captioner, CaptionRequest
 from phicapd.config import Settings, WatchRoot
 from phicapd.errors import INTERRUPTED_DECODING, CaptionError, PhicapError
 from phicapd.log import get_logger
@@ -85,9 +85,6 @@ ListImages = Callable[[Path, WatchRoot], list[str]]
 BREAKER = 4
 #: Threads decoding socket requests, apart from the backlog's decode pool so they never queue behind it.
 INTERACTIVE_DECODERS = 4
-#: Once the backend has its crops, a held image is cut down to at most this longest side: it is only
-#: needed again for a retry with fewer crops, and 64 MP photos x ``prefetch`` would be gigabytes.
-KEPT_IMAGE_SIDE = 2048
 #: The window of the background caption rate behind the backlog's ETA (``pipeline.progress``).
 PROGRESS_WINDOW_SECONDS = 300.0
 
@@ -177,14 +174,10 @@ class Scheduler:
         self._decode_file = decode_file
         self._decode_bytes = decode_bytes
         self._list_images = list_images
-        self._prepare = preparer(captioner)
-        # A backend whose prepared form is all it needs (the remote one's data URL) keeps less.
-        self._kept_side = int(getattr(captioner, "kept_image_side", KEPT_IMAGE_SIDE))
         self._roots = {r.path: r for r in settings.watch}
         self.max_batch = max(1, min(settings.model.max_batch or captioner.max_batch, captioner.max_batch))
-        self._stream = streamer(captioner)
-        # Rows held free for interactive requests; only a streaming backend can use them mid-batch.
-        self.streams = callable(getattr(captioner, "stream", None))
+        # Rows held free for interactive requests; only a continuous batcher can use them mid-batch.
+        self.streams = captioner.continuous_batching
         self.reserve = min(settings.scheduler.interactive_slots, self.max_batch - 1) if self.streams else 0
         self.prefetch = max(settings.scheduler.prefetch, self.max_batch)
         self.window = settings.scheduler.batch_window_ms / 1000.0
@@ -243,9 +236,7 @@ class Scheduler:
     def stop(self, grace: float = 30.0) -> None:
         """Stop taking work, let the batch on the GPU finish (up to ``grace`` s), hand the rest back."""
         self._stopping.set()
-        stopping = getattr(self.captioner, "stopping", None)
-        if callable(stopping):
-            stopping()  # a backend holding requests it cannot run now (no endpoint up) lets them go
+        self.captioner.stopping()  # a backend holding requests it cannot run now (no endpoint up) lets them go
         self._wake_feeder.set()
         with self._cond:
             self._cond.notify_all()
@@ -364,12 +355,12 @@ class Scheduler:
 
     def _request(self, image: Image.Image, prompt: str, max_new_tokens: int) -> CaptionRequest:
         """Runs in the decode pool: the backend's CPU preprocessing happens here, off the GPU thread."""
-        if self._prepare is None:
-            return CaptionRequest(image, prompt, max_new_tokens)
-        prepared = self._prepare(image)
-        if max(image.size) > self._kept_side:
+        prepared = self.captioner.prepare(image)
+        # Held until the model takes it: 64 MP photos x ``prefetch`` would be gigabytes.
+        kept = self.captioner.kept_image_side
+        if prepared is not None and max(image.size) > kept:
             # An integer box reduction: 17 ms for 12 MP where copy + thumbnail took 165 ms.
-            image = image.reduce(-(-max(image.size) // self._kept_side))
+            image = image.reduce(-(-max(image.size) // kept))
         return CaptionRequest(image, prompt, max_new_tokens, prepared)
 
     def _idle_wait(self) -> float:
@@ -502,7 +493,7 @@ class Scheduler:
             self.busy_since = time.monotonic()  # the model's heartbeat: renewed on every take/deliver
             self.backlog_rate.busy()
             try:
-                self._stream(self._take, self._deliver)
+                self.captioner.stream(self._take, self._deliver)
             except Exception as e:
                 with self._cond:
                     leftovers = list(self._in_flight.values())

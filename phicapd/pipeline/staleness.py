@@ -26,10 +26,13 @@ from pathlib import Path
 
 from phicapd.caption_form import reformable
 from phicapd.config import Settings, WatchRoot
+from phicapd.log import get_logger
 from phicapd.pipeline import metadata
 from phicapd.pipeline.formats import model_and_revision, read_manifest, settings_key
 from phicapd.pipeline.jobs import Fingerprint, Job, JobStore, NewWork
 from phicapd.pipeline.outputs import RootOutputs
+
+log = get_logger(__name__)
 
 
 class NotWatched(ValueError):
@@ -132,3 +135,14 @@ def requeue(store: JobStore, entries: list[tuple[Job, WatchRoot]], reform: Colle
         fp = Fingerprint(st.st_size, st.st_mtime_ns, st.st_ino)
         work.append(NewWork(job.path, root.path, fp, force=True, reform=job.id in reform))
     return store.enqueue_many(work)
+
+
+def restale_auto(settings: Settings, store: JobStore, identity: str) -> None:
+    """``restale = "auto"`` roots: queue their stale captions again (the daemon does, at start and
+    after a reload); edited ones are kept."""
+    for root in settings.watch:
+        if settings.restale_for(root) == "auto":
+            report = find_stale(settings, store, identity, root.path)
+            if report.stale:
+                n = requeue(store, report.stale, report.reform)
+                log.info("recaption", root=str(root.path), requeued=n, edited_kept=len(report.edited), auto=True)

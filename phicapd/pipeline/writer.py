@@ -169,6 +169,12 @@ class SidecarWriter:
             self._refresh.add(directory)
             self._cond.notify()
 
+    def file_gone(self, path: Path, root: WatchRoot) -> None:
+        """The watcher saw ``path`` deleted or moved away: a root that keeps a manifest drops it."""
+        current = next((r for r in self.settings.watch if r.path == root.path), root)  # as reloaded
+        if "jsonl" in self.settings.formats_for(current):
+            self.refresh_manifest(path.parent)
+
     def merge_manifest(self, directory: Path, captions: dict[str, str]) -> None:
         """``captions`` (image name -> text) were written by someone else (phicapctl, which must
         not rewrite a manifest the writer owns): ``directory``'s ``metadata.jsonl`` takes them in

@@ -87,8 +87,6 @@ REMOTE_DROPPED = "remote_dropped"
 #: The image a probe asks for when there is nothing else to tell whether an endpoint still
 #: answers images: plain gray, one token.
 PROBE_SIZE = (64, 48)
-#: A socket request while every endpoint is down: answered at once instead of after the caption timeout.
-REMOTE_UNAVAILABLE = "remote_unavailable"
 
 
 @dataclass(slots=True)
@@ -122,6 +120,8 @@ class RemoteCaptioner:
     #: Once ``prepare`` made the data URL, the scheduler need keep only a thumbnail of the image:
     #: with a fleet, hundreds of images are held at once (``max_batch`` is every endpoint's slots).
     kept_image_side = 64
+    #: A request is sent as soon as an endpoint has a free slot, whatever else is on the wire.
+    continuous_batching = True
 
     # -- the Captioner seam --------------------------------------------------------------------
 
@@ -318,6 +318,9 @@ class RemoteCaptioner:
         return None
 
     # -- status and lifecycle ------------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Nothing to warm: every endpoint answered ``GET /v1/models`` when the backend was loaded."""
 
     def describe(self) -> dict[str, Any]:
         endpoints = self.pool.describe()

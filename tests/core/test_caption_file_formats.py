@@ -33,7 +33,7 @@ def test_caption_file_under_a_root_writes_its_formats_with_provenance(tmp_path: 
     settings = settings_for(tmp_path, [], extra=_config(root, lines))
     fake = FakeCaptioner()
     with running_daemon(settings, fake) as daemon:
-        daemon.pause()  # the watcher must not be the one that writes them
+        daemon.api.pause()  # the watcher must not be the one that writes them
         photo = root / "photo.png"
         write_unique_png(photo, 1)
         assert _ctl(settings.control.socket, str(photo)) == 0
@@ -70,7 +70,7 @@ def test_caption_file_writes_only_the_format_the_policy_does_not_keep(tmp_path: 
     root.mkdir()
     settings = settings_for(tmp_path, [], extra=_config(root, 'formats = ["txt", "json"]'))
     with running_daemon(settings) as daemon:
-        daemon.pause()
+        daemon.api.pause()
         photo = root / "photo.png"
         write_unique_png(photo, 3)
         old = time.time() - 60
@@ -90,7 +90,7 @@ def test_caption_file_force_replaces_every_format(tmp_path: Path, capsys, force:
     root.mkdir()
     settings = settings_for(tmp_path, [], extra=_config(root, 'formats = ["txt", "json"]\nexisting = "only-missing"'))
     with running_daemon(settings) as daemon:
-        daemon.pause()
+        daemon.api.pause()
         photo = root / "photo.png"
         write_unique_png(photo, 4)
         (root / "photo.txt").write_text("mine\n")
@@ -111,7 +111,7 @@ def test_provenance_is_only_in_replies_that_ask_for_it_and_sidecar_reports_forma
     photo = root / "photo.png"
     write_unique_png(photo, 5)
     with running_daemon(settings) as daemon:
-        daemon.pause()
+        daemon.api.pause()
         client = ControlClient(settings.control.socket, timeout=30)
         policy = client.sidecar_policy(str(photo))
         assert policy is not None and policy.formats == ["json", "xmp"]

@@ -100,7 +100,7 @@ def test_explicit_prompt_overrides_the_root_prompt_but_not_its_decoration(tmp_pa
     )
     fake = PromptRecorder()
     with running_daemon(settings, fake) as daemon:
-        daemon.pause()  # keep the watcher's own caption of the file out of the picture
+        daemon.api.pause()  # keep the watcher's own caption of the file out of the picture
         photo = root / "photo.png"
         key = write_unique_png(photo, 4)
         assert _ctl(settings.control.socket, "--prompt", "Alt text, please.", "--json", str(photo)) == 0
@@ -136,7 +136,7 @@ def test_nested_roots_pick_the_deepest_and_symlinked_directories_count(tmp_path:
         link / "d.png": ("Inner.", "IN: ", inner),  # read through a symlinked directory
     }
     with running_daemon(settings, fake) as daemon:
-        daemon.pause()
+        daemon.api.pause()
         for i, (photo, (prompt, prefix, root)) in enumerate(expected.items()):
             key = write_unique_png(photo, 10 + i)
             assert _ctl(settings.control.socket, "--stdout", "--json", str(photo)) == 0

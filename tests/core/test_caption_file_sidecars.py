@@ -68,7 +68,7 @@ def test_a_symlinked_root_names_sidecars_by_its_patterns(tmp_path: Path, capsys)
     alias.symlink_to(real, target_is_directory=True)
     settings = settings_for(tmp_path, [], extra=_root_config(alias, 'include = ["*.png", "*.dng"]'))
     with running_daemon(settings) as daemon:
-        daemon.pause()
+        daemon.api.pause()
         policy = ControlClient(settings.control.socket).sidecar_policy(str(real / "photo.png"))
         assert policy is not None and policy.root is not None
         assert policy.root.path == str(real)  # the form the (resolved) path lies under
@@ -94,7 +94,7 @@ def test_the_roots_existing_policy_wins_over_the_global_one(
         tmp_path, [], extra=_root_config(root, f'existing = "{root_existing}"', global_existing=global_existing)
     )
     with running_daemon(settings) as daemon:
-        daemon.pause()  # the watcher stays out of it
+        daemon.api.pause()  # the watcher stays out of it
         for directory, keep in ((root, kept), (elsewhere, not kept)):  # elsewhere: the global policy
             photo = directory / "photo.png"
             write_unique_png(photo, 3)

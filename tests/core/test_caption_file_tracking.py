@@ -72,7 +72,7 @@ def test_caption_file_writes_every_format_and_the_daemon_tracks_it(tmp_path: Pat
     settings = _settings(tmp_path, root)
     fake = FakeCaptioner()
     with running_daemon(settings, fake) as daemon:
-        daemon.pause()  # the watcher must not be the one that writes them
+        daemon.api.pause()  # the watcher must not be the one that writes them
         photo = root / "photo.png"
         write_unique_png(photo, 1)
         original = photo.read_bytes()
@@ -99,8 +99,8 @@ def test_caption_file_writes_every_format_and_the_daemon_tracks_it(tmp_path: Pat
         assert job.fingerprint is not None and (job.fingerprint.inode, job.fingerprint.size) == (st.st_ino, st.st_size)
         assert daemon.store.claims_in(root) == {"photo.png": "photo"}
         # The watcher saw the image (and the embed's rename): neither it nor a scan captions it again.
-        daemon.resume()
-        daemon.rescan()
+        daemon.api.resume()
+        daemon.api.rescan()
         wait_for(lambda: is_settled(daemon), 30, "the watcher and the rescan")
         assert sum(fake.calls.values()) == 1
         assert ControlClient(settings.control.socket).stale().model_dump() == {"stale": [], "edited": []}
@@ -114,7 +114,7 @@ def test_prompt_change_lists_them_stale_recaption_redoes_one_and_hand_edits_are_
     fake = FakeCaptioner()
     settings = _settings(tmp_path, root)
     with running_daemon(settings, fake) as daemon:
-        daemon.pause()
+        daemon.api.pause()
         for i, name in enumerate(("a.png", "b.png")):
             write_unique_png(root / name, 10 + i)
         assert _ctl(settings.control.socket, "caption-dir", str(root)) == 0
@@ -144,7 +144,7 @@ def test_a_caption_made_with_another_prompt_is_stale_against_the_roots(tmp_path:
     root.mkdir()
     settings = _settings(tmp_path, root, formats='["txt"]')
     with running_daemon(settings) as daemon:
-        daemon.pause()
+        daemon.api.pause()
         write_unique_png(root / "own.png", 20)
         write_unique_png(root / "plain.png", 21)
         assert _ctl(settings.control.socket, "caption-file", "--prompt", "Be terse.", str(root / "own.png")) == 0
@@ -162,7 +162,7 @@ def test_existing_descriptions_follow_the_policy_and_force_replaces_them(tmp_pat
     metadata.embed_caption(photo, "A camera's words")  # someone else's description: kept
     metadata.write_xmp_sidecar(root / "photo.xmp", "My XMP words")  # newer than the image: skip keeps it
     with running_daemon(settings) as daemon:
-        daemon.pause()
+        daemon.api.pause()
         assert _ctl(settings.control.socket, "caption-file", str(photo)) == 0
         caption = (root / "photo.txt").read_text().rstrip("\n")
         assert _embedded(photo) == "A camera's words"
@@ -187,7 +187,7 @@ def test_the_embedded_caption_last_written_is_replaced_with_the_new_one(tmp_path
     old = photo.stat().st_mtime - 60
     os.utime(root / "photo.txt", (old, old))
     with running_daemon(settings) as daemon:
-        daemon.pause()
+        daemon.api.pause()
         assert _ctl(settings.control.socket, "caption-file", str(photo)) == 0
     caption = (root / "photo.txt").read_text().rstrip("\n")
     assert caption != "An old caption" and _embedded(photo) == caption
@@ -221,7 +221,7 @@ def test_a_daemon_without_captioned_still_gets_its_caption_written(tmp_path: Pat
     settings = _settings(tmp_path, root, formats='["txt", "jsonl"]')
     fake = FakeCaptioner()
     with running_daemon(settings, fake) as daemon:
-        daemon.pause()
+        daemon.api.pause()
         del daemon.server._router._routes["/v1/captioned"]  # as a daemon from before it answers: 404
         photo = root / "photo.png"
         write_unique_png(photo, 50)
@@ -266,7 +266,7 @@ def test_malformed_captioned_bodies_are_refused(tmp_path: Path, body: object, sa
     }
     settings = _settings(tmp_path, root, formats='["txt"]')
     with running_daemon(settings) as daemon:
-        daemon.pause()
+        daemon.api.pause()
         write_unique_png(photo, 60)
         status, reply = _post(
             ControlClient(settings.control.socket), variants.get(body, body) if isinstance(body, str) else body
@@ -315,7 +315,7 @@ def test_without_pyexiv2_only_the_files_that_need_it_fail(
     settings = _settings(tmp_path, root, formats='["txt", "xmp"]')
     fake = FakeCaptioner()
     with running_daemon(settings, fake) as daemon:
-        daemon.pause()
+        daemon.api.pause()
         write_unique_png(root / "a.png", 70)
         write_unique_png(elsewhere / "b.png", 71)
         monkeypatch.setitem(sys.modules, "pyexiv2", None)  # import pyexiv2 fails from here on
@@ -367,7 +367,7 @@ def test_a_caption_only_the_xmp_sidecar_holds_is_recorded_too(tmp_path: Path, ca
     write_unique_png(photo, 80)
     (root / "photo.txt").write_text("my own words\n")  # newer than the image: skip keeps it
     with running_daemon(settings) as daemon:
-        daemon.pause()
+        daemon.api.pause()
         assert _ctl(settings.control.socket, "caption-file", str(photo)) == 0
         caption = metadata.read_description(root / "photo.xmp")
         assert caption is not None and caption.startswith("A 8x8 test image ")
@@ -386,12 +386,12 @@ def test_a_refused_report_is_a_warning_the_caption_stays_written(
     root.mkdir()
     settings = _settings(tmp_path, root, formats='["txt"]')
     with running_daemon(settings) as daemon:
-        daemon.pause()
+        daemon.api.pause()
 
         def refuse(path: Path, **_: object) -> bool:
             raise PhicapError(f"{path}: no such image to record", code="image_gone")
 
-        monkeypatch.setattr(daemon, "captioned", refuse)  # the image went away before the report
+        monkeypatch.setattr(daemon.api, "captioned", refuse)  # the image went away before the report
         photo = root / "photo.png"
         write_unique_png(photo, 90)
         assert _ctl(settings.control.socket, "caption-file", "--json", str(photo)) == 0
@@ -408,7 +408,7 @@ def test_any_combination_of_formats_is_written_once_and_tracked(tmp_path: Path, 
     settings = _settings(tmp_path, root, formats=json.dumps(formats))
     fake = FakeCaptioner()
     with running_daemon(settings, fake) as daemon:
-        daemon.pause()
+        daemon.api.pause()
         photo = root / "photo.png"
         write_unique_png(photo, 100)
         assert _ctl(settings.control.socket, "caption-file", "--json", str(photo)) == 0
@@ -432,8 +432,8 @@ def test_any_combination_of_formats_is_written_once_and_tracked(tmp_path: Path, 
         # Every output there: a second run sends nothing, and neither the watcher nor a scan redoes it.
         assert _ctl(settings.control.socket, "caption-file", "--json", str(photo)) == 0
         assert json.loads(capsys.readouterr().out.splitlines()[-1])["state"] == "skipped"
-        daemon.resume()
-        daemon.rescan()
+        daemon.api.resume()
+        daemon.api.rescan()
         wait_for(lambda: is_settled(daemon), 30, "the watcher and the rescan")
         assert sum(fake.calls.values()) == 1
         assert ControlClient(settings.control.socket).stale().model_dump() == {"stale": [], "edited": []}

@@ -170,8 +170,8 @@ def test_bad_files_are_recorded_and_never_block_the_rest(tmp_path: Path) -> None
             write_unique_png(root / f"ok{i}.png", i)
         wait_for(lambda: len(_sidecars(root)) == 10, 30, "the good images")
         wait_for(lambda: daemon.store.counts()["failed"] == 2, 60, "the bad images to be parked")
-        failures = {Path(f["path"]).name: f for f in daemon.failures(10)}
-        status = daemon.status()
+        failures = {Path(f["path"]).name: f for f in daemon.api.failures(10)}
+        status = daemon.api.status()
     assert failures["text.png"]["code"] == "image_format_unsupported"
     assert "text.png" in failures["text.png"]["message"]
     assert failures["empty.jpg"]["code"] == "image_empty"
@@ -237,12 +237,12 @@ def test_an_image_deleted_before_its_turn_is_forgotten_not_failed(tmp_path: Path
     fake = FakeCaptioner()
     settings = settings_for(tmp_path, [root])
     with running_daemon(settings, fake) as daemon:
-        daemon.pause()
+        daemon.api.pause()
         for i in range(5):
             write_unique_png(root / f"p{i}.png", i)
         wait_for(lambda: daemon.store.counts()["pending"] == 5, 30, "five queued jobs")
         (root / "p3.png").unlink()
-        daemon.resume()
+        daemon.api.resume()
         wait_for(lambda: len(_sidecars(root)) == 4 and is_settled(daemon), 30, "the other four")
         counts = daemon.store.counts()
     assert counts == {"pending": 0, "running": 0, "done": 4, "failed": 0}

@@ -268,7 +268,7 @@ def test_a_model_that_fails_to_load_stops_the_daemon_cleanly(tmp_path: Path) -> 
     with pytest.raises(PhicapError, match="CUDA driver version is insufficient") as err:
         daemon.run(install_signals=False)
     assert err.value.code == "model_load_failed"
-    assert daemon.state == "stopping"
+    assert daemon.lifecycle.phase == "stopping"
     assert not settings.control.socket.exists()
 
 

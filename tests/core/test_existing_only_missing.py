@@ -116,7 +116,7 @@ def test_a_forced_retry_replaces_the_sidecar(tmp_path: Path) -> None:
         sidecar = kept / "a.txt"
         sidecar.write_text(HAND)  # written while it was parked
         fake.fail_keys.clear()
-        assert daemon.retry(None) == 1
+        assert daemon.api.retry(None) == 1
         wait_for(lambda: is_settled(daemon) and sidecar.read_text() != HAND, 30, "the forced retry")
         state = daemon.store.get(image).state.value
     assert fake.calls[key] == 1 and state == "done"
@@ -129,7 +129,7 @@ def test_phicapctl_keeps_an_older_sidecar_unless_forced(tmp_path: Path, capsys) 
     elsewhere.mkdir()
     settings = settings_for(tmp_path, [], extra=extra)
     with running_daemon(settings) as daemon:
-        daemon.pause()  # the watcher stays out of it
+        daemon.api.pause()  # the watcher stays out of it
         photos = {d: d / "photo.png" for d in (kept, skip, elsewhere)}
         for n, photo in enumerate(photos.values()):
             write_unique_png(photo, n)

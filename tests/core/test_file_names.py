@@ -144,7 +144,7 @@ def test_one_entry_that_cannot_be_judged_does_not_stop_the_scan(tmp_path: Path, 
     with running_daemon(settings) as daemon:
         wait_for(lambda: is_settled(daemon) and _txt(root / "z.png").exists(), 15, "the scan to go on")
         assert _txt(root / "a.png").exists() and not _txt(root / "broken.png").exists()
-        assert daemon.status()["scan_failed"] == []
+        assert daemon.api.status()["scan_failed"] == []
     err = capsys.readouterr().err
     assert "cannot check image" in err and "broken.png" in err and "scan failed" not in err
 
@@ -166,8 +166,8 @@ def test_a_failed_scan_shows_in_status_until_a_scan_succeeds(tmp_path: Path, mon
     settings = settings_for(tmp_path, [root])
     socket = str(settings.control.socket)
     with running_daemon(settings) as daemon:
-        wait_for(lambda: daemon.status()["scan_failed"] != [], 15, "the failed start-up scan in status")
-        [failed] = daemon.status()["scan_failed"]
+        wait_for(lambda: daemon.api.status()["scan_failed"] != [], 15, "the failed start-up scan in status")
+        [failed] = daemon.api.status()["scan_failed"]
         assert failed["root"] == str(root) and failed["reason"] == "startup"
         assert failed["error"] == "OSError: the share went away" and failed["at"] > 0
         capsys.readouterr()
@@ -175,4 +175,4 @@ def test_a_failed_scan_shows_in_status_until_a_scan_succeeds(tmp_path: Path, mon
         assert "the share went away" in capsys.readouterr().out
         broken["on"] = False
         assert phicapctl(["--socket", socket, "rescan"]) == 0
-        wait_for(lambda: daemon.status()["scan_failed"] == [], 15, "a good scan to clear it")
+        wait_for(lambda: daemon.api.status()["scan_failed"] == [], 15, "a good scan to clear it")

@@ -26,7 +26,7 @@ def _future_png(path: Path, index: int) -> str:
 def _scan(daemon: Daemon) -> None:
     """A `phicapctl rescan`, waited for."""
     done = daemon.intake.scans_done
-    daemon.rescan()
+    daemon.api.rescan()
     wait_for(lambda: daemon.intake.scans_done > done, 10, "the rescan")
 
 

@@ -132,7 +132,7 @@ def test_embed_round_trip_keeps_pixels_and_tags_and_captions_once(tmp_path: Path
         # The embed rewrote each image (new bytes, mtime, inode): let the watcher see that and
         # settle it, and a full scan look again: neither may caption anything a second time.
         time.sleep(1.0)
-        daemon.rescan()
+        daemon.api.rescan()
         wait_for(lambda: is_settled(daemon), 30, "the rescan")
     with running_daemon(settings, fake) as daemon:  # and a restart's catch-up scan
         wait_for(lambda: is_settled(daemon), 30, "the catch-up scan")

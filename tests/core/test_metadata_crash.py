@@ -58,9 +58,9 @@ def test_a_file_that_crashes_exiv2_is_parked_and_everything_else_is_captioned(
         wait_for(lambda: is_settled(daemon) and parked(daemon), 30, "the hostile image to be parked")
         assert daemon.store.counts()["done"] == 2
         deaths = metadata._supervisor.died
-        daemon.rescan()
+        daemon.api.rescan()
         wait_for(lambda: is_settled(daemon), 30, "the rescan")
-        failures = daemon.failures(50)
+        failures = daemon.api.failures(50)
         # A parked image whose bytes did not change is not handed to exiv2 again by the scans.
         assert metadata._supervisor.died == deaths
     with running_daemon(settings, fake) as daemon:  # and a restart's catch-up scan

@@ -76,7 +76,7 @@ def test_a_broken_model_exits_for_a_restart_without_failing_the_backlog(
     with running_daemon(settings, fake, rc=EX_SOFTWARE) as daemon:
         wait_for(lambda: daemon.scheduler.broken is not None, 30, "the breaker")
         assert not daemon.healthy()
-        wait_for(lambda: daemon.state == "stopping", 10, "the daemon to stop on its own")
+        wait_for(lambda: daemon.lifecycle.phase == "stopping", 10, "the daemon to stop on its own")
     states = _states(settings)
     assert fake.failed_calls == failed_calls
     assert states["failed"] == 0
@@ -103,7 +103,7 @@ def test_a_socket_request_on_a_broken_model_gets_an_answer(tmp_path: Path) -> No
         with pytest.raises(PhicapError) as err:
             future.result(timeout=10)
         assert err.value.code == "model_broken" and err.value.retryable
-        wait_for(lambda: daemon.state == "stopping", 10, "the daemon to stop on its own")
+        wait_for(lambda: daemon.lifecycle.phase == "stopping", 10, "the daemon to stop on its own")
 
 
 def test_many_images_failing_on_a_working_model_do_not_trip_the_breaker(tmp_path: Path) -> None:
@@ -140,7 +140,7 @@ def _run_once(settings, captioner) -> int:
     result: list[int] = []
     thread = threading.Thread(target=lambda: result.append(daemon.run(install_signals=False)), daemon=True)
     thread.start()
-    wait_for(lambda: daemon.state == "stopping" or (daemon.is_ready() and is_settled(daemon)), 30, "a run")
+    wait_for(lambda: daemon.lifecycle.phase == "stopping" or (daemon.is_ready() and is_settled(daemon)), 30, "a run")
     daemon.request_stop()
     thread.join(30)
     assert result in ([0], [EX_SOFTWARE])

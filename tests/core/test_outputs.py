@@ -87,7 +87,7 @@ def test_any_combination_is_written_and_each_image_captioned_once(tmp_path: Path
         after = _images(root, 2, start=2)  # the watcher's
         wait_for(lambda: is_settled(daemon) and daemon.store.counts()["done"] == 4, 60, "four captions")
         time.sleep(0.5)  # an embed rewrote the image: let the watcher see it, then a full scan
-        daemon.rescan()
+        daemon.api.rescan()
         wait_for(lambda: is_settled(daemon), 30, "the rescan")
     with running_daemon(settings, fake) as daemon:  # and a restart's catch-up scan
         wait_for(lambda: is_settled(daemon), 30, "the catch-up scan")
@@ -129,7 +129,7 @@ def test_a_format_added_to_a_root_is_backfilled_from_the_journal_without_the_mod
         (root / "img0.xmp").unlink()
         (root / "img1.json").unlink()
         write_unique_png(root / "img2.png", 99)
-        daemon.rescan()
+        daemon.api.rescan()
         wait_for(
             lambda: is_settled(daemon) and (root / "img0.xmp").exists() and (root / "img1.json").exists(),
             30,

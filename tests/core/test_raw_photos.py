@@ -67,7 +67,7 @@ def test_a_dng_and_a_nef_are_captioned_into_xmp_sidecars_and_a_broken_raw_fails_
         wait_for(lambda: is_settled(daemon) and daemon.store.counts()["done"] == 2, 60, "two raw captions")
         wait_for(lambda: daemon.store.counts()["failed"] == 2, 30, "the broken raws to fail")
         jobs = {p.name: daemon.store.get(p) for p in (dng, nef, cut, root / "DSC_0004.nef")}
-        assert daemon.status()["state"] == "ready"
+        assert daemon.api.status()["state"] == "ready"
     # The model saw LibRaw's pictures: the DNG developed at half size, the scan's preview.
     assert sorted(fake.calls.values()) == [1, 1]
     for image, size in ((dng, "2064x1088"), (nef, "320x218")):
@@ -144,7 +144,7 @@ def test_an_embedding_roots_raw_files_are_counted_as_not_captioned(tmp_path: Pat
     fake = FakeCaptioner()
     with running_daemon(settings, fake) as daemon:
         wait_for(lambda: is_settled(daemon) and daemon.store.counts()["done"] == 1, 30, "the JPEG's caption")
-        [entry] = daemon.status()["unreadable"]
+        [entry] = daemon.api.status()["unreadable"]
     assert sum(fake.calls.values()) == 1
     assert entry["by_extension"] == {".nef": 1} and entry["example"] == str(root / "DSC_0001.NEF")
 

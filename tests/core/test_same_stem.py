@@ -56,7 +56,7 @@ def test_a_later_same_stem_image_gets_the_other_name(tmp_path: Path, policy: str
         assert (root / "photo.txt").read_text() == HAND
         assert not (root / "photo.png.txt").exists()
 
-        daemon.rescan()  # the naming holds on every later look
+        daemon.api.rescan()  # the naming holds on every later look
         wait_for(lambda: is_settled(daemon) and daemon.intake.scans_done >= 2, 30, "the rescan")
         assert (root / "photo.txt").read_text() == HAND
         assert fake.calls[png] == 1 and fake.calls[jpg] == 1

@@ -36,12 +36,12 @@ def test_progress_gives_backlog_rate_eta_and_failures_by_code(tmp_path: Path) ->
     settings = settings_for(tmp_path, [root], extra="[model]\nmax_batch = 2\n")
     with running_daemon(settings, fake) as daemon:
         wait_for(lambda: daemon.store.counts()["done"] >= 6, 20, "some captions")
-        daemon.pause()
+        daemon.api.pause()
         wait_for(lambda: daemon.scheduler is not None and daemon.scheduler.busy_since is None, 10, "the model idle")
         paused = ControlClient(settings.control.socket, timeout=10).status().model_dump()["progress"]
-        daemon.resume()
+        daemon.api.resume()
         wait_for(
-            lambda: daemon.store.counts()["failed"] == 1 and daemon.status()["progress"]["backlog"] == 0, 30, "done"
+            lambda: daemon.store.counts()["failed"] == 1 and daemon.api.status()["progress"]["backlog"] == 0, 30, "done"
         )
         done = ControlClient(settings.control.socket, timeout=10).status().model_dump()["progress"]
     assert 0 < paused["backlog"] < 40 and paused["images_per_second"] > 0
@@ -58,7 +58,7 @@ def test_progress_before_anything_was_captioned_has_no_eta(tmp_path: Path) -> No
     try:
         images = sorted(root.iterdir())
         daemon.store.enqueue_many(NewWork(p, root, Fingerprint(1, i, i)) for i, p in enumerate(images))
-        progress = daemon.status()["progress"]
+        progress = daemon.api.status()["progress"]
     finally:
         daemon.store.close()
     assert progress["backlog"] == 3 and progress["images_per_second"] == 0
@@ -78,7 +78,7 @@ def test_progress_counts_images_in_a_retry_back_off_apart(tmp_path: Path) -> Non
         daemon.store.enqueue_many(NewWork(p, root, Fingerprint(1, i, i)) for i, p in enumerate(images))
         [job] = daemon.store.claim(1)
         daemon.store.finish_many([], [Failure(job.id, "caption_failed", "the model failed", retryable=True)])
-        progress = daemon.status()["progress"]
+        progress = daemon.api.status()["progress"]
     finally:
         daemon.store.close()
     assert (progress["backlog"], progress["runnable"], progress["retrying"]) == (3, 2, 1)
@@ -153,9 +153,9 @@ def test_each_daemon_has_its_own_registry(tmp_path: Path) -> None:
     try:
         a.prometheus.observe_failure("background", "image_corrupt")
         a.prometheus.observe_caption("interactive", 0.2)
-        assert sample(a.metrics(), "phicapd_failures_total", lane="background", code="image_corrupt") == 1
-        assert sample(b.metrics(), "phicapd_failures_total", lane="background", code="image_corrupt") is None
-        assert sample(b.metrics(), "phicapd_caption_seconds_count", lane="interactive") is None
+        assert sample(a.api.metrics(), "phicapd_failures_total", lane="background", code="image_corrupt") == 1
+        assert sample(b.api.metrics(), "phicapd_failures_total", lane="background", code="image_corrupt") is None
+        assert sample(b.api.metrics(), "phicapd_caption_seconds_count", lane="interactive") is None
     finally:
         a.store.close()
         b.store.close()

@@ -82,9 +82,9 @@ def test_a_root_with_raw_and_heic_files_without_a_decoder_says_so_once(
     fake = FakeCaptioner()
     with running_daemon(settings, fake) as daemon:
         wait_for(lambda: is_settled(daemon) and daemon.store.counts()["done"] == 1, 30, "the png's caption")
-        daemon.rescan()
+        daemon.api.rescan()
         wait_for(lambda: daemon.intake.scans_done >= 2 and is_settled(daemon), 30, "the rescan")
-        [entry] = daemon.status()["unreadable"]
+        [entry] = daemon.api.status()["unreadable"]
         assert main(["--socket", str(settings.control.socket), "status"]) == 0
     assert sum(fake.calls.values()) == 1
     assert entry["root"] == str(root) and entry["files"] == 3
@@ -108,7 +108,7 @@ def test_heic_is_captioned_where_pillow_heif_is_installed(tmp_path: Path, warnin
     fake = FakeCaptioner()
     with running_daemon(settings, fake) as daemon:
         wait_for(lambda: is_settled(daemon) and daemon.store.counts()["done"] == 2, 30, "two captions")
-        [entry] = daemon.status()["unreadable"]
+        [entry] = daemon.api.status()["unreadable"]
     assert (root / "IMG_0003.txt").exists() and os.path.getsize(root / "IMG_0003.txt") > 0
     assert entry["files"] == 2 and entry["by_extension"] == {".cr2": 1, ".nef": 1}
     assert len(warnings_logged.warnings) == 1

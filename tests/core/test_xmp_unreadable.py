@@ -45,8 +45,8 @@ def test_a_malformed_xmp_sidecar_fails_only_the_xmp_output(tmp_path: Path) -> No
         key = write_unique_png(image, 1, rename_in=True)
         write_unique_png(other, 2, rename_in=True)
         wait_for(lambda: parked(daemon) and daemon.store.counts()["done"] == 1, 30, "the image to be parked")
-        failures = daemon.failures(10)
-        daemon.rescan()
+        failures = daemon.api.failures(10)
+        daemon.api.rescan()
         wait_for(lambda: is_settled(daemon), 30, "the rescan")
     with running_daemon(settings, fake) as daemon:  # a restart's catch-up scan: not captioned again
         wait_for(lambda: is_settled(daemon), 30, "the catch-up scan")
@@ -69,7 +69,7 @@ def test_a_malformed_xmp_sidecar_fails_only_the_xmp_output(tmp_path: Path) -> No
     sidecar.unlink()
     with running_daemon(settings, fake) as daemon:
         wait_for(lambda: is_settled(daemon), 30, "the catch-up scan")
-        assert daemon.retry([str(image)]) == 1
+        assert daemon.api.retry([str(image)]) == 1
         wait_for(lambda: is_settled(daemon) and daemon.store.get(image).state is State.DONE, 30, "the retry")
     assert metadata.read_description(sidecar) == caption
     assert sum(fake.calls.values()) == 2

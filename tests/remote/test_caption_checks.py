@@ -55,7 +55,7 @@ def test_a_20_mib_caption_is_refused_and_nothing_huge_is_written(tmp_path: Path,
         s.captions[fine] = ("A small cat.", 4)
         wait_for(lambda: is_settled(daemon) and (root / "fine.txt").exists(), 20, "the backlog to settle")
         jobs = {name: daemon.store.get(root / f"{name}.png") for name in ("huge", "counted")}
-        endpoint = daemon.status()["model"]["endpoints"][0]
+        endpoint = daemon.api.status()["model"]["endpoints"][0]
     for job in jobs.values():
         assert job is not None and job.state is State.FAILED and job.error_code == "caption_too_long"
         assert job.attempts == settings.scheduler.max_attempts
@@ -98,7 +98,7 @@ def test_control_characters_are_cleaned_once_and_every_output_holds_the_same_tex
         wait_for(lambda: is_settled(daemon) and (root / "cat.json").exists(), 20, "the outputs")
         png = io.BytesIO()
         unique_image(1).save(png, format="PNG")
-        reply = daemon.caption_bytes(png.getvalue(), name="cat.png", prompt=None, max_new_tokens=None, timeout=10)
+        reply = daemon.api.caption_bytes(png.getvalue(), name="cat.png", prompt=None, max_new_tokens=None, timeout=10)
         outputs = RootOutputs.of(settings, settings.watch[0])
         held = outputs.held(root / "cat.png", "cat")  # the daemon's own readers (XMP through exiv2)
         embedded = outputs.embedded(root / "cat.png")

@@ -69,9 +69,11 @@ def test_the_daemon_captions_through_remote_endpoints_and_records_who_made_each(
         wait_for(lambda: is_settled(daemon) and len(_sidecars(root)) == 40, 30, "40 sidecars")
         png = io.BytesIO()
         unique_image(999, (20, 10)).save(png, format="PNG")
-        reply = daemon.caption_bytes(png.getvalue(), name="socket.png", prompt=None, max_new_tokens=None, timeout=10)
-        status = daemon.status()
-        metrics = daemon.metrics()
+        reply = daemon.api.caption_bytes(
+            png.getvalue(), name="socket.png", prompt=None, max_new_tokens=None, timeout=10
+        )
+        status = daemon.api.status()
+        metrics = daemon.api.metrics()
         failures = daemon.store.failures(100)
     assert _sidecars(root) == expected
     assert reply.text.startswith("A 20x10 test image") and reply.model == f"openai:{MODEL}"
@@ -106,7 +108,7 @@ def test_killing_one_of_two_servers_mid_run_loses_nothing_and_captions_each_imag
             first.kill()  # kill -9, with requests in flight
             killed_at, killed_time = len(_sidecars(root)), time.time()
             wait_for(lambda: is_settled(daemon) and len(_sidecars(root)) == 500, 120, "500 sidecars", 0.2)
-            status = daemon.status()
+            status = daemon.api.status()
             captions = daemon.scheduler.throughput.total if daemon.scheduler else 0
     finally:
         first.kill()
@@ -137,24 +139,24 @@ def test_all_servers_down_then_back_every_image_captioned_none_parked(tmp_path: 
         for s in servers:
             s.stop()
         servers.clear()
-        wait_for(lambda: daemon.status()["state"] == "waiting", 10, "the daemon to say it waits")
+        wait_for(lambda: daemon.api.status()["state"] == "waiting", 10, "the daemon to say it waits")
         down_at = len(_sidecars(root))
         png = io.BytesIO()
         unique_image(999, (20, 10)).save(png, format="PNG")
         with pytest.raises(PhicapError) as info:  # a socket request is told at once
-            daemon.caption_bytes(png.getvalue(), name="socket.png", prompt=None, max_new_tokens=None, timeout=10)
+            daemon.api.caption_bytes(png.getvalue(), name="socket.png", prompt=None, max_new_tokens=None, timeout=10)
         assert info.value.code == "remote_unavailable" and info.value.retryable
         assert "all endpoints are down" in str(info.value)
         started = time.monotonic()
         while time.monotonic() - started < outage:
-            status = daemon.status()
+            status = daemon.api.status()
             assert status["state"] == "waiting" and "all endpoints are down" in status["model"]["waiting"]
             assert status["journal"]["failed"] == 0 and not status["progress"]["failures_by_code"]
             assert daemon.status_line().startswith("waiting: every remote endpoint is down")  # systemd's STATUS=
             time.sleep(0.5)
         servers += [FakeVLLM(port=p, latency=0.05).start() for p in ports]
         wait_for(lambda: is_settled(daemon) and len(_sidecars(root)) == 300, 120, "300 sidecars", 0.2)
-        status = daemon.status()
+        status = daemon.api.status()
     print(f"\noutage of {outage:.0f} s with {down_at} of 300 captioned: all 300 captioned after it, none parked")
     assert down_at < 300
     assert _sidecars(root) == expected
@@ -178,12 +180,12 @@ def test_health_fails_while_every_endpoint_is_down(
         assert capsys.readouterr().out == "ready\n"
         servers.pop().stop()
         _drop(root, 3)  # work that meets the dead server
-        wait_for(lambda: daemon.status()["state"] == "waiting", 10, "the daemon to say it waits")
+        wait_for(lambda: daemon.api.status()["state"] == "waiting", 10, "the daemon to say it waits")
         assert ctl(["--socket", socket, "health"]) == 69
         out = capsys.readouterr().out
         assert out.startswith("waiting: cannot caption now (all endpoints are down: http://127.0.0.1:"), out
         servers.append(FakeVLLM(port=port, latency=0.01).start())
-        wait_for(lambda: daemon.status()["state"] == "ready", 10, "the endpoint to be back")
+        wait_for(lambda: daemon.api.status()["state"] == "ready", 10, "the endpoint to be back")
         assert ctl(["--socket", socket, "health"]) == 0
 
 
@@ -250,7 +252,7 @@ def test_a_stop_while_every_server_is_down_is_prompt_and_hands_the_jobs_back(
         _drop(root, 60)
         wait_for(lambda: len(_sidecars(root)) >= 5, 30, "5 sidecars")
         servers.pop().stop()
-        wait_for(lambda: daemon.status()["state"] == "waiting", 10, "the daemon to say it waits")
+        wait_for(lambda: daemon.api.status()["state"] == "waiting", 10, "the daemon to say it waits")
         stopping = time.monotonic()
     stopped_in = time.monotonic() - stopping
     rows = _journal(daemon)
@@ -271,9 +273,11 @@ def test_a_socket_request_goes_ahead_of_the_backlog(tmp_path: Path, servers: lis
         png = io.BytesIO()
         unique_image(999, (20, 10)).save(png, format="PNG")
         started = time.monotonic()
-        reply = daemon.caption_bytes(png.getvalue(), name="socket.png", prompt=None, max_new_tokens=None, timeout=10)
+        reply = daemon.api.caption_bytes(
+            png.getvalue(), name="socket.png", prompt=None, max_new_tokens=None, timeout=10
+        )
         waited = time.monotonic() - started
-        backlog = daemon.status()["progress"]["backlog"]
+        backlog = daemon.api.status()["progress"]["backlog"]
     assert reply.text.startswith("A 20x10 test image")
     assert backlog > 30  # the backlog was still there
     assert waited < 0.2 + 0.5  # its own request, not the backlog's 3 s+
@@ -285,7 +289,7 @@ def test_the_native_backend_records_itself_too(tmp_path: Path) -> None:
     with running_daemon(settings_for(tmp_path, [root])) as daemon:  # the fake stands for the native model
         _drop(root, 3)
         wait_for(lambda: is_settled(daemon) and len(_sidecars(root)) == 3, 30, "3 sidecars")
-        status = daemon.status()
+        status = daemon.api.status()
     assert {(r["backend"], r["endpoint"], r["model"]) for r in _journal(daemon)} == {("native", None, "fake@test")}
     assert status["captions_by_source"] == [
         {"backend": "native", "endpoint": None, "model": "fake@test", "captions": 3}

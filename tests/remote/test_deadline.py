@@ -165,7 +165,7 @@ def test_the_daemon_parks_an_image_the_server_keeps_resetting_and_captions_the_r
             write_unique_png(root / f"img{i:02d}.png", i)
         wait_for(lambda: is_settled(daemon) and len(list(root.glob("*.txt"))) == 20, 20, "20 sidecars")
         job = daemon.store.get(root / "bad.png")
-        endpoint = daemon.status()["model"]["endpoints"][0]
+        endpoint = daemon.api.status()["model"]["endpoints"][0]
     assert job is not None and job.state is State.FAILED
     assert job.error_code == REMOTE_DROPPED and job.attempts == settings.scheduler.max_attempts
     assert s.sent[bad] == 2 * settings.scheduler.max_attempts  # bounded: never sent for ever

@@ -239,7 +239,7 @@ def test_two_servers_share_the_work(server: Server, checkpoint: Path, tmp_path: 
             for name in PHOTOS:
                 shutil.copyfile(test_images_dir / name, root / name)
             wait_for(lambda: _finished(daemon, len(PHOTOS)), 3600, "every image")
-            status = daemon.status()
+            status = daemon.api.status()
             failures = daemon.store.failures(100)
     finally:
         second.kill()

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -22,9 +23,16 @@ def image_key(image: Image.Image) -> str:
 
 class FakeCaptioner:
     """Captions are a pure function of the pixels; every call is counted (and optionally logged
-    to a file with one O_APPEND write per caption, so counts survive ``kill -9``)."""
+    to a file with one O_APPEND write per caption, so counts survive ``kill -9``).
+
+    A batch-only backend: ``stream`` runs ``caption`` batch after batch. Every member of the
+    ``Captioner`` protocol is here (``tests/core/test_captioner_protocol.py`` checks it), so a
+    double behaves as a backend would wherever the daemon calls it."""
 
     identity = "fake@test"
+    continuous_batching = False
+    kept_image_side = 2048  # the native model's, for a subclass that prepares
+    waiting: str | None = None  # always there to take work
 
     def __init__(
         self,
@@ -60,6 +68,23 @@ class FakeCaptioner:
                 out.append(Caption(f"A {w}x{h} test image {key}.", new_tokens=7))
         return out
 
+    def prepare(self, image: Image.Image) -> Any:
+        return None  # captions are made from the pixels themselves
+
+    def stream(self, take: Take, deliver: Deliver) -> None:
+        while batch := take(self.max_batch, True):
+            for request, caption in zip(batch, self.caption(batch), strict=True):
+                deliver(request, caption)
+
+    def warm_up(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def stopping(self) -> None:
+        pass
+
     def close(self) -> None:
         self.closed = True
         if self._record_fd is not None:
@@ -70,6 +95,8 @@ class FakeCaptioner:
 class StreamingFakeCaptioner(FakeCaptioner):
     """The fake with the native engine's shape: each row takes ``steps`` decode steps of
     ``step_latency`` s, and new requests are taken before every step (continuous batching)."""
+
+    continuous_batching = True
 
     def __init__(self, *, steps: int = 20, step_latency: float = 0.005, **kw: object) -> None:
         super().__init__(**kw)  # type: ignore[arg-type]

@@ -182,10 +182,10 @@ def test_status_shows_a_refused_reload_until_one_succeeds(tmp_path: Path, capsys
     settings = load_settings(config)
     socket = str(settings.control.socket)
     with running_daemon(settings, settings_loader=lambda: load_settings(config)) as daemon:
-        assert daemon.status()["config"] == {"reload_refused": None}
+        assert daemon.api.status()["config"] == {"reload_refused": None}
         config.write_text(good + "[model]\nnum_crops = 0\n")
         assert daemon.reload() is False
-        refused = daemon.status()["config"]["reload_refused"]
+        refused = daemon.api.status()["config"]["reload_refused"]
         assert "model.num_crops" in refused["reason"] and refused["at"] > 0
         capsys.readouterr()
         assert phicapctl(["--socket", socket, "status"]) == 0
@@ -195,6 +195,6 @@ def test_status_shows_a_refused_reload_until_one_succeeds(tmp_path: Path, capsys
         )
         config.write_text(good)
         assert daemon.reload() is True
-        assert daemon.status()["config"] == {"reload_refused": None}
+        assert daemon.api.status()["config"] == {"reload_refused": None}
         assert phicapctl(["--socket", socket, "status"]) == 0
         assert "reload refused" not in capsys.readouterr().out
