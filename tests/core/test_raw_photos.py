@@ -90,7 +90,7 @@ def test_phicapctl_captions_a_raw_into_lightrooms_sidecar_name(tmp_path: Path, c
     nef = _copy("nikon_coolscan.nef", root / "DSC_0001.NEF")
     settings = settings_for(tmp_path, [root], extra='formats = ["xmp"]\n')  # stem: photo.xmp
     with running_daemon(settings) as daemon:
-        daemon.pause()
+        daemon.api.pause()
         assert main(["--socket", str(settings.control.socket), "caption-file", "--force", str(nef)]) == 0
     assert exiftool_description(root / "DSC_0001.xmp").startswith("A 320x218 test image ")
 
@@ -162,7 +162,7 @@ def test_phicapctl_refuses_to_embed_into_a_raw_file(tmp_path: Path, capsys, unde
     before = nef.read_bytes()
     fake = FakeCaptioner()
     with running_daemon(settings, fake) as daemon:
-        daemon.pause()
+        daemon.api.pause()
         capsys.readouterr()
         code = main(["--socket", str(settings.control.socket), "caption-file", "--json", "--force", str(nef)])
     assert code == EX_DATAERR
