@@ -220,6 +220,7 @@ class Daemon:
             metrics=self.prometheus,
         )
         self.scheduler.start()
+        self.reconciler.moves.identity = self.captioner.identity  # a copy's caption must be current
         self.intake.start()
         self.watcher = Watcher(
             self.settings.watch,
@@ -227,6 +228,7 @@ class Daemon:
             on_ready=lambda path, root: self.intake.file_ready(path, root),
             on_rescan=lambda root, directory, reason: self.intake.rescan(root, directory, reason),
             on_gone=self._file_gone,
+            on_moved=self.intake.moved,
         )
         self.watcher.start()
         for root in self.settings.watch:
@@ -351,8 +353,10 @@ class Daemon:
         log.info("stopped")
 
     def _file_gone(self, path: Path, root: WatchRoot) -> None:
-        """A watched file was deleted or moved away: its directory's manifest drops it."""
+        """A watched file was deleted or moved away: its caption goes (``pipeline.moves``), so does
+        its directory's manifest entry."""
         current = next((r for r in self.settings.watch if r.path == root.path), root)
+        self.intake.gone(path, current)
         if self.scheduler is not None and "jsonl" in self.settings.formats_for(current):
             self.scheduler.writer.refresh_manifest(path.parent)
 

@@ -28,6 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from phicapd.fsnames import display, from_journal_text, journal_path, journal_text
+from phicapd.pipeline import journal_moves
 from phicapd.pipeline.decode_marks import DecodeMarks
 
 SCHEMA_VERSION = 5
@@ -67,6 +68,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_runnable ON jobs (state, next_attempt_at, id);
 -- Failures by code for status: a 100,000-job backlog is not scanned on every status call.
 CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (state, error_code) WHERE state = 'failed' OR attempts > 0;
+-- Captions by the size of their bytes: a new image of a size no caption has is no rename or
+-- copy (``pipeline.moves``), known without reading it.
+CREATE INDEX IF NOT EXISTS jobs_size ON jobs (size) WHERE caption IS NOT NULL;
 CREATE TABLE IF NOT EXISTS sidecars (
     dir     TEXT NOT NULL,
     base    TEXT NOT NULL,
@@ -610,6 +614,28 @@ class JobStore:
             db.execute(
                 "DELETE FROM sidecars WHERE dir = ? AND image = ?", (journal_text(path.parent), journal_text(path.name))
             )
+
+    # -- renames and moves (``pipeline.moves``; the statements are ``journal_moves``') --------
+
+    def captioned_of_size(self, size: int) -> list[Job]:
+        """Done jobs with a caption of ours made from bytes of ``size``."""
+        with self._read() as db:
+            return [_row_to_job(r) for r in journal_moves.of_size(db, size)]
+
+    def adopt(self, adoption: journal_moves.Adoption) -> bool:
+        """An image takes over another path's caption (``journal_moves.adopt``)."""
+        with self._tx() as db:
+            return journal_moves.adopt(db, adoption, self._clock())
+
+    def move_tree(self, source: Path, target: Path, root: Path) -> int:
+        """The directory ``source`` was renamed ``target``: its jobs and claims follow."""
+        with self._tx() as db:
+            return journal_moves.move_tree(db, source, target, root)
+
+    def jobs_under(self, directory: Path) -> list[Job]:
+        """Every job of an image below ``directory``."""
+        with self._read() as db:
+            return [_row_to_job(r) for r in journal_moves.paths_under(db, directory)]
 
     # -- sidecar claims ------------------------------------------------------------------------
 
