@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from phicapd.cli.ctl import main
 from phicapd.pipeline import moves
 from phicapd.pipeline.jobs import JobStore, State
 from phicapd.pipeline.scanner import Reconciler
@@ -79,3 +80,124 @@ def test_a_rename_while_the_daemon_was_down_costs_no_model_call(tmp_path: Path) 
         assert daemon.store.get(root / "horse.png") is None
     assert sum(again.calls.values()) == 0
     _assert_followed(root, caption, "edited while down\n")
+
+
+@pytest.mark.parametrize("live", [True, False], ids=["live", "while-down"])
+def test_a_renamed_directory_takes_its_journal_along(tmp_path: Path, live: bool) -> None:
+    # Under "overwrite" only the journal tells phicapd's own outputs from others': without its rows
+    # the renamed directory's images would all go back to the model.
+    root = tmp_path / "photos"
+    (root / "album").mkdir(parents=True)
+    extra = FORMATS + 'existing = "overwrite"\n'
+    fake = FakeCaptioner()
+    settings = settings_for(tmp_path, [root], extra=extra)
+    with running_daemon(settings, fake) as daemon:
+        for i in range(3):
+            write_unique_png(root / "album" / f"img{i}.png", i)
+        wait_for(lambda: is_settled(daemon) and daemon.store.counts()["done"] == 3, 30, "captions")
+        (root / "album" / "img0.txt").write_text("edited\n")
+        if live:
+            os.rename(root / "album", root / "trip")
+            wait_for(lambda: _done(daemon, root / "trip" / "img2.png"), 30, "the renamed directory")
+            daemon.rescan()
+            wait_for(lambda: daemon.intake.scans_done >= 3 and is_settled(daemon), 30, "a rescan")
+    if not live:
+        os.rename(root / "album", root / "trip")
+    again = FakeCaptioner()
+    with running_daemon(settings_for(tmp_path, [root], extra=extra), again) as daemon:
+        wait_for(lambda: _done(daemon, root / "trip" / "img2.png"), 30, "the catch-up scan")
+        assert [daemon.store.get(root / "album" / f"img{i}.png") for i in range(3)] == [None] * 3
+        moved = {j.path.name for j in daemon.store.captioned(root, root / "trip")}
+    assert moved == {"img0.png", "img1.png", "img2.png"}
+    assert sum(fake.calls.values()) == 3 and sum(again.calls.values()) == 0
+    assert (root / "trip" / "img0.txt").read_text() == "edited\n"
+    assert set(_manifest(root / "trip")) == {"img0.png", "img1.png", "img2.png"}
+
+
+def test_a_copy_is_served_from_the_journal_when_its_settings_match(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    root.mkdir()
+    fake = FakeCaptioner()
+    settings = settings_for(tmp_path, [root], extra=FORMATS)
+    with running_daemon(settings, fake) as daemon:
+        write_unique_png(root / "horse.png", 1)
+        wait_for(lambda: _done(daemon, root / "horse.png"), 30, "the first caption")
+        caption = (root / "horse.txt").read_text()
+        (root / "copy.png").write_bytes((root / "horse.png").read_bytes())
+        wait_for(lambda: _done(daemon, root / "copy.png") and (root / "copy.txt").exists(), 30, "the copy")
+    assert sum(fake.calls.values()) == 1
+    assert (root / "copy.txt").read_text() == caption == (root / "horse.txt").read_text()
+    assert _manifest(root) == {"copy.png": caption.rstrip("\n"), "horse.png": caption.rstrip("\n")}
+
+
+@pytest.mark.parametrize("policy", ["keep", "remove"])
+def test_on_delete_keeps_or_removes_only_unedited_outputs(
+    tmp_path: Path, policy: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "photos"
+    root.mkdir()
+    fake = FakeCaptioner()
+    settings = settings_for(tmp_path, [], extra=FORMATS + f'[[watch]]\npath = "{root}"\non_delete = "{policy}"\n')
+    with running_daemon(settings, fake) as daemon:
+        write_unique_png(root / "horse.png", 1)
+        write_unique_png(root / "cow.png", 2)
+        wait_for(lambda: is_settled(daemon) and daemon.store.counts()["done"] == 2, 30, "captions")
+        (root / "horse.txt").write_text("edited by hand\n")
+        (root / "horse.png").unlink()
+        (root / "cow.png").unlink()
+        wait_for(lambda: daemon.store.counts()["done"] == 0 and is_settled(daemon), 30, "the deletions")
+        assert main(["--socket", str(tmp_path / "none.sock"), "orphans", str(root)]) == 0
+        # A different image under a deleted one's name is captioned, not taken for its old caption.
+        write_unique_png(root / "cow.png", 3)
+        wait_for(lambda: _done(daemon, root / "cow.png"), 30, "the new cow")
+    assert sum(fake.calls.values()) == 3 and len(fake.calls) == 3
+    kept = policy == "keep"
+    assert (root / "horse.txt").read_text() == "edited by hand\n"
+    assert (root / "horse.json").exists() == kept
+    names = ["cow.json", "cow.txt", "horse.json", "horse.txt"] if kept else ["horse.txt"]
+    assert capsys.readouterr().out.splitlines() == [str(root / n) for n in names]
+    assert json.loads((root / "cow.json").read_text())["caption"] == (root / "cow.txt").read_text().rstrip("\n")
+    assert _manifest(root) == {"cow.png": (root / "cow.txt").read_text().rstrip("\n")}
+
+
+class _Killed(BaseException):
+    """A ``kill -9`` at one step of a move: nothing after it runs, no handler sees it."""
+
+
+@pytest.mark.parametrize("step", [("output", 2), ("manifest", 1), ("journal", 1), ("linked", 0)])
+def test_a_move_interrupted_at_any_step_finishes_at_the_next_start_without_the_model(
+    tmp_path: Path, step: tuple[str, int]
+) -> None:
+    root = tmp_path / "photos"
+    root.mkdir()
+    fake = FakeCaptioner()
+    caption = _captioned(tmp_path, root, fake)
+    (root / "horse.txt").write_text("edited\n")
+    os.rename(root / "horse.png", root / "my horse.png")
+    settings = settings_for(tmp_path, [root], extra=FORMATS)
+    name, nth = step
+    if name == "linked":  # link-then-unlink (a filesystem without RENAME_NOREPLACE) cut in between
+        os.link(root / "horse.txt", root / "my horse.txt")
+    else:
+        calls: list[str] = []
+
+        def kill(at: str, path: Path) -> None:
+            calls.append(at)
+            if at == name and calls.count(name) == nth:
+                raise _Killed
+
+        moves.MOVE_HOOKS.append(kill)
+        store = JobStore(settings.state.dir / "journal.sqlite3")
+        try:
+            with pytest.raises(_Killed):
+                Reconciler(settings, store).scan(settings.watch[0], reason="startup")
+        finally:
+            store.close()
+            moves.MOVE_HOOKS.clear()
+        assert (root / "my horse.txt").exists() == (name != "output" or nth > 1)
+    again = FakeCaptioner()
+    with running_daemon(settings, again) as daemon:
+        wait_for(lambda: _done(daemon, root / "my horse.png"), 30, "the move to finish")
+        assert daemon.store.get(root / "horse.png") is None
+    assert sum(again.calls.values()) == 0
+    _assert_followed(root, caption, "edited\n")
