@@ -68,9 +68,6 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_runnable ON jobs (state, next_attempt_at, id);
 -- Failures by code for status: a 100,000-job backlog is not scanned on every status call.
 CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (state, error_code) WHERE state = 'failed' OR attempts > 0;
--- Captions by the size of their bytes: a new image of a size no caption has is no rename or
--- copy (``pipeline.moves``), known without reading it.
-CREATE INDEX IF NOT EXISTS jobs_size ON jobs (size) WHERE caption IS NOT NULL;
 CREATE TABLE IF NOT EXISTS sidecars (
     dir     TEXT NOT NULL,
     base    TEXT NOT NULL,
@@ -303,6 +300,9 @@ class JobStore:
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 raise RuntimeError(f"journal {path} has schema {version}, this phicapd knows {SCHEMA_VERSION}")
+            # Captions by the size of their bytes: a new image of a size no caption has is no
+            # rename or copy (``pipeline.moves``), known without reading it.
+            self._db.execute("CREATE INDEX IF NOT EXISTS jobs_size ON jobs (size)")
         self._read_lock = threading.Lock()
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._reader.row_factory = sqlite3.Row

@@ -94,7 +94,7 @@ def adopt(db: sqlite3.Connection, a: Adoption, now: float) -> bool:
 
 
 def of_size(db: sqlite3.Connection, size: int) -> list[sqlite3.Row]:
-    """Done rows with a caption of ours for bytes of ``size`` (``jobs_size``, a partial index)."""
+    """Done rows with a caption of ours for bytes of ``size`` (the index ``jobs_size``)."""
     return db.execute(
         "SELECT * FROM jobs WHERE size = ? AND caption IS NOT NULL AND sha256 IS NOT NULL AND state = 'done'",
         (size,),
