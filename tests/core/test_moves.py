@@ -201,3 +201,56 @@ def test_a_move_interrupted_at_any_step_finishes_at_the_next_start_without_the_m
         assert daemon.store.get(root / "horse.png") is None
     assert sum(again.calls.values()) == 0
     _assert_followed(root, caption, "edited\n")
+
+
+def test_a_move_between_roots_takes_what_the_new_root_writes(tmp_path: Path) -> None:
+    # One root writes txt and json, the other txt and the manifest: the .txt (edited) moves, the
+    # .json stays behind (the other root writes none), the manifest entry is written from the
+    # journal's caption; no model call, live and across a restart.
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    extra = (
+        f'[[watch]]\npath = "{first}"\nformats = ["txt", "json"]\n'
+        f'[[watch]]\npath = "{second}"\nformats = ["txt", "jsonl"]\n'
+    )
+    fake = FakeCaptioner()
+    with running_daemon(settings_for(tmp_path, [], extra=extra), fake) as daemon:
+        write_unique_png(first / "horse.png", 1)
+        write_unique_png(first / "cow.png", 2)
+        wait_for(lambda: is_settled(daemon) and daemon.store.counts()["done"] == 2, 30, "captions")
+        captions = {n: (first / f"{n}.txt").read_text() for n in ("horse", "cow")}
+        (first / "horse.txt").write_text("edited\n")
+        os.rename(first / "horse.png", second / "horse.png")
+        wait_for(lambda: _done(daemon, second / "horse.png") and daemon.store.get(first / "horse.png") is None, 30, "")
+    os.rename(first / "cow.png", second / "cow.png")
+    again = FakeCaptioner()
+    with running_daemon(settings_for(tmp_path, [], extra=extra), again) as daemon:
+        wait_for(lambda: _done(daemon, second / "cow.png"), 30, "the catch-up scan")
+    assert sum(fake.calls.values()) == 2 and sum(again.calls.values()) == 0
+    assert (second / "horse.txt").read_text() == "edited\n"
+    assert (second / "cow.txt").read_text() == captions["cow"]
+    assert sorted(p.name for p in first.iterdir()) == ["cow.json", "horse.json"]
+    assert _manifest(second) == {"cow.png": captions["cow"].rstrip("\n"), "horse.png": captions["horse"].rstrip("\n")}
+
+
+def test_an_output_never_replaces_a_file_at_its_new_name_nor_follows_a_link(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    root.mkdir()
+    fake = FakeCaptioner()
+    caption = _captioned(tmp_path, root, fake)
+    (root / "cow.txt").write_text("someone else's\n")  # stands where horse.txt would go
+    (root / "horse.json").unlink()
+    (root / "elsewhere.json").write_text(json.dumps({"caption": "not to be moved"}))
+    (root / "horse.json").symlink_to(root / "elsewhere.json")
+    os.rename(root / "horse.png", root / "cow.png")
+    again = FakeCaptioner()
+    with running_daemon(settings_for(tmp_path, [root], extra=FORMATS), again) as daemon:
+        wait_for(lambda: _done(daemon, root / "cow.png"), 30, "the catch-up scan")
+    assert sum(again.calls.values()) == 0
+    assert (root / "cow.txt").read_text() == "someone else's\n"
+    assert (root / "horse.txt").read_text() == caption + "\n"
+    assert (root / "horse.json").is_symlink()
+    # The json was written from the journal's caption (a backfill), not taken through the link.
+    assert json.loads((root / "cow.json").read_text())["caption"] == caption
+    assert _manifest(root) == {"cow.png": caption}
