@@ -300,9 +300,7 @@ class JobStore:
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 raise RuntimeError(f"journal {path} has schema {version}, this phicapd knows {SCHEMA_VERSION}")
-            # Captions by the size of their bytes: a new image of a size no caption has is no
-            # rename or copy (``pipeline.moves``), known without reading it.
-            self._db.execute("CREATE INDEX IF NOT EXISTS jobs_size ON jobs (size)")
+            journal_moves.create_indexes(self._db)  # after the migrations: on their columns
         self._read_lock = threading.Lock()
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._reader.row_factory = sqlite3.Row
@@ -617,10 +615,14 @@ class JobStore:
 
     # -- renames and moves (``pipeline.moves``; the statements are ``journal_moves``') --------
 
-    def captioned_of_size(self, size: int) -> list[Job]:
-        """Done jobs with a caption of ours made from bytes of ``size``."""
+    def has_caption_of_size(self, size: int) -> bool:
         with self._read() as db:
-            return [_row_to_job(r) for r in journal_moves.of_size(db, size)]
+            return journal_moves.has_size(db, size)
+
+    def captions_of(self, *, fingerprint: Fingerprint | None = None, sha256: str | None = None) -> list[Job]:
+        """Done jobs with a caption of ours made from the bytes of ``fingerprint`` (or ``sha256``)."""
+        with self._read() as db:
+            return [_row_to_job(r) for r in journal_moves.captions_of(db, fingerprint, sha256)]
 
     def adopt(self, adoption: journal_moves.Adoption) -> bool:
         """An image takes over another path's caption (``journal_moves.adopt``)."""

@@ -93,12 +93,31 @@ def adopt(db: sqlite3.Connection, a: Adoption, now: float) -> bool:
     return True
 
 
-def of_size(db: sqlite3.Connection, size: int) -> list[sqlite3.Row]:
-    """Done rows with a caption of ours for bytes of ``size`` (the index ``jobs_size``)."""
-    return db.execute(
-        "SELECT * FROM jobs WHERE size = ? AND caption IS NOT NULL AND sha256 IS NOT NULL AND state = 'done'",
-        (size,),
-    ).fetchall()
+_CAPTIONED = "state = 'done' AND caption IS NOT NULL AND sha256 IS NOT NULL"
+
+
+def has_size(db: sqlite3.Connection, size: int) -> bool:
+    """Is there a caption of ours made from bytes of ``size``? (the index ``jobs_identity``)"""
+    return db.execute(f"SELECT 1 FROM jobs WHERE size = ? AND {_CAPTIONED} LIMIT 1", (size,)).fetchone() is not None
+
+
+def captions_of(db: sqlite3.Connection, fingerprint: Fingerprint | None, sha256: str | None) -> list[sqlite3.Row]:
+    """Done rows with a caption of ours made from these bytes: known by their fingerprint
+    (``jobs_identity``) or by their sha256 (``jobs_sha256``)."""
+    if fingerprint is not None:
+        fp = fingerprint
+        where, values = "size = ? AND mtime_ns = ? AND inode = ?", (fp.size, fp.mtime_ns, fp.inode)
+    else:
+        where, values = "sha256 = ?", (sha256,)
+    return db.execute(f"SELECT * FROM jobs WHERE {where} AND {_CAPTIONED} ORDER BY id", values).fetchall()
+
+
+def create_indexes(db: sqlite3.Connection) -> None:
+    """Captions by their bytes, so a new image is matched without a scan of the journal; one of a
+    size no caption has is no rename or copy, known without reading it."""
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_identity ON jobs (size, mtime_ns, inode)")
+    db.execute("CREATE INDEX IF NOT EXISTS jobs_sha256 ON jobs (sha256)")
+    db.execute("DROP INDEX IF EXISTS jobs_size")
 
 
 def _under(db: sqlite3.Connection, table: str, column: str, top: str) -> list[sqlite3.Row]:

@@ -67,6 +67,10 @@ MOVE_HOOKS: list[Callable[[str, Path], None]] = []
 MAX_DEPARTED = 10_000
 
 
+#: The journal's captions of given bytes: by fingerprint, or by sha256.
+_Rows = Callable[..., list["_Source"]]
+
+
 def _step(name: str, path: Path) -> None:
     for hook in MOVE_HOOKS:
         hook(name, path)
@@ -208,42 +212,48 @@ class Moves:
     def _adopt_one(self, root: WatchRoot, path: Path, st: os.stat_result, lacking: bool) -> bool:
         with self._lock:
             departed = [s for s in self._departed.of_size(st.st_size) if s.job.path != path]
-            if not departed and not lacking:
-                return False
-            rows = [j for j in self.store.captioned_of_size(st.st_size) if j.path != path] if lacking else []
-            if not departed and not rows:
+            journal = lacking and self.store.has_caption_of_size(st.st_size)
+            if not departed and not journal:
                 return False  # the usual new image: no caption of its size, nothing read
             own = self.store.get(path)
             mine = own is not None and own.fingerprint == _fingerprint(st)
             if own is not None and mine and (own.state is not State.PENDING or own.staged):
                 return False  # its own caption, parked as it is, or already written from one
             roots = {r.path: r for r in self.settings.watch}
-            match = self._match(path, st, root, [*departed, *(_Source(j, roots.get(j.root)) for j in rows)])
+
+            def rows(fingerprint: Fingerprint | None = None, sha256: str | None = None) -> list[_Source]:
+                if not journal:
+                    return []
+                jobs = self.store.captions_of(fingerprint=fingerprint, sha256=sha256)
+                return [_Source(j, roots.get(j.root)) for j in jobs if j.path != path]
+
+            match = self._match(path, st, root, departed, rows)
             if match is None:
                 return False
             source, moved = match
             return self._relocate(source, path, st, root) if moved else self._copy(source, path, st, root)
 
     def _match(
-        self, path: Path, st: os.stat_result, root: WatchRoot, sources: list[_Source]
+        self, path: Path, st: os.stat_result, root: WatchRoot, departed: list[_Source], rows: _Rows
     ) -> tuple[_Source, bool] | None:
-        """The caption ``path`` takes over, and whether its image moved (else a copy)."""
+        """The caption ``path`` takes over, and whether its image moved (else a copy): the
+        fingerprint a rename keeps first, then the bytes (read once)."""
         fp = _fingerprint(st)
-        gone = [s for s in sources if s.gone or not os.path.lexists(s.job.path)]
-        for s in gone:
-            if s.job.fingerprint == fp:
-                return s, True  # what a rename keeps: no need to read it
+        for s in [*departed, *rows(fingerprint=fp)]:
+            if s.job.fingerprint == fp and _gone(s):
+                return s, True
         try:
             fd, _ = safe_files.open_regular(path, self.settings.imaging.max_file_bytes)
             with os.fdopen(fd, "rb") as fh:
                 digest = hashlib.file_digest(fh, "sha256").hexdigest()
         except OSError:
             return None
-        for s in gone:
-            if s.job.sha256 == digest:
+        same = [s for s in [*departed, *rows(sha256=digest)] if s.job.sha256 == digest]
+        for s in same:
+            if _gone(s):
                 return s, True
-        for s in sources:
-            if s.job.sha256 == digest and not s.gone and self._current(s.job, root):
+        for s in same:
+            if self._current(s.job, root):
                 return s, False
         return None
 
@@ -377,6 +387,10 @@ class Moves:
         for directory in directories:
             with contextlib.suppress(OSError):  # gone since, or a filesystem that cannot: they stand
                 fsync_dir(directory)
+
+
+def _gone(source: _Source) -> bool:
+    return source.gone or not os.path.lexists(source.job.path)
 
 
 def _as_written(outputs: RootOutputs, job: Job) -> RootOutputs:
