@@ -110,7 +110,7 @@ class Daemon:
             max_attempts=settings.scheduler.max_attempts,
             backoff_seconds=settings.scheduler.retry_backoff_seconds,
         )
-        self.reconciler = Reconciler(settings, self.store)
+        self.reconciler = Reconciler(settings, self.store, lambda: getattr(self.captioner, "identity", None))
         self.intake = Intake(self.reconciler, self._work_queued)
         self.watcher: Watcher | None = None
         self.server: Any = None
@@ -220,7 +220,6 @@ class Daemon:
             metrics=self.prometheus,
         )
         self.scheduler.start()
-        self.reconciler.moves.identity = self.captioner.identity  # a copy's caption must be current
         self.intake.start()
         self.watcher = Watcher(
             self.settings.watch,
@@ -353,10 +352,8 @@ class Daemon:
         log.info("stopped")
 
     def _file_gone(self, path: Path, root: WatchRoot) -> None:
-        """A watched file was deleted or moved away: its caption goes (``pipeline.moves``), so does
-        its directory's manifest entry."""
+        """A watched file was deleted or moved away: its directory's manifest drops it."""
         current = next((r for r in self.settings.watch if r.path == root.path), root)
-        self.intake.gone(path, current)
         if self.scheduler is not None and "jsonl" in self.settings.formats_for(current):
             self.scheduler.writer.refresh_manifest(path.parent)
 
@@ -753,8 +750,7 @@ def model_source(settings: Settings) -> str:
 
 
 class _StopWhileLoading(BaseException):
-    """Raised by the signal handler into the model load (BaseException: no ``except Exception``
-    in the loading code may swallow it)."""
+    """Raised by the signal handler into the model load (no ``except Exception`` there swallows it)."""
 
 
 class _ExtendTimeout:

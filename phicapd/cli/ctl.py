@@ -30,7 +30,7 @@ from pydantic import ValidationError
 
 from phicapd import __version__
 from phicapd.cli.helpformat import HelpFormatter
-from phicapd.cli.orphans import print_orphans
+from phicapd.cli.orphans import cmd_orphans
 from phicapd.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
@@ -572,15 +572,6 @@ def cmd_stale(client: ControlClient, args: argparse.Namespace) -> int:
     if reply.edited:
         n = len(reply.edited)
         _err(f"{n} more edited since the daemon wrote them, kept (recaption --stale --force redoes them)")
-    return batch.EX_OK
-
-
-def cmd_orphans(client: ControlClient, args: argparse.Namespace) -> int:
-    try:
-        print_orphans(args.directory, args.config)
-    except ConfigError as e:
-        _err(str(e))
-        return batch.EX_NOINPUT
     return batch.EX_OK
 
 

@@ -15,11 +15,14 @@ system file) is looked through. One path per line, names that are not UTF-8 as `
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from phicapd.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, JSON_EXTENSION, MANIFEST_NAME, Settings, load_settings
+from phicapd.control.batch import EX_NOINPUT, EX_OK
 from phicapd.errors import ConfigError
 from phicapd.fsnames import display
 from phicapd.pipeline.formats import read_json_caption
@@ -97,6 +100,13 @@ def orphans(directory: Path | None, config: Path | None) -> list[Path]:
     return [p for root in settings.watch for p in find_orphans(root.path, settings.sidecar.extension, root.recursive)]
 
 
-def print_orphans(directory: Path | None, config: Path | None) -> None:
-    for path in orphans(directory, config):
+def cmd_orphans(client: object, args: argparse.Namespace) -> int:
+    """phicapctl's command (``client`` unused: the files are the truth, the daemon is not asked)."""
+    try:
+        found = orphans(args.directory, args.config)
+    except ConfigError as e:
+        print(f"phicapctl: {display(str(e))}", file=sys.stderr)
+        return EX_NOINPUT
+    for path in found:
         print(display(path))
+    return EX_OK

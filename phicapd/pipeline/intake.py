@@ -154,16 +154,15 @@ class Intake:
             self._files_cond.notify()
 
     def moved(self, source: Path, target: Path | None, root: WatchRoot, directory: bool) -> None:
-        """The watcher paired a rename within ``root`` (``target`` None: a directory moved out)."""
+        """The watcher paired a rename within ``root``; ``target`` None: deleted or moved out."""
         moves = self.reconciler.moves
+        current = self._roots.get(root.path, root)
         if directory:
-            self._event(lambda: moves.moved_dir(source, target, root))
+            self._event(lambda: moves.moved_dir(source, target, current))
         elif target is not None:
-            self._event(lambda: moves.moved(source, target, root))
-
-    def gone(self, path: Path, root: WatchRoot) -> None:
-        """A watched file was deleted or moved out of ``root``."""
-        self._event(lambda: self.reconciler.moves.gone(path, self._roots.get(root.path, root)))
+            self._event(lambda: moves.moved(source, target, current))
+        else:
+            self._event(lambda: moves.gone(source, current))
 
     def _event(self, handle: Callable[[], object]) -> None:
         with self._files_cond:

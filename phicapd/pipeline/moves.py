@@ -128,12 +128,12 @@ class Moves:
 
     One move at a time (a lock): the intake's thread and each root's scan thread call in."""
 
-    def __init__(self, settings: Settings, store: JobStore) -> None:
+    def __init__(self, settings: Settings, store: JobStore, identity: Callable[[], str | None]) -> None:
+        """``identity``: the model's, once it is loaded. A copy takes a caption made with the
+        settings its root would use now, which it names (None: copies are captioned as new)."""
         self.settings = settings
         self.store = store
-        #: The model's identity once it is loaded: a copy takes a caption made with the settings its
-        #: root would use now, which this names (None: copies are captioned as new images).
-        self.identity: str | None = None
+        self._identity = identity
         self._departed = _Departed()
         self._lock = threading.RLock()
 
@@ -259,7 +259,8 @@ class Moves:
 
     def _current(self, job: Job, root: WatchRoot) -> bool:
         """Was ``job``'s caption made with the settings ``root`` would use now?"""
-        return self.identity is not None and job.settings_key == settings_key(self.settings, root, self.identity)
+        identity = self._identity()
+        return identity is not None and job.settings_key == settings_key(self.settings, root, identity)
 
     # -- carrying it out -------------------------------------------------------------------------
 

@@ -51,9 +51,10 @@ class ScanReport:
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, store: JobStore) -> None:
+    def __init__(self, settings: Settings, store: JobStore, identity: Callable[[], str | None] = lambda: None) -> None:
+        """``identity``: the model's, once it is loaded (a copy takes a caption only if current)."""
         self.store = store
-        self.moves = Moves(settings, store)  # renamed, moved and copied images keep their captions
+        self.moves = Moves(settings, store, identity)  # renamed, moved, copied images keep their captions
         self.settings = settings
         self.unreadable = UnreadableFiles()
 

@@ -3,9 +3,10 @@
 * ``on_ready(path, root)``: an image was closed after writing or moved in, and its
   (size, mtime_ns, inode) then stayed unchanged for ``settle_seconds`` (``settle.py``).
 * ``on_moved(source, target, root, directory)``: a file or directory was renamed within ``root``
-  (inotify's two halves of a rename, paired by cookie in ``inotify_adapter.py``), or a directory
+  (inotify's two halves of a rename, paired by cookie in ``inotify_adapter.py``), or deleted or
   moved out of it (``target`` None). A renamed file's new path is also a candidate as above, and
-  ``on_gone`` is not called for its old one: its outputs and caption follow it (``pipeline.moves``).
+  ``on_gone`` (the manifest drops a file) is not called for its old one: its outputs and caption
+  follow it (``pipeline.moves``).
 * ``on_rescan(root, directory, reason)``: events may have been missed, so the caller should
   reconcile ``directory`` against the journal. Reasons: ``"new_dir"`` (a directory appeared; files
   that landed in it before its watch existed raised no event), ``"overflow"`` (the kernel's inotify
@@ -335,10 +336,9 @@ class Watcher:
         if isinstance(event, FileMovedEvent):
             if src is not None:
                 self._forget(src)
-                if event.dest_path and self._on_moved is not None:
-                    self._moved(watch, event.src_path, event.dest_path, directory=False)
-                else:
-                    self._gone(watch, src)
+                if not (event.dest_path and self._on_moved is not None):
+                    self._gone(watch, src)  # a paired rename's manifest entry follows it instead
+                self._moved(watch, event.src_path, event.dest_path, directory=False)
             if event.dest_path:
                 self._on_candidate(watch, Path(os.fsdecode(event.dest_path)))
         elif src is None:
@@ -346,6 +346,7 @@ class Watcher:
         elif isinstance(event, FileDeletedEvent):
             self._forget(src)
             self._gone(watch, src)
+            self._moved(watch, event.src_path, "", directory=False)
         elif isinstance(event, FileClosedEvent):
             self._on_candidate(watch, src)
         elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
