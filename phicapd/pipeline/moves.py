@@ -144,16 +144,20 @@ class Moves:
         with self._lock:
             job = self.store.get(source)
             if job is None or job.state is State.RUNNING:
-                return False  # nothing of ours; or the model has it, and the writer finds it gone
+                # Nothing of ours; or the model has it, and the writer finds it gone.
+                self._unlist(source, root)
+                return False
             try:
                 st = target.stat()
             except OSError:
                 st = None
             if st is None or not stat.S_ISREG(st.st_mode) or not is_candidate(target, root):
                 self.gone(source, root)  # moved out of what the root captions
+                self._unlist(source, root)
                 return False
             if not _captioned(job):
                 self.store.forget(source)  # its target is queued as a new image
+                self._unlist(source, root)
                 return False
             return self._relocate(_Source(job, root, gone=True), target, st, root)
 
@@ -366,6 +370,14 @@ class Moves:
             log.warning("manifest entry not moved", path=display(target), error=display(str(e)))
             return False
         return lists and is_utf8(target.name)
+
+    def _unlist(self, image: Path, root: WatchRoot) -> None:
+        """A renamed image whose caption did not follow it leaves its directory's manifest."""
+        if "jsonl" in self.settings.formats_for(root):
+            try:
+                update_manifest(image.parent, {image.name: None})
+            except OSError as e:
+                log.warning("cannot update the manifest", directory=display(image.parent), error=display(str(e)))
 
     def _remove_unedited(self, job: Job, root: WatchRoot, keep: frozenset[Path] = frozenset()) -> None:
         """``on_delete = "remove"``: the outputs of ``job`` that still hold its caption, as written."""

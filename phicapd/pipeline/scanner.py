@@ -5,7 +5,9 @@ it) and queues every image without an up-to-date sidecar; it runs at start-up (c
 after an inotify overflow, for new subdirectories and on a timer. ``Reconciler.accept`` does
 the same check for files the watcher reports settled. Both list each directory once and
 commit to the journal in large groups, so a 100,000-file tree costs a few seconds, not a
-transaction per file.
+transaction per file. An image renamed, moved or copied from a captioned one takes that caption
+over instead (``pipeline.moves``); only images of a byte size the journal has a caption of are
+looked at for that, so a new image costs one indexed query.
 """
 
 from __future__ import annotations

@@ -254,3 +254,25 @@ def test_an_output_never_replaces_a_file_at_its_new_name_nor_follows_a_link(tmp_
     # The json was written from the journal's caption (a backfill), not taken through the link.
     assert json.loads((root / "cow.json").read_text())["caption"] == caption
     assert _manifest(root) == {"cow.png": caption}
+
+
+def test_a_renamed_images_xmp_sidecar_follows_it_under_full_naming(tmp_path: Path) -> None:
+    pytest.importorskip("pyexiv2")
+    from phicapd.pipeline import metadata
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    extra = '[sidecar]\nformats = ["xmp"]\nxmp_naming = "full"\n'
+    fake = FakeCaptioner()
+    settings = settings_for(tmp_path, [root], extra=extra)
+    with running_daemon(settings, fake) as daemon:
+        write_unique_png(root / "horse.png", 1)
+        wait_for(lambda: _done(daemon, root / "horse.png"), 30, "the first caption")
+    caption = metadata.read_description(root / "horse.png.xmp")
+    os.rename(root / "horse.png", root / "my horse.png")
+    again = FakeCaptioner()
+    with running_daemon(settings_for(tmp_path, [root], extra=extra), again) as daemon:
+        wait_for(lambda: _done(daemon, root / "my horse.png"), 30, "the catch-up scan")
+    assert sum(fake.calls.values()) == 1 and sum(again.calls.values()) == 0
+    assert not (root / "horse.png.xmp").exists()
+    assert caption and metadata.read_description(root / "my horse.png.xmp") == caption
