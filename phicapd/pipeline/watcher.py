@@ -336,7 +336,7 @@ class Watcher:
         if isinstance(event, FileMovedEvent):
             if src is not None:
                 self._forget(src)
-                if not (event.dest_path and self._on_moved is not None):
+                if not (event.dest_path and self._follows(watch, src)):
                     self._gone(watch, src)  # a paired rename's manifest entry follows it instead
                 self._moved(watch, event.src_path, event.dest_path, directory=False)
             if event.dest_path:
@@ -398,10 +398,16 @@ class Watcher:
         if self._on_gone is not None and not watch.removed:
             self._on_gone(path, watch.root)
 
+    def _follows(self, watch: _RootWatch, path: Path) -> bool:
+        """Is ``path`` an image whose caption may follow it? (Not our own sidecars' temp files,
+        renamed into place by the thousand, nor anything else the root does not caption.)"""
+        return self._on_moved is not None and is_candidate(path, watch.root)
+
     def _moved(self, watch: _RootWatch, source: bytes | str, target: bytes | str, *, directory: bool) -> None:
-        if self._on_moved is not None and not watch.removed:
+        path = Path(os.fsdecode(source))
+        if not watch.removed and (self._follows(watch, path) or (directory and self._on_moved is not None)):
             dest = Path(os.fsdecode(target)) if target else None
-            self._on_moved(Path(os.fsdecode(source)), dest, watch.root, directory)
+            self._on_moved(path, dest, watch.root, directory)
 
     def _forget(self, path: Path) -> None:
         with self._cond:
