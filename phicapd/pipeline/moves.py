@@ -209,8 +209,8 @@ class Moves:
             try:
                 if self._adopt_one(root, path, st, path in lacking):
                     adopted.add(path)
-            except OSError as e:  # this image goes on as a new one; the scan goes on
-                log.warning("cannot take over a caption", path=display(path), error=display(str(e)))
+            except Exception:  # this image goes on as a new one; the scan goes on
+                log.exception("cannot take over a caption", path=display(path))
         return adopted
 
     def _adopt_one(self, root: WatchRoot, path: Path, st: os.stat_result, lacking: bool) -> bool:
