@@ -615,9 +615,10 @@ class JobStore:
 
     # -- renames and moves (``pipeline.moves``; the statements are ``journal_moves``') --------
 
-    def has_caption_of_size(self, size: int) -> bool:
+    def sizes_captioned(self, sizes: Sequence[int]) -> set[int]:
+        """Which of ``sizes`` a caption of ours was made from bytes of."""
         with self._read() as db:
-            return journal_moves.has_size(db, size)
+            return journal_moves.sizes_captioned(db, sizes)
 
     def captions_of(self, *, fingerprint: Fingerprint | None = None, sha256: str | None = None) -> list[Job]:
         """Done jobs with a caption of ours made from the bytes of ``fingerprint`` (or ``sha256``)."""

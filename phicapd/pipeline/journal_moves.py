@@ -96,9 +96,14 @@ def adopt(db: sqlite3.Connection, a: Adoption, now: float) -> bool:
 _CAPTIONED = "state = 'done' AND caption IS NOT NULL AND sha256 IS NOT NULL"
 
 
-def has_size(db: sqlite3.Connection, size: int) -> bool:
-    """Is there a caption of ours made from bytes of ``size``? (the index ``jobs_identity``)"""
-    return db.execute(f"SELECT 1 FROM jobs WHERE size = ? AND {_CAPTIONED} LIMIT 1", (size,)).fetchone() is not None
+def sizes_captioned(db: sqlite3.Connection, sizes: Sequence[int]) -> set[int]:
+    """Which of ``sizes`` a caption of ours was made from bytes of (the index ``jobs_identity``)."""
+    found: set[int] = set()
+    for start in range(0, len(sizes), 500):
+        chunk = sizes[start : start + 500]
+        query = f"SELECT DISTINCT size FROM jobs WHERE size IN ({','.join('?' * len(chunk))}) AND {_CAPTIONED}"
+        found.update(r[0] for r in db.execute(query, chunk))
+    return found
 
 
 def captions_of(db: sqlite3.Connection, fingerprint: Fingerprint | None, sha256: str | None) -> list[sqlite3.Row]:

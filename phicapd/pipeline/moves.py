@@ -119,6 +119,9 @@ class _Departed:
             if not paths:
                 self._by_size.pop(source.job.fingerprint.size, None)
 
+    def has_size(self, size: int) -> bool:
+        return size in self._by_size  # a dict lookup, safe without the lock
+
     def of_size(self, size: int) -> list[_Source]:
         return [self._by_path[p] for p in sorted(self._by_size.get(size, ()))]
 
@@ -205,20 +208,24 @@ class Moves:
         took over a caption of the journal: renamed or moved, or copies. Their outputs are in place
         or queued as a backfill; they need nothing more."""
         adopted: set[Path] = set()
+        # One query for the directory: a new image of a size no caption has is neither.
+        sizes = self.store.sizes_captioned(sorted({st.st_size for p, st in images if p in lacking}))
         for path, st in images:
             try:
-                if self._adopt_one(root, path, st, path in lacking):
+                if self._adopt_one(root, path, st, path in lacking and st.st_size in sizes):
                     adopted.add(path)
             except Exception:  # this image goes on as a new one; the scan goes on
                 log.exception("cannot take over a caption", path=display(path))
         return adopted
 
-    def _adopt_one(self, root: WatchRoot, path: Path, st: os.stat_result, lacking: bool) -> bool:
+    def _adopt_one(self, root: WatchRoot, path: Path, st: os.stat_result, journal: bool) -> bool:
+        """``journal``: it lacks an output, and the journal has captions of its size."""
+        if not journal and not self._departed.has_size(st.st_size):
+            return False  # the usual new image: no caption of its size, nothing read
         with self._lock:
             departed = [s for s in self._departed.of_size(st.st_size) if s.job.path != path]
-            journal = lacking and self.store.has_caption_of_size(st.st_size)
             if not departed and not journal:
-                return False  # the usual new image: no caption of its size, nothing read
+                return False
             own = self.store.get(path)
             mine = own is not None and own.fingerprint == _fingerprint(st)
             if own is not None and mine and (own.state is not State.PENDING or own.staged):
