@@ -82,13 +82,15 @@ def test_a_rename_while_the_daemon_was_down_costs_no_model_call(tmp_path: Path) 
     _assert_followed(root, caption, "edited while down\n")
 
 
+@pytest.mark.parametrize("policy", ["overwrite", "skip"])
 @pytest.mark.parametrize("live", [True, False], ids=["live", "while-down"])
-def test_a_renamed_directory_takes_its_journal_along(tmp_path: Path, live: bool) -> None:
+def test_a_renamed_directory_takes_its_journal_along(tmp_path: Path, live: bool, policy: str) -> None:
     # Under "overwrite" only the journal tells phicapd's own outputs from others': without its rows
-    # the renamed directory's images would all go back to the model.
+    # the renamed directory's images would all go back to the model. Under "skip" nothing is
+    # captioned again either way, but without its rows `stale` would no longer know them.
     root = tmp_path / "photos"
     (root / "album").mkdir(parents=True)
-    extra = FORMATS + 'existing = "overwrite"\n'
+    extra = FORMATS + f'existing = "{policy}"\n'
     fake = FakeCaptioner()
     settings = settings_for(tmp_path, [root], extra=extra)
     with running_daemon(settings, fake) as daemon:
