@@ -55,6 +55,9 @@ METADATA_FORMATS = ("xmp", "embed")
 # same-stem images get photo.png.xmp by the .txt naming rule) or "full" (photo.NEF.xmp, as
 # digiKam and darktable write by default).
 XmpNaming = Literal["stem", "full"]
+#: What becomes of an image's outputs when the image is deleted (or moved out of every root):
+#: "keep" them, or "remove" those that still hold phicapd's own unedited caption.
+OnDelete = Literal["keep", "remove"]
 JSON_EXTENSION = ".json"
 MANIFEST_NAME = "metadata.jsonl"
 # What happens to captions made with other settings than the root's current ones: "manual"
@@ -241,6 +244,7 @@ class WatchRoot(_Section):
     restale: RestalePolicy | None = None  # None: [sidecar] restale
     xmp_naming: XmpNaming | None = None  # None: [sidecar] xmp_naming
     single_line: bool = False  # every output of this root holds its caption as one line
+    on_delete: OnDelete = "keep"
 
     @field_validator("formats")
     @classmethod

@@ -101,6 +101,10 @@ NAME_NOT_UTF8 = "name_not_utf8"
 #: that embeds): raw files take their caption in an XMP sidecar, never inside (``raw_roots``).
 #: Refused before the model is asked; the daemon's own roots cannot take raw files and embed.
 EMBED_RAW_REFUSED = "embed_raw_refused"
+#: A renamed or moved image's output could not follow it: a file that is not phicapd's already
+#: stands under its new name (never replaced), or the output is not a regular file (a link is never
+#: followed). The output stays under its old name; the image keeps its caption (``pipeline.moves``).
+MOVE_TARGET_EXISTS = "move_target_exists"
 
 # What the daemon's control API answers (``phicapd.control_api``); ``control.protocol`` maps
 # each to its HTTP status.

@@ -96,7 +96,8 @@ class Daemon:
             max_attempts=settings.scheduler.max_attempts,
             backoff_seconds=settings.scheduler.retry_backoff_seconds,
         )
-        self.reconciler = Reconciler(settings, self.store)
+        # The copies' settings key needs the model's identity, known once it is loaded.
+        self.reconciler = Reconciler(settings, self.store, lambda: self.captioner.identity if self.captioner else None)
         self.intake = Intake(self.reconciler, self._work_queued)
         self.prometheus = DaemonMetrics(lambda: self.api.status(), self.lifecycle.is_ready)
         self.loading_api = LoadingApi(
@@ -248,6 +249,7 @@ class Daemon:
             on_ready=lambda path, root: self.intake.file_ready(path, root),
             on_rescan=lambda root, directory, reason: self.intake.rescan(root, directory, reason),
             on_gone=writer.file_gone,
+            on_moved=self.intake.moved,
         )
         watcher.start()
         for root in settings.watch:
@@ -418,8 +420,7 @@ class Daemon:
 
 
 class _StopWhileLoading(BaseException):
-    """Raised by the signal handler into the model load (BaseException: no ``except Exception``
-    in the loading code may swallow it)."""
+    """Raised by the signal handler into the model load (no ``except Exception`` there swallows it)."""
 
 
 class _ExtendTimeout:

@@ -1,7 +1,8 @@
 """phicapctl: drive a running phicapd over its control socket.
 
 Commands: caption-file, caption-dir, caption-url, status, health, failures, stale, recaption,
-retry, pause, resume, rescan, metrics, version. ``caption-file`` and ``caption-dir`` read images with the
+retry, pause, resume, rescan, metrics, version, orphans (files only: it works with the daemon
+stopped). ``caption-file`` and ``caption-dir`` read images with the
 caller's permissions, send the bytes and write the sidecars themselves. A file under a watched
 root gets that root's prompt, prefix and suffix, as if the daemon had captioned it from there.
 
@@ -29,6 +30,7 @@ from pydantic import ValidationError
 
 from phicapd import __version__
 from phicapd.cli.helpformat import HelpFormatter
+from phicapd.cli.orphans import cmd_orphans
 from phicapd.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
@@ -206,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", nargs="?", metavar="DIR", help="only images under this directory (default: every root)")
     json_flag(p, 'print {"stale": [...], "edited": [...]} as one JSON object')
     p.set_defaults(func=cmd_stale)
+
+    p = command("orphans", "list the outputs (.txt, .json, .xmp) whose image is gone; needs no daemon")
+    p.add_argument("directory", nargs="?", type=Path, metavar="DIR", help="look below DIR (default: every root)")
+    p.set_defaults(func=cmd_orphans)
 
     p = command("recaption", "caption stale images again (see stale)")
     p.add_argument("directory", nargs="?", metavar="DIR", help="only images under this directory (default: every root)")

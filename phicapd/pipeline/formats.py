@@ -21,6 +21,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,10 +147,19 @@ def update_manifest(directory: Path, captions: Mapping[str, str | None]) -> None
     """Rewrite ``directory``'s ``metadata.jsonl`` with ``captions`` (file name -> text; None
     removes the entry) merged in, and every entry whose image is gone dropped.
 
-    Only the writer thread calls this, so read-merge-rewrite needs no lock of its own. A manifest
+    The writer thread and the moves (``pipeline.moves``) call this; one lock makes each
+    read-merge-rewrite whole, so neither loses the other's entries. A manifest
     that is not a regular file (a pipe, a link) or is too large is refused, never replaced
     (``safe_files.RefusedFile``).
     """
+    with _MANIFEST_LOCK:
+        _update_manifest(directory, captions)
+
+
+_MANIFEST_LOCK = threading.Lock()
+
+
+def _update_manifest(directory: Path, captions: Mapping[str, str | None]) -> None:
     entries = read_manifest(directory)
     before = dict(entries)
     for name, text in captions.items():

@@ -9,7 +9,12 @@ redundant), so a network root that hangs holds up only its own scans.
 Files a scan found possibly still being written (modified within the settle time, or stamped in
 the future) wait in a settle table, once per path however many scans find them, and are recorded
 once their size, mtime and inode stayed unchanged for the settle time: a future mtime settles like
-any other, it is never compared with the clock again. ``set_roots`` changes the
+any other, it is never compared with the clock again.
+
+Renames, moves and deletions the watcher saw (``moved``, ``gone``) are carried out in order by
+whichever of those threads comes first (``pipeline.moves``), before it records or scans
+anything: a renamed image's new path is then found with its caption, not sent to the model.
+``set_roots`` changes the
 roots while it runs (a configuration reload): work is always done with a root's current
 ``WatchRoot``, and nothing of a removed root is scanned or queued after it returns (a scan
 already under way finishes).
@@ -73,6 +78,9 @@ class Intake:
         # Files taken off the queues and not yet in the journal: idle() must not say "nothing
         # queued" while they are in neither place.
         self._accepting = False
+        # What the watcher saw go or move, in order (under _files_cond), and one drainer at a time.
+        self._events: collections.deque[Callable[[], object]] = collections.deque()
+        self._draining = threading.Lock()
 
     def start(self) -> None:
         t = threading.Thread(target=self._files_loop, name="phicapd-intake", daemon=True)
@@ -145,6 +153,38 @@ class Intake:
             self._files.extend(self._current([(path, root)]))
             self._files_cond.notify()
 
+    def moved(self, source: Path, target: Path | None, root: WatchRoot, directory: bool) -> None:
+        """The watcher paired a rename within ``root``; ``target`` None: deleted or moved out."""
+        moves = self.reconciler.moves
+        current = self._roots.get(root.path, root)
+        if directory:
+            self._event(lambda: moves.moved_dir(source, target, current))
+        elif target is not None:
+            self._event(lambda: moves.moved(source, target, current))
+        else:
+            self._event(lambda: moves.gone(source, current))
+
+    def _event(self, handle: Callable[[], object]) -> None:
+        with self._files_cond:
+            self._events.append(handle)
+            self._files_cond.notify()
+
+    def _drain_events(self) -> None:
+        """Carry out the moves and deletions seen so far, in order (one thread at a time)."""
+        with self._draining:
+            while True:
+                with self._files_cond:
+                    if not self._events:
+                        return
+                    handle = self._events[0]
+                try:
+                    handle()
+                except Exception:
+                    log.exception("cannot carry out a rename or deletion")
+                finally:
+                    with self._files_cond:
+                        self._events.popleft()
+
     def rescan(self, root: WatchRoot, directory: Path | None = None, reason: str = "request") -> None:
         directory = directory or root.path
         with self._scan_cond:
@@ -176,6 +216,7 @@ class Intake:
         with self._files_cond, self._scan_cond:
             return (
                 not self._files
+                and not self._events
                 and not self._settling
                 and not self._accepting
                 and not self._scans
@@ -204,7 +245,7 @@ class Intake:
     def _files_loop(self) -> None:
         while not self._stopping.is_set():
             with self._files_cond:
-                while not self._files and not self._settled_due() and not self._stopping.is_set():
+                while not self._files and not self._events and not self._settled_due() and not self._stopping.is_set():
                     self.last_progress = time.monotonic()
                     deadline = self._settling.next_deadline()
                     wait = deadline - time.monotonic() if deadline is not None else 1.0
@@ -213,6 +254,7 @@ class Intake:
                 due = self._settling.due(time.monotonic(), _GROUP)
                 self._accepting = bool(group or due)
             try:
+                self._drain_events()  # a renamed image's caption moves before its new path is judged
                 group += self._settle(due)
                 if group and self.reconciler.accept(group):
                     self._on_queued()
@@ -253,6 +295,7 @@ class Intake:
                 reason = self._scans.pop(mine[0])
                 self._scanning.add(lane)
             try:
+                self._drain_events()  # a renamed directory's journal follows it before it is scanned
                 report = self.reconciler.scan(root, directory, reason)
                 self.last_scan = report
                 self.scans_done += 1

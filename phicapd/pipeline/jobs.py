@@ -28,6 +28,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from phicapd.fsnames import display, from_journal_text, journal_path, journal_text
+from phicapd.pipeline import journal_moves
 from phicapd.pipeline.decode_marks import DecodeMarks
 
 SCHEMA_VERSION = 5
@@ -299,6 +300,7 @@ class JobStore:
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
                 raise RuntimeError(f"journal {path} has schema {version}, this phicapd knows {SCHEMA_VERSION}")
+            journal_moves.create_indexes(self._db)  # after the migrations: on their columns
         self._read_lock = threading.Lock()
         self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
         self._reader.row_factory = sqlite3.Row
@@ -610,6 +612,33 @@ class JobStore:
             db.execute(
                 "DELETE FROM sidecars WHERE dir = ? AND image = ?", (journal_text(path.parent), journal_text(path.name))
             )
+
+    # -- renames and moves (``pipeline.moves``; the statements are ``journal_moves``') --------
+
+    def sizes_captioned(self, sizes: Sequence[int]) -> set[int]:
+        """Which of ``sizes`` a caption of ours was made from bytes of."""
+        with self._read() as db:
+            return journal_moves.sizes_captioned(db, sizes)
+
+    def captions_of(self, *, fingerprint: Fingerprint | None = None, sha256: str | None = None) -> list[Job]:
+        """Done jobs with a caption of ours made from the bytes of ``fingerprint`` (or ``sha256``)."""
+        with self._read() as db:
+            return [_row_to_job(r) for r in journal_moves.captions_of(db, fingerprint, sha256)]
+
+    def adopt(self, adoption: journal_moves.Adoption) -> bool:
+        """An image takes over another path's caption (``journal_moves.adopt``)."""
+        with self._tx() as db:
+            return journal_moves.adopt(db, adoption, self._clock())
+
+    def move_tree(self, source: Path, target: Path, root: Path) -> int:
+        """The directory ``source`` was renamed ``target``: its jobs and claims follow."""
+        with self._tx() as db:
+            return journal_moves.move_tree(db, source, target, root)
+
+    def jobs_under(self, directory: Path) -> list[Job]:
+        """Every job of an image below ``directory``."""
+        with self._read() as db:
+            return [_row_to_job(r) for r in journal_moves.paths_under(db, directory)]
 
     # -- sidecar claims ------------------------------------------------------------------------
 

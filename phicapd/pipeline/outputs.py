@@ -21,8 +21,9 @@ image's current bytes into its primary output, and the output is there.
 
 What is missing is then made in one of two ways. An image whose journal caption was made from
 its current bytes gets the missing outputs from that caption (a *backfill*: a format added to a
-root, a deleted sidecar; no model call, and every format keeps holding the same caption). Any
-other image goes to the model, and all its outputs come from the new caption.
+root, a deleted sidecar; no model call, and every format keeps holding the same caption), and
+so does an image renamed, moved or copied from a captioned one (``pipeline.moves``). Any other
+image goes to the model, and all its outputs come from the new caption.
 
 The journal knows which formats each caption was written in (``Job.formats``), so an output
 inside the image or a shared manifest need not be read back on every scan: bytes unchanged

@@ -12,6 +12,8 @@ replaces goes through here:
   refused at once; a file over its kind's cap is refused before a byte is read, and a read stops
   at the cap should the file grow meanwhile. Reads follow symbolic links (a symlinked image is
   captioned like a file, README "Watching"), unless the caller will replace what it read.
+* moving (``rename_noreplace``): an output that follows its renamed image takes its new name
+  atomically, never over a file that stands there, and a link is moved as the link it is.
 * replacing (``check_replaceable``): an output is written to a temp file and renamed over its
   target, and a rename never follows a link; but a target that exists and is not a regular file
   (a link, a pipe, a directory) is not ours to replace either: it is refused.
@@ -23,7 +25,10 @@ not change by itself). It names the file and says what it is.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
+import functools
 import os
 import stat
 from pathlib import Path
@@ -168,3 +173,69 @@ def check_replaceable(target: Path) -> None:
         return
     if not stat.S_ISREG(st.st_mode):
         raise _not_regular(target, st.st_mode)
+
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+#: What a filesystem without ``RENAME_NOREPLACE`` (or without hard links) answers.
+_UNSUPPORTED = frozenset({errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EMLINK})
+
+
+@functools.cache
+def _renameat2() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without it (glibc < 2.28, musl): the fallback
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    return function
+
+
+def rename_noreplace(source: Path, target: Path) -> None:
+    """Give ``source`` the name ``target`` unless something stands there (``FileExistsError``).
+
+    ``renameat2(RENAME_NOREPLACE)``: atomic, one name or the other. Where the filesystem lacks
+    it, a hard link then an unlink: a crash in between leaves both names on one file, which a
+    redo of the move recognises (``os.path.samefile``). Across filesystems (``EXDEV``) the file
+    is copied under a temp name, linked to ``target`` without replacing, then ``source`` removed.
+    Nothing here follows a link: a link would be moved as the link it is, so callers refuse one.
+    """
+    function = _renameat2()
+    if function is not None:
+        if function(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in _UNSUPPORTED and code != errno.EXDEV:
+            raise OSError(code, os.strerror(code), str(target))  # EEXIST: a FileExistsError
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError as e:
+        if e.errno == errno.EXDEV:
+            _copy_noreplace(source, target)
+            os.unlink(source)
+            return
+        if e.errno not in _UNSUPPORTED:
+            raise
+        if os.path.lexists(target):  # no hard links here: a check, then the rename
+            raise FileExistsError(errno.EEXIST, "a file stands there", str(target)) from None
+        os.rename(source, target)
+        return
+    os.unlink(source)
+
+
+def _copy_noreplace(source: Path, target: Path) -> None:
+    """Copy the regular file ``source`` to ``target`` (on another filesystem) without replacing."""
+    # A temp name as ``sidecar.temp_path`` makes them, which the scans skip and clean up.
+    head = os.fsdecode(os.fsencode(target.name)[:200])
+    temp = target.with_name(f".{head}.phicapd-{os.getpid()}-{os.urandom(4).hex()}.tmp")
+    try:
+        copy_regular(source, temp, IMAGE_MAX_BYTES)
+        fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.link(temp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)

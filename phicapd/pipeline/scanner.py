@@ -5,7 +5,9 @@ it) and queues every image without an up-to-date sidecar; it runs at start-up (c
 after an inotify overflow, for new subdirectories and on a timer. ``Reconciler.accept`` does
 the same check for files the watcher reports settled. Both list each directory once and
 commit to the journal in large groups, so a 100,000-file tree costs a few seconds, not a
-transaction per file.
+transaction per file. An image renamed, moved or copied from a captioned one takes that caption
+over instead (``pipeline.moves``); only images of a byte size the journal has a caption of are
+looked at for that, so a new image costs one indexed query.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from phicapd.config import Settings, WatchRoot
 from phicapd.fsnames import display
 from phicapd.log import get_logger
 from phicapd.pipeline.jobs import Fingerprint, Job, JobStore, NewWork, State
+from phicapd.pipeline.moves import Moves
 from phicapd.pipeline.outputs import Known, Manifest, RootOutputs, sidecar_base
 from phicapd.pipeline.paths import is_candidate_name, is_watched_dir, list_images
 from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, remove_stale_temps, sidecar_may_exist
@@ -50,10 +53,20 @@ class ScanReport:
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, store: JobStore) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, store: JobStore, identity: Callable[[], str | None] = lambda: None) -> None:
+        """``identity``: the model's, once it is loaded (a copy takes a caption only if current)."""
         self.store = store
+        self.moves = Moves(settings, store, identity)  # renamed, moved, copied images keep their captions
+        self.settings = settings
         self.unreadable = UnreadableFiles()
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        self._settings = self.moves.settings = settings
 
     # -- the one decision ----------------------------------------------------------------------
 
@@ -65,12 +78,13 @@ class Reconciler:
         siblings: Callable[[], SiblingIndex],
         young_after: float | None,
         claims: Claims,
-    ) -> tuple[list[NewWork], list[Path], list[tuple[Path, str]]]:
+    ) -> tuple[list[NewWork], list[Path], list[tuple[Path, str]], int]:
         """Of the image ``names`` in ``directory``: those that lack an output their root writes
         (``pipeline.outputs``), as work for the model or as a backfill from their journal
         caption; those modified after ``young_after`` (wall clock), which may still be being
-        written and must settle first; and the sidecars found beside images that hold no claim
-        on them yet.
+        written and must settle first; the sidecars found beside images that hold no claim
+        on them yet; and how many took over a caption of the journal, renamed, moved or copied
+        (``pipeline.moves``), which need nothing more.
 
         Claiming a sidecar found on disk makes it its image's for good: a same-stem image that
         arrives later and sorts first then gets the other name instead of this caption.
@@ -125,6 +139,11 @@ class Reconciler:
                     lacking.append((path, st))
             except Exception:
                 log.exception("cannot check image's outputs", path=display(path))
+        # A renamed, moved or copied image takes its caption from the journal: no model call.
+        # (Not one that may still be being written: it is looked at once it settled.)
+        settled = [(p, st) for p, st, _ in candidates if young_after is None or st.st_mtime <= young_after]
+        adopted = self.moves.adopt(root, settled, {p for p, _ in lacking})
+        lacking = [(p, st) for p, st in lacking if p not in adopted]
         if lacking and not records:
             records = self.store.records([p for p, _ in lacking])
         work: list[NewWork] = []
@@ -140,7 +159,7 @@ class Reconciler:
                 and record.fingerprint == fingerprint(st)
             )
             work.append(NewWork(path, root.path, fingerprint(st), seen_at=seen_at, backfill=backfill))
-        return work, young, found
+        return work, young, found, len(adopted)
 
     # -- watcher intake ------------------------------------------------------------------------
 
@@ -154,8 +173,9 @@ class Reconciler:
         for path, root in settled:
             by_dir.setdefault((path.parent, root.path), (root, set()))[1].add(path.name)
         work: list[NewWork] = []
+        adopted = 0
         for (directory, _), (root, names) in by_dir.items():
-            queued, _, found = self._needing(
+            queued, _, found, took = self._needing(
                 root,
                 directory,
                 sorted(names),
@@ -165,7 +185,8 @@ class Reconciler:
             )
             self.store.claim_sidecars(found)
             work.extend(queued)
-        return _enqueue(self.store, work) if work else 0
+            adopted += took
+        return (_enqueue(self.store, work) if work else 0) + adopted
 
     # -- scans ---------------------------------------------------------------------------------
 
@@ -183,11 +204,13 @@ class Reconciler:
         pending: list[NewWork] = []
         deferred: list[Path] = []
         passed_over = self.unreadable.tally(root, raws_left_out(self.settings, root))
+        if directory == root.path:
+            self.moves.sweep()  # captions whose image went while nobody watched, for the paths found
         for current, names in _walk(directory, root, passed_over.note):
             temps += remove_stale_temps(current)
             images += len(names)
             claims = self.store.claims_in(current)
-            work, young, found = self._needing(
+            work, young, found, adopted = self._needing(
                 root, current, names, partial(SiblingIndex, names), young_after, Claims(claims, current)
             )
             self.store.claim_sidecars(found)
@@ -196,6 +219,7 @@ class Reconciler:
             self.store.drop_claims(current, [i for i in claims if i not in listed and not (current / i).exists()])
             pending.extend(work)
             deferred.extend(young)
+            queued += adopted  # taken over from the journal: the scheduler writes any output left
             if len(pending) >= _CHUNK:
                 queued += _enqueue(self.store, pending)
                 pending = []

@@ -2,6 +2,11 @@
 
 * ``on_ready(path, root)``: an image was closed after writing or moved in, and its
   (size, mtime_ns, inode) then stayed unchanged for ``settle_seconds`` (``settle.py``).
+* ``on_moved(source, target, root, directory)``: a file or directory was renamed within ``root``
+  (inotify's two halves of a rename, paired by cookie in ``inotify_adapter.py``), or deleted or
+  moved out of it (``target`` None). A renamed file's new path is also a candidate as above, and
+  ``on_gone`` (the manifest drops a file) is not called for its old one: its outputs and caption
+  follow it (``pipeline.moves``).
 * ``on_rescan(root, directory, reason)``: events may have been missed, so the caller should
   reconcile ``directory`` against the journal. Reasons: ``"new_dir"`` (a directory appeared; files
   that landed in it before its watch existed raised no event), ``"overflow"`` (the kernel's inotify
@@ -150,6 +155,7 @@ class Watcher:
         on_ready: Callable[[Path, WatchRoot], None],
         on_rescan: Callable[[WatchRoot, Path, str], None],
         on_gone: Callable[[Path, WatchRoot], None] | None = None,
+        on_moved: Callable[[Path, Path | None, WatchRoot, bool], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._settings = settings
@@ -158,6 +164,7 @@ class Watcher:
         # A file deleted or moved away (observer thread; it must return at once): the
         # metadata.jsonl manifest drops it.
         self._on_gone = on_gone
+        self._on_moved = on_moved  # a paired rename (observer thread too: it must return at once)
         self._clock = clock
         self._indexes = itertools.count()
         # By index. Changed under _cond; iterated by the settle thread under _cond or _observing.
@@ -317,8 +324,10 @@ class Watcher:
             # Contents of a directory that was moved or created as a whole: its rescan covers them.
             return
         if event.is_directory:
-            # A directory moved out (full events: empty destination) needs nothing: its pending
-            # files are dropped when their stat fails.
+            # A directory moved out (full events: empty destination): its pending files are
+            # dropped when their stat fails, and its images' captions go (``on_moved``).
+            if isinstance(event, DirMovedEvent) and event.src_path:
+                self._moved(watch, event.src_path, event.dest_path, directory=True)
             new_dir = event.src_path if event.event_type == EVENT_TYPE_CREATED else event.dest_path
             if event.event_type in (EVENT_TYPE_CREATED, EVENT_TYPE_MOVED) and new_dir:
                 self._on_new_dir(watch, Path(os.fsdecode(new_dir)))
@@ -327,7 +336,9 @@ class Watcher:
         if isinstance(event, FileMovedEvent):
             if src is not None:
                 self._forget(src)
-                self._gone(watch, src)
+                if not (event.dest_path and self._follows(watch, src)):
+                    self._gone(watch, src)  # a paired rename's manifest entry follows it instead
+                self._moved(watch, event.src_path, event.dest_path, directory=False)
             if event.dest_path:
                 self._on_candidate(watch, Path(os.fsdecode(event.dest_path)))
         elif src is None:
@@ -335,6 +346,7 @@ class Watcher:
         elif isinstance(event, FileDeletedEvent):
             self._forget(src)
             self._gone(watch, src)
+            self._moved(watch, event.src_path, "", directory=False)
         elif isinstance(event, FileClosedEvent):
             self._on_candidate(watch, src)
         elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
@@ -385,6 +397,17 @@ class Watcher:
     def _gone(self, watch: _RootWatch, path: Path) -> None:
         if self._on_gone is not None and not watch.removed:
             self._on_gone(path, watch.root)
+
+    def _follows(self, watch: _RootWatch, path: Path) -> bool:
+        """Is ``path`` an image whose caption may follow it? (Not our own sidecars' temp files,
+        renamed into place by the thousand, nor anything else the root does not caption.)"""
+        return self._on_moved is not None and is_candidate(path, watch.root)
+
+    def _moved(self, watch: _RootWatch, source: bytes | str, target: bytes | str, *, directory: bool) -> None:
+        path = Path(os.fsdecode(source))
+        if not watch.removed and (self._follows(watch, path) or (directory and self._on_moved is not None)):
+            dest = Path(os.fsdecode(target)) if target else None
+            self._on_moved(path, dest, watch.root, directory)
 
     def _forget(self, path: Path) -> None:
         with self._cond:
@@ -650,5 +673,5 @@ class Watcher:
 def _captions_differently(old: WatchRoot, new: WatchRoot) -> bool:
     """Would a scan of the root find other work under ``new``? (Not so for a new prompt, prefix or
     suffix: those apply to the captions made from now on.)"""
-    same = {"prompt", "prefix", "suffix"}
+    same = {"prompt", "prefix", "suffix", "on_delete"}
     return old.model_dump(exclude=same) != new.model_dump(exclude=same)

@@ -21,7 +21,8 @@ staged job, which the scheduler hands straight back here with the journal's capt
 (``Finished.staged``) instead of to the model. Each output is judged by the root's ``existing``
 policy on its own (``pipeline.outputs``), so a kept ``photo.txt`` does not stop a missing
 ``photo.json``. A *backfill* (an image that lacks outputs its journal caption can supply: a
-format added to the root, a deleted sidecar) comes the same way and writes only what is missing.
+format added to the root, a deleted sidecar, an image renamed or copied from a captioned one:
+``pipeline.moves``) comes the same way and writes only what is missing.
 
 An image that its owner replaces, rewrites or deletes while its caption is written is left as
 they made it (``metadata``'s identity checks): nothing is recorded done, the job is retried
