@@ -101,7 +101,7 @@ def test_a_renamed_directory_takes_its_journal_along(tmp_path: Path, live: bool,
         if live:
             os.rename(root / "album", root / "trip")
             wait_for(lambda: _done(daemon, root / "trip" / "img2.png"), 30, "the renamed directory")
-            daemon.rescan()
+            daemon.api.rescan()
             wait_for(lambda: daemon.intake.scans_done >= 3 and is_settled(daemon), 30, "a rescan")
     if not live:
         os.rename(root / "album", root / "trip")
