@@ -3,6 +3,9 @@
     python bench/vs_vllm.py                      # CPU: /work/ckpt-vllm, vLLM from /work/venv-vllm
     python bench/vs_vllm.py --device cuda --checkpoint DIR --venv VENV
 
+About 15 minutes on the 2-core CPU with the defaults (vLLM's start 4-5 minutes, then two rounds
+of about 100 s a side); the exit status is 1 when a caption differs.
+
 Both servers are started once, from the same checkpoint (a checkpoint vLLM can serve:
 ``bash bench/vllm_cpu.sh model DIR`` makes the CPU one), and each is stopped (SIGSTOP on its
 whole process group) while the other runs, so neither steals the other's cores or its
