@@ -3,6 +3,7 @@
     python bench/engine.py --device cpu --model tiny          # CI-sized, seconds
     python bench/engine.py --device cuda --full-size-random   # Phi-3.5-vision shapes, random bf16 weights
     python bench/engine.py --device cuda --full-size-random --compile --batches 1,32 --no-baselines
+    python bench/engine.py --profile --model CHECKPOINT    # per-stage times on photos (stage_profile.py)
 
 Workload: identical 3:2 photos (1500x1000) at ``--num-crops``, the default caption prompt,
 exactly ``--new-tokens`` new tokens (stop tokens ignored). Image preprocessing (the HD crops)
@@ -37,6 +38,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from random_model import full_size_random
+from stage_profile import profile_main
 
 from phicapd.config import DEFAULT_PROMPT
 from phicapd.model.engine import EngineRequest, GenerationEngine
@@ -93,13 +95,30 @@ def hardware(device: torch.device) -> str:
     return f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
 
 
+def profile(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    if args.model == "tiny":
+        model = tiny(device, torch.float32)
+        tokenizer = Phi3VTokenizer(build_tokenizer(), {}, add_bos=True)
+    else:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = load_model(Path(args.model), device=device, dtype=dtype, attn_implementation="sdpa")
+        tokenizer = Phi3VTokenizer.from_dir(Path(args.model))
+    if not args.fused_vision:
+        model._fused_clip = None
+    batches = int(args.batches or "2")
+    new = args.new_tokens or 16
+    profile_main(model, tokenizer, num_crops=args.num_crops or 4, new_tokens=new, images=args.images, batches=batches)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--model", default="tiny", help="'tiny' (default) or a checkpoint directory")
     ap.add_argument("--full-size-random", action="store_true", help="Phi-3.5-vision shapes, random bf16 weights")
     ap.add_argument("--num-crops", type=int, default=None, help="default 16 full size, 4 tiny")
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=None, help="default 128; --profile: 16 (as vs_vllm.py)")
     ap.add_argument("--batches", default=None, help="comma-separated; default 1,4,8,16,32 (cpu) / 1,8,16,32,48")
     ap.add_argument("--compile", action="store_true", help="torch.compile the decode step before CUDA-graph capture")
     ap.add_argument(
@@ -117,9 +136,20 @@ def main(argv: list[str] | None = None) -> int:
         help="measure the batch-1 baselines (loop, HF generate); --no-baselines: the engine rows only",
     )
     ap.add_argument("--json", type=Path, help="also write the results here (rewritten after each row)")
+    ap.add_argument("--profile", action="store_true", help="per-stage times of batches of photos (stage_profile.py)")
+    ap.add_argument("--images", type=int, default=10, help="--profile: photos per batch")
+    ap.add_argument(
+        "--fused-vision",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on the CPU, CLIP's fused layers (vision_cpu.py); --no-fused-vision: transformers' CLIP",
+    )
     args = ap.parse_args(argv)
     if args.device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
+    if args.profile:
+        return profile(args)
+    args.new_tokens = args.new_tokens or 128
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -35,29 +35,14 @@ from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
-from PIL import Image  # noqa: E402
+from fresh_images import fresh_images  # noqa: E402
 
 from phicapd.service import load_model_captioner  # noqa: E402
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for  # noqa: E402
 
-PHOTOS = REPO / "tests" / "data" / "images"
-NAMES = ["camera.png", "chelsea.png", "coffee.png", "coins.png", "horse.png", "hubble_deep_field.jpg", "rocket.jpg"]
 PROMPT = "Describe this image."
-
-
-def fresh_images(out: Path, n: int, rng: random.Random) -> list[Path]:
-    """n photos, each with one pixel set to a random colour: new bytes and new pixels."""
-    out.mkdir(parents=True)
-    made = []
-    for i in range(n):
-        name = NAMES[i % len(NAMES)]
-        image = Image.open(PHOTOS / name).convert("RGB")
-        image.putpixel((rng.randrange(image.width), rng.randrange(image.height)), tuple(rng.randbytes(3)))
-        path = out / f"{i:03d}-{Path(name).stem}.png"
-        image.save(path, format="PNG", compress_level=1)
-        made.append(path)
-    return made
 
 
 def direct(url: str, model: str, images: list[Path], concurrency: int, tokens: int) -> float:

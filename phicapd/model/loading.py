@@ -483,6 +483,8 @@ def load_model(
     model.load_state_dict(state, strict=True, assign=True)
     _restore_buffers(model, device)
     model.requires_grad_(False)
+    if device.type == "cpu":
+        model.use_fused_cpu_vision()
     return model.eval()
 
 

@@ -17,6 +17,7 @@ from transformers import CLIPVisionModel, Phi3ForCausalLM
 
 from phicapd.model.configuration import Phi3VConfig
 from phicapd.model.processing import ProcessedImage
+from phicapd.model.vision_cpu import FusedClipEncoder
 
 CLIP_CHUNK = 64  # crops per CLIP call: bounds activation memory for big batches
 
@@ -79,6 +80,12 @@ class Phi3VForCausalLM(nn.Module):
         self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, merged))  # newline at the end of each row
         self.glb_GN = nn.Parameter(torch.zeros(1, 1, merged))  # between tile block and global block
         self.img_projection = nn.Sequential(nn.Linear(merged, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self._fused_clip: FusedClipEncoder | None = None
+
+    def use_fused_cpu_vision(self) -> None:
+        """Run CLIP's layers through ``vision_cpu`` while the tower is on the CPU (call once loaded)."""
+        if self._fused_clip is None and self.vision_tower.config.hidden_act == "quick_gelu":
+            self._fused_clip = FusedClipEncoder(self.vision_tower)
 
     def use_rowwise_rope(self) -> None:
         """Install per-row LongRoPE (call once the rotary module holds real buffers)."""
@@ -98,15 +105,20 @@ class Phi3VForCausalLM(nn.Module):
 
     def merged_crop_features(self, crops: torch.Tensor) -> torch.Tensor:
         """[n, 3, 336, 336] -> [n, 12, 12, 4*dim]: CLIP patch features (CLS dropped), merged 2x2."""
-        feats = torch.cat(
-            [self.vision_tower(pixel_values=chunk).last_hidden_state[:, 1:] for chunk in crops.split(CLIP_CHUNK)]
-        )
+        feats = torch.cat([self.clip_hidden_states(chunk)[:, 1:] for chunk in crops.split(CLIP_CHUNK)])
         n, patches, dim = feats.shape
         side = int(patches**0.5)
         half = side // 2
         # Token (i, j) concatenates patches (2i, 2j), (2i, 2j+1), (2i+1, 2j), (2i+1, 2j+1).
         grid = feats.reshape(n, half, 2, half, 2, dim).permute(0, 1, 3, 2, 4, 5)
         return grid.reshape(n, half, half, 4 * dim)
+
+    def clip_hidden_states(self, crops: torch.Tensor) -> torch.Tensor:
+        """The truncated tower's ``last_hidden_state`` for [n, 3, 336, 336] crops."""
+        fused = self._fused_clip
+        if fused is not None and crops.device.type == "cpu" and self.vision_tower.device.type == "cpu":
+            return fused(crops)
+        return self.vision_tower(pixel_values=crops).last_hidden_state
 
     def _with_newlines(self, grid: torch.Tensor) -> torch.Tensor:
         """[rows, cols, C] -> [rows * (cols + 1), C] with ``sub_GN`` closing every row."""
