@@ -13,7 +13,7 @@ embedded description, the journal and the socket reply then all hold the same te
   count the backend reports and, because a server may under-report it, a character bound of
   ``MAX_CHARS_PER_TOKEN`` per token, far above what any real token decodes to. (The remote
   backend also reads its reply with a byte cap derived from the same bound, so a huge reply
-  is refused before it is buffered: ``phicapd.remote.wire``.)
+  is refused before it is buffered: ``phicapd.remote.chat_api``.)
 * **Cleaned** (``clean_caption``): the text is for .txt, JSON, XMP and IPTC, which all take a
   line break but none of which wants a control character (XML 1.0 cannot even hold most of
   them; exiv2 cuts a description at a NUL). Line breaks are kept (as ``\\n``), every other

@@ -180,7 +180,7 @@ class RemoteSettings(_Section):
     api_key_file: Path | None = None
     tls_verify: bool = True
     ca_file: Path | None = None  # a private CA bundle for https:// endpoints
-    # One request's deadline, connect to last byte (phicapd.remote.wire); the connect alone gets
+    # One request's deadline, connect to last byte (phicapd.remote.chat_api); the connect alone gets
     # at most connect_timeout_seconds of it.
     timeout_seconds: float = Field(120.0, gt=0)
     connect_timeout_seconds: float = Field(5.0, gt=0)

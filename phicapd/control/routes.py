@@ -22,7 +22,7 @@ from phicapd import __version__
 from phicapd.config import ControlSettings
 from phicapd.control import protocol as p
 from phicapd.control.backend import CaptionReply, ControlBackend
-from phicapd.control.wire import HttpError, Request
+from phicapd.control.http_framing import HttpError, Request
 from phicapd.errors import ImageError, PhicapError
 
 log = structlog.get_logger(__name__)

@@ -41,6 +41,7 @@ from prometheus_client.registry import Collector
 from phicapd.config import ControlSettings
 from phicapd.control import protocol as p
 from phicapd.control.backend import ControlBackend
+from phicapd.control.http_framing import CONTINUE, Connection, HttpError, Request, render_response
 from phicapd.control.listener import (
     BoundSocket,
     PeerCred,
@@ -49,7 +50,6 @@ from phicapd.control.listener import (
     unlink_if_ours,
 )
 from phicapd.control.routes import Response, Router, error_response
-from phicapd.control.wire import CONTINUE, Connection, HttpError, Request, render_response
 from phicapd.metrics import REQUEST_BUCKETS, render
 
 log = structlog.get_logger(__name__)

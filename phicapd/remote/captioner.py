@@ -4,7 +4,7 @@
 its own, and delivers every caption the moment its reply lands, so a slow request never holds
 up the others and a socket request (taken first by the scheduler) starts at the next free slot.
 
-What happens to a request that fails depends on whose fault it was (``wire.Kind``):
+What happens to a request that fails depends on whose fault it was (``chat_api.Kind``):
 
 * the endpoint's (refused, 429/503, a refused key): sent again, to another endpoint or to this
   one once it is back; never counted against the image. With every endpoint down the requests
@@ -27,7 +27,7 @@ What happens to a request that fails depends on whose fault it was (``wire.Kind`
   backoff, so a slow or poisonous image never holds slots ahead of retries that are due) and
   parks after the last; the endpoint stays up. If the endpoint fails the probe image too, it is
   the endpoint's: taken out, and the request waits, uncounted.
-* a reply larger than ``max_tokens`` can make (``wire.reply_cap``): refused unread, as a
+* a reply larger than ``max_tokens`` can make (``chat_api.reply_cap``): refused unread, as a
   retryable ``caption_too_long``; the endpoint answered, so it stays up.
 
 Captions are returned as the server wrote them; the scheduler cleans and checks every caption,
@@ -51,9 +51,7 @@ from phicapd.captioner import Caption, CaptionRequest, Deliver, Take
 from phicapd.config import ModelSettings, RemoteSettings, Settings
 from phicapd.errors import CAPTION_TOO_LONG, CaptionError, ConfigError, ImageError, ModelUnavailable, PhicapError
 from phicapd.log import get_logger
-from phicapd.remote.encode import data_url
-from phicapd.remote.pool import Endpoint, Pool
-from phicapd.remote.wire import (
+from phicapd.remote.chat_api import (
     Completion,
     Http,
     Kind,
@@ -63,6 +61,8 @@ from phicapd.remote.wire import (
     parse_completion,
     reply_cap,
 )
+from phicapd.remote.encode import data_url
+from phicapd.remote.pool import Endpoint, Pool
 
 log = get_logger(__name__)
 

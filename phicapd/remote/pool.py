@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from phicapd.log import get_logger
-from phicapd.remote.wire import Http, Kind, RemoteFailure, Target, classify, served_models
+from phicapd.remote.chat_api import Http, Kind, RemoteFailure, Target, classify, served_models
 
 #: Request parameters an endpoint may refuse and phicapd then leaves out, with what that means.
 OPTIONAL_PARAMETERS = {

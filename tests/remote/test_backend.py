@@ -18,8 +18,8 @@ from phicapd.captioner import Caption, CaptionRequest
 from phicapd.config import Settings
 from phicapd.errors import ConfigError, ModelUnavailable, PhicapError
 from phicapd.remote.captioner import IMAGE_REJECTED, REMOTE_FAILED, RemoteCaptioner, load_remote_captioner
+from phicapd.remote.chat_api import Kind, classify, retry_after
 from phicapd.remote.encode import data_url
-from phicapd.remote.wire import Kind, classify, retry_after
 from tests.support.daemon import wait_for
 from tests.support.fakes import image_key, unique_image
 from tests.support.openai_server import REFUSED_WIDTH, FakeVLLM, started

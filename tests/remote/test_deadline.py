@@ -14,8 +14,8 @@ from phicapd.config import Settings
 from phicapd.errors import PhicapError
 from phicapd.pipeline.jobs import State
 from phicapd.remote.captioner import REMOTE_DROPPED, RemoteCaptioner, load_remote_captioner
+from phicapd.remote.chat_api import Http, Kind, RemoteFailure, Target, chat_body
 from phicapd.remote.encode import data_url
-from phicapd.remote.wire import Http, Kind, RemoteFailure, Target, chat_body
 from phicapd.service import load_model_captioner
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import image_key, unique_image, write_unique_png
