@@ -17,7 +17,7 @@ from pathlib import Path
 
 from phicapd.config import Settings, load_settings
 from phicapd.pipeline.jobs import Fingerprint, JobStore, Success
-from phicapd.pipeline.scanner import Reconciler
+from phicapd.pipeline.reconciler import Reconciler
 from tests.support.fakes import write_unique_png
 
 

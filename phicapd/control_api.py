@@ -28,7 +28,7 @@ from phicapd.pipeline.formats import generation_settings, model_and_revision, se
 from phicapd.pipeline.intake import Intake
 from phicapd.pipeline.jobs import Job, JobStore
 from phicapd.pipeline.paths import journal_path, owning_root
-from phicapd.pipeline.scanner import Reconciler
+from phicapd.pipeline.reconciler import Reconciler
 from phicapd.pipeline.scheduler import Scheduler
 from phicapd.pipeline.watcher import Watcher
 from phicapd.pipeline.writer import SidecarWriter

@@ -29,7 +29,7 @@ from phicapd.pipeline.decode_pool import DecodeWorkers
 from phicapd.pipeline.intake import Intake
 from phicapd.pipeline.jobs import JobStore
 from phicapd.pipeline.paths import list_images
-from phicapd.pipeline.scanner import Reconciler
+from phicapd.pipeline.reconciler import Reconciler
 from phicapd.pipeline.scheduler import INTERACTIVE_DECODERS, Scheduler
 from phicapd.pipeline.watcher import Watcher
 from phicapd.status_report import model_source

@@ -20,7 +20,7 @@ from phicapd.lifecycle import Lifecycle
 from phicapd.pipeline.intake import Intake
 from phicapd.pipeline.jobs import JobStore
 from phicapd.pipeline.progress import Backlog, progress_report
-from phicapd.pipeline.scanner import Reconciler
+from phicapd.pipeline.reconciler import Reconciler
 
 #: A caption's source as the writer counts them: (backend, endpoint, server-reported model).
 Source = tuple[str, str | None, str]

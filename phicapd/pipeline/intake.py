@@ -32,7 +32,7 @@ from pathlib import Path
 from phicapd.config import WatchRoot
 from phicapd.fsnames import display
 from phicapd.log import get_logger
-from phicapd.pipeline.scanner import Reconciler, ScanReport
+from phicapd.pipeline.reconciler import Reconciler, ScanReport
 from phicapd.pipeline.settle import SettleTable, file_signature
 
 log = get_logger(__name__)

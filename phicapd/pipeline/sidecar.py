@@ -244,7 +244,7 @@ def _newer(image_mtime_ns: int, sidecar: Path) -> bool:
 def policy_keeps(policy: str, image_mtime_ns: int, sidecar: Path) -> bool:
     """Whether the ``existing`` policy keeps ``sidecar`` as it is: ``skip`` while it is up to
     date (``is_up_to_date``; pass ``changed_ns`` of the image's stat where there is one),
-    ``only-missing`` whenever it exists, ``overwrite`` never (the scanner also asks the journal
+    ``only-missing`` whenever it exists, ``overwrite`` never (the reconciler also asks the journal
     whether this daemon wrote it, for ``overwrite``)."""
     if policy == "skip":
         return _newer(image_mtime_ns, sidecar)

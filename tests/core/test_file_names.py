@@ -126,16 +126,16 @@ def test_failures_and_status_list_an_odd_name_without_a_traceback(tmp_path: Path
 
 
 def test_one_entry_that_cannot_be_judged_does_not_stop_the_scan(tmp_path: Path, monkeypatch, capsys) -> None:
-    from phicapd.pipeline import scanner
+    from phicapd.pipeline import reconciler
 
-    real = scanner.sidecar_base
+    real = reconciler.sidecar_base
 
     def refuse_one(path: Path) -> str:
         if path.name == "broken.png":
             raise RuntimeError("cannot judge this one")
         return real(path)
 
-    monkeypatch.setattr(scanner, "sidecar_base", refuse_one)
+    monkeypatch.setattr(reconciler, "sidecar_base", refuse_one)
     root = tmp_path / "in"
     root.mkdir()
     for i, name in enumerate(["a.png", "broken.png", "z.png"]):
@@ -150,7 +150,7 @@ def test_one_entry_that_cannot_be_judged_does_not_stop_the_scan(tmp_path: Path, 
 
 
 def test_a_failed_scan_shows_in_status_until_a_scan_succeeds(tmp_path: Path, monkeypatch, capsys) -> None:
-    from phicapd.pipeline.scanner import Reconciler
+    from phicapd.pipeline.reconciler import Reconciler
 
     real = Reconciler.scan
     broken = {"on": True}

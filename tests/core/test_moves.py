@@ -15,7 +15,7 @@ import pytest
 from phicapd.cli.ctl import main
 from phicapd.pipeline import moves
 from phicapd.pipeline.jobs import JobStore, State
-from phicapd.pipeline.scanner import Reconciler
+from phicapd.pipeline.reconciler import Reconciler
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, write_unique_png
 

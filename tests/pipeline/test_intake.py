@@ -9,7 +9,7 @@ from pathlib import Path
 
 from phicapd.config import Settings, WatchRoot
 from phicapd.pipeline.intake import Intake
-from phicapd.pipeline.scanner import ScanReport
+from phicapd.pipeline.reconciler import ScanReport
 
 
 class FakeReconciler:
