@@ -169,10 +169,11 @@ class LoadingApi(_JournalApi):
         raise _still_loading()
 
     def pause(self) -> None:
-        """Nothing runs yet to pause: the request is answered and changes nothing."""
+        """Nothing runs yet: the scheduler starts paused (a pause at boot holds the backlog)."""
+        self.lifecycle.pause_asked = True
 
     def resume(self) -> None:
-        """Nothing is paused while the model loads."""
+        self.lifecycle.pause_asked = False
 
 
 class ControlApi(_JournalApi):
@@ -331,6 +332,7 @@ class ControlApi(_JournalApi):
         self.scheduler.pause()
 
     def resume(self) -> None:
+        self.lifecycle.pause_asked = False  # a pause asked while loading is over too
         self.scheduler.resume()
 
     def _work_queued(self) -> None:

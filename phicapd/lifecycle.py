@@ -24,6 +24,8 @@ class Lifecycle:
     #: The last reload that was refused, {"at": epoch seconds, "reason"}, until one succeeds:
     #: ``phicapctl status`` shows it, not only the log.
     reload_refused: dict[str, Any] | None = None
+    #: ``phicapctl pause`` came while the model loaded: the scheduler starts paused.
+    pause_asked: bool = False
     ready: threading.Event = field(default_factory=threading.Event)
     stop: threading.Event = field(default_factory=threading.Event)
 

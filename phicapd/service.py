@@ -240,6 +240,8 @@ class Daemon:
             list_images=list_images,
             metrics=self.prometheus,
         )
+        if self.lifecycle.pause_asked:
+            scheduler.pause()
         scheduler.start()
         self.intake.start()
         writer = scheduler.writer  # the manifests' keeper: the watcher and the API hand it work
@@ -269,6 +271,8 @@ class Daemon:
         )
         # Before READY: a request that waited for the model meets the whole API.
         self.server.serve(self.api)
+        if self.lifecycle.pause_asked:  # asked of the stand-in after the start above
+            scheduler.pause()
         return scheduler
 
     def _serve(self, notifier: Any, scheduler: Scheduler) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -127,3 +128,23 @@ def test_status_shows_the_loaded_model_while_it_warms_up(tmp_path: Path) -> None
         captioner.warmed.set()
         wait_for(daemon.is_ready, 10, "the daemon to be ready")
         assert daemon.api.status()["model"]["max_batch"] == 16  # now the scheduler's
+
+
+def test_a_pause_asked_while_the_model_loads_holds_the_backlog_once_it_is_ready(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    root.mkdir()
+    unique_image(5).save(root / "waiting.png")
+    settings = settings_for(tmp_path, [root])
+    captioner, loaded = FakeCaptioner(), threading.Event()
+    with loading_daemon(settings, captioner, loaded) as daemon:
+        wait_for(settings.control.socket.exists, 10, "the socket")
+        client = ControlClient(settings.control.socket, timeout=10)
+        client.pause()
+        loaded.set()
+        wait_for(daemon.is_ready, 10, "the daemon to be ready")
+        assert daemon.api.status()["state"] == "paused"
+        wait_for(lambda: daemon.store.counts()["pending"] == 1, 10, "the start-up scan to queue the image")
+        time.sleep(0.5)  # time enough for a running scheduler to take it (it does, without the pause)
+        assert daemon.store.counts()["pending"] == 1 and not captioner.calls
+        client.resume()
+        wait_for(lambda: (root / "waiting.txt").exists(), 10, "the caption after the resume")
