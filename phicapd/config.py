@@ -18,69 +18,29 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from phicapd import image_types
+from phicapd.config_roots import (
+    JSON_EXTENSION,
+    MANIFEST_NAME,
+    METADATA_FORMATS,
+    SECTION_CONFIG,
+    ExistingPolicy,
+    OutputFormat,
+    RestalePolicy,
+    WatchRoot,
+    XmpNaming,
+    check_formats,
+)
 from phicapd.errors import ConfigError
+from phicapd.metadata_library import MetadataUnavailable, require_pyexiv2
 
 DEFAULT_CONFIG_PATH = Path("/etc/phicapd/phicapd.toml")
 #: Names the configuration file when ``--config`` does not, for phicapd and phicapctl alike.
 CONFIG_ENV = "PHICAPD_CONFIG"
 SYSTEM_SOCKET_PATH = Path("/run/phicapd/phicapd.sock")
 DEFAULT_PROMPT = "Describe this image in detail, including the main subject, actions, and setting."
-# What every install decodes; a root's default ``include`` adds HEIC/HEIF/AVIF where a decoder
-# for them is installed (``image_types.default_extensions``).
-DEFAULT_IMAGE_EXTENSIONS = image_types.BASE_EXTENSIONS
-
-# What becomes of a sidecar that already exists ([sidecar] existing, [[watch]] existing):
-#   skip          keep it while it is at least as new as its image (an image saved after its
-#                 sidecar is captioned again);
-#   overwrite     replace any sidecar this daemon did not write for the image's current bytes;
-#   only-missing  never replace it, whatever its age: only images without one are captioned.
-# phicapctl --force and forced retries caption and replace under every policy.
-ExistingPolicy = Literal["skip", "overwrite", "only-missing"]
-
-# What the daemon writes for each caption ([sidecar] formats, [[watch]] formats); the names are
-# public API. ``txt``: ``photo.txt``; ``json``: ``photo.json``, the caption with its provenance;
-# ``jsonl``: the directory's ``metadata.jsonl`` (Hugging Face imagefolder); ``xmp``: an XMP
-# sidecar's dc:description, merged into an existing one; ``embed``: the image's own XMP, EXIF and
-# IPTC (opt-in: it rewrites the image file, pixels untouched). xmp and embed need pyexiv2.
-OutputFormat = Literal["txt", "xmp", "embed", "json", "jsonl"]
-#: The formats this build writes.
-AVAILABLE_FORMATS = ("txt", "xmp", "embed", "json", "jsonl")
-#: Formats written through pyexiv2 (``pipeline.metadata``).
-METADATA_FORMATS = ("xmp", "embed")
-# The XMP sidecar's name: "stem" (photo.xmp, as Lightroom and Camera Raw read for raw files;
-# same-stem images get photo.png.xmp by the .txt naming rule) or "full" (photo.NEF.xmp, as
-# digiKam and darktable write by default).
-XmpNaming = Literal["stem", "full"]
-#: What becomes of an image's outputs when the image is deleted (or moved out of every root):
-#: "keep" them, or "remove" those that still hold phicapd's own unedited caption.
-OnDelete = Literal["keep", "remove"]
-JSON_EXTENSION = ".json"
-MANIFEST_NAME = "metadata.jsonl"
-# What happens to captions made with other settings than the root's current ones: "manual"
-# (listed by `phicapctl stale`, redone by `phicapctl recaption --stale`) or "auto" (redone at
-# start and after a reload, as if `recaption --stale` had been run). Hand-edited captions are
-# never redone by either.
-RestalePolicy = Literal["manual", "auto"]
-
-
-def _check_formats(value: list[OutputFormat] | None) -> list[OutputFormat] | None:
-    if value is None:
-        return None
-    if not value:
-        raise ValueError('formats must name at least one format, e.g. ["txt"]')
-    seen: set[str] = set()
-    for name in value:
-        if name in seen:
-            raise ValueError(f"format {name!r} is listed twice")
-        seen.add(name)
-        if name not in AVAILABLE_FORMATS:
-            available = ", ".join(AVAILABLE_FORMATS)
-            raise ValueError(f"format {name!r} is not available in this phicapd yet (it writes: {available})")
-    return value
 
 
 def _is_root() -> bool:
@@ -135,7 +95,7 @@ def sidecar_ignore_pattern(extension: str) -> str:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = SECTION_CONFIG
 
 
 class ModelSettings(_Section):
@@ -230,36 +190,6 @@ class RemoteSettings(_Section):
         return self
 
 
-class WatchRoot(_Section):
-    path: Path
-    recursive: bool = True
-    prompt: str | None = None
-    prefix: str = ""
-    suffix: str = ""
-    existing: ExistingPolicy | None = None
-    include: list[str] = Field(default_factory=lambda: [f"*{e}" for e in image_types.default_extensions()])
-    ignore: list[str] = []
-    poll: bool | None = None
-    formats: list[OutputFormat] | None = None  # None: [sidecar] formats
-    restale: RestalePolicy | None = None  # None: [sidecar] restale
-    xmp_naming: XmpNaming | None = None  # None: [sidecar] xmp_naming
-    single_line: bool = False  # every output of this root holds its caption as one line
-    on_delete: OnDelete = "keep"
-
-    @field_validator("formats")
-    @classmethod
-    def _formats(cls, value: list[OutputFormat] | None) -> list[OutputFormat] | None:
-        return _check_formats(value)
-
-    @field_validator("path")
-    @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        value = value.expanduser()
-        if not value.is_absolute():
-            raise ValueError(f"watch path must be absolute, got {str(value)!r}")
-        return value
-
-
 class WatcherSettings(_Section):
     settle_seconds: float = Field(2.0, ge=0)
     rescan_interval_seconds: float = Field(3600.0, ge=0)
@@ -276,7 +206,7 @@ class SidecarSettings(_Section):
     @field_validator("formats")
     @classmethod
     def _formats(cls, value: list[OutputFormat]) -> list[OutputFormat]:
-        checked = _check_formats(value)
+        checked = check_formats(value)
         assert checked is not None
         return checked
 
@@ -452,10 +382,8 @@ class Settings(BaseSettings):
             if set(self.formats_for(root)).intersection(METADATA_FORMATS)
         ]
         if wanting:
-            from phicapd.pipeline.metadata import MetadataUnavailable, require
-
             try:
-                require()
+                require_pyexiv2()
             except MetadataUnavailable as e:
                 raise ValueError(f"{', '.join(wanting)}: xmp and embed {e}") from None
         return self

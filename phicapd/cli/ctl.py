@@ -12,25 +12,30 @@ read it) > /run/phicapd/phicapd.sock if its directory exists > the per-user sock
 (``$XDG_RUNTIME_DIR/phicapd.sock``).
 
 Exit codes: see ``EXIT_CODES`` below (also printed by ``phicapctl --help``).
+
+This module resolves the socket, parses the command line and runs the small commands; the
+caption commands are ``ctl_caption``'s, the reports (status, health, failures) ``ctl_status``'s,
+orphans is ``orphans``', and the output conventions they share are ``output``'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
 from phicapd import __version__
+from phicapd.cli.ctl_caption import cmd_caption_dir, cmd_caption_file, cmd_caption_url
+from phicapd.cli.ctl_status import cmd_failures, cmd_health, cmd_status
 from phicapd.cli.helpformat import HelpFormatter
 from phicapd.cli.orphans import cmd_orphans
+from phicapd.cli.output import err, print_json
 from phicapd.config import (
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
@@ -39,7 +44,6 @@ from phicapd.config import (
     user_socket_path,
 )
 from phicapd.control import batch
-from phicapd.control.batch import BatchCaptioner, Options, Outcome
 from phicapd.control.client import (
     DEFAULT_CAPTION_TIMEOUT,
     DEFAULT_TIMEOUT,
@@ -49,8 +53,6 @@ from phicapd.control.client import (
     RequestRejected,
 )
 from phicapd.errors import ConfigError
-from phicapd.fsnames import display
-from phicapd.pipeline.sidecar import write_sidecar
 
 EX_USAGE = 64
 EX_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
@@ -234,327 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# -- output helpers -----------------------------------------------------------------------------
-
-
-class Progress:
-    """A progress bar on stderr, only when stderr is a terminal (elsewhere each file gets its
-    plain line); ``summary`` is the line a batch ends with, which scripts parse."""
-
-    WIDTH = 24
-
-    def __init__(self, total: int, stream: TextIO | None = None) -> None:
-        self.total = total
-        self.stream = stream or sys.stderr  # looked up now: a test (or a caller) may have replaced it
-        self.enabled = self.stream.isatty() and total > 1
-        self.done = self.skipped = self.failed = 0
-        self.started = time.monotonic()
-
-    @property
-    def captioned(self) -> int:
-        return self.done - self.skipped - self.failed
-
-    def update(self, outcome: Outcome) -> None:
-        self.done += 1
-        self.skipped += outcome.state == "skipped"
-        self.failed += outcome.state == "failed"
-        if self.enabled:
-            filled = self.WIDTH * self.done // self.total
-            bar = "#" * filled + "-" * (self.WIDTH - filled)
-            line = f"\r\x1b[K[{bar}] {self.done}/{self.total} done, {self.skipped} skipped, {self.failed} failed"
-            self.stream.write(line)
-            self.stream.flush()
-
-    def clear(self) -> None:
-        if self.enabled:
-            self.stream.write("\r\x1b[K")
-            self.stream.flush()
-
-    def finish(self) -> None:
-        if self.enabled and self.done:
-            self.stream.write("\n")
-            self.stream.flush()
-
-    def summary(self) -> str:
-        """``N captioned, M skipped, K failed in S s``: the exact form is public (scripts parse it)."""
-        seconds = time.monotonic() - self.started
-        return f"{self.captioned} captioned, {self.skipped} skipped, {self.failed} failed in {seconds:.1f} s"
-
-
-def _outcome_json(o: Outcome) -> dict[str, Any]:
-    out: dict[str, Any] = {"path": str(o.image), "state": o.state, "sidecar": str(o.sidecar) if o.sidecar else None}
-    if o.result is not None:
-        out |= o.result.model_dump()
-    if o.code is not None:
-        out["error"] = {"code": o.code, "message": o.message}
-    if o.warning is not None:
-        out["warning"] = o.warning
-    return out
-
-
-def _err(message: str) -> None:
-    print(f"phicapctl: {display(message)}", file=sys.stderr)
-
-
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, ensure_ascii=False))
-
-
 # -- commands -------------------------------------------------------------------------------
-
-
-def _batch_captioner(client: ControlClient, args: argparse.Namespace) -> BatchCaptioner:
-    options = Options(
-        prompt=args.prompt, max_new_tokens=args.max_new_tokens, force=args.force, stdout=args.stdout, jobs=args.jobs
-    )
-    client.caption_timeout = args.caption_timeout
-    # Fails early when the daemon is unreachable; its global sidecar policy is the fallback for a
-    # daemon that predates /v1/sidecar (which gives each directory its watch root's policy), and
-    # its upload limit lets a larger file be refused before it is read.
-    status = client.status()
-    return BatchCaptioner(client, options, fallback=status.sidecar, max_bytes=status.max_body_bytes)
-
-
-class InOrder:
-    """Passes outcomes on in the order of ``images``, though they finish in any order (``-j``)."""
-
-    def __init__(self, images: list[Path], emit: Callable[[Outcome], None]) -> None:
-        self._waiting: dict[Path, list[int]] = {}
-        for index, path in enumerate(images):
-            self._waiting.setdefault(path, []).append(index)
-        self._done: dict[int, Outcome] = {}
-        self._next = 0
-        self._emit = emit
-
-    def add(self, outcome: Outcome) -> None:
-        slots = self._waiting.get(outcome.image)
-        if not slots:  # not one of ``images`` as given: nothing to keep it in order with
-            self._emit(outcome)
-            return
-        self._done[slots.pop(0)] = outcome
-        while self._next in self._done:
-            self._emit(self._done.pop(self._next))
-            self._next += 1
-
-
-def _caption_paths(
-    captioner: BatchCaptioner, args: argparse.Namespace, images: list[Path], *, summary: bool = False
-) -> int:
-    """``summary`` (caption-dir): the bar, not a line per skipped file, on a terminal, and the
-    count line last on stderr."""
-    progress = Progress(len(images))
-    many = len(images) > 1
-    quiet_skips = summary and progress.enabled
-
-    def report(o: Outcome) -> None:
-        progress.clear()
-        if o.warning is not None:
-            _err(o.warning)
-        if args.json:
-            _print_json(_outcome_json(o))
-        elif o.state == "failed":
-            _err(o.message or o.code or "failed")
-        elif o.state == "skipped":
-            if not quiet_skips:
-                _err(f"{o.image}: skipped, the existing-sidecar policy keeps {o.sidecar} (--force to caption again)")
-        elif o.result is not None:
-            print(f"{display(o.image)}: {o.result.caption}" if many else o.result.caption, flush=True)
-
-    in_order = InOrder(images, report)
-
-    def done(o: Outcome) -> None:
-        progress.update(o)
-        in_order.add(o)
-
-    outcomes = captioner.run(images, done)
-    if summary:
-        progress.clear()  # the count line takes the bar's place
-        print(progress.summary(), file=sys.stderr, flush=True)
-    else:
-        progress.finish()
-    return batch.exit_code(outcomes)
-
-
-def cmd_caption_file(client: ControlClient, args: argparse.Namespace) -> int:
-    return _caption_paths(_batch_captioner(client, args), args, list(args.paths))
-
-
-def cmd_caption_dir(client: ControlClient, args: argparse.Namespace) -> int:
-    if not args.directory.is_dir():
-        _err(f"{args.directory}: {'not a directory' if args.directory.exists() else 'no such directory'}")
-        return batch.EX_NOINPUT
-    captioner = _batch_captioner(client, args)
-    images = captioner.images_in(args.directory, recursive=args.recursive)
-    if not images:
-        _err(f"{args.directory}: no images")
-        print(Progress(0).summary(), file=sys.stderr)
-        return batch.EX_OK
-    return _caption_paths(captioner, args, images, summary=True)
-
-
-def _url_failed(args: argparse.Namespace, code: str, message: str, exit_code: int) -> int:
-    """One error line on stderr; with ``--json`` also the error object on stdout, as for files."""
-    if args.json:
-        _print_json({"url": args.url, "state": "failed", "error": {"code": code, "message": message}})
-    _err(message)
-    return exit_code
-
-
-def cmd_caption_url(client: ControlClient, args: argparse.Namespace) -> int:
-    client.caption_timeout = args.caption_timeout
-    try:
-        result = client.caption_url(args.url, prompt=args.prompt, max_new_tokens=args.max_new_tokens)
-    except ControlClientError as e:
-        if not args.json:
-            raise  # main() reports it with the exit code of its kind
-        return _url_failed(args, e.code, e.message, _exit_code_of(e))
-    if args.output is not None:
-        try:
-            write_sidecar(args.output, result.caption)
-        except OSError as e:
-            return _url_failed(
-                args, "output_unwritable", f"cannot write {args.output}: {e.strerror or e}", batch.EX_CANTCREAT
-            )
-    if args.json:
-        _print_json(result.model_dump())
-    elif args.output is None:
-        print(result.caption)
-    return batch.EX_OK
-
-
-def _flatten(value: Any, key: str = "") -> str:
-    if isinstance(value, dict):
-        return "  ".join(f"{k}={_flatten(v, k)}" for k, v in value.items()) or "-"
-    if isinstance(value, list):
-        if key and all(isinstance(v, str | int | float) for v in value):
-            return ",".join(map(str, value)) or "-"  # a short list inside a record: formats=txt,json
-        return f"{len(value)} entries"
-    if value is None:
-        return "-"
-    if isinstance(value, float) and (key == "at" or key.endswith("_at")):
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))  # epoch seconds
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)
-
-
-def _duration(seconds: float) -> str:
-    """A time a person reads at a glance: 40 s, 12 min, 3 h 05 min, 2.5 days."""
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 48 * 3600:
-        hours, minutes = divmod(round(seconds / 60), 60)
-        return f"{hours} h {minutes:02} min"
-    return f"{seconds / 86400:.1f} days"
-
-
-def _images(n: int) -> str:
-    return f"{n:,} image" if n == 1 else f"{n:,} images"
-
-
-def _progress_lines(status: dict[str, Any]) -> list[tuple[str, str]]:
-    """What is left and when it will be done, from ``progress`` (absent from older daemons)."""
-    progress = status.get("progress")
-    if not isinstance(progress, dict):
-        return []
-    backlog, rate, eta = progress.get("backlog", 0), progress.get("images_per_second", 0), progress.get("eta_seconds")
-    runnable, retrying = progress.get("runnable", backlog), progress.get("retrying", 0)
-    state = status.get("state")
-    # A daemon that predates "no_eta" says nothing of it; its state still does.
-    no_eta = progress.get("no_eta") or (state if state in ("paused", "waiting") else None)
-    retry = ""
-    if retrying:
-        after = progress.get("next_retry_in_seconds")
-        retry = f"{_images(retrying)} waiting to be retried" + (f", the first in {_duration(after)}" if after else "")
-    if not backlog:
-        left = "nothing queued"
-    elif no_eta == "paused":
-        left = f"{_images(backlog)}; paused, so no estimate (`phicapctl resume` goes on)"
-    elif no_eta == "waiting":
-        left = f"{_images(backlog)}; no estimate while every remote endpoint is down (model.waiting says why)"
-    elif no_eta == "retrying" or not runnable:
-        left = retry or f"{_images(backlog)} waiting to be retried"
-    elif eta is None:
-        left = f"{_images(runnable)}; no estimate yet (nothing captioned in the last 5 min)"
-    else:
-        left = f"{_images(runnable)}, done in about {_duration(eta)} at {rate:.3g} images/s while busy"
-    if retry and left != retry and no_eta not in ("paused", "waiting"):
-        left += f"; {retry}"
-    failures = progress.get("failures_by_code") or {}
-    failed = "  ".join(f"{code}={n:,}" for code, n in failures.items()) or "none"
-    return [("left", left), ("failures", failed)]
-
-
-def _records(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
-
-
-def _loading_reason(status: dict[str, Any]) -> str | None:
-    """Why the model is not ready yet (taken out of the table: it is a sentence, not a counter)."""
-    model = status.get("model")
-    return model.pop("loading", None) if isinstance(model, dict) else None
-
-
-def cmd_status(client: ControlClient, args: argparse.Namespace) -> int:
-    status = client.status().model_dump()
-    if args.json:
-        _print_json(status)
-        return batch.EX_OK
-    if reason := _loading_reason(status):
-        print(f"not ready: {reason}")
-    if refused := (status.pop("config", None) or {}).get("reload_refused"):
-        # Until a reload succeeds the daemon runs an older configuration than the file's.
-        print(f"config: reload refused at {_flatten(refused.get('at'), 'at')}: {refused.get('reason')}")
-    # First what a person asks (how much is left, when, what failed), then the raw counters.
-    progress = _progress_lines(status)  # before the state is taken out: it reads it (paused, waiting)
-    lines: list[tuple[str, Any]] = [("state", status.pop("state")), *progress]
-    status.pop("progress", None)
-    # Nested sections (the model's engine counters) get lines of their own.
-    for key, value in status.items():
-        if isinstance(value, dict):
-            # ... and so do lists of records (the remote backend's endpoints), one line each.
-            nested = {k: v for k, v in value.items() if isinstance(v, dict) or _records(v)}
-            lines.append((key, {k: v for k, v in value.items() if k not in nested}))
-            lines += [(f"  {k}", v) for k, v in nested.items()]
-        else:
-            lines.append((key, value))
-    width = max(len(k) for k, _ in lines)
-    for key, value in lines:
-        print(f"{key:<{width}}  {_flatten(value)}")
-        if isinstance(value, list):
-            for item in value:
-                print(f"{'':<{width}}  - {_flatten(item)}")
-    return batch.EX_OK
-
-
-def cmd_health(client: ControlClient, args: argparse.Namespace) -> int:
-    # 0 only when a caption can be made now: a loaded model behind endpoints that are all down
-    # is not healthy to a monitoring probe. A daemon that predates "captioning" has only "ready".
-    reply = client.health_reply()
-    captioning = reply.ready if reply.captioning is None else reply.captioning
-    state = reply.state or ("ready" if reply.ready else "loading")
-    line = state if captioning else f"{state}: cannot caption now"
-    if reply.reason:
-        line += f" ({reply.reason})"
-    elif state == "paused":
-        line += " (socket requests are captioned; watched directories wait for `phicapctl resume`)"
-    print(line)
-    return batch.EX_OK if captioning else batch.EX_UNAVAILABLE
-
-
-def cmd_failures(client: ControlClient, args: argparse.Namespace) -> int:
-    rows = client.failures(args.limit)
-    if args.json:
-        _print_json(rows)
-        return batch.EX_OK
-    if not rows:
-        print("no failures")
-    for row in rows:
-        rest = {k: v for k, v in row.items() if k not in ("path", "code")}
-        print(f"{row.get('path', '?')}  {row.get('code', '?')}  {_flatten(rest)}")
-    return batch.EX_OK
 
 
 def _directory_arg(args: argparse.Namespace) -> str | None:
@@ -565,13 +247,13 @@ def _directory_arg(args: argparse.Namespace) -> str | None:
 def cmd_stale(client: ControlClient, args: argparse.Namespace) -> int:
     reply = client.stale(_directory_arg(args))
     if args.json:
-        _print_json(reply.model_dump())
+        print_json(reply.model_dump())
         return batch.EX_OK
     for entry in reply.stale:
         print(entry.path)
     if reply.edited:
         n = len(reply.edited)
-        _err(f"{n} more edited since the daemon wrote them, kept (recaption --stale --force redoes them)")
+        err(f"{n} more edited since the daemon wrote them, kept (recaption --stale --force redoes them)")
     return batch.EX_OK
 
 
@@ -590,7 +272,7 @@ def cmd_retry(client: ControlClient, args: argparse.Namespace) -> int:
     if paths and requeued < len(paths):
         # The daemon answers with a count only: name the path when there is just one.
         which = paths[0] if len(paths) == 1 else f"{len(paths) - requeued} of the {len(paths)} paths"
-        _err(f"{which}: not a failed image (phicapctl failures lists them)")
+        err(f"{which}: not a failed image (phicapctl failures lists them)")
         return batch.EX_DATAERR
     return batch.EX_OK
 
@@ -612,12 +294,6 @@ def cmd_version(client: ControlClient, args: argparse.Namespace) -> int:
     daemon = client.version()
     print(f"phicapd {daemon.version} (api v{daemon.api})")
     return batch.EX_OK
-
-
-def _exit_code_of(e: ControlClientError) -> int:
-    if isinstance(e, DaemonUnreachable):
-        return batch.EX_UNAVAILABLE
-    return batch.EX_DATAERR if isinstance(e, RequestRejected) else batch.EX_SOFTWARE
 
 
 def _quiet_broken_pipe() -> int:
@@ -653,22 +329,22 @@ def _main(argv: list[str] | None) -> int:
     try:
         socket = resolve_socket(args.socket, args.config)
     except ConfigError as e:
-        _err(str(e))
+        err(str(e))
         return batch.EX_NOINPUT
     client = ControlClient(socket, timeout=args.timeout)
     try:
         return args.func(client, args)
     except DaemonUnreachable as e:
-        _err(e.message)
+        err(e.message)
         return batch.EX_UNAVAILABLE
     except RequestRejected as e:
-        _err(f"rejected ({e.code}): {e.message}")
+        err(f"rejected ({e.code}): {e.message}")
         return batch.EX_DATAERR
     except ControlClientError as e:
-        _err(f"failed ({e.code}): {e.message}")
+        err(f"failed ({e.code}): {e.message}")
         return batch.EX_SOFTWARE
     except ValidationError as e:
-        _err(f"unexpected answer from the daemon: {e}")
+        err(f"unexpected answer from the daemon: {e}")
         return batch.EX_SOFTWARE
     except KeyboardInterrupt:
         return 130

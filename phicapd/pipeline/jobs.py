@@ -14,6 +14,11 @@ loss (only the ``running`` mark, taken on the GPU thread, skips its fsync). All 
 grouped into few transactions (``enqueue_many``, ``finish_many``) because one fsync per image
 would cap the pipeline at a few hundred files per second. Which jobs the decode pool is reading
 is kept beside it, outside SQLite (``decode_marks.py``), for the same reason.
+
+This module is the state machine (``JobStore``). Beside it: the records (``journal_records``),
+the schema and its migrations (``journal_schema``), the intake rule (``journal_intake``), the
+reads for status and the scans (``journal_queries``) and the statements of renames and moves
+(``journal_moves``).
 """
 
 from __future__ import annotations
@@ -23,147 +28,39 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from enum import StrEnum
 from pathlib import Path
 
-from phicapd.fsnames import display, from_journal_text, journal_path, journal_text
+from phicapd.fsnames import journal_text
 from phicapd.pipeline import journal_moves
 from phicapd.pipeline.decode_marks import DecodeMarks
+from phicapd.pipeline.journal_intake import enqueue
+from phicapd.pipeline.journal_queries import JournalQueries
+from phicapd.pipeline.journal_records import (
+    STAGED_BACKFILL,
+    STAGED_WRITE,
+    Failure,
+    Fingerprint,
+    Job,
+    NewWork,
+    State,
+    Success,
+    row_to_job,
+)
+from phicapd.pipeline.journal_schema import SCHEMA_VERSION, create_or_migrate
 
-SCHEMA_VERSION = 5
-#: ``jobs.staged``: 0 no, 1 its files are being written from the staged caption (finish them
-#: all), 2 a backfill (write only the outputs it lacks, from the caption it has; forced, a
-#: re-form: write them all, in the root's form, ``NewWork.reform``).
-STAGED_WRITE = 1
-STAGED_BACKFILL = 2
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id              INTEGER PRIMARY KEY,
-    path            TEXT NOT NULL UNIQUE,
-    root            TEXT NOT NULL,
-    state           TEXT NOT NULL CHECK (state IN ('pending', 'running', 'done', 'failed')),
-    force           INTEGER NOT NULL DEFAULT 0,
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL DEFAULT 0,
-    size            INTEGER,
-    mtime_ns        INTEGER,
-    inode           INTEGER,
-    sha256          TEXT,
-    model           TEXT,
-    backend         TEXT,
-    endpoint        TEXT,
-    prompt          TEXT,
-    sidecar         TEXT,
-    caption         TEXT,
-    settings_key    TEXT,
-    staged          INTEGER NOT NULL DEFAULT 0,
-    formats         TEXT,
-    error_code      TEXT,
-    error_message   TEXT,
-    created_at      REAL NOT NULL,
-    updated_at      REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS jobs_runnable ON jobs (state, next_attempt_at, id);
--- Failures by code for status: a 100,000-job backlog is not scanned on every status call.
-CREATE INDEX IF NOT EXISTS jobs_failed ON jobs (state, error_code) WHERE state = 'failed' OR attempts > 0;
-CREATE TABLE IF NOT EXISTS sidecars (
-    dir     TEXT NOT NULL,
-    base    TEXT NOT NULL,
-    image   TEXT NOT NULL,
-    PRIMARY KEY (dir, base),
-    UNIQUE (dir, image)
-) WITHOUT ROWID;
-"""
-
-
-class State(StrEnum):
-    PENDING = "pending"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class Fingerprint:
-    """What identifies one version of an image's bytes without reading them."""
-
-    size: int
-    mtime_ns: int
-    inode: int
-
-
-@dataclass(frozen=True, slots=True)
-class Job:
-    id: int
-    path: Path
-    root: Path
-    state: State
-    attempts: int
-    force: bool
-    fingerprint: Fingerprint | None
-    error_code: str | None = None
-    error_message: str | None = None
-    sidecar: str | None = None
-    updated_at: float = 0.0
-    model: str | None = None
-    backend: str | None = None
-    endpoint: str | None = None
-    sha256: str | None = None
-    prompt: str | None = None
-    caption: str | None = None  # the text last written (or staged) for it, prefix and suffix included
-    settings_key: str | None = None  # what made that caption (``pipeline.formats.settings_key``)
-    staged: bool = False  # its caption is in the journal and its files may be half written
-    backfill: bool = False  # staged to add the outputs it lacks from its journal caption (no model)
-    formats: frozenset[str] | None = None  # what its caption was written in (None: not known)
-
-
-@dataclass(frozen=True, slots=True)
-class NewWork:
-    """An image that needs a caption, as found by the watcher or a scan."""
-
-    path: Path
-    root: Path
-    fingerprint: Fingerprint
-    force: bool = False
-    seen_at: float | None = None  # wall clock when the caller found its sidecar missing or stale
-    # It lacks some outputs, and the journal's caption was made from its current bytes: write
-    # them from that caption (``Job.backfill``) rather than ask the model again.
-    backfill: bool = False
-    # With ``force``: its journal caption, made from these bytes, only needs its root's new form
-    # (``caption_form``): staged like a backfill, and forced through every output.
-    reform: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Success:
-    job_id: int
-    sha256: str
-    model: str
-    prompt: str
-    sidecar: str
-    fingerprint: Fingerprint
-    backend: str | None = None  # "native", "openai"
-    endpoint: str | None = None  # the remote endpoint that made the caption
-    caption: str | None = None  # the text written, for staleness and for finishing a staged write
-    settings_key: str | None = None
-    formats: tuple[str, ...] = ()  # the root's formats, all of which it now has
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    job_id: int
-    code: str
-    message: str
-    retryable: bool
-    #: The caption did reach some of the image's outputs (one output failed, the others hold it):
-    #: recorded as a success records it, so the journal knows what is on disk, while the job is
-    #: retried or parked for the output that failed. Its ``formats`` are the outputs written.
-    written: Success | None = None
-    #: False when it is no fault of the image's (it changed while its caption was written): no
-    #: attempt is counted, it is retried after the first back-off step, never parked.
-    counted: bool = True
+# The journal's records and schema version, importable from here as they always were.
+__all__ = [
+    "SCHEMA_VERSION",
+    "STAGED_BACKFILL",
+    "STAGED_WRITE",
+    "Failure",
+    "Fingerprint",
+    "Job",
+    "JobStore",
+    "NewWork",
+    "State",
+    "Success",
+]
 
 
 def _claim(db: sqlite3.Connection, claims: Iterable[tuple[Path, str]]) -> None:
@@ -214,46 +111,13 @@ def _caption_values(s: Success, now: float) -> tuple[object, ...]:
     )
 
 
-def _message(stored: str | None) -> str | None:
-    # A message may quote a name that is not UTF-8: stored reversibly, read for people.
-    return display(from_journal_text(stored)) if stored is not None else None
-
-
-def _row_to_job(row: sqlite3.Row) -> Job:
-    fp = None
-    if row["size"] is not None:
-        fp = Fingerprint(row["size"], row["mtime_ns"], row["inode"])
-    return Job(
-        id=row["id"],
-        path=journal_path(row["path"]),
-        root=journal_path(row["root"]),
-        state=State(row["state"]),
-        attempts=row["attempts"],
-        force=bool(row["force"]),
-        fingerprint=fp,
-        error_code=row["error_code"],
-        error_message=_message(row["error_message"]),
-        sidecar=from_journal_text(row["sidecar"]) if row["sidecar"] is not None else None,
-        updated_at=row["updated_at"],
-        model=row["model"],
-        backend=row["backend"],
-        endpoint=row["endpoint"],
-        sha256=row["sha256"],
-        prompt=row["prompt"],
-        caption=row["caption"],
-        settings_key=row["settings_key"],
-        staged=bool(row["staged"]),
-        backfill=row["staged"] == STAGED_BACKFILL,
-        formats=frozenset(row["formats"].split(",")) if row["formats"] else None,
-    )
-
-
-class JobStore:
+class JobStore(JournalQueries):
     """Thread-safe access to the journal: one connection (and lock) for writes, one for reads.
 
     Every write transaction ends in an fsync. In WAL mode a reader sees the last committed
     state without waiting for a writer, so reads (claiming work, status, counts) get their own
-    connection and never queue behind a commit's fsync.
+    connection and never queue behind a commit's fsync. The state machine is here; the reads
+    that only report are ``JournalQueries``'.
     """
 
     def __init__(
@@ -267,7 +131,6 @@ class JobStore:
         self.path = path
         self.max_attempts = max_attempts
         self.backoff_seconds = backoff_seconds
-        self._clock = clock
         self._lock = threading.Lock()
         path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not path.exists()
@@ -277,33 +140,9 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         with self._tx():
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    self._db.execute(statement)
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version in (0, 1, 2, 3, 4):
-                # 1 -> 2 added the sidecars table (start-up scans fill it); 2 -> 3 added which
-                # backend and endpoint made each caption; 3 -> 4 the caption text, its settings
-                # key and the staged mark (NULL / 0 for the older ones); 4 -> 5 the formats
-                # each caption was written in (NULL: unknown, so the scans look at the files).
-                columns = {row["name"] for row in self._db.execute("PRAGMA table_info(jobs)")}
-                for column, kind in (
-                    ("backend", "TEXT"),
-                    ("endpoint", "TEXT"),
-                    ("caption", "TEXT"),
-                    ("settings_key", "TEXT"),
-                    ("staged", "INTEGER NOT NULL DEFAULT 0"),
-                    ("formats", "TEXT"),
-                ):
-                    if column not in columns:
-                        self._db.execute(f"ALTER TABLE jobs ADD COLUMN {column} {kind}")
-                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            elif version != SCHEMA_VERSION:
-                raise RuntimeError(f"journal {path} has schema {version}, this phicapd knows {SCHEMA_VERSION}")
+            create_or_migrate(self._db, path)
             journal_moves.create_indexes(self._db)  # after the migrations: on their columns
-        self._read_lock = threading.Lock()
-        self._reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._reader.row_factory = sqlite3.Row
+        super().__init__(path, clock)
         self._marks = DecodeMarks(path.with_name(path.name + "-decoding"), fresh=fresh)
 
     @contextmanager
@@ -329,14 +168,7 @@ class JobStore:
         self._marks.close()
         with self._lock:
             self._db.close()
-        with self._read_lock:
-            self._reader.close()
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """The read connection; each statement sees the latest commit (autocommit mode)."""
-        with self._read_lock:
-            yield self._reader
+        self._close_reader()
 
     # -- start-up ------------------------------------------------------------------------------
 
@@ -389,69 +221,8 @@ class JobStore:
         parked: it stays failed unless the image changed or ``force`` is set.
         """
         now = self._clock()
-        added = 0
         with self._tx() as db:
-            for w in items:
-                fp = w.fingerprint
-                row = db.execute(
-                    "SELECT id, state, size, mtime_ns, inode, caption, updated_at FROM jobs WHERE path = ?",
-                    (journal_text(w.path),),
-                ).fetchone()
-                if row is None:
-                    db.execute(
-                        "INSERT INTO jobs (path, root, state, force, size, mtime_ns, inode, created_at, updated_at)"
-                        " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
-                        (
-                            journal_text(w.path),
-                            journal_text(w.root),
-                            int(w.force),
-                            fp.size,
-                            fp.mtime_ns,
-                            fp.inode,
-                            now,
-                            now,
-                        ),
-                    )
-                    added += 1
-                    continue
-                state = row["state"]
-                changed = (row["size"], row["mtime_ns"], row["inode"]) != (fp.size, fp.mtime_ns, fp.inode)
-                if state in ("pending", "running"):
-                    if changed or w.force:
-                        # Other bytes (or a forced caption): a backfill from the old caption is off.
-                        db.execute(
-                            "UPDATE jobs SET size = ?, mtime_ns = ?, inode = ?, force = force | ?,"
-                            f" staged = CASE staged WHEN {STAGED_BACKFILL} THEN 0 ELSE staged END,"
-                            " updated_at = ? WHERE id = ?",
-                            (fp.size, fp.mtime_ns, fp.inode, int(w.force), now, row["id"]),
-                        )
-                    continue
-                if state == "failed" and not changed and not w.force:
-                    continue
-                stale_look = w.seen_at is not None and row["updated_at"] >= w.seen_at
-                if state == "done" and not changed and not w.force and stale_look:
-                    # Captioned after the caller looked (a scan racing the writer): the sidecar it
-                    # found missing is there now, so this would be a second caption.
-                    continue
-                from_journal = w.reform if w.force else w.backfill
-                backfill = from_journal and state == "done" and not changed and row["caption"] is not None
-                db.execute(
-                    "UPDATE jobs SET state = 'pending', root = ?, force = ?, attempts = 0, next_attempt_at = 0,"
-                    " staged = ?, size = ?, mtime_ns = ?, inode = ?, error_code = NULL, error_message = NULL,"
-                    " updated_at = ? WHERE id = ?",
-                    (
-                        journal_text(w.root),
-                        int(w.force),
-                        STAGED_BACKFILL if backfill else 0,
-                        fp.size,
-                        fp.mtime_ns,
-                        fp.inode,
-                        now,
-                        row["id"],
-                    ),
-                )
-                added += 1
-        return added
+            return sum(enqueue(db, w, now) for w in items)
 
     # -- the scheduler's side ------------------------------------------------------------------
 
@@ -469,7 +240,7 @@ class JobStore:
                 f" AND id NOT IN ({marks}) ORDER BY id LIMIT ?",
                 (self._clock(), *skip, limit),
             ).fetchall()
-        return [_row_to_job(r) for r in rows]
+        return [row_to_job(r) for r in rows]
 
     def mark_running(self, job_ids: Sequence[int]) -> None:
         """The model took these jobs. Runs on the GPU thread, so without an fsync: the mark only
@@ -615,16 +386,6 @@ class JobStore:
 
     # -- renames and moves (``pipeline.moves``; the statements are ``journal_moves``') --------
 
-    def sizes_captioned(self, sizes: Sequence[int]) -> set[int]:
-        """Which of ``sizes`` a caption of ours was made from bytes of."""
-        with self._read() as db:
-            return journal_moves.sizes_captioned(db, sizes)
-
-    def captions_of(self, *, fingerprint: Fingerprint | None = None, sha256: str | None = None) -> list[Job]:
-        """Done jobs with a caption of ours made from the bytes of ``fingerprint`` (or ``sha256``)."""
-        with self._read() as db:
-            return [_row_to_job(r) for r in journal_moves.captions_of(db, fingerprint, sha256)]
-
     def adopt(self, adoption: journal_moves.Adoption) -> bool:
         """An image takes over another path's caption (``journal_moves.adopt``)."""
         with self._tx() as db:
@@ -634,11 +395,6 @@ class JobStore:
         """The directory ``source`` was renamed ``target``: its jobs and claims follow."""
         with self._tx() as db:
             return journal_moves.move_tree(db, source, target, root)
-
-    def jobs_under(self, directory: Path) -> list[Job]:
-        """Every job of an image below ``directory``."""
-        with self._read() as db:
-            return [_row_to_job(r) for r in journal_moves.paths_under(db, directory)]
 
     # -- sidecar claims ------------------------------------------------------------------------
 
@@ -654,27 +410,6 @@ class JobStore:
         if rows:
             with self._tx() as db:
                 db.executemany("DELETE FROM sidecars WHERE dir = ? AND image = ?", rows)
-
-    def claims_in(self, directory: Path) -> dict[str, str]:
-        """Every claim in ``directory``: image name -> sidecar base."""
-        with self._read() as db:
-            rows = db.execute("SELECT image, base FROM sidecars WHERE dir = ?", (journal_text(directory),)).fetchall()
-        return {from_journal_text(r["image"]): from_journal_text(r["base"]) for r in rows}
-
-    def claims_near(self, image: Path) -> dict[str, str]:
-        """The claims that can bear on ``image``'s sidecar name: image name -> base.
-
-        Every name the rule relates to an image (its stem chain and their plain, full and
-        ``name.N`` bases) starts with the image name's first dot-separated part, and so does
-        every claim's image and base; one range on the index finds them in a huge directory.
-        """
-        prefix = image.name.split(".", 1)[0]
-        with self._read() as db:
-            rows = db.execute(
-                "SELECT image, base FROM sidecars WHERE dir = ? AND image >= ? AND image < ?",
-                (journal_text(image.parent), journal_text(prefix), journal_text(prefix) + "\U0010ffff"),
-            ).fetchall()
-        return {from_journal_text(r["image"]): from_journal_text(r["base"]) for r in rows}
 
     # -- operator actions ----------------------------------------------------------------------
 
@@ -693,88 +428,4 @@ class JobStore:
     # -- reads ---------------------------------------------------------------------------------
 
     def _get_by_id(self, db: sqlite3.Connection, job_id: int) -> Job:
-        return _row_to_job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
-
-    def get(self, path: Path) -> Job | None:
-        with self._read() as db:
-            row = db.execute("SELECT * FROM jobs WHERE path = ?", (journal_text(path),)).fetchone()
-        return _row_to_job(row) if row else None
-
-    def records(self, paths: Sequence[Path]) -> dict[Path, Job]:
-        """The jobs of ``paths``: for the done ones, what this daemon captioned, from which bytes,
-        into what; for the failed ones, which bytes were parked."""
-        out: dict[Path, Job] = {}
-        with self._read() as db:
-            for chunk_start in range(0, len(paths), 500):
-                chunk = paths[chunk_start : chunk_start + 500]
-                marks = ",".join("?" * len(chunk))
-                for row in db.execute(f"SELECT * FROM jobs WHERE path IN ({marks})", [journal_text(p) for p in chunk]):
-                    out[journal_path(row["path"])] = _row_to_job(row)
-        return out
-
-    def captioned(self, root: Path, under: Path | None = None) -> list[Job]:
-        """Done jobs of ``root`` (below ``under``, if given) that hold a caption of ours: with its
-        text and settings key, or from before they were kept (schema < 4) with its model."""
-        # A range, not substr(): substr stops at the NUL of an escaped name (``fsnames``).
-        prefix = journal_text(under or root).rstrip("/") + "/"
-        with self._read() as db:
-            rows = db.execute(
-                "SELECT * FROM jobs WHERE root = ? AND state = 'done'"
-                " AND (settings_key IS NOT NULL AND caption IS NOT NULL"
-                " OR settings_key IS NULL AND model IS NOT NULL AND sidecar IS NOT NULL)"
-                " AND path >= ? AND path < ? ORDER BY path",
-                (journal_text(root), prefix, prefix[:-1] + "0"),
-            ).fetchall()
-        return [_row_to_job(r) for r in rows]
-
-    def counts(self) -> dict[str, int]:
-        with self._read() as db:
-            rows = db.execute("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state").fetchall()
-        out = {s.value: 0 for s in State}
-        out.update({r["state"]: r["n"] for r in rows})
-        return out
-
-    def runnable_count(self) -> int:
-        with self._read() as db:
-            return db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE state = 'pending' AND next_attempt_at <= ?", (self._clock(),)
-            ).fetchone()[0]
-
-    def backing_off(self) -> tuple[int, float | None]:
-        """Pending jobs waiting out a retry back-off: how many, and seconds until the first is due."""
-        now = self._clock()
-        with self._read() as db:
-            n, first = db.execute(
-                "SELECT COUNT(*), MIN(next_attempt_at) FROM jobs WHERE state = 'pending' AND next_attempt_at > ?",
-                (now,),
-            ).fetchone()
-        return n, (None if first is None else max(0.0, first - now))
-
-    def next_wakeup(self) -> float | None:
-        """When the earliest backed-off job becomes runnable (wall clock), if any."""
-        with self._read() as db:
-            row = db.execute("SELECT MIN(next_attempt_at) FROM jobs WHERE state = 'pending'").fetchone()
-        return row[0]
-
-    def failures(self, limit: int = 100) -> list[Job]:
-        with self._read() as db:
-            rows = db.execute(
-                "SELECT * FROM jobs WHERE state = 'failed' OR (state = 'pending' AND attempts > 0)"
-                " ORDER BY updated_at DESC LIMIT ?",
-                (limit,),
-            ).fetchall()
-        return [_row_to_job(r) for r in rows]
-
-    def failure_counts(self) -> list[tuple[str, str, int]]:
-        """(state, code, jobs) for what ``failures`` lists: parked, and waiting to be retried."""
-        with self._read() as db:
-            rows = db.execute(
-                "SELECT state, COALESCE(error_code, 'unknown') AS code, COUNT(*) AS n FROM jobs"
-                " WHERE (state = 'failed' OR attempts > 0) AND state IN ('failed', 'pending')"
-                " GROUP BY state, code ORDER BY state, code"
-            ).fetchall()
-        return [(r["state"], r["code"], r["n"]) for r in rows]
-
-    def integrity_check(self) -> str:
-        with self._read() as db:
-            return db.execute("PRAGMA integrity_check").fetchone()[0]
+        return row_to_job(db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())

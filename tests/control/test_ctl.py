@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from phicapd.cli.ctl import Progress, build_parser, main, resolve_socket
+from phicapd.cli.ctl import build_parser, main, resolve_socket
+from phicapd.cli.ctl_caption import Progress
 from phicapd.config import ControlSettings
 from phicapd.control.batch import Outcome
 from phicapd.control.server import ControlServer

@@ -277,3 +277,24 @@ def test_the_test_suites_own_variables_are_not_settings_nor_typos() -> None:
     check_environment({"PHICAPD_TEST_VLLM_VENV": "/opt/v", "PHICAPD_TEST_COMPILE_BACKEND": "inductor"})
     with pytest.raises(ConfigError, match="PHICAPD_TSET_X"):
         check_environment({"PHICAPD_TSET_X": "1"})
+
+
+def test_checking_a_config_imports_nothing_of_the_pipeline(tmp_path: Path) -> None:
+    """config sits on the bottom floor: even the pyexiv2 check for xmp/embed roots stays there."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "in"
+    root.mkdir()
+    config = tmp_path / "phicapd.toml"
+    config.write_text(f'[state]\ndir = "{tmp_path / "state"}"\n[[watch]]\npath = "{root}"\nformats = ["txt", "xmp"]\n')
+    script = (
+        "import sys; from phicapd.config import load_settings; load_settings(__import__('pathlib').Path(sys.argv[1]));"
+        " print(sorted(m for m in sys.modules if m.startswith('phicapd.pipeline')))"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(config)], capture_output=True, text=True, env=env, cwd=repo, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout

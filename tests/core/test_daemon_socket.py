@@ -294,13 +294,13 @@ def test_a_socket_request_is_not_decoded_behind_the_backlogs_images(tmp_path: Pa
     root.mkdir()
     settings = settings_for(tmp_path, [root])
     with running_daemon(settings, FakeCaptioner()) as daemon:
-        decode_file = daemon.scheduler._decode_file
+        decode_file = daemon.scheduler.feeder.decode_file
 
         def slow_decode(path: Path):  # large photos: 0.3 s each on the two decode workers
             time.sleep(0.3)
             return decode_file(path)
 
-        daemon.scheduler._decode_file = slow_decode
+        daemon.scheduler.feeder.decode_file = slow_decode
         for i in range(100):
             write_unique_png(root / f"b{i:03d}.png", i)
         wait_for(lambda: daemon.scheduler.lanes()["decoding"] >= 30, 30, "a queue of backlog decodes")

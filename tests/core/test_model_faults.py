@@ -14,8 +14,8 @@ import pytest
 
 from phicapd.captioner import Caption, CaptionRequest
 from phicapd.errors import CaptionError, PhicapError
+from phicapd.pipeline.breaker import BREAKER
 from phicapd.pipeline.jobs import JobStore
-from phicapd.pipeline.scheduler import BREAKER
 from phicapd.service import EX_SOFTWARE, Daemon
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, StreamingFakeCaptioner, image_key, unique_image, write_unique_png

@@ -82,7 +82,7 @@ def test_a_slow_writer_holds_the_model_to_one_batch_of_unwritten_captions(
         def stalled() -> bool:
             # The writer is stuck in its first group and the model has nothing on it: what the
             # daemon holds now is what a kill -9 would find.
-            return scheduler.lanes()["claimed"] > 0 and not scheduler._in_flight and scheduler.writer.waiting > 0
+            return scheduler.lanes()["claimed"] > 0 and not scheduler._lanes.in_flight and scheduler.writer.waiting > 0
 
         wait_for(stalled, 30, "the model to wait for the writer")
         made = sum(fake.calls.values())

@@ -20,7 +20,7 @@ from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
 from watchdog.observers.inotify_move_event_grouper import PathedInotifyEvent
 
 from phicapd.config import WatcherSettings, WatchRoot
-from phicapd.pipeline import inotify_adapter
+from phicapd.pipeline import inotify_adapter, rescans
 from phicapd.pipeline import watcher as watcher_mod
 from phicapd.pipeline.inotify_adapter import INOTIFY_LOGGER
 from phicapd.pipeline.mounts import filesystem_type, is_remote_filesystem, needs_polling, parse_mountinfo
@@ -311,7 +311,7 @@ def test_a_directory_moved_out_or_replaced_keeps_the_root_watched_without_a_resc
     barrier(rec, running, root_dir)
     assert rec.ready_names() == ["a.jpg"]
     assert [reason for _, _, reason in rec.rescans] == ["new_dir", "new_dir"]
-    assert all(e.is_alive() for e in running._observers[False].emitters)
+    assert all(e.is_alive() for e in running._observers.running[False].emitters)
 
 
 def test_overflow_log_record_requests_a_rescan_of_every_inotify_root(rec: Recorder, tmp_path: Path) -> None:
@@ -328,7 +328,7 @@ def test_overflow_log_record_requests_a_rescan_of_every_inotify_root(rec: Record
     finally:
         w.stop()
     # A stopped watcher no longer listens.
-    assert w._overflow_handler not in logging.getLogger(INOTIFY_LOGGER).handlers
+    assert w._observers.overflow_handler not in logging.getLogger(INOTIFY_LOGGER).handlers
 
 
 MAX_QUEUED = Path("/proc/sys/fs/inotify/max_queued_events")
@@ -411,7 +411,7 @@ def test_full_settle_table_drops_and_requests_an_overflow_rescan(
 def test_a_flood_of_new_directories_collapses_into_one_root_rescan(
     rec: Recorder, root_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(watcher_mod, "MAX_QUEUED_RESCANS", 2)
+    monkeypatch.setattr(rescans, "MAX_QUEUED_RESCANS", 2)
     release = threading.Event()
 
     def blocking_rescan(root: WatchRoot, directory: Path, reason: str) -> None:
@@ -470,7 +470,7 @@ def test_callback_exceptions_are_logged_and_do_not_stop_the_watcher(rec: Recorde
 
 
 def test_dead_observer_is_restarted_with_a_rescan(rec: Recorder, running: Watcher, root_dir: Path) -> None:
-    observer = running._observers[False]
+    observer = running._observers.running[False]
     observer.stop()
     observer.join()
     rec.wait_for(lambda r: (root_dir, root_dir, "observer_error") in r.rescans)
@@ -541,7 +541,7 @@ def test_a_removed_root_reports_nothing_more_and_forgets_its_pending_files(rec: 
         assert rec.ready_names() == ["kept.jpg"]
         assert rec.rescans == []
         assert [str(watch.root.path) for watch in w._watches.values()] == [str(kept)]
-        assert len(w._observers[False].emitters) == 1
+        assert len(w._observers.running[False].emitters) == 1
     finally:
         w.stop()
 
@@ -571,7 +571,7 @@ def test_a_changed_root_is_reported_with_its_new_settings_and_rescanned_when_it_
     assert running._watches[0].polling
     write(root_dir / "sub" / "deep.jpg")
     rec.wait_for(lambda r: "deep.jpg" in r.ready_names())
-    assert len(running._observers[False].emitters) == 0
+    assert len(running._observers.running[False].emitters) == 0
 
 
 def test_a_pending_file_the_changed_root_no_longer_captions_is_forgotten(rec: Recorder, root_dir: Path) -> None:
@@ -843,21 +843,23 @@ def test_move_grouper_stays_fast_under_a_flood_of_renames() -> None:
 def test_a_hung_network_root_does_not_stop_the_others_from_settling(
     rec: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import phicapd.pipeline.watcher as watcher_module
+    import phicapd.pipeline.remote_stats as remote_stats
+    import phicapd.pipeline.watch_events as watch_events
 
     local, nas = tmp_path / "local", tmp_path / "nas"
     for d in (local, nas):
         d.mkdir()
-    monkeypatch.setattr(watcher_module, "REMOTE_STAT_SECONDS", 0.3)
+    monkeypatch.setattr(remote_stats, "REMOTE_STAT_SECONDS", 0.3)
     hang = threading.Event()
-    real = watcher_module.file_signature
+    real = remote_stats.file_signature
 
     def stat(path):  # a hard-mounted NFS share that stopped answering
         if Path(path).is_relative_to(nas) and hang.is_set():
             time.sleep(3)
         return real(path)
 
-    monkeypatch.setattr(watcher_module, "file_signature", stat)
+    monkeypatch.setattr(remote_stats, "file_signature", stat)
+    monkeypatch.setattr(watch_events, "file_signature", stat)
     w = make_watcher(rec, [WatchRoot(path=local, poll=False), WatchRoot(path=nas, poll=True)])
     w.start()
     try:

@@ -352,22 +352,13 @@ def test_close_aborts_requests_in_flight(servers: list[FakeVLLM]) -> None:
 
 
 def test_the_scheduler_keeps_only_a_thumbnail_beside_the_data_url(
-    servers: list[FakeVLLM], captioners: list[RemoteCaptioner], tmp_path: Path
+    servers: list[FakeVLLM], captioners: list[RemoteCaptioner]
 ) -> None:
-    from phicapd.pipeline.decode import make_decoders
-    from phicapd.pipeline.jobs import JobStore
-    from phicapd.pipeline.scheduler import Scheduler
+    from phicapd.pipeline.feeder import prepare_request
 
     s = _server(servers)
-    settings = _settings(s.url)
-    c = _load(captioners, settings)
-    decode_file, decode_bytes = make_decoders(settings.imaging)
-    store = JobStore(tmp_path / "j.db")
-    scheduler = Scheduler(
-        settings, c, store, decode_file=decode_file, decode_bytes=decode_bytes, list_images=lambda *_: []
-    )
-    request = scheduler._request(Image.new("RGB", (3000, 2000), (1, 2, 3)), "Describe it.", 40)
-    store.close()
+    c = _load(captioners, _settings(s.url))
+    request = prepare_request(c, Image.new("RGB", (3000, 2000), (1, 2, 3)), "Describe it.", 40)
     assert max(request.image.size) <= 64
     sent = Image.open(io.BytesIO(base64.b64decode(request.prepared.partition(",")[2])))
     assert sent.width > 1000 and sent.width * sent.height <= 1344 * 1344  # the full image, capped, was sent
