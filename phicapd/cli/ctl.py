@@ -50,7 +50,7 @@ from phicapd.control.client import (
 )
 from phicapd.errors import ConfigError
 from phicapd.fsnames import display
-from phicapd.pipeline.sidecar import write_sidecar
+from phicapd.outputs.atomic import write_sidecar
 
 EX_USAGE = 64
 EX_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away

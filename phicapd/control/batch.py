@@ -3,7 +3,7 @@
 phicapctl reads every image with the caller's own permissions and writes the sidecar itself;
 the daemon only ever sees bytes (no confused deputy). For every directory, ``/v1/sidecar`` tells
 which watch root owns it: that root's include/ignore patterns feed the daemon's own naming rule
-(``pipeline.paths.list_images`` into ``pipeline.sidecar``), and its ``existing`` policy decides
+(``pipeline.paths.list_images`` into ``outputs.naming``), and its ``existing`` policy decides
 whether a sidecar already there is kept. Each caption request names the file's path, so the daemon
 applies the root's prompt, prefix and suffix: a file captioned by hand looks exactly like one the
 watcher captioned, under the same name.
@@ -17,7 +17,7 @@ phicapctl keeps the directory's manifest itself, once per directory at the end o
 
 An image is stat'ed before it is read: one over the daemon's ``max_body_bytes`` (``/v1/status``)
 is refused unread, one that is not a regular file (a named pipe, a device) without blocking
-(``pipeline.safe_files``).
+(``outputs.safe_files``).
 """
 
 from __future__ import annotations
@@ -39,15 +39,15 @@ from phicapd.control.client import ControlClient, ControlClientError, DaemonUnre
 from phicapd.control.protocol import CaptionedRequest, CaptionResult, SidecarInfo, SidecarPolicy
 from phicapd.errors import EMBED_RAW_REFUSED, SIDECAR_TOO_LARGE
 from phicapd.image_types import is_raw_name
-from phicapd.pipeline import metadata, paths, safe_files
-from phicapd.pipeline.formats import (
-    Provenance,
-    json_sidecar_text,
-    model_and_revision,
-    update_manifest,
-)
-from phicapd.pipeline.outputs import PRIMARY_ORDER, Known, Manifest, RootOutputs, sidecar_base
-from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, write_atomic, write_sidecar
+from phicapd.outputs import safe_files
+from phicapd.outputs.atomic import write_atomic, write_sidecar
+from phicapd.outputs.formats.json import json_sidecar_text
+from phicapd.outputs.formats.jsonl import Manifest, update_manifest
+from phicapd.outputs.freshness import changed_ns
+from phicapd.outputs.naming import Claims, SiblingIndex
+from phicapd.outputs.provenance import Provenance, model_and_revision
+from phicapd.outputs.root import PRIMARY_ORDER, Known, RootOutputs, sidecar_base
+from phicapd.pipeline import metadata, paths
 from phicapd.raw_roots import default_include
 
 # sysexits(3), shared with phicapctl.
@@ -128,7 +128,7 @@ class Naming:
         xmp_naming: XmpNaming = "stem",
         tracked: bool = False,
     ) -> None:
-        # The outputs of the directory's root, judged as the daemon judges them (``pipeline.outputs``).
+        # The outputs of the directory's root, judged as the daemon judges them (``outputs.root``).
         chosen = tuple(f for f in PRIMARY_ORDER if f in set(formats)) or ("txt",)
         self.outputs = RootOutputs(chosen, existing, extension, xmp_naming)
         # The naming rule names the first per-image file; a root with none (``embed``,
@@ -206,7 +206,7 @@ class Naming:
 
 
 def _json_text(result: CaptionResult, data: bytes) -> str:
-    """The JSON sidecar of a caption phicapctl got (``pipeline.formats``), with the daemon's
+    """The JSON sidecar of a caption phicapctl got (``outputs.provenance``), with the daemon's
     provenance; a reply without one (it should not happen: it is asked for) keeps the model."""
     given = result.provenance or {}
     model, revision = model_and_revision(result.model)

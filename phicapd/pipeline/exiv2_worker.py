@@ -32,7 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from phicapd.pipeline import safe_files, worker_protocol
+from phicapd.outputs import safe_files
+from phicapd.pipeline import worker_protocol
 from phicapd.pipeline.makernotes import MAKER_NOTE, exif_rewritable
 from phicapd.pipeline.metadata import DESCRIPTION, X_DEFAULT, MetadataUnavailable, MetadataUnreadable, require
 from phicapd.pipeline.placeholders import is_placeholder

@@ -46,9 +46,9 @@ from typing import TYPE_CHECKING, Any
 
 from phicapd.errors import IMAGE_METADATA_UNREADABLE, XMP_UNREADABLE
 from phicapd.log import get_logger
-from phicapd.pipeline import safe_files
+from phicapd.outputs import safe_files
+from phicapd.outputs.atomic import _link_into_place, fsync_dir, temp_path
 from phicapd.pipeline.exiv2_supervisor import Supervisor, WorkerDied
-from phicapd.pipeline.sidecar import _link_into_place, fsync_dir, temp_path
 
 if TYPE_CHECKING:  # not imported at run time: the exiv2 worker imports this module, and starts fast
     from phicapd.pipeline.jobs import Fingerprint

@@ -5,7 +5,7 @@ atomically first (parallel temp-file fsyncs, renames, one fsync per directory), 
 is the group recorded in one journal transaction. A crash in between leaves a sidecar whose job
 is still open; the job is then recognised as already captioned instead of being captioned twice.
 
-Each image is named with the journal's claims (``pipeline.sidecar.Claims``), and the sidecar
+Each image is named with the journal's claims (``outputs.naming.Claims``), and the sidecar
 it gets, written or kept, is claimed for it in the group's transaction: a sidecar that is
 another image's is never written over. A sidecar that the ``existing`` policy keeps and that
 appeared while its image was on the model (phicapctl, a person) is not replaced: the job is
@@ -19,7 +19,7 @@ than one file, its caption is first *staged* in the journal (one transaction for
 then every file is written, then the group is recorded as done. A crash in between leaves a
 staged job, which the scheduler hands straight back here with the journal's caption
 (``Finished.staged``) instead of to the model. Each output is judged by the root's ``existing``
-policy on its own (``pipeline.outputs``), so a kept ``photo.txt`` does not stop a missing
+policy on its own (``outputs.root``), so a kept ``photo.txt`` does not stop a missing
 ``photo.json``. A *backfill* (an image that lacks outputs its journal caption can supply: a
 format added to the root, a deleted sidecar, an image renamed or copied from a captioned one:
 ``pipeline.moves``) comes the same way and writes only what is missing.
@@ -33,7 +33,7 @@ other failure to merge into it leaves the image's other outputs written and thei
 recorded (``Failure.written``), so the image is not sent to the model again for it.
 
 An output that stands on disk as something other than a regular file (a symbolic link, a named
-pipe, a device: ``pipeline.safe_files``), or is over its kind's size cap, is never followed,
+pipe, a device: ``outputs.safe_files``), or is over its kind's size cap, is never followed,
 read or replaced: the image's other outputs are written, and the image is parked with the
 refusal's code (``sidecar_not_regular``, ``sidecar_too_large``) naming the file.
 """
@@ -56,20 +56,17 @@ from phicapd.config import Settings, WatchRoot
 from phicapd.errors import IMAGE_CHANGED, NAME_NOT_UTF8, XMP_CHANGED, PhicapError
 from phicapd.fsnames import display, is_utf8
 from phicapd.log import get_logger
+from phicapd.outputs.atomic import write_sidecars
+from phicapd.outputs.formats.json import json_sidecar_text
+from phicapd.outputs.formats.jsonl import Manifest, update_manifest
+from phicapd.outputs.freshness import policy_keeps
+from phicapd.outputs.naming import Claims, SiblingCache
+from phicapd.outputs.provenance import Provenance, generation_settings, model_and_revision, settings_key
+from phicapd.outputs.root import RootOutputs, sidecar_base
+from phicapd.outputs.safe_files import RefusedFile
 from phicapd.pipeline import metadata
 from phicapd.pipeline.decode import Decoded, fingerprint_of
-from phicapd.pipeline.formats import (
-    Provenance,
-    generation_settings,
-    json_sidecar_text,
-    model_and_revision,
-    settings_key,
-    update_manifest,
-)
 from phicapd.pipeline.jobs import Failure, Fingerprint, Job, JobStore, Success
-from phicapd.pipeline.outputs import Manifest, RootOutputs, sidecar_base
-from phicapd.pipeline.safe_files import RefusedFile
-from phicapd.pipeline.sidecar import Claims, SiblingCache, policy_keeps, write_sidecars
 
 log = get_logger(__name__)
 
@@ -96,7 +93,7 @@ class Finished:
     caption: Caption | None = None
     error: PhicapError | None = None
     skipped: bool = False  # its sidecar is kept as it is (the policy): done without a caption
-    claim: str | None = None  # the sidecar base named for it (``pipeline.sidecar.Claims``)
+    claim: str | None = None  # the sidecar base named for it (``outputs.naming.Claims``)
     staged: bool = False  # ``caption`` is the journal's staged text (in its root's form): finish its files
 
 

@@ -14,8 +14,8 @@ import pytest
 from phicapd import __version__
 from phicapd.config import load_settings
 from phicapd.errors import ConfigError
-from phicapd.pipeline.formats import read_manifest, update_manifest
-from phicapd.pipeline.outputs import RootOutputs
+from phicapd.outputs.formats.jsonl import read_manifest, update_manifest
+from phicapd.outputs.root import RootOutputs
 from tests.support.daemon import (
     is_settled,
     running_daemon,

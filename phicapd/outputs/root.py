@@ -32,11 +32,11 @@ since the daemon embedded its caption still hold it.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from phicapd.config import (
     JSON_EXTENSION,
@@ -47,39 +47,18 @@ from phicapd.config import (
     WatchRoot,
     XmpNaming,
 )
-from phicapd.pipeline import metadata, safe_files
-from phicapd.pipeline.formats import read_json_caption, read_manifest
-from phicapd.pipeline.jobs import Fingerprint, Job
-from phicapd.pipeline.sidecar import policy_keeps
+from phicapd.outputs import safe_files
+from phicapd.outputs.formats.json import read_json_caption
+from phicapd.outputs.formats.jsonl import Manifest
+from phicapd.outputs.freshness import policy_keeps
+from phicapd.pipeline import metadata
+
+if TYPE_CHECKING:  # only their fields are read: the journal stays a floor above
+    from phicapd.pipeline.jobs import Fingerprint, Job
 
 #: Output formats in the order an image's primary output is chosen from (the one ``overwrite``
 #: and the journal's ``sidecar`` column name).
 PRIMARY_ORDER: tuple[OutputFormat, ...] = ("txt", "json", "xmp", "embed", "jsonl")
-
-
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    """A directory's ``metadata.jsonl`` as the scans see it: who it lists, and when it changed."""
-
-    names: frozenset[str]
-    mtime_ns: int | None
-
-    @classmethod
-    def read(cls, directory: Path) -> Manifest:
-        """The manifest as it is now. Parsed once per version of the file: the decode pool asks
-        for every job of a directory whose manifest may list 100,000 images, and the writer
-        replaces it (a new inode) at most once per group. One that cannot be read (a named pipe,
-        over its cap: ``safe_files``) lists nobody; the writer reports it when it rewrites it."""
-        try:
-            st = (directory / MANIFEST_NAME).stat()
-            return _parsed_manifest(directory, st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError:
-            return cls(frozenset(), None)
-
-
-@functools.lru_cache(maxsize=8)
-def _parsed_manifest(directory: Path, mtime_ns: int, size: int, inode: int) -> Manifest:
-    return Manifest(frozenset(read_manifest(directory)), mtime_ns)
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +182,7 @@ class RootOutputs:
     ) -> list[OutputFormat]:
         """The formats whose output the policy does not keep (see the module docstring).
 
-        ``changed_ns``: when the image last changed (``sidecar.changed_ns``); ``known``: the
+        ``changed_ns``: when the image last changed (``freshness.changed_ns``); ``known``: the
         journal's record of it, if any; ``manifest``: its directory's, read when first needed.
         """
         files = self.files(image, base)
