@@ -27,7 +27,7 @@ from phicapd.errors import ConfigError
 from phicapd.fsnames import display
 from phicapd.outputs.atomic import is_temp_name
 from phicapd.outputs.formats.json import read_json_caption
-from phicapd.pipeline.metadata import XMP_EXTENSION
+from phicapd.outputs.metadata import XMP_EXTENSION
 
 
 def find_orphans(top: Path, extension: str, recursive: bool = True) -> Iterator[Path]:

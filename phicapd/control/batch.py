@@ -39,7 +39,7 @@ from phicapd.control.client import ControlClient, ControlClientError, DaemonUnre
 from phicapd.control.protocol import CaptionedRequest, CaptionResult, SidecarInfo, SidecarPolicy
 from phicapd.errors import EMBED_RAW_REFUSED, SIDECAR_TOO_LARGE
 from phicapd.image_types import is_raw_name
-from phicapd.outputs import safe_files
+from phicapd.outputs import metadata, safe_files
 from phicapd.outputs.atomic import write_atomic, write_sidecar
 from phicapd.outputs.formats.json import json_sidecar_text
 from phicapd.outputs.formats.jsonl import Manifest, update_manifest
@@ -47,7 +47,7 @@ from phicapd.outputs.freshness import changed_ns
 from phicapd.outputs.naming import Claims, SiblingIndex
 from phicapd.outputs.provenance import Provenance, model_and_revision
 from phicapd.outputs.root import PRIMARY_ORDER, Known, RootOutputs, sidecar_base
-from phicapd.pipeline import metadata, paths
+from phicapd.pipeline import paths
 from phicapd.raw_roots import default_include
 
 # sysexits(3), shared with phicapctl.

@@ -47,11 +47,10 @@ from phicapd.config import (
     WatchRoot,
     XmpNaming,
 )
-from phicapd.outputs import safe_files
+from phicapd.outputs import metadata, safe_files
 from phicapd.outputs.formats.json import read_json_caption
 from phicapd.outputs.formats.jsonl import Manifest
 from phicapd.outputs.freshness import policy_keeps
-from phicapd.pipeline import metadata
 
 if TYPE_CHECKING:  # only their fields are read: the journal stays a floor above
     from phicapd.pipeline.jobs import Fingerprint, Job

@@ -67,12 +67,11 @@ from phicapd.config import Settings, WatchRoot
 from phicapd.errors import INTERRUPTED_DECODING, CaptionError, PhicapError
 from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
-from phicapd.outputs import safe_files
+from phicapd.outputs import metadata, safe_files
 from phicapd.outputs.formats.jsonl import Manifest
 from phicapd.outputs.freshness import changed_ns
 from phicapd.outputs.naming import Claims, SiblingIndex, sidecar_may_exist
 from phicapd.outputs.root import Known, RootOutputs, sidecar_base
-from phicapd.pipeline import metadata
 from phicapd.pipeline.decode import DecodeBytes, Decoded, DecodeFile, fingerprint_of
 from phicapd.pipeline.jobs import Fingerprint, Job, JobStore
 from phicapd.pipeline.progress import BusyRate

@@ -27,10 +27,10 @@ from pathlib import Path
 from phicapd.caption_form import reformable
 from phicapd.config import Settings, WatchRoot
 from phicapd.log import get_logger
+from phicapd.outputs import metadata
 from phicapd.outputs.formats.jsonl import read_manifest
 from phicapd.outputs.provenance import model_and_revision, settings_key
 from phicapd.outputs.root import RootOutputs
-from phicapd.pipeline import metadata
 from phicapd.pipeline.jobs import Fingerprint, Job, JobStore, NewWork
 
 log = get_logger(__name__)

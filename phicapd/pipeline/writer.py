@@ -56,6 +56,7 @@ from phicapd.config import Settings, WatchRoot
 from phicapd.errors import IMAGE_CHANGED, NAME_NOT_UTF8, XMP_CHANGED, PhicapError
 from phicapd.fsnames import display, is_utf8
 from phicapd.log import get_logger
+from phicapd.outputs import metadata
 from phicapd.outputs.atomic import write_sidecars
 from phicapd.outputs.formats.json import json_sidecar_text
 from phicapd.outputs.formats.jsonl import Manifest, update_manifest
@@ -64,7 +65,6 @@ from phicapd.outputs.naming import Claims, SiblingCache
 from phicapd.outputs.provenance import Provenance, generation_settings, model_and_revision, settings_key
 from phicapd.outputs.root import RootOutputs, sidecar_base
 from phicapd.outputs.safe_files import RefusedFile
-from phicapd.pipeline import metadata
 from phicapd.pipeline.decode import Decoded, fingerprint_of
 from phicapd.pipeline.jobs import Failure, Fingerprint, Job, JobStore, Success
 

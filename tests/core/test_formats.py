@@ -246,7 +246,7 @@ def test_kill_dash_nine_between_two_formats_is_finished_from_the_journal(tmp_pat
         assert json.loads(image.with_suffix(".json").read_text())["caption"] + "\n" == text
         assert manifest[image.name] + "\n" == text
         if "embed" in formats:
-            from phicapd.pipeline.metadata import read_description
+            from phicapd.outputs.metadata import read_description
 
             assert read_description(image) + "\n" == text
 

@@ -48,7 +48,7 @@ from phicapd.errors import IMAGE_METADATA_UNREADABLE, XMP_UNREADABLE
 from phicapd.log import get_logger
 from phicapd.outputs import safe_files
 from phicapd.outputs.atomic import _link_into_place, fsync_dir, temp_path
-from phicapd.pipeline.exiv2_supervisor import Supervisor, WorkerDied
+from phicapd.outputs.exiv2_supervisor import Supervisor, WorkerDied
 
 if TYPE_CHECKING:  # not imported at run time: the exiv2 worker imports this module, and starts fast
     from phicapd.pipeline.jobs import Fingerprint
@@ -81,7 +81,7 @@ EMBED_KINDS: dict[str, tuple[str, ...]] = {
 
 
 #: How the exiv2 worker is started (the tests point it at a worker that crashes on purpose).
-WORKER_COMMAND: list[str] = [sys.executable, "-m", "phicapd.pipeline.exiv2_worker"]
+WORKER_COMMAND: list[str] = [sys.executable, "-m", "phicapd.outputs.exiv2_worker"]
 #: A request the worker has not answered by then is a hang on a hostile file: it is killed.
 TIMEOUT_SECONDS = 30.0
 
