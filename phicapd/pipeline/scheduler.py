@@ -48,14 +48,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import hashlib
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +64,9 @@ from phicapd.config import Settings, WatchRoot
 from phicapd.errors import INTERRUPTED_DECODING, CaptionError, PhicapError
 from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
-from phicapd.outputs import metadata, safe_files
-from phicapd.outputs.formats.jsonl import Manifest
-from phicapd.outputs.freshness import changed_ns
-from phicapd.outputs.naming import Claims, SiblingIndex, sidecar_may_exist
-from phicapd.outputs.root import Known, RootOutputs, sidecar_base
+from phicapd.outputs.detect import already_captioned, staged_fingerprint
 from phicapd.pipeline.decode import DecodeBytes, Decoded, DecodeFile, fingerprint_of
-from phicapd.pipeline.jobs import Fingerprint, Job, JobStore
+from phicapd.pipeline.jobs import Job, JobStore
 from phicapd.pipeline.progress import BusyRate
 from phicapd.pipeline.writer import Finished, SidecarWriter
 
@@ -378,7 +371,7 @@ class Scheduler:
         try:
             if root is None:
                 raise PhicapError(f"{job.path}: its watch root {job.root} is no longer configured", code="root_removed")
-            now = self._staged_fingerprint(job, root)
+            now = staged_fingerprint(job, self.settings, root, fingerprint_of)
             if now is not None and job.caption is not None and job.sha256:
                 # Its caption is in the journal (staged, and the daemon stopped while its files
                 # were written; or a backfill): write its files from there, not from the model.
@@ -387,7 +380,7 @@ class Scheduler:
                 prompt = job.prompt or ""
                 self._to_writer(Finished(job, root, decoded, prompt, time.monotonic(), caption=caption, staged=True))
                 return
-            kept = self._already_captioned(job, root)
+            kept = already_captioned(job, self.settings, root, self.store.claims_near, self._list_images)
             if kept is not None:
                 # Its sidecar appeared while it waited (phicapctl, a hand-written caption) or was
                 # written just before a crash: done, not captioned twice. Recorded by the writer,
@@ -749,52 +742,6 @@ class Scheduler:
             return False
         worker = next((t for t in self._threads if t.name == "phicapd-gpu"), None)
         return worker is None or worker.is_alive() or self._stopping.is_set()
-
-    def _staged_fingerprint(self, job: Job, root: WatchRoot) -> Fingerprint | None:
-        """The image's fingerprint when the job's staged caption can still be written for it: the
-        image is as it was captioned, or it changed because that caption was embedded into it."""
-        if not job.staged or job.caption is None or job.sha256 is None:
-            return None
-        now = fingerprint_of(job.path)
-        if now is None:
-            return None
-        # The journal's fingerprint follows the file (a scan updates it), so the bytes decide; a
-        # rare path (a crash mid-write), so reading the image once more costs nothing that matters.
-        try:  # a regular file of the size the decoder takes, never a pipe swapped in since
-            fd, _ = safe_files.open_regular(job.path, self.settings.imaging.max_file_bytes)
-            with os.fdopen(fd, "rb") as fh:
-                same = hashlib.file_digest(fh, "sha256").hexdigest() == job.sha256
-        except OSError:
-            return None
-        if same:
-            return now
-        embedded = "embed" in self.settings.formats_for(root) or (job.formats is not None and "embed" in job.formats)
-        if embedded and metadata.read_description(job.path) == job.caption:
-            return now
-        return None
-
-    def _already_captioned(self, job: Job, root: WatchRoot) -> str | None:
-        """The sidecar base of the job's image when every output its root writes is there now and
-        kept by the policy (never when forced); None when the image needs its caption."""
-        outputs = RootOutputs.of(self.settings, root)
-        if job.force or outputs.policy == "overwrite":
-            return None
-        extension = outputs.named_extension
-        claims = Claims(self.store.claims_near(job.path), job.path.parent)
-        named = extension is not None and (job.path.name in claims.by_image or sidecar_may_exist(job.path, extension))
-        if extension is not None and not named:
-            return None  # the usual case, known without listing the directory
-        try:
-            st = job.path.stat()
-        except OSError:
-            return None
-        base = sidecar_base(job.path)
-        if named:
-            base = SiblingIndex(self._list_images(job.path.parent, root)).base_for(job.path.name, claims)
-        # Queued, so what the journal last wrote is no longer enough: its caption is not current.
-        known = Known(job.caption, False, None, job.sidecar, job.updated_at)
-        manifest = partial(Manifest.read, job.path.parent)
-        return None if outputs.missing(job.path, changed_ns(st), base, known, manifest) else base
 
 
 class _Stopping(Exception):
