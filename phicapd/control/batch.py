@@ -40,11 +40,11 @@ from phicapd.control.protocol import CaptionedRequest, CaptionResult, SidecarInf
 from phicapd.errors import EMBED_RAW_REFUSED, SIDECAR_TOO_LARGE
 from phicapd.image_types import is_raw_name
 from phicapd.outputs import metadata, safe_files
-from phicapd.outputs.atomic import write_atomic, write_sidecar
 from phicapd.outputs.formats.json import json_sidecar_text
 from phicapd.outputs.formats.jsonl import Manifest, update_manifest
 from phicapd.outputs.freshness import changed_ns
 from phicapd.outputs.naming import Claims, SiblingIndex
+from phicapd.outputs.plan import WritePlan
 from phicapd.outputs.provenance import Provenance, model_and_revision
 from phicapd.outputs.root import PRIMARY_ORDER, Known, RootOutputs, sidecar_base
 from phicapd.pipeline import paths
@@ -401,40 +401,24 @@ class BatchCaptioner:
         """Write the outputs of ``image`` the policy does not keep (``--force``: all); returns the
         formats it is to have from this caption, and the output that failed, with why.
 
-        Embedding first: it changes the image's bytes and keeps its mtime
-        (``metadata.embed_caption``), so ``skip`` still sees the files written after it as at
-        least as new as the image. Then the XMP sidecar, then the per-image files. The manifest
-        is the caller's (outside every root) or the daemon's (``/v1/captioned``).
+        In the daemon's writer's order (``outputs.plan``): embed, the XMP sidecar, the per-image
+        files. The manifest is the caller's (outside every root) or the daemon's (``/v1/captioned``).
         """
         base = naming.base_of(image, sidecar)
-        files = naming.outputs.files(image, base)
-        target = image
-        formats: list[OutputFormat] = []
-        try:
-            if self.options.force:
-                formats = list(naming.outputs.formats)
-            else:
+        if self.options.force:
+            formats = list(naming.outputs.formats)
+        else:
+            try:
                 previous = next((c for c in naming.outputs.held(image, base).values() if c), None)
                 formats = naming.missing(image, os.stat(image), sidecar, previous)
-                if not formats:
-                    # Every output appeared while the image was on the model: ours replaces the
-                    # files, as phicapctl always did (the caption was asked for).
-                    formats = list(files) or list(naming.outputs.formats)
-            if "embed" in formats and metadata.can_embed(image):
-                metadata.embed_caption(image, result.caption)
-            if "xmp" in formats:
-                target = files["xmp"]
-                metadata.write_xmp_sidecar(target, result.caption)
-            for fmt in ("txt", "json"):
-                if fmt in formats:
-                    target = files[fmt]
-                    if fmt == "json":
-                        write_atomic(target, _json_text(result, data) + "\n")
-                    else:
-                        write_sidecar(target, result.caption)
-        except (OSError, RuntimeError) as e:  # exiv2 raises RuntimeError
-            return formats, (target, e)
-        return formats, None
+            except (OSError, RuntimeError) as e:  # exiv2 raises RuntimeError
+                return [], (image, e)
+            if not formats:
+                # Every output appeared while the image was on the model: ours replaces the
+                # files, as phicapctl always did (the caption was asked for).
+                formats = list(naming.outputs.files(image, base)) or list(naming.outputs.formats)
+        plan = WritePlan.of(naming.outputs, image, base, formats, result.caption, lambda _: _json_text(result, data))
+        return formats, plan.write()
 
     def _report(self, image: Path, key: str, sidecar: str | None, result: CaptionResult, data: bytes) -> str | None:
         """Tell the daemon about the caption just written under a root, so its journal tracks it;

@@ -52,7 +52,7 @@ from typing import Any
 
 from phicapd.caption_form import one_line, root_form
 from phicapd.captioner import Caption
-from phicapd.config import Settings, WatchRoot
+from phicapd.config import OutputFormat, Settings, WatchRoot
 from phicapd.errors import IMAGE_CHANGED, NAME_NOT_UTF8, XMP_CHANGED, PhicapError
 from phicapd.fsnames import display, is_utf8
 from phicapd.log import get_logger
@@ -62,6 +62,7 @@ from phicapd.outputs.formats.json import json_sidecar_text
 from phicapd.outputs.formats.jsonl import Manifest, update_manifest
 from phicapd.outputs.freshness import policy_keeps
 from phicapd.outputs.naming import Claims, SiblingCache
+from phicapd.outputs.plan import FILE_FORMATS, WritePlan
 from phicapd.outputs.provenance import Provenance, generation_settings, model_and_revision, settings_key
 from phicapd.outputs.root import RootOutputs, sidecar_base
 from phicapd.outputs.safe_files import RefusedFile
@@ -103,10 +104,7 @@ class _Plan:
 
     finished: Finished
     record: Success  # what the journal gets once every file is in place
-    files: list[tuple[Path, str]]  # per-image files to write, with their content
-    manifest: bool  # the directory's metadata.jsonl gets its entry
-    xmp: Path | None = None  # the XMP sidecar to set (merged) ``dc:description`` in
-    embed: bool = False  # write the caption into the image file itself
+    out: WritePlan  # its outputs, in the order they are written (``outputs.plan``)
     refused: RefusedFile | None = None  # an output that is not a file to replace (``safe_files``)
     xmp_error: PhicapError | None = None  # the XMP sidecar failed: the other outputs go on
 
@@ -300,25 +298,24 @@ class SidecarWriter:
             formats=outputs.formats,
         )
         paths = outputs.files(f.job.path, base)
-        files: list[tuple[Path, str]] = []
-        if "txt" in paths:
-            files.append((paths["txt"], text))
-        if "json" in paths:
-            name, revision = model_and_revision(model)
-            provenance = Provenance(name, revision, record.backend or "", f.prompt, generation_settings(self.settings))
-            document = json_sidecar_text(text, provenance, record.sha256, time.time())
-            files.append((paths["json"], document))
-        files = [(path, content) for path, content in files if not self._kept(f, path)]
-        xmp = paths.get("xmp")
-        if xmp is not None and self._described(f, xmp):
-            xmp = None
-        embed = "embed" in outputs.formats and metadata.can_embed(f.job.path) and not self._described(f, f.job.path)
-        manifest = "jsonl" in outputs.formats and not self._listed(f)
-        if not files and xmp is None and not embed and not manifest:
+        formats: list[OutputFormat] = [fmt for fmt in FILE_FORMATS if fmt in paths and not self._kept(f, paths[fmt])]
+        if "xmp" in paths and not self._described(f, paths["xmp"]):
+            formats.append("xmp")
+        if "embed" in outputs.formats and metadata.can_embed(f.job.path) and not self._described(f, f.job.path):
+            formats.append("embed")
+        if "jsonl" in outputs.formats and not self._listed(f):
+            formats.append("jsonl")
+        if not formats:
             # Every output is one the policy keeps: it appeared while the image was on its way.
             f.skipped = True
             return None
-        return _Plan(f, record, files, manifest, xmp, embed)
+
+        def document(caption: str) -> str:
+            name, revision = model_and_revision(model)
+            provenance = Provenance(name, revision, record.backend or "", f.prompt, generation_settings(self.settings))
+            return json_sidecar_text(caption, provenance, record.sha256, time.time())
+
+        return _Plan(f, record, WritePlan.of(outputs, f.job.path, base, formats, text, document))
 
     def _listed(self, f: Finished) -> bool:
         """Does the policy keep the image's entry in its directory's manifest?"""
@@ -350,47 +347,45 @@ class SidecarWriter:
         return policy == "only-missing" or policy_keeps(policy, f.decoded.fingerprint.mtime_ns, path)
 
     def _write_metadata(self, plan: _Plan) -> None:
-        """Embed first, then the XMP sidecar, then (the caller) the other files. Embedding changes
-        the image's bytes and inode and keeps its mtime (``metadata.embed_caption``), so ``skip``
-        still sees the other files as at least as new as the image; the journal records its new
-        fingerprint, so neither the watcher's event for it, the scans nor ``overwrite`` take our
-        own write for a changed image. A failed embed fails the image; a failed XMP sidecar only
-        itself (``_Plan.xmp_error``)."""
+        """Embed first, then the XMP sidecar (``outputs.plan``), then (the caller) the other
+        files. The journal records the image's new fingerprint after an embed, so neither the
+        watcher's event for it, the scans nor ``overwrite`` take our own write for a changed
+        image. A failed embed fails the image; a failed XMP sidecar only itself
+        (``_Plan.xmp_error``)."""
         f = plan.finished
         path = f.job.path
         assert f.decoded is not None
-        if plan.embed:
+        out = plan.out
+        for fmt, target, step in out.metadata_steps():
             try:
-                placed = metadata.embed_caption(path, plan.record.caption or "", f.decoded.fingerprint)
-            except RefusedFile as e:  # a symlinked image: its other outputs are still written
-                plan.refused = e
+                placed = step(f.decoded.fingerprint)
+            except RefusedFile as e:
+                if fmt == "embed":  # a symlinked image: its other outputs are still written
+                    plan.refused = e
+                    continue
+                plan.xmp_error = _refused(path, e)
             except (OSError, RuntimeError) as e:
-                f.error = _metadata_error(path, path, e)
-                return
+                if fmt == "embed":
+                    f.error = _metadata_error(path, path, e)
+                    return
+                plan.xmp_error = _metadata_error(path, target, e)
             else:
-                fingerprint = Fingerprint(placed.size, placed.mtime_ns, placed.inode)
-                plan.record = dataclasses.replace(plan.record, fingerprint=fingerprint)
-        if plan.xmp is not None:
-            try:
-                metadata.write_xmp_sidecar(plan.xmp, plan.record.caption or "")
-            except (OSError, RuntimeError) as e:
-                plan.xmp_error = _refused(path, e) if isinstance(e, RefusedFile) else _metadata_error(path, plan.xmp, e)
-                if not (plan.files or plan.manifest or (plan.embed and plan.refused is None)):
-                    f.error = plan.xmp_error  # its only output: nothing else holds the caption
+                if placed is not None:
+                    fingerprint = Fingerprint(placed.size, placed.mtime_ns, placed.inode)
+                    plan.record = dataclasses.replace(plan.record, fingerprint=fingerprint)
+                continue
+            if not (out.files or out.manifest or (out.embed and plan.refused is None)):
+                f.error = plan.xmp_error  # its only output: nothing else holds the caption
 
     def _write_outputs(self, group: list[Finished]) -> dict[int, Success]:
         """Write the group's files; returns id(finished) -> its journal record, for those written."""
         plans = [plan for f in group if (plan := self._plan(f)) is not None]
         # More than one file for an image: its caption goes to the journal first, so a crash
         # between the files is finished from there (``Finished.staged``), not captioned again.
-        staging = [
-            p.record
-            for p in plans
-            if not p.finished.staged and len(p.files) + p.manifest + p.embed + (p.xmp is not None) > 1
-        ]
+        staging = [p.record for p in plans if not p.finished.staged and p.out.outputs > 1]
         self.store.stage_many(staging)
         for p in plans:
-            if p.embed or p.xmp is not None:
+            if p.out.embed or p.out.xmp is not None:
                 self._write_metadata(p)
         plans = [p for p in plans if p.finished.error is None]
         # only-missing: an existing file wins even if it appears while ours is being written.
@@ -398,10 +393,10 @@ class SidecarWriter:
             path
             for p in plans
             if not p.finished.job.force and self._policy(p.finished) == "only-missing"
-            for path, _ in p.files
+            for path, _ in p.out.files
         }
         directories = {d: self._siblings.unchanged(d) for d in {p.finished.job.path.parent for p in plans}}
-        items = [item for p in plans for item in p.files]
+        items = [item for p in plans for item in p.out.files]
         errors = iter(write_sidecars(items, self._io_pool, keep) if items else [])
         written: dict[int, Success] = {}
         manifests: dict[Path, dict[str, str | None]] = {}
@@ -409,7 +404,7 @@ class SidecarWriter:
             f = p.finished
             failed: tuple[Path, OSError] | None = None
             placed = 0
-            for (path, _), error in zip(p.files, errors, strict=False):
+            for (path, _), error in zip(p.out.files, errors, strict=False):
                 if error is None:
                     placed += 1
                 elif isinstance(error, RefusedFile):
@@ -423,7 +418,7 @@ class SidecarWriter:
                     code="sidecar_write_failed",
                     retryable=True,
                 )
-            elif placed == 0 and p.refused is None and p.files and not p.embed and p.xmp is None and not p.manifest:
+            elif placed == 0 and p.refused is None and p.out.files and p.out.outputs == len(p.out.files):
                 f.skipped = True  # only-missing: every file appeared while ours was being written
             else:
                 written[id(f)] = p.record
@@ -433,7 +428,7 @@ class SidecarWriter:
                 elif p.xmp_error is not None:  # recorded as in the other outputs, not in the XMP
                     f.error = p.xmp_error
                     written[id(f)] = _without(p.record, "xmp")
-                if p.manifest and not is_utf8(f.job.path.name):
+                if p.out.manifest and not is_utf8(f.job.path.name):
                     # metadata.jsonl's file_name is text: this name has no entry (its other outputs
                     # are written) and is parked with a code that says why, until it is renamed.
                     if f.error is None:
@@ -444,7 +439,7 @@ class SidecarWriter:
                         )
                     if id(f) in written:
                         written[id(f)] = _without(written[id(f)], "jsonl")
-                elif p.manifest:
+                elif p.out.manifest:
                     manifests.setdefault(f.job.path.parent, {})[f.job.path.name] = p.record.caption
         for directory, captions in manifests.items():
             try:
