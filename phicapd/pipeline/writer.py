@@ -52,18 +52,18 @@ from typing import Any
 
 from phicapd.caption_form import one_line, root_form
 from phicapd.captioner import Caption
-from phicapd.config import OutputFormat, Settings, WatchRoot
+from phicapd.config import Settings, WatchRoot
 from phicapd.errors import IMAGE_CHANGED, NAME_NOT_UTF8, XMP_CHANGED, PhicapError
 from phicapd.fsnames import display, is_utf8
 from phicapd.log import get_logger
 from phicapd.outputs import metadata
 from phicapd.outputs.atomic import write_sidecars
 from phicapd.outputs.formats.json import json_sidecar_text
-from phicapd.outputs.formats.jsonl import Manifest, update_manifest
-from phicapd.outputs.freshness import policy_keeps
+from phicapd.outputs.formats.jsonl import update_manifest
 from phicapd.outputs.naming import Claims, SiblingCache
-from phicapd.outputs.plan import FILE_FORMATS, WritePlan
+from phicapd.outputs.plan import WritePlan
 from phicapd.outputs.provenance import Provenance, generation_settings, model_and_revision, settings_key
+from phicapd.outputs.recheck import Recheck
 from phicapd.outputs.root import RootOutputs, sidecar_base
 from phicapd.outputs.safe_files import RefusedFile
 from phicapd.pipeline.decode import Decoded, fingerprint_of
@@ -258,7 +258,7 @@ class SidecarWriter:
         made = [written[id(f)] for f in group if id(f) in written and not f.staged]
         self.by_source.update((s.backend or "", s.endpoint, s.model) for s in made)
         self._on_recorded([f.job.id for f in group], len(made))
-        self._log(group, parked)
+        _log(group, parked, self.recent_failures)
 
     def _plan(self, f: Finished) -> _Plan | None:
         """The outputs ``f`` gets, or None when it gets none (an error, or every output kept)."""
@@ -297,14 +297,7 @@ class SidecarWriter:
             settings_key=key,
             formats=outputs.formats,
         )
-        paths = outputs.files(f.job.path, base)
-        formats: list[OutputFormat] = [fmt for fmt in FILE_FORMATS if fmt in paths and not self._kept(f, paths[fmt])]
-        if "xmp" in paths and not self._described(f, paths["xmp"]):
-            formats.append("xmp")
-        if "embed" in outputs.formats and metadata.can_embed(f.job.path) and not self._described(f, f.job.path):
-            formats.append("embed")
-        if "jsonl" in outputs.formats and not self._listed(f):
-            formats.append("jsonl")
+        formats = self._recheck(f).formats(outputs, base)
         if not formats:
             # Every output is one the policy keeps: it appeared while the image was on its way.
             f.skipped = True
@@ -316,35 +309,6 @@ class SidecarWriter:
             return json_sidecar_text(caption, provenance, record.sha256, time.time())
 
         return _Plan(f, record, WritePlan.of(outputs, f.job.path, base, formats, text, document))
-
-    def _listed(self, f: Finished) -> bool:
-        """Does the policy keep the image's entry in its directory's manifest?"""
-        policy = self._policy(f)
-        if f.job.force or policy == "overwrite":
-            return False
-        entries = Manifest.read(f.job.path.parent)  # parsed once per version of the file
-        assert f.decoded is not None
-        listed = f.job.path.name in entries.names
-        return listed and (policy == "only-missing" or (entries.mtime_ns or 0) >= f.decoded.fingerprint.mtime_ns)
-
-    def _described(self, f: Finished, path: Path) -> bool:
-        """Does the policy keep the description in ``path`` (a sidecar or the image:
-        ``metadata.read_descriptions``)? An XMP file without one is no caption (darktable writes
-        a sidecar for every image it sees), nor is a camera's placeholder."""
-        policy = self._policy(f)
-        if f.job.force or policy == "overwrite":
-            return False
-        descriptions = metadata.read_descriptions(path)
-        if not descriptions:
-            return False
-        if path == f.job.path:
-            # A description already in the image (EXIF, IPTC or XMP) is someone else's caption (a
-            # camera's, a person's), unless every one is the caption we last wrote: that one is
-            # replaced with the image's new caption, or, finishing a staged write, it is this
-            # very caption, embedded already.
-            return True if metadata.described_by_others(descriptions, f.job.caption) else f.staged
-        assert f.decoded is not None
-        return policy == "only-missing" or policy_keeps(policy, f.decoded.fingerprint.mtime_ns, path)
 
     def _write_metadata(self, plan: _Plan) -> None:
         """Embed first, then the XMP sidecar (``outputs.plan``), then (the caller) the other
@@ -470,43 +434,11 @@ class SidecarWriter:
         assert f.root is not None
         return "only-missing" if f.staged and f.job.backfill else self.settings.existing_policy(f.root)
 
-    def _kept(self, f: Finished, sidecar: Path) -> bool:
-        """Does the policy keep the sidecar as it is now? It was not, when the job was queued,
-        so one that is kept now appeared while the image was on its way (phicapctl, a person).
-        The image's mtime is its fingerprint's, which was just checked against the file."""
+    def _recheck(self, f: Finished) -> Recheck:
+        """``f``'s image as the policy judges its outputs now (``outputs.recheck``)."""
         assert f.decoded is not None
-        return not f.job.force and policy_keeps(self._policy(f), f.decoded.fingerprint.mtime_ns, sidecar)
-
-    def _log(self, group: list[Finished], parked: set[int]) -> None:
-        """One canonical line per finished job."""
-        now = time.monotonic()
-        for f in group:
-            fields: dict[str, Any] = {
-                "path": str(f.job.path),
-                "outcome": "failed" if f.error else "skipped" if f.skipped else "done",
-                "duration_ms": round((now - f.accepted) * 1000, 1),
-                "batch": f.batch_size,
-            }
-            if f.staged:
-                fields["from_journal"] = "backfill" if f.job.backfill else "staged"
-            if f.caption is not None and not f.staged:  # a staged caption's tokens were spent before
-                fields["tokens"] = f.caption.new_tokens
-                if f.caption.endpoint is not None:
-                    fields["endpoint"] = f.caption.endpoint
-            if f.error is None:
-                log.info("job", **fields)
-                continue
-            was_parked = f.job.id in parked
-            self.recent_failures.append(
-                {
-                    "path": str(f.job.path),
-                    "code": f.error.code,
-                    "message": str(f.error),
-                    "parked": was_parked,
-                    "at": time.time(),
-                }
-            )
-            log.warning("job", **fields, error=f.error.code, message=str(f.error), parked=was_parked)
+        mtime_ns = f.decoded.fingerprint.mtime_ns
+        return Recheck(f.job.path, self._policy(f), f.job.force, f.staged, mtime_ns, f.job.caption)
 
 
 def _without(record: Success, fmt: str) -> Success:
@@ -556,3 +488,35 @@ def _metadata_error(image: Path, target: Path, e: OSError | RuntimeError) -> Phi
 def _fresh(f: Finished) -> bool:
     """A caption the model just made (not a failure, a kept sidecar or the journal's own)."""
     return f.caption is not None and not f.staged
+
+
+def _log(group: list[Finished], parked: set[int], recent_failures: collections.deque[dict[str, Any]]) -> None:
+    """One canonical line per finished job; each failure also goes to ``recent_failures`` (status)."""
+    now = time.monotonic()
+    for f in group:
+        fields: dict[str, Any] = {
+            "path": str(f.job.path),
+            "outcome": "failed" if f.error else "skipped" if f.skipped else "done",
+            "duration_ms": round((now - f.accepted) * 1000, 1),
+            "batch": f.batch_size,
+        }
+        if f.staged:
+            fields["from_journal"] = "backfill" if f.job.backfill else "staged"
+        if f.caption is not None and not f.staged:  # a staged caption's tokens were spent before
+            fields["tokens"] = f.caption.new_tokens
+            if f.caption.endpoint is not None:
+                fields["endpoint"] = f.caption.endpoint
+        if f.error is None:
+            log.info("job", **fields)
+            continue
+        was_parked = f.job.id in parked
+        recent_failures.append(
+            {
+                "path": str(f.job.path),
+                "code": f.error.code,
+                "message": str(f.error),
+                "parked": was_parked,
+                "at": time.time(),
+            }
+        )
+        log.warning("job", **fields, error=f.error.code, message=str(f.error), parked=was_parked)
