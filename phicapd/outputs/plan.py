@@ -26,14 +26,11 @@ from typing import TYPE_CHECKING
 from phicapd.config import OutputFormat
 from phicapd.outputs import metadata
 from phicapd.outputs.atomic import write_sidecars
+from phicapd.outputs.formats import get, in_write_order, is_file
 from phicapd.outputs.root import RootOutputs
 
 if TYPE_CHECKING:  # only its fields are read: the journal stays a floor above
     from phicapd.pipeline.jobs import Fingerprint
-
-#: The per-image files written whole, in their order, and how each holds the caption: ``txt`` the
-#: text itself, ``json`` a document made from it (``document``, made only when written).
-FILE_FORMATS: tuple[OutputFormat, ...] = ("txt", "json")
 
 #: One write into the image or its XMP sidecar: expected fingerprint -> where the image stands.
 MetadataStep = Callable[["Fingerprint | None"], "metadata.FileIdentity | None"]
@@ -56,21 +53,22 @@ class WritePlan:
         outputs: RootOutputs,
         image: Path,
         base: str,
-        formats: Collection[OutputFormat],
+        chosen: Collection[OutputFormat],
         caption: str,
         document: Callable[[str], str],
     ) -> WritePlan:
-        """The plan that writes ``caption`` into ``formats`` (a subset of ``outputs.formats``);
-        ``base``: the image's sidecar base; ``document``: the JSON sidecar of a caption."""
+        """The plan that writes ``caption`` into ``chosen`` (a subset of ``outputs.formats``);
+        ``base``: the image's sidecar base; ``document``: the JSON sidecar of a caption (each
+        format's ``text`` says whether it is one)."""
         paths = outputs.files(image, base)
-        files = [(paths[f], document(caption) if f == "json" else caption) for f in FILE_FORMATS if f in formats]
+        files = [(paths[f], get(f).text(caption, document)) for f in in_write_order(chosen) if is_file(f)]
         return cls(
             image,
             caption,
-            embed="embed" in formats and metadata.can_embed(image),
-            xmp=paths["xmp"] if "xmp" in formats else None,
+            embed="embed" in chosen and metadata.can_embed(image),
+            xmp=paths["xmp"] if "xmp" in chosen else None,
             files=files,
-            manifest="jsonl" in formats,
+            manifest="jsonl" in chosen,
         )
 
     @property

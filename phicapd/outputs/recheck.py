@@ -14,9 +14,9 @@ from pathlib import Path
 
 from phicapd.config import OutputFormat
 from phicapd.outputs import metadata
+from phicapd.outputs.formats import is_file
 from phicapd.outputs.formats.jsonl import Manifest
 from phicapd.outputs.freshness import policy_keeps
-from phicapd.outputs.plan import FILE_FORMATS
 from phicapd.outputs.root import RootOutputs
 
 
@@ -32,10 +32,10 @@ class Recheck:
     ours: str | None  # the caption the journal last wrote for it
 
     def formats(self, outputs: RootOutputs, base: str) -> list[OutputFormat]:
-        """The formats of ``outputs`` to write, in ``RootOutputs.files`` order then ``xmp``,
-        ``embed``, ``jsonl``; empty when the policy keeps every output as it is."""
+        """The formats of ``outputs`` to write (its whole files in their order, then ``xmp``,
+        ``embed``, ``jsonl``); empty when the policy keeps every output as it is."""
         paths = outputs.files(self.image, base)
-        formats: list[OutputFormat] = [f for f in FILE_FORMATS if f in paths and not self.kept(paths[f])]
+        formats: list[OutputFormat] = [f for f in outputs.formats if is_file(f) and not self.kept(paths[f])]
         if "xmp" in paths and not self._described(paths["xmp"]):
             formats.append("xmp")
         if "embed" in outputs.formats and metadata.can_embed(self.image) and not self._described(self.image):

@@ -7,11 +7,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from phicapd import __version__
+from phicapd.config import JSON_EXTENSION
 from phicapd.outputs import safe_files
+from phicapd.outputs.formats import ABSENT, Absent, Existing, Format, Stage, register
+from phicapd.outputs.freshness import policy_keeps
 from phicapd.outputs.provenance import Provenance
+
+if TYPE_CHECKING:
+    from phicapd.outputs.root import RootOutputs
 
 
 def json_sidecar_text(caption: str, provenance: Provenance, image_sha256: str, created_at: float) -> str:
@@ -38,3 +46,30 @@ def read_json_caption(path: Path) -> str | None:
         return None
     caption = document.get("caption") if isinstance(document, dict) else None
     return caption if isinstance(caption, str) else None
+
+
+class Json(Format):
+    name = "json"
+    primary_rank = 1
+    stage = Stage.FILE
+
+    def extension(self, outputs: RootOutputs) -> str | None:
+        return JSON_EXTENSION
+
+    def path(self, image: Path, base: str, outputs: RootOutputs) -> Path | None:
+        return image.with_name(base + JSON_EXTENSION)
+
+    def held(self, path: Path) -> str | Absent | None:
+        return read_json_caption(path) if path.exists() else ABSENT
+
+    def text(self, caption: str, document: Callable[[str], str]) -> str:
+        return document(caption)
+
+    def kept(self, e: Existing) -> bool:
+        return policy_keeps(e.policy, e.changed_ns, e.files[self.name])
+
+    def present(self, e: Existing) -> bool:
+        return e.files[self.name].exists()
+
+
+register(Json())

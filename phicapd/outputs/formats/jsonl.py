@@ -19,6 +19,7 @@ from phicapd.config import MANIFEST_NAME
 from phicapd.fsnames import is_utf8
 from phicapd.outputs import safe_files
 from phicapd.outputs.atomic import write_atomic
+from phicapd.outputs.formats import Existing, Format, Stage, register
 
 
 def read_manifest(directory: Path) -> dict[str, str]:
@@ -100,3 +101,23 @@ class Manifest:
 @functools.lru_cache(maxsize=8)
 def _parsed_manifest(directory: Path, mtime_ns: int, size: int, inode: int) -> Manifest:
     return Manifest(frozenset(read_manifest(directory)), mtime_ns)
+
+
+class Jsonl(Format):
+    """``skip`` keeps the image's entry while the manifest is at least as new as the image,
+    ``only-missing`` whenever it is listed."""
+
+    name = "jsonl"
+    primary_rank = 4
+    stage = Stage.DIRECTORY
+
+    def kept(self, e: Existing) -> bool:
+        entries = e.manifest()
+        listed = e.image.name in entries.names
+        return listed and (e.policy == "only-missing" or (entries.mtime_ns or 0) >= e.changed_ns)
+
+    def present(self, e: Existing) -> bool:
+        return e.image.name in e.manifest().names
+
+
+register(Jsonl())
