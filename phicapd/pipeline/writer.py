@@ -14,7 +14,8 @@ transaction fails stays claimed and is written again after a back-off, so a full
 loses it nor sends its images round the model again.
 
 A root may ask for several formats (``[sidecar] formats``: ``photo.txt``, ``photo.json``, the
-directory's ``metadata.jsonl``). All of them come from one caption: when an image gets more
+directory's ``metadata.jsonl``), written in the order of ``outputs.plan`` (the one phicapctl
+follows too). All of them come from one caption: when an image gets more
 than one file, its caption is first *staged* in the journal (one transaction for the group),
 then every file is written, then the group is recorded as done. A crash in between leaves a
 staged job, which the scheduler hands straight back here with the journal's caption
