@@ -18,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from phicapd.pipeline import exiv2_worker, metadata
+from phicapd.outputs import exiv2_worker, metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 JPEG = ROOT / "tests" / "data" / "images" / "hubble_deep_field.jpg"

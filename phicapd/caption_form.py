@@ -12,7 +12,7 @@ compares a file with that text, and a form re-derived from the root's *current* 
 call every output written before a change of them edited.
 
 A change of ``single_line`` is a change of settings like prefix or suffix: it is part of the
-settings key (``pipeline.formats.settings_key``, only when true, so no existing key changes),
+settings key (``outputs.provenance.settings_key``, only when true, so no existing key changes),
 so ``phicapctl stale`` lists the captions written the other way and ``restale`` redoes them.
 Turning it **on** needs no model: one line is a function of the journal's text, so such a
 caption is *re-formed* (``reformable``): staged from the journal and forced through every

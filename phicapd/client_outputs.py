@@ -18,11 +18,11 @@ from typing import Any
 from phicapd.config import Settings, WatchRoot
 from phicapd.errors import BAD_REQUEST, CAPTION_NOT_WRITTEN, IMAGE_GONE, NOT_WATCHED, PhicapError
 from phicapd.log import get_logger
+from phicapd.outputs.naming import Claims, is_rule_base
+from phicapd.outputs.root import RootOutputs, sidecar_base
 from phicapd.pipeline.decode import fingerprint_of
 from phicapd.pipeline.jobs import JobStore, Success
-from phicapd.pipeline.outputs import RootOutputs, sidecar_base
 from phicapd.pipeline.paths import is_watched_dir, journal_path, owning_root
-from phicapd.pipeline.sidecar import Claims, is_rule_base
 
 log = get_logger(__name__)
 

@@ -34,7 +34,7 @@ ExistingPolicy = Literal["skip", "overwrite", "only-missing"]
 OutputFormat = Literal["txt", "xmp", "embed", "json", "jsonl"]
 #: The formats this build writes.
 AVAILABLE_FORMATS = ("txt", "xmp", "embed", "json", "jsonl")
-#: Formats written through pyexiv2 (``pipeline.metadata``).
+#: Formats written through pyexiv2 (``outputs.metadata``).
 METADATA_FORMATS = ("xmp", "embed")
 # The XMP sidecar's name: "stem" (photo.xmp, as Lightroom and Camera Raw read for raw files;
 # same-stem images get photo.png.xmp by the .txt naming rule) or "full" (photo.NEF.xmp, as

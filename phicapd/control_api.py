@@ -23,8 +23,8 @@ from phicapd.errors import CAPTION_TIMEOUT, NOT_READY, NOT_WATCHED, REMOTE_UNAVA
 from phicapd.lifecycle import Lifecycle
 from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
+from phicapd.outputs.provenance import generation_settings, model_and_revision, settings_key
 from phicapd.pipeline import staleness
-from phicapd.pipeline.formats import generation_settings, model_and_revision, settings_key
 from phicapd.pipeline.intake import Intake
 from phicapd.pipeline.jobs import Job, JobStore
 from phicapd.pipeline.paths import journal_path, owning_root

@@ -85,9 +85,9 @@ INTERRUPTED_DECODING = "interrupted_decoding"
 #: A file beside an image that phicapd would read or replace (a ``.txt``/``.json``/``.xmp``
 #: sidecar, ``metadata.jsonl``, the image an embed replaces) is not a regular file: a named pipe,
 #: a device, a socket, a directory, or a symbolic link where the file is replaced. Refused, never
-#: opened for long, followed or merged; the image is parked (``pipeline.safe_files``).
+#: opened for long, followed or merged; the image is parked (``outputs.safe_files``).
 SIDECAR_NOT_REGULAR = "sidecar_not_regular"
-#: Such a file is larger than its kind's cap (``pipeline.safe_files``: a ``.txt``/``.json``
+#: Such a file is larger than its kind's cap (``outputs.safe_files``: a ``.txt``/``.json``
 #: sidecar 1 MiB, an XMP sidecar 16 MiB, a ``metadata.jsonl`` 128 MiB): refused unread, parked.
 SIDECAR_TOO_LARGE = "sidecar_too_large"
 #: The decode worker crashed or hung on the image (``pipeline.decode_pool``): retryable, so it

@@ -19,7 +19,7 @@ from phicapd.control import batch
 from phicapd.control.batch import BatchCaptioner, Options, Outcome
 from phicapd.control.client import ControlClient, ControlClientError
 from phicapd.fsnames import display
-from phicapd.pipeline.sidecar import write_sidecar
+from phicapd.outputs.atomic import write_sidecar
 
 
 class Progress:

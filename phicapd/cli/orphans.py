@@ -3,7 +3,7 @@
 It needs no daemon (it reads the directories with the caller's permissions): an output is a
 ``NAME.txt`` (the ``[sidecar] extension``), a ``NAME.json`` that phicapd wrote (it holds a
 ``caption``; another tool's JSON is no output), or a ``NAME.xmp``. Its image is gone when no
-other file of its directory is one the naming rule (``pipeline.sidecar``) could have given it:
+other file of its directory is one the naming rule (``outputs.naming``) could have given it:
 none whose stem or full name is ``NAME``, nor ``NAME`` = its full name plus ``.N``. Files of any
 type count, so a raw file the root does not caption still owns its ``.xmp``. A deleted image's
 ``metadata.jsonl`` entry is no file: the daemon drops it at the directory's next rewrite.
@@ -25,9 +25,9 @@ from phicapd.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, JSON_EXTENSION, MANI
 from phicapd.control.batch import EX_NOINPUT, EX_OK
 from phicapd.errors import ConfigError
 from phicapd.fsnames import display
-from phicapd.pipeline.formats import read_json_caption
-from phicapd.pipeline.metadata import XMP_EXTENSION
-from phicapd.pipeline.sidecar import is_temp_name
+from phicapd.outputs.atomic import is_temp_name
+from phicapd.outputs.formats.json import read_json_caption
+from phicapd.outputs.metadata import XMP_EXTENSION
 
 
 def find_orphans(top: Path, extension: str, recursive: bool = True) -> Iterator[Path]:

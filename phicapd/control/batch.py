@@ -3,7 +3,7 @@
 phicapctl reads every image with the caller's own permissions and writes the sidecar itself;
 the daemon only ever sees bytes (no confused deputy). For every directory, ``/v1/sidecar`` tells
 which watch root owns it: that root's include/ignore patterns feed the daemon's own naming rule
-(``pipeline.paths.list_images`` into ``pipeline.sidecar``), and its ``existing`` policy decides
+(``pipeline.paths.list_images`` into ``outputs.naming``), and its ``existing`` policy decides
 whether a sidecar already there is kept. Each caption request names the file's path, so the daemon
 applies the root's prompt, prefix and suffix: a file captioned by hand looks exactly like one the
 watcher captioned, under the same name.
@@ -17,7 +17,7 @@ phicapctl keeps the directory's manifest itself, once per directory at the end o
 
 An image is stat'ed before it is read: one over the daemon's ``max_body_bytes`` (``/v1/status``)
 is refused unread, one that is not a regular file (a named pipe, a device) without blocking
-(``pipeline.safe_files``).
+(``outputs.safe_files``).
 """
 
 from __future__ import annotations
@@ -39,15 +39,16 @@ from phicapd.control.client import ControlClient, ControlClientError, DaemonUnre
 from phicapd.control.protocol import CaptionedRequest, CaptionResult, SidecarInfo, SidecarPolicy
 from phicapd.errors import EMBED_RAW_REFUSED, SIDECAR_TOO_LARGE
 from phicapd.image_types import is_raw_name
-from phicapd.pipeline import metadata, paths, safe_files
-from phicapd.pipeline.formats import (
-    Provenance,
-    json_sidecar_text,
-    model_and_revision,
-    update_manifest,
-)
-from phicapd.pipeline.outputs import PRIMARY_ORDER, Known, Manifest, RootOutputs, sidecar_base
-from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, write_atomic, write_sidecar
+from phicapd.metadata_library import MetadataUnavailable, require_pyexiv2
+from phicapd.outputs import metadata, safe_files
+from phicapd.outputs.formats.json import json_sidecar_text
+from phicapd.outputs.formats.jsonl import Manifest, update_manifest
+from phicapd.outputs.freshness import changed_ns
+from phicapd.outputs.naming import Claims, SiblingIndex
+from phicapd.outputs.plan import WritePlan
+from phicapd.outputs.provenance import Provenance, model_and_revision
+from phicapd.outputs.root import PRIMARY_ORDER, Known, RootOutputs, sidecar_base
+from phicapd.pipeline import paths
 from phicapd.raw_roots import default_include
 
 # sysexits(3), shared with phicapctl.
@@ -128,7 +129,7 @@ class Naming:
         xmp_naming: XmpNaming = "stem",
         tracked: bool = False,
     ) -> None:
-        # The outputs of the directory's root, judged as the daemon judges them (``pipeline.outputs``).
+        # The outputs of the directory's root, judged as the daemon judges them (``outputs.root``).
         chosen = tuple(f for f in PRIMARY_ORDER if f in set(formats)) or ("txt",)
         self.outputs = RootOutputs(chosen, existing, extension, xmp_naming)
         # The naming rule names the first per-image file; a root with none (``embed``,
@@ -206,7 +207,7 @@ class Naming:
 
 
 def _json_text(result: CaptionResult, data: bytes) -> str:
-    """The JSON sidecar of a caption phicapctl got (``pipeline.formats``), with the daemon's
+    """The JSON sidecar of a caption phicapctl got (``outputs.provenance``), with the daemon's
     provenance; a reply without one (it should not happen: it is asked for) keeps the model."""
     given = result.provenance or {}
     model, revision = model_and_revision(result.model)
@@ -312,8 +313,8 @@ class BatchCaptioner:
         needs = naming.needs_metadata(image)
         if needs is not None:
             try:
-                metadata.require()
-            except metadata.MetadataUnavailable as e:
+                require_pyexiv2()
+            except MetadataUnavailable as e:
                 # Before the model: a caption that could not be written whole is not asked for.
                 message = f"{image}: its {needs} caption {e}"
                 return _failed(image, sidecar, "metadata_unavailable", message, EX_UNAVAILABLE)
@@ -401,40 +402,24 @@ class BatchCaptioner:
         """Write the outputs of ``image`` the policy does not keep (``--force``: all); returns the
         formats it is to have from this caption, and the output that failed, with why.
 
-        Embedding first: it changes the image's bytes and keeps its mtime
-        (``metadata.embed_caption``), so ``skip`` still sees the files written after it as at
-        least as new as the image. Then the XMP sidecar, then the per-image files. The manifest
-        is the caller's (outside every root) or the daemon's (``/v1/captioned``).
+        In the daemon's writer's order (``outputs.plan``): embed, the XMP sidecar, the per-image
+        files. The manifest is the caller's (outside every root) or the daemon's (``/v1/captioned``).
         """
         base = naming.base_of(image, sidecar)
-        files = naming.outputs.files(image, base)
-        target = image
-        formats: list[OutputFormat] = []
-        try:
-            if self.options.force:
-                formats = list(naming.outputs.formats)
-            else:
+        if self.options.force:
+            formats = list(naming.outputs.formats)
+        else:
+            try:
                 previous = next((c for c in naming.outputs.held(image, base).values() if c), None)
                 formats = naming.missing(image, os.stat(image), sidecar, previous)
-                if not formats:
-                    # Every output appeared while the image was on the model: ours replaces the
-                    # files, as phicapctl always did (the caption was asked for).
-                    formats = list(files) or list(naming.outputs.formats)
-            if "embed" in formats and metadata.can_embed(image):
-                metadata.embed_caption(image, result.caption)
-            if "xmp" in formats:
-                target = files["xmp"]
-                metadata.write_xmp_sidecar(target, result.caption)
-            for fmt in ("txt", "json"):
-                if fmt in formats:
-                    target = files[fmt]
-                    if fmt == "json":
-                        write_atomic(target, _json_text(result, data) + "\n")
-                    else:
-                        write_sidecar(target, result.caption)
-        except (OSError, RuntimeError) as e:  # exiv2 raises RuntimeError
-            return formats, (target, e)
-        return formats, None
+            except (OSError, RuntimeError) as e:  # exiv2 raises RuntimeError
+                return [], (image, e)
+            if not formats:
+                # Every output appeared while the image was on the model: ours replaces the
+                # files, as phicapctl always did (the caption was asked for).
+                formats = list(naming.outputs.files(image, base)) or list(naming.outputs.formats)
+        plan = WritePlan.of(naming.outputs, image, base, formats, result.caption, lambda _: _json_text(result, data))
+        return formats, plan.write()
 
     def _report(self, image: Path, key: str, sidecar: str | None, result: CaptionResult, data: bytes) -> str | None:
         """Tell the daemon about the caption just written under a root, so its journal tracks it;

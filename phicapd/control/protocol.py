@@ -160,7 +160,7 @@ class CaptionResult(_Model):
     root: str | None = None
     # With ``provenance=true``: {"model", "revision", "backend", "prompt", "generation"}, the
     # JSON sidecar's keys that only the daemon knows, and under a watch root "settings_key"
-    # (``pipeline.formats.settings_key``, what ``/v1/captioned`` reports back). Left out of the
+    # (``outputs.provenance.settings_key``, what ``/v1/captioned`` reports back). Left out of the
     # JSON otherwise.
     provenance: dict[str, Any] | None = None
 
@@ -314,7 +314,7 @@ class SidecarPolicy(BaseModel):
     # How the XMP sidecar is named (``[sidecar] xmp_naming``, the root's own).
     xmp_naming: XmpNaming = "stem"
     # Sidecars already given to images of the path's directory: image name -> sidecar name
-    # without the extension (``pipeline.sidecar.Claims``). Empty outside every root; None from a
+    # without the extension (``outputs.naming.Claims``). Empty outside every root; None from a
     # daemon that predates claims (it also refuses ``CaptionParams.sidecar``).
     claims: dict[str, str] | None = None
 

@@ -28,9 +28,9 @@ from PIL import Image
 from phicapd.config import ImagingSettings
 from phicapd.errors import IMAGE_CRASHED_DECODER, ImageError, PhicapError
 from phicapd.log import get_logger
+from phicapd.outputs.exiv2_supervisor import Supervisor, WorkerDied
 from phicapd.pipeline.decode import YOUNG_SECONDS, Decoded
 from phicapd.pipeline.decode_buffer import SharedPixels
-from phicapd.pipeline.exiv2_supervisor import Supervisor, WorkerDied
 from phicapd.pipeline.jobs import Fingerprint
 
 log = get_logger(__name__)

@@ -34,8 +34,8 @@ from PIL import Image, ImageFile
 
 from phicapd.errors import ImageError
 from phicapd.imaging import decode_image, decode_read, read_file
+from phicapd.outputs.worker_protocol import Handler, serve
 from phicapd.pipeline.decode_buffer import SharedPixels
-from phicapd.pipeline.worker_protocol import Handler, serve
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,7 @@ A job is one image under a watched root: ``pending -> running -> done | failed``
 on disk is the truth for "done"; the journal holds what is accepted but not yet done, how
 often it failed and why, and what produced each caption (image fingerprint, model, prompt).
 
-The ``sidecars`` table holds which image each sidecar name belongs to (``pipeline.sidecar``'s
+The ``sidecars`` table holds which image each sidecar name belongs to (``outputs.naming``'s
 claims). Once a sidecar is an image's, through a caption of ours, phicapctl's, or one a scan
 found beside it, it stays that image's: a same-stem image that arrives later and sorts first
 gets the other name instead of taking over a caption that may have been edited by hand.

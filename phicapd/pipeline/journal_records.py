@@ -54,7 +54,7 @@ class Job:
     sha256: str | None = None
     prompt: str | None = None
     caption: str | None = None  # the text last written (or staged) for it, prefix and suffix included
-    settings_key: str | None = None  # what made that caption (``pipeline.formats.settings_key``)
+    settings_key: str | None = None  # what made that caption (``outputs.provenance.settings_key``)
     staged: bool = False  # its caption is in the journal and its files may be half written
     backfill: bool = False  # staged to add the outputs it lacks from its journal caption (no model)
     formats: frozenset[str] | None = None  # what its caption was written in (None: not known)

@@ -49,13 +49,16 @@ from phicapd.config import Settings, WatchRoot
 from phicapd.errors import MOVE_TARGET_EXISTS, SIDECAR_NOT_REGULAR
 from phicapd.fsnames import display, is_utf8
 from phicapd.log import get_logger
-from phicapd.pipeline import safe_files
-from phicapd.pipeline.formats import read_manifest, settings_key, update_manifest
+from phicapd.outputs import safe_files
+from phicapd.outputs.atomic import fsync_dir
+from phicapd.outputs.formats.jsonl import Manifest, read_manifest, update_manifest
+from phicapd.outputs.freshness import changed_ns
+from phicapd.outputs.naming import Claims, SiblingIndex
+from phicapd.outputs.provenance import settings_key
+from phicapd.outputs.root import PRIMARY_ORDER, Known, RootOutputs, sidecar_base
 from phicapd.pipeline.jobs import Fingerprint, Job, JobStore, State
 from phicapd.pipeline.journal_moves import Adoption
-from phicapd.pipeline.outputs import PRIMARY_ORDER, Known, Manifest, RootOutputs, sidecar_base
 from phicapd.pipeline.paths import is_candidate, list_images
-from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, fsync_dir
 
 log = get_logger(__name__)
 

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from phicapd.config import WatchRoot
-from phicapd.pipeline.sidecar import TEMP_MARKER
+from phicapd.outputs.atomic import TEMP_MARKER
 
 # Partial downloads and editor/rsync temp files. rsync writes ".name.XXXXXX" (hidden, so the
 # dot rule covers it); browsers and download tools use these suffixes.

@@ -23,11 +23,14 @@ from pathlib import Path
 from phicapd.config import Settings, WatchRoot
 from phicapd.fsnames import display
 from phicapd.log import get_logger
+from phicapd.outputs.atomic import remove_stale_temps
+from phicapd.outputs.formats.jsonl import Manifest
+from phicapd.outputs.freshness import changed_ns
+from phicapd.outputs.naming import Claims, SiblingIndex, sidecar_may_exist
+from phicapd.outputs.root import Known, RootOutputs, sidecar_base
 from phicapd.pipeline.jobs import Fingerprint, Job, JobStore, NewWork, State
 from phicapd.pipeline.moves import Moves
-from phicapd.pipeline.outputs import Known, Manifest, RootOutputs, sidecar_base
 from phicapd.pipeline.paths import is_candidate_name, is_watched_dir, list_images
-from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, remove_stale_temps, sidecar_may_exist
 from phicapd.pipeline.unreadable import UnreadableFiles
 from phicapd.raw_roots import raws_left_out
 
@@ -80,7 +83,7 @@ class Reconciler:
         claims: Claims,
     ) -> tuple[list[NewWork], list[Path], list[tuple[Path, str]], int]:
         """Of the image ``names`` in ``directory``: those that lack an output their root writes
-        (``pipeline.outputs``), as work for the model or as a backfill from their journal
+        (``outputs.root``), as work for the model or as a backfill from their journal
         caption; those modified after ``young_after`` (wall clock), which may still be being
         written and must settle first; the sidecars found beside images that hold no claim
         on them yet; and how many took over a caption of the journal, renamed, moved or copied

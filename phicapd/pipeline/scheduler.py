@@ -37,8 +37,6 @@ This module wires the parts and runs the GPU worker; each rule has a module of i
 from __future__ import annotations
 
 import collections
-import hashlib
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -53,17 +51,15 @@ from phicapd.config import Settings, WatchRoot
 from phicapd.errors import PhicapError
 from phicapd.log import get_logger
 from phicapd.metrics import DaemonMetrics
-from phicapd.pipeline import metadata, safe_files
+from phicapd.outputs.detect import already_captioned, staged_fingerprint
 from phicapd.pipeline.breaker import Breaker, as_phicap_error, is_model_fault, probe_image
 from phicapd.pipeline.decode import DecodeBytes, DecodeFile, fingerprint_of
 from phicapd.pipeline.decode_gate import DecodeGate
 from phicapd.pipeline.feeder import Feeder, prepare_request
 from phicapd.pipeline.interactive import INTERACTIVE_DECODERS, InteractiveIntake, answer, shutting_down
-from phicapd.pipeline.jobs import Fingerprint, Job, JobStore
+from phicapd.pipeline.jobs import JobStore
 from phicapd.pipeline.lanes import Item, Lanes, Outcome
-from phicapd.pipeline.outputs import Known, Manifest, RootOutputs, sidecar_base
 from phicapd.pipeline.progress import BusyRate
-from phicapd.pipeline.sidecar import Claims, SiblingIndex, changed_ns, sidecar_may_exist
 from phicapd.pipeline.throughput import Throughput
 from phicapd.pipeline.writer import Finished, SidecarWriter
 
@@ -120,8 +116,12 @@ class Scheduler:
             prefetch=max(settings.scheduler.prefetch, self.max_batch),
             decode_file=decode_file,
             make_request=self._request,
-            staged_fingerprint=self._staged_fingerprint,
-            already_captioned=self._already_captioned,
+            # Output detection (``outputs.detect``), asked before an image is decoded; the settings
+            # are the live ones (a reload replaces them).
+            staged_fingerprint=lambda job, root: staged_fingerprint(job, self.settings, root, fingerprint_of),
+            already_captioned=lambda job, root: already_captioned(
+                job, self.settings, root, store.claims_near, self._list_images
+            ),
             submit=self.writer.submit,
             observe_failure=self._observe_failure,
             paused=lambda: self._paused,
@@ -376,54 +376,6 @@ class Scheduler:
             return False
         worker = next((t for t in self._threads if t.name == "phicapd-gpu"), None)
         return worker is None or worker.is_alive() or self._stopping.is_set()
-
-    # -- output detection (the feeder asks before it decodes) -----------------------------------
-
-    def _staged_fingerprint(self, job: Job, root: WatchRoot) -> Fingerprint | None:
-        """The image's fingerprint when the job's staged caption can still be written for it: the
-        image is as it was captioned, or it changed because that caption was embedded into it."""
-        if not job.staged or job.caption is None or job.sha256 is None:
-            return None
-        now = fingerprint_of(job.path)
-        if now is None:
-            return None
-        # The journal's fingerprint follows the file (a scan updates it), so the bytes decide; a
-        # rare path (a crash mid-write), so reading the image once more costs nothing that matters.
-        try:  # a regular file of the size the decoder takes, never a pipe swapped in since
-            fd, _ = safe_files.open_regular(job.path, self.settings.imaging.max_file_bytes)
-            with os.fdopen(fd, "rb") as fh:
-                same = hashlib.file_digest(fh, "sha256").hexdigest() == job.sha256
-        except OSError:
-            return None
-        if same:
-            return now
-        embedded = "embed" in self.settings.formats_for(root) or (job.formats is not None and "embed" in job.formats)
-        if embedded and metadata.read_description(job.path) == job.caption:
-            return now
-        return None
-
-    def _already_captioned(self, job: Job, root: WatchRoot) -> str | None:
-        """The sidecar base of the job's image when every output its root writes is there now and
-        kept by the policy (never when forced); None when the image needs its caption."""
-        outputs = RootOutputs.of(self.settings, root)
-        if job.force or outputs.policy == "overwrite":
-            return None
-        extension = outputs.named_extension
-        claims = Claims(self.store.claims_near(job.path), job.path.parent)
-        named = extension is not None and (job.path.name in claims.by_image or sidecar_may_exist(job.path, extension))
-        if extension is not None and not named:
-            return None  # the usual case, known without listing the directory
-        try:
-            st = job.path.stat()
-        except OSError:
-            return None
-        base = sidecar_base(job.path)
-        if named:
-            base = SiblingIndex(self._list_images(job.path.parent, root)).base_for(job.path.name, claims)
-        # Queued, so what the journal last wrote is no longer enough: its caption is not current.
-        known = Known(job.caption, False, None, job.sidecar, job.updated_at)
-        manifest = partial(Manifest.read, job.path.parent)
-        return None if outputs.missing(job.path, changed_ns(st), base, known, manifest) else base
 
 
 def _name(item: Item) -> str:

@@ -1,6 +1,6 @@
 """Stale captions: made with other settings than their root's current ones.
 
-Every caption the writer records carries a settings key (``pipeline.formats.settings_key``:
+Every caption the writer records carries a settings key (``outputs.provenance.settings_key``:
 model, revision, prompt, prefix/suffix, generation settings) and the text it wrote. A caption
 whose key differs from what its root would use now is *stale*. One whose output no longer holds
 the text the daemon wrote (a person edited the ``.txt``, the XMP description in digiKam, the
@@ -27,10 +27,11 @@ from pathlib import Path
 from phicapd.caption_form import reformable
 from phicapd.config import Settings, WatchRoot
 from phicapd.log import get_logger
-from phicapd.pipeline import metadata
-from phicapd.pipeline.formats import model_and_revision, read_manifest, settings_key
+from phicapd.outputs import metadata
+from phicapd.outputs.formats.jsonl import read_manifest
+from phicapd.outputs.provenance import model_and_revision, settings_key
+from phicapd.outputs.root import RootOutputs
 from phicapd.pipeline.jobs import Fingerprint, Job, JobStore, NewWork
-from phicapd.pipeline.outputs import RootOutputs
 
 log = get_logger(__name__)
 

@@ -5,7 +5,7 @@ atomically first (parallel temp-file fsyncs, renames, one fsync per directory), 
 is the group recorded in one journal transaction. A crash in between leaves a sidecar whose job
 is still open; the job is then recognised as already captioned instead of being captioned twice.
 
-Each image is named with the journal's claims (``pipeline.sidecar.Claims``), and the sidecar
+Each image is named with the journal's claims (``outputs.naming.Claims``), and the sidecar
 it gets, written or kept, is claimed for it in the group's transaction: a sidecar that is
 another image's is never written over. A sidecar that the ``existing`` policy keeps and that
 appeared while its image was on the model (phicapctl, a person) is not replaced: the job is
@@ -14,12 +14,13 @@ transaction fails stays claimed and is written again after a back-off, so a full
 loses it nor sends its images round the model again.
 
 A root may ask for several formats (``[sidecar] formats``: ``photo.txt``, ``photo.json``, the
-directory's ``metadata.jsonl``). All of them come from one caption: when an image gets more
+directory's ``metadata.jsonl``), written in the order of ``outputs.plan`` (the one phicapctl
+follows too). All of them come from one caption: when an image gets more
 than one file, its caption is first *staged* in the journal (one transaction for the group),
 then every file is written, then the group is recorded as done. A crash in between leaves a
 staged job, which the scheduler hands straight back here with the journal's caption
 (``Finished.staged``) instead of to the model. Each output is judged by the root's ``existing``
-policy on its own (``pipeline.outputs``), so a kept ``photo.txt`` does not stop a missing
+policy on its own (``outputs.root``), so a kept ``photo.txt`` does not stop a missing
 ``photo.json``. A *backfill* (an image that lacks outputs its journal caption can supply: a
 format added to the root, a deleted sidecar, an image renamed or copied from a captioned one:
 ``pipeline.moves``) comes the same way and writes only what is missing.
@@ -33,7 +34,7 @@ other failure to merge into it leaves the image's other outputs written and thei
 recorded (``Failure.written``), so the image is not sent to the model again for it.
 
 An output that stands on disk as something other than a regular file (a symbolic link, a named
-pipe, a device: ``pipeline.safe_files``), or is over its kind's size cap, is never followed,
+pipe, a device: ``outputs.safe_files``), or is over its kind's size cap, is never followed,
 read or replaced: the image's other outputs are written, and the image is parked with the
 refusal's code (``sidecar_not_regular``, ``sidecar_too_large``) naming the file.
 """
@@ -56,20 +57,18 @@ from phicapd.config import Settings, WatchRoot
 from phicapd.errors import IMAGE_CHANGED, NAME_NOT_UTF8, XMP_CHANGED, PhicapError
 from phicapd.fsnames import display, is_utf8
 from phicapd.log import get_logger
-from phicapd.pipeline import metadata
+from phicapd.outputs import metadata
+from phicapd.outputs.atomic import write_sidecars
+from phicapd.outputs.formats.json import json_sidecar_text
+from phicapd.outputs.formats.jsonl import update_manifest
+from phicapd.outputs.naming import Claims, SiblingCache
+from phicapd.outputs.plan import WritePlan
+from phicapd.outputs.provenance import Provenance, generation_settings, model_and_revision, settings_key
+from phicapd.outputs.recheck import Recheck
+from phicapd.outputs.root import RootOutputs, sidecar_base
+from phicapd.outputs.safe_files import RefusedFile
 from phicapd.pipeline.decode import Decoded, fingerprint_of
-from phicapd.pipeline.formats import (
-    Provenance,
-    generation_settings,
-    json_sidecar_text,
-    model_and_revision,
-    settings_key,
-    update_manifest,
-)
 from phicapd.pipeline.jobs import Failure, Fingerprint, Job, JobStore, Success
-from phicapd.pipeline.outputs import Manifest, RootOutputs, sidecar_base
-from phicapd.pipeline.safe_files import RefusedFile
-from phicapd.pipeline.sidecar import Claims, SiblingCache, policy_keeps, write_sidecars
 
 log = get_logger(__name__)
 
@@ -96,7 +95,7 @@ class Finished:
     caption: Caption | None = None
     error: PhicapError | None = None
     skipped: bool = False  # its sidecar is kept as it is (the policy): done without a caption
-    claim: str | None = None  # the sidecar base named for it (``pipeline.sidecar.Claims``)
+    claim: str | None = None  # the sidecar base named for it (``outputs.naming.Claims``)
     staged: bool = False  # ``caption`` is the journal's staged text (in its root's form): finish its files
 
 
@@ -106,10 +105,7 @@ class _Plan:
 
     finished: Finished
     record: Success  # what the journal gets once every file is in place
-    files: list[tuple[Path, str]]  # per-image files to write, with their content
-    manifest: bool  # the directory's metadata.jsonl gets its entry
-    xmp: Path | None = None  # the XMP sidecar to set (merged) ``dc:description`` in
-    embed: bool = False  # write the caption into the image file itself
+    out: WritePlan  # its outputs, in the order they are written (``outputs.plan``)
     refused: RefusedFile | None = None  # an output that is not a file to replace (``safe_files``)
     xmp_error: PhicapError | None = None  # the XMP sidecar failed: the other outputs go on
 
@@ -263,7 +259,7 @@ class SidecarWriter:
         made = [written[id(f)] for f in group if id(f) in written and not f.staged]
         self.by_source.update((s.backend or "", s.endpoint, s.model) for s in made)
         self._on_recorded([f.job.id for f in group], len(made))
-        self._log(group, parked)
+        _log(group, parked, self.recent_failures)
 
     def _plan(self, f: Finished) -> _Plan | None:
         """The outputs ``f`` gets, or None when it gets none (an error, or every output kept)."""
@@ -302,98 +298,59 @@ class SidecarWriter:
             settings_key=key,
             formats=outputs.formats,
         )
-        paths = outputs.files(f.job.path, base)
-        files: list[tuple[Path, str]] = []
-        if "txt" in paths:
-            files.append((paths["txt"], text))
-        if "json" in paths:
-            name, revision = model_and_revision(model)
-            provenance = Provenance(name, revision, record.backend or "", f.prompt, generation_settings(self.settings))
-            document = json_sidecar_text(text, provenance, record.sha256, time.time())
-            files.append((paths["json"], document))
-        files = [(path, content) for path, content in files if not self._kept(f, path)]
-        xmp = paths.get("xmp")
-        if xmp is not None and self._described(f, xmp):
-            xmp = None
-        embed = "embed" in outputs.formats and metadata.can_embed(f.job.path) and not self._described(f, f.job.path)
-        manifest = "jsonl" in outputs.formats and not self._listed(f)
-        if not files and xmp is None and not embed and not manifest:
+        formats = self._recheck(f).formats(outputs, base)
+        if not formats:
             # Every output is one the policy keeps: it appeared while the image was on its way.
             f.skipped = True
             return None
-        return _Plan(f, record, files, manifest, xmp, embed)
 
-    def _listed(self, f: Finished) -> bool:
-        """Does the policy keep the image's entry in its directory's manifest?"""
-        policy = self._policy(f)
-        if f.job.force or policy == "overwrite":
-            return False
-        entries = Manifest.read(f.job.path.parent)  # parsed once per version of the file
-        assert f.decoded is not None
-        listed = f.job.path.name in entries.names
-        return listed and (policy == "only-missing" or (entries.mtime_ns or 0) >= f.decoded.fingerprint.mtime_ns)
+        def document(caption: str) -> str:
+            name, revision = model_and_revision(model)
+            provenance = Provenance(name, revision, record.backend or "", f.prompt, generation_settings(self.settings))
+            return json_sidecar_text(caption, provenance, record.sha256, time.time())
 
-    def _described(self, f: Finished, path: Path) -> bool:
-        """Does the policy keep the description in ``path`` (a sidecar or the image:
-        ``metadata.read_descriptions``)? An XMP file without one is no caption (darktable writes
-        a sidecar for every image it sees), nor is a camera's placeholder."""
-        policy = self._policy(f)
-        if f.job.force or policy == "overwrite":
-            return False
-        descriptions = metadata.read_descriptions(path)
-        if not descriptions:
-            return False
-        if path == f.job.path:
-            # A description already in the image (EXIF, IPTC or XMP) is someone else's caption (a
-            # camera's, a person's), unless every one is the caption we last wrote: that one is
-            # replaced with the image's new caption, or, finishing a staged write, it is this
-            # very caption, embedded already.
-            return True if metadata.described_by_others(descriptions, f.job.caption) else f.staged
-        assert f.decoded is not None
-        return policy == "only-missing" or policy_keeps(policy, f.decoded.fingerprint.mtime_ns, path)
+        return _Plan(f, record, WritePlan.of(outputs, f.job.path, base, formats, text, document))
 
     def _write_metadata(self, plan: _Plan) -> None:
-        """Embed first, then the XMP sidecar, then (the caller) the other files. Embedding changes
-        the image's bytes and inode and keeps its mtime (``metadata.embed_caption``), so ``skip``
-        still sees the other files as at least as new as the image; the journal records its new
-        fingerprint, so neither the watcher's event for it, the scans nor ``overwrite`` take our
-        own write for a changed image. A failed embed fails the image; a failed XMP sidecar only
-        itself (``_Plan.xmp_error``)."""
+        """Embed first, then the XMP sidecar (``outputs.plan``), then (the caller) the other
+        files. The journal records the image's new fingerprint after an embed, so neither the
+        watcher's event for it, the scans nor ``overwrite`` take our own write for a changed
+        image. A failed embed fails the image; a failed XMP sidecar only itself
+        (``_Plan.xmp_error``)."""
         f = plan.finished
         path = f.job.path
         assert f.decoded is not None
-        if plan.embed:
+        out = plan.out
+        for fmt, target, step in out.metadata_steps():
             try:
-                placed = metadata.embed_caption(path, plan.record.caption or "", f.decoded.fingerprint)
-            except RefusedFile as e:  # a symlinked image: its other outputs are still written
-                plan.refused = e
+                placed = step(f.decoded.fingerprint)
+            except RefusedFile as e:
+                if fmt == "embed":  # a symlinked image: its other outputs are still written
+                    plan.refused = e
+                    continue
+                plan.xmp_error = _refused(path, e)
             except (OSError, RuntimeError) as e:
-                f.error = _metadata_error(path, path, e)
-                return
+                if fmt == "embed":
+                    f.error = _metadata_error(path, path, e)
+                    return
+                plan.xmp_error = _metadata_error(path, target, e)
             else:
-                fingerprint = Fingerprint(placed.size, placed.mtime_ns, placed.inode)
-                plan.record = dataclasses.replace(plan.record, fingerprint=fingerprint)
-        if plan.xmp is not None:
-            try:
-                metadata.write_xmp_sidecar(plan.xmp, plan.record.caption or "")
-            except (OSError, RuntimeError) as e:
-                plan.xmp_error = _refused(path, e) if isinstance(e, RefusedFile) else _metadata_error(path, plan.xmp, e)
-                if not (plan.files or plan.manifest or (plan.embed and plan.refused is None)):
-                    f.error = plan.xmp_error  # its only output: nothing else holds the caption
+                if placed is not None:
+                    fingerprint = Fingerprint(placed.size, placed.mtime_ns, placed.inode)
+                    plan.record = dataclasses.replace(plan.record, fingerprint=fingerprint)
+                continue
+            if not (out.files or out.manifest or (out.embed and plan.refused is None)):
+                f.error = plan.xmp_error  # its only output: nothing else holds the caption
 
     def _write_outputs(self, group: list[Finished]) -> dict[int, Success]:
         """Write the group's files; returns id(finished) -> its journal record, for those written."""
         plans = [plan for f in group if (plan := self._plan(f)) is not None]
         # More than one file for an image: its caption goes to the journal first, so a crash
         # between the files is finished from there (``Finished.staged``), not captioned again.
-        staging = [
-            p.record
-            for p in plans
-            if not p.finished.staged and len(p.files) + p.manifest + p.embed + (p.xmp is not None) > 1
-        ]
+        staging = [p.record for p in plans if not p.finished.staged and p.out.outputs > 1]
         self.store.stage_many(staging)
         for p in plans:
-            if p.embed or p.xmp is not None:
+            if p.out.embed or p.out.xmp is not None:
                 self._write_metadata(p)
         plans = [p for p in plans if p.finished.error is None]
         # only-missing: an existing file wins even if it appears while ours is being written.
@@ -401,10 +358,10 @@ class SidecarWriter:
             path
             for p in plans
             if not p.finished.job.force and self._policy(p.finished) == "only-missing"
-            for path, _ in p.files
+            for path, _ in p.out.files
         }
         directories = {d: self._siblings.unchanged(d) for d in {p.finished.job.path.parent for p in plans}}
-        items = [item for p in plans for item in p.files]
+        items = [item for p in plans for item in p.out.files]
         errors = iter(write_sidecars(items, self._io_pool, keep) if items else [])
         written: dict[int, Success] = {}
         manifests: dict[Path, dict[str, str | None]] = {}
@@ -412,7 +369,7 @@ class SidecarWriter:
             f = p.finished
             failed: tuple[Path, OSError] | None = None
             placed = 0
-            for (path, _), error in zip(p.files, errors, strict=False):
+            for (path, _), error in zip(p.out.files, errors, strict=False):
                 if error is None:
                     placed += 1
                 elif isinstance(error, RefusedFile):
@@ -426,7 +383,7 @@ class SidecarWriter:
                     code="sidecar_write_failed",
                     retryable=True,
                 )
-            elif placed == 0 and p.refused is None and p.files and not p.embed and p.xmp is None and not p.manifest:
+            elif placed == 0 and p.refused is None and p.out.files and p.out.outputs == len(p.out.files):
                 f.skipped = True  # only-missing: every file appeared while ours was being written
             else:
                 written[id(f)] = p.record
@@ -436,7 +393,7 @@ class SidecarWriter:
                 elif p.xmp_error is not None:  # recorded as in the other outputs, not in the XMP
                     f.error = p.xmp_error
                     written[id(f)] = _without(p.record, "xmp")
-                if p.manifest and not is_utf8(f.job.path.name):
+                if p.out.manifest and not is_utf8(f.job.path.name):
                     # metadata.jsonl's file_name is text: this name has no entry (its other outputs
                     # are written) and is parked with a code that says why, until it is renamed.
                     if f.error is None:
@@ -447,7 +404,7 @@ class SidecarWriter:
                         )
                     if id(f) in written:
                         written[id(f)] = _without(written[id(f)], "jsonl")
-                elif p.manifest:
+                elif p.out.manifest:
                     manifests.setdefault(f.job.path.parent, {})[f.job.path.name] = p.record.caption
         for directory, captions in manifests.items():
             try:
@@ -478,43 +435,11 @@ class SidecarWriter:
         assert f.root is not None
         return "only-missing" if f.staged and f.job.backfill else self.settings.existing_policy(f.root)
 
-    def _kept(self, f: Finished, sidecar: Path) -> bool:
-        """Does the policy keep the sidecar as it is now? It was not, when the job was queued,
-        so one that is kept now appeared while the image was on its way (phicapctl, a person).
-        The image's mtime is its fingerprint's, which was just checked against the file."""
+    def _recheck(self, f: Finished) -> Recheck:
+        """``f``'s image as the policy judges its outputs now (``outputs.recheck``)."""
         assert f.decoded is not None
-        return not f.job.force and policy_keeps(self._policy(f), f.decoded.fingerprint.mtime_ns, sidecar)
-
-    def _log(self, group: list[Finished], parked: set[int]) -> None:
-        """One canonical line per finished job."""
-        now = time.monotonic()
-        for f in group:
-            fields: dict[str, Any] = {
-                "path": str(f.job.path),
-                "outcome": "failed" if f.error else "skipped" if f.skipped else "done",
-                "duration_ms": round((now - f.accepted) * 1000, 1),
-                "batch": f.batch_size,
-            }
-            if f.staged:
-                fields["from_journal"] = "backfill" if f.job.backfill else "staged"
-            if f.caption is not None and not f.staged:  # a staged caption's tokens were spent before
-                fields["tokens"] = f.caption.new_tokens
-                if f.caption.endpoint is not None:
-                    fields["endpoint"] = f.caption.endpoint
-            if f.error is None:
-                log.info("job", **fields)
-                continue
-            was_parked = f.job.id in parked
-            self.recent_failures.append(
-                {
-                    "path": str(f.job.path),
-                    "code": f.error.code,
-                    "message": str(f.error),
-                    "parked": was_parked,
-                    "at": time.time(),
-                }
-            )
-            log.warning("job", **fields, error=f.error.code, message=str(f.error), parked=was_parked)
+        mtime_ns = f.decoded.fingerprint.mtime_ns
+        return Recheck(f.job.path, self._policy(f), f.job.force, f.staged, mtime_ns, f.job.caption)
 
 
 def _without(record: Success, fmt: str) -> Success:
@@ -564,3 +489,35 @@ def _metadata_error(image: Path, target: Path, e: OSError | RuntimeError) -> Phi
 def _fresh(f: Finished) -> bool:
     """A caption the model just made (not a failure, a kept sidecar or the journal's own)."""
     return f.caption is not None and not f.staged
+
+
+def _log(group: list[Finished], parked: set[int], recent_failures: collections.deque[dict[str, Any]]) -> None:
+    """One canonical line per finished job; each failure also goes to ``recent_failures`` (status)."""
+    now = time.monotonic()
+    for f in group:
+        fields: dict[str, Any] = {
+            "path": str(f.job.path),
+            "outcome": "failed" if f.error else "skipped" if f.skipped else "done",
+            "duration_ms": round((now - f.accepted) * 1000, 1),
+            "batch": f.batch_size,
+        }
+        if f.staged:
+            fields["from_journal"] = "backfill" if f.job.backfill else "staged"
+        if f.caption is not None and not f.staged:  # a staged caption's tokens were spent before
+            fields["tokens"] = f.caption.new_tokens
+            if f.caption.endpoint is not None:
+                fields["endpoint"] = f.caption.endpoint
+        if f.error is None:
+            log.info("job", **fields)
+            continue
+        was_parked = f.job.id in parked
+        recent_failures.append(
+            {
+                "path": str(f.job.path),
+                "code": f.error.code,
+                "message": str(f.error),
+                "parked": was_parked,
+                "at": time.time(),
+            }
+        )
+        log.warning("job", **fields, error=f.error.code, message=str(f.error), parked=was_parked)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from phicapd.cli.ctl import main
-from phicapd.pipeline.formats import read_manifest
+from phicapd.outputs.formats.jsonl import read_manifest
 from tests.core.test_formats import JSON_KEYS
 from tests.support.daemon import running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, write_unique_png

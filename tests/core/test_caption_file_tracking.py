@@ -16,8 +16,9 @@ import pytest
 from phicapd.cli.ctl import main
 from phicapd.control.client import ControlClient, RequestRejected
 from phicapd.control.protocol import CaptionedRequest
-from phicapd.pipeline import metadata
-from phicapd.pipeline.formats import read_manifest, settings_key
+from phicapd.outputs import metadata
+from phicapd.outputs.formats.jsonl import read_manifest
+from phicapd.outputs.provenance import settings_key
 from phicapd.pipeline.jobs import State
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, write_unique_png

@@ -14,8 +14,8 @@ import pytest
 from phicapd import __version__
 from phicapd.config import load_settings
 from phicapd.errors import ConfigError
-from phicapd.pipeline.formats import read_manifest, update_manifest
-from phicapd.pipeline.outputs import RootOutputs
+from phicapd.outputs.formats.jsonl import read_manifest, update_manifest
+from phicapd.outputs.root import RootOutputs
 from tests.support.daemon import (
     is_settled,
     running_daemon,
@@ -246,7 +246,7 @@ def test_kill_dash_nine_between_two_formats_is_finished_from_the_journal(tmp_pat
         assert json.loads(image.with_suffix(".json").read_text())["caption"] + "\n" == text
         assert manifest[image.name] + "\n" == text
         if "embed" in formats:
-            from phicapd.pipeline.metadata import read_description
+            from phicapd.outputs.metadata import read_description
 
             assert read_description(image) + "\n" == text
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from phicapd.pipeline import metadata
+from phicapd.outputs import metadata
 from phicapd.pipeline.jobs import Fingerprint, JobStore, State
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, image_key, unique_image, write_unique_png

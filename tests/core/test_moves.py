@@ -260,7 +260,7 @@ def test_an_output_never_replaces_a_file_at_its_new_name_nor_follows_a_link(tmp_
 
 def test_a_renamed_images_xmp_sidecar_follows_it_under_full_naming(tmp_path: Path) -> None:
     pytest.importorskip("pyexiv2")
-    from phicapd.pipeline import metadata
+    from phicapd.outputs import metadata
 
     root = tmp_path / "photos"
     root.mkdir()

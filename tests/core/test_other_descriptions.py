@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from phicapd.pipeline import metadata
-from phicapd.pipeline.placeholders import is_placeholder
+from phicapd.outputs import metadata
+from phicapd.outputs.placeholders import is_placeholder
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner
 

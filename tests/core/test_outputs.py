@@ -20,8 +20,9 @@ import pytest
 from phicapd.cli import ctl
 from phicapd.config import load_settings
 from phicapd.control.client import ControlClient
+from phicapd.outputs.formats.jsonl import Manifest
+from phicapd.outputs.root import Known, RootOutputs
 from phicapd.pipeline.jobs import Fingerprint, JobStore, NewWork, Success
-from phicapd.pipeline.outputs import Known, Manifest, RootOutputs
 from phicapd.pipeline.staleness import find_stale
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, write_unique_png

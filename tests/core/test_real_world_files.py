@@ -19,8 +19,8 @@ from PIL import Image, ImageChops, ImageStat
 
 from phicapd.captioner import Caption, CaptionRequest
 from phicapd.cli.ctl import main
+from phicapd.outputs.makernotes import exif_rewritable
 from phicapd.pipeline.jobs import State
-from phicapd.pipeline.makernotes import exif_rewritable
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, image_key, unique_image
 
@@ -39,7 +39,7 @@ DESCRIBED = ("ExifTool.jpg", "XMP.jpg", "IPTC.jpg", "PhotoMechanic.jpg", "MWG.jp
 #: Samples whose metadata exiv2 cannot parse, so nothing can be embedded into them.
 UNEMBEDDABLE = ("hopper_bad_exif.jpg", "invalid-exif.jpg", "icc-after-SOF.jpg")
 #: Pillow's MPO from a Nintendo 3DS, under the name such a photo has on a card: its maker note is
-#: one exiv2 does not decode (``pipeline.makernotes``).
+#: one exiv2 does not decode (``outputs.makernotes``).
 NINTENDO = "3ds.jpg"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from phicapd.pipeline import safe_files
+from phicapd.outputs import safe_files
 
 
 @pytest.fixture(params=["renameat2", "link", "copy"])

@@ -8,7 +8,7 @@ import os
 import random
 from pathlib import Path
 
-from phicapd.pipeline.sidecar import Claims, SiblingIndex, sidecar_for
+from phicapd.outputs.naming import Claims, SiblingIndex, sidecar_for
 
 D = Path("/d")
 _EXTENSIONS = (".jpg", ".png", ".JPG")

@@ -26,9 +26,8 @@ import pytest
 
 from phicapd.control.client import ControlClient
 from phicapd.errors import SIDECAR_NOT_REGULAR, SIDECAR_TOO_LARGE
-from phicapd.pipeline import metadata, safe_files
-from phicapd.pipeline.formats import read_manifest, update_manifest
-from phicapd.pipeline.outputs import Manifest
+from phicapd.outputs import metadata, safe_files
+from phicapd.outputs.formats.jsonl import Manifest, read_manifest, update_manifest
 from tests.support.daemon import REPO, running_daemon, settings_for, socket_ready, spawn_fake_daemon, wait_for
 from tests.support.daemon import write_config as daemon_config
 from tests.support.fakes import FakeCaptioner, write_unique_png

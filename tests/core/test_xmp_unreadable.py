@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from phicapd.pipeline import metadata
+from phicapd.outputs import metadata
 from phicapd.pipeline.jobs import Failure, Fingerprint, JobStore, NewWork, State, Success
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, write_unique_png

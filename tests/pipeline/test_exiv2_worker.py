@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from phicapd.pipeline import exiv2_worker, metadata
-from phicapd.pipeline.exiv2_supervisor import Supervisor, WorkerDied
+from phicapd.outputs import exiv2_worker, metadata
+from phicapd.outputs.exiv2_supervisor import Supervisor, WorkerDied
 from tests.support.fakes import write_unique_png
 
 pyexiv2 = pytest.importorskip("pyexiv2")

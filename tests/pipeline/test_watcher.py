@@ -20,12 +20,12 @@ from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent
 from watchdog.observers.inotify_move_event_grouper import PathedInotifyEvent
 
 from phicapd.config import WatcherSettings, WatchRoot
+from phicapd.outputs.atomic import write_sidecar
 from phicapd.pipeline import inotify_adapter, rescans
 from phicapd.pipeline import watcher as watcher_mod
 from phicapd.pipeline.inotify_adapter import INOTIFY_LOGGER
 from phicapd.pipeline.mounts import filesystem_type, is_remote_filesystem, needs_polling, parse_mountinfo
 from phicapd.pipeline.settle import SettleTable
-from phicapd.pipeline.sidecar import write_sidecar
 from phicapd.pipeline.watcher import Watcher
 
 SETTLE = 0.2

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from phicapd.pipeline import exiv2_worker
+from phicapd.outputs import exiv2_worker
 
 MODE = sys.argv[1] if len(sys.argv) > 1 else "abort"
 

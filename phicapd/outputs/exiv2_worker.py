@@ -32,11 +32,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from phicapd.pipeline import safe_files, worker_protocol
-from phicapd.pipeline.makernotes import MAKER_NOTE, exif_rewritable
-from phicapd.pipeline.metadata import DESCRIPTION, X_DEFAULT, MetadataUnavailable, MetadataUnreadable, require
-from phicapd.pipeline.placeholders import is_placeholder
-from phicapd.pipeline.worker_protocol import Handler
+from phicapd.metadata_library import MetadataUnavailable
+from phicapd.metadata_library import require_pyexiv2 as require
+from phicapd.outputs import safe_files, worker_protocol
+from phicapd.outputs.makernotes import MAKER_NOTE, exif_rewritable
+from phicapd.outputs.metadata import DESCRIPTION, X_DEFAULT, MetadataUnreadable
+from phicapd.outputs.placeholders import is_placeholder
+from phicapd.outputs.worker_protocol import Handler
 
 #: Where an image or sidecar holds a description, in the order ``read``'s ``value`` prefers them.
 EXIF_DESCRIPTION = "Exif.Image.ImageDescription"

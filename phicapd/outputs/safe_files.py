@@ -225,7 +225,7 @@ def rename_noreplace(source: Path, target: Path) -> None:
 
 def _copy_noreplace(source: Path, target: Path) -> None:
     """Copy the regular file ``source`` to ``target`` (on another filesystem) without replacing."""
-    # A temp name as ``sidecar.temp_path`` makes them, which the scans skip and clean up.
+    # A temp name as ``atomic.temp_path`` makes them, which the scans skip and clean up.
     head = os.fsdecode(os.fsencode(target.name)[:200])
     temp = target.with_name(f".{head}.phicapd-{os.getpid()}-{os.urandom(4).hex()}.tmp")
     try:

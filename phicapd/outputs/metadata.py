@@ -41,14 +41,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from phicapd.errors import IMAGE_METADATA_UNREADABLE, XMP_UNREADABLE
 from phicapd.log import get_logger
-from phicapd.pipeline import safe_files
-from phicapd.pipeline.exiv2_supervisor import Supervisor, WorkerDied
-from phicapd.pipeline.sidecar import _link_into_place, fsync_dir, temp_path
+
+# pyexiv2's availability is checked on config's floor; the names stay importable from here.
+from phicapd.metadata_library import MetadataUnavailable
+from phicapd.outputs import safe_files
+from phicapd.outputs.atomic import _link_into_place, fsync_dir, temp_path
+from phicapd.outputs.exiv2_supervisor import Supervisor, WorkerDied
 
 if TYPE_CHECKING:  # not imported at run time: the exiv2 worker imports this module, and starts fast
     from phicapd.pipeline.jobs import Fingerprint
@@ -81,13 +83,9 @@ EMBED_KINDS: dict[str, tuple[str, ...]] = {
 
 
 #: How the exiv2 worker is started (the tests point it at a worker that crashes on purpose).
-WORKER_COMMAND: list[str] = [sys.executable, "-m", "phicapd.pipeline.exiv2_worker"]
+WORKER_COMMAND: list[str] = [sys.executable, "-m", "phicapd.outputs.exiv2_worker"]
 #: A request the worker has not answered by then is a hang on a hostile file: it is killed.
 TIMEOUT_SECONDS = 30.0
-
-
-class MetadataUnavailable(RuntimeError):
-    """pyexiv2 cannot be imported."""
 
 
 class MetadataCrashed(RuntimeError):
@@ -169,17 +167,6 @@ def _call(request: dict[str, Any], name: Path) -> dict[str, Any]:
     if error == "MetadataUnreadable":
         raise MetadataUnreadable(message)
     raise RuntimeError(message if error == "RuntimeError" else f"{error}: {message}")
-
-
-def require() -> ModuleType:
-    """pyexiv2, or ``MetadataUnavailable`` saying how to get it."""
-    try:
-        import pyexiv2
-    except ImportError as e:  # also a wheel whose bundled exiv2 fails to load
-        raise MetadataUnavailable(
-            f"needs the pyexiv2 package (pip install 'phicapd[metadata]'), which cannot be imported: {e}"
-        ) from None
-    return pyexiv2
 
 
 def xmp_sidecar_path(image: Path, base: str, naming: str) -> Path:

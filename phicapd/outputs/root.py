@@ -3,7 +3,7 @@
 A root writes each caption in its ``formats`` (``[sidecar] formats``, ``[[watch]] formats``), in
 any combination. The scans, the watcher's intake and the scheduler all ask one question of an
 image: which of those outputs does the root's ``existing`` policy keep as they are? Each output
-is judged on its own:
+is judged on its own, by its format's module (``outputs.formats``):
 
 * ``txt``, ``json``: the file beside the image (``photo.txt``, ``photo.json``): ``skip`` keeps it
   while it is at least as new as the image, ``only-missing`` whenever it exists;
@@ -32,14 +32,14 @@ since the daemon embedded its caption still hold it.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from phicapd.config import (
-    JSON_EXTENSION,
+    AVAILABLE_FORMATS,
     MANIFEST_NAME,
     ExistingPolicy,
     OutputFormat,
@@ -47,39 +47,15 @@ from phicapd.config import (
     WatchRoot,
     XmpNaming,
 )
-from phicapd.pipeline import metadata, safe_files
-from phicapd.pipeline.formats import read_json_caption, read_manifest
-from phicapd.pipeline.jobs import Fingerprint, Job
-from phicapd.pipeline.sidecar import policy_keeps
+from phicapd.outputs import formats, metadata
+from phicapd.outputs.formats.jsonl import Manifest
+
+if TYPE_CHECKING:  # only their fields are read: the journal stays a floor above
+    from phicapd.pipeline.jobs import Fingerprint, Job
 
 #: Output formats in the order an image's primary output is chosen from (the one ``overwrite``
 #: and the journal's ``sidecar`` column name).
-PRIMARY_ORDER: tuple[OutputFormat, ...] = ("txt", "json", "xmp", "embed", "jsonl")
-
-
-@dataclass(frozen=True, slots=True)
-class Manifest:
-    """A directory's ``metadata.jsonl`` as the scans see it: who it lists, and when it changed."""
-
-    names: frozenset[str]
-    mtime_ns: int | None
-
-    @classmethod
-    def read(cls, directory: Path) -> Manifest:
-        """The manifest as it is now. Parsed once per version of the file: the decode pool asks
-        for every job of a directory whose manifest may list 100,000 images, and the writer
-        replaces it (a new inode) at most once per group. One that cannot be read (a named pipe,
-        over its cap: ``safe_files``) lists nobody; the writer reports it when it rewrites it."""
-        try:
-            st = (directory / MANIFEST_NAME).stat()
-            return _parsed_manifest(directory, st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError:
-            return cls(frozenset(), None)
-
-
-@functools.lru_cache(maxsize=8)
-def _parsed_manifest(directory: Path, mtime_ns: int, size: int, inode: int) -> Manifest:
-    return Manifest(frozenset(read_manifest(directory)), mtime_ns)
+PRIMARY_ORDER: tuple[OutputFormat, ...] = formats.in_primary_order(AVAILABLE_FORMATS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,20 +98,15 @@ class RootOutputs:
     def named_extension(self) -> str | None:
         """The extension of the per-image file whose name the naming rule picks (the sidecar base
         for every per-image file), if the root writes one."""
-        for fmt, extension in (("txt", self.extension), ("json", JSON_EXTENSION), ("xmp", metadata.XMP_EXTENSION)):
-            if fmt in self.formats:
-                return extension
-        return None
+        return next((x for f in self.formats if (x := formats.get(f).extension(self)) is not None), None)
 
     def files(self, image: Path, base: str) -> dict[OutputFormat, Path]:
         """The per-image files of ``image`` whose sidecar base is ``base``, by format."""
         out: dict[OutputFormat, Path] = {}
-        if "txt" in self.formats:
-            out["txt"] = image.with_name(base + self.extension)
-        if "json" in self.formats:
-            out["json"] = image.with_name(base + JSON_EXTENSION)
-        if "xmp" in self.formats:
-            out["xmp"] = metadata.xmp_sidecar_path(image, base, self.xmp_naming)
+        for fmt in self.formats:
+            path = formats.get(fmt).path(image, base, self)
+            if path is not None:
+                out[fmt] = path
         return out
 
     def held(self, image: Path, base: str) -> dict[OutputFormat, str | None]:
@@ -145,18 +116,9 @@ class RootOutputs:
         without a description counts as not there (other tools write one for every image)."""
         out: dict[OutputFormat, str | None] = {}
         for fmt, path in self.files(image, base).items():
-            if fmt == "txt":
-                try:
-                    out[fmt] = safe_files.read_text(path, safe_files.TEXT_MAX_BYTES).rstrip("\n")
-                except FileNotFoundError:
-                    pass
-                except (OSError, UnicodeDecodeError):
-                    out[fmt] = None
-            elif fmt == "json":
-                if path.exists():
-                    out[fmt] = read_json_caption(path)
-            elif path.exists() and (description := metadata.read_description(path)) is not None:
-                out[fmt] = description
+            caption = formats.get(fmt).held(path)
+            if not isinstance(caption, formats.Absent):
+                out[fmt] = caption
         return out
 
     def embedded(self, image: Path) -> str | None:
@@ -203,73 +165,16 @@ class RootOutputs:
     ) -> list[OutputFormat]:
         """The formats whose output the policy does not keep (see the module docstring).
 
-        ``changed_ns``: when the image last changed (``sidecar.changed_ns``); ``known``: the
+        ``changed_ns``: when the image last changed (``freshness.changed_ns``); ``known``: the
         journal's record of it, if any; ``manifest``: its directory's, read when first needed.
         """
-        files = self.files(image, base)
+        e = formats.Existing(image, self.policy, changed_ns, self.files(image, base), known, manifest)
         if self.policy == "overwrite":
             ours = known is not None and known.current and known.sidecar == str(self.primary(image, base))
             if not ours:
                 return list(self.formats)
-            assert known is not None
-            return [f for f in self.formats if not self._present(f, image, files, known, manifest)]
-        out: list[OutputFormat] = []
-        for fmt in self.formats:
-            if fmt in ("txt", "json"):
-                kept = policy_keeps(self.policy, changed_ns, files[fmt])
-            elif fmt == "xmp":
-                kept = policy_keeps(self.policy, changed_ns, files[fmt]) and self._present(
-                    fmt, image, files, known, manifest
-                )
-            elif fmt == "embed":
-                kept = self._embed_kept(image, known)
-            else:
-                entries = manifest()
-                kept = image.name in entries.names and (
-                    self.policy == "only-missing" or (entries.mtime_ns or 0) >= changed_ns
-                )
-            if not kept:
-                out.append(fmt)
-        return out
-
-    def _embed_kept(self, image: Path, known: Known | None) -> bool:
-        if not metadata.can_embed(image):
-            return True  # a type that holds no description: there is nothing to write
-        if known is not None and known.wrote("embed"):
-            return True  # the bytes we embedded our caption into, unchanged
-        descriptions = metadata.read_descriptions(image)
-        if not descriptions:
-            return False
-        ours_of_other_bytes = (
-            known is not None and not known.current and not metadata.described_by_others(descriptions, known.caption)
-        )
-        return self.policy == "only-missing" or not ours_of_other_bytes
-
-    def _present(
-        self,
-        fmt: OutputFormat,
-        image: Path,
-        files: dict[OutputFormat, Path],
-        known: Known | None,
-        manifest: Callable[[], Manifest],
-    ) -> bool:
-        """Whether the output exists at all (whatever its age)."""
-        if fmt in ("txt", "json"):
-            return files[fmt].exists()
-        if fmt == "xmp":
-            path = files[fmt]
-            try:
-                mtime = path.stat().st_mtime
-            except OSError:
-                return False
-            if known is not None and known.wrote("xmp") and mtime <= known.written_at:
-                return True  # as we wrote it: no need to parse it again
-            return metadata.read_description(path) is not None
-        if fmt == "embed":
-            if not metadata.can_embed(image):
-                return True
-            return (known is not None and known.wrote("embed")) or metadata.read_description(image) is not None
-        return image.name in manifest().names
+            return [f for f in self.formats if not formats.get(f).present(e)]
+        return [f for f in self.formats if not formats.get(f).kept(e)]
 
 
 def sidecar_base(image: Path) -> str:
