@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from phicapd.config import (
-    AVAILABLE_FORMATS,
     MANIFEST_NAME,
     ExistingPolicy,
     OutputFormat,
@@ -47,6 +46,7 @@ from phicapd.config import (
     WatchRoot,
     XmpNaming,
 )
+from phicapd.config_roots import AVAILABLE_FORMATS
 from phicapd.outputs import formats, metadata
 from phicapd.outputs.formats.jsonl import Manifest
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from phicapd.config import AVAILABLE_FORMATS
+from phicapd.config_roots import AVAILABLE_FORMATS
 from phicapd.outputs import formats
 from phicapd.outputs.formats import ABSENT, Absent, Existing, Format, Stage
 from phicapd.outputs.freshness import policy_keeps
