@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from phicapd.config import Settings, load_settings
-from phicapd.pipeline.jobs import Fingerprint, JobStore, Success
+from phicapd.pipeline.journal import Fingerprint, Journal, Success
 from phicapd.pipeline.reconciler import Reconciler
 from tests.support.fakes import write_unique_png
 
@@ -40,7 +40,7 @@ def main(n: int) -> None:
 
     def run(state: str, populate: bool) -> float:
         s = settings(state)
-        store = JobStore(s.state.dir / "journal.sqlite3")
+        store = Journal(s.state.dir / "journal.sqlite3")
         if populate:  # captions of images that are gone, of the same sizes as the new ones
             for p in sorted(other.iterdir()):
                 st = p.stat()

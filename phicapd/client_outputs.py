@@ -21,7 +21,7 @@ from phicapd.log import get_logger
 from phicapd.outputs.naming import Claims, is_rule_base
 from phicapd.outputs.root import RootOutputs, sidecar_base
 from phicapd.pipeline.decode import fingerprint_of
-from phicapd.pipeline.jobs import JobStore, Success
+from phicapd.pipeline.journal import Journal, Success
 from phicapd.pipeline.paths import is_watched_dir, journal_path, owning_root
 
 log = get_logger(__name__)
@@ -31,7 +31,7 @@ MergeManifest = Callable[[Path, dict[str, str]], None]
 
 
 class ClientOutputs:
-    def __init__(self, store: JobStore, merge_manifest: MergeManifest) -> None:
+    def __init__(self, store: Journal, merge_manifest: MergeManifest) -> None:
         self.store = store
         self._merge_manifest = merge_manifest
 

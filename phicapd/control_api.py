@@ -26,7 +26,7 @@ from phicapd.metrics import DaemonMetrics
 from phicapd.outputs.provenance import generation_settings, model_and_revision, settings_key
 from phicapd.pipeline import staleness
 from phicapd.pipeline.intake import Intake
-from phicapd.pipeline.jobs import Job, JobStore
+from phicapd.pipeline.journal import Job, Journal
 from phicapd.pipeline.paths import journal_path, owning_root
 from phicapd.pipeline.reconciler import Reconciler
 from phicapd.pipeline.scheduler import Scheduler
@@ -48,7 +48,7 @@ class _JournalApi:
         self,
         settings: Settings,
         lifecycle: Lifecycle,
-        store: JobStore,
+        store: Journal,
         intake: Intake,
         reconciler: Reconciler,
         metrics: DaemonMetrics,
@@ -183,7 +183,7 @@ class ControlApi(_JournalApi):
         self,
         settings: Settings,
         lifecycle: Lifecycle,
-        store: JobStore,
+        store: Journal,
         intake: Intake,
         reconciler: Reconciler,
         metrics: DaemonMetrics,

@@ -80,7 +80,7 @@ IMAGE_METADATA_UNREADABLE = "image_metadata_unreadable"
 #: ``phicapd.caption_text``); retryable, a server that ignores ``max_tokens`` may be fixed.
 CAPTION_TOO_LONG = "caption_too_long"
 #: The daemon died while it was decoding the image (a file that crashes a C decoder): see
-#: ``JobStore.recover`` and the scheduler's decode gate.
+#: ``Journal.recover`` and the scheduler's decode gate.
 INTERRUPTED_DECODING = "interrupted_decoding"
 #: A file beside an image that phicapd would read or replace (a ``.txt``/``.json``/``.xmp``
 #: sidecar, ``metadata.jsonl``, the image an embed replaces) is not a regular file: a named pipe,

@@ -27,7 +27,7 @@ from phicapd.metrics import DaemonMetrics
 from phicapd.pipeline import staleness
 from phicapd.pipeline.decode_pool import DecodeWorkers
 from phicapd.pipeline.intake import Intake
-from phicapd.pipeline.jobs import JobStore
+from phicapd.pipeline.journal import Journal
 from phicapd.pipeline.paths import list_images
 from phicapd.pipeline.reconciler import Reconciler
 from phicapd.pipeline.scheduler import INTERACTIVE_DECODERS, Scheduler
@@ -91,7 +91,7 @@ class Daemon:
         self._loading = False  # the main thread is loading the model: a signal interrupts it
         self._deadline = StopDeadline()  # armed by SIGTERM: the process ends in time, stuck or not
         self._keepalive: _ExtendTimeout | None = None
-        self.store = JobStore(
+        self.store = Journal(
             settings.state.dir / "journal.sqlite3",
             max_attempts=settings.scheduler.max_attempts,
             backoff_seconds=settings.scheduler.retry_backoff_seconds,

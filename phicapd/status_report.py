@@ -18,7 +18,7 @@ from phicapd.captioner import Captioner
 from phicapd.config import Settings
 from phicapd.lifecycle import Lifecycle
 from phicapd.pipeline.intake import Intake
-from phicapd.pipeline.jobs import JobStore
+from phicapd.pipeline.journal import Journal
 from phicapd.pipeline.progress import Backlog, progress_report
 from phicapd.pipeline.reconciler import Reconciler
 
@@ -71,7 +71,7 @@ def model_section(
 def status_document(
     settings: Settings,
     lifecycle: Lifecycle,
-    store: JobStore,
+    store: Journal,
     intake: Intake,
     reconciler: Reconciler,
     *,
@@ -132,7 +132,7 @@ def status_document(
     }
 
 
-def _progress(store: JobStore, counts: dict[str, int], state: str, rate: tuple[float, float]) -> dict[str, Any]:
+def _progress(store: Journal, counts: dict[str, int], state: str, rate: tuple[float, float]) -> dict[str, Any]:
     """How much is left and when it will be done: what a person asks first (``pipeline.progress``)."""
     retrying, next_retry_in = store.backing_off()
     retrying = min(retrying, counts["pending"])  # two reads: a job may have turned due between them

@@ -28,7 +28,7 @@ from phicapd.outputs.naming import Claims, SiblingIndex, sidecar_may_exist
 from phicapd.outputs.root import Known, RootOutputs, sidecar_base
 
 if TYPE_CHECKING:  # only its fields are read: the journal stays a floor above
-    from phicapd.pipeline.jobs import Job
+    from phicapd.pipeline.journal import Job
 
 F = TypeVar("F")
 

@@ -53,7 +53,7 @@ from phicapd.outputs.atomic import _link_into_place, fsync_dir, temp_path
 from phicapd.outputs.exiv2_supervisor import Supervisor, WorkerDied
 
 if TYPE_CHECKING:  # not imported at run time: the exiv2 worker imports this module, and starts fast
-    from phicapd.pipeline.jobs import Fingerprint
+    from phicapd.pipeline.journal import Fingerprint
 
 log = get_logger(__name__)
 

@@ -30,7 +30,7 @@ from phicapd.outputs.formats import get, in_write_order, is_file
 from phicapd.outputs.root import RootOutputs
 
 if TYPE_CHECKING:  # only its fields are read: the journal stays a floor above
-    from phicapd.pipeline.jobs import Fingerprint
+    from phicapd.pipeline.journal import Fingerprint
 
 #: One write into the image or its XMP sidecar: expected fingerprint -> where the image stands.
 MetadataStep = Callable[["Fingerprint | None"], "metadata.FileIdentity | None"]

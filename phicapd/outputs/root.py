@@ -51,7 +51,7 @@ from phicapd.outputs import formats, metadata
 from phicapd.outputs.formats.jsonl import Manifest
 
 if TYPE_CHECKING:  # only their fields are read: the journal stays a floor above
-    from phicapd.pipeline.jobs import Fingerprint, Job
+    from phicapd.pipeline.journal import Fingerprint, Job
 
 #: Output formats in the order an image's primary output is chosen from (the one ``overwrite``
 #: and the journal's ``sidecar`` column name).

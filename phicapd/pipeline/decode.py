@@ -12,7 +12,7 @@ from PIL import Image
 from phicapd.config import ImagingSettings
 from phicapd.errors import ImageError
 from phicapd.imaging import decode_image, decode_read, read_file
-from phicapd.pipeline.jobs import Fingerprint
+from phicapd.pipeline.journal import Fingerprint
 
 
 @dataclass(frozen=True, slots=True)

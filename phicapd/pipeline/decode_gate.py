@@ -1,7 +1,7 @@
 """The crash-isolation gate in front of the decode pool.
 
 Each background image is marked in the journal while it is decoded and prepared for the backend
-(``JobStore.mark_decoding``), so an image that crashes the daemon's own process there (the
+(``Journal.mark_decoding``), so an image that crashes the daemon's own process there (the
 backend's preprocessing is C code over its pixels too) is blamed at the next start
 (``interrupted_decoding``). Such an image is decoded alone: no other decode runs, and no
 background job is on the model or waiting for its journal record (``Lanes.pick`` starts none
@@ -16,7 +16,7 @@ import threading
 from collections.abc import Iterator
 
 from phicapd.errors import INTERRUPTED_DECODING
-from phicapd.pipeline.jobs import Job
+from phicapd.pipeline.journal import Job
 from phicapd.pipeline.lanes import Lanes
 
 #: How often a decode waiting at the gate looks at ``stopping`` (it is woken on every change too).

@@ -31,7 +31,7 @@ from phicapd.log import get_logger
 from phicapd.outputs.exiv2_supervisor import Supervisor, WorkerDied
 from phicapd.pipeline.decode import YOUNG_SECONDS, Decoded
 from phicapd.pipeline.decode_buffer import SharedPixels
-from phicapd.pipeline.jobs import Fingerprint
+from phicapd.pipeline.journal import Fingerprint
 
 log = get_logger(__name__)
 

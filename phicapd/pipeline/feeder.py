@@ -28,7 +28,7 @@ from phicapd.errors import INTERRUPTED_DECODING, PhicapError
 from phicapd.log import get_logger
 from phicapd.pipeline.decode import Decoded, DecodeFile
 from phicapd.pipeline.decode_gate import DecodeGate, GateClosed, decode_suspect
-from phicapd.pipeline.jobs import Fingerprint, Job, JobStore
+from phicapd.pipeline.journal import Fingerprint, Job, Journal
 from phicapd.pipeline.lanes import Item, Lanes
 from phicapd.pipeline.writer import Finished
 
@@ -55,7 +55,7 @@ class Feeder:
     def __init__(
         self,
         settings: Settings,
-        store: JobStore,
+        store: Journal,
         lanes: Lanes,
         gate: DecodeGate,
         *,

@@ -1,4 +1,4 @@
-"""What accepting work does to a job's row: the journal's intake rule (``JobStore.enqueue_many``).
+"""What accepting work does to a job's row: the journal's intake rule (``Journal.enqueue_many``).
 
 A job already pending or running is left alone (deduplication). A done job becomes pending
 again (the caller saw that its sidecar is missing or stale), unless it was done after the

@@ -1,7 +1,7 @@
 """The journal's side of renames and moves: a caption that changes path, never hands.
 
-``JobStore`` runs these statements in its own transactions (``JobStore.adopt``,
-``JobStore.move_tree``); ``pipeline.moves`` decides when. An image that takes over the caption of
+``Journal`` runs these statements in its own transactions (``Journal.adopt``,
+``Journal.move_tree``); ``pipeline.moves`` decides when. An image that takes over the caption of
 another path (its old name, or a copy's original) gets that row's caption, sha256, model and
 settings key as they are, so ``phicapctl stale`` judges it as it judged the original; the old row
 goes in the same transaction when its image is gone (a move), and stays when it is not (a copy).
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from phicapd.fsnames import journal_text
 
 if TYPE_CHECKING:
-    from phicapd.pipeline.jobs import Fingerprint, Job
+    from phicapd.pipeline.journal import Fingerprint, Job
 
 #: ``jobs.staged`` of a backfill (``jobs.STAGED_BACKFILL``; repeated here, jobs imports this module).
 _BACKFILL = 2

@@ -1,6 +1,6 @@
 """Reads of the journal: status counts, failures, back-offs, records, claims, captions of ours.
 
-Apart from the state machine in ``jobs.JobStore`` (which inherits these): every read here goes
+Apart from the state machine in ``journal.Journal`` (which inherits these): every read here goes
 through its own connection, so in WAL mode it sees the last commit without queueing behind a
 writer's fsync.
 """

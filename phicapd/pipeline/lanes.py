@@ -34,7 +34,7 @@ from phicapd.pipeline.writer import Finished
 if TYPE_CHECKING:
     from phicapd.config import WatchRoot
     from phicapd.pipeline.decode import Decoded
-    from phicapd.pipeline.jobs import Job
+    from phicapd.pipeline.journal import Job
 
 
 @dataclass(slots=True)

@@ -56,7 +56,7 @@ from phicapd.outputs.freshness import changed_ns
 from phicapd.outputs.naming import Claims, SiblingIndex
 from phicapd.outputs.provenance import settings_key
 from phicapd.outputs.root import PRIMARY_ORDER, Known, RootOutputs, sidecar_base
-from phicapd.pipeline.jobs import Fingerprint, Job, JobStore, State
+from phicapd.pipeline.journal import Fingerprint, Job, Journal, State
 from phicapd.pipeline.journal_moves import Adoption
 from phicapd.pipeline.paths import is_candidate, list_images
 
@@ -134,7 +134,7 @@ class Moves:
 
     One move at a time (a lock): the intake's thread and each root's scan thread call in."""
 
-    def __init__(self, settings: Settings, store: JobStore, identity: Callable[[], str | None]) -> None:
+    def __init__(self, settings: Settings, store: Journal, identity: Callable[[], str | None]) -> None:
         """``identity``: the model's, once it is loaded. A copy takes a caption made with the
         settings its root would use now, which it names (None: copies are captioned as new)."""
         self.settings = settings

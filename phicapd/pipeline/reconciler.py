@@ -28,7 +28,7 @@ from phicapd.outputs.formats.jsonl import Manifest
 from phicapd.outputs.freshness import changed_ns
 from phicapd.outputs.naming import Claims, SiblingIndex, sidecar_may_exist
 from phicapd.outputs.root import Known, RootOutputs, sidecar_base
-from phicapd.pipeline.jobs import Fingerprint, Job, JobStore, NewWork, State
+from phicapd.pipeline.journal import Fingerprint, Job, Journal, NewWork, State
 from phicapd.pipeline.moves import Moves
 from phicapd.pipeline.paths import is_candidate_name, is_watched_dir, list_images
 from phicapd.pipeline.unreadable import UnreadableFiles
@@ -56,7 +56,7 @@ class ScanReport:
 
 
 class Reconciler:
-    def __init__(self, settings: Settings, store: JobStore, identity: Callable[[], str | None] = lambda: None) -> None:
+    def __init__(self, settings: Settings, store: Journal, identity: Callable[[], str | None] = lambda: None) -> None:
         """``identity``: the model's, once it is loaded (a copy takes a caption only if current)."""
         self.store = store
         self.moves = Moves(settings, store, identity)  # renamed, moved, copied images keep their captions
@@ -245,7 +245,7 @@ class Reconciler:
         return report
 
 
-def _enqueue(store: JobStore, work: list[NewWork]) -> int:
+def _enqueue(store: Journal, work: list[NewWork]) -> int:
     """``store.enqueue_many``; if the group fails, each image on its own, so one that cannot be
     recorded (logged with its path) does not drop the others."""
     try:
@@ -284,7 +284,7 @@ def _owner_of_found(
     return name
 
 
-def _claims_for(store: JobStore, directory: Path, names: set[str]) -> dict[str, str]:
+def _claims_for(store: Journal, directory: Path, names: set[str]) -> dict[str, str]:
     """The claims that bear on ``names``: a few files settle at a time in what may be a huge
     directory, so ask for each one's neighbourhood rather than for the whole directory."""
     if len(names) > 32:

@@ -57,7 +57,7 @@ from phicapd.pipeline.decode import DecodeBytes, DecodeFile, fingerprint_of
 from phicapd.pipeline.decode_gate import DecodeGate
 from phicapd.pipeline.feeder import Feeder, prepare_request
 from phicapd.pipeline.interactive import INTERACTIVE_DECODERS, InteractiveIntake, answer, shutting_down
-from phicapd.pipeline.jobs import JobStore
+from phicapd.pipeline.journal import Journal
 from phicapd.pipeline.lanes import Item, Lanes, Outcome
 from phicapd.pipeline.progress import BusyRate
 from phicapd.pipeline.throughput import Throughput
@@ -79,7 +79,7 @@ class Scheduler:
         self,
         settings: Settings,
         captioner: Captioner,
-        store: JobStore,
+        store: Journal,
         *,
         decode_file: DecodeFile,
         decode_bytes: DecodeBytes,

@@ -31,7 +31,7 @@ from phicapd.outputs import metadata
 from phicapd.outputs.formats.jsonl import read_manifest
 from phicapd.outputs.provenance import model_and_revision, settings_key
 from phicapd.outputs.root import RootOutputs
-from phicapd.pipeline.jobs import Fingerprint, Job, JobStore, NewWork
+from phicapd.pipeline.journal import Fingerprint, Job, Journal, NewWork
 
 log = get_logger(__name__)
 
@@ -62,7 +62,7 @@ def roots_for(settings: Settings, directory: Path | None) -> list[tuple[WatchRoo
     return out
 
 
-def find_stale(settings: Settings, store: JobStore, identity: str, directory: Path | None) -> StaleReport:
+def find_stale(settings: Settings, store: Journal, identity: str, directory: Path | None) -> StaleReport:
     """The stale and the edited captions under ``directory`` (every root when None)."""
     report = StaleReport()
     manifests: Callable[[Path], dict[str, str]] = cache(_manifest_entries)
@@ -124,7 +124,7 @@ def _newer_than_recorded(job: Job) -> bool:
         return False
 
 
-def requeue(store: JobStore, entries: list[tuple[Job, WatchRoot]], reform: Collection[int] = ()) -> int:
+def requeue(store: Journal, entries: list[tuple[Job, WatchRoot]], reform: Collection[int] = ()) -> int:
     """Queue the images of ``entries`` for a new caption that replaces theirs under every policy;
     those in ``reform`` (job ids: ``StaleReport.reform``) get their journal caption re-formed."""
     work: list[NewWork] = []
@@ -138,7 +138,7 @@ def requeue(store: JobStore, entries: list[tuple[Job, WatchRoot]], reform: Colle
     return store.enqueue_many(work)
 
 
-def restale_auto(settings: Settings, store: JobStore, identity: str) -> None:
+def restale_auto(settings: Settings, store: Journal, identity: str) -> None:
     """``restale = "auto"`` roots: queue their stale captions again (the daemon does, at start and
     after a reload); edited ones are kept."""
     for root in settings.watch:

@@ -68,7 +68,7 @@ from phicapd.outputs.recheck import Recheck
 from phicapd.outputs.root import RootOutputs, sidecar_base
 from phicapd.outputs.safe_files import RefusedFile
 from phicapd.pipeline.decode import Decoded, fingerprint_of
-from phicapd.pipeline.jobs import Failure, Fingerprint, Job, JobStore, Success
+from phicapd.pipeline.journal import Failure, Fingerprint, Job, Journal, Success
 
 log = get_logger(__name__)
 
@@ -116,7 +116,7 @@ class SidecarWriter:
     def __init__(
         self,
         settings: Settings,
-        store: JobStore,
+        store: Journal,
         model_identity: str,
         list_images: Callable[[Path, WatchRoot], list[str]],
         on_recorded: Callable[[list[int], int], None],

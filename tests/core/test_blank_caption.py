@@ -11,7 +11,7 @@ from PIL import Image
 
 from phicapd.captioner import Caption, CaptionRequest
 from phicapd.control.client import ControlClient, RequestFailed
-from phicapd.pipeline.jobs import State
+from phicapd.pipeline.journal import State
 from tests.core.test_daemon_socket import _ImageServer
 from tests.support.daemon import running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, StreamingFakeCaptioner, image_key, unique_image, write_unique_png

@@ -19,7 +19,7 @@ from phicapd.control.protocol import CaptionedRequest
 from phicapd.outputs import metadata
 from phicapd.outputs.formats.jsonl import read_manifest
 from phicapd.outputs.provenance import settings_key
-from phicapd.pipeline.jobs import State
+from phicapd.pipeline.journal import State
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, write_unique_png
 
@@ -330,9 +330,9 @@ def test_without_pyexiv2_only_the_files_that_need_it_fail(
 
 
 def test_record_captioned_leaves_a_running_job_alone_and_settles_any_other(tmp_path: Path) -> None:
-    from phicapd.pipeline.jobs import Fingerprint, JobStore, NewWork, Success
+    from phicapd.pipeline.journal import Fingerprint, Journal, NewWork, Success
 
-    store = JobStore(tmp_path / "journal.sqlite3")
+    store = Journal(tmp_path / "journal.sqlite3")
     root = tmp_path / "in"
     fp = Fingerprint(10, 20, 30)
     record = Success(

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from phicapd.pipeline.decode import fingerprint_of
-from phicapd.pipeline.jobs import JobStore, NewWork
+from phicapd.pipeline.journal import Journal, NewWork
 from tests.support.daemon import (
     is_settled,
     running_daemon,
@@ -256,7 +256,7 @@ def test_an_image_interrupted_three_times_is_parked_unless_its_sidecar_made_it(t
     for i, name in enumerate(names):
         write_unique_png(root / name, i)
     # Three crashes while each was on the model, as the journal of the crashed daemons left it.
-    store = JobStore(settings.state.dir / "journal.sqlite3", max_attempts=3, backoff_seconds=0)
+    store = Journal(settings.state.dir / "journal.sqlite3", max_attempts=3, backoff_seconds=0)
     fingerprints = {name: fingerprint_of(root / name) for name in names}
     store.enqueue_many([NewWork(root / n, root, f) for n, f in fingerprints.items() if f is not None])
     for crashes in range(3):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from phicapd.pipeline.decode import fingerprint_of
 from phicapd.pipeline.decode_pool import DecodeWorkers
-from phicapd.pipeline.jobs import JobStore, NewWork
+from phicapd.pipeline.journal import Journal, NewWork
 from tests.support.daemon import (
     is_settled,
     running_daemon,
@@ -107,7 +107,7 @@ def test_an_image_interrupted_while_decoding_is_decoded_alone(tmp_path: Path, mo
     settings = settings_for(tmp_path, [root], extra="[model]\nmax_batch = 4\n")
     settings.scheduler.decode_workers = 3
     # The last start died while b05 (and b06 beside it) were being decoded.
-    store = JobStore(settings.state.dir / "journal.sqlite3", backoff_seconds=0)
+    store = Journal(settings.state.dir / "journal.sqlite3", backoff_seconds=0)
     store.enqueue_many(NewWork(p, root, fingerprint_of(p)) for p in sorted(root.glob("*.png")))  # type: ignore[arg-type]
     jobs = {j.path.name: j for j in store.claim(20)}
     store.mark_decoding(jobs["b05.png"].id)

@@ -10,7 +10,7 @@ from pathlib import Path
 from phicapd.cli.ctl import main as phicapctl
 from phicapd.errors import NAME_NOT_UTF8
 from phicapd.outputs.formats.jsonl import read_manifest
-from phicapd.pipeline.jobs import State
+from phicapd.pipeline.journal import State
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, write_unique_png
 

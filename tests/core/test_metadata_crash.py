@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from phicapd.outputs import metadata
-from phicapd.pipeline.jobs import State
+from phicapd.pipeline.journal import State
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, image_key, write_unique_png
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from phicapd.outputs import metadata
-from phicapd.pipeline.jobs import Fingerprint, JobStore, State
+from phicapd.pipeline.journal import Fingerprint, Journal, State
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, image_key, unique_image, write_unique_png
 
@@ -188,7 +188,7 @@ def test_an_image_rewritten_during_its_embed_ends_captioned_from_its_new_bytes(
     acted: list[str] = []
     seen: list[bytes] = []  # what the next embed found in place: the owner's bytes, untouched
     journal: list[tuple[State, str | None, str | None]] = []  # the job as the next embed starts
-    store: list[JobStore] = []
+    store: list[Journal] = []
 
     def owner(name: str, path: Path) -> None:
         if name == step and not acted:

@@ -15,7 +15,7 @@ import pytest
 from phicapd.captioner import Caption, CaptionRequest
 from phicapd.errors import CaptionError, PhicapError
 from phicapd.pipeline.breaker import BREAKER
-from phicapd.pipeline.jobs import JobStore
+from phicapd.pipeline.journal import Journal
 from phicapd.service import EX_SOFTWARE, Daemon
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, StreamingFakeCaptioner, image_key, unique_image, write_unique_png
@@ -41,7 +41,7 @@ class BreaksAfter(FakeCaptioner):
 
 
 def _states(settings) -> dict[str, int]:
-    store = JobStore(settings.state.dir / "journal.sqlite3")
+    store = Journal(settings.state.dir / "journal.sqlite3")
     try:
         return store.counts()
     finally:
@@ -158,7 +158,7 @@ def test_an_image_that_breaks_the_gpu_is_parked_alone_not_with_its_batch(tmp_pat
             break
     else:
         raise AssertionError("the poison image should have been parked by now")
-    store = JobStore(settings.state.dir / "journal.sqlite3")
+    store = Journal(settings.state.dir / "journal.sqlite3")
     try:
         states = {p.name: store.get(p) for p in sorted(root.glob("*.png"))}
     finally:

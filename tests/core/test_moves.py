@@ -14,7 +14,7 @@ import pytest
 
 from phicapd.cli.ctl import main
 from phicapd.pipeline import moves
-from phicapd.pipeline.jobs import JobStore, State
+from phicapd.pipeline.journal import Journal, State
 from phicapd.pipeline.reconciler import Reconciler
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, write_unique_png
@@ -189,7 +189,7 @@ def test_a_move_interrupted_at_any_step_finishes_at_the_next_start_without_the_m
                 raise _Killed
 
         moves.MOVE_HOOKS.append(kill)
-        store = JobStore(settings.state.dir / "journal.sqlite3")
+        store = Journal(settings.state.dir / "journal.sqlite3")
         try:
             with pytest.raises(_Killed):
                 Reconciler(settings, store).scan(settings.watch[0], reason="startup")

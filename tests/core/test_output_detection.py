@@ -9,7 +9,7 @@ from pathlib import Path
 
 from phicapd.outputs.detect import already_captioned, staged_fingerprint
 from phicapd.pipeline.decode import fingerprint_of
-from phicapd.pipeline.jobs import Job
+from phicapd.pipeline.journal import Job
 from tests.support.daemon import settings_for
 from tests.support.fakes import write_unique_png
 

@@ -22,7 +22,7 @@ from phicapd.config import load_settings
 from phicapd.control.client import ControlClient
 from phicapd.outputs.formats.jsonl import Manifest
 from phicapd.outputs.root import Known, RootOutputs
-from phicapd.pipeline.jobs import Fingerprint, JobStore, NewWork, Success
+from phicapd.pipeline.journal import Fingerprint, Journal, NewWork, Success
 from phicapd.pipeline.staleness import find_stale
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, write_unique_png
@@ -190,9 +190,9 @@ def test_stale_and_edited_are_judged_by_the_formats_a_root_writes(tmp_path: Path
         assert sorted(job.path for job, _ in report.edited) == images[:2]
 
 
-def _store_with(tmp_path: Path, rows: list[tuple[str, str, str, float]]) -> JobStore:
+def _store_with(tmp_path: Path, rows: list[tuple[str, str, str, float]]) -> Journal:
     """A journal whose captions predate keys (schema 3): (name, model, prompt, recorded at)."""
-    store = JobStore(tmp_path / "journal.db")
+    store = Journal(tmp_path / "journal.db")
     for name, model, prompt, _ in rows:
         path = tmp_path / "in" / name
         store.enqueue_many([NewWork(path, tmp_path / "in", Fingerprint(1, 1, 1))])

@@ -18,7 +18,7 @@ from phicapd import image_types
 from phicapd.cli.ctl import main
 from phicapd.config import load_settings
 from phicapd.errors import ConfigError
-from phicapd.pipeline.jobs import State
+from phicapd.pipeline.journal import State
 from phicapd.raw_roots import raw_patterns, takes_extension
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner

@@ -20,7 +20,7 @@ from PIL import Image, ImageChops, ImageStat
 from phicapd.captioner import Caption, CaptionRequest
 from phicapd.cli.ctl import main
 from phicapd.outputs.makernotes import exif_rewritable
-from phicapd.pipeline.jobs import State
+from phicapd.pipeline.journal import State
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, image_key, unique_image
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from phicapd.control.client import ControlClient, RequestFailed
-from phicapd.pipeline.jobs import Fingerprint, NewWork
+from phicapd.pipeline.journal import Fingerprint, NewWork
 from phicapd.service import Daemon
 from tests.core.test_blank_caption import BlankFake, blank_captioner
 from tests.support.daemon import running_daemon, settings_for, wait_for
@@ -67,7 +67,7 @@ def test_progress_before_anything_was_captioned_has_no_eta(tmp_path: Path) -> No
 
 
 def test_progress_counts_images_in_a_retry_back_off_apart(tmp_path: Path) -> None:
-    from phicapd.pipeline.jobs import Failure
+    from phicapd.pipeline.journal import Failure
 
     root, _ = _roots(tmp_path, 3)
     settings = settings_for(tmp_path, [root])

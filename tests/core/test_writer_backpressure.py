@@ -30,7 +30,7 @@ def _released(release: threading.Event) -> Iterator[None]:
 
 
 def _sent_to_the_model_again(db: Path) -> int:
-    """What ``JobStore.recover`` would hand back to the model if the process died now: jobs on
+    """What ``Journal.recover`` would hand back to the model if the process died now: jobs on
     the model or waiting for the writer, whose caption is neither staged nor recorded."""
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
         return conn.execute("SELECT COUNT(*) FROM jobs WHERE state = 'running' AND staged = 0").fetchone()[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from phicapd.outputs import metadata
-from phicapd.pipeline.jobs import Failure, Fingerprint, JobStore, NewWork, State, Success
+from phicapd.pipeline.journal import Failure, Fingerprint, Journal, NewWork, State, Success
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, write_unique_png
 
@@ -76,7 +76,7 @@ def test_a_malformed_xmp_sidecar_fails_only_the_xmp_output(tmp_path: Path) -> No
 
 
 def test_a_failure_with_written_outputs_records_their_caption(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "j.db", max_attempts=3, backoff_seconds=10.0)
+    store = Journal(tmp_path / "j.db", max_attempts=3, backoff_seconds=10.0)
     image = tmp_path / "a.png"
     store.enqueue_many([NewWork(image, tmp_path, fp(1))])
     (job,) = store.claim(1)
@@ -89,7 +89,7 @@ def test_a_failure_with_written_outputs_records_their_caption(tmp_path: Path) ->
 
 def test_a_failure_that_is_not_the_images_is_not_counted_nor_parked(tmp_path: Path) -> None:
     now = [1000.0]
-    store = JobStore(tmp_path / "j.db", max_attempts=1, backoff_seconds=10.0, clock=lambda: now[0])
+    store = Journal(tmp_path / "j.db", max_attempts=1, backoff_seconds=10.0, clock=lambda: now[0])
     store.enqueue_many([NewWork(tmp_path / "a.png", tmp_path, fp(1))])
     (job,) = store.claim(1)
     for _ in range(3):

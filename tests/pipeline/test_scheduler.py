@@ -16,7 +16,7 @@ from phicapd.config import Settings
 from phicapd.errors import PhicapError
 from phicapd.pipeline.breaker import BREAKER
 from phicapd.pipeline.decode import fingerprint_of, make_decoders
-from phicapd.pipeline.jobs import JobStore, NewWork
+from phicapd.pipeline.journal import Journal, NewWork
 from phicapd.pipeline.scheduler import Scheduler
 from tests.support.daemon import settings_for, wait_for
 from tests.support.fakes import FakeCaptioner, image_key, unique_image, write_unique_png
@@ -71,7 +71,7 @@ def _backlog(tmp_path: Path, images: int) -> tuple[Settings, Path, list[str]]:
 @contextmanager
 def _running(settings: Settings, captioner: FakeCaptioner, metrics: Metrics | None = None) -> Iterator[Scheduler]:
     settings.state.dir.mkdir(parents=True, exist_ok=True)
-    store = JobStore(
+    store = Journal(
         settings.state.dir / "journal.sqlite3",
         max_attempts=settings.scheduler.max_attempts,
         backoff_seconds=settings.scheduler.retry_backoff_seconds,
@@ -166,7 +166,7 @@ def test_a_broken_model_stops_the_worker_and_leaves_its_images_running(tmp_path:
     with pytest.raises(PhicapError) as err:
         late.result(timeout=1)  # answered at the stop, never left waiting
     assert err.value.code == "shutting_down"
-    store = JobStore(settings.state.dir / "journal.sqlite3")
+    store = Journal(settings.state.dir / "journal.sqlite3")
     counts = store.counts()
     store.close()
     assert counts["failed"] == 0 and counts["done"] == 0

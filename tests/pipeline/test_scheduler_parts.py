@@ -15,7 +15,7 @@ from phicapd.captioner import Caption, CaptionRequest
 from phicapd.errors import INTERRUPTED_DECODING, CaptionError, PhicapError
 from phicapd.pipeline.breaker import BREAKER, Breaker, probe_image
 from phicapd.pipeline.decode_gate import DecodeGate, GateClosed, decode_suspect
-from phicapd.pipeline.jobs import Job
+from phicapd.pipeline.journal import Job
 from phicapd.pipeline.lanes import Item, Lanes
 from tests.support.daemon import wait_for
 from tests.support.fakes import FakeCaptioner, image_key, unique_image

@@ -14,7 +14,7 @@ from phicapd.config import Settings
 from phicapd.errors import PhicapError
 from phicapd.outputs.formats.jsonl import read_manifest
 from phicapd.outputs.root import RootOutputs
-from phicapd.pipeline.jobs import State
+from phicapd.pipeline.journal import State
 from phicapd.remote.captioner import load_remote_captioner
 from phicapd.service import load_model_captioner
 from tests.support.daemon import is_settled, running_daemon, settings_for, wait_for

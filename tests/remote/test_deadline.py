@@ -12,7 +12,7 @@ import pytest
 from phicapd.captioner import Caption, CaptionRequest
 from phicapd.config import Settings
 from phicapd.errors import PhicapError
-from phicapd.pipeline.jobs import State
+from phicapd.pipeline.journal import State
 from phicapd.remote.captioner import REMOTE_DROPPED, RemoteCaptioner, load_remote_captioner
 from phicapd.remote.chat_api import Http, Kind, RemoteFailure, Target, chat_body
 from phicapd.remote.encode import data_url

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from phicapd.pipeline.jobs import SCHEMA_VERSION, Failure, Fingerprint, JobStore, NewWork, State, Success
+from phicapd.pipeline.journal import SCHEMA_VERSION, Failure, Fingerprint, Journal, NewWork, State, Success
 
 
 class Clock:
@@ -17,8 +17,8 @@ class Clock:
         return self.now
 
 
-def _store(tmp_path: Path, clock: Clock | None = None) -> JobStore:
-    return JobStore(tmp_path / "j.sqlite3", max_attempts=3, backoff_seconds=10, clock=clock or Clock())
+def _store(tmp_path: Path, clock: Clock | None = None) -> Journal:
+    return Journal(tmp_path / "j.sqlite3", max_attempts=3, backoff_seconds=10, clock=clock or Clock())
 
 
 def _work(name: str, size: int = 1) -> NewWork:
@@ -133,7 +133,7 @@ def test_journal_survives_reopen_and_passes_integrity_check(tmp_path: Path) -> N
 
 
 def test_sidecar_claims_bind_one_name_to_one_image_and_go_with_it(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "j.db")
+    store = Journal(tmp_path / "j.db")
     d = tmp_path / "photos"
     store.claim_sidecars([(d / "photo.png", "photo")])
     assert store.claims_in(d) == {"photo.png": "photo"}
@@ -152,7 +152,7 @@ def test_a_version_1_journal_gains_the_claims_table(tmp_path: Path) -> None:
     import sqlite3
 
     path = tmp_path / "j.db"
-    store = JobStore(path)
+    store = Journal(path)
     store.enqueue_many([NewWork(tmp_path / "a.jpg", tmp_path, Fingerprint(1, 5, 9))])
     store.close()
     db = sqlite3.connect(path)
@@ -160,7 +160,7 @@ def test_a_version_1_journal_gains_the_claims_table(tmp_path: Path) -> None:
     db.execute("PRAGMA user_version=1")
     db.commit()
     db.close()
-    store = JobStore(path)
+    store = Journal(path)
     assert store.get(tmp_path / "a.jpg") is not None
     store.claim_sidecars([(tmp_path / "a.jpg", "a")])
     assert store.claims_in(tmp_path) == {"a.jpg": "a"}
@@ -182,7 +182,7 @@ def test_a_version_2_journal_gains_the_provenance_columns_and_keeps_its_jobs(tmp
         "PRAGMA user_version=2;"
     )
     db.close()
-    store = JobStore(path)
+    store = Journal(path)
     old = store.get(tmp_path / "old.jpg")
     assert old is not None and old.model == "m@main" and old.backend is None and old.endpoint is None
     store.enqueue_many([NewWork(tmp_path / "new.jpg", tmp_path, Fingerprint(1, 5, 9))])
@@ -200,14 +200,14 @@ def test_a_version_2_journal_gains_the_provenance_columns_and_keeps_its_jobs(tmp
     db.commit()
     db.close()
     with pytest.raises(RuntimeError, match=f"has schema {SCHEMA_VERSION + 1}, this phicapd knows {SCHEMA_VERSION}"):
-        JobStore(path)
+        Journal(path)
 
 
 def test_a_version_3_journal_gains_caption_settings_key_and_staged(tmp_path: Path) -> None:
     import sqlite3
 
     path = tmp_path / "j.db"
-    store = JobStore(path)
+    store = Journal(path)
     store.enqueue_many([_work("a")])
     store.close()
     db = sqlite3.connect(path)  # back to schema 3: the columns 4 added are gone
@@ -216,7 +216,7 @@ def test_a_version_3_journal_gains_caption_settings_key_and_staged(tmp_path: Pat
     db.execute("PRAGMA user_version=3")
     db.commit()
     db.close()
-    store = JobStore(path)
+    store = Journal(path)
     [job] = store.claim(1)
     assert (job.caption, job.settings_key, job.staged) == (None, None, False)
     assert job.fingerprint is not None

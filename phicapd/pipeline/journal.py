@@ -15,7 +15,7 @@ grouped into few transactions (``enqueue_many``, ``finish_many``) because one fs
 would cap the pipeline at a few hundred files per second. Which jobs the decode pool is reading
 is kept beside it, outside SQLite (``decode_marks.py``), for the same reason.
 
-This module is the state machine (``JobStore``). Beside it: the records (``journal_records``),
+This module is the state machine (``Journal``). Beside it: the records (``journal_records``),
 the schema and its migrations (``journal_schema``), the intake rule (``journal_intake``), the
 reads for status and the scans (``journal_queries``) and the statements of renames and moves
 (``journal_moves``).
@@ -56,7 +56,7 @@ __all__ = [
     "Failure",
     "Fingerprint",
     "Job",
-    "JobStore",
+    "Journal",
     "NewWork",
     "State",
     "Success",
@@ -111,7 +111,7 @@ def _caption_values(s: Success, now: float) -> tuple[object, ...]:
     )
 
 
-class JobStore(JournalQueries):
+class Journal(JournalQueries):
     """Thread-safe access to the journal: one connection (and lock) for writes, one for reads.
 
     Every write transaction ends in an fsync. In WAL mode a reader sees the last committed
